@@ -1,0 +1,43 @@
+"""Shared helpers for the benchmark scripts (data paths, the standard windows)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("FPTQ_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "bench" / "results"
+
+
+def c4_docs(start: int, stop: int) -> list[str]:
+    lines = (DATA / "text" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines[start:stop]]
+
+
+def calibration_text() -> str:
+    """C4 documents 1000-1999 (the calibration split), joined with blank lines."""
+    return "\n\n".join(c4_docs(1000, 2000))
+
+
+def wikitext_path() -> Path:
+    return DATA / "text" / "wikitext2_test.raw"
+
+
+def c4_eval_path() -> Path:
+    return DATA / "text" / "c4_validation_2k.jsonl"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(f"wrote {RESULTS / name}.json and .md")

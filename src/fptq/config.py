@@ -1,0 +1,121 @@
+"""Quantization settings: frozen, versioned, round-trippable to JSON."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from .quant.static_scale import OBSERVERS
+
+CONFIG_VERSION = 1
+
+
+class Strategy(str, Enum):
+    """Activation strategy of one Linear (the names are part of the plan format)."""
+
+    STATIC = "static_tensor"
+    LAE_STATIC = "lae_static_tensor"
+    DYNAMIC = "dynamic_token"
+    FLOAT = "float"  # activations left in floating point (W4A16, fp)
+
+
+class Equalization(str, Enum):
+    LAE = "lae"
+    SMOOTHQUANT = "smoothquant"
+    NONE = "none"
+
+
+class ActPolicy(str, Enum):
+    """How strategies are assigned to Linears."""
+
+    THRESHOLDS = "thresholds"  # FPTQ: by max|x| against (t0, t1)
+    STATIC = "static"  # every layer static per-tensor
+    DYNAMIC = "dynamic"  # every layer dynamic per-token
+    FLOAT = "float"  # no activation quantization
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what a quantization run does.
+
+    ``method`` is informative (the preset it came from); the other fields are
+    what the pipeline reads.
+    """
+
+    method: str = "fptq"
+    wbits: int = 4
+    abits: int = 8
+    group_size: int = 128
+    thresholds: tuple[float, float] = (15.0, 150.0)
+    act_policy: ActPolicy = ActPolicy.THRESHOLDS
+    equalization: Equalization = Equalization.LAE
+    # equalize which layers: with THRESHOLDS only the middle band; with the
+    # other policies every layer whose input it can fold into
+    smoothquant_alpha: float = 0.5
+    static_observer: str = "mse"
+    weight_clip_search: bool = False
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = False
+    gptq_static_groups: bool = False
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "act_policy", ActPolicy(self.act_policy))
+        object.__setattr__(self, "equalization", Equalization(self.equalization))
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.wbits not in (2, 3, 4, 8, 16):
+            raise ValueError(f"--wbits must be one of 2, 3, 4, 8 or 16 (16 = float weights), got {self.wbits}")
+        if self.abits not in (4, 8, 16):
+            raise ValueError(f"--abits must be 4, 8 or 16 (16 = float activations), got {self.abits}")
+        if self.group_size != -1 and self.group_size < 8:
+            raise ValueError(
+                f"--group-size must be at least 8 (or -1 for one scale per output channel), got {self.group_size}"
+            )
+        if len(self.thresholds) != 2 or not (0 < self.thresholds[0] <= self.thresholds[1]):
+            raise ValueError(
+                f"--thresholds must be two positive numbers t0<=t1, e.g. 15,150; got {self.thresholds}"
+            )
+        if self.static_observer not in OBSERVERS:
+            raise ValueError(f"static observer must be one of {OBSERVERS}, got {self.static_observer!r}")
+        if not 0 < self.smoothquant_alpha < 1:
+            raise ValueError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha}")
+        if not 0 <= self.gptq_damp < 1:
+            raise ValueError(f"gptq damp must be in [0, 1), got {self.gptq_damp}")
+
+    @property
+    def quantize_weights(self) -> bool:
+        return self.wbits < 16
+
+    @property
+    def quantize_acts(self) -> bool:
+        return self.abits < 16 and self.act_policy != ActPolicy.FLOAT
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        version = d.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"this configuration has version {version}, newer than this fptq understands "
+                f"({CONFIG_VERSION}); upgrade fptq"
+            )
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "thresholds" in kwargs:
+            kwargs["thresholds"] = tuple(kwargs["thresholds"])
+        return cls(**kwargs)

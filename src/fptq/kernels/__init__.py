@@ -1,0 +1,135 @@
+"""Kernel backends for :class:`~fptq.nn.QuantLinear`.
+
+Backends (``QuantLinear.backend`` / ``set_backend(name)``):
+
+``reference``
+    simulated quantization in float32 (``QuantLinear.reference_forward``);
+    any device.
+``int8_perchannel``
+    CPU, ``torch._int_mm`` with the group scales folded into per-channel int8
+    weights (fast; one extra rounding of the weights; caches 1 byte/weight).
+    See :mod:`fptq.kernels.cpu`.
+``int8_grouped``
+    CPU, ``torch._int_mm`` per group with float group scales (exact
+    group-wise; caches 1 byte/weight).
+``triton``
+    CUDA, fused W4A8 Triton kernel (packed int4 weights unpacked in registers,
+    int8 tensor-core dot, per-group scales in the epilogue) plus a Triton
+    activation-quantization kernel.  Needs ``triton`` (``pip install
+    fptq[triton]``) and a CUDA device.  See :mod:`fptq.kernels.triton_w4a8`.
+``auto``
+    the fastest available backend for the input's device
+    (:func:`default_backend`).
+
+``run_backend(name, module, x)`` is what ``QuantLinear.forward`` calls.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "default_backend",
+    "resolve_backend",
+    "run_backend",
+    "BackendUnavailableError",
+]
+
+BACKENDS = ("reference", "int8_perchannel", "int8_grouped", "triton")
+_CPU_BACKENDS = ("int8_perchannel", "int8_grouped")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend exists but cannot run here (missing package or device)."""
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default CPU), fastest-first after ``reference``.
+
+    With ``device=None`` the CPU backends are listed, plus ``triton`` when a
+    CUDA device and the ``triton`` package are present.
+    """
+    out = ["reference"]
+    dev = None if device is None else _as_device(device)
+    if dev is None or dev.type == "cpu":
+        out += list(_CPU_BACKENDS)
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available() and _triton_installed():
+        out.append("triton")
+    return out
+
+
+def default_backend(device: torch.device | str | None = None) -> str:
+    """The fastest available backend for ``device``: ``int8_perchannel`` on CPU,
+    ``triton`` on CUDA when installed, else ``reference``."""
+    dev = _as_device(device)
+    if dev.type == "cpu":
+        return "int8_perchannel"
+    if dev.type == "cuda" and torch.cuda.is_available() and _triton_installed():
+        return "triton"
+    return "reference"
+
+
+def _check(name: str, device: torch.device) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS + ('auto',)}")
+    if name in _CPU_BACKENDS and device.type != "cpu":
+        raise BackendUnavailableError(
+            f"backend {name!r} runs on CPU tensors only, got a tensor on {device}; "
+            f"use 'triton' (CUDA), 'reference' or 'auto'"
+        )
+    if name == "triton":
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f"backend 'triton' needs CUDA tensors, got a tensor on {device}; use 'auto' or a CPU backend"
+            )
+        if not _triton_installed():
+            raise BackendUnavailableError("backend 'triton' needs the triton package: pip install 'fptq[triton]'")
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Map ``auto`` to a concrete backend and validate ``name`` for ``device``."""
+    dev = _as_device(device)
+    if name == "auto":
+        return default_backend(dev)
+    _check(name, dev)
+    return name
+
+
+def _get_impl(name: str) -> Callable:
+    if name == "reference":
+        return lambda module, x: module.reference_forward(x)
+    if name == "int8_perchannel":
+        from .cpu import int8_perchannel_forward
+
+        return int8_perchannel_forward
+    if name == "int8_grouped":
+        from .cpu import int8_grouped_forward
+
+        return int8_grouped_forward
+    if name == "triton":
+        from .triton_w4a8 import triton_forward
+
+        return triton_forward
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def run_backend(name: str, module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``module`` (a QuantLinear) on ``x`` (``[..., K]``) with backend ``name``."""
+    return _get_impl(resolve_backend(name, x.device))(module, x)

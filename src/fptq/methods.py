@@ -1,0 +1,30 @@
+"""Named methods: presets of :class:`QuantConfig` sharing one pipeline."""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ActPolicy, Equalization, QuantConfig
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE),
+    "fp": dict(wbits=16, abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE),
+    "rtn-w4a16": dict(abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE),
+    "gptq-w4a16": dict(abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE, gptq=True),
+    "smoothquant-w8a8": dict(
+        wbits=8, group_size=-1, act_policy=ActPolicy.DYNAMIC, equalization=Equalization.SMOOTHQUANT
+    ),
+    "naive-w4a8": dict(act_policy=ActPolicy.STATIC, equalization=Equalization.NONE),
+    "dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.NONE),
+    "lae-dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.LAE),
+}
+
+METHODS = tuple(_PRESETS)
+
+
+def method_config(name: str, **overrides: Any) -> QuantConfig:
+    """The :class:`QuantConfig` of method ``name`` with ``overrides`` applied."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    kwargs = dict(_PRESETS[name])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return QuantConfig(method=name, **kwargs)

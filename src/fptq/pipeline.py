@@ -1,0 +1,292 @@
+"""``fptq.quantize``: the layer-by-layer pipeline shared by every method.
+
+For each decoder layer: collect input statistics of its Linears (float layer,
+inputs = quantized outputs of the previous layer), decide each Linear's
+activation strategy, fold equalization scales, quantize the weights (RTN or
+GPTQ), pick static activation scales, replace the Linears with
+:class:`~fptq.nn.QuantLinear`, and run the quantized layer to produce the
+next layer's inputs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibrate import (
+    InputStats,
+    LayerInputs,
+    capture_layer0_inputs,
+    collect_input_stats,
+    rows_per_batch,
+    run_layer,
+)
+from .config import ActPolicy, Equalization, QuantConfig, Strategy
+from .errors import FptqError
+from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
+from .nn import QuantLinear
+from .plan import LayerPlan, Plan, choose_strategy
+from .quant import (
+    choose_static_scale,
+    expand_kv_scales,
+    fold_into_linear_outputs,
+    fold_into_norm,
+    gptq_quantize,
+    lae_scales,
+    quantize_weight,
+    reduce_to_kv_channels,
+    scale_linear_inputs,
+    smoothquant_scales,
+    weight_scales,
+)
+from .quant.weights import dequantize_weight
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize", "quantize_layer", "LayerResult"]
+
+MAX_SAMPLE_ROWS = 8192
+
+
+@dataclass
+class LayerResult:
+    index: int
+    seconds: float
+    entries: dict[str, LayerPlan]
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _strategy_for(config: QuantConfig, v: float) -> Strategy:
+    if not config.quantize_acts:
+        return Strategy.FLOAT
+    if config.act_policy == ActPolicy.STATIC:
+        return Strategy.STATIC
+    if config.act_policy == ActPolicy.DYNAMIC:
+        return Strategy.DYNAMIC
+    s = choose_strategy(v, config.thresholds)
+    if s == Strategy.LAE_STATIC and config.equalization == Equalization.NONE:
+        return Strategy.STATIC  # ablation: FPTQ without LAE
+    return s
+
+
+def _wants_equalization(config: QuantConfig, strategy: Strategy) -> bool:
+    if config.equalization == Equalization.NONE:
+        return False
+    if config.act_policy == ActPolicy.THRESHOLDS:
+        return strategy == Strategy.LAE_STATIC
+    return config.act_policy in (ActPolicy.STATIC, ActPolicy.DYNAMIC)
+
+
+def _equalization_scales(
+    config: QuantConfig, group: FoldGroup, layer: nn.Module, act_absmax: torch.Tensor, heads: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales per consumer input channel, scales per producer output channel)."""
+    h, kv = heads
+    if config.equalization == Equalization.LAE:
+        if group.kv_grouped:
+            s_kv = lae_scales(reduce_to_kv_channels(act_absmax, h, kv))
+            return expand_kv_scales(s_kv, h, kv), s_kv
+        s = lae_scales(act_absmax)
+        return s, s
+    # SmoothQuant
+    w_absmax = torch.stack(
+        [layer.get_submodule(c).weight.detach().float().abs().amax(dim=0) for c in group.consumers]
+    ).amax(dim=0)
+    if group.kv_grouped:
+        s_kv = smoothquant_scales(
+            reduce_to_kv_channels(act_absmax, h, kv), reduce_to_kv_channels(w_absmax, h, kv), config.smoothquant_alpha
+        )
+        return expand_kv_scales(s_kv, h, kv), s_kv
+    s = smoothquant_scales(act_absmax, w_absmax, config.smoothquant_alpha)
+    return s, s
+
+
+def quantize_layer(
+    layer: nn.Module,
+    layer_prefix: str,
+    adapter: Adapter,
+    config: QuantConfig,
+    inputs: LayerInputs,
+    device: torch.device,
+    heads: tuple[int, int],
+    generator: torch.Generator,
+) -> dict[str, LayerPlan]:
+    """Quantize one decoder layer in place (its Linears become QuantLinears)
+    and advance ``inputs`` to the next layer's inputs. Returns plan entries."""
+    linears = adapter.quantizable_linears(layer)
+    reps = {g.consumers[0]: layer.get_submodule(g.consumers[0]) for g in adapter.groups}
+    nb = len(inputs.hidden)
+    with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq) as stats:
+        run_layer(layer, inputs, device, name=layer_prefix)
+    for name, st in stats.items():
+        if st.nonfinite:
+            raise FptqError(f"non-finite values (NaN or Inf) in the input of {layer_prefix}.{name}")
+
+    entries: dict[str, LayerPlan] = {}
+    decisions = []
+    for group in adapter.groups:
+        st: InputStats = stats[group.consumers[0]]
+        wcm = st.channel_max_matrix()
+        absmax = wcm.amax(dim=0)
+        v = float(absmax.max())
+        strategy = _strategy_for(config, v)
+        sample = st.sample() if config.static_observer in ("mse", "percentile") else None
+        hess = st.hessian.h if st.hessian is not None else None
+        eq_name, folded_into, max_scale = "none", None, None
+        if _wants_equalization(config, strategy):
+            s_in, s_out = _equalization_scales(config, group, layer, absmax, heads)
+            s_in = s_in.to(absmax.device)
+            producer = layer.get_submodule(group.producer)
+            if group.kind == "norm":
+                fold_into_norm(producer, s_out.to(producer.weight.device), adapter.norm_weight_offset)
+            else:
+                fold_into_linear_outputs(producer, s_out.to(producer.weight.device))
+            for c in group.consumers:
+                cm = layer.get_submodule(c)
+                scale_linear_inputs(cm, s_in.to(cm.weight.device))
+            wcm = wcm / s_in
+            absmax = wcm.amax(dim=0)
+            if sample is not None and sample.numel():
+                sample = sample / s_in
+            if hess is not None:
+                inv = (1.0 / s_in).to(hess.device)
+                hess = hess * inv.view(-1, 1) * inv.view(1, -1)
+            eq_name = config.equalization.value
+            folded_into = f"{layer_prefix}.{group.producer}"
+            max_scale = float(s_in.max())
+
+        decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale))
+
+    # quantize only after every fold of the layer is done (folds change producers' weights)
+    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale in decisions:
+        act_scale = None
+        if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
+            act_scale = choose_static_scale(
+                config.static_observer, float(absmax.max()), sample=sample,
+                window_maxes=wcm.amax(dim=1), bits=config.abits,
+            )
+        act_mode = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
+                    Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}[strategy]
+
+        for cname in group.consumers:
+            lin = linears[cname]
+            w = lin.weight.detach().float()
+            gs = config.group_size if config.group_size > 0 else -1
+            weight_method = "rtn"
+            if config.gptq and hess is not None:
+                codes, scales, ok = gptq_quantize(
+                    w.cpu(), hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
+                    damp=config.gptq_damp, act_order=config.gptq_act_order,
+                    static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
+                )
+                codes, scales = codes.to(w.device), scales.to(w.device)
+                weight_method = "gptq" if ok else "gptq-fallback-rtn"
+                if not ok:
+                    log.warning("GPTQ fell back to round-to-nearest for %s.%s", layer_prefix, cname)
+            else:
+                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search)
+                codes = quantize_weight(w, scales, config.wbits, gs)
+            deq = dequantize_weight(codes, scales, gs)
+            rel_err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
+            q = QuantLinear.from_codes(
+                codes, scales, wbits=config.wbits, group_size=gs, abits=config.abits, act_mode=act_mode,
+                act_scale=act_scale, bias=lin.bias, dtype=lin.weight.dtype,
+            )
+            _set_submodule(layer, cname, q)
+            entries[f"{layer_prefix}.{cname}"] = LayerPlan(
+                strategy=strategy.value, act_absmax=v, in_features=lin.in_features,
+                out_features=lin.out_features, wbits=config.wbits,
+                abits=config.abits if strategy != Strategy.FLOAT else 16, group_size=gs,
+                act_scale=act_scale, act_absmax_equalized=float(absmax.max()) if eq_name != "none" else None,
+                equalization=eq_name, equalization_folded_into=folded_into,
+                equalization_max_scale=max_scale,
+                observer=config.static_observer if act_scale is not None else None,
+                weight_method=weight_method, weight_error=rel_err,
+            )
+    run_layer(layer, inputs, device, name=layer_prefix, replace=True)
+    for m in layer.modules():  # the dequantized-weight cache is rebuilt on demand
+        if isinstance(m, QuantLinear):
+            m.clear_cache()
+    return entries
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    offload: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    on_layer_done: Callable[[LayerResult], None] | None = None,
+) -> Plan:
+    """Quantize ``model`` in place with ``config``; return the :class:`Plan`.
+
+    ``calibration`` is a ``[n, seqlen]`` tensor of token ids (see
+    :func:`fptq.data.calibration_windows`). Decoder layers are moved to
+    ``device`` one at a time; the cached activations live on ``device`` too,
+    or on the CPU with ``offload``.
+    """
+    adapter = get_adapter(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FptqError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+        raise FptqError("calibration must be a [num_windows, seqlen] tensor of token ids")
+    plan = Plan(thresholds=config.thresholds, config=config.to_dict())
+    layers = adapter.layers(model)
+    heads = attention_heads(model)
+
+    if not config.quantize_weights:
+        if config.quantize_acts:
+            raise FptqError("activation-only quantization (--wbits 16 with --abits 8) is not supported")
+        for i, layer in enumerate(layers):
+            for cname, lin in adapter.quantizable_linears(layer).items():
+                plan.layers[f"{adapter.layers_path}.{i}.{cname}"] = LayerPlan(
+                    strategy=Strategy.FLOAT.value, act_absmax=float("nan"), in_features=lin.in_features,
+                    out_features=lin.out_features, wbits=16, abits=16, weight_method="float",
+                )
+        return plan
+
+    was_training = model.training
+    model.eval()
+    store = torch.device("cpu") if offload else device
+    inputs = capture_layer0_inputs(model, adapter, calibration, batch_size, device, store)
+    generator = torch.Generator().manual_seed(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(layers), desc=f"fptq {config.method}", unit="layer")
+    try:
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            layer_device = next(layer.parameters()).device
+            layer.to(device)
+            entries = quantize_layer(
+                layer, f"{adapter.layers_path}.{i}", adapter, config, inputs, device, heads, generator
+            )
+            layer.to(layer_device)
+            plan.layers.update(entries)
+            res = LayerResult(i, time.perf_counter() - t0, entries)
+            if on_layer_done is not None:
+                on_layer_done(res)
+            if bar is not None:
+                c = plan.counts()
+                bar.set_postfix({k.split("_")[0] if k != "lae_static_tensor" else "lae": n for k, n in c.items()})
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.train(was_training)
+    return plan

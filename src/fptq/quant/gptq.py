@@ -1,0 +1,139 @@
+"""GPTQ (Frantar et al., 2022): group-wise weight quantization with
+second-order error feedback, on one Linear at a time.
+
+The Hessian ``H = 2/n * sum x x^T`` is accumulated from the same calibration
+inputs that the rest of the pipeline uses.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .weights import num_groups, qrange, weight_scales
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HessianAccumulator", "gptq_quantize"]
+
+
+class HessianAccumulator:
+    """Running ``2/n * sum x x^T`` over rows of calibration inputs."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float().to(self.h.device)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.h.addmm_(x.t(), x)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip_search: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Quantize ``w`` (``[N, K]``) with GPTQ.
+
+    Returns ``(codes int8 [N, K], fp16 scales [N, G], used_gptq)``. Scales are
+    chosen per group from the *updated* weights when the group is reached
+    (unless ``static_groups``), as in the reference implementation; with
+    ``act_order`` columns are processed by decreasing Hessian diagonal (the
+    group of each column stays its original group, so the checkpoint layout is
+    unchanged; this implies ``static_groups``). If the Cholesky factorisation
+    fails even after extra dampening, falls back to round-to-nearest and
+    returns ``used_gptq=False``.
+    """
+    from .weights import quantize_weight
+
+    qmin, qmax = qrange(bits)
+    w = w.float().clone()
+    n, k = w.shape
+    gs = k if group_size <= 0 else group_size
+    g = num_groups(k, gs)
+    h = h.float().clone()
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    if act_order:
+        static_groups = True
+    scales = torch.zeros(n, g, dtype=torch.float16)
+    if static_groups:
+        scales = weight_scales(w, bits, gs, clip_search=clip_search)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+
+    hinv = None
+    mean_diag = torch.mean(torch.diag(h))
+    for attempt, factor in enumerate((1.0, 10.0, 100.0)):
+        hd = h.clone()
+        idx = torch.arange(k)
+        hd[idx, idx] += damp * factor * mean_diag
+        try:
+            lchol = torch.linalg.cholesky(hd)
+            hinv = torch.cholesky_inverse(lchol)
+            hinv = torch.linalg.cholesky(hinv, upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    if hinv is None:
+        log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
+        w0 = w if perm is None else w[:, torch.argsort(perm)]
+        sc = weight_scales(w0, bits, gs, clip_search=clip_search)
+        return quantize_weight(w0, sc, bits, gs), sc, False
+
+    col_group = torch.arange(k) // gs
+    if perm is not None:
+        col_group = col_group[perm]
+    q = torch.zeros(n, k, dtype=torch.int8)
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            grp = int(col_group[col])
+            if not static_groups and col % gs == 0:
+                # the group starts here (columns are in original order)
+                end = min(col + gs, k)
+                sc_g = weight_scales(
+                    torch.cat([w1[:, i:], w[:, i2:end]], dim=1)[:, : end - col], bits, gs, clip_search=clip_search
+                )[:, 0]
+                scales[:, grp] = sc_g
+            s = scales[:, grp].float()
+            wc = w1[:, i]
+            qc = torch.clamp(torch.round(wc / s), qmin, qmax)
+            q[:, col] = qc.to(torch.int8)
+            q1[:, i] = qc * s
+            d = hinv1[i, i]
+            e = (wc - qc * s) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        q = q[:, inv]
+    return q, scales, True

@@ -1,0 +1,124 @@
+"""Group-wise symmetric integer quantization of weights.
+
+Conventions (shared by the reference path, the kernels and the checkpoint):
+
+* A weight ``W`` of shape ``[N, K]`` (out_features, in_features) is cut along
+  the input dimension into ``G = ceil(K / group_size)`` groups; the last group
+  is ragged when ``group_size`` does not divide ``K``.
+* Each (row, group) has one scale ``s`` stored in float16; the integer codes
+  are ``q = clamp(round(W / s), -2**(b-1), 2**(b-1) - 1)`` and ``W ~ q * s``.
+* ``s = absmax / (2**(b-1) - 1)`` (optionally shrunk by an MSE clip search),
+  rounded to float16 *before* the codes are computed, so that a checkpoint
+  that stores fp16 scales reproduces the in-memory model bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "num_groups",
+    "expand_group_scales",
+    "weight_scales",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize_weight",
+    "qrange",
+]
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Smallest and largest code of a signed ``bits``-bit integer."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of groups along the input dimension (last one may be ragged)."""
+    if group_size <= 0:
+        return 1
+    return math.ceil(in_features / group_size)
+
+
+def _effective_group(in_features: int, group_size: int) -> int:
+    return in_features if group_size <= 0 else group_size
+
+
+def expand_group_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Repeat ``[N, G]`` group scales to ``[N, K]`` (one per weight)."""
+    gs = _effective_group(in_features, group_size)
+    return scales.repeat_interleave(gs, dim=1)[:, :in_features]
+
+
+def _group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    gs = _effective_group(k, group_size)
+    g = num_groups(k, gs)
+    pad = g * gs - k
+    wp = torch.nn.functional.pad(w.abs(), (0, pad)) if pad else w.abs()
+    return wp.view(n, g, gs).amax(dim=2)
+
+
+def weight_scales(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    clip_search: bool = False,
+    grid: int = 20,
+    max_shrink: float = 0.2,
+) -> torch.Tensor:
+    """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``).
+
+    With ``clip_search`` the absmax of each group is shrunk by the factor in
+    ``1 - max_shrink * i / grid`` that minimises the group's squared
+    quantization error (the "mse" option of GPTQ's quantizer).
+    """
+    _, qmax = qrange(bits)
+    w = w.float()
+    absmax = _group_absmax(w, group_size).clamp_min(1e-8)
+    if not clip_search:
+        return (absmax / qmax).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    n, k = w.shape
+    best = torch.full_like(absmax, float("inf"))
+    best_scale = absmax / qmax
+    for i in range(grid + 1):
+        cand = (absmax * (1 - max_shrink * i / grid) / qmax).to(torch.float16).float().clamp_min(1e-8)
+        err = quantization_error_per_group(w, cand, bits, group_size)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, cand, best_scale)
+    return best_scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Sum of squared errors of round-to-nearest with ``scales``, per group."""
+    n, k = w.shape
+    gs = _effective_group(k, group_size)
+    g = num_groups(k, gs)
+    deq = dequantize_weight(quantize_weight(w, scales, bits, group_size), scales, group_size)
+    err = (deq - w.float()) ** 2
+    pad = g * gs - k
+    if pad:
+        err = torch.nn.functional.pad(err, (0, pad))
+    return err.view(n, g, gs).sum(dim=2)
+
+
+def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
+    """Integer codes (int8 tensor holding ``bits``-bit values) of ``w`` with ``scales``."""
+    qmin, qmax = qrange(bits)
+    s = expand_group_scales(scales.float(), w.shape[1], group_size)
+    return torch.clamp(torch.round(w.float() / s), qmin, qmax).to(torch.int8)
+
+
+def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """Float32 weights ``q * s`` from codes and group scales."""
+    s = expand_group_scales(scales.float(), q.shape[1], group_size)
+    return q.float() * s
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, clip_search: bool = False) -> torch.Tensor:
+    """Round-to-nearest quantize then dequantize (float32 result)."""
+    scales = weight_scales(w, bits, group_size, clip_search=clip_search)
+    return dequantize_weight(quantize_weight(w, scales, bits, group_size), scales, group_size)

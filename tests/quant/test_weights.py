@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from fptq.quant import (
+    dequantize_weight,
+    expand_group_scales,
+    fake_quantize_weight,
+    num_groups,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+    weight_scales,
+)
+
+
+@pytest.mark.parametrize("k,gs", [(128, 32), (200, 64), (576, 128), (7, 4), (64, -1)])
+def test_roundtrip_error_is_within_half_a_step(k, gs):
+    torch.manual_seed(0)
+    w = torch.randn(16, k)
+    s = weight_scales(w, 4, gs)
+    g = num_groups(k, gs)
+    assert s.shape == (16, g) and s.dtype == torch.float16
+    q = quantize_weight(w, s, 4, gs)
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    deq = dequantize_weight(q, s, gs)
+    step = expand_group_scales(s.float(), k, gs)
+    # round-to-nearest with absmax/7 scales never clips: error <= half a step
+    assert bool(((deq - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_ragged_last_group_uses_its_own_scale():
+    w = torch.ones(2, 200)
+    w[:, 128:] = 100.0  # the ragged tail (groups of 64: 0-63, 64-127, 128-191, 192-199)
+    w[:, 192:] = 0.01
+    s = weight_scales(w, 4, 64).float()
+    assert s.shape == (2, 4)
+    torch.testing.assert_close(s[:, 3], torch.full((2,), 0.01 / 7), rtol=1e-3, atol=0)
+    deq = fake_quantize_weight(w, 4, 64)
+    torch.testing.assert_close(deq[:, 192:], w[:, 192:], rtol=0.1, atol=0)
+
+
+def test_scales_are_exact_fp16_so_the_checkpoint_reproduces_codes():
+    torch.manual_seed(1)
+    w = torch.randn(8, 96)
+    s = weight_scales(w, 4, 32)
+    q1 = quantize_weight(w, s, 4, 32)
+    q2 = quantize_weight(w, s.float().half(), 4, 32)
+    assert torch.equal(q1, q2)
+
+
+def test_clip_search_never_increases_error():
+    torch.manual_seed(2)
+    w = torch.randn(32, 256) * torch.rand(32, 256).pow(4) * 3
+    e_plain = (fake_quantize_weight(w, 4, 64) - w).pow(2).sum()
+    e_clip = (fake_quantize_weight(w, 4, 64, clip_search=True) - w).pow(2).sum()
+    assert e_clip <= e_plain * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 577])
+def test_pack_unpack_bit_exact(k):
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-8, 8, (5, k), generator=g, dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    assert torch.equal(unpack_int4(packed, k), q)
+
+
+def test_pack_layout_low_nibble_first():
+    q = torch.tensor([[1, -1, -8, 7]], dtype=torch.int8)
+    assert pack_int4(q).tolist() == [[0xF1, 0x78]]
+
+
+def test_pack_rejects_out_of_range_codes():
+    with pytest.raises(ValueError, match="-8..7"):
+        pack_int4(torch.tensor([[8]], dtype=torch.int8))

@@ -1,0 +1,99 @@
+"""The command line end to end on a tiny random LLaMA saved in the test."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fptq.cli import main
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_quantize_eval_inspect_end_to_end(tiny_model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = run("quantize", tiny_model_dir, "-o", out, "--calib", calib_file, "--nsamples", 4, "--seqlen", 32,
+             "--group-size", 32, "--thresholds", "2,20", "--device", "cpu")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "q_proj" in text and "down_proj" in text and "bits/weight" in text and str(out) in text
+    plan = json.loads((out / "fptq_plan.json").read_text())
+    assert plan["thresholds"] == [2.0, 20.0]
+    assert {v["strategy"] for v in plan["layers"].values()} == {"static_tensor", "lae_static_tensor", "dynamic_token"}
+    rep = json.loads((out / "quantize_report.json").read_text())
+    assert rep["source_model"] == str(tiny_model_dir)
+    assert rep["calibration"]["nsamples"] == 4 and rep["versions"]["torch"] == torch.__version__
+    assert rep["sizes"]["bits_per_weight"] < 4.6
+
+    res = tmp_path / "ppl.json"
+    assert run("eval", out, "--ppl", f"calib={calib_file}", "--seqlen", 32, "--max-windows", 3, "--json", res) == 0
+    ppl_q = json.loads(res.read_text())["ppl"]["calib"]
+    assert run("eval", tiny_model_dir, "--ppl", f"calib={calib_file}", "--seqlen", 32, "--max-windows", 3,
+               "--json", res) == 0
+    ppl_f = json.loads(res.read_text())["ppl"]["calib"]
+    assert 0 < ppl_q < 2 * ppl_f and ppl_f > 1
+
+    assert run("inspect", out) == 0
+    assert (out / "fptq_plan.png").stat().st_size > 1000
+    assert "lae_static_tensor" not in capsys.readouterr().out.split("\n")[0]
+
+
+def test_quantize_is_deterministic(tiny_model_dir, calib_file, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"q{i}"
+        assert run("quantize", tiny_model_dir, "-o", out, "--calib", calib_file, "--nsamples", 2, "--seqlen", 32,
+                   "--group-size", 32, "--device", "cpu") == 0
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--wbits", "5"], "--wbits must be one of"),
+    (["--group-size", "3"], "--group-size must be at least 8"),
+    (["--nsamples", "1000"], "enough for"),
+])
+def test_bad_settings_exit_2_with_a_clear_message(tiny_model_dir, calib_file, tmp_path, capsys, args, message):
+    out = tmp_path / "q"
+    rc = run("quantize", tiny_model_dir, "-o", out, "--calib", calib_file, "--seqlen", 32, "--device", "cpu", *args)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_inputs(tmp_path, capsys, tiny_model_dir, calib_file):
+    assert run("quantize", tmp_path / "nope", "-o", tmp_path / "o") == 2
+    assert "model path not found" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert run("quantize", tiny_model_dir, "-o", tmp_path / "o", "--calib", tmp_path / "empty.txt") == 2
+    assert "is empty" in capsys.readouterr().err
+    assert run("quantize", tiny_model_dir, "-o", tmp_path / "o", "--calib", tmp_path / "missing.txt") == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "notmodel").mkdir()
+    assert run("quantize", tmp_path / "notmodel", "-o", tmp_path / "o") == 2
+    assert "no config.json" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "x").write_text("1")
+    assert run("quantize", tiny_model_dir, "-o", existing, "--calib", calib_file, "--seqlen", 32) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (existing / "x").read_text() == "1"
+    assert run("inspect", tmp_path) == 2
+    assert "not an fptq checkpoint" in capsys.readouterr().err
+
+
+def test_thresholds_parse_error():
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "-o", "x", "--thresholds", "150,15"])
+    assert e.value.code == 2
+
+
+def test_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "fptq.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("quantize", "eval", "inspect"):
+        assert cmd in r.stdout

@@ -1,0 +1,151 @@
+"""The layer-by-layer pipeline on tiny random LLaMA models."""
+import copy
+
+import pytest
+import torch
+
+import fptq
+from fptq.calibrate import capture_layer0_inputs, run_layer
+from fptq.config import ActPolicy, Equalization
+from fptq.models import get_adapter
+from fptq.nn import QuantLinear
+
+from .conftest import sqnr_db, tiny_llama
+
+
+def _calib(n=8, s=32, vocab=300, seed=0):
+    return torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def test_lae_folding_leaves_float_outputs_unchanged():
+    """Equalize every foldable group (incl. v->o under GQA and up->down) with
+    16-bit weights and activations: the model must compute the same function."""
+    model = tiny_llama()
+    ids = _calib()
+    ref = model(ids).logits
+    from fptq.pipeline import _equalization_scales
+    from fptq.quant import fold_into_linear_outputs, fold_into_norm, scale_linear_inputs
+
+    adapter = get_adapter(model)
+    cfg = fptq.method_config("fptq")
+    for layer in adapter.layers(model):
+        for g in adapter.groups:
+            k = layer.get_submodule(g.consumers[0]).in_features
+            absmax = torch.rand(k) * 200 + 0.5
+            s_in, s_out = _equalization_scales(cfg, g, layer, absmax, (4, 2))
+            prod = layer.get_submodule(g.producer)
+            (fold_into_norm if g.kind == "norm" else fold_into_linear_outputs)(prod, s_out)
+            for c in g.consumers:
+                scale_linear_inputs(layer.get_submodule(c), s_in)
+    out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eq", ["lae", "smoothquant"])
+def test_pipeline_folds_are_exact_with_8bit_weights_and_dynamic_acts(eq):
+    """The pipeline's own folds (through the norms, v->o, up->down) keep the
+    function: with near-lossless W8 per-channel + float activations the result
+    is close to float, and much closer than without the folds being exact."""
+    model = tiny_llama()
+    ids = _calib()
+    ref = model(ids).logits
+    cfg = fptq.QuantConfig(method="test", wbits=8, abits=16, group_size=-1, act_policy=ActPolicy.FLOAT,
+                           equalization=Equalization.NONE)
+    m2 = copy.deepcopy(model)
+    fptq.quantize(m2, cfg, ids, device="cpu", progress=False)
+    base = sqnr_db(ref, m2(ids).logits)
+    cfg_eq = fptq.QuantConfig(method="test", wbits=8, abits=8, group_size=-1, act_policy=ActPolicy.DYNAMIC,
+                              equalization=Equalization(eq))
+    m3 = copy.deepcopy(model)
+    plan = fptq.quantize(m3, cfg_eq, ids, device="cpu", progress=False)
+    assert all(lp.equalization == eq for lp in plan.layers.values())
+    assert sqnr_db(ref, m3(ids).logits) > 25 and base > 30
+
+
+def test_plan_has_all_three_strategies_and_an_entry_per_linear():
+    model = tiny_llama()
+    cfg = fptq.method_config("fptq", thresholds=(2.0, 20.0), group_size=32)
+    plan = fptq.quantize(model, cfg, _calib(), device="cpu", progress=False)
+    assert len(plan.layers) == 2 * 7
+    counts = plan.counts()
+    assert set(counts) == {"static_tensor", "lae_static_tensor", "dynamic_token"}, counts
+    for name, lp in plan.layers.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, QuantLinear)
+        expected = {"static_tensor": "static_tensor", "lae_static_tensor": "static_tensor",
+                    "dynamic_token": "dynamic_token"}[lp.strategy]
+        assert mod.act_mode == expected
+        assert (lp.act_scale is not None) == (expected == "static_tensor")
+        if lp.strategy == "lae_static_tensor":
+            assert lp.equalization == "lae" and lp.equalization_folded_into
+            # after LAE the input range is compressed to about log2(2 + max)
+            assert lp.act_absmax_equalized < lp.act_absmax
+    # q/k/v share their input, hence their strategy
+    for i in range(2):
+        s = {plan.layers[f"model.layers.{i}.self_attn.{p}_proj"].strategy for p in "qkv"}
+        assert len(s) == 1
+
+
+@pytest.mark.parametrize("method,floor_db", [
+    ("fptq", 8), ("naive-w4a8", 5), ("dynamic-w4a8", 8), ("rtn-w4a16", 10), ("gptq-w4a16", 10),
+    ("smoothquant-w8a8", 20), ("lae-dynamic-w4a8", 8),
+])
+def test_methods_reach_sqnr_floor(method, floor_db):
+    model = tiny_llama(outliers=False)
+    ids = _calib(16, 32)
+    ref = model(ids).logits
+    cfg = fptq.method_config(method, group_size=32, thresholds=(2.0, 20.0))
+    fptq.quantize(model, cfg, ids, device="cpu", progress=False)
+    assert sqnr_db(ref, model(ids).logits) > floor_db
+
+
+def test_gptq_beats_rtn_end_to_end():
+    model = tiny_llama(outliers=False, hidden_size=128, intermediate_size=256)
+    ids = _calib(16, 64)
+    ref = model(ids).logits
+    out = {}
+    for m in ("rtn-w4a16", "gptq-w4a16"):
+        mm = copy.deepcopy(model)
+        fptq.quantize(mm, fptq.method_config(m, group_size=32), ids, device="cpu", progress=False)
+        out[m] = sqnr_db(ref, mm(ids).logits)
+    assert out["gptq-w4a16"] > out["rtn-w4a16"]
+
+
+def test_ragged_groups_and_odd_hidden_size():
+    model = tiny_llama(hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4)
+    ids = _calib()
+    ref = model(ids).logits
+    plan = fptq.quantize(model, fptq.method_config("fptq", group_size=32), ids, device="cpu", progress=False)
+    q = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert q.w_scales.shape == (72, 4)  # 100 = 32 + 32 + 32 + 4
+    assert sqnr_db(ref, model(ids).logits) > 8
+    assert len(plan.layers) == 14
+
+
+def test_captured_inputs_reproduce_the_model():
+    """Layer-by-layer execution over cached inputs gives the same hidden states as a full forward."""
+    model = tiny_llama()
+    ids = _calib(4, 16)
+    adapter = get_adapter(model)
+    inputs = capture_layer0_inputs(model, adapter, ids, 2, torch.device("cpu"))
+    for layer in adapter.layers(model):
+        run_layer(layer, inputs, torch.device("cpu"), replace=True)
+    hidden = torch.cat(inputs.hidden)
+    full = model.model(ids).last_hidden_state
+    torch.testing.assert_close(model.model.norm(hidden), full, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_weights_are_reported_with_the_layer_name():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(fptq.FptqError, match=r"model\.layers\.1"):
+        fptq.quantize(model, fptq.method_config("fptq"), _calib(), device="cpu", progress=False)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(fptq.FptqError, match="unsupported architecture 'gpt2'.*llama"):
+        fptq.quantize(m, fptq.method_config("fptq"), _calib(vocab=50), device="cpu", progress=False)
