@@ -115,7 +115,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, name:
             out = layer(h.to(device), **_move(kw, device))
             if isinstance(out, tuple):
                 out = out[0]
-            if not torch.isfinite(out).all():
+            if not torch.isfinite(out.sum()):  # one cheap reduction; NaN/Inf anywhere propagate
                 raise FptqError(f"non-finite values (NaN or Inf) in the output of {name}; check the model's weights and dtype")
             out = out.to(store)
             if replace:
@@ -161,9 +161,9 @@ def collect_input_stats(
             x = args[0]
             st = stats[name]
             xf = x.detach().float()
-            if not torch.isfinite(xf).all():
-                st.nonfinite = True
             wcm = xf.abs().reshape(xf.shape[0], -1, xf.shape[-1]).amax(dim=1) if xf.dim() == 3 else xf.abs().amax(dim=0, keepdim=True)
+            if not torch.isfinite(wcm).all():  # NaN/Inf propagate into the maxima
+                st.nonfinite = True
             st.window_channel_max.append(wcm.cpu())
             flat = xf.reshape(-1, xf.shape[-1])
             if rows_per_batch > 0:

@@ -70,6 +70,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                    help="equalization used by the method (fptq ablations: none, smoothquant)")
     p.add_argument("--alpha", dest="smoothquant_alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    p.add_argument("--calib-dtype", dest="calib_dtype", default=None, choices=("float32", "bfloat16"),
+                   help="dtype of the statistics pass (bfloat16: autocast, faster on CPUs with AMX; default float32)")
+    p.add_argument("--propagate-backend", dest="propagate_backend", default=None,
+                   help="how the quantized layer is run to feed the next layer: reference (simulated, default) or auto (integer kernels, faster)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
     p.add_argument("--offload", action="store_true", help="keep cached activations on the CPU while layers run on the device")
@@ -82,7 +86,8 @@ def config_from_args(args) -> "QuantConfig":
 
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_damp", "gptq_block_size", "gptq_act_order",
-        "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha")}
+        "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
+        "calib_dtype", "propagate_backend")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

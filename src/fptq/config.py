@@ -60,6 +60,12 @@ class QuantConfig:
     gptq_block_size: int = 128
     gptq_act_order: bool = False
     gptq_static_groups: bool = False
+    # execution choices that change numerics slightly (recorded for reproducibility):
+    # dtype of the statistics pass ("float32" or "bfloat16": autocast, faster on CPUs with AMX/AVX512-BF16)
+    calib_dtype: str = "float32"
+    # backend that runs the quantized layer to produce the next layer's inputs
+    # ("reference" = simulated quantization, "auto" = the integer kernels)
+    propagate_backend: str = "reference"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -85,6 +91,8 @@ class QuantConfig:
             raise ValueError(f"static observer must be one of {OBSERVERS}, got {self.static_observer!r}")
         if not 0 < self.smoothquant_alpha < 1:
             raise ValueError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha}")
+        if self.calib_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"gptq damp must be in [0, 1), got {self.gptq_damp}")
 

@@ -9,6 +9,7 @@ next layer's inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -124,8 +125,11 @@ def quantize_layer(
     linears = adapter.quantizable_linears(layer)
     reps = {g.consumers[0]: layer.get_submodule(g.consumers[0]) for g in adapter.groups}
     nb = len(inputs.hidden)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.calib_dtype == "bfloat16"
+                else contextlib.nullcontext())
     with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq) as stats:
-        run_layer(layer, inputs, device, name=layer_prefix)
+        with autocast:
+            run_layer(layer, inputs, device, name=layer_prefix)
     for name, st in stats.items():
         if st.nonfinite:
             raise FptqError(f"non-finite values (NaN or Inf) in the input of {layer_prefix}.{name}")
@@ -211,9 +215,15 @@ def quantize_layer(
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
             )
-    run_layer(layer, inputs, device, name=layer_prefix, replace=True)
-    for m in layer.modules():  # the dequantized-weight cache is rebuilt on demand
-        if isinstance(m, QuantLinear):
+    qlinears = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+    if config.propagate_backend != "reference":
+        for m in qlinears:
+            m.set_backend(config.propagate_backend)
+    try:
+        run_layer(layer, inputs, device, name=layer_prefix, replace=True)
+    finally:
+        for m in qlinears:  # back to the simulated path; caches are rebuilt on demand
+            m.set_backend("reference")
             m.clear_cache()
     return entries
 

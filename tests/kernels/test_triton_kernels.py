@@ -8,11 +8,20 @@
 * Without triton: everything here is skipped; the module itself must still
   import (checked by ``test_module_imports_without_triton_or_cuda``).
 
+Every case runs every path / kernel variant (``VARIANTS``): the ``triton``
+(auto), ``triton_grouped`` and ``triton_perchannel`` forwards, and the GEMV,
+swapped-operand and plain tensor-core grouped kernels with explicit split-K, and
+the ``torch._int_mm`` per-channel variant.
+
 Bounds: activation codes and per-token scales bit-identical to
-``quantize_input``; float32 outputs within ``1e-5 * (|x_deq| @ |W_deq|^T)``
-of the reference (exact group-wise maths, only the summation order differs);
-fp16/bf16 outputs within one rounding of the output dtype of the float32
-reference (``2 * eps(dtype) * |ref| + 1e-5 * bound``).
+``quantize_input`` (also in the reciprocal mode torch uses on CUDA); float32
+outputs within ``1e-5 * (|x_deq| @ |W_deq|^T)`` of the reference (exact
+group-wise maths, only the summation order differs); fp16/bf16 outputs within
+one rounding of the output dtype of the float32 reference (``2 * eps(dtype) *
+|ref| + 1e-5 * bound``).  The per-channel paths are held to the same bounds
+against the per-channel reference (``x_deq @ (W8 * s_c)^T``), and their int8
+weights must equal the CPU ``int8_perchannel`` backend's.  No variant may
+have fallen back to the baseline kernel.
 """
 from __future__ import annotations
 
@@ -67,8 +76,26 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-def run_case(case, device) -> dict:
-    """Run one case; return a dict of measured errors and booleans."""
+#: what each variant runs; "perchannel"-type variants are checked against the per-channel
+#: reference (the int8 weights times their per-channel scales), the others against
+#: ``reference_forward`` (exact group-wise maths)
+VARIANTS = ("auto", "grouped", "perchannel", "gemv_split3", "gemm_swap_split2", "gemm_split2", "int_mm")
+
+
+def _tol_ratio(y, ref, qf, w_deq, bias, dtype) -> float:
+    bound = (qf.abs() @ w_deq.abs().t()).reshape(ref.shape)
+    if bias is not None:
+        bound = bound + bias.float().abs()
+    eps = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    tol = 2 * eps * ref.abs() + 1e-5 * bound + 1e-6
+    return float(((y.float() - ref).abs() / tol).max()) if ref.numel() else 0.0
+
+
+def run_case(case, device, variants=VARIANTS) -> dict:
+    """Run one case with every variant; return a dict of measured errors and booleans."""
+    import warnings
+
+    from fptq.kernels import cpu as kcpu
     from fptq.kernels import triton_w4a8 as tw
     from fptq.nn import QuantLinear
     from fptq.quant import quantize_weight, weight_scales
@@ -81,41 +108,86 @@ def run_case(case, device) -> dict:
     q = quantize_weight(w, s, 4, gs)
     b = torch.randn(n, generator=g) if bias else None
     layer = QuantLinear.from_codes(q, s, wbits=4, group_size=gs, abits=8, act_mode=mode, act_scale=0.05, bias=b)
+    w8_cpu, sc_cpu = kcpu.perchannel_weight(layer)  # the CPU backend's conversion, on a CPU copy
     layer = layer.to(device)
     x = torch.randn(*lead, k, generator=g)
     x[..., :: max(1, k // 7)] *= 8
     x = x.to(dtype).to(device)
     x2 = x.reshape(-1, k)
+    out = {"case": repr(case)}
     # activation quantization
     qx, sx = tw.quantize_activations(x2, layer.act_scale if mode == "static_tensor" else None)
     qr, sr = layer.quantize_input(x2)
-    codes_equal = bool(torch.equal(qx, qr))
-    scales_equal = bool(torch.equal(sx.reshape(-1), sr.reshape(-1).to(sx.device)))
-    # full forward
-    y = tw.triton_forward(layer, x)
-    ref = layer.reference_forward(x.float())  # float32 reference on the same codes
+    out["codes_equal"] = bool(torch.equal(qx, qr))
+    out["scales_equal"] = bool(torch.equal(sx.reshape(-1), sr.reshape(-1).to(sx.device)))
     qf = qr.float() * sr
-    bound = (qf.abs() @ layer.dequantized_weight().abs().t()).reshape(ref.shape)
+    ref = layer.reference_forward(x.float())  # float32 reference on the same codes
+    w8, sc = tw.perchannel_weight_device(layer)
+    out["w8_matches_cpu"] = bool(torch.equal(w8.cpu(), w8_cpu) and torch.equal(sc.cpu(), sc_cpu.float()))
+    w_pc = w8.float() * sc[:, None]
+    ref_pc = qf @ w_pc.t()
     if layer.bias is not None:
-        bound = bound + layer.bias.float().abs()
-    eps = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-    tol = 2 * eps * ref.abs() + 1e-5 * bound + 1e-6
-    ratio = float(((y.float() - ref).abs() / tol).max()) if ref.numel() else 0.0
-    return {
-        "case": repr(case),
-        "shape_ok": tuple(y.shape) == tuple(ref.shape),
-        "dtype_ok": y.dtype == dtype,
-        "codes_equal": codes_equal,
-        "scales_equal": scales_equal,
-        "max_err_over_tol": ratio,
-        "max_rel_err": float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)),
+        ref_pc = ref_pc + layer.bias.float()
+    ref_pc = ref_pc.reshape(ref.shape)
+    args = (qr, sr.reshape(-1) if mode == "dynamic_token" else sr, layer.qweight, layer.w_scales, k, gs)
+    runs = {
+        "auto": lambda: tw.triton_forward(layer, x),
+        "grouped": lambda: tw.triton_forward(layer, x, path="grouped"),
+        "perchannel": lambda: tw.triton_forward(layer, x, path="perchannel"),
+        "gemv_split3": lambda: tw.w4a8_gemv(*args, bias=layer.bias, out_dtype=dtype, config={"SPLIT_K": 3}),
+        "gemm_swap_split2": lambda: tw.w4a8_matmul(
+            *args, bias=layer.bias, out_dtype=dtype, config={"SWAP_AB": True, "SPLIT_K": 2}),
+        "gemm_split2": lambda: tw.w4a8_matmul(
+            *args, bias=layer.bias, out_dtype=dtype, config={"SWAP_AB": False, "SPLIT_K": 2}),
+        "int_mm": lambda: tw.int8_perchannel_matmul(
+            qr, args[1], w8, sc, bias=layer.bias, out_dtype=dtype, impl="int_mm"),
     }
+    m = x2.shape[0]
+    for v in variants:
+        try:
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                y = runs[v]()
+        except Exception as e:  # one broken variant must not hide the others
+            out[v] = {"error": f"{e!r}"[:2000]}
+            continue
+        pc = v in ("perchannel", "int_mm") or (v == "auto" and tw.select_path(m) == "perchannel")
+        r_ref, w_ref = (ref_pc, w_pc) if pc else (ref, layer.dequantized_weight())
+        y = y.reshape(ref.shape)
+        out[v] = {
+            "shape_ok": tuple(y.shape) == tuple(ref.shape),
+            "dtype_ok": y.dtype == dtype,
+            "max_err_over_tol": _tol_ratio(y, r_ref, qf, w_ref, layer.bias, dtype),
+            "max_rel_err": float((y.float() - r_ref).abs().max() / r_ref.abs().max().clamp_min(1e-12)),
+            "fallback_warnings": [str(w_.message) for w_ in rec if "falling back" in str(w_.message)],
+        }
+    return out
 
 
-def _assert_ok(r: dict) -> None:
-    assert r["shape_ok"] and r["dtype_ok"], r
+def _assert_ok(r: dict, variant: str = "auto") -> None:
     assert r["codes_equal"] and r["scales_equal"], r
-    assert r["max_err_over_tol"] <= 1.0, r
+    assert r["w8_matches_cpu"], r
+    v = r[variant]
+    assert "error" not in v, (variant, v["error"])
+    assert v["shape_ok"] and v["dtype_ok"], (variant, r)
+    assert v["max_err_over_tol"] <= 1.0, (variant, r)
+    assert not v["fallback_warnings"], (variant, r)
+
+
+def quant_recip_check() -> dict:
+    """The per-token scale in the reciprocal mode (what torch does on CUDA) against an
+    emulation of ``amax * fp32(1/127)`` on CPU, and the codes from that scale."""
+    import numpy as np
+
+    from fptq.kernels import triton_w4a8 as tw
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(33, 300, generator=g) * torch.rand(33, 1, generator=g) * 10
+    q, s = tw.quantize_activations(x, None, recip=True)
+    s_ref = (x.abs().amax(dim=-1, keepdim=True) * torch.tensor(np.float32(1.0 / 127))).clamp_min(1e-8)
+    q_ref = torch.clamp(torch.round(x / s_ref), -127, 127).to(torch.int8)
+    return {"scales_equal": bool(torch.equal(s, s_ref.reshape(-1))), "codes_equal": bool(torch.equal(q, q_ref)),
+            "differs_from_division": int((s != (x.abs().amax(dim=-1) / 127)).sum())}
 
 
 def test_module_imports_without_triton_or_cuda():
@@ -126,13 +198,27 @@ def test_module_imports_without_triton_or_cuda():
     cfg = tw.pick_config(1, 4096, 4096, 128)
     assert cfg["BLOCK_M"] >= 16 and 128 % cfg["BLOCK_K"] == 0
     assert tw.pick_config(2048, 4096, 4096, 64)["BLOCK_K"] == 64
+    assert tw.pick_gemv_config(1, 4096, 4096, 32)["BLOCK_K"] == 32
+    assert tw.select_path(1) == "gemv" and tw.select_path(4096) == "perchannel"
+    assert tw.select_path(tw.GROUPED_MAX_M) == "grouped"
+
+
+def test_split_plan():
+    from fptq.kernels import triton_w4a8 as tw
+
+    # decode, K=11008 N=4096: 64 tiles of 64 channels -> split K over the 86 groups
+    s, chunk = tw._split_plan(64, 1, 11008, 86, 128, "cpu")
+    assert s > 1 and (s - 1) * chunk < 86 <= s * chunk
+    assert tw._split_plan(10_000, 1, 4096, 32, 128, "cpu") == (1, 32)  # enough tiles already
+    assert tw._split_plan(4, 1, 256, 4, 64, "cpu") == (1, 4)  # K too short to split
+    assert tw._split_plan(4, 1, 256, 4, 64, "cpu", split_k=3) == (2, 2)  # explicit, rounded to full chunks
 
 
 # ------------------------------------------------------------- interpreter
-_INTERP_RESULTS: list | None = None
+_INTERP_RESULTS: dict | None = None
 
 
-def _interp_results() -> list:
+def _interp_results() -> dict:
     global _INTERP_RESULTS
     if _INTERP_RESULTS is None:
         env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
@@ -150,12 +236,21 @@ def _interp_results() -> list:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("idx", range(len(CASES)))
-def test_interpreter_kernels_match_reference(idx):
+def test_interpreter_kernels_match_reference(idx, variant):
     """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors."""
-    r = _interp_results()[idx]
+    r = _interp_results()["cases"][idx]
     assert "error" not in r, r.get("error")
-    _assert_ok(r)
+    _assert_ok(r, variant)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_quant_reciprocal_mode():
+    r = _interp_results()["recip"]
+    assert "error" not in r, r.get("error")
+    assert r["scales_equal"] and r["codes_equal"], r
+    assert r["differs_from_division"] > 0, r  # the probe case really exercises the difference
 
 
 # --------------------------------------------------------------------- GPU
@@ -166,7 +261,9 @@ gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and t
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[repr(c) for c in GPU_CASES])
 def test_gpu_kernels_match_reference(case):
-    _assert_ok(run_case(case, "cuda"))
+    r = run_case(case, "cuda")
+    for v in VARIANTS:
+        _assert_ok(r, v)
 
 
 @gpu
@@ -174,27 +271,31 @@ def test_gpu_kernels_match_reference(case):
 def test_gpu_backend_dispatch():
     from fptq.kernels import available_backends, default_backend, run_backend
 
-    assert "triton" in available_backends("cuda")
+    for name in ("triton", "triton_grouped", "triton_perchannel"):
+        assert name in available_backends("cuda")
     assert default_backend("cuda") == "triton"
-    r = run_case(((4,), 256, 64, 128, "dynamic_token", True, "float16"), "cuda")
-    _assert_ok(r)
     from fptq.nn import QuantLinear
 
     layer = QuantLinear(256, 64, group_size=128, act_mode="dynamic_token", device="cuda").set_backend("auto")
     x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
     assert layer(x).shape == (3, 64)
-    assert run_backend("triton", layer, x).dtype == torch.float16
+    for name in ("triton", "triton_grouped", "triton_perchannel"):
+        assert run_backend(name, layer, x).dtype == torch.float16
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
     patch_interpreter_for_numpy2()
-    out = []
+    import traceback
+
+    out = {"cases": []}
     for c in CASES:
         try:
-            out.append(run_case(c, "cpu"))
-        except Exception as e:  # report, don't hide
-            import traceback
-
-            out.append({"case": repr(c), "error": traceback.format_exc()})
+            out["cases"].append(run_case(c, "cpu"))
+        except Exception:  # report, don't hide
+            out["cases"].append({"case": repr(c), "error": traceback.format_exc()})
+    try:
+        out["recip"] = quant_recip_check()
+    except Exception:
+        out["recip"] = {"error": traceback.format_exc()}
     print("RESULTS " + json.dumps(out))

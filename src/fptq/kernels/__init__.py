@@ -13,9 +13,18 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
     CPU, ``torch._int_mm`` per group with float group scales (exact
     group-wise; caches 1 byte/weight).
 ``triton``
-    CUDA, fused W4A8 Triton kernel (packed int4 weights unpacked in registers,
-    int8 tensor-core dot, per-group scales in the epilogue) plus a Triton
-    activation-quantization kernel.  Needs ``triton`` (``pip install
+    CUDA, picks by the number of tokens M: ``triton_grouped`` for small M
+    (decode, memory-bound), ``triton_perchannel`` for large M (prefill).
+``triton_grouped``
+    CUDA, exact group-wise W4A8 Triton kernels reading the packed int4 weights
+    (GEMV kernel for M <= 2, tensor-core kernel with per-group int32
+    accumulation and split-K above); same maths as the reference.
+``triton_perchannel``
+    CUDA, int8 x int8 GEMM on int8 per-channel weights converted from the
+    group-scaled int4 ones (the ``int8_perchannel`` conversion: one extra
+    rounding; caches 1 byte/weight on the module).
+    All ``triton*`` backends quantize activations with a fused Triton kernel
+    (bit-identical to ``quantize_input``) and need ``triton`` (``pip install
     fptq[triton]``) and a CUDA device.  See :mod:`fptq.kernels.triton_w4a8`.
 ``auto``
     the fastest available backend for the input's device
@@ -39,8 +48,9 @@ __all__ = [
     "BackendUnavailableError",
 ]
 
-BACKENDS = ("reference", "int8_perchannel", "int8_grouped", "triton")
+BACKENDS = ("reference", "int8_perchannel", "int8_grouped", "triton", "triton_grouped", "triton_perchannel")
 _CPU_BACKENDS = ("int8_perchannel", "int8_grouped")
+_TRITON_BACKENDS = ("triton", "triton_grouped", "triton_perchannel")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -63,15 +73,15 @@ def _as_device(device) -> torch.device:
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default CPU), fastest-first after ``reference``.
 
-    With ``device=None`` the CPU backends are listed, plus ``triton`` when a
-    CUDA device and the ``triton`` package are present.
+    With ``device=None`` the CPU backends are listed, plus the ``triton*`` ones
+    when a CUDA device and the ``triton`` package are present.
     """
     out = ["reference"]
     dev = None if device is None else _as_device(device)
     if dev is None or dev.type == "cpu":
         out += list(_CPU_BACKENDS)
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available() and _triton_installed():
-        out.append("triton")
+        out += list(_TRITON_BACKENDS)
     return out
 
 
@@ -94,13 +104,13 @@ def _check(name: str, device: torch.device) -> None:
             f"backend {name!r} runs on CPU tensors only, got a tensor on {device}; "
             f"use 'triton' (CUDA), 'reference' or 'auto'"
         )
-    if name == "triton":
+    if name in _TRITON_BACKENDS:
         if device.type != "cuda":
             raise BackendUnavailableError(
-                f"backend 'triton' needs CUDA tensors, got a tensor on {device}; use 'auto' or a CPU backend"
+                f"backend {name!r} needs CUDA tensors, got a tensor on {device}; use 'auto' or a CPU backend"
             )
         if not _triton_installed():
-            raise BackendUnavailableError("backend 'triton' needs the triton package: pip install 'fptq[triton]'")
+            raise BackendUnavailableError(f"backend {name!r} needs the triton package: pip install 'fptq[triton]'")
 
 
 def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
@@ -127,6 +137,14 @@ def _get_impl(name: str) -> Callable:
         from .triton_w4a8 import triton_forward
 
         return triton_forward
+    if name == "triton_grouped":
+        from .triton_w4a8 import triton_grouped_forward
+
+        return triton_grouped_forward
+    if name == "triton_perchannel":
+        from .triton_w4a8 import triton_perchannel_forward
+
+        return triton_perchannel_forward
     raise ValueError(f"unknown kernel backend {name!r}")
 
 
