@@ -135,8 +135,8 @@ def main() -> int:
             ((16,), 11008, 4096, 128, "static_tensor", True, "float32"),
             ((40,), 320, 130, 64, "dynamic_token", True, "float32"),
         ]
-        if args.dry_run:
-            cases = cases[:3]
+        if args.dry_run:  # small shapes only: the interpreter is slow
+            cases = [c for c in cases if c[1] * c[2] <= 20_000][:3]
         for case in cases:
             if past(0.3):
                 results["errors"].append(f"correctness phase deadline reached before {case}")

@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mmlu-subject", default="high_school_geography")
-    ap.add_argument("--mmlu-limit", type=int, default=100)
+    ap.add_argument("--mmlu-limit", type=int, default=40)
     ap.add_argument("--mmlu-fewshot", type=int, default=5)
     ap.add_argument("--tasks", default="piqa,arc_easy,mmlu")
     ap.add_argument("--out", default="/tmp/lm_eval_agreement.json")

@@ -81,7 +81,7 @@ def calib_file(tmp_path):
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
+    ref, out = ref.detach().double(), out.detach().double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30)))
 
 

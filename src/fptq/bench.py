@@ -56,12 +56,15 @@ def time_decode(model, batch: int, steps: int, vocab: int, device, prompt_len: i
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(ids, use_cache=True, **{cache_kw: cache})
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(nxt, past_key_values=cache, use_cache=True)
+        out = model(nxt, use_cache=True, **{cache_kw: cache})
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - t
@@ -124,8 +127,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{v:.2f}x" for v in results[n]["speedup_vs_" + base].values()) + " |")
     if meta.get("checkpoint_bytes"):
-        lines += ["", f"checkpoint size: {meta['checkpoint_bytes'] / 2**20:.1f} MiB "
-                      f"({meta.get('bits_per_weight', float('nan')):.3f} bits per quantized weight incl. scales)"]
+        bpw = meta.get("bits_per_weight")
+        lines += ["", f"checkpoint size: {meta['checkpoint_bytes'] / 2**20:.1f} MiB"
+                  + (f" ({bpw:.3f} bits per quantized weight incl. scales)" if bpw else "")]
     return "\n".join(lines) + "\n"
 
 

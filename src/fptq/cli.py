@@ -32,6 +32,20 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _size(s: str) -> int:
+    """Bytes from ``500MB``, ``2GB``, ``1.5GiB`` or a plain number."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = s.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        v = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GB, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 500MB or 2GB, got {s!r}")
+    return v
+
+
 def _ppl_spec(s: str) -> tuple[str, str]:
     if "=" not in s:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. wikitext2=data/wikitext2_test.raw), got {s!r}")
@@ -77,7 +91,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
     p.add_argument("--offload", action="store_true", help="keep cached activations on the CPU while layers run on the device")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing non-empty output directory, or start over an unfinished run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command after its last finished layer")
+    p.add_argument("--max-shard-size", type=_size, default=None,
+                   help="largest weights file of the checkpoint (default 2GiB; larger models get "
+                        "model-0000i-of-0000n.safetensors shards)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that need custom code")
 
 
@@ -102,7 +122,8 @@ def cmd_quantize(args) -> int:
     plan, report = quantize_to_dir(
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, batch_size=args.batch_size, offload=args.offload, force=args.force,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, resume=args.resume,
+        **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}),
     )
     print(quantize_summary(plan, report))
     print(f"report     {Path(args.out) / 'quantize_report.json'}")
@@ -215,8 +236,20 @@ def _extra_commands():
     return out
 
 
+def _resume_hint(argv: list[str], e) -> str:
+    """What to print when a quantize run is interrupted between layers."""
+    import shlex
+
+    cmd = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return (f"fptq: interrupted after {e.layers_done} of {e.layers_total} layers; nothing was written to {e.out}. "
+            f"The finished layers are kept in {e.partial}; continue with:\n  fptq {shlex.join(cmd)}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .resume import QuantizeInterrupted
+
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -224,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except FptqError as e:
         print(f"fptq: error: {e}", file=sys.stderr)
         return 2
+    except QuantizeInterrupted as e:
+        print(_resume_hint(argv, e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("fptq: interrupted; nothing was written to the output directory", file=sys.stderr)
         return 130

@@ -65,6 +65,7 @@ def run_compare(
     eval_seqlen: int = 2048,
     max_windows: int | None = 40,
     limit: int | None = None,
+    mmlu_limit: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
     device: str = "cpu",
@@ -98,7 +99,8 @@ def run_compare(
     calib_text = read_text(calib)
     settings = {"model": src, "calib": calib or "bundled", "calib_sha256": text_hash(calib_text),
                 "nsamples": nsamples, "seqlen": seqlen, "group_size": group_size, "seed": seed,
-                "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit, "backend": backend,
+                "eval_seqlen": eval_seqlen, "max_windows": max_windows, "limit": limit, "mmlu_limit": mmlu_limit,
+                "backend": backend,
                 "method_overrides": method_overrides or {}}
     windows = None
     results: dict[str, dict[str, Any]] = {}
@@ -150,7 +152,8 @@ def run_compare(
                            "windows": r["windows"], "tokens": r["tokens"]}
             else:
                 name, shots = ("mmlu", 5) if t == "mmlu_5shot" else (t, 0)
-                r = evaluate_task(qmodel, tok, name, data_dir, limit=limit, seed=seed, batch_size=batch_size,
+                task_limit = mmlu_limit if (name == "mmlu" and mmlu_limit is not None) else limit
+                r = evaluate_task(qmodel, tok, name, data_dir, limit=task_limit, seed=seed, batch_size=batch_size,
                                   num_fewshot=shots, progress=progress)
                 metrics = {"acc": r["acc"], "stderr": r.get("acc_stderr", r.get("stderr")), "n": r["n"],
                            "subset": r.get("subset")}
@@ -216,7 +219,8 @@ def results_markdown(data: dict) -> str:
     s = data["settings"]
     lines += ["", f"Model {s['model']}; calibration {s['nsamples']} x {s['seqlen']} tokens ({s['calib']}), group size "
                   f"{s['group_size']}; perplexity on the first {s['max_windows']} windows of {s['eval_seqlen']} tokens; "
-                  f"tasks: {'all items' if not s['limit'] else 'seeded random subsets of ' + str(s['limit']) + ' items (MMLU: per subject)'}; "
+                  f"tasks: {'all items' if not s['limit'] else 'seeded random subsets of ' + str(s['limit']) + ' items'}"
+                  f"{'' if not s.get('mmlu_limit') else ', MMLU ' + str(s['mmlu_limit']) + ' items per subject'}; "
                   f"acc ± standard error (%); backend {s['backend']}."]
     return "\n".join(lines) + "\n"
 
@@ -260,7 +264,7 @@ def cmd_compare(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     data = run_compare(args.model, methods, tasks, args.data_dir, args.out, calib=args.calib, nsamples=args.nsamples,
                        seqlen=args.seqlen, group_size=args.group_size, eval_seqlen=args.eval_seqlen,
-                       max_windows=args.max_windows, limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+                       max_windows=args.max_windows, limit=args.limit, mmlu_limit=args.mmlu_limit, seed=args.seed, batch_size=args.batch_size,
                        device=args.device or "cpu", backend=args.backend)
     print(results_markdown(data))
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and results.png")
@@ -282,6 +286,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--eval-seqlen", type=int, default=2048)
     c.add_argument("--max-windows", type=int, default=40)
     c.add_argument("--limit", type=int, default=None, help="seeded random subset of N items per task (MMLU: per subject)")
+    c.add_argument("--mmlu-limit", type=int, default=None, help="items per MMLU subject (default: --limit)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--backend", default="reference", help="QuantLinear backend for evaluation (reference = simulated)")

@@ -1,6 +1,7 @@
 """Saving and loading fptq checkpoints (safetensors + JSON only; nothing is unpickled).
 
-An output directory holds ``model.safetensors`` (packed int4 codes as uint8,
+An output directory holds ``model.safetensors`` (or, for large models,
+``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``; packed int4 codes as uint8,
 fp16 group scales, fp32 static activation scales, the float tensors of the
 rest of the model), ``config.json`` with a ``quantization_config``, the
 tokenizer files, ``fptq_plan.json`` and ``quantize_report.json``. It is
@@ -9,12 +10,14 @@ end, so an interrupted run never leaves an ``OUT`` that looks complete.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,18 @@ from torch import nn
 from .errors import FptqError
 from .nn import QuantLinear
 from .plan import Plan
+from .st import TensorEntry, tensor_entry, write_safetensors
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 PLAN_NAME = "fptq_plan.json"
 REPORT_NAME = "quantize_report.json"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 QUANT_METHOD = "fptq"
 
-__all__ = ["save", "load", "check_output_dir", "file_sha256", "quantized_state_dict"]
+__all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -60,7 +66,20 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
             raise FptqError(f"cannot create the parent directory of {out}: {e.strerror}") from e
     if not os.access(parent, os.W_OK):
         raise FptqError(f"cannot write to {parent}: permission denied; choose another -o")
+    _probe_writable(parent)
     return out
+
+
+def _probe_writable(parent: Path) -> None:
+    """Create and remove a file in ``parent`` (``os.access`` says yes to root, even on read-only mounts)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fptq-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise FptqError(f"no space left on device in {parent}; free some space or choose another -o") from e
+        raise FptqError(f"cannot write to {parent}: {e.strerror or e}; choose another -o") from e
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,6 +109,52 @@ def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
     return cfg
 
 
+@contextmanager
+def _staging_dir(out: Path):
+    """A hidden temporary sibling of ``out``, removed on any failure; disk errors become FptqError."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.resolve().parent))
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise FptqError(f"no space left on device while writing {out}; free some space or choose another -o "
+                            "(nothing was written)") from e
+        raise FptqError(f"could not write {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_metadata(tmp: Path, model: nn.Module, plan: Plan, tokenizer) -> None:
+    """config.json (with the quantization_config), generation config, tokenizer, plan."""
+    (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, plan), indent=2, default=str))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(tmp)
+        except Exception:  # pragma: no cover - generation config is optional
+            log.debug("could not save generation_config", exc_info=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    plan.save(tmp / PLAN_NAME)
+
+
+def _finish(tmp: Path, out: Path, report: dict[str, Any] | None) -> None:
+    """Record every file's size and sha256 in the report, then rename ``tmp`` to ``out``."""
+    report = dict(report or {})
+    report["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                       for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(backup)
+    tmp.rename(out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 def save(
     model: nn.Module,
     plan: Plan,
@@ -98,46 +163,93 @@ def save(
     report: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write the quantized ``model`` and its ``plan`` to ``out`` (atomically)."""
+    """Write the quantized ``model`` and its ``plan`` to ``out`` (atomically, one weights file)."""
     out = check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.resolve().parent))
-    try:
+    with _staging_dir(out) as tmp:
         sd = quantized_state_dict(model)
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "fptq"})
-        (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, plan), indent=2, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # pragma: no cover - generation config is optional
-                log.debug("could not save generation_config", exc_info=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        plan.save(tmp / PLAN_NAME)
-        report = dict(report or {})
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file():
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        report["files"] = files
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
-        backup = None
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(backup)
-        tmp.rename(out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FptqError(f"could not write {out}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_metadata(tmp, model, plan, tokenizer)
+        _finish(tmp, out, report)
     return out
 
 
+def rest_entries(model: nn.Module, layers_prefix: str) -> list[TensorEntry]:
+    """Entries for the tensors outside the decoder layers (tied duplicates removed)."""
+    seen: set[tuple] = set()
+    entries = []
+    for k, v in model.state_dict().items():
+        if k.startswith(layers_prefix):
+            continue
+        key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        entries.append(tensor_entry(k, v))
+    return entries
+
+
+def _write_weights(tmp: Path, units: list[list[TensorEntry]], max_shard_bytes: int) -> None:
+    """``model.safetensors`` if everything fits in ``max_shard_bytes``, else Hugging Face shards
+    (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``). A unit (one decoder
+    layer, or the rest of the model) is never split across shards."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for unit in units:
+        n = sum(e.nbytes for e in unit)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += n
+    meta = {"format": "pt", "producer": "fptq"}
+    if len(shards) == 1:
+        write_safetensors(tmp / WEIGHTS_NAME, shards[0], meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(tmp / name, shard, meta)
+        weight_map.update({e.name: name for e in shard})
+    total = sum(e.nbytes for shard in shards for e in shard)
+    (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_streaming(
+    model: nn.Module,
+    plan: Plan,
+    out: str | Path,
+    units: list[list[TensorEntry]],
+    tokenizer=None,
+    report: dict[str, Any] | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a checkpoint whose tensors come from ``units`` (e.g. one per decoder layer, copied
+    tensor by tensor from the files of a resumable run, and one for the rest of the model), and
+    whose config comes from ``model``: the quantized model is never whole in memory. Atomic
+    like :func:`save`."""
+    out = check_output_dir(out, force)
+    with _staging_dir(out) as tmp:
+        _write_weights(tmp, units, max_shard_bytes)
+        _write_metadata(tmp, model, plan, tokenizer)
+        _finish(tmp, out, report)
+    return out
+
+
+def weight_files(out: str | Path) -> list[str]:
+    """The weights files of a checkpoint: ``model.safetensors`` or the shards its index lists."""
+    out = Path(out)
+    if (out / INDEX_NAME).is_file():
+        try:
+            return sorted(set(json.loads((out / INDEX_NAME).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise FptqError(f"{out / INDEX_NAME} is damaged: the checkpoint is corrupt") from e
+    return [WEIGHTS_NAME]
+
+
 def _verify_files(out: Path) -> None:
+    """Check the size and sha256 of every weights file against the report."""
     rp = out / REPORT_NAME
     if not rp.is_file():
         return
@@ -145,13 +257,28 @@ def _verify_files(out: Path) -> None:
         files = json.loads(rp.read_text()).get("files", {})
     except json.JSONDecodeError as e:
         raise FptqError(f"{rp} is not valid JSON: the checkpoint is damaged") from e
-    info = files.get(WEIGHTS_NAME)
-    if info:
-        size = (out / WEIGHTS_NAME).stat().st_size
+    for name in [*weight_files(out), INDEX_NAME]:
+        info = files.get(name)
+        if not info:
+            continue
+        path = out / name
+        if not path.is_file():
+            raise FptqError(f"{path} is missing: the checkpoint is incomplete")
+        size = path.stat().st_size
         if size != info["bytes"]:
-            raise FptqError(f"{out / WEIGHTS_NAME} has {size} bytes, the report recorded {info['bytes']}: the checkpoint is truncated or was modified")
-        if file_sha256(out / WEIGHTS_NAME) != info["sha256"]:
-            raise FptqError(f"{out / WEIGHTS_NAME} does not match the sha256 recorded in {REPORT_NAME}: the checkpoint was modified or is corrupt")
+            raise FptqError(f"{path} has {size} bytes, the report recorded {info['bytes']}: the checkpoint is truncated or was modified")
+        if file_sha256(path) != info["sha256"]:
+            raise FptqError(f"{path} does not match the sha256 recorded in {REPORT_NAME}: the checkpoint was modified or is corrupt")
+
+
+def _read_weights(out: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for name in weight_files(out):
+        try:
+            sd.update(load_file(str(out / name)))
+        except (SafetensorError, OSError) as e:
+            raise FptqError(f"cannot read {out / name}: {e}; the file is corrupt or truncated") from e
+    return sd
 
 
 def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "reference", verify: bool = True):
@@ -161,7 +288,7 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "re
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
-    if not (out / PLAN_NAME).is_file() or not (out / WEIGHTS_NAME).is_file():
+    if not (out / PLAN_NAME).is_file() or not ((out / WEIGHTS_NAME).is_file() or (out / INDEX_NAME).is_file()):
         raise FptqError(f"{out} is not an fptq checkpoint (missing {PLAN_NAME} or {WEIGHTS_NAME})")
     if verify:
         _verify_files(out)
@@ -171,10 +298,7 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "re
     if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
         raise FptqError(f"{out}/config.json has no fptq quantization_config")
     config = AutoConfig.for_model(**cfg_dict)
-    try:
-        sd = load_file(str(out / WEIGHTS_NAME))
-    except (SafetensorError, OSError) as e:
-        raise FptqError(f"cannot read {out / WEIGHTS_NAME}: {e}; the file is corrupt or truncated") from e
+    sd = _read_weights(out)
     dtype = next((v.dtype for k, v in sd.items() if v.is_floating_point() and "w_scales" not in k and "act_scale" not in k), torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, lp in plan.layers.items():

@@ -48,16 +48,28 @@ from .quant.weights import dequantize_weight
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize", "quantize_layer", "LayerResult"]
+__all__ = ["quantize", "quantize_layer", "LayerResult", "layer_generator"]
 
 MAX_SAMPLE_ROWS = 8192
 
 
 @dataclass
 class LayerResult:
+    """What ``on_layer_done`` receives after decoder layer ``index`` is quantized:
+    the layer itself (its Linears are QuantLinears now) and the cached
+    activations that feed the next layer."""
+
     index: int
     seconds: float
     entries: dict[str, LayerPlan]
+    layer: nn.Module | None = None
+    inputs: LayerInputs | None = None
+
+
+def layer_generator(seed: int, index: int) -> torch.Generator:
+    """The random generator of decoder layer ``index``: a function of ``(seed, index)``
+    only, so that a resumed run draws the same samples as an uninterrupted one."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -228,6 +240,16 @@ def quantize_layer(
     return entries
 
 
+def _replace_hidden(inputs: LayerInputs, hidden: list[torch.Tensor]) -> None:
+    """Swap in cached activations (a resumed run), checking they fit the calibration batches."""
+    if len(hidden) != len(inputs.hidden) or any(
+        h.shape != c.shape or h.dtype != c.dtype for h, c in zip(hidden, inputs.hidden)
+    ):
+        raise FptqError("the cached activations of the unfinished run do not match the calibration batches; "
+                        "pass --force to start over")
+    inputs.hidden = [h.to(c.device) for h, c in zip(hidden, inputs.hidden)]
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig,
@@ -239,13 +261,23 @@ def quantize(
     seed: int = 0,
     progress: bool = True,
     on_layer_done: Callable[[LayerResult], None] | None = None,
+    start_layer: int = 0,
+    resume_hidden: list[torch.Tensor] | None = None,
+    load_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> Plan:
     """Quantize ``model`` in place with ``config``; return the :class:`Plan`.
 
     ``calibration`` is a ``[n, seqlen]`` tensor of token ids (see
     :func:`fptq.data.calibration_windows`). Decoder layers are moved to
     ``device`` one at a time; the cached activations live on ``device`` too,
-    or on the CPU with ``offload``.
+    or on the CPU with ``offload``. Each layer draws its random samples from
+    :func:`layer_generator` ``(seed, index)``.
+
+    Resuming: ``start_layer`` skips the layers before it (the returned plan
+    holds only the layers processed here) and ``resume_hidden`` are the
+    cached inputs of layer ``start_layer``, one tensor per batch.
+    ``load_layer(i, layer)`` is called right before layer ``i`` is processed
+    (to load its weights from disk); ``on_layer_done`` right after.
     """
     adapter = get_adapter(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -272,23 +304,28 @@ def quantize(
     model.eval()
     store = torch.device("cpu") if offload else device
     inputs = capture_layer0_inputs(model, adapter, calibration, batch_size, device, store)
-    generator = torch.Generator().manual_seed(seed)
+    if resume_hidden is not None:
+        _replace_hidden(inputs, resume_hidden)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(layers), desc=f"fptq {config.method}", unit="layer")
+        bar = tqdm(total=len(layers), initial=start_layer, desc=f"fptq {config.method}", unit="layer")
     try:
         for i, layer in enumerate(layers):
+            if i < start_layer:
+                continue
             t0 = time.perf_counter()
+            if load_layer is not None:
+                load_layer(i, layer)
             layer_device = next(layer.parameters()).device
             layer.to(device)
             entries = quantize_layer(
-                layer, f"{adapter.layers_path}.{i}", adapter, config, inputs, device, heads, generator
+                layer, f"{adapter.layers_path}.{i}", adapter, config, inputs, device, heads, layer_generator(seed, i)
             )
             layer.to(layer_device)
             plan.layers.update(entries)
-            res = LayerResult(i, time.perf_counter() - t0, entries)
+            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs)
             if on_layer_done is not None:
                 on_layer_done(res)
             if bar is not None:

@@ -1,10 +1,12 @@
 """End-to-end jobs behind the CLI, usable from Python too."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +16,18 @@ from . import __version__
 from .config import QuantConfig
 from .data import calibration_windows, read_text, text_hash
 from .errors import FptqError
-from .io import check_output_dir, save
-from .models.loading import load_float_model
+from .io import DEFAULT_MAX_SHARD_BYTES, rest_entries, check_output_dir, save_streaming
+from .models.adapters import get_adapter
+from .models.loading import LazyWeights, load_float_model, load_float_model_lazy, model_fingerprint
 from .nn import QuantLinear
-from .pipeline import quantize
+from .pipeline import LayerResult, quantize
 from .plan import Plan
+from .resume import PartialRun, QuantizeInterrupted, partial_dir
+from .st import file_entries, tensor_entry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_to_dir", "versions", "model_sizes", "load_any"]
+__all__ = ["quantize_to_dir", "run_settings", "versions", "model_sizes", "load_any"]
 
 
 def versions() -> dict[str, str]:
@@ -60,6 +65,56 @@ def model_sizes(model, float_bytes_per_param: int | None = None) -> dict[str, An
     }
 
 
+def run_settings(config: QuantConfig, *, src: str, text: str, windows: torch.Tensor, nsamples: int, seqlen: int,
+                 seed: int, batch_size: int, device: str) -> dict[str, Any]:
+    """Everything that decides a run's numbers: a resumed run must match these exactly."""
+    v = versions()
+    return {
+        "config": config.to_dict(), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
+        "device": torch.device(device).type, "calibration_text_sha256": text_hash(text),
+        "calibration_windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "model": str(src), "model_fingerprint": model_fingerprint(src),
+        "fptq_version": v["fptq"], "torch_version": v["torch"], "transformers_version": v["transformers"],
+    }
+
+
+def _open_run(partial: Path, settings: dict[str, Any], layers_total: int, resume: bool, force: bool,
+              out: Path) -> PartialRun:
+    """The saved run to continue (``resume``) or a fresh one; an unfinished run is never overwritten silently."""
+    existing = PartialRun.find(partial)
+    if existing is not None and resume:
+        existing.check(settings, layers_total)
+        log.warning("resuming %s after %d of %d layers", out, existing.layers_done, layers_total)
+        return existing
+    if existing is not None and not force:
+        raise FptqError(f"an unfinished run for {out} is saved in {partial} ({existing.layers_done} of "
+                        f"{existing.manifest.get('layers_total')} layers done); pass --resume to continue or "
+                        "--force to start over")
+    if resume:
+        log.warning("nothing to resume for %s: starting from the first layer", out)
+    return PartialRun.create(partial, settings, layers_total)
+
+
+def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module], None] | None:
+    """Load each decoder layer from disk right before it is processed; the embedding stage's
+    weights are dropped then (the first layer's inputs are captured by that time)."""
+    if weights is None:
+        return None
+
+    def load(i: int, layer: torch.nn.Module) -> None:
+        weights.release_pre_modules()
+        weights.load_layer(i, layer)
+    return load
+
+
+def _sum_sizes(parts: list[dict[str, Any]], rest_bytes: int) -> dict[str, Any]:
+    keys = ("quantized_params", "quantized_linear_bytes", "float_linear_bytes", "other_bytes")
+    tot = {k: sum(p.get(k, 0) for p in parts) for k in keys}
+    tot["other_bytes"] += rest_bytes
+    tot["bits_per_weight"] = 8 * tot["quantized_linear_bytes"] / max(tot["quantized_params"], 1)
+    return tot
+
+
 def quantize_to_dir(
     model: str | None,
     out: str | Path,
@@ -75,44 +130,108 @@ def quantize_to_dir(
     force: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    resume: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    on_layer_done: Callable[[LayerResult], None] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """Load ``model``, quantize it with ``config`` on calibration windows, save to ``out``."""
+    """Load ``model``, quantize it with ``config`` on calibration windows, save to ``out``.
+
+    A local model directory of safetensors files is read one decoder layer at a
+    time, and every finished layer is saved (with the activations feeding the
+    next one) to a hidden sibling of ``out`` (:func:`fptq.resume.partial_dir`):
+    ``resume=True`` continues an interrupted run there, giving the same bytes as
+    an uninterrupted run. The checkpoint is assembled from those files at the
+    end (shards of at most ``max_shard_size`` bytes), so neither the float nor
+    the quantized model is ever whole in memory. Ctrl-C raises
+    :class:`~fptq.resume.QuantizeInterrupted`. ``on_layer_done`` is called after
+    each layer is saved.
+    """
     t_start = time.perf_counter()
     out = check_output_dir(out, force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FptqError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    fmodel, tok, src = load_float_model(model, trust_remote_code=trust_remote_code)
-    t_load = time.perf_counter() - t0
-    float_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in fmodel.parameters()}.values())
-    bpp = next(fmodel.parameters()).element_size()
-
     text = read_text(calib)
-    windows = calibration_windows(tok, text, nsamples, seqlen, seed)
     t0 = time.perf_counter()
-    plan = quantize(fmodel, config, windows, device=device, batch_size=batch_size, offload=offload, seed=seed,
-                    progress=progress)
+    if config.quantize_weights:
+        fmodel, tok, src, weights = load_float_model_lazy(model, trust_remote_code=trust_remote_code)
+    else:
+        (fmodel, tok, src), weights = load_float_model(model, trust_remote_code=trust_remote_code), None
+    t_load = time.perf_counter() - t0
+    float_bytes = sum(p.numel() * p.element_size() for p in fmodel.parameters())
+    bpp = next(fmodel.parameters()).element_size()
+    windows = calibration_windows(tok, text, nsamples, seqlen, seed)
+    adapter = get_adapter(fmodel)
+    layers_prefix = adapter.layers_path + "."
+    n_layers = len(adapter.layers(fmodel))
+
+    settings = run_settings(config, src=src, text=text, windows=windows, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                            batch_size=batch_size, device=device)
+    partial = partial_dir(out)
+    run = _open_run(partial, settings, n_layers, resume, force, out) if config.quantize_weights else None
+    resumed_at = run.layers_done if run is not None and run.layers_done else None
+
+    def checkpoint(res: LayerResult) -> None:
+        extra = {"seconds": res.seconds, "sizes": model_sizes(res.layer, bpp)}
+        run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra)
+        LazyWeights.release_layer(res.layer)  # it is on disk now
+        if on_layer_done is not None:
+            on_layer_done(res)
+
+    t0 = time.perf_counter()
+    if run is None:  # float weights: nothing to calibrate layer by layer
+        plan = quantize(fmodel, config, windows, device=device, batch_size=batch_size, offload=offload, seed=seed,
+                        progress=progress)
+        layer_units = [[tensor_entry(f"{layers_prefix}{i}.{k}", v) for k, v in layer.state_dict().items()]
+                       for i, layer in enumerate(adapter.layers(fmodel))]
+        layer_infos = [{"sizes": model_sizes(layer, bpp)} for layer in adapter.layers(fmodel)]
+    else:
+        try:
+            if run.layers_done < n_layers:
+                quantize(fmodel, config, windows, device=device, batch_size=batch_size, offload=offload, seed=seed,
+                         progress=progress, on_layer_done=checkpoint, start_layer=run.layers_done,
+                         resume_hidden=run.load_hidden() if run.layers_done else None,
+                         load_layer=_layer_loader(weights))
+        except KeyboardInterrupt as e:
+            raise QuantizeInterrupted(str(out), str(partial), run.layers_done, n_layers) from e
+        layer_infos = [run.layer_info(i) for i in range(n_layers)]
+        plan = Plan(thresholds=config.thresholds, config=config.to_dict())
+        for info in layer_infos:
+            plan.layers.update(info["entries"])
+        layer_units = [file_entries(f) for f in run.layer_files()]
     t_quant = time.perf_counter() - t0
 
-    sizes = model_sizes(fmodel, bpp)
+    rest = weights.rest_entries() if weights is not None else rest_entries(fmodel, layers_prefix)
+    sizes = _sum_sizes([info["sizes"] for info in layer_infos], sum(e.nbytes for e in rest))
     report: dict[str, Any] = {
         "source_model": src,
         "model_arg": model,
         "output": str(Path(out).resolve()),
         "config": config.to_dict(),
         "calibration": {"source": calib or "bundled C4 sample", "nsamples": nsamples, "seqlen": seqlen,
-                        "seed": seed, "text_sha256": text_hash(text),
-                        "windows_sha256": __import__("hashlib").sha256(windows.numpy().tobytes()).hexdigest()},
+                        "seed": seed, "text_sha256": settings["calibration_text_sha256"],
+                        "windows_sha256": settings["calibration_windows_sha256"]},
         "device": device,
         "counts": dict(plan.counts()),
         "counts_by_projection": {k: dict(v) for k, v in plan.counts_by_projection().items()},
         "versions": versions(),
-        "timings_s": {"load": t_load, "quantize": t_quant},
+        "layer_by_layer_loading": weights is not None,
+        "resume": {"manifest": run.manifest if run is not None else None, "resumed_at_layer": resumed_at},
+        "timings_s": {"load": t_load, "quantize": t_quant,
+                      "layers": [info.get("seconds") for info in layer_infos]},
     }
     t0 = time.perf_counter()
-    save(fmodel, plan, out, tokenizer=tok, report=report, force=force)
+    try:
+        save_streaming(fmodel, plan, out, [*layer_units, rest], tokenizer=tok, report=report, force=force,
+                       max_shard_bytes=max_shard_size)
+    except FptqError as e:
+        if run is None:
+            raise
+        raise FptqError(f"{e}; the quantized layers are kept in {partial}: rerun with --resume to write the "
+                        "checkpoint without quantizing again") from e
+    if run is not None:
+        run.remove()
     t_save = time.perf_counter() - t0
     ckpt = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
     report["timings_s"].update({"save": t_save, "total": time.perf_counter() - t_start})

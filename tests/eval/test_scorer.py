@@ -203,3 +203,13 @@ def test_evaluate_task_on_real_files(model, tokenizer):
     assert set(m["groups"]) == {"stem", "humanities", "other"}
     assert m["groups"]["stem"]["n"] == 2 and m["subjects"]["anatomy"]["group"] == "stem"
     assert m["acc"] == pytest.approx(sum(s["acc"] for s in m["subjects"].values()) / 3)
+
+
+def test_run_lm_eval_without_lm_eval(monkeypatch):
+    import sys
+
+    from fptq.eval.harness import run_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
+    with pytest.raises(ImportError, match=r"pip install 'fptq\[lm-eval\]'"):
+        run_lm_eval(None, None, ["piqa"])

@@ -60,7 +60,6 @@ group) fall back to the reference maths.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -486,8 +485,12 @@ def pick_config(m: int, n: int, k: int, group_size: int) -> dict:
     """Launch configuration of the tensor-core grouped kernel (``_w4a8_gemm_kernel``) for an
     ``[m, k] x [k, n]`` product with ``group_size`` (``<= 0``: per-channel).  ``SPLIT_K``
     None means automatic (:func:`_split_plan`)."""
-    if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SWAP_AB=True)
+    if m <= 16:  # H200 sweep (bench/results/gpu): unswapped, narrow N tiles, no split-K was fastest
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4, SWAP_AB=False)
+        cfg["GROUP_M"] = 8
+        cfg["SPLIT_K"] = 1
+        cfg["BLOCK_K"] = _block_k_for(group_size, k, cfg["BLOCK_K"])
+        return cfg
     elif m <= 32:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SWAP_AB=True)
     elif m <= 64:
@@ -504,7 +507,11 @@ def pick_config(m: int, n: int, k: int, group_size: int) -> dict:
 
 def pick_gemv_config(m: int, n: int, k: int, group_size: int) -> dict:
     """Launch configuration of the CUDA-core GEMV kernel (``_w4a8_gemv_kernel``)."""
-    cfg = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, SPLIT_K=None)
+    # H200 sweep: wide-N layers liked BLOCK_N=64 without split-K, narrow-N ones BLOCK_N=32 with split-K
+    if n >= 8192:
+        cfg = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, SPLIT_K=1)
+    else:
+        cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, SPLIT_K=None)
     cfg["BLOCK_K"] = _block_k_for(group_size, k, cfg["BLOCK_K"])
     return cfg
 
@@ -515,10 +522,10 @@ def pick_int8_config(m: int, n: int, k: int) -> dict:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     elif m <= 128:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
-    elif m <= 512:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
+    elif m <= 512:  # H200 sweep at M=256
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    else:  # H200 sweep at M=2048
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     cfg["GROUP_M"] = 8
     return cfg
 

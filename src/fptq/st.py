@@ -1,0 +1,215 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+``safetensors.torch.save_file`` serialises the whole dict in memory and
+``safe_open`` maps whole files; for models larger than memory fptq reads the
+tensors of one decoder layer with plain file reads, and writes output files
+tensor by tensor (header first, computed from dtypes and shapes). The format
+is the standard one (8-byte little-endian header length, JSON header padded
+with spaces to a multiple of 8, raw little-endian data), so every safetensors
+reader opens the files written here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import FptqError
+
+__all__ = ["TensorEntry", "read_header", "read_tensors", "write_safetensors", "tensor_entry", "file_entries",
+           "WeightIndex"]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file being written: its header fields and how to write its bytes."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Callable[[BinaryIO], None]
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def tensor_entry(name: str, t: torch.Tensor) -> TensorEntry:
+    """An entry writing the in-memory tensor ``t``."""
+    if t.dtype not in _NAMES:
+        raise FptqError(f"cannot write {name}: dtype {t.dtype} is not supported by the safetensors writer")
+    return TensorEntry(name, _NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
+                       lambda f, t=t: f.write(_tensor_bytes(t)))
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file; corrupt or truncated files raise FptqError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FptqError(f"{path} is truncated (shorter than a safetensors header); re-download or re-save it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise FptqError(f"{path} is corrupt or truncated (bad safetensors header length); re-download or re-save it")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FptqError(f"{path} is corrupt (unreadable safetensors header); re-download or re-save it") from e
+    except OSError as e:
+        raise FptqError(f"cannot read {path}: {e.strerror or e}") from e
+    if not isinstance(header, dict):
+        raise FptqError(f"{path} is corrupt (safetensors header is not a JSON object)")
+    data_start = 8 + n
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise FptqError(f"{path} is truncated: it has {size} bytes, its header needs {data_start + end}; "
+                        "re-download or re-save it")
+    return header, data_start
+
+
+def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for ``names`` (default: all) read with plain file reads (no mmap)."""
+    header, start = read_header(path)
+    keys = [k for k in header if k != "__metadata__"] if names is None else list(names)
+    with open(path, "rb") as f:
+        for k in keys:
+            info = header[k]
+            if info["dtype"] not in _DTYPES:
+                raise FptqError(f"{path}: tensor {k} has unsupported dtype {info['dtype']}")
+            a, b = info["data_offsets"]
+            f.seek(start + a)
+            buf = bytearray(b - a)
+            if f.readinto(buf) != b - a:
+                raise FptqError(f"{path} is truncated while reading {k}; re-download or re-save it")
+            dtype = _DTYPES[info["dtype"]]
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield k, t.reshape(info["shape"])
+
+
+def file_entries(path: str | Path, names: Iterable[str] | None = None) -> list[TensorEntry]:
+    """Entries copying tensors (default: all) of an existing file byte for byte (no tensor is materialised)."""
+    header, start = read_header(path)
+    keys = [k for k in header if k != "__metadata__"] if names is None else list(names)
+
+    def copier(a: int, b: int):
+        def write(out: BinaryIO) -> None:
+            with open(path, "rb") as f:
+                f.seek(start + a)
+                left = b - a
+                while left:
+                    chunk = f.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise FptqError(f"{path} is truncated")
+                    out.write(chunk)
+                    left -= len(chunk)
+        return write
+
+    return [TensorEntry(k, header[k]["dtype"], tuple(header[k]["shape"]),
+                        header[k]["data_offsets"][1] - header[k]["data_offsets"][0], copier(*header[k]["data_offsets"]))
+            for k in keys]
+
+
+def write_safetensors(path: str | Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> None:
+    """Write ``entries`` in order to ``path`` atomically (a temporary name, then rename)."""
+    path = Path(path)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    off = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+        off += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for e in entries:
+                e.write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class WeightIndex:
+    """Where each tensor of a Hugging Face model directory lives (single file or shards + index)."""
+
+    SINGLE = "model.safetensors"
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.weight_map: dict[str, str] = {}
+        idx = self.root / self.INDEX
+        if idx.is_file():
+            try:
+                self.weight_map = dict(json.loads(idx.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FptqError(f"{idx} is corrupt (no weight_map); re-download the model") from e
+            for fname in sorted(set(self.weight_map.values())):
+                if not (self.root / fname).is_file():
+                    raise FptqError(f"{self.root / fname} is listed in {self.INDEX} but missing; re-download the model")
+        elif (self.root / self.SINGLE).is_file():
+            header, _ = read_header(self.root / self.SINGLE)
+            self.weight_map = {k: self.SINGLE for k in header if k != "__metadata__"}
+        self.headers = {f: read_header(self.root / f)[0] for f in sorted(set(self.weight_map.values()))}
+        for k, fname in self.weight_map.items():
+            if k not in self.headers[fname]:
+                raise FptqError(f"{self.root / fname} lacks tensor {k} listed in {self.INDEX}; re-download the model")
+
+    @classmethod
+    def available(cls, root: str | Path) -> bool:
+        root = Path(root)
+        return root.is_dir() and ((root / cls.INDEX).is_file() or (root / cls.SINGLE).is_file())
+
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the stored weights (the first float tensor's)."""
+        for fname, header in self.headers.items():
+            for k, v in header.items():
+                if k != "__metadata__" and v["dtype"] in ("F32", "F16", "BF16"):
+                    return _DTYPES[v["dtype"]]
+        return torch.float32
+
+    def entries(self, names: Iterable[str]) -> list[TensorEntry]:
+        """Entries copying the tensors ``names`` from their files, in the given order."""
+        names = list(names)
+        by_file: dict[str, list[str]] = {}
+        for k in names:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        found = {e.name: e for fname, keys in by_file.items() for e in file_entries(self.root / fname, keys)}
+        return [found[k] for k in names]
+
+    def load(self, prefix: str = "", exclude: str | None = None) -> dict[str, torch.Tensor]:
+        """Tensors whose name starts with ``prefix`` (and not with ``exclude``), read from their files."""
+        by_file: dict[str, list[str]] = {}
+        for k, fname in self.weight_map.items():
+            if k.startswith(prefix) and not (exclude and k.startswith(exclude)):
+                by_file.setdefault(fname, []).append(k)
+        out = {}
+        for fname, keys in by_file.items():
+            out.update(read_tensors(self.root / fname, keys))
+        return out
