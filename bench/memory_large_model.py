@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no grouped-query attention)")
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the weights on disk (the issue allows fp32 or bf16 shards)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
@@ -91,7 +93,7 @@ def make_tokenizer(dest: Path) -> None:
 
 
 def build_model(a, dest: Path) -> int:
-    """Write config, tokenizer and random bf16 weights (one shard per layer); return the bytes on disk."""
+    """Write config, tokenizer and random weights (one shard per layer); return the bytes on disk."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -99,14 +101,14 @@ def build_model(a, dest: Path) -> int:
     kv = a.kv_heads or a.heads
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=kv,
-                      max_position_embeddings=max(2048, a.seqlen), tie_word_embeddings=False, dtype="bfloat16")
+                      max_position_embeddings=max(2048, a.seqlen), tie_word_embeddings=False, dtype=a.dtype)
     cfg.save_pretrained(dest)
     make_tokenizer(dest)
     g = torch.Generator().manual_seed(0)
     hd = a.hidden // a.heads
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g) * 0.02).to(getattr(torch, a.dtype))
 
     n = a.layers + 1
     weight_map = {}
@@ -121,8 +123,8 @@ def build_model(a, dest: Path) -> int:
             p + "mlp.gate_proj.weight": rand(a.intermediate, a.hidden),
             p + "mlp.up_proj.weight": rand(a.intermediate, a.hidden),
             p + "mlp.down_proj.weight": rand(a.hidden, a.intermediate),
-            p + "input_layernorm.weight": torch.ones(a.hidden, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(a.hidden, dtype=torch.bfloat16),
+            p + "input_layernorm.weight": torch.ones(a.hidden, dtype=getattr(torch, a.dtype)),
+            p + "post_attention_layernorm.weight": torch.ones(a.hidden, dtype=getattr(torch, a.dtype)),
         }
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(sd, str(dest / name), metadata={"format": "pt"})
@@ -130,7 +132,7 @@ def build_model(a, dest: Path) -> int:
         total += sum(t.numel() * t.element_size() for t in sd.values())
         del sd
     sd = {"model.embed_tokens.weight": rand(a.vocab, a.hidden), "lm_head.weight": rand(a.vocab, a.hidden),
-          "model.norm.weight": torch.ones(a.hidden, dtype=torch.bfloat16)}
+          "model.norm.weight": torch.ones(a.hidden, dtype=getattr(torch, a.dtype))}
     name = f"model-{n:05d}-of-{n:05d}.safetensors"
     save_file(sd, str(dest / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in sd})
@@ -180,7 +182,7 @@ def write_results(res: dict, results_dir: Path) -> None:
     md = [
         "# fptq quantize: peak memory on a large synthetic LLaMA",
         "",
-        f"Model: {res['params'] / 1e9:.2f}B parameters ({res['shape']}), bf16, "
+        f"Model: {res['params'] / 1e9:.2f}B parameters ({res['shape']}), {res.get('dtype', 'bfloat16')}, "
         f"{res['float_disk_bytes'] / gib:.2f} GiB on disk in {res['float_files']} safetensors shards.",
         f"Calibration: {res['nsamples']} x {res['seqlen']} tokens; group size {res['group_size']}; CPU, "
         f"{res['threads'] or 'default'} threads; {res['machine']}.",
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         layers = [t for t in rep["timings_s"].get("layers", []) if t is not None]
         ckpt_files = [f for f in rep["files"] if f.endswith(".safetensors")]
         res = {
-            "params": n, "shape": f"hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, "
+            "params": n, "dtype": a.dtype, "shape": f"hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, "
                                   f"{a.heads} heads ({a.kv_heads or a.heads} kv), vocab {a.vocab}",
             "float_disk_bytes": disk, "float_files": len(list(model.glob("*.safetensors"))),
             "nsamples": a.nsamples, "seqlen": a.seqlen, "group_size": a.group_size, "threads": a.threads,

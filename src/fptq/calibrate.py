@@ -142,7 +142,7 @@ class InputStats:
         return self.channel_max_matrix().amax(dim=0)
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples, dim=0) if self.samples else torch.empty(0, self.in_features)
+        return torch.cat(self.samples, dim=0).float() if self.samples else torch.empty(0, self.in_features)
 
 
 @contextmanager
@@ -168,7 +168,9 @@ def collect_input_stats(
             flat = xf.reshape(-1, xf.shape[-1])
             if rows_per_batch > 0:
                 idx = torch.randint(0, flat.shape[0], (min(rows_per_batch, flat.shape[0]),), generator=generator)
-                st.samples.append(flat[idx.to(flat.device)].cpu())
+                # kept in the input's dtype (half the memory for bf16 models); sample() converts exactly
+                raw = x.detach().reshape(-1, x.shape[-1])
+                st.samples.append(raw[idx.to(raw.device)].cpu())
             if hessian:
                 if st.hessian is None:
                     st.hessian = HessianAccumulator(flat.shape[-1], device=flat.device)
