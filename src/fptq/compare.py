@@ -106,6 +106,7 @@ def run_compare(
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     text_windows: dict[str, torch.Tensor] = {}
+    ref_logprobs: dict[str, list[torch.Tensor]] = {}  # the float model's log-probs, computed once per text task
     for method in methods:
         overrides = dict((method_overrides or {}).get(method, {}))
         overrides.setdefault("group_size", group_size if method != "smoothquant-w8a8" else None)
@@ -146,8 +147,18 @@ def run_compare(
             if t in TEXT_TASKS:
                 if t not in text_windows:
                     text_windows[t] = token_windows(tok, load_eval_text(text_path(data_dir, t)), eval_seqlen, max_windows)
-                r = evaluate_perplexity(qmodel, text_windows[t], reference=None if method == "fp" else fmodel,
-                                        device=device, progress=progress, desc=f"{method}/{t}")
+                if t not in ref_logprobs and any(m != "fp" for m in methods):
+                    keep: list = []
+                    rf = evaluate_perplexity(fmodel, text_windows[t], device=device, progress=progress,
+                                             desc=f"fp/{t} (reference)", keep_logprobs=keep)
+                    ref_logprobs[t] = keep
+                else:
+                    rf = None
+                if method == "fp":
+                    r = rf or evaluate_perplexity(fmodel, text_windows[t], device=device, progress=progress, desc=f"fp/{t}")
+                else:
+                    r = evaluate_perplexity(qmodel, text_windows[t], reference_logprobs=ref_logprobs[t],
+                                            device=device, progress=progress, desc=f"{method}/{t}")
                 metrics = {"ppl": r["ppl"], "kld": r.get("kld", 0.0), "top1": r.get("top1", 1.0),
                            "windows": r["windows"], "tokens": r["tokens"]}
             else:

@@ -64,8 +64,16 @@ def evaluate_perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "ppl",
+    reference_logprobs: list[torch.Tensor] | None = None,
+    keep_logprobs: list | None = None,
 ) -> dict[str, float]:
-    """``{"ppl", "nll", "tokens", "windows"}`` (+ ``"kld"``, ``"top1"`` with a reference)."""
+    """``{"ppl", "nll", "tokens", "windows"}`` (+ ``"kld"``, ``"top1"`` with a reference).
+
+    The reference is a model, or ``reference_logprobs``: the reference's
+    float32 next-token log-probabilities per window (as collected by passing a
+    list as ``keep_logprobs`` when evaluating the reference), which saves one
+    forward per window when several models are compared against one reference.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll_sum, count = 0.0, 0
     kld_sum, top1_sum = 0.0, 0
@@ -81,14 +89,19 @@ def evaluate_perplexity(
         logp = F.log_softmax(logits, dim=-1)
         nll_sum += float(-logp.gather(1, target[:, None]).sum())
         count += target.numel()
-        if reference is not None:
-            ref_logits = reference(ids).logits[0, :-1].float()
-            ref_logp = F.log_softmax(ref_logits, dim=-1)
+        if keep_logprobs is not None:
+            keep_logprobs.append(logp.cpu())
+        ref_logp = None
+        if reference_logprobs is not None:
+            ref_logp = reference_logprobs[i].to(logp.device)
+        elif reference is not None:
+            ref_logp = F.log_softmax(reference(ids).logits[0, :-1].float(), dim=-1)
+        if ref_logp is not None:
             kld_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
-            top1_sum += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
+            top1_sum += int((ref_logp.argmax(-1) == logits.argmax(-1)).sum())
     nll = nll_sum / count
     out = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(windows.shape[0])}
-    if reference is not None:
+    if reference is not None or reference_logprobs is not None:
         out["kld"] = kld_sum / count
         out["top1"] = top1_sum / count
     return out

@@ -7,7 +7,10 @@ Conventions (shared by the reference path, the kernels and the checkpoint):
   is ragged when ``group_size`` does not divide ``K``.
 * Each (row, group) has one scale ``s`` stored in float16; the integer codes
   are ``q = clamp(round(W / s), -2**(b-1), 2**(b-1) - 1)`` and ``W ~ q * s``.
-* ``s = absmax / (2**(b-1) - 1)`` (optionally shrunk by an MSE clip search),
+* ``s = absmax / (2**(b-1) - 0.5)`` (``absmax / 7.5`` for 4 bits: the
+  convention of GPTQ and llm-compressor; the code range -8..7 is used fully and
+  the rounding error stays within half a step), optionally shrunk by an MSE
+  clip search,
   rounded to float16 *before* the codes are computed, so that a checkpoint
   that stores fp16 scales reproduces the in-memory model bit for bit.
 """
@@ -61,6 +64,16 @@ def _group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return wp.view(n, g, gs).amax(dim=2)
 
 
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, G, gs]`` view of ``w`` (zero-padded ragged last group)."""
+    n, k = w.shape
+    gs = _effective_group(k, group_size)
+    g = num_groups(k, gs)
+    pad = g * gs - k
+    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    return wp.reshape(n, g, gs)
+
+
 def weight_scales(
     w: torch.Tensor,
     bits: int = 4,
@@ -71,25 +84,29 @@ def weight_scales(
 ) -> torch.Tensor:
     """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``).
 
-    With ``clip_search`` the absmax of each group is shrunk by the factor in
-    ``1 - max_shrink * i / grid`` that minimises the group's squared
-    quantization error (the "mse" option of GPTQ's quantizer).
+    Default: ``absmax / (2**(b-1) - 0.5)``. With ``clip_search`` the absmax of
+    each group is shrunk by the factor in ``1 - max_shrink * i / grid`` that
+    minimises the group's squared quantization error (the "mse" option of
+    GPTQ's quantizer), evaluated on all candidates at once per group.
     """
-    _, qmax = qrange(bits)
+    qmin, qmax = qrange(bits)
+    levels = qmax + 0.5
     w = w.float()
     absmax = _group_absmax(w, group_size).clamp_min(1e-8)
+    tiny = torch.finfo(torch.float16).tiny
     if not clip_search:
-        return (absmax / qmax).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
-    n, k = w.shape
+        return (absmax / levels).to(torch.float16).clamp_min(tiny)
+    wg = _grouped(w, group_size)  # [N, G, gs]
     best = torch.full_like(absmax, float("inf"))
-    best_scale = absmax / qmax
+    best_scale = absmax / levels
     for i in range(grid + 1):
-        cand = (absmax * (1 - max_shrink * i / grid) / qmax).to(torch.float16).float().clamp_min(1e-8)
-        err = quantization_error_per_group(w, cand, bits, group_size)
+        cand = (absmax * (1 - max_shrink * i / grid) / levels).to(torch.float16).float().clamp_min(tiny)
+        c = cand.unsqueeze(-1)
+        err = (torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)).pow_(2).sum(dim=-1)
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, cand, best_scale)
-    return best_scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    return best_scale.to(torch.float16).clamp_min(tiny)
 
 
 def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
