@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--no-float", action="store_true", help="skip the float row")
     ap.add_argument("--name", default="default_model_ppl")
+    ap.add_argument("--save", default=None, help="save the first variant's checkpoint to this directory")
     args = ap.parse_args()
 
     model, tok, src = fptq.load_float_model(None)
@@ -77,7 +78,19 @@ def main() -> None:
         rows[name] = {"ppl": r["ppl"], "quantize_s": qt, "eval_s": time.perf_counter() - t,
                       "counts": dict(plan.counts()), "config": cfg.to_dict()}
         print(name, {k: v for k, v in rows[name].items() if k != "config"}, flush=True)
+        if args.save and name == args.variants.split(",")[0]:
+            from fptq.workflow import model_sizes
+
+            fptq.save(qmodel, plan, args.save, tokenizer=tok, force=True,
+                      report={"source_model": src, "config": cfg.to_dict(), "sizes": model_sizes(qmodel),
+                              "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                              "source": "C4 documents 1000-1999"}})
         del qmodel
+        _write(args, src, rows)
+    _write(args, src, rows)
+
+
+def _write(args, src, rows) -> None:
     md = ["| variant | WikiText-2 ppl | strategies (static / LAE / dynamic / float) | quantize s |", "|---|---|---|---|"]
     for name, r in rows.items():
         c = r.get("counts", {})
