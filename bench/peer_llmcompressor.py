@@ -39,6 +39,10 @@ Usage::
 
     python bench/peer_llmcompressor.py [--nsamples 64] [--seqlen 512] [--max-windows 40]
     python bench/peer_llmcompressor.py --nsamples 4 --seqlen 128 --max-windows 2 --name peer_llmcompressor_tiny
+    python bench/peer_llmcompressor.py --max-windows 10 --resume   # after an interruption: only missing rows
+
+Every finished row is saved to bench/results/NAME.partial.json (removed at the end);
+``--resume`` reuses those rows when nsamples/seqlen/max-windows/eval-seqlen match.
 
 Writes bench/results/peer_llmcompressor.{json,md}.
 """
@@ -59,7 +63,7 @@ import torch
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
 
-from common import calibration_text, machine, wikitext_path, write_results
+from common import RESULTS, calibration_text, machine, wikitext_path, write_results
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_llmc_worker.py"
@@ -131,6 +135,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both tools (0: torch default)")
     ap.add_argument("--name", default="peer_llmcompressor")
     ap.add_argument("--note", default="", help="a line added to the Markdown")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the rows of bench/results/NAME.partial.json (written after every row) "
+                         "when its settings match, and run only the missing ones")
     args = ap.parse_args()
 
     py = venv_python(args.venv)
@@ -145,12 +152,29 @@ def main() -> None:
 
     fptq_rows: dict[str, dict] = {}
     llmc_rows: dict[str, dict] = {}
-    t = time.perf_counter()
-    r = evaluate_perplexity(model, windows, desc="float")
-    fptq_rows["float"] = {"ppl": r["ppl"], "eval_s": time.perf_counter() - t}
+    key = {k: getattr(args, k) for k in ("nsamples", "seqlen", "max_windows", "eval_seqlen")}
+    partial = RESULTS / f"{args.name}.partial.json"
+    if args.resume and partial.exists():
+        old = json.loads(partial.read_text())
+        if old.get("key") == key:
+            fptq_rows.update(old["fptq"])
+            llmc_rows.update(old["llmcompressor"])
+            print(f"resuming from {partial}: fptq {list(fptq_rows)}, llm-compressor {list(llmc_rows)}", flush=True)
+        else:
+            print(f"{partial} has other settings {old.get('key')}; starting over", flush=True)
+
+    def save_partial() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"key": key, "fptq": fptq_rows, "llmcompressor": llmc_rows}, indent=2))
+
+    if "float" not in fptq_rows:
+        t = time.perf_counter()
+        r = evaluate_perplexity(model, windows, desc="float")
+        fptq_rows["float"] = {"ppl": r["ppl"], "eval_s": time.perf_counter() - t}
+        save_partial()
     print("float", fptq_rows["float"], flush=True)
 
-    for name in [m for m in args.fptq_methods.split(",") if m]:
+    for name in [m for m in args.fptq_methods.split(",") if m and m not in fptq_rows]:
         # smoothquant-w8a8 is per-channel (group_size=-1) by its preset: pass 64 only to the group methods
         cfg = fptq.method_config(name) if name == "smoothquant-w8a8" else fptq.method_config(name, group_size=64)
         qmodel = copy.deepcopy(model)
@@ -162,6 +186,7 @@ def main() -> None:
         fptq_rows[name] = {"ppl": r["ppl"], "quantize_s": qt, "eval_s": time.perf_counter() - t,
                            "counts": dict(plan.counts()), "config": cfg.to_dict()}
         print(f"[fptq] {name}: ppl {r['ppl']:.3f}, quantize {qt:.1f} s", flush=True)
+        save_partial()
         del qmodel
     del model
 
@@ -174,8 +199,9 @@ def main() -> None:
         recipes = [r for r in args.llmc_recipes.split(",") if r]
         if not args.no_venv_float:
             recipes = ["float"] + recipes
-        for recipe in recipes:
+        for recipe in [r for r in recipes if r not in llmc_rows]:
             llmc_rows[recipe] = run_worker(py, src, wfile, recipe, tmp, threads)
+            save_partial()
 
     # checks: same float numbers in both environments; activation quant visible in ppl
     checks = {}
@@ -251,6 +277,7 @@ def main() -> None:
             "pairs": pairs, "fptq": fptq_rows, "llmcompressor": llmc_rows, "checks": checks,
             "llmc_computes": LLMC_COMPUTES}
     write_results(args.name, data, "\n".join(md) + "\n")
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

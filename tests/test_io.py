@@ -101,3 +101,11 @@ def test_truncated_checkpoint_is_refused(tmp_path):
 def test_load_rejects_non_checkpoint(tmp_path):
     with pytest.raises(fptq.FptqError, match="not an fptq checkpoint"):
         fptq.load(tmp_path)
+
+
+def test_model_runs_with_autograd_after_inference_mode_use(tmp_path):
+    model, plan, ids = _quantized()
+    with torch.inference_mode():
+        ref = model(ids).logits.clone()
+    out = model(ids).logits  # grad mode after an inference-mode call (caches filled there)
+    assert torch.equal(out.detach(), ref)

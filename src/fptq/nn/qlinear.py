@@ -111,7 +111,9 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[N, K]`` weight that the reference path multiplies by."""
         w = self._cache.get("w_ref")
-        if w is None or w.device != self.qweight.device:
+        # a cache filled under torch.inference_mode() cannot be used where autograd records
+        stale = w is not None and w.is_inference() and not torch.is_inference_mode_enabled()
+        if w is None or stale or w.device != self.qweight.device:
             w = dequantize_weight(self.codes(), self.w_scales, self.group_size)
             self._cache["w_ref"] = w
         return w
