@@ -12,7 +12,6 @@ Writes bench/results/default_model_ppl.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -20,7 +19,7 @@ import torch
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
 
-from common import calibration_text, machine, wikitext_path, write_results
+from common import calibration_text, machine, quantize_and_evaluate, wikitext_path, write_results
 
 VARIANTS = {
     "fptq": dict(method="fptq"),
@@ -69,14 +68,7 @@ def main() -> None:
         method = spec.pop("method")
         spec.setdefault("group_size", args.group_size)
         cfg = fptq.method_config(method, **spec)
-        qmodel = copy.deepcopy(model)
-        t = time.perf_counter()
-        plan = fptq.quantize(qmodel, cfg, calib, device="cpu", progress=True)
-        qt = time.perf_counter() - t
-        t = time.perf_counter()
-        r = evaluate_perplexity(qmodel, windows, desc=name)
-        rows[name] = {"ppl": r["ppl"], "quantize_s": qt, "eval_s": time.perf_counter() - t,
-                      "counts": dict(plan.counts()), "config": cfg.to_dict()}
+        rows[name], qmodel, plan = quantize_and_evaluate(model, cfg, calib, windows, name)
         print(name, {k: v for k, v in rows[name].items() if k != "config"}, flush=True)
         if args.save and name == args.variants.split(",")[0]:
             from fptq.workflow import model_sizes

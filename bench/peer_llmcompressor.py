@@ -49,7 +49,6 @@ Writes bench/results/peer_llmcompressor.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -63,7 +62,7 @@ import torch
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
 
-from common import RESULTS, calibration_text, machine, wikitext_path, write_results
+from common import RESULTS, calibration_text, machine, quantize_and_evaluate, wikitext_path, write_results
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_llmc_worker.py"
@@ -177,15 +176,9 @@ def main() -> None:
     for name in [m for m in args.fptq_methods.split(",") if m and m not in fptq_rows]:
         # smoothquant-w8a8 is per-channel (group_size=-1) by its preset: pass 64 only to the group methods
         cfg = fptq.method_config(name) if name == "smoothquant-w8a8" else fptq.method_config(name, group_size=64)
-        qmodel = copy.deepcopy(model)
-        t = time.perf_counter()
-        plan = fptq.quantize(qmodel, cfg, calib, device="cpu", progress=False)
-        qt = time.perf_counter() - t
-        t = time.perf_counter()
-        r = evaluate_perplexity(qmodel, windows, desc=name)
-        fptq_rows[name] = {"ppl": r["ppl"], "quantize_s": qt, "eval_s": time.perf_counter() - t,
-                           "counts": dict(plan.counts()), "config": cfg.to_dict()}
-        print(f"[fptq] {name}: ppl {r['ppl']:.3f}, quantize {qt:.1f} s", flush=True)
+        fptq_rows[name], qmodel, _ = quantize_and_evaluate(model, cfg, calib, windows, name, progress=False)
+        print(f"[fptq] {name}: ppl {fptq_rows[name]['ppl']:.3f}, quantize {fptq_rows[name]['quantize_s']:.1f} s",
+              flush=True)
         save_partial()
         del qmodel
     del model
