@@ -37,6 +37,8 @@ VARIANTS = {
     "fptq-sq": dict(method="fptq", equalization="smoothquant"),
     "dynamic-w4a8": dict(method="dynamic-w4a8"),
     "lae-dynamic-w4a8": dict(method="lae-dynamic-w4a8"),
+    "lae-dynamic-w4a8-all": dict(method="lae-dynamic-w4a8", equalize_into="all"),
+    "fptq-norms": dict(method="fptq", equalize_into="norms"),
     "rtn-w4a16": dict(method="rtn-w4a16"),
 }
 

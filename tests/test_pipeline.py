@@ -86,6 +86,26 @@ def test_plan_has_all_three_strategies_and_an_entry_per_linear():
         assert len(s) == 1
 
 
+def test_equalize_into_norms_leaves_linear_producers_alone():
+    """With ``equalize_into="norms"`` only the norms take scales: v_proj and up_proj keep their float rows,
+    and a Linear-fed layer in the LAE band runs dynamic per-token (the plan says why)."""
+    model = tiny_llama()
+    cfg = fptq.method_config("fptq", thresholds=(0.5, 1e4), group_size=32, equalize_into="norms")
+    plan = fptq.quantize(model, cfg, _calib(), device="cpu", progress=False)
+    linear_fed = [lp for n, lp in plan.layers.items() if n.endswith(("o_proj", "down_proj"))]
+    assert all(lp.equalization == "none" for lp in linear_fed)
+    assert not any(lp.strategy == "lae_static_tensor" for lp in linear_fed)
+    moved = [lp for lp in linear_fed if lp.equalization_note]
+    assert moved and all("equalize_into" in lp.equalization_note and lp.strategy == "dynamic_token" for lp in moved)
+    norm_fed = [lp for n, lp in plan.layers.items() if lp.strategy == "lae_static_tensor"]
+    assert norm_fed and all(lp.equalization_folded_into.endswith("layernorm") for lp in norm_fed)
+    # the preset that mirrors llm-compressor's log-equalization folds into the norms only
+    assert fptq.method_config("lae-dynamic-w4a8").equalize_into == "norms"
+    assert fptq.method_config("fptq").equalize_into == "all"
+    with pytest.raises(ValueError, match="equalize_into"):
+        fptq.method_config("fptq", equalize_into="linears")
+
+
 @pytest.mark.parametrize("method,floor_db", [
     ("fptq", 8), ("naive-w4a8", 5), ("dynamic-w4a8", 8), ("rtn-w4a16", 10), ("gptq-w4a16", 10),
     ("smoothquant-w8a8", 20), ("lae-dynamic-w4a8", 8),

@@ -8,6 +8,7 @@ Python API::
     plan = fptq.quantize(model, fptq.method_config("fptq", group_size=64), windows)
     fptq.save(model, plan, "out", tokenizer=tok)
     qmodel = fptq.load("out")                             # forward(input_ids).logits
+    # or, once fptq is imported: transformers.AutoModelForCausalLM.from_pretrained("out")
 """
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ from .config import ActPolicy, Equalization, QuantConfig, Strategy  # noqa: E402
 from .data import calibration_windows, read_text  # noqa: E402
 from .errors import FptqError  # noqa: E402
 from .io import load, save  # noqa: E402
+from . import hf  # noqa: E402,F401  (registers quant_method "fptq" with transformers)
 from .methods import METHODS, method_config  # noqa: E402
 from .models.loading import load_float_model  # noqa: E402
 from .nn import QuantLinear  # noqa: E402

@@ -24,14 +24,26 @@ class _StopForward(Exception):
 @dataclass
 class LayerInputs:
     """Cached hidden states entering the current decoder layer, in batches,
-    and the keyword arguments (rotary embeddings, masks) that each batch needs."""
+    and the keyword arguments (rotary embeddings, masks, ALiBi) that each batch
+    needs: ``kwargs[b]`` for decoder layer 0, ``layer_kwargs[i][b]`` for layer
+    ``i`` where layers get different ones (Gemma's sliding-window and global
+    layers; ``None`` when every layer gets ``kwargs``). ``layer_index`` is the
+    layer that ``hidden`` enters; running a layer with ``replace`` advances it."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    layer_kwargs: list[list[dict]] | None = None
+    layer_index: int = 0
 
     @property
     def num_windows(self) -> int:
         return sum(h.shape[0] for h in self.hidden)
+
+    def kwargs_for(self, index: int) -> list[dict]:
+        """The per-batch keyword arguments of decoder layer ``index``."""
+        if self.layer_kwargs is None or index >= len(self.layer_kwargs):
+            return self.kwargs
+        return self.layer_kwargs[index]
 
 
 def _move(obj, device):
@@ -47,11 +59,61 @@ def _move(obj, device):
 
 
 def _same(a, b) -> bool:
+    if a is b:
+        return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or (not isinstance(a, (torch.Tensor, tuple)) and a == b)
+    return not isinstance(a, (torch.Tensor, tuple)) and a == b
+
+
+# caches are never replayed: each cached batch runs every layer once, without a KV cache
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _pooled(v, pool: list):
+    """An equal tensor (or tuple) kept earlier, so that batches and layers share one copy."""
+    if not isinstance(v, (torch.Tensor, tuple)):
+        return v
+    for p in pool:
+        if _same(p, v):
+            return p
+    pool.append(v)
+    return v
+
+
+class _LayerStandIn(nn.Module):
+    """Takes the place of a decoder layer while the embedding stage runs: records
+    the arguments the model passes to the layer and hands the hidden states on
+    unchanged (the layer itself never runs: its weights may not be loaded yet).
+    The last one stops the forward. Attributes the model's loop may read from
+    a layer (e.g. ``attention_type``) come from the layer it stands in for."""
+
+    def __init__(self, layer: nn.Module, index: int, seen: dict, last: bool, returns_tuple: bool):
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: the stand-ins hold no weights
+        self.__dict__["_seen"] = seen
+        self.index, self.last, self.returns_tuple = index, last, returns_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
+
+    def forward(self, *args, **kwargs):
+        if len(args) > 1:
+            raise FptqError("decoder layers called with positional arguments besides the hidden states are not "
+                            "supported")
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self._seen[self.index] = (hidden, kwargs)
+        if self.last:
+            raise _StopForward
+        return (hidden, None) if self.returns_tuple else hidden
 
 
 @torch.inference_mode()
@@ -63,54 +125,72 @@ def capture_layer0_inputs(
     device: torch.device,
     store_device: torch.device | None = None,
 ) -> LayerInputs:
-    """Run the embedding stage only, keeping what enters decoder layer 0."""
+    """Run the embedding stage only, keeping what enters decoder layer 0 and the
+    keyword arguments the model passes to every decoder layer.
+
+    The decoder layers are replaced by stand-ins for the duration (see
+    :class:`_LayerStandIn`), so no decoder layer runs and the weights of the
+    layers need not be loaded.
+    """
     store_device = store_device or device
     layers = adapter.layers(model)
-    captured: dict = {}
+    n = len(layers)
+    seen: dict[int, tuple] = {}
+    stand_ins = nn.ModuleList(
+        [_LayerStandIn(layer, i, seen, i == n - 1, adapter.layer_returns_tuple) for i, layer in enumerate(layers)]
+    )
+    parent_name, _, child = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
 
-    def hook(_mod, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        captured["hidden"] = hs
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    pre = [model.get_submodule(n) for n in adapter.pre_modules]
+    pre = [model.get_submodule(name) for name in adapter.present_pre_modules(model)]
     orig = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in pre]
     orig_devices = [t.device if t is not None else None for t in orig]
     for m in pre:
         m.to(device)
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    hidden, kwargs_list = [], []
+    hidden: list[torch.Tensor] = []
+    per_layer: list[list[dict]] = [[] for _ in range(n)]
+    pool: list = []
+    setattr(parent, child, stand_ins)
     try:
         for i in range(0, input_ids.shape[0], batch_size):
+            seen.clear()
             try:
                 model(input_ids[i: i + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
-            else:  # pragma: no cover - the hook always fires
-                raise FptqError("internal error: decoder layer 0 was never called")
-            hidden.append(captured["hidden"].to(store_device))
-            kw = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "past_key_value", "cache")}
-            kw["use_cache"] = False
-            if kwargs_list:  # share identical tensors between batches
-                prev = kwargs_list[0]
-                kw = {k: (prev[k] if k in prev and _same(prev[k], v) else v) for k, v in kw.items()}
-            kwargs_list.append(kw)
+            else:  # pragma: no cover - the last stand-in always stops the forward
+                raise FptqError("internal error: the last decoder layer was never called")
+            if len(seen) != n:
+                raise FptqError(f"the model called {len(seen)} of its {n} decoder layers; fptq needs every layer "
+                                "to be called once per forward")
+            hidden.append(seen[0][0].to(store_device))
+            raw0 = seen[0][1]
+            for li in range(n):
+                raw = seen[li][1]
+                if li and raw.keys() == raw0.keys() and all(raw[k] is raw0[k] for k in raw):
+                    per_layer[li].append(per_layer[0][-1])  # the same arguments as layer 0 (LLaMA: every layer)
+                    continue
+                kw = {k: v for k, v in raw.items() if k not in _DROPPED_KWARGS}
+                kw["use_cache"] = False
+                per_layer[li].append({k: _pooled(v, pool) for k, v in kw.items()})
     finally:
-        handle.remove()
+        setattr(parent, child, layers)
+        seen.clear()
         for m, d in zip(pre, orig_devices):
             if d is not None:
                 m.to(d)
-    return LayerInputs(hidden=hidden, kwargs=kwargs_list)
+    shared = all(per_layer[li][b] is per_layer[0][b] for li in range(n) for b in range(len(hidden)))
+    return LayerInputs(hidden=hidden, kwargs=per_layer[0], layer_kwargs=None if shared else per_layer)
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, name: str = "layer",
               replace: bool = False) -> list[torch.Tensor] | None:
-    """Run ``layer`` on every cached batch; return the outputs, or write them
-    into ``inputs`` in place when ``replace``. Non-finite outputs are refused."""
+    """Run ``layer`` (decoder layer ``inputs.layer_index``) on every cached batch; return the
+    outputs, or write them into ``inputs`` in place (and advance ``inputs.layer_index``)
+    when ``replace``. Non-finite outputs are refused."""
     outs = []
     with torch.inference_mode():
-        for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs_for(inputs.layer_index))):
             store = h.device
             out = layer(h.to(device), **_move(kw, device))
             if isinstance(out, tuple):
@@ -122,6 +202,8 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, name:
                 inputs.hidden[i] = out
             else:
                 outs.append(out)
+    if replace:
+        inputs.layer_index += 1
     return None if replace else outs
 
 
@@ -151,8 +233,13 @@ def collect_input_stats(
     rows_per_batch: int,
     generator: torch.Generator,
     hessian: bool = False,
+    seq_len: int | None = None,
 ):
-    """Forward pre-hooks that fill an :class:`InputStats` per module name."""
+    """Forward pre-hooks that fill an :class:`InputStats` per module name.
+
+    Per-window maxima are taken over the tokens of each window; a 2-D input
+    ``[tokens, K]`` (OPT flattens the batch before fc1) is split into windows of
+    ``seq_len`` tokens when given."""
     stats = {n: InputStats(m.in_features) for n, m in modules.items()}
     handles = []
 
@@ -161,7 +248,12 @@ def collect_input_stats(
             x = args[0]
             st = stats[name]
             xf = x.detach().float()
-            wcm = xf.abs().reshape(xf.shape[0], -1, xf.shape[-1]).amax(dim=1) if xf.dim() == 3 else xf.abs().amax(dim=0, keepdim=True)
+            if xf.dim() == 3:
+                wcm = xf.abs().reshape(xf.shape[0], -1, xf.shape[-1]).amax(dim=1)
+            elif xf.dim() == 2 and seq_len and xf.shape[0] % seq_len == 0:
+                wcm = xf.abs().reshape(-1, seq_len, xf.shape[-1]).amax(dim=1)
+            else:
+                wcm = xf.abs().amax(dim=0, keepdim=True)
             if not torch.isfinite(wcm).all():  # NaN/Inf propagate into the maxima
                 st.nonfinite = True
             st.window_channel_max.append(wcm.cpu())

@@ -1,4 +1,5 @@
-"""Command line: ``fptq quantize | eval | inspect`` (and the commands other modules add)."""
+"""Command line: ``fptq quantize | eval | inspect`` (and the commands other modules add:
+``compare``, ``generate``, ``bench``, ``export``)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="search a per-group weight clip minimising the weight's quantization error")
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                    help="equalization used by the method (fptq ablations: none, smoothquant)")
+    p.add_argument("--equalize-into", dest="equalize_into", default=None, choices=("all", "norms"),
+                   help="producers that take equalization scales: all (norms and Linears; default for fptq) or "
+                        "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
     p.add_argument("--alpha", dest="smoothquant_alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
     p.add_argument("--calib-dtype", dest="calib_dtype", default=None, choices=("float32", "bfloat16"),
                    help="dtype of the statistics pass (bfloat16: autocast, faster on CPUs with AMX; default float32)")
@@ -107,7 +111,7 @@ def config_from_args(args) -> "QuantConfig":
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
-        "calib_dtype", "propagate_backend")}
+        "equalize_into", "calib_dtype", "propagate_backend")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:
@@ -225,7 +229,7 @@ def _extra_commands():
     import importlib
 
     out = []
-    for mod in ("fptq.compare", "fptq.generate", "fptq.bench"):
+    for mod in ("fptq.compare", "fptq.generate", "fptq.bench", "fptq.export"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -246,12 +250,14 @@ def _resume_hint(argv: list[str], e) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .memory import return_freed_memory_to_os
     from .resume import QuantizeInterrupted
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return_freed_memory_to_os()  # resident memory stays flat over a long layer-by-layer run (see fptq.memory)
     try:
         return args.func(args)
     except FptqError as e:

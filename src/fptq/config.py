@@ -53,6 +53,10 @@ class QuantConfig:
     # equalize which layers: with THRESHOLDS only the middle band; with the
     # other policies every layer whose input it can fold into
     smoothquant_alpha: float = 0.5
+    # which producers take equalization scales: "all" (norms and Linears: v_proj -> o_proj, up_proj -> down_proj)
+    # or "norms" (llm-compressor's default mappings); a group left out gets no equalization, and a Linear of it
+    # in FPTQ's LAE band runs dynamic per-token instead
+    equalize_into: str = "all"
     static_observer: str = "mse"
     weight_clip_search: bool = False
     gptq: bool = False
@@ -91,6 +95,8 @@ class QuantConfig:
             raise ValueError(f"static observer must be one of {OBSERVERS}, got {self.static_observer!r}")
         if not 0 < self.smoothquant_alpha < 1:
             raise ValueError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha}")
+        if self.equalize_into not in ("all", "norms"):
+            raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
         if not 0 <= self.gptq_damp < 1:

@@ -40,7 +40,9 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 QUANT_METHOD = "fptq"
 
-__all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files"]
+__all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files",
+           "verify_files", "replace_linears", "act_mode_of", "read_plan", "read_quantization_config", "staging_dir",
+           "finish", "write_weights", "check_is_checkpoint"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -110,7 +112,7 @@ def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
 
 
 @contextmanager
-def _staging_dir(out: Path):
+def staging_dir(out: Path):
     """A hidden temporary sibling of ``out``, removed on any failure; disk errors become FptqError."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.resolve().parent))
     try:
@@ -140,12 +142,12 @@ def _write_metadata(tmp: Path, model: nn.Module, plan: Plan, tokenizer) -> None:
     plan.save(tmp / PLAN_NAME)
 
 
-def _finish(tmp: Path, out: Path, report: dict[str, Any] | None) -> None:
-    """Record every file's size and sha256 in the report, then rename ``tmp`` to ``out``."""
+def finish(tmp: Path, out: Path, report: dict[str, Any] | None, report_name: str = REPORT_NAME) -> None:
+    """Record every file's size and sha256 in the report (``report_name``), then rename ``tmp`` to ``out``."""
     report = dict(report or {})
     report["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                        for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+    (tmp / report_name).write_text(json.dumps(report, indent=2, default=str))
     backup = None
     if out.exists():
         backup = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -165,11 +167,11 @@ def save(
 ) -> Path:
     """Write the quantized ``model`` and its ``plan`` to ``out`` (atomically, one weights file)."""
     out = check_output_dir(out, force)
-    with _staging_dir(out) as tmp:
+    with staging_dir(out) as tmp:
         sd = quantized_state_dict(model)
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "fptq"})
         _write_metadata(tmp, model, plan, tokenizer)
-        _finish(tmp, out, report)
+        finish(tmp, out, report)
     return out
 
 
@@ -189,7 +191,7 @@ def rest_entries(model: nn.Module, layers_prefix: str) -> list[TensorEntry]:
     return entries
 
 
-def _write_weights(tmp: Path, units: list[list[TensorEntry]], max_shard_bytes: int) -> None:
+def write_weights(tmp: Path, units: list[list[TensorEntry]], max_shard_bytes: int) -> None:
     """``model.safetensors`` if everything fits in ``max_shard_bytes``, else Hugging Face shards
     (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``). A unit (one decoder
     layer, or the rest of the model) is never split across shards."""
@@ -230,10 +232,10 @@ def save_streaming(
     whose config comes from ``model``: the quantized model is never whole in memory. Atomic
     like :func:`save`."""
     out = check_output_dir(out, force)
-    with _staging_dir(out) as tmp:
-        _write_weights(tmp, units, max_shard_bytes)
+    with staging_dir(out) as tmp:
+        write_weights(tmp, units, max_shard_bytes)
         _write_metadata(tmp, model, plan, tokenizer)
-        _finish(tmp, out, report)
+        finish(tmp, out, report)
     return out
 
 
@@ -248,7 +250,7 @@ def weight_files(out: str | Path) -> list[str]:
     return [WEIGHTS_NAME]
 
 
-def _verify_files(out: Path) -> None:
+def verify_files(out: Path) -> None:
     """Check the size and sha256 of every weights file against the report."""
     rp = out / REPORT_NAME
     if not rp.is_file():
@@ -281,36 +283,76 @@ def _read_weights(out: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "reference", verify: bool = True):
-    """Load an fptq checkpoint as a Hugging Face causal LM whose Linears are
-    :class:`~fptq.nn.QuantLinear` (``backend``: ``reference`` = simulated
-    quantization, or a kernel name, see :mod:`fptq.kernels`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def act_mode_of(strategy: str) -> str:
+    """The :class:`~fptq.nn.QuantLinear` activation mode of a plan strategy (LAE layers run static:
+    their equalization is already folded into the weights and the producer of ``x``)."""
+    return {"static_tensor": "static_tensor", "lae_static_tensor": "static_tensor",
+            "dynamic_token": "dynamic_token", "float": "none"}[strategy]
 
-    out = Path(out)
-    if not (out / PLAN_NAME).is_file() or not ((out / WEIGHTS_NAME).is_file() or (out / INDEX_NAME).is_file()):
-        raise FptqError(f"{out} is not an fptq checkpoint (missing {PLAN_NAME} or {WEIGHTS_NAME})")
-    if verify:
-        _verify_files(out)
-    plan = Plan.load(out / PLAN_NAME)
+
+def replace_linears(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap every Linear that ``plan`` quantizes for an empty :class:`~fptq.nn.QuantLinear` of the
+    same dtype and device (``meta`` included), ready to receive a checkpoint's tensors. Linears the
+    plan keeps in float (``strategy == "float"`` with 16-bit weights) are left alone."""
+    for name, lp in plan.layers.items():
+        if lp.strategy == "float" and lp.wbits == 16:
+            continue
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError as e:
+            raise FptqError(f"the plan names {name}, which this model does not have") from e
+        w = lin.weight
+        q = QuantLinear(lp.in_features, lp.out_features, wbits=lp.wbits, group_size=lp.group_size,
+                        abits=lp.abits if lp.abits < 16 else 8, act_mode=act_mode_of(lp.strategy),
+                        bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def read_plan(path: Path) -> Plan:
+    """The plan in ``path`` (a ``fptq_plan.json``); a damaged file is an :class:`FptqError`."""
+    try:
+        return Plan.load(path)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FptqError(f"{path} is not a valid fptq plan: {e}") from e
+
+
+def read_quantization_config(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config.json`` of a checkpoint split into (model config, fptq quantization_config)."""
     cfg_dict = json.loads((out / "config.json").read_text())
     qcfg = cfg_dict.pop("quantization_config", None)
     if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
         raise FptqError(f"{out}/config.json has no fptq quantization_config")
+    return cfg_dict, qcfg
+
+
+def check_is_checkpoint(out: Path) -> None:
+    """Raise :class:`FptqError` unless ``out`` holds a plan and weights files."""
+    if not (out / PLAN_NAME).is_file() or not ((out / WEIGHTS_NAME).is_file() or (out / INDEX_NAME).is_file()):
+        raise FptqError(f"{out} is not an fptq checkpoint (missing {PLAN_NAME} or {WEIGHTS_NAME})")
+
+
+def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "reference", verify: bool = True):
+    """Load an fptq checkpoint as a Hugging Face causal LM whose Linears are
+    :class:`~fptq.nn.QuantLinear` (``backend``: ``reference`` = simulated
+    quantization, or a kernel name, see :mod:`fptq.kernels`).
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(out)`` gives the same model once
+    :mod:`fptq` is imported (see :mod:`fptq.hf`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    check_is_checkpoint(out)
+    if verify:
+        verify_files(out)
+    plan = read_plan(out / PLAN_NAME)
+    cfg_dict, _ = read_quantization_config(out)
     config = AutoConfig.for_model(**cfg_dict)
     sd = _read_weights(out)
     dtype = next((v.dtype for k, v in sd.items() if v.is_floating_point() and "w_scales" not in k and "act_scale" not in k), torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, lp in plan.layers.items():
-        if lp.strategy == "float" and lp.wbits == 16:
-            continue
-        lin = model.get_submodule(name)
-        act_mode = {"static_tensor": "static_tensor", "lae_static_tensor": "static_tensor",
-                    "dynamic_token": "dynamic_token", "float": "none"}[lp.strategy]
-        q = QuantLinear(lp.in_features, lp.out_features, wbits=lp.wbits, group_size=lp.group_size, abits=lp.abits if lp.abits < 16 else 8,
-                        act_mode=act_mode, bias=lin.bias is not None, dtype=dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+    replace_linears(model, plan)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = set()
     if getattr(config, "tie_word_embeddings", False):

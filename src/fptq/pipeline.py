@@ -34,10 +34,12 @@ from .plan import LayerPlan, Plan, choose_strategy
 from .quant import (
     choose_static_scale,
     expand_kv_scales,
+    fold_into_fused_qkv_v,
     fold_into_linear_outputs,
     fold_into_norm,
     gptq_quantize,
     lae_scales,
+    norm_fold_is_exact,
     quantize_weight,
     reduce_to_kv_channels,
     scale_linear_inputs,
@@ -112,7 +114,7 @@ def _equalization_scales(
     # SmoothQuant
     w_absmax = torch.stack(
         [layer.get_submodule(c).weight.detach().float().abs().amax(dim=0) for c in group.consumers]
-    ).amax(dim=0)
+    ).amax(dim=0).to(act_absmax.device)
     if group.kv_grouped:
         s_kv = smoothquant_scales(
             reduce_to_kv_channels(act_absmax, h, kv), reduce_to_kv_channels(w_absmax, h, kv), config.smoothquant_alpha
@@ -120,6 +122,47 @@ def _equalization_scales(
         return expand_kv_scales(s_kv, h, kv), s_kv
     s = smoothquant_scales(act_absmax, w_absmax, config.smoothquant_alpha)
     return s, s
+
+
+def _warn_offset_rounding(before: torch.Tensor, after: torch.Tensor, s: torch.Tensor, offset: float,
+                          name: str) -> None:
+    """A norm that scales by ``offset + weight`` stores ``(offset + w) / s - offset``: in 16-bit floats
+    that loses the small gains of strongly scaled channels. Warn when a gain moves by over 1%."""
+    want = (before + offset) / s
+    err = float(((after + offset - want).abs() / want.abs().clamp_min(1e-12)).max())
+    if err > 0.01:
+        log.warning("%s: storing the folded weight (gain offset + weight, offset %g) in 16 bits changes the gain of "
+                    "some channels by up to %.1f%%; quantize a float32 copy of the model for exact folds",
+                    name, offset, 100 * err)
+
+
+def _fold(adapter: Adapter, group: FoldGroup, layer: nn.Module, layer_prefix: str, s_in: torch.Tensor,
+          s_out: torch.Tensor, heads: tuple[int, int]) -> None:
+    """Fold ``s_out`` into the group's producer and ``s_in`` into its consumers (exact, in place)."""
+    producer = layer.get_submodule(group.producer)
+    s_out = s_out.to(producer.weight.device)
+    if group.kind == "norm":
+        if not norm_fold_is_exact(producer, s_out, adapter.norm_weight_offset):
+            raise FptqError(
+                f"{layer_prefix}.{group.producer} ({type(producer).__name__}) does not scale its output by "
+                f"{'1 + weight' if adapter.norm_weight_offset else 'its weight'} as the {adapter.name} table assumes; "
+                "fptq cannot fold equalization scales into it (use a method without equalization, e.g. "
+                "dynamic-w4a8)")
+        off = adapter.norm_weight_offset
+        before = producer.weight.detach().float().clone() if off and producer.weight.dtype != torch.float32 else None
+        fold_into_norm(producer, s_out, off)
+        if before is not None:
+            _warn_offset_rounding(before, producer.weight.detach().float(), s_out.float(), off,
+                                  f"{layer_prefix}.{group.producer}")
+    elif group.kind == "linear":
+        fold_into_linear_outputs(producer, s_out)
+    elif group.kind == "fused_qkv_v":
+        fold_into_fused_qkv_v(producer, s_out, heads[0])
+    else:  # pragma: no cover - unfoldable groups never get here
+        raise FptqError(f"internal error: cannot fold into a group of kind {group.kind!r}")
+    for c in group.consumers:
+        cm = layer.get_submodule(c)
+        scale_linear_inputs(cm, s_in.to(cm.weight.device))
 
 
 def quantize_layer(
@@ -139,7 +182,9 @@ def quantize_layer(
     nb = len(inputs.hidden)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.calib_dtype == "bfloat16"
                 else contextlib.nullcontext())
-    with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq) as stats:
+    seq_len = inputs.hidden[0].shape[1] if inputs.hidden and inputs.hidden[0].dim() == 3 else None
+    with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq,
+                             seq_len=seq_len) as stats:
         with autocast:
             run_layer(layer, inputs, device, name=layer_prefix)
     for name, st in stats.items():
@@ -156,18 +201,18 @@ def quantize_layer(
         strategy = _strategy_for(config, v)
         sample = st.sample() if config.static_observer in ("mse", "percentile") else None
         hess = st.hessian.h if st.hessian is not None else None
-        eq_name, folded_into, max_scale = "none", None, None
-        if _wants_equalization(config, strategy):
+        eq_name, folded_into, max_scale, note = "none", None, None, None
+        left_out = config.equalize_into == "norms" and group.kind != "norm"
+        if _wants_equalization(config, strategy) and (left_out or not group.foldable):
+            note = ("not equalized: equalize_into='norms' leaves out Linear producers" if left_out and group.foldable
+                    else f"not equalized: {group.note}")
+            if strategy == Strategy.LAE_STATIC:
+                strategy = Strategy.DYNAMIC
+                note += "; dynamic per-token activations instead of LAE + static"
+        elif _wants_equalization(config, strategy):
             s_in, s_out = _equalization_scales(config, group, layer, absmax, heads)
             s_in = s_in.to(absmax.device)
-            producer = layer.get_submodule(group.producer)
-            if group.kind == "norm":
-                fold_into_norm(producer, s_out.to(producer.weight.device), adapter.norm_weight_offset)
-            else:
-                fold_into_linear_outputs(producer, s_out.to(producer.weight.device))
-            for c in group.consumers:
-                cm = layer.get_submodule(c)
-                scale_linear_inputs(cm, s_in.to(cm.weight.device))
+            _fold(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
             if sample is not None and sample.numel():
@@ -179,10 +224,10 @@ def quantize_layer(
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
 
-        decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale))
+        decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note))
 
     # quantize only after every fold of the layer is done (folds change producers' weights)
-    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale in decisions:
+    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note in decisions:
         act_scale = None
         if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
             act_scale = choose_static_scale(
@@ -222,7 +267,7 @@ def quantize_layer(
                 out_features=lin.out_features, wbits=config.wbits,
                 abits=config.abits if strategy != Strategy.FLOAT else 16, group_size=gs,
                 act_scale=act_scale, act_absmax_equalized=float(absmax.max()) if eq_name != "none" else None,
-                equalization=eq_name, equalization_folded_into=folded_into,
+                equalization=eq_name, equalization_folded_into=folded_into, equalization_note=note,
                 equalization_max_scale=max_scale,
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
@@ -280,6 +325,9 @@ def quantize(
     (to load its weights from disk); ``on_layer_done`` right after.
     """
     adapter = get_adapter(model)
+    if adapter.generic:
+        log.warning("model type %r is not in fptq's architecture table; its decoder layers are shaped like LLaMA's, "
+                    "so it is quantized with the LLaMA table (check the result)", adapter.model_types[0])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FptqError("--device cuda was asked for but no CUDA device is available; use --device cpu")
@@ -320,6 +368,7 @@ def quantize(
                 load_layer(i, layer)
             layer_device = next(layer.parameters()).device
             layer.to(device)
+            inputs.layer_index = i
             entries = quantize_layer(
                 layer, f"{adapter.layers_path}.{i}", adapter, config, inputs, device, heads, layer_generator(seed, i)
             )

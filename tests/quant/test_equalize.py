@@ -4,9 +4,11 @@ import torch
 
 from fptq.quant import (
     expand_kv_scales,
+    fold_into_fused_qkv_v,
     fold_into_linear_outputs,
     fold_into_norm,
     lae_scales,
+    norm_fold_is_exact,
     reduce_to_kv_channels,
     scale_linear_inputs,
     smoothquant_scales,
@@ -65,3 +67,34 @@ def test_kv_channel_reduce_expand():
     assert r[:d].tolist() == absmax[2 * d: 3 * d].tolist()
     e = expand_kv_scales(r, h, kv)
     assert e.shape == (h * d,) and e[:d].tolist() == e[2 * d: 3 * d].tolist()
+
+
+def test_fused_qkv_v_fold_divides_only_the_value_rows():
+    """BLOOM's rows are [head, (q, k, v), head_dim]: attention output channel h * d + j is value row j of head h."""
+    heads, d, k = 3, 4, 8
+    lin = torch.nn.Linear(k, 3 * heads * d)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    s = torch.rand(heads * d) * 10 + 0.5
+    fold_into_fused_qkv_v(lin, s, heads)
+    w, b = lin.weight.view(heads, 3, d, k), lin.bias.view(heads, 3, d)
+    assert torch.equal(w[:, :2], w0.view(heads, 3, d, k)[:, :2]) and torch.equal(b[:, :2], b0.view(heads, 3, d)[:, :2])
+    torch.testing.assert_close(w[:, 2], w0.view(heads, 3, d, k)[:, 2] / s.view(heads, d, 1))
+    torch.testing.assert_close(b[:, 2], b0.view(heads, 3, d)[:, 2] / s.view(heads, d))
+
+
+def test_norm_fold_check_catches_a_wrong_weight_offset():
+    class OnePlusWeightNorm(torch.nn.Module):  # Gemma's RMSNorm: scales by 1 + weight
+        def __init__(self, n):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(n) - 0.5)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    s = torch.rand(16) * 10 + 0.5
+    gemma_like, layer_norm = OnePlusWeightNorm(16), torch.nn.LayerNorm(16)
+    assert norm_fold_is_exact(gemma_like, s, 1.0) and not norm_fold_is_exact(gemma_like, s, 0.0)
+    assert norm_fold_is_exact(layer_norm, s, 0.0) and not norm_fold_is_exact(layer_norm, s, 1.0)
+    w = gemma_like.weight.detach().clone()
+    norm_fold_is_exact(gemma_like, s, 1.0)
+    assert torch.equal(gemma_like.weight, w)  # the check works on a copy

@@ -1,3 +1,12 @@
-from .adapters import ADAPTERS, Adapter, FoldGroup, attention_heads, get_adapter, supported_architectures
+from .adapters import (
+    ADAPTERS,
+    Adapter,
+    FoldGroup,
+    attention_heads,
+    get_adapter,
+    llama_shape_problem,
+    supported_architectures,
+)
 
-__all__ = ["ADAPTERS", "Adapter", "FoldGroup", "attention_heads", "get_adapter", "supported_architectures"]
+__all__ = ["ADAPTERS", "Adapter", "FoldGroup", "attention_heads", "get_adapter", "llama_shape_problem",
+           "supported_architectures"]

@@ -158,10 +158,25 @@ def _read_config(src: str, spec, trust_remote_code: bool):
         raise FptqError(f"cannot open model {spec!r}: {e}".split("\n")[0]) from e
     if getattr(cfg, "auto_map", None) and not trust_remote_code:
         raise FptqError(f"{src} needs custom code (auto_map in config.json); pass --trust-remote-code if you trust it")
-    from .adapters import get_adapter
-
-    get_adapter(cfg.model_type)  # refuse unsupported architectures before loading weights
+    check_architecture(cfg, trust_remote_code)  # refuse unsupported architectures before loading weights
     return cfg
+
+
+def check_architecture(cfg, trust_remote_code: bool = False):
+    """The adapter for a model config, or FptqError. A model type outside the table is
+    checked on a meta-device skeleton of the model (no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import get_adapter, supported_architectures
+
+    if cfg.model_type in supported_architectures():
+        return get_adapter(cfg)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+        return get_adapter(cfg.model_type)  # raises: unsupported architecture
+    return get_adapter(skeleton)
 
 
 def _check_float(model, src) -> None:
@@ -252,17 +267,41 @@ def _check_finite(sd: dict[str, torch.Tensor], prefix: str = "") -> None:
 
 
 def _rebuild_meta_buffers(model: nn.Module, skip_prefix: str) -> None:
-    """Recreate modules whose buffers are still on the meta device (rotary embeddings) on the CPU."""
+    """Recreate the buffers (not in the weight files) still on the meta device on the CPU: modules built
+    from the config alone (rotary embeddings) are rebuilt; others (Gemma's scaled embedding) get their
+    buffers initialised by the model's own ``_init_weights``, their loaded parameters left untouched."""
     for name, mod in list(model.named_modules()):
         if name.startswith(skip_prefix) or not any(b.is_meta for b in mod.buffers(recurse=False)):
             continue
         try:
             with torch.device("cpu"):
                 new = type(mod)(config=model.config)
-        except TypeError as e:
-            raise FptqError(f"cannot build {name} ({type(mod).__name__}) without loading the whole model") from e
+        except TypeError:
+            _init_meta_buffers(model, name, mod)
+            continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _init_meta_buffers(model: nn.Module, name: str, mod: nn.Module) -> None:
+    init_weights = getattr(model, "_init_weights", None)
+    if init_weights is None:
+        raise FptqError(f"cannot build {name} ({type(mod).__name__}) without loading the whole model")
+    for bname, b in list(mod.named_buffers(recurse=False)):
+        if b.is_meta:
+            mod._buffers[bname] = torch.empty_like(b, device="cpu")
+    params = [p for p in mod.parameters(recurse=False)]
+    flagged = [p for p in params if not getattr(p, "_is_hf_initialized", False)]
+    for p in flagged:  # transformers' init functions skip tensors marked initialised: the loaded weights stay
+        p._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            init_weights(mod)
+    finally:
+        for p in flagged:
+            del p._is_hf_initialized
+    if any(b.is_meta for b in mod.buffers(recurse=False)):
+        raise FptqError(f"cannot build {name} ({type(mod).__name__}) without loading the whole model")
 
 
 def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
@@ -283,10 +322,11 @@ def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
         model, tok, src = load_float_model(spec, trust_remote_code=trust_remote_code)
         return model, tok, src, None
     index = WeightIndex(src)
-    adapter = get_adapter(cfg.model_type)
-    layers_prefix = adapter.layers_path + "."
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=index.dtype(), trust_remote_code=trust_remote_code)
+    adapter = get_adapter(model)
+    layers_prefix = adapter.layers_path + "."
+    pre_modules = adapter.present_pre_modules(model)
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
     expected = {k for k in model.state_dict() if not k.startswith(layers_prefix)} - tied
     stored = {k for k in index.weight_map if not k.startswith(layers_prefix)}
@@ -294,7 +334,7 @@ def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
         raise FptqError(f"the weights in {src} do not match its config.json: missing "
                         f"{sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}")
     pre = {}  # only the embedding stage is needed in memory; norm and lm_head stay on disk
-    for name in adapter.pre_modules:
+    for name in pre_modules:
         pre.update(index.load(prefix=name + "."))
     _check_finite(pre)
     for k in sorted(stored - set(pre)):  # the rest is copied into the checkpoint as is: check it once
@@ -306,7 +346,7 @@ def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
     model.eval()
     _check_float(model, src)
     return (model, load_tokenizer(src, trust_remote_code), src,
-            LazyWeights(index, model, adapter.layers_path, adapter.pre_modules))
+            LazyWeights(index, model, adapter.layers_path, pre_modules))
 
 
 def model_fingerprint(src: str) -> str:

@@ -8,9 +8,11 @@ from .activations import (
 )
 from .equalize import (
     expand_kv_scales,
+    fold_into_fused_qkv_v,
     fold_into_linear_outputs,
     fold_into_norm,
     lae_scales,
+    norm_fold_is_exact,
     reduce_to_kv_channels,
     scale_linear_inputs,
     smoothquant_scales,

@@ -6,9 +6,13 @@ so that it costs nothing at run time:
 
 * an RMSNorm/LayerNorm: divide its weight (and bias) by ``s``;
 * a Linear whose output rows are ``x``'s channels: divide those rows (and the
-  bias entries) by ``s``.
+  bias entries) by ``s``;
+* a fused query/key/value Linear with per-head interleaved rows (BLOOM) whose
+  value rows, through attention, become ``x``'s channels: divide those rows.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -18,6 +22,8 @@ __all__ = [
     "scale_linear_inputs",
     "fold_into_norm",
     "fold_into_linear_outputs",
+    "fold_into_fused_qkv_v",
+    "norm_fold_is_exact",
     "expand_kv_scales",
     "reduce_to_kv_channels",
 ]
@@ -74,6 +80,44 @@ def fold_into_linear_outputs(linear: torch.nn.Linear, s: torch.Tensor) -> None:
         linear.weight.div_(s.to(linear.weight.dtype).view(-1, 1))
         if linear.bias is not None:
             linear.bias.div_(s.to(linear.bias.dtype))
+
+
+def fold_into_fused_qkv_v(linear: torch.nn.Linear, s: torch.Tensor, num_heads: int) -> None:
+    """Divide the value rows of a fused QKV Linear by ``s`` (in place).
+
+    The rows are laid out ``[num_heads, 3, head_dim]`` (query, key, value of
+    each head: BLOOM's ``query_key_value``); attention output channel
+    ``h * head_dim + j`` is a convex combination of value row ``j`` of head
+    ``h``, so dividing that row (and its bias) by ``s[h * head_dim + j]``
+    divides the attention output channel by it. Query and key rows are untouched.
+    """
+    d = s.numel() // num_heads
+    if linear.out_features != 3 * num_heads * d:
+        raise ValueError(f"a fused QKV Linear of {num_heads} heads of size {d} has {3 * num_heads * d} outputs, "
+                         f"not {linear.out_features}")
+    full = torch.ones(num_heads, 3, d, dtype=torch.float32, device=s.device)
+    full[:, 2, :] = s.float().view(num_heads, d)
+    fold_into_linear_outputs(linear, full.reshape(-1))  # dividing by 1 leaves q and k rows bit-identical
+
+
+def norm_fold_is_exact(norm: torch.nn.Module, s: torch.Tensor, weight_offset: float = 0.0,
+                       rtol: float = 1e-3) -> bool:
+    """Whether :func:`fold_into_norm` with ``weight_offset`` divides ``norm``'s output by ``s``.
+
+    Checked on a copy in float32 with a fixed random input: it catches a norm
+    that does not scale by ``weight_offset + weight`` (e.g. a Gemma-style norm
+    taken for a LLaMA one). ``norm`` itself is not changed.
+    """
+    probe = copy.deepcopy(norm).float()
+    w = probe.weight
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, w.numel(), generator=g).to(w.device)
+    s = s.float().to(w.device)
+    with torch.no_grad():
+        ref = probe(x)
+        fold_into_norm(probe, s, weight_offset)
+        out = probe(x) * s
+    return bool(torch.allclose(out, ref, rtol=rtol, atol=rtol * float(ref.abs().max().clamp_min(1e-6))))
 
 
 def reduce_to_kv_channels(o_absmax: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:

@@ -5,12 +5,15 @@ matrix has shape ``[N, ceil(K / 2)]`` and dtype uint8; byte ``j`` of row ``n``
 holds ``q[n, 2j]`` in its low nibble and ``q[n, 2j + 1]`` in its high nibble,
 each as a 4-bit two's-complement number. An odd ``K`` is padded with a zero
 code. Kernels (CPU and Triton) read this layout.
+
+:func:`pack_int32_offset` writes the other common layout, the one of
+compressed-tensors' ``pack-quantized`` format (read by vLLM and transformers).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_int4", "unpack_int4"]
+__all__ = ["pack_int4", "unpack_int4", "pack_int32_offset"]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -36,3 +39,27 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     high = high - ((high & 0x8) << 1)
     out = torch.stack((low, high), dim=-1).view(packed.shape[0], -1)
     return out[:, :k].contiguous()
+
+
+def pack_int32_offset(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Pack signed ``bits``-bit codes ``[N, K]`` into int32 ``[N, ceil(K * bits / 32)]`` the way
+    compressed-tensors' ``pack-quantized`` format does (``bits`` dividing 32): each code is offset
+    by ``2**(bits-1)`` to an unsigned value, and element ``i`` of a row occupies bits
+    ``bits*(i % per) ..`` of word ``i // per`` (``per = 32 // bits``); the last word is padded with
+    zeros."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_int32_offset expects a 2-D code matrix, got shape {tuple(q.shape)}")
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"pack_int32_offset supports bits dividing 32 (1, 2, 4, 8), got {bits}")
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"pack_int32_offset: codes must lie in {lo}..{hi}")
+    per = 32 // bits
+    n, k = q.shape
+    u = q.to(torch.int64) + 2 ** (bits - 1)
+    if k % per:
+        u = torch.nn.functional.pad(u, (0, per - k % per))
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=q.device)
+    words = (u.view(n, -1, per) << shifts).sum(dim=-1)  # 0 .. 2**32-1
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).contiguous()
