@@ -39,6 +39,8 @@ VARIANTS = {
     "lae-dynamic-w4a8": dict(method="lae-dynamic-w4a8"),
     "lae-dynamic-w4a8-all": dict(method="lae-dynamic-w4a8", equalize_into="all"),
     "fptq-norms": dict(method="fptq", equalize_into="norms"),
+    "fptq-band": dict(method="fptq", lae_scope="band"),  # the paper's scope
+    "fptq-all": dict(method="fptq", lae_scope="all"),
     "rtn-w4a16": dict(method="rtn-w4a16"),
 }
 

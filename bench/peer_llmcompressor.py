@@ -256,8 +256,9 @@ def main() -> None:
                          f"modules (the W4A16-like number of the same weights)."
                          if (q2 := llmc_rows[rec].get("act_check")) else ""))
     md.append("\nNotes: llm-compressor's smoothing/log-equalization uses its default Llama mappings "
-              "(input_layernorm -> q/k/v, post_attention_layernorm -> gate/up); fptq's LAE also folds "
-              "v_proj -> o_proj and up_proj -> down_proj. fptq's lae-dynamic-w4a8 and smoothquant-w8a8 use "
+              "(input_layernorm -> q/k/v, post_attention_layernorm -> gate/up); so does fptq's "
+              "lae-dynamic-w4a8 (equalize_into='norms'), while fptq's smoothquant-w8a8 and fptq (LAE band "
+              "only) also fold v_proj -> o_proj and up_proj -> down_proj. fptq's lae-dynamic-w4a8 and smoothquant-w8a8 use "
               "round-to-nearest weights, as QuantizationModifier does; gptq-w4a16 is GPTQ in both. "
               "`lm_head` stays float in both.")
     if checks.get("float_ppl_rel_diff") is not None:

@@ -169,3 +169,63 @@ def test_unsupported_architecture_is_refused():
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(fptq.FptqError, match="unsupported architecture 'gpt2'.*llama"):
         fptq.quantize(m, fptq.method_config("fptq"), _calib(vocab=50), device="cpu", progress=False)
+
+
+def test_offload_device_choice_and_errors():
+    from fptq.errors import FptqError
+    from fptq.pipeline import offload_device
+
+    cpu = torch.device("cpu")
+    assert offload_device(False, cpu) == cpu and offload_device(True, cpu) == cpu
+    assert offload_device("cpu", cpu) == cpu
+    with pytest.raises(FptqError, match="not a device"):
+        offload_device("gpu7", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(FptqError, match="CUDA"):
+            offload_device("cuda:1", cpu)
+    # offloading changes where activations live, not the numbers
+    ids = _calib()
+    a, b = tiny_llama(), tiny_llama()
+    cfg = fptq.method_config("fptq", thresholds=(2.0, 20.0), group_size=32)
+    pa = fptq.quantize(a, cfg, ids, device="cpu", progress=False)
+    pb = fptq.quantize(b, cfg, ids, device="cpu", offload="cpu", progress=False)
+    assert pa.to_dict() == pb.to_dict()
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_layer_on_one_gpu_activations_on_another():
+    ids = _calib()
+    a, b = tiny_llama(), tiny_llama()
+    cfg = fptq.method_config("fptq", thresholds=(2.0, 20.0), group_size=32)
+    pa = fptq.quantize(a, cfg, ids, device="cuda:0", progress=False)
+    pb = fptq.quantize(b, cfg, ids, device="cuda:0", offload="cuda:1", progress=False)
+    assert [lp.strategy for lp in pa.layers.values()] == [lp.strategy for lp in pb.layers.values()]
+
+
+def test_lae_scope_all_equalizes_static_layers_but_not_linear_fed_dynamic_ones():
+    model = tiny_llama()
+    cfg = fptq.method_config("fptq", thresholds=(2.0, 20.0), group_size=32, lae_scope="all")
+    plan = fptq.quantize(model, cfg, _calib(), device="cpu", progress=False)
+    assert set(plan.counts()) == {"static_tensor", "lae_static_tensor", "dynamic_token"}
+    for name, lp in plan.layers.items():
+        linear_fed = name.endswith(("o_proj", "down_proj"))
+        if lp.strategy in ("static_tensor", "lae_static_tensor") or not linear_fed:
+            assert lp.equalization == "lae", name
+        else:
+            assert lp.equalization == "none", name
+    band = fptq.quantize(tiny_llama(), fptq.method_config("fptq", thresholds=(2.0, 20.0), group_size=32,
+                                                          lae_scope="band"),
+                         _calib(), device="cpu", progress=False)
+    assert all((lp.equalization == "lae") == (lp.strategy == "lae_static_tensor") for lp in band.layers.values())
+    with pytest.raises(ValueError, match="lae_scope"):
+        fptq.method_config("fptq", lae_scope="everything")
+
+
+def test_configs_saved_before_lae_scope_existed_read_as_band():
+    from fptq.config import QuantConfig
+
+    d = fptq.method_config("fptq").to_dict()
+    assert d["lae_scope"] == "all"
+    d.pop("lae_scope")
+    assert QuantConfig.from_dict(d).lae_scope == "band"

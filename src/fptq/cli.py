@@ -84,6 +84,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="search a per-group weight clip minimising the weight's quantization error")
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                    help="equalization used by the method (fptq ablations: none, smoothquant)")
+    p.add_argument("--lae-scope", dest="lae_scope", default=None, choices=("band", "all"),
+                   help="fptq: equalize only the LAE band (band) or every static layer too (all)")
     p.add_argument("--equalize-into", dest="equalize_into", default=None, choices=("all", "norms"),
                    help="producers that take equalization scales: all (norms and Linears; default for fptq) or "
                         "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
@@ -92,9 +94,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the statistics pass (bfloat16: autocast, faster on CPUs with AMX; default float32)")
     p.add_argument("--propagate-backend", dest="propagate_backend", default=None,
                    help="how the quantized layer is run to feed the next layer: reference (simulated, default) or auto (integer kernels, faster)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N: where each layer runs (default: cuda if available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
-    p.add_argument("--offload", action="store_true", help="keep cached activations on the CPU while layers run on the device")
+    p.add_argument("--offload", nargs="?", const="cpu", default=False, metavar="DEVICE",
+                   help="keep the cached calibration activations on DEVICE (default cpu; or another GPU, e.g. cuda:1) "
+                        "while each layer runs on --device")
     p.add_argument("--force", action="store_true",
                    help="replace an existing non-empty output directory, or start over an unfinished run")
     p.add_argument("--resume", action="store_true",
@@ -111,7 +115,7 @@ def config_from_args(args) -> "QuantConfig":
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
-        "equalize_into", "calib_dtype", "propagate_backend")}
+        "equalize_into", "lae_scope", "calib_dtype", "propagate_backend")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

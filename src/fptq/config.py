@@ -57,6 +57,10 @@ class QuantConfig:
     # or "norms" (llm-compressor's default mappings); a group left out gets no equalization, and a Linear of it
     # in FPTQ's LAE band runs dynamic per-token instead
     equalize_into: str = "all"
+    # which layers FPTQ equalizes: "all" (default: every static layer too, and dynamic layers fed by a norm;
+    # WikiText-2 29.73 vs 31.79 on SmolLM2-135M, bench/results/lae_scope.md) or "band" (the paper: only
+    # 15 <= max|x| < 150). Configurations saved before this field existed ran "band".
+    lae_scope: str = "all"
     static_observer: str = "mse"
     weight_clip_search: bool = False
     gptq: bool = False
@@ -95,6 +99,8 @@ class QuantConfig:
             raise ValueError(f"static observer must be one of {OBSERVERS}, got {self.static_observer!r}")
         if not 0 < self.smoothquant_alpha < 1:
             raise ValueError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant_alpha}")
+        if self.lae_scope not in ("band", "all"):
+            raise ValueError(f"lae_scope must be 'band' or 'all', not {self.lae_scope!r}")
         if self.equalize_into not in ("all", "norms"):
             raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
@@ -130,6 +136,7 @@ class QuantConfig:
             )
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs.setdefault("lae_scope", "band")  # what every run before the field existed did
         if "thresholds" in kwargs:
             kwargs["thresholds"] = tuple(kwargs["thresholds"])
         return cls(**kwargs)

@@ -92,10 +92,16 @@ def _strategy_for(config: QuantConfig, v: float) -> Strategy:
     return s
 
 
-def _wants_equalization(config: QuantConfig, strategy: Strategy) -> bool:
+def _wants_equalization(config: QuantConfig, strategy: Strategy, group: FoldGroup) -> bool:
+    """Whether the group's input is equalized. FPTQ (``lae_scope="band"``): only in the LAE band.
+    ``lae_scope="all"``: every static layer too, and dynamic layers fed by a norm (a Linear-fed dynamic
+    layer has max|x| of hundreds or more: its scales would spoil the weight groups of the consumers)."""
     if config.equalization == Equalization.NONE:
         return False
     if config.act_policy == ActPolicy.THRESHOLDS:
+        if config.lae_scope == "all":
+            return strategy in (Strategy.STATIC, Strategy.LAE_STATIC) or (
+                strategy == Strategy.DYNAMIC and group.kind == "norm")
         return strategy == Strategy.LAE_STATIC
     return config.act_policy in (ActPolicy.STATIC, ActPolicy.DYNAMIC)
 
@@ -203,13 +209,13 @@ def quantize_layer(
         hess = st.hessian.h if st.hessian is not None else None
         eq_name, folded_into, max_scale, note = "none", None, None, None
         left_out = config.equalize_into == "norms" and group.kind != "norm"
-        if _wants_equalization(config, strategy) and (left_out or not group.foldable):
+        if _wants_equalization(config, strategy, group) and (left_out or not group.foldable):
             note = ("not equalized: equalize_into='norms' leaves out Linear producers" if left_out and group.foldable
                     else f"not equalized: {group.note}")
             if strategy == Strategy.LAE_STATIC:
                 strategy = Strategy.DYNAMIC
                 note += "; dynamic per-token activations instead of LAE + static"
-        elif _wants_equalization(config, strategy):
+        elif _wants_equalization(config, strategy, group):
             s_in, s_out = _equalization_scales(config, group, layer, absmax, heads)
             s_in = s_in.to(absmax.device)
             _fold(adapter, group, layer, layer_prefix, s_in, s_out, heads)
@@ -295,6 +301,24 @@ def _replace_hidden(inputs: LayerInputs, hidden: list[torch.Tensor]) -> None:
     inputs.hidden = [h.to(c.device) for h, c in zip(hidden, inputs.hidden)]
 
 
+def offload_device(offload: bool | str | None, device: torch.device) -> torch.device:
+    """Where the cached calibration activations live: ``device`` (no offload), the CPU (``True``), or the named device."""
+    if offload is None or offload is False:
+        return device
+    if offload is True:
+        return torch.device("cpu")
+    try:
+        store = torch.device(offload)
+    except (RuntimeError, TypeError) as e:
+        raise FptqError(f"--offload {offload!r} is not a device; use cpu, cuda or cuda:N") from e
+    if store.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FptqError(f"--offload {offload} asks for a CUDA device but none is available; use --offload cpu")
+        if store.index is not None and store.index >= torch.cuda.device_count():
+            raise FptqError(f"--offload {offload}: there are only {torch.cuda.device_count()} CUDA devices")
+    return store
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig,
@@ -302,7 +326,7 @@ def quantize(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 8,
-    offload: bool = False,
+    offload: bool | str = False,
     seed: int = 0,
     progress: bool = True,
     on_layer_done: Callable[[LayerResult], None] | None = None,
@@ -315,7 +339,9 @@ def quantize(
     ``calibration`` is a ``[n, seqlen]`` tensor of token ids (see
     :func:`fptq.data.calibration_windows`). Decoder layers are moved to
     ``device`` one at a time; the cached activations live on ``device`` too,
-    or on the CPU with ``offload``. Each layer draws its random samples from
+    or elsewhere with ``offload``: ``True`` (the CPU) or a device name (e.g.
+    ``"cuda:1"``: the layer runs on ``device``, its cached inputs and outputs
+    stay on that other device). Each layer draws its random samples from
     :func:`layer_generator` ``(seed, index)``.
 
     Resuming: ``start_layer`` skips the layers before it (the returned plan
@@ -350,7 +376,7 @@ def quantize(
 
     was_training = model.training
     model.eval()
-    store = torch.device("cpu") if offload else device
+    store = offload_device(offload, device)
     inputs = capture_layer0_inputs(model, adapter, calibration, batch_size, device, store)
     if resume_hidden is not None:
         _replace_hidden(inputs, resume_hidden)

@@ -126,7 +126,7 @@ def quantize_to_dir(
     seed: int = 0,
     device: str | None = None,
     batch_size: int = 8,
-    offload: bool = False,
+    offload: bool | str = False,
     force: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
