@@ -303,8 +303,9 @@ def test_quantize_save_load_is_bit_exact_and_close_to_float(arch, tmp_path):
         assert isinstance(model.get_submodule(name), QuantLinear)
         if lp.strategy == "lae_static_tensor":
             assert lp.equalization == "lae" and lp.equalization_folded_into and lp.act_absmax_equalized < lp.act_absmax
-        if lp.equalization_note:  # an unfoldable group in the LAE band falls back to dynamic per-token
-            assert lp.strategy == "dynamic_token" and 2.0 <= lp.act_absmax < 36.0
+        if lp.equalization_note:  # an unfoldable group: no equalization; in the LAE band it falls back to dynamic
+            assert lp.equalization == "none" and lp.strategy != "lae_static_tensor"
+            assert lp.strategy == "dynamic_token" or lp.act_absmax < 2.0, (name, lp)
     out = _logits(model, x)
     assert sqnr_db(ref, out) > max(floor, 4.0), (sqnr_db(ref, out), floor)
     if arch not in SAVEABLE:
