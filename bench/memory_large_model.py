@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--low-memory", action="store_true", help="pass --low-memory to fptq quantize")
     p.add_argument("--max-shard-size", default="500MB", help="output shard size passed to fptq quantize")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the quantize process")
     p.add_argument("--workdir", default=None, help="where the model and the output go (default: a temp dir)")
@@ -155,7 +156,7 @@ def _vmhwm_kb(pid: int) -> int | None:
 def run_quantize(a, model: Path, out: Path, calib: Path, log: Path) -> dict:
     cmd = [sys.executable, "-m", "fptq.cli", "quantize", str(model), "-o", str(out), "--calib", str(calib),
            "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--group-size", str(a.group_size),
-           "--device", "cpu", "--max-shard-size", a.max_shard_size, "--force"]
+           "--device", "cpu", "--max-shard-size", a.max_shard_size, "--force"] + (["--low-memory"] if a.low_memory else [])
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)

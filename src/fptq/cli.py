@@ -99,6 +99,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", nargs="?", const="cpu", default=False, metavar="DEVICE",
                    help="keep the cached calibration activations on DEVICE (default cpu; or another GPU, e.g. cuda:1) "
                         "while each layer runs on --device")
+    p.add_argument("--low-memory", action="store_true",
+                   help="lower peak resident memory: large blocks always go back to the OS (slower: a page fault per large allocation)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing non-empty output directory, or start over an unfinished run")
     p.add_argument("--resume", action="store_true",
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return_freed_memory_to_os()  # resident memory stays flat over a long layer-by-layer run (see fptq.memory)
+    if getattr(args, "low_memory", False):
+        return_freed_memory_to_os()  # lower peak resident memory, slower (see fptq.memory)
     try:
         return args.func(args)
     except FptqError as e:

@@ -17,6 +17,7 @@ from .config import QuantConfig
 from .data import calibration_windows, read_text, text_hash
 from .errors import FptqError
 from .io import DEFAULT_MAX_SHARD_BYTES, rest_entries, check_output_dir, save_streaming
+from .memory import trim_heap
 from .models.adapters import get_adapter
 from .models.loading import LazyWeights, load_float_model, load_float_model_lazy, model_fingerprint
 from .nn import QuantLinear
@@ -176,6 +177,7 @@ def quantize_to_dir(
         extra = {"seconds": res.seconds, "sizes": model_sizes(res.layer, bpp)}
         run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra)
         LazyWeights.release_layer(res.layer)  # it is on disk now
+        trim_heap()  # hand the freed layer back to the OS: resident memory stays flat from layer to layer
         if on_layer_done is not None:
             on_layer_done(res)
 
