@@ -13,14 +13,14 @@ DATA = Path(os.environ.get("FPTQ_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results"
 
 
-def c4_docs(start: int, stop: int) -> list[str]:
-    lines = (DATA / "text" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()
+def c4_docs(start: int, stop: int, data: Path = DATA) -> list[str]:
+    lines = (Path(data) / "text" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines[start:stop]]
 
 
-def calibration_text() -> str:
+def calibration_text(data: Path = DATA) -> str:
     """C4 documents 1000-1999 (the calibration split), joined with blank lines."""
-    return "\n\n".join(c4_docs(1000, 2000))
+    return "\n\n".join(c4_docs(1000, 2000, data))
 
 
 def wikitext_path() -> Path:

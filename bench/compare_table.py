@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, RESULTS, machine
+from common import DATA, RESULTS, calibration_text, machine
 
 METHODS = "fp,fptq,naive-w4a8,dynamic-w4a8,rtn-w4a16,smoothquant-w8a8,lae-dynamic-w4a8,gptq-w4a16"
 TASKS = "wikitext2,c4,piqa,siqa,hellaswag,arc_easy,arc_challenge,boolq,lambada,mmlu"
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     calib = out / "c4_calibration_docs_1000-1999.txt"
     if not calib.is_file():
-        lines = (Path(args.data_dir) / "text" / "c4_validation_2k.jsonl").read_text(encoding="utf-8").splitlines()
-        calib.write_text("\n\n".join(json.loads(x)["text"] for x in lines[1000:2000]), encoding="utf-8")
+        calib.write_text(calibration_text(Path(args.data_dir)), encoding="utf-8")
     t0 = time.perf_counter()
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     try:

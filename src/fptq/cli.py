@@ -125,9 +125,12 @@ def config_from_args(args) -> "QuantConfig":
 
 
 def cmd_quantize(args) -> int:
+    from .memory import return_freed_memory_to_os
     from .report import quantize_summary
     from .workflow import quantize_to_dir
 
+    if args.low_memory:
+        return_freed_memory_to_os()  # lower peak resident memory, slower (see fptq.memory)
     config = config_from_args(args)
     plan, report = quantize_to_dir(
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -256,15 +259,12 @@ def _resume_hint(argv: list[str], e) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import return_freed_memory_to_os
     from .resume import QuantizeInterrupted
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "low_memory", False):
-        return_freed_memory_to_os()  # lower peak resident memory, slower (see fptq.memory)
     try:
         return args.func(args)
     except FptqError as e:

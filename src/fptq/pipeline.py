@@ -208,14 +208,13 @@ def quantize_layer(
         sample = st.sample() if config.static_observer in ("mse", "percentile") else None
         hess = st.hessian.h if st.hessian is not None else None
         eq_name, folded_into, max_scale, note = "none", None, None, None
-        left_out = config.equalize_into == "norms" and group.kind != "norm"
-        if _wants_equalization(config, strategy, group) and (left_out or not group.foldable):
-            note = ("not equalized: equalize_into='norms' leaves out Linear producers" if left_out and group.foldable
-                    else f"not equalized: {group.note}")
+        wants = _wants_equalization(config, strategy, group)
+        if wants and not group.foldable:
+            note = f"not equalized: {group.note}"
             if strategy == Strategy.LAE_STATIC:
                 strategy = Strategy.DYNAMIC
                 note += "; dynamic per-token activations instead of LAE + static"
-        elif _wants_equalization(config, strategy, group):
+        elif wants:
             s_in, s_out = _equalization_scales(config, group, layer, absmax, heads)
             s_in = s_in.to(absmax.device)
             _fold(adapter, group, layer, layer_prefix, s_in, s_out, heads)
@@ -354,6 +353,9 @@ def quantize(
     if adapter.generic:
         log.warning("model type %r is not in fptq's architecture table; its decoder layers are shaped like LLaMA's, "
                     "so it is quantized with the LLaMA table (check the result)", adapter.model_types[0])
+    if config.equalize_into == "norms":
+        adapter = adapter.with_unfoldable({g.producer for g in adapter.groups if g.kind not in ("norm", "none")},
+                                          "equalize_into='norms' leaves out Linear producers")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FptqError("--device cuda was asked for but no CUDA device is available; use --device cpu")

@@ -52,6 +52,7 @@ from ..io import (
     read_quantization_config,
     staging_dir,
     verify_files,
+    weight_files,
     write_weights,
 )
 from ..plan import LayerPlan, Plan
@@ -218,7 +219,7 @@ def _report(plan: Plan, schemes: dict[str, dict[str, Any]], ignore: list[str], s
         "activations": "int8 dynamic per-token" if activations == "int8" else "none (weight-only W4A16)",
         "source": str(src),
         "source_method": qcfg.get("method"),
-        "source_weights_sha256": {n: file_sha256(src / n) for n in _source_weight_files(src)},
+        "source_weights_sha256": {n: file_sha256(src / n) for n in weight_files(src)},
         "layers_static_to_dynamic": static_to_dynamic,
         "layers_activation_quantization_dropped": act_dropped,
         "kept": {
@@ -237,12 +238,6 @@ def _report(plan: Plan, schemes: dict[str, dict[str, Any]], ignore: list[str], s
         "tensor_parallel_sizes_with_whole_groups": tp_ok,
         "layers": layers,
     }
-
-
-def _source_weight_files(src: Path) -> list[str]:
-    from ..io import weight_files
-
-    return weight_files(src)
 
 
 def export_compressed_tensors(src: str | Path, out: str | Path, *, activations: str = "int8", force: bool = False,
@@ -279,7 +274,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, activations: 
         cfg = dict(cfg_dict)
         cfg["quantization_config"] = compressed_tensors_config(schemes, ignore)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-        skip = {"config.json", WEIGHTS_NAME, INDEX_NAME, REPORT_NAME, *_source_weight_files(src)}
+        skip = {"config.json", WEIGHTS_NAME, INDEX_NAME, REPORT_NAME, *weight_files(src)}
         for p in sorted(src.iterdir()):  # tokenizer, generation config, chat template, the plan
             if p.is_file() and p.name not in skip and not p.name.startswith("."):
                 shutil.copy2(p, tmp / p.name)
