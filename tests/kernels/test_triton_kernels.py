@@ -1,12 +1,13 @@
 """Triton W4A8 kernels against ``QuantLinear.reference_forward``.
 
 * On a CUDA machine with triton: the real kernels (``test_gpu_*``).
-* Without CUDA but with triton installed: the same checks under Triton's
-  interpreter (``TRITON_INTERPRET=1``) on CPU tensors with small shapes, run in
-  a subprocess (the interpreter is chosen when the kernels are defined, at
-  import), ~10-20 s.
-* Without triton: everything here is skipped; the module itself must still
-  import (checked by ``test_module_imports_without_triton_or_cuda``).
+* Without CUDA but with triton installed (CI: ``pip install -e '.[test]'`` installs it):
+  the same checks under Triton's interpreter on CPU tensors with small shapes
+  (``test_interpreter_*``, ~15 s). ``tests/conftest.py`` sets ``TRITON_INTERPRET=1``
+  when there is no CUDA device, before anything imports triton: the interpreter is
+  chosen when the kernels are defined, at import.
+* Without triton: everything here but the import checks is skipped; the module
+  itself must still import (``test_module_imports_without_triton_or_cuda``).
 
 Every case runs every path / kernel variant (``VARIANTS``): the ``triton``
 (auto), ``triton_grouped`` and ``triton_perchannel`` forwards, and the GEMV,
@@ -26,16 +27,15 @@ have fallen back to the baseline kernel.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+#: set by tests/conftest.py when there is no CUDA device
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (leading dims, K, N, group_size, act_mode, bias, dtype)
 CASES = [
@@ -52,24 +52,6 @@ GPU_CASES = CASES + [
     ((1,), 11008, 4096, 128, "static_tensor", False, "float16"),
     ((129,), 1000, 257, 64, "dynamic_token", True, "bfloat16"),
 ]
-
-
-def patch_interpreter_for_numpy2() -> None:
-    """Triton 3.6's interpreter does ``int(ndarray_of_shape_(1,))`` for loop bounds, which
-    numpy >= 2.4 rejects; make ``__index__`` take the single element instead."""
-    import numpy as np
-    from triton.runtime import interpreter as it
-
-    if getattr(it, "_fptq_patched", False) or not hasattr(it, "_patch_lang_tensor"):
-        return
-    orig = it._patch_lang_tensor
-
-    def wrapped(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    it._patch_lang_tensor = wrapped
-    it._fptq_patched = True
 
 
 def _dtype(name):
@@ -204,7 +186,7 @@ def test_module_imports_without_triton_or_cuda():
 
 
 def test_split_plan():
-    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels import triton_common as tw
 
     # decode, K=11008 N=4096: 64 tiles of 64 channels -> split K over the 86 groups
     s, chunk = tw._split_plan(64, 1, 11008, 86, 128, "cpu")
@@ -215,46 +197,54 @@ def test_split_plan():
 
 
 # ------------------------------------------------------------- interpreter
-_INTERP_RESULTS: dict | None = None
+interpreter = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRET),
+    reason="triton is not installed" if not HAS_TRITON else
+    "CUDA is present: test_gpu_* runs the same cases on the GPU (TRITON_INTERPRET is left unset)",
+)
 
 
-def _interp_results() -> dict:
-    global _INTERP_RESULTS
-    if _INTERP_RESULTS is None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-        src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--interpret"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        if proc.returncode != 0:
-            pytest.fail(f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-        _INTERP_RESULTS = json.loads(line[len("RESULTS "):])
-    return _INTERP_RESULTS
+@pytest.fixture(scope="module")
+def interp_case():
+    """``run_case`` on CPU tensors under the interpreter, every variant at once, once per case."""
+    done: dict = {}
+
+    def get(idx: int) -> dict:
+        if idx not in done:
+            done[idx] = run_case(CASES[idx], "cpu")
+        return done[idx]
+
+    return get
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@interpreter
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("idx", range(len(CASES)))
-def test_interpreter_kernels_match_reference(idx, variant):
+def test_interpreter_kernels_match_reference(interp_case, idx, variant):
     """The Triton kernels under TRITON_INTERPRET=1 on CPU tensors."""
-    r = _interp_results()["cases"][idx]
-    assert "error" not in r, r.get("error")
-    _assert_ok(r, variant)
+    _assert_ok(interp_case(idx), variant)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@interpreter
 def test_interpreter_quant_reciprocal_mode():
-    r = _interp_results()["recip"]
-    assert "error" not in r, r.get("error")
+    r = quant_recip_check()
     assert r["scales_equal"] and r["codes_equal"], r
     assert r["differs_from_division"] > 0, r  # the probe case really exercises the difference
 
 
+@interpreter
+def test_interpreter_kernels_are_interpreted():
+    """The kernels were defined in interpreter mode (TRITON_INTERPRET was set before the import)."""
+    from fptq.kernels import triton_grouped, triton_perchannel, triton_quant
+
+    for fn in (triton_grouped._w4a8_gemm_kernel, triton_grouped._w4a8_gemv_kernel,
+               triton_perchannel._int8_gemm_kernel, triton_quant._quant_act_kernel):
+        assert type(fn).__name__ == "InterpretedFunction", type(fn)
+
+
 # --------------------------------------------------------------------- GPU
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON) or INTERPRET,
+                         reason="needs a CUDA device and triton (the CPU runs the interpreter tests instead)")
 
 
 @gpu
@@ -281,21 +271,3 @@ def test_gpu_backend_dispatch():
     assert layer(x).shape == (3, 64)
     for name in ("triton", "triton_grouped", "triton_perchannel"):
         assert run_backend(name, layer, x).dtype == torch.float16
-
-
-if __name__ == "__main__" and "--interpret" in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"
-    patch_interpreter_for_numpy2()
-    import traceback
-
-    out = {"cases": []}
-    for c in CASES:
-        try:
-            out["cases"].append(run_case(c, "cpu"))
-        except Exception:  # report, don't hide
-            out["cases"].append({"case": repr(c), "error": traceback.format_exc()})
-    try:
-        out["recip"] = quant_recip_check()
-    except Exception:
-        out["recip"] = {"error": traceback.format_exc()}
-    print("RESULTS " + json.dumps(out))

@@ -30,6 +30,10 @@ __all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "load_float_mo
 
 
 def cache_dir() -> Path:
+    """Where fptq keeps the GGUF models it converted to Hugging Face directories (``models/<name>``,
+    converted once, on first use): ``$FPTQ_CACHE`` when set, else ``$XDG_CACHE_HOME/fptq``, else
+    ``~/.cache/fptq``. Delete a model's folder to convert it again; the test suite sets
+    ``FPTQ_CACHE`` to a new empty folder, so every run converts the default model from its GGUF."""
     root = os.environ.get("FPTQ_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fptq"
     )

@@ -1,0 +1,211 @@
+"""What the Triton W4A8 kernels share: the optional ``triton`` import, the dispatch
+thresholds, the launch-configuration heuristics (``pick_*_config``, split-K planning), and the
+deterministic split-K reduction (``_splitk_reduce_kernel``: sums the float32 partials in a fixed
+order, then applies the scales and the bias), the epilogue of the split-K grouped kernels and of the
+``int_mm`` per-channel variant.
+
+Imports without triton or CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # optional dependency
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "PATHS",
+    "GEMV_MAX_M",
+    "GROUPED_MAX_M",
+    "PERCHANNEL_IMPL",
+    "pick_config",
+    "pick_gemv_config",
+    "pick_int8_config",
+    "select_path",
+]
+
+#: ``triton_forward(path=...)`` values: "auto" (by M), "grouped" (exact), "perchannel" (int8 cache)
+PATHS = ("auto", "grouped", "perchannel")
+#: grouped path: the CUDA-core GEMV kernel for M <= this, the tensor-core kernel above
+GEMV_MAX_M = 2
+#: auto path: exact grouped kernels for M <= this, the int8 per-channel GEMM above
+GROUPED_MAX_M = 8  # H200 run: at M=16 the int8 per-channel GEMM beat the grouped kernel on 3 of 4 shapes
+#: per-channel GEMM implementation: "triton" (fused epilogue) or "int_mm" (cuBLASLt + epilogue)
+PERCHANNEL_IMPL = "triton"
+#: split-K aims at about this many programs per SM
+_PROGRAMS_PER_SM = 6
+
+
+def require_triton() -> None:
+    """Raise a clear error when the triton package is missing."""
+    if not HAS_TRITON:
+        raise RuntimeError("the 'triton' backend needs the triton package: pip install 'fptq[triton]'")
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 132  # interpreter runs: pretend an H100/H200
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _block_k_for(group_size: int, k: int, bk: int) -> int:
+    """Largest power-of-two <= ``bk`` (>= 32) dividing the group size (multi-group layers)."""
+    if group_size > 0 and -(-k // group_size) > 1:
+        while bk > 32 and group_size % bk:
+            bk //= 2
+    return bk
+
+
+def pick_config(m: int, n: int, k: int, group_size: int) -> dict:
+    """Launch configuration of the tensor-core grouped kernel (``_w4a8_gemm_kernel``) for an
+    ``[m, k] x [k, n]`` product with ``group_size`` (``<= 0``: per-channel).  ``SPLIT_K``
+    None means automatic (:func:`_split_plan`)."""
+    if m <= 16:  # H200 sweep (bench/results/gpu): unswapped, narrow N tiles, no split-K was fastest
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4, SWAP_AB=False)
+        cfg["GROUP_M"] = 8
+        cfg["SPLIT_K"] = 1
+        cfg["BLOCK_K"] = _block_k_for(group_size, k, cfg["BLOCK_K"])
+        return cfg
+    elif m <= 32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SWAP_AB=True)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SWAP_AB=True)
+    elif m <= 256:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, SWAP_AB=False)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, SWAP_AB=False)
+    cfg["GROUP_M"] = 8
+    cfg["SPLIT_K"] = None
+    cfg["BLOCK_K"] = _block_k_for(group_size, k, cfg["BLOCK_K"])
+    return cfg
+
+
+def pick_gemv_config(m: int, n: int, k: int, group_size: int) -> dict:
+    """Launch configuration of the CUDA-core GEMV kernel (``_w4a8_gemv_kernel``)."""
+    # H200 sweep: wide-N layers liked BLOCK_N=64 without split-K, narrow-N ones BLOCK_N=32 with split-K
+    if n >= 8192:
+        cfg = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1, SPLIT_K=1)
+    else:
+        cfg = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, SPLIT_K=None)
+    cfg["BLOCK_K"] = _block_k_for(group_size, k, cfg["BLOCK_K"])
+    return cfg
+
+
+def pick_int8_config(m: int, n: int, k: int) -> dict:
+    """Launch configuration of the int8 per-channel GEMM (``_int8_gemm_kernel``)."""
+    if m <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    elif m <= 128:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    elif m <= 512:  # H200 sweep at M=256
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    else:  # H200 sweep at M=2048
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    cfg["GROUP_M"] = 8
+    return cfg
+
+
+def select_path(m: int) -> str:
+    """Kernel the ``triton`` (auto) backend uses for ``m`` tokens: ``gemv`` / ``grouped``
+    (exact, packed int4) or ``perchannel`` (int8 cache)."""
+    if m > GROUPED_MAX_M:
+        return "perchannel"
+    return "gemv" if m <= GEMV_MAX_M else "grouped"
+
+
+#: minimum K elements per split-K slice
+_MIN_SPLIT_K_ELEMS = 512
+
+
+def _split_plan(tiles: int, m: int, k: int, nunits: int, unit_k: int, device, split_k=None) -> tuple[int, int]:
+    """(number of splits, units per split) over ``nunits`` K units of ``unit_k`` elements."""
+    if split_k is None:
+        target = _PROGRAMS_PER_SM * _num_sms(device)
+        if tiles >= target:
+            s = 1
+        else:
+            s = -(-target // tiles)
+            s = min(s, max(1, nunits // max(1, -(-_MIN_SPLIT_K_ELEMS // unit_k))))
+            # keep the float32 partials' traffic (2 * S * M * N * 4 B) well under the weights' (N * K / 2 B)
+            s = min(s, max(1, k // (32 * max(1, m))))
+    else:
+        s = int(split_k)
+    s = max(1, min(s, nunits))
+    chunk = -(-nunits // s)
+    return -(-nunits // chunk), chunk
+
+
+def _supported(group_size: int, k: int) -> bool:
+    """Whether the grouped kernels handle this grouping (tiles must not straddle groups)."""
+    if group_size <= 0 or -(-k // group_size) == 1:
+        return True
+    return group_size % 32 == 0
+
+
+# ------------------------------------------------ split-K reduction / shared epilogue
+if HAS_TRITON:
+
+    @triton.jit
+    def _splitk_reduce_kernel(
+        P, CS, AS, BIAS, C,
+        M, N, S, stride_cm,
+        PER_TOKEN: tl.constexpr,
+        HAS_COLSCALE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # C = (sum_s P[s]) (* CS[n]) * AS (+ bias), partials summed in a fixed order
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        mask = mask_m[:, None] & mask_n[None, :]
+        p_ptrs = P + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for _s in range(0, S):
+            acc += tl.load(p_ptrs, mask=mask, other=0).to(tl.float32)
+            p_ptrs += M * N
+        if HAS_COLSCALE:
+            cs = tl.load(CS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc * cs[None, :]
+        if PER_TOKEN:
+            sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
+            acc = acc * sx[:, None]
+        else:
+            acc = acc * tl.load(AS)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+def _reduce(partials, x_scale, per_token, bias, c, col_scale=None) -> torch.Tensor:
+    s, m, n = partials.shape
+    bm = min(16, triton.next_power_of_2(m))
+    bn = max(128, 2048 // bm)
+    has_bias = bias is not None
+    _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        partials, col_scale if col_scale is not None else x_scale, x_scale,
+        bias if has_bias else x_scale, c,
+        m, n, s, c.stride(0),
+        PER_TOKEN=per_token, HAS_COLSCALE=col_scale is not None, HAS_BIAS=has_bias,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+    )
+    return c

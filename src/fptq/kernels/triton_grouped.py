@@ -1,0 +1,348 @@
+"""Exact group-wise W4A8 Triton kernels on the packed int4 weights: the tensor-core GEMM
+(``_w4a8_gemm_kernel``, optional operand swap) and the CUDA-core GEMV (``_w4a8_gemv_kernel``), both
+with optional split-K (partials summed by :func:`fptq.kernels.triton_common._reduce`), and their
+launchers :func:`w4a8_matmul` and :func:`w4a8_gemv`."""
+from __future__ import annotations
+
+import torch
+
+from .triton_common import (
+    HAS_TRITON,
+    _reduce,
+    _split_plan,
+    _supported,
+    pick_config,
+    pick_gemv_config,
+    require_triton,
+    tl,
+    triton,
+)
+
+__all__ = ["w4a8_matmul", "w4a8_gemv"]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # [BLOCK_N, BLOCK_K] int8 codes from packed bytes (low nibble = even column)
+        kb = k0 // 2 + offs_kb
+        b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+        bi = b.to(tl.int32)
+        lo = (bi << 28) >> 28
+        hi = (bi << 24) >> 28
+        return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K]).to(tl.int8)
+
+    @triton.jit
+    def _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
+                   PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        # acc: float32 [BLOCK_M, BLOCK_N] (group scales applied)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT:
+            p_ptrs = P + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(p_ptrs, acc, mask=mask)
+        else:
+            if PER_TOKEN:
+                sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
+                acc = acc * sx[:, None]
+            else:
+                acc = acc * tl.load(AS)
+            if HAS_BIAS:
+                bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc = acc + bias[None, :]
+            c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _w4a8_gemm_kernel(
+        A, B, WS, AS, BIAS, C, P,
+        M, N, K, G, GS, CHUNK, NUNITS,
+        stride_am, stride_bn, stride_wsn, stride_cm,
+        PER_TOKEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ONE_GROUP: tl.constexpr,
+        TILES_PER_GROUP: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # Work units along K: K tiles (ONE_GROUP) or groups; split s owns units [s*CHUNK, (s+1)*CHUNK).
+        pid = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_kb = tl.arange(0, BLOCK_K // 2)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        K2 = (K + 1) // 2
+        b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
+        u0 = pid_s * CHUNK
+        u1 = tl.minimum(u0 + CHUNK, NUNITS)
+
+        if SWAP_AB:
+            # acc^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
+            a_cols = A + offs_m.to(tl.int64)[None, :] * stride_am
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if ONE_GROUP:
+                acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+                for u in range(u0, u1):
+                    k0 = u * BLOCK_K
+                    ka = k0 + offs_k
+                    at = tl.load(a_cols + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
+                    w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+                    acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
+                s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+                acc = acc_i.to(tl.float32) * s[:, None]
+            else:
+                for g in range(u0, u1):
+                    acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+                    for t in tl.static_range(TILES_PER_GROUP):
+                        k0 = g * GS + t * BLOCK_K
+                        ka = k0 + offs_k
+                        at = tl.load(a_cols + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
+                        w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+                        acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
+                    s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
+                    acc += acc_i.to(tl.float32) * s[:, None]
+            _store_out(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
+                       PER_TOKEN, HAS_BIAS, SPLIT)
+        else:
+            a_rows = A + offs_m.to(tl.int64)[:, None] * stride_am
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if ONE_GROUP:
+                acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                for u in range(u0, u1):
+                    k0 = u * BLOCK_K
+                    ka = k0 + offs_k
+                    a = tl.load(a_rows + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
+                    w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+                    acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+                s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+                acc = acc_i.to(tl.float32) * s[None, :]
+            else:
+                for g in range(u0, u1):
+                    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                    for t in tl.static_range(TILES_PER_GROUP):
+                        k0 = g * GS + t * BLOCK_K
+                        ka = k0 + offs_k
+                        a = tl.load(a_rows + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
+                        w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+                        acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+                    s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
+                    acc += acc_i.to(tl.float32) * s[None, :]
+            _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
+                       PER_TOKEN, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _w4a8_gemv_kernel(
+        A, B, WS, AS, BIAS, C, P,
+        M, N, K, GS, CHUNK, NUNITS,
+        stride_am, stride_bn, stride_wsn, stride_cm,
+        PER_TOKEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ONE_GROUP: tl.constexpr,
+        TILES_PER_GROUP: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # grid (M, n tiles, splits): the token is the fastest axis, so the programs
+        # sharing a weight tile run together (L2 reuse when M > 1)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        mask_n = offs_n < N
+        K2 = (K + 1) // 2
+        b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
+        x_row = A + pid_m.to(tl.int64) * stride_am
+        u0 = pid_s * CHUNK
+        u1 = tl.minimum(u0 + CHUNK, NUNITS)
+        if ONE_GROUP:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
+            for u in range(u0, u1):
+                k0 = u * BLOCK_K
+                kb = k0 // 2 + offs_j
+                b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+                ke = k0 + 2 * offs_j
+                xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
+                xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
+                bi = b.to(tl.int32)
+                acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
+            s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+            acc = tl.sum(acc2, axis=1).to(tl.float32) * s
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for g in range(u0, u1):
+                acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
+                for t in tl.static_range(TILES_PER_GROUP):
+                    k0 = g * GS + t * BLOCK_K
+                    kb = k0 // 2 + offs_j
+                    b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+                    ke = k0 + 2 * offs_j
+                    xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
+                    xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
+                    bi = b.to(tl.int32)
+                    acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
+                s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
+                acc += tl.sum(acc2, axis=1).to(tl.float32) * s
+        if SPLIT:
+            tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+        else:
+            if PER_TOKEN:
+                acc = acc * tl.load(AS + pid_m)
+            else:
+                acc = acc * tl.load(AS)
+            if HAS_BIAS:
+                acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
+
+
+def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size):
+    m, k = xq.shape
+    if k != in_features:
+        raise ValueError(f"xq has K={k}, expected {in_features}")
+    if qweight.dtype != torch.uint8 or qweight.shape[1] != (k + 1) // 2:
+        raise ValueError("qweight must be packed uint8 [N, ceil(K/2)]")
+    if not _supported(group_size, k):
+        raise ValueError(f"triton kernel needs group_size % 32 == 0 (or one group per row), got {group_size}")
+    per_token = x_scale.dim() > 0
+    x_scale = x_scale.to(torch.float32).contiguous()
+    if per_token:
+        if x_scale.numel() != m:
+            raise ValueError(f"per-token x_scale must have M={m} elements, got {x_scale.numel()}")
+        x_scale = x_scale.reshape(m)
+    return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
+
+
+def w4a8_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scales: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Exact group-wise ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T) (+ bias)`` with
+    packed int4 weights, tensor-core kernel (``_w4a8_gemm_kernel``, optional split-K).
+
+    ``xq``: int8 ``[M, K]``; ``x_scale``: float32 0-d (per-tensor) or ``[M]``
+    (per-token); ``qweight``: uint8 ``[N, ceil(K/2)]``; ``w_scales``: fp16
+    ``[N, G]``; returns ``[M, N]`` in ``out_dtype``.  ``config`` overrides
+    :func:`pick_config` (keys BLOCK_M/N/K, GROUP_M, SWAP_AB, SPLIT_K, num_warps, num_stages).
+    """
+    require_triton()
+    xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
+        xq, x_scale, qweight, w_scales, in_features, group_size)
+    m, k = xq.shape
+    n = qweight.shape[0]
+    g = w_scales.shape[1]
+    one_group = g == 1
+    gs = k if group_size <= 0 else group_size
+    cfg = dict(pick_config(m, n, k, group_size))
+    if config:
+        cfg.update(config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if not one_group and gs % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return c
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if one_group:
+        nunits, unit_k = triton.cdiv(k, bk), bk
+    else:
+        nunits, unit_k = g, gs
+    splits, chunk = _split_plan(tiles, m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else c
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=xq.device) if splits > 1 else c
+    _w4a8_gemm_kernel[(tiles, splits)](
+        xq, qweight, w_scales, x_scale, bias_arg, c, part,
+        m, n, k, g, gs, chunk, nunits,
+        xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0),
+        PER_TOKEN=per_token,
+        HAS_BIAS=has_bias,
+        ONE_GROUP=one_group,
+        TILES_PER_GROUP=1 if one_group else gs // bk,
+        SPLIT=splits > 1,
+        SWAP_AB=bool(cfg.get("SWAP_AB", False)),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
+    return c
+
+
+def w4a8_gemv(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scales: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same maths and arguments as :func:`w4a8_matmul` (exact group-wise), with the
+    CUDA-core GEMV kernel (one token row per program, split-K), meant for M <= 2-4.
+    ``config`` overrides :func:`pick_gemv_config` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
+    require_triton()
+    xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
+        xq, x_scale, qweight, w_scales, in_features, group_size)
+    m, k = xq.shape
+    n = qweight.shape[0]
+    g = w_scales.shape[1]
+    one_group = g == 1
+    gs = k if group_size <= 0 else group_size
+    cfg = dict(pick_gemv_config(m, n, k, group_size))
+    if config:
+        cfg.update(config)
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if not one_group and gs % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return c
+    n_tiles = triton.cdiv(n, bn)
+    if one_group:
+        nunits, unit_k = triton.cdiv(k, bk), bk
+    else:
+        nunits, unit_k = g, gs
+    splits, chunk = _split_plan(n_tiles * m, m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else c
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=xq.device) if splits > 1 else c
+    _w4a8_gemv_kernel[(m, n_tiles, splits)](
+        xq, qweight, w_scales, x_scale, bias_arg, c, part,
+        m, n, k, gs, chunk, nunits,
+        xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0),
+        PER_TOKEN=per_token,
+        HAS_BIAS=has_bias,
+        ONE_GROUP=one_group,
+        TILES_PER_GROUP=1 if one_group else gs // bk,
+        SPLIT=splits > 1,
+        BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
+    return c
