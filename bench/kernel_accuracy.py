@@ -1,10 +1,15 @@
-"""Accuracy of each CPU integer backend against the simulated quantization
-(the `reference` backend) on an fptq checkpoint of the default model:
-logits SQNR and WikiText-2 perplexity on the same windows.
+"""Accuracy of the fast paths against the simulated quantization (the ``reference`` backend) on an fptq
+checkpoint: WikiText-2 perplexity on the same windows, KL divergence and top-1 agreement of the next-token
+distributions against the simulated model, and logits SQNR.
 
-    python bench/kernel_accuracy.py CHECKPOINT [--max-windows 40] [--seqlen 2048]
+Paths: ``reference`` (transformers forward, simulated quantization in float32), ``native`` (transformers forward,
+fptq's AVX-512 VNNI kernels), ``runtime`` (fptq's runtime, :mod:`fptq.runtime`: native kernels, fused stages,
+16-bit embeddings and ``lm_head`` as stored), and optionally the torch integer paths (``int8_grouped``,
+``int8_perchannel``).
 
-Writes bench/results/kernel_accuracy.{json,md}.
+    python bench/kernel_accuracy.py CHECKPOINT [--max-windows 10] [--seqlen 2048] [--name kernel_accuracy]
+
+Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
 
@@ -15,52 +20,59 @@ import torch
 
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
-from fptq.nn import QuantLinear
+from fptq.hf import set_backend
+from fptq.runtime import Engine, EngineLM, load_for_runtime
 
 from common import machine, wikitext_path, write_results
 
 
-def set_backend(model, name):
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.set_backend(name)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--max-windows", type=int, default=10)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--backends", default="reference,int8_perchannel,int8_grouped")
+    ap.add_argument("--paths", default="reference,native,runtime")
+    ap.add_argument("--name", default="kernel_accuracy")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    model = fptq.load(args.checkpoint)
+    torch.set_num_threads(torch.get_num_threads())
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     windows = token_windows(tok, load_eval_text(wikitext_path()), args.seqlen, args.max_windows)
-    probe = windows[:2, :512]
-    rows = {}
-    ref_logits = None
-    for name in args.backends.split(","):
-        set_backend(model, name)
+    model = fptq.load(args.checkpoint, backend="reference")
+    rows, ref_logp = {}, []
+    probe = windows[:1, :512]
+    with torch.inference_mode():
+        ref_logits = model(probe).logits.float()
+    for name in args.paths.split(","):
+        if name == "runtime":
+            lm = EngineLM(Engine(load_for_runtime(args.checkpoint)))
+        else:
+            lm = set_backend(model, name)
         with torch.inference_mode():
-            logits = model(probe).logits.float()
-        if ref_logits is None:
-            ref_logits = logits
+            logits = lm(probe).logits.float()
         sqnr = float(20 * torch.log10(ref_logits.norm() / (ref_logits - logits).norm().clamp_min(1e-30)))
         t = time.perf_counter()
-        r = evaluate_perplexity(model, windows, desc=name)
-        rows[name] = {"ppl": r["ppl"], "logits_sqnr_db_vs_reference": sqnr if name != "reference" else None,
-                      "eval_s": time.perf_counter() - t}
-        print(name, rows[name], flush=True)
-    base = rows["reference"]["ppl"]
-    md = [f"Checkpoint {args.checkpoint}; WikiText-2 first {args.max_windows} windows of {args.seqlen} tokens; "
-          "SQNR of the logits on 2 x 512 tokens against the simulated quantization.", "",
-          "| backend | ppl | vs simulated | logits SQNR (dB) | eval time (s) |", "|---|---|---|---|---|"]
+        with torch.inference_mode():
+            if not ref_logp:
+                r = evaluate_perplexity(lm, windows, desc=name, keep_logprobs=ref_logp)
+            else:
+                r = evaluate_perplexity(lm, windows, desc=name, reference_logprobs=ref_logp)
+        r.update(logits_sqnr_db_vs_reference=sqnr if rows else None, eval_s=time.perf_counter() - t)
+        rows[name] = r
+        print(name, r, flush=True)
+    base = next(iter(rows.values()))["ppl"]
+    md = [f"Checkpoint `{args.checkpoint}`; WikiText-2 first {args.max_windows} windows of {args.seqlen} tokens; "
+          f"KL divergence, top-1 agreement and logits SQNR (1 x 512 tokens) against the first path "
+          f"({next(iter(rows))}); {torch.get_num_threads()} threads.", "",
+          "| path | ppl | vs simulated | KLD | top-1 | logits SQNR (dB) | eval time (s) |", "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         s = "—" if r["logits_sqnr_db_vs_reference"] is None else f"{r['logits_sqnr_db_vs_reference']:.1f}"
-        md.append(f"| {n} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.2f}% | {s} | {r['eval_s']:.0f} |")
-    write_results("kernel_accuracy", {"settings": vars(args), "machine": machine(), "rows": rows}, "\n".join(md) + "\n")
+        kld = f"{r['kld']:.5f}" if "kld" in r else "—"
+        top1 = f"{100 * r['top1']:.2f}%" if "top1" in r else "—"
+        md.append(f"| {n} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.2f}% | {kld} | {top1} | {s} | "
+                  f"{r['eval_s']:.0f} |")
+    write_results(args.name, {"settings": vars(args), "machine": machine(), "rows": rows}, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_compressed_tensors_decompression_is_bit_exact(exported, activations):
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     assert qc.format == ("int-quantized" if activations == "int8" else "pack-quantized")
     sd = load_file(str(out / "model.safetensors"))
-    ref = fptq.load(exported["src"])
+    ref = fptq.load(exported["src"], backend="reference")
     seen = 0
     for scheme in qc.config_groups.values():
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -93,7 +93,7 @@ def test_transformers_loads_w4a8_export(exported):
     hf = AutoModelForCausalLM.from_pretrained(exported["int8"])
     with torch.no_grad():
         got = hf(IDS).logits
-    ref = fptq.load(exported["src"])
+    ref = fptq.load(exported["src"], backend="reference")
     for name in exported["plan"].layers:  # weights decompressed on load are fptq's, bit for bit
         assert torch.equal(hf.get_submodule(name).weight, ref.get_submodule(name).dequantized_weight()), name
 
@@ -106,13 +106,13 @@ def test_transformers_loads_w4a8_export(exported):
             s = x.abs().amax(dim=-1, keepdim=True) / 127.5
             return torch.nn.functional.linear(torch.clamp(torch.round(x / s), -128, 127) * s, self.w, self.b)
 
-    emulated = fptq.load(exported["src"])
+    emulated = fptq.load(exported["src"], backend="reference")
     for name in exported["plan"].layers:
         parent, _, child = name.rpartition(".")
         setattr(emulated.get_submodule(parent), child, CompressedTensorsConvention(emulated.get_submodule(name)))
     with torch.no_grad():
         assert torch.equal(got, emulated(IDS).logits)
-        dynamic = _all_act_mode(fptq.load(exported["src"]), "dynamic_token")(IDS).logits
+        dynamic = _all_act_mode(fptq.load(exported["src"], backend="reference"), "dynamic_token")(IDS).logits
         float_logits = tiny_llama()(IDS).logits
     assert sqnr_db(dynamic, got) > 25
     assert abs(sqnr_db(float_logits, got) - sqnr_db(float_logits, dynamic)) < 1.0
@@ -126,7 +126,7 @@ def test_transformers_loads_w4a16_export_exactly(exported):
 
     hf = AutoModelForCausalLM.from_pretrained(exported["none"])
     with torch.no_grad():
-        assert torch.equal(hf(IDS).logits, _all_act_mode(fptq.load(exported["src"]), "none")(IDS).logits)
+        assert torch.equal(hf(IDS).logits, _all_act_mode(fptq.load(exported["src"], backend="reference"), "none")(IDS).logits)
         assert hf.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
 
 

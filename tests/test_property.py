@@ -36,6 +36,6 @@ def test_quantize_save_load_is_exact(case):
     plan = fptq.quantize(model, config, ids, device="cpu", progress=False, seed=seed)
     ref = model(ids).logits
     with tempfile.TemporaryDirectory() as d:
-        loaded = fptq.load(fptq.save(model, plan, f"{d}/out"))
+        loaded = fptq.load(fptq.save(model, plan, f"{d}/out"), backend="reference")
         assert torch.equal(loaded(ids).logits, ref)
         assert loaded.fptq_plan.to_dict() == plan.to_dict()

@@ -1,12 +1,18 @@
-"""``fptq bench``: end-to-end speed and memory of a W4A8 checkpoint against the
-float model, measured in one process with interleaved repeats (ratios matter,
-absolute times on shared machines do not)."""
+"""``fptq bench``: the seed's Table 2 for the model at hand -- tokens/s of W4A8 (fptq) against the 16-bit model
+(bf16 on CPU, fp16 on GPU), W8A8 (SmoothQuant) and W4A16 checkpoints, for prefill and decode, with the memory
+of each loaded model.
+
+All variants are timed in one process with interleaved repeats (for each repeat, each task, each variant), so
+that a noisy shared machine affects them alike; the table reports medians and ratios of medians to the 16-bit
+baseline. Quantized checkpoints run on fptq's runtime (:mod:`fptq.runtime`) where it supports the
+architecture, else through transformers with fptq's kernels. Rows measured elsewhere (llama.cpp, by
+``bench/peer_llamacpp.py``) can be merged with ``--peer FILE``; they are marked as such.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,164 +20,203 @@ import torch
 
 from .errors import FptqError
 
-
-def tensor_bytes(model) -> int:
-    """Bytes of the model's parameters, buffers and kernel caches (tied tensors once)."""
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        cache = getattr(m, "_cache", None)
-        if isinstance(cache, dict):
-            for v in cache.values():
-                vals = v if isinstance(v, (tuple, list)) else (v,)
-                tensors += [t for t in vals if isinstance(t, torch.Tensor)]
-    for t in tensors:
-        key = (t.data_ptr(), t.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.inference_mode()
-def time_prefill(model, ids: torch.Tensor) -> float:
-    _sync(ids.device)
-    t = time.perf_counter()
-    model(ids, use_cache=False)
-    _sync(ids.device)
-    return time.perf_counter() - t
-
-
-@torch.inference_mode()
-def time_decode(model, batch: int, steps: int, vocab: int, device, prompt_len: int = 32) -> float:
-    """Seconds for ``steps`` single-token steps with a KV cache (after a short prefill)."""
-    from transformers import DynamicCache
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    cache = DynamicCache()
-    import inspect
-
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(ids, use_cache=True, **{cache_kw: cache})
-    nxt = out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        out = model(nxt, use_cache=True, **{cache_kw: cache})
-        nxt = out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    return time.perf_counter() - t
+__all__ = ["run_bench", "bench_prompts", "markdown", "merge_peer", "cmd_bench", "register"]
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
-def run_bench(variants: dict[str, Any], vocab: int, device: str, prefill: list[int], decode_batches: list[int],
-              decode_steps: int, repeats: int, progress: bool = True) -> dict[str, Any]:
-    """Interleaved timings of every variant; returns per-variant stats and ratios to the first variant."""
-    tasks = [("prefill", n) for n in prefill] + [("decode", b) for b in decode_batches]
-    raw: dict[str, dict[str, list[float]]] = {v: {f"{k}_{n}": [] for k, n in tasks} for v in variants}
+def task_names(prefill: list[int], decode_batches: list[int]) -> list[str]:
+    return [f"prefill_{n}" for n in prefill] + [f"decode_b{b}" for b in decode_batches]
+
+
+def bench_prompts(vocab: int, prefill: list[int], decode_batches: list[int], prompt_len: int):
+    """The random token prompts every variant (and ``bench/peer_llamacpp.py``) gets: ``{n: [1, n]}`` for
+    prefill, ``{b: [b, prompt_len]}`` for decode (seed 0)."""
     g = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randint(0, vocab, (1, n), generator=g).to(device) for n in prefill}
-    for model in variants.values():  # warm-up (kernel caches, allocator)
-        time_prefill(model, inputs[prefill[0]][:, :64])
-        time_decode(model, 1, 2, vocab, device)
-    total = repeats * len(tasks) * len(variants)
+    prompts = {n: torch.randint(0, vocab, (1, n), generator=g) for n in prefill}
+    dprompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=g) for b in decode_batches}
+    return prompts, dprompts
+
+
+def run_bench(runners: dict[str, Any], vocab: int, prefill: list[int], decode_batches: list[int], steps: int,
+              prompt_len: int, repeats: int, progress: bool = True) -> dict[str, Any]:
+    """Tokens/s of every runner on every task (see :mod:`fptq.runtime.timing`), interleaved ``repeats`` times;
+    ratios to the first runner."""
+    prompts, dprompts = bench_prompts(vocab, prefill, decode_batches, prompt_len)
+    for r in runners.values():  # warm-up: kernel builds, weight repacking, allocator
+        r.prefill(prompts[prefill[0]][:, :64] if prefill else dprompts[decode_batches[0]][:1, :64])
+        r.decode(dprompts[decode_batches[0]][:1, :16] if decode_batches else prompts[prefill[0]][:, :16], 2)
+    tasks = task_names(prefill, decode_batches)
+    raw: dict[str, dict[str, list[float]]] = {v: {t: [] for t in tasks} for v in runners}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="bench", unit="run")
+        bar = tqdm(total=repeats * len(tasks) * len(runners), desc="bench", unit="run")
     for _ in range(repeats):
-        for kind, n in tasks:
-            for name, model in variants.items():
+        for task in tasks:
+            kind, n = task.split("_")
+            for name, r in runners.items():
                 if kind == "prefill":
-                    raw[name][f"prefill_{n}"].append(n / time_prefill(model, inputs[n]))
+                    raw[name][task].append(int(n) / r.prefill(prompts[int(n)]))
                 else:
-                    raw[name][f"decode_{n}"].append(n * decode_steps / time_decode(model, n, decode_steps, vocab, device))
+                    b = int(n[1:])
+                    raw[name][task].append(b * steps / r.decode(dprompts[b], steps))
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
         bar.close()
-    base = next(iter(variants))
-    results = {}
-    for name in variants:
-        results[name] = {"tokens_per_s": {k: _stats(v) for k, v in raw[name].items()},
-                         "speedup_vs_" + base: {k: statistics.median(v) / statistics.median(raw[base][k])
-                                                for k, v in raw[name].items()},
-                         "tensor_bytes": tensor_bytes(variants[name])}
-    return results
+    base = next(iter(runners))
+    out = {}
+    for name, r in runners.items():
+        med = {t: statistics.median(v) for t, v in raw[name].items()}
+        out[name] = {"tokens_per_s": {t: _stats(v) for t, v in raw[name].items()},
+                     "ratio_vs_baseline": {t: med[t] / statistics.median(raw[base][t]) for t in tasks},
+                     "memory": r.memory(), "path": getattr(r, "path", "")}
+    return out
+
+
+def merge_peer(results: dict[str, Any], peer: dict[str, Any]) -> None:
+    """Add rows measured by another process (``bench/peer_llamacpp.py``) with ratios to this run's baseline."""
+    base = next(iter(results))
+    for name, row in peer.get("results", {}).items():
+        tps = row["tokens_per_s"]
+        ratio = {t: s["median"] / results[base]["tokens_per_s"][t]["median"]
+                 for t, s in tps.items() if t in results[base]["tokens_per_s"]}
+        results[name] = {"tokens_per_s": tps, "ratio_vs_baseline": ratio, "memory": row.get("memory", {}),
+                         "path": row.get("path", "peer"), "separate_process": True}
+
+
+def _cell(row: dict[str, Any], task: str) -> str:
+    s = row["tokens_per_s"].get(task)
+    if s is None:
+        return "—"
+    r = row["ratio_vs_baseline"].get(task)
+    return f"{s['median']:.1f} ({r:.2f}x)" if r is not None else f"{s['median']:.1f}"
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     names = list(results)
     base = names[0]
-    keys = list(results[base]["tokens_per_s"])
-    lines = [f"# fptq bench: {meta.get('checkpoint')}", "",
-             f"device {meta['device']}, torch {meta['torch']}, threads {meta['threads']}, repeats {meta['repeats']}, "
-             f"decode steps {meta['decode_steps']}; tokens/s median (min-max), interleaved", "",
-             "| variant | " + " | ".join(keys) + " | memory (tensors) |", "|---|" + "---|" * (len(keys) + 1)]
+    tasks = meta["tasks"]
+    lines = [f"# fptq bench: {meta['model']}", "",
+             f"device {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, {meta['repeats']} interleaved "
+             f"repeats; decode: {meta['decode_steps']} new tokens after a {meta['prompt_len']}-token prompt per "
+             f"sequence. Tokens/s, median (ratio to {base}).", "",
+             "| variant | " + " | ".join(tasks) + " | Linear weights | model |",
+             "|---|" + "---|" * (len(tasks) + 2)]
     for n in names:
-        cells = [f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})" for s in results[n]["tokens_per_s"].values()]
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {results[n]['tensor_bytes'] / 2**20:.0f} MiB |")
-    lines += ["", f"Speed-up vs {base} (ratio of medians):", "", "| variant | " + " | ".join(keys) + " |",
-              "|---|" + "---|" * len(keys)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{v:.2f}x" for v in results[n]["speedup_vs_" + base].values()) + " |")
-    if meta.get("checkpoint_bytes"):
-        bpw = meta.get("bits_per_weight")
-        lines += ["", f"checkpoint size: {meta['checkpoint_bytes'] / 2**20:.1f} MiB"
-                  + (f" ({bpw:.3f} bits per quantized weight incl. scales)" if bpw else "")]
+        mem = results[n].get("memory", {})
+        lw, mb = mem.get("linear_weight_bytes"), mem.get("model_bytes")
+        lin = f"{lw / 2**20:.1f} MiB ({lw / results[base]['memory']['linear_weight_bytes']:.2f}x)" if lw else "—"
+        mod = f"{mb / 2**20:.0f} MiB" if mb else "—"
+        tag = " †" if results[n].get("separate_process") else ""
+        lines.append(f"| {n}{tag} | " + " | ".join(_cell(results[n], t) for t in tasks) + f" | {lin} | {mod} |")
+    w4a8 = next((n for n in names if n.startswith("W4A8")), None)
+    if w4a8:
+        lines += ["", f"{w4a8}: speed-up over each row (ratio of medians)", "",
+                  "| over | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for n in names:
+            if n == w4a8:
+                continue
+            cells = []
+            for t in tasks:
+                a, b = results[w4a8]["tokens_per_s"].get(t), results[n]["tokens_per_s"].get(t)
+                cells.append(f"{a['median'] / b['median']:.2f}x" if a and b else "—")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if any(r.get("separate_process") for r in results.values()):
+        lines += ["", "† measured by another process (its own venv) right after this run, same prompts, threads "
+                      "and token counts; ratios are to this run's baseline."]
+    paths = {n: r.get("path") for n, r in results.items() if r.get("path")}
+    if paths:
+        lines += ["", "Paths: " + "; ".join(f"{n}: {p}" for n, p in paths.items())]
     return "\n".join(lines) + "\n"
 
 
+def chart(results: dict[str, Any], tasks: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 3, 4))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        vals = [results[n]["ratio_vs_baseline"].get(t, 0) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=n)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel(f"tokens/s relative to {names[0]}")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _runner(model, device: str, runtime: bool, quantized: bool):
+    """fptq's runtime where asked and possible, else the transformers forward."""
+    from .runtime import engine_unsupported_reason
+    from .runtime.timing import EngineRunner, HFRunner
+
+    if runtime and device == "cpu" and engine_unsupported_reason(model) is None:
+        r = EngineRunner(model)
+        r.path = f"fptq runtime ({', '.join(f'{k} x{v}' for k, v in r.engine.linear_kinds().items())})"
+        return r
+    r = HFRunner(model)
+    r.path = "transformers forward" + (" + fptq kernels" if quantized else "")
+    return r
+
+
 def cmd_bench(args) -> int:
-    from .io import PLAN_NAME, REPORT_NAME, load
+    from .io import PLAN_NAME, REPORT_NAME
     from .models.loading import load_float_model
+    from .runtime.loading import load_for_runtime
 
     out = Path(args.checkpoint)
     if not (out / PLAN_NAME).is_file():
         raise FptqError(f"{out} is not an fptq checkpoint (no {PLAN_NAME}); run fptq quantize first")
+    for extra in (args.w8a8, args.w4a16):
+        if extra and not (Path(extra) / PLAN_NAME).is_file():
+            raise FptqError(f"{extra} is not an fptq checkpoint (no {PLAN_NAME}); quantize it with "
+                            "--method smoothquant-w8a8 / rtn-w4a16 first")
     report = json.loads((out / REPORT_NAME).read_text()) if (out / REPORT_NAME).is_file() else {}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     float_src = args.float_model or report.get("source_model")
-    fmodel, _, _ = load_float_model(float_src)
-    variants: dict[str, Any] = {}
-    if device == "cpu":
-        variants["fp32"] = fmodel.float().to(device).eval()
-        if not args.no_bf16:
-            bf, _, _ = load_float_model(float_src, dtype=torch.bfloat16)
-            variants["bf16"] = bf.to(device).eval()
-    else:
-        variants["fp16"] = fmodel.half().to(device).eval()
-    qdtype = torch.float32 if device == "cpu" else torch.float16
-    q = load(out, device=device, backend=args.backend).to(qdtype)
-    variants[f"w4a8 ({args.backend})"] = q
-    for extra in args.compare or []:
-        variants[Path(extra).name] = load(extra, device=device, backend=args.backend).to(qdtype)
-    meta = {"checkpoint": str(out), "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": args.repeats, "decode_steps": args.decode_steps,
-            "checkpoint_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
-            "bits_per_weight": report.get("sizes", {}).get("bits_per_weight")}
-    vocab = q.config.vocab_size
-    res = run_bench(variants, vocab, device, args.prefill, args.decode_batch, args.decode_steps, args.repeats)
-    md = markdown(res, meta)
+    half = torch.bfloat16 if device == "cpu" else torch.float16
+    fmodel, _, _ = load_float_model(float_src, dtype=half)
+    fmodel = fmodel.to(device)
+    label16 = "bf16" if device == "cpu" else "fp16"
+    runners: dict[str, Any] = {f"{label16} (transformers)": _runner(fmodel, device, False, False)}
+    if device == "cpu" and not args.no_runtime_bf16:
+        runners[f"{label16} (fptq runtime)"] = _runner(fmodel, device, True, False)
+    for label, path in (("W4A8 (fptq)", out), ("W8A8 (fptq, SmoothQuant)", args.w8a8), ("W4A16 (fptq)", args.w4a16)):
+        if path:
+            model = load_for_runtime(path, device=device, backend=args.backend)
+            runners[label] = _runner(model, device, not args.no_runtime, True)
+    vocab = fmodel.config.vocab_size
+    results = run_bench(runners, vocab, args.prefill, args.decode_batch, args.decode_steps, args.prompt_len,
+                        args.repeats)
+    for peer in args.peer or []:
+        merge_peer(results, json.loads(Path(peer).read_text()))
+    meta = {"model": str(float_src or "default model"), "checkpoint": str(out), "device": device,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "decode_steps": args.decode_steps, "prompt_len": args.prompt_len,
+            "tasks": task_names(args.prefill, args.decode_batch), "w8a8": args.w8a8, "w4a16": args.w4a16}
+    md = markdown(results, meta)
     print(md)
     if args.out:
         od = Path(args.out)
         od.mkdir(parents=True, exist_ok=True)
-        (od / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2))
+        (od / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         (od / f"{args.name}.md").write_text(md)
-        print(f"wrote {od / args.name}.json and .md")
+        chart(results, meta["tasks"], od / f"{args.name}.png", f"{Path(meta['model']).name}: speed vs {label16}")
+        print(f"wrote {od / args.name}.json, .md and .png")
     return 0
 
 
@@ -180,17 +225,25 @@ def _ints(s: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("bench", help="prefill/decode speed and memory of a checkpoint vs the float model")
-    b.add_argument("checkpoint", help="fptq output directory")
-    b.add_argument("--float-model", default=None, help="float baseline (default: the checkpoint's source_model)")
-    b.add_argument("--compare", nargs="*", help="other fptq checkpoints to time in the same run (e.g. W8A8, W4A16)")
-    b.add_argument("--backend", default="auto", help="QuantLinear backend (default auto)")
+    b = sub.add_parser("bench", help="speed table: W4A8 vs the 16-bit model, W8A8 and W4A16 (prefill, decode, memory)",
+                       description=__doc__.split("\n\n")[0])
+    b.add_argument("checkpoint", help="fptq W4A8 checkpoint (fptq quantize output)")
+    b.add_argument("--w8a8", default=None, help="a smoothquant-w8a8 checkpoint of the same model to time too")
+    b.add_argument("--w4a16", default=None, help="a rtn-w4a16 (or gptq-w4a16) checkpoint of the same model to time too")
+    b.add_argument("--float-model", default=None, help="16-bit baseline (default: the checkpoint's source_model)")
+    b.add_argument("--no-runtime-bf16", action="store_true",
+                   help="skip the 16-bit model on fptq's runtime (shows what the runtime alone brings)")
+    b.add_argument("--no-runtime", action="store_true",
+                   help="time the quantized checkpoints through transformers' forward instead of fptq's runtime")
+    b.add_argument("--peer", nargs="*", help="JSON rows measured elsewhere (bench/peer_llamacpp.py) to merge")
+    b.add_argument("--backend", default="auto", help="QuantLinear backend where the runtime is not used (default auto)")
     b.add_argument("--prefill", type=_ints, default=[512, 2048], help="prompt lengths (default 512,2048)")
-    b.add_argument("--decode-batch", type=_ints, default=[1, 16], help="decode batch sizes (default 1,16)")
-    b.add_argument("--decode-steps", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline on CPU")
+    b.add_argument("--decode-batch", type=_ints, default=[1, 16, 64], help="decode batch sizes (default 1,16,64)")
+    b.add_argument("--decode-steps", type=int, default=128, help="new tokens per decode measurement (default 128)")
+    b.add_argument("--prompt-len", type=int, default=512, help="prompt before decoding (default 512)")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     b.add_argument("--device", default=None)
-    b.add_argument("-o", "--out", default=None, help="directory for JSON and Markdown results")
-    b.add_argument("--name", default="e2e_bench")
+    b.add_argument("-o", "--out", default=None, help="directory for JSON, Markdown and PNG results")
+    b.add_argument("--name", default="speed")
     b.set_defaults(func=cmd_bench)

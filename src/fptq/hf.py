@@ -43,7 +43,8 @@ if QuantizationConfigMixin is not None:
         The per-layer decisions live in the checkpoint's plan file, not here. (transformers 5 ignores a
         config passed to ``from_pretrained`` for a checkpoint that has one, except for its own built-in
         methods, so there are no loading options: the weights are always verified, and the backend is
-        ``reference``; change it afterwards with :func:`set_backend`.)
+        ``auto``, the fastest integer kernels for the device; change it afterwards with :func:`set_backend`,
+        e.g. to ``reference`` for the simulated float32 numerics.)
         """
 
         def __init__(self, plan_file: str = PLAN_NAME, format_version: int = 1, method: str | None = None,
@@ -97,7 +98,7 @@ if QuantizationConfigMixin is not None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            return set_backend(model, "reference")  # also drops any cache filled before the weights arrived
+            return set_backend(model, "auto")  # also drops any cache filled before the weights arrived
 
         def is_serializable(self, *args, **kwargs) -> bool:
             # save_pretrained would not write the plan; fptq.save(model, model.fptq_plan, out) does

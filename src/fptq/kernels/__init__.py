@@ -5,6 +5,10 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
 ``reference``
     simulated quantization in float32 (``QuantLinear.reference_forward``);
     any device.
+``native``
+    CPU (default there when the CPU has AVX-512 VNNI and a C compiler is present): fptq's own kernels, exact
+    group-wise W4A8 on the packed 4-bit codes (repacked once in place; no int8 copy), and W4A16 on the same
+    codes. See :mod:`fptq.kernels.cpu_native` and :mod:`fptq.kernels.native`.
 ``int8_perchannel``
     CPU, ``torch._int_mm`` with the group scales folded into per-channel int8
     weights (fast; one extra rounding of the weights; caches 1 byte/weight).
@@ -27,8 +31,8 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
     (bit-identical to ``quantize_input``) and need ``triton`` (``pip install
     fptq[triton]``) and a CUDA device.  See :mod:`fptq.kernels.triton_w4a8`.
 ``auto``
-    the fastest available backend for the input's device
-    (:func:`default_backend`).
+    the fastest available backend for the input's device (:func:`default_backend`): ``native`` on CPU,
+    else ``int8_grouped`` (exact); ``triton`` on CUDA.
 
 ``run_backend(name, module, x)`` is what ``QuantLinear.forward`` calls.
 """
@@ -48,8 +52,8 @@ __all__ = [
     "BackendUnavailableError",
 ]
 
-BACKENDS = ("reference", "int8_perchannel", "int8_grouped", "triton", "triton_grouped", "triton_perchannel")
-_CPU_BACKENDS = ("int8_perchannel", "int8_grouped")
+BACKENDS = ("reference", "native", "int8_perchannel", "int8_grouped", "triton", "triton_grouped", "triton_perchannel")
+_CPU_BACKENDS = ("native", "int8_perchannel", "int8_grouped")
 _TRITON_BACKENDS = ("triton", "triton_grouped", "triton_perchannel")
 
 
@@ -79,18 +83,24 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     out = ["reference"]
     dev = None if device is None else _as_device(device)
     if dev is None or dev.type == "cpu":
-        out += list(_CPU_BACKENDS)
+        out += [b for b in _CPU_BACKENDS if b != "native" or _native_available()]
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available() and _triton_installed():
         out += list(_TRITON_BACKENDS)
     return out
 
 
+def _native_available() -> bool:
+    from . import native
+
+    return native.available()
+
+
 def default_backend(device: torch.device | str | None = None) -> str:
-    """The fastest available backend for ``device``: ``int8_perchannel`` on CPU,
-    ``triton`` on CUDA when installed, else ``reference``."""
+    """The fastest available backend for ``device``: ``native`` on CPU (``int8_grouped``, exact, where the
+    native kernels cannot run), ``triton`` on CUDA when installed, else ``reference``."""
     dev = _as_device(device)
     if dev.type == "cpu":
-        return "int8_perchannel"
+        return "native" if _native_available() else "int8_grouped"
     if dev.type == "cuda" and torch.cuda.is_available() and _triton_installed():
         return "triton"
     return "reference"
@@ -99,6 +109,11 @@ def default_backend(device: torch.device | str | None = None) -> str:
 def _check(name: str, device: torch.device) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS + ('auto',)}")
+    if name == "native" and device.type == "cpu" and not _native_available():
+        from . import native
+
+        raise BackendUnavailableError(f"backend 'native' cannot run here: {native.unavailable_reason()}; "
+                                      "use 'auto' (falls back to 'int8_grouped') or 'int8_grouped'")
     if name in _CPU_BACKENDS and device.type != "cpu":
         raise BackendUnavailableError(
             f"backend {name!r} runs on CPU tensors only, got a tensor on {device}; "
@@ -125,6 +140,10 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
 def _get_impl(name: str) -> Callable:
     if name == "reference":
         return lambda module, x: module.reference_forward(x)
+    if name == "native":
+        from .cpu_native import native_forward
+
+        return native_forward
     if name == "int8_perchannel":
         from .cpu import int8_perchannel_forward
 

@@ -12,6 +12,11 @@ State (all stored in the checkpoint):
   (unused for dynamic or float activations);
 * ``bias``: optional, in the model's float dtype.
 
+In memory, 4-bit ``qweight`` is in one of two layouts (``weight_layout``): ``rowpair``, the checkpoint's
+(:func:`fptq.quant.pack_int4`), or ``vnni``, the blocked layout of the native CPU kernel
+(:func:`fptq.quant.pack_int4_vnni`, same size), into which the ``native`` backend repacks the codes once, in
+place, so that no second copy of the weights is kept. ``state_dict()`` always gives the checkpoint layout.
+
 ``act_mode`` is one of ``static_tensor`` (also used for LAE layers: the
 equalization is already folded into the weights and the producer of ``x``),
 ``dynamic_token`` or ``none`` (float activations, e.g. W4A16).
@@ -25,9 +30,11 @@ from ..quant import (
     act_qmax,
     dequantize_weight,
     pack_int4,
+    pack_int4_vnni,
     quantize_per_token,
     quantize_static,
     unpack_int4,
+    unpack_int4_vnni,
 )
 
 ACT_MODES = ("static_tensor", "dynamic_token", "none")
@@ -59,6 +66,7 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.act_mode = act_mode
         self.backend = "reference"
+        self.weight_layout = "rowpair"
         g = 1 if group_size <= 0 else -(-in_features // group_size)
         if wbits == 4:
             qw = torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8, device=device)
@@ -102,11 +110,37 @@ class QuantLinear(nn.Module):
         return m
 
     # -------------------------------------------------------------- accessors
+    def _rowpair_shape(self) -> tuple[int, int]:
+        return (self.out_features, (self.in_features + 1) // 2)
+
     def codes(self) -> torch.Tensor:
         """Weight codes as int8 ``[N, K]``."""
         if self.wbits == 4:
+            if self.weight_layout == "vnni":
+                return unpack_int4_vnni(self.qweight, self.out_features, self.in_features)
             return unpack_int4(self.qweight, self.in_features)
         return self.qweight
+
+    def use_vnni_layout(self) -> None:
+        """Repack 4-bit codes, in place, in the native CPU kernel's layout (no-op if already done)."""
+        if self.wbits != 4 or self.weight_layout == "vnni":
+            return
+        packed = pack_int4_vnni(self.codes())
+        self.qweight = packed
+        self.weight_layout = "vnni"
+        self._cache = {}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_layout == "vnni":  # checkpoints always hold the rowpair layout
+            destination[prefix + "qweight"] = pack_int4(self.codes())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.weight_layout == "vnni":  # the incoming tensor is in the checkpoint's layout
+            self.qweight = torch.empty(self._rowpair_shape(), dtype=torch.uint8, device=self.qweight.device)
+            self.weight_layout = "rowpair"
+            self._cache = {}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[N, K]`` weight that the reference path multiplies by."""

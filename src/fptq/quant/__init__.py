@@ -18,7 +18,7 @@ from .equalize import (
     smoothquant_scales,
 )
 from .gptq import HessianAccumulator, gptq_quantize
-from .pack import pack_int4, unpack_int4
+from .pack import pack_int4, pack_int4_vnni, unpack_int4, unpack_int4_vnni, vnni_padded_shape
 from .static_scale import OBSERVERS, choose_static_scale
 from .weights import (
     dequantize_weight,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_int4", "unpack_int4", "pack_int32_offset"]
+__all__ = ["pack_int4", "unpack_int4", "pack_int32_offset", "pack_int4_vnni", "unpack_int4_vnni", "vnni_padded_shape"]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -63,3 +63,40 @@ def pack_int32_offset(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
     words = (u.view(n, -1, per) << shifts).sum(dim=-1)  # 0 .. 2**32-1
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).contiguous()
+
+
+def vnni_padded_shape(n: int, k: int) -> tuple[int, int]:
+    """``(Np, Kp)``: ``n`` rounded up to a multiple of 16, ``k`` to a multiple of 8 (the blocks of the layout below)."""
+    return -(-n // 16) * 16, -(-k // 8) * 8
+
+
+def pack_int4_vnni(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed 4-bit codes ``[N, K]`` (-8..7) in the blocked layout of fptq's native CPU kernel.
+
+    The matrix is zero-padded to ``[Np, Kp]`` (:func:`vnni_padded_shape`) and cut into blocks of 16 rows x 8
+    columns, stored ``[Np/16][Kp/8]``, 64 bytes each: byte ``4*r + j`` of block ``(nb, kb)`` holds
+    ``q[16*nb + r, 8*kb + j] + 8`` in its low nibble and ``q[16*nb + r, 8*kb + 4 + j] + 8`` in its high nibble.
+    One 64-byte load gives two 512-bit operands of unsigned bytes for ``vpdpbusd`` (16 output channels x 4
+    inputs each). Same size as :func:`pack_int4` (half a byte per code, plus the padding)."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4_vnni expects a 2-D code matrix, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4_vnni: codes must lie in -8..7")
+    n, k = q.shape
+    np_, kp = vnni_padded_shape(n, k)
+    u = torch.nn.functional.pad(q.to(torch.int16) + 8, (0, kp - k, 0, np_ - n), value=8).to(torch.uint8)
+    # [nb, r, kb, half, j] -> [nb, kb, r, j, half]
+    u = u.view(np_ // 16, 16, kp // 8, 2, 4).permute(0, 2, 1, 4, 3)
+    return (u[..., 0] | (u[..., 1] << 4)).contiguous().view(np_ // 16, kp // 8, 64)
+
+
+def unpack_int4_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_vnni`: int8 codes ``[n, k]``."""
+    np_, kp = vnni_padded_shape(n, k)
+    if packed.dtype != torch.uint8 or packed.numel() != np_ * kp // 2:
+        raise ValueError(f"unpack_int4_vnni: expected {np_ * kp // 2} uint8 bytes for [{n}, {k}], "
+                         f"got {packed.numel()} {packed.dtype}")
+    b = packed.reshape(np_ // 16, kp // 8, 16, 4)
+    u = torch.stack((b & 0xF, b >> 4), dim=-1)  # [nb, kb, r, j, half]
+    q = u.permute(0, 2, 1, 4, 3).reshape(np_, kp).to(torch.int8) - 8
+    return q[:n, :k].contiguous()

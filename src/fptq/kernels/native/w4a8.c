@@ -1,0 +1,545 @@
+/* fptq native CPU kernels: exact group-wise W4A8 (and W8A8) GEMM with AVX-512 VNNI.
+ *
+ * Built at first use by fptq.kernels.native (gcc -O3 -fopenmp), loaded with ctypes.
+ *
+ * Weights, "vnni" layout (fptq.quant.pack.pack_int4_vnni): the code matrix q [N, K] (values -8..7) is padded to
+ * Np = 16*ceil(N/16) rows and Kp = 8*ceil(K/8) columns; block (nb, kb) holds rows 16*nb..16*nb+15 and columns
+ * 8*kb..8*kb+7 in 64 bytes: byte 4*r + j has q[16*nb + r, 8*kb + j] + 8 in its low nibble and
+ * q[16*nb + r, 8*kb + 4 + j] + 8 in its high nibble. Blocks are stored [nb][kb].
+ * 8-bit weights (pack_int8_vnni): the same blocks with one byte per code: 32 bytes (rows 0..15 x k 0..3) and then
+ * 32 more... i.e. block (nb, kb4) of 64 bytes: byte 4*r + j = q[16*nb + r, 4*kb4 + j] (signed).
+ *
+ * Activations: int8 codes xq [M, Kp] (zero padded), per-token scales sx [M] (static: the same value M times),
+ * and, for 4-bit weights, per-group sums of the codes xsum [M, G].
+ *
+ * y[m, n] = sx[m] * sum_g ws[g, n] * sum_{k in g} xq[m, k] * q[n, k]  (+ bias[n]) (+ y[m, n] when accumulate)
+ * computed as integer dot products per group (vpdpbusd: unsigned (q + 8) times signed xq, the + 8 removed with
+ * -8 * xsum), one float multiply-add per group and output channel: the maths of fptq's reference path, with the
+ * float summation in another order.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define MT_MAX 8
+
+int fptq_native_version(void) { return 4; }
+
+int fptq_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round-to-nearest-even fp32 -> bf16, as torch's .to(torch.bfloat16) */
+static inline __m256i cvt_ps_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+static inline __m512 load16(const void* p, int bf16, int64_t off) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float*)p + off);
+}
+
+static inline __m512 load16_mask(const void* p, int bf16, int64_t off, __mmask16 mk) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)p + off);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mk, (const float*)p + off);
+}
+
+/* ------------------------------------------------------------------ activation quantization
+ * x: [M, K] rows of stride ldx (fp32 or bf16). mode 0: static (scale = *static_scale), 1: dynamic per token
+ * (absmax / qmax, at least 1e-8). q = clamp(round_half_even(x / scale), -qmax, qmax), as torch does.
+ * Writes xq [M, Kp] (zero padded), sx [M], and xsum [M, G] (group sums of the codes, groups of gs) when xsum != 0.
+ */
+static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float static_scale, float qmax,
+                      int gs, int G, int8_t* q, int32_t* xsum, float* sx) {
+    float scale = static_scale;
+    if (mode == 1) {
+        __m512 amax = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xrow, bf16, k)));
+        if (k < K) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_mask(xrow, bf16, k, (__mmask16)((1u << (K - k)) - 1))));
+        float a = _mm512_reduce_max_ps(amax);
+        scale = a / qmax;
+        if (!(scale >= 1e-8f)) scale = 1e-8f; /* clamp_min(1e-8) (NaN stays NaN in torch; not reachable for finite x) */
+    }
+    *sx = scale;
+    const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
+    int k = 0;
+    for (; k < K; k += 16) {
+        int n = K - k < 16 ? K - k : 16;
+        __mmask16 mk = (__mmask16)((n == 16) ? 0xFFFF : ((1u << n) - 1));
+        __m512 v = load16_mask(xrow, bf16, k, mk);
+        v = _mm512_div_ps(v, vs);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
+        _mm_mask_storeu_epi8(q + k, mk, b);
+    }
+    for (k = K; k < Kp; k++) q[k] = 0;
+    if (xsum) {
+        for (int g = 0; g < G; g++) {
+            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
+            int32_t s = 0;
+            for (int kk = k0; kk < k1; kk++) s += q[kk];
+            xsum[g] = s;
+        }
+    }
+}
+
+void fptq_quantize(const void* x, int bf16, int M, int K, int64_t ldx, int mode, float static_scale, float qmax,
+                   int gs, int G, int Kp, int8_t* xq, int32_t* xsum, float* sx, int nthreads) {
+    const int elt = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M >= 8)
+    for (int m = 0; m < M; m++)
+        quant_row((const char*)x + (int64_t)m * ldx * elt, bf16, K, Kp, mode, static_scale, qmax, gs, G,
+                  xq + (int64_t)m * Kp, xsum ? xsum + (int64_t)m * G : 0, sx + m);
+}
+
+/* ------------------------------------------------------------------ GEMM, 4-bit weights */
+static inline void store_out(void* y, int out_bf16, int64_t off, __m512 v, __mmask16 mk, int accumulate) {
+    if (out_bf16) {
+        uint16_t* p = (uint16_t*)y + off;
+        if (accumulate) {
+            __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+            v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+        _mm256_mask_storeu_epi16(p, mk, cvt_ps_bf16(v));
+    } else {
+        float* p = (float*)y + off;
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, p));
+        _mm512_mask_storeu_ps(p, mk, v);
+    }
+}
+
+/* One weight matrix of a (multi-)GEMM call. */
+typedef struct {
+    const uint8_t* w;    /* vnni-packed 4-bit codes, [Np/16][Kp/8][64] */
+    const uint16_t* ws;  /* float16 group scales, transposed and padded: [G][Np] */
+    const float* bias;   /* [N] or NULL */
+    void* y;             /* output rows of stride ldy (elements), fp32 or bf16 */
+    int64_t ldy;
+    int Np, N, accumulate, out_bf16;
+} fptq_mat;
+
+static inline __attribute__((always_inline)) void tile_w4(
+    const int MT, const int8_t* xq, const int32_t* xsum, const float* sx, int Kp, int G, int gs,
+    const fptq_mat* mat, int nb) {
+    __m512 facc[MT_MAX];
+    __m512i iacc[MT_MAX];
+    const __m512i m0f = _mm512_set1_epi8(0x0F);
+    const uint8_t* wblk = mat->w + (int64_t)nb * (Kp / 8) * 64;
+    const int n0 = nb * 16;
+    const uint16_t* ws = mat->ws + n0;
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; t++) facc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const int k0 = g * gs;
+        const int k1 = k0 + gs < Kp ? k0 + gs : Kp;
+#pragma GCC unroll 8
+        for (int t = 0; t < MT; t++) iacc[t] = _mm512_set1_epi32(-8 * xsum[(int64_t)t * G + g]);
+        for (int k = k0; k < k1; k += 8) {
+            const __m512i wp = _mm512_loadu_si512((const void*)(wblk + (int64_t)(k >> 3) * 64));
+            const __m512i wlo = _mm512_and_si512(wp, m0f);
+            const __m512i whi = _mm512_and_si512(_mm512_srli_epi16(wp, 4), m0f);
+#pragma GCC unroll 8
+            for (int t = 0; t < MT; t++) {
+                const int8_t* xr = xq + (int64_t)t * Kp + k;
+                int32_t a, b;
+                memcpy(&a, xr, 4);
+                memcpy(&b, xr + 4, 4);
+                iacc[t] = _mm512_dpbusd_epi32(iacc[t], wlo, _mm512_set1_epi32(a));
+                iacc[t] = _mm512_dpbusd_epi32(iacc[t], whi, _mm512_set1_epi32(b));
+            }
+        }
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + (int64_t)g * mat->Np)));
+#pragma GCC unroll 8
+        for (int t = 0; t < MT; t++) facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), sv, facc[t]);
+    }
+    const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
+    const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+    const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; t++) {
+        __m512 v = _mm512_mul_ps(facc[t], _mm512_set1_ps(sx[t]));
+        if (mat->bias) v = _mm512_add_ps(v, bv);
+        store_out(mat->y, mat->out_bf16, (int64_t)t * mat->ldy + n0, v, mk, mat->accumulate);
+    }
+}
+
+static void tile_w4_dispatch(int mt, const int8_t* xq, const int32_t* xsum, const float* sx, int Kp, int G, int gs,
+                             const fptq_mat* mat, int nb) {
+#define TILE_CASE(T) case T: tile_w4(T, xq, xsum, sx, Kp, G, gs, mat, nb); break;
+    switch (mt) {
+        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
+    }
+#undef TILE_CASE
+}
+
+/* The W4A8 products of one quantized input with nmat weight matrices (q, k and v, say) in one parallel region:
+ * mats[i].y[m, n] (+)= the product of the header, for every m < M and n < mats[i].N. */
+void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
+                    const fptq_mat* mats, int nmat, int nthreads) {
+    int total = 0;
+    int starts[17];
+    if (nmat > 16) return;
+    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 16; }
+    starts[nmat] = total;
+    /* M is cut into chunks so that a chunk of activation rows stays in L2 while the n-blocks stream past */
+    const int mchunk = 256;
+#pragma omp parallel num_threads(nthreads)
+    {
+        for (int mc = 0; mc < M; mc += mchunk) {
+            const int me = mc + mchunk < M ? mc + mchunk : M;
+#pragma omp for schedule(static) nowait
+            for (int j = 0; j < total; j++) {
+                int i = 0;
+                while (j >= starts[i + 1]) i++;
+                const fptq_mat* mat = &mats[i];
+                const int nb = j - starts[i];
+                if (nb * 16 >= mat->N) continue;
+                for (int m = mc; m < me; m += MT_MAX) {
+                    const int mt = me - m < MT_MAX ? me - m : MT_MAX;
+                    fptq_mat sub = *mat;
+                    sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
+                    tile_w4_dispatch(mt, xq + (int64_t)m * Kp, xsum + (int64_t)m * G, sx + m, Kp, G, gs, &sub, nb);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ 4-bit weights, float activations (W4A16)
+ * y[m, n] (+)= sum_g ws[g, n] * sum_{k in g} x[m, k] * q[n, k] (+ bias[n]); x fp32 [M, K] (row stride ldx,
+ * K padded with zeros to Kp by the caller), float multiply-adds. For small M (decode); large M goes through
+ * fptq_dequant_w4 and a bf16 matrix product. */
+static inline __attribute__((always_inline)) void tile_w4f(
+    const int MT, const float* x, int64_t ldx, int Kp, int G, int gs, const fptq_mat* mat, int nb) {
+    __m512 facc[4], gacc[4];
+    const __m512i m0f = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+    const uint8_t* wblk = mat->w + (int64_t)nb * (Kp / 8) * 64;
+    const int n0 = nb * 16;
+    for (int t = 0; t < MT; t++) facc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const int k0 = g * gs;
+        const int k1 = k0 + gs < Kp ? k0 + gs : Kp;
+        for (int t = 0; t < MT; t++) gacc[t] = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k += 8) {
+            const __m512i wp = _mm512_loadu_si512((const void*)(wblk + (int64_t)(k >> 3) * 64));
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const int sh = (j & 3) * 8 + (j >> 2) * 4; /* low nibbles hold k + 0..3, high nibbles k + 4..7 */
+                const __m512 wj = _mm512_cvtepi32_ps(
+                    _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(wp, sh), m0f), eight));
+                for (int t = 0; t < MT; t++)
+                    gacc[t] = _mm512_fmadd_ps(wj, _mm512_set1_ps(x[(int64_t)t * ldx + k + j]), gacc[t]);
+            }
+        }
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mat->ws + n0 + (int64_t)g * mat->Np)));
+        for (int t = 0; t < MT; t++) facc[t] = _mm512_fmadd_ps(gacc[t], sv, facc[t]);
+    }
+    const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
+    const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+    const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
+    for (int t = 0; t < MT; t++) {
+        __m512 v = facc[t];
+        if (mat->bias) v = _mm512_add_ps(v, bv);
+        store_out(mat->y, mat->out_bf16, (int64_t)t * mat->ldy + n0, v, mk, mat->accumulate);
+    }
+}
+
+void fptq_gemm_w4f(const float* x, int64_t ldx, int M, int Kp, int G, int gs, const fptq_mat* mats, int nmat,
+                   int nthreads) {
+    int total = 0;
+    int starts[17];
+    if (nmat > 16) return;
+    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 16; }
+    starts[nmat] = total;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int j = 0; j < total; j++) {
+        int i = 0;
+        while (j >= starts[i + 1]) i++;
+        const fptq_mat* mat = &mats[i];
+        const int nb = j - starts[i];
+        if (nb * 16 >= mat->N) continue;
+        for (int m = 0; m < M; m += 4) {
+            const int mt = M - m < 4 ? M - m : 4;
+            fptq_mat sub = *mat;
+            sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
+            switch (mt) {
+                case 1: tile_w4f(1, x + (int64_t)m * ldx, ldx, Kp, G, gs, &sub, nb); break;
+                case 2: tile_w4f(2, x + (int64_t)m * ldx, ldx, Kp, G, gs, &sub, nb); break;
+                case 3: tile_w4f(3, x + (int64_t)m * ldx, ldx, Kp, G, gs, &sub, nb); break;
+                default: tile_w4f(4, x + (int64_t)m * ldx, ldx, Kp, G, gs, &sub, nb); break;
+            }
+        }
+    }
+}
+
+/* Dequantize vnni-packed 4-bit weights to bf16 [N, K] (row stride ldo): out[n, k] = q[n, k] * ws[g(k), n]. */
+void fptq_dequant_w4(const uint8_t* w, const uint16_t* ws, int Np, int N, int K, int Kp, int gs, uint16_t* out,
+                     int64_t ldo, int nthreads) {
+    const int nblocks = Np / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int nb = 0; nb < nblocks; nb++) {
+        const uint8_t* wblk = w + (int64_t)nb * (Kp / 8) * 64;
+        float buf[16 * 8];
+        for (int kb = 0; kb < Kp / 8; kb++) {
+            const int g = (kb * 8) / gs;
+            const uint8_t* b = wblk + (int64_t)kb * 64;
+            for (int r = 0; r < 16; r++) {
+                const int n = nb * 16 + r;
+                if (n >= N) break;
+                float s;
+                {
+                    __m128i h = _mm_cvtsi32_si128(ws[(int64_t)g * Np + n]);
+                    s = _mm_cvtss_f32(_mm_cvtph_ps(h));
+                }
+                for (int j = 0; j < 4; j++) {
+                    buf[r * 8 + j] = (float)((b[4 * r + j] & 0xF) - 8) * s;
+                    buf[r * 8 + 4 + j] = (float)((b[4 * r + j] >> 4) - 8) * s;
+                }
+                for (int j = 0; j < 8 && kb * 8 + j < K; j++) {
+                    float f = buf[r * 8 + j];
+                    uint32_t u;
+                    memcpy(&u, &f, 4);
+                    u += 0x7FFF + ((u >> 16) & 1);
+                    out[(int64_t)n * ldo + kb * 8 + j] = (uint16_t)(u >> 16);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ fused element-wise stages of the runtime */
+
+/* exp(x) for float32 lanes: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n by scalef (max rel. error a
+ * few ulp; inputs below -87 give 0, above 88 give +inf). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Quantization parameters of the consumer of a stage's output (xq == NULL: the stage writes floats only). */
+typedef struct {
+    int8_t* xq;
+    int32_t* xsum; /* NULL: no group sums (8-bit weights) */
+    float* sx;
+    int mode;      /* 0 static, 1 dynamic per token */
+    float static_scale, qmax;
+    int gs, G, Kp;
+} fptq_qparams;
+
+/* out[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w (float32, into out when out != NULL), then quantized for the
+ * consumer when q->xq != NULL. rows: M x D, x row stride ldx. */
+void fptq_rmsnorm(const float* x, int64_t ldx, int M, int D, const float* w, float eps, float* out,
+                  const fptq_qparams* q, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (M >= 8)
+    {
+        float buf[16384];
+        float* row = D <= 16384 ? buf : 0;
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) {
+            const float* xr = x + (int64_t)m * ldx;
+            float* o = out ? out + (int64_t)m * D : row;
+            if (!o) continue; /* D > 16384 without an output buffer: not supported (the caller checks) */
+            __m512 acc = _mm512_setzero_ps();
+            int k = 0;
+            for (; k + 16 <= D; k += 16) { __m512 v = _mm512_loadu_ps(xr + k); acc = _mm512_fmadd_ps(v, v, acc); }
+            if (k < D) {
+                __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (D - k)) - 1), xr + k);
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps);
+            const __m512 vr = _mm512_set1_ps(r);
+            for (k = 0; k < D; k += 16) {
+                __mmask16 mk = (__mmask16)(D - k >= 16 ? 0xFFFF : ((1u << (D - k)) - 1));
+                __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), vr),
+                                         _mm512_maskz_loadu_ps(mk, w + k));
+                _mm512_mask_storeu_ps(o + k, mk, v);
+            }
+            if (q && q->xq)
+                quant_row(o, 0, D, q->Kp, q->mode, q->static_scale, q->qmax, q->gs, q->G, q->xq + (int64_t)m * q->Kp,
+                          q->xsum ? q->xsum + (int64_t)m * q->G : 0, q->sx + m);
+        }
+    }
+}
+
+/* act[m, f] = silu(gu[m, f]) * gu[m, F + f] (float32, into act when act != NULL), then quantized when q->xq. */
+void fptq_silu_mul(const float* gu, int64_t ldg, int M, int F, float* act, const fptq_qparams* q, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (M >= 4)
+    {
+        float buf[32768];
+        float* row = F <= 32768 ? buf : 0;
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) {
+            const float* g = gu + (int64_t)m * ldg;
+            float* o = act ? act + (int64_t)m * F : row;
+            if (!o) continue;
+            for (int k = 0; k < F; k += 16) {
+                __mmask16 mk = (__mmask16)(F - k >= 16 ? 0xFFFF : ((1u << (F - k)) - 1));
+                __m512 a = _mm512_maskz_loadu_ps(mk, g + k), u = _mm512_maskz_loadu_ps(mk, g + F + k);
+                __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+                _mm512_mask_storeu_ps(o + k, mk, _mm512_mul_ps(s, u));
+            }
+            if (q && q->xq)
+                quant_row(o, 0, F, q->Kp, q->mode, q->static_scale, q->qmax, q->gs, q->G, q->xq + (int64_t)m * q->Kp,
+                          q->xsum ? q->xsum + (int64_t)m * q->G : 0, q->sx + m);
+        }
+    }
+}
+
+/* Rotary embedding and cache write. qkv: [B*T, H*hd | Hkv*hd | Hkv*hd] float32 rows (stride ldq); cos/sin:
+ * [T, hd]. Writes q_out [B, H, T, hd] (rotated), and the rotated keys and the values into kc/vc
+ * [B, Hkv, L, hd] at positions start .. start+T-1 (float32 or bfloat16 caches). rotate_half convention:
+ * out[:h] = x[:h] cos[:h] - x[h:] sin[:h], out[h:] = x[h:] cos[h:] + x[:h] sin[h:]. */
+static inline void rope_row(const float* x, const float* c, const float* s, int hd, float* o) {
+    const int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        o[i] = x[i] * c[i] - x[i + h] * s[i];
+        o[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+    }
+}
+
+static inline void store_row(void* dst, int bf16, int64_t off, const float* src, int n) {
+    if (!bf16) { memcpy((float*)dst + off, src, (size_t)n * 4); return; }
+    uint16_t* d = (uint16_t*)dst + off;
+    for (int i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &src[i], 4);
+        u += 0x7FFF + ((u >> 16) & 1);
+        d[i] = (uint16_t)(u >> 16);
+    }
+}
+
+void fptq_rope_cache(const float* qkv, int64_t ldq, int B, int T, int H, int Hkv, int hd, const float* cos,
+                     const float* sin, float* q_out, void* kc, void* vc, int cache_bf16, int L, int start,
+                     int nthreads) {
+    const int rows = B * T * (H + Hkv);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows >= 256)
+    for (int idx = 0; idx < rows; idx++) {
+        float tmp[512];
+        const int head = idx % (H + Hkv);
+        const int bt = idx / (H + Hkv);
+        const int b = bt / T, t = bt % T;
+        const float* src = qkv + (int64_t)bt * ldq;
+        const float* c = cos + (int64_t)t * hd;
+        const float* s = sin + (int64_t)t * hd;
+        if (head < H) {
+            rope_row(src + (int64_t)head * hd, c, s, hd, q_out + (((int64_t)b * H + head) * T + t) * hd);
+        } else {
+            const int kh = head - H;
+            const int64_t off = (((int64_t)b * Hkv + kh) * L + start + t) * hd;
+            rope_row(src + (int64_t)(H + kh) * hd, c, s, hd, tmp);
+            store_row(kc, cache_bf16, off, tmp, hd);
+            store_row(vc, cache_bf16, off, src + (int64_t)(H + Hkv + kh) * hd, hd);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ attention of one new token per sequence
+ * q: [B, H, hd] float32 (rotated); kc/vc: [B, Hkv, L, hd] (float32 or bfloat16) holding positions 0 .. T-1;
+ * out: [B, H, hd] float32. Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
+ * softmax(q k^T * scale) v with float32 accumulation; hd a multiple of 16. */
+static inline __m512 load_kv(const void* base, int bf16, int64_t off) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float*)base + off);
+}
+
+void fptq_decode_attention(const float* q, const void* kc, const void* vc, int cache_bf16, int B, int H, int Hkv,
+                           int hd, int L, int T, float scale, float* out, int nthreads) {
+    const int G = H / Hkv, nv = hd / 16;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* s = (float*)malloc(sizeof(float) * (size_t)G * T);
+#pragma omp for schedule(static)
+        for (int task = 0; task < B * Hkv; task++) {
+            const int b = task / Hkv, kh = task % Hkv;
+            const int64_t kv0 = ((int64_t)b * Hkv + kh) * L * hd;
+            const float* qg = q + ((int64_t)b * H + (int64_t)kh * G) * hd;
+            for (int t = 0; t < T; t++) {
+                __m512 k[8];
+                for (int j = 0; j < nv; j++) k[j] = load_kv(kc, cache_bf16, kv0 + (int64_t)t * hd + 16 * j);
+                for (int g = 0; g < G; g++) {
+                    __m512 acc = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg + (int64_t)g * hd));
+                    for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(k[j], _mm512_loadu_ps(qg + (int64_t)g * hd + 16 * j), acc);
+                    s[(int64_t)g * T + t] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                float* sg = s + (int64_t)g * T;
+                float mx = -INFINITY;
+                for (int t = 0; t < T; t++) mx = sg[t] > mx ? sg[t] : mx;
+                __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+                int t = 0;
+                for (; t + 16 <= T; t += 16) {
+                    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
+                    _mm512_storeu_ps(sg + t, e);
+                    vsum = _mm512_add_ps(vsum, e);
+                }
+                if (t < T) {
+                    __mmask16 mk = (__mmask16)((1u << (T - t)) - 1);
+                    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + t), vm));
+                    e = _mm512_maskz_mov_ps(mk, e);
+                    _mm512_mask_storeu_ps(sg + t, mk, e);
+                    vsum = _mm512_add_ps(vsum, e);
+                }
+                const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+                for (t = 0; t < T; t++) sg[t] *= inv;
+            }
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                const int gn = G - g0 < 4 ? G - g0 : 4;
+                __m512 acc[4][8];
+                for (int g = 0; g < gn; g++)
+                    for (int j = 0; j < nv; j++) acc[g][j] = _mm512_setzero_ps();
+                for (int t = 0; t < T; t++) {
+                    __m512 v[8];
+                    for (int j = 0; j < nv; j++) v[j] = load_kv(vc, cache_bf16, kv0 + (int64_t)t * hd + 16 * j);
+                    for (int g = 0; g < gn; g++) {
+                        const __m512 p = _mm512_set1_ps(s[(int64_t)(g0 + g) * T + t]);
+                        for (int j = 0; j < nv; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+                    }
+                }
+                for (int g = 0; g < gn; g++)
+                    for (int j = 0; j < nv; j++)
+                        _mm512_storeu_ps(out + ((int64_t)b * H + (int64_t)kh * G + g0 + g) * hd + 16 * j, acc[g][j]);
+            }
+        }
+        free(s);
+    }
+}

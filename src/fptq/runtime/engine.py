@@ -1,0 +1,321 @@
+"""fptq's decoding runtime for LLaMA-shaped models (LLaMA/SmolLM2, Mistral, Qwen2, Qwen3).
+
+transformers' ``generate`` spends most of a decode step of a small model in Python: masks, cache objects,
+hooks, dispatch through many small modules. :class:`Engine` runs the same model with a short, fixed sequence of
+operations per layer on preallocated key/value caches, the Linears that share an input fused into one native
+call (:mod:`fptq.runtime.linear`), the output projections adding straight into the residual stream:
+
+    h = embed(ids)                                  (float32 residual stream)
+    per layer:  x = rmsnorm(h);  q, k, v = qkv(x);  rope(q, k);  cache <- k, v
+                h += o(attention(q, cache));  x = rmsnorm(h);  g, u = gate_up(x);  h += down(silu(g) * u)
+    logits = lm_head(rmsnorm(h))                    (only the positions asked for)
+
+Keys and values are cached in bfloat16 by default (``kv_dtype``; what a bf16 model caches too): decoding a
+batch reads the whole cache every step, so its size sets the speed of large batches. A new token's attention
+is fptq's native kernel (float32 arithmetic on the bfloat16 cache); prompts go through PyTorch's
+scaled_dot_product_attention in float32. The weights stay those of the model (nothing is copied). Numerics: the same quantizers as :class:`~fptq.nn.QuantLinear`'s reference path, so logits match the
+transformers model up to float rounding (tests/runtime).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FptqError
+from ..kernels import native
+from .linear import ModuleGroup, linear_group
+
+__all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason"]
+
+_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def engine_unsupported_reason(model: nn.Module) -> str | None:
+    """Why :class:`Engine` cannot run ``model`` (``None`` if it can)."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in _SUPPORTED:
+        return f"the runtime supports {', '.join(_SUPPORTED)} models, not {mt!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"the runtime supports SiLU MLPs, not {cfg.hidden_act!r}"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model, "lm_head"):
+        return "the model has no model.layers / lm_head"
+    layer = layers[0]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+        try:
+            layer.get_submodule(name)
+        except AttributeError:
+            return f"decoder layers lack {name}"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention is not supported by the runtime"
+    if mt == "mistral" and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention is not supported by the runtime"
+    return None
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, ``[B, Hkv, max_len, head_dim]``; ``length`` positions are filled."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return norm.weight.detach().float(), float(eps)
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * w
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module):
+        at, mlp = layer.self_attn, layer.mlp
+        self.ln1, self.eps1 = _norm_weight(layer.input_layernorm)
+        self.ln2, self.eps2 = _norm_weight(layer.post_attention_layernorm)
+        self.qkv = linear_group([at.q_proj, at.k_proj, at.v_proj])
+        self.o = linear_group([at.o_proj])
+        self.gate_up = linear_group([mlp.gate_proj, mlp.up_proj])
+        self.down = linear_group([mlp.down_proj])
+        self.q_norm = _norm_weight(at.q_norm) if getattr(at, "q_norm", None) is not None else None
+        self.k_norm = _norm_weight(at.k_norm) if getattr(at, "k_norm", None) is not None else None
+        self.dq, self.dkv = at.q_proj.out_features, at.k_proj.out_features
+        self.ffn = mlp.gate_proj.out_features
+
+    def groups(self) -> list[ModuleGroup]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+
+class Engine:
+    """Prefill and decode of a LLaMA-shaped causal LM (quantized by fptq or float) with preallocated caches.
+
+    ``engine = Engine(model)``; ``cache = engine.new_cache(batch, max_len)``;
+    ``logits = engine.forward(ids, cache)`` (``ids`` ``[B, T]`` continue the cached sequence; logits of the last
+    position by default); ``engine.generate(ids, max_new_tokens=...)``.
+    """
+
+    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16):
+        reason = engine_unsupported_reason(model)
+        if reason is not None:
+            raise FptqError(f"cannot run this model with fptq's runtime: {reason}; use the transformers model "
+                            "(fptq.load(OUT)) instead")
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        at0 = model.model.layers[0].self_attn
+        self.head_dim = getattr(at0, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scaling = float(getattr(at0, "scaling", 1.0 / math.sqrt(self.head_dim)))
+        self.kv_dtype = kv_dtype
+        self.layers = [_Layer(layer) for layer in model.model.layers]
+        self.embed = model.model.embed_tokens
+        self.final_norm, self.final_eps = _norm_weight(model.model.norm)
+        self.lm_head = model.lm_head
+        self.rotary = model.model.rotary_emb
+        self._rope_len = 0
+        self._cos = self._sin = None
+        self._native = native.available()
+
+    # ----------------------------------------------------------------- state
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        n = len(self.layers)
+        return KVCache([torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)],
+                       [torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)])
+
+    def _rope(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if end > self._rope_len:
+            n = max(end, 2 * self._rope_len, 256)
+            pos = torch.arange(n).unsqueeze(0)
+            dummy = torch.zeros(1, dtype=torch.float32)
+            cos, sin = self.rotary(dummy, pos)
+            self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+            self._rope_len = n
+        return self._cos, self._sin
+
+    def linear_kinds(self) -> dict[str, int]:
+        """How many Linear groups run on each path (``w4a8``, ``w4a16``, ``int8``, ``float``, ``module``)."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for g in layer.groups():
+                out[g.kind] = out.get(g.kind, 0) + 1
+        return out
+
+    # --------------------------------------------------------------- compute
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T, H, D]``; cos/sin ``[T, D]``."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        rot = torch.cat((-x2, x1), dim=-1)
+        return x * cos[:, None, :] + rot * sin[:, None, :]
+
+    def _attention(self, q, cache: KVCache, li: int, start: int, t: int) -> torch.Tensor:
+        """q ``[B, H, T, D]`` float32 at positions ``start .. start+T-1`` over the cached keys ``0 .. start+T-1``;
+        returns ``[B, H, T, D]``."""
+        end = start + t
+        if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
+            return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
+                                           end, self.scaling).unsqueeze(2)
+        k = cache.keys[li][:, :, :end]
+        v = cache.values[li][:, :, :end]
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_kv != self.n_heads
+        if t == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=gqa)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=gqa)
+        mask = (torch.arange(t)[:, None] + start) >= torch.arange(end)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
+
+    def _norm_into(self, h, w, eps, group, m):
+        """rmsnorm of the residual stream, quantized straight for ``group`` where it can take that."""
+        if not self._native:
+            return _rmsnorm(h, w, eps), None
+        q = group.quant_out(m)
+        return native.rmsnorm(h, w, eps, quant=q), q
+
+    @staticmethod
+    def _run(group, x, q, outs, accumulate=False):
+        if q is not None:
+            group.run_quantized(q, outs, accumulate=accumulate)
+        else:
+            group(x, outs, accumulate=accumulate)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor | None:
+        """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
+
+        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``) or ``"none"``."""
+        b, t = ids.shape
+        start = cache.length
+        if b != cache.batch:
+            raise ValueError(f"ids have batch {b}, the cache {cache.batch}")
+        if start + t > cache.max_len:
+            raise FptqError(f"the sequence would reach {start + t} tokens, the cache holds {cache.max_len}; "
+                            "make a longer cache")
+        cos_all, sin_all = self._rope(start + t)
+        cos, sin = cos_all[start:start + t], sin_all[start:start + t]
+        m = b * t
+        h = self.embed(ids).float().reshape(m, -1)
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        for li, layer in enumerate(self.layers):
+            dq, dkv, ffn = layer.dq, layer.dkv, layer.ffn
+            x, q8 = self._norm_into(h, layer.ln1, layer.eps1, layer.qkv, m)
+            qkv = torch.empty(m, dq + 2 * dkv)
+            self._run(layer.qkv, x, q8, [qkv[:, :dq], qkv[:, dq:dq + dkv], qkv[:, dq + dkv:]])
+            if self._native and layer.q_norm is None:
+                q = torch.empty(b, nh, t, hd)
+                native.rope_cache(qkv, b, t, nh, nkv, hd, cos, sin, q, cache.keys[li], cache.values[li], start)
+            else:
+                q = qkv[:, :dq].view(b, t, nh, hd)
+                k = qkv[:, dq:dq + dkv].view(b, t, nkv, hd)
+                v = qkv[:, dq + dkv:].view(b, t, nkv, hd)
+                if layer.q_norm is not None:
+                    q = _rmsnorm(q, *layer.q_norm)
+                    k = _rmsnorm(k, *layer.k_norm)
+                q = self._apply_rope(q, cos, sin).transpose(1, 2)
+                k = self._apply_rope(k, cos, sin)
+                cache.keys[li][:, :, start:start + t] = k.transpose(1, 2)
+                cache.values[li][:, :, start:start + t] = v.transpose(1, 2)
+            a = self._attention(q, cache, li, start, t)
+            a = a.transpose(1, 2).reshape(m, dq)
+            layer.o(a, [h], accumulate=True)
+            x, q8 = self._norm_into(h, layer.ln2, layer.eps2, layer.gate_up, m)
+            gu = torch.empty(m, 2 * ffn)
+            self._run(layer.gate_up, x, q8, [gu[:, :ffn], gu[:, ffn:]])
+            if self._native:
+                q8 = layer.down.quant_out(m)
+                act = native.silu_mul(gu, ffn, quant=q8)
+            else:
+                q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])
+            self._run(layer.down, act, q8, [h], accumulate=True)
+        cache.length = start + t
+        if logits == "none":
+            return None
+        h = h.view(b, t, -1)
+        if logits == "last":
+            h = h[:, -1]
+        h = _rmsnorm(h, self.final_norm, self.final_eps)
+        w = self.lm_head.weight
+        out = F.linear(h.to(w.dtype), w, self.lm_head.bias)
+        return out.float()
+
+    # -------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 64, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+        """Continue ``ids`` ``[B, T]`` by up to ``max_new_tokens`` tokens (greedy, or sampled with
+        ``temperature``/``top_p``); stops when every row has produced an EOS token. ``on_token(tokens [B])`` is
+        called after each step (streaming). Returns ``[B, T + n]``."""
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        b, t = ids.shape
+        cache = self.new_cache(b, t + max_new_tokens)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        done = torch.zeros(b, dtype=torch.bool)
+        out = [ids]
+        logits = self.forward(ids, cache)
+        for step in range(max_new_tokens):
+            nxt = _pick(logits, do_sample, temperature, top_p, generator)
+            if eos:
+                nxt = torch.where(done, torch.tensor(next(iter(eos))), nxt)
+                done |= torch.isin(nxt, torch.tensor(sorted(eos)))
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.forward(nxt[:, None], cache)
+        return torch.cat(out, dim=1)
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class EngineLM:
+    """An :class:`Engine` seen as a causal LM for evaluation code: ``lm(ids).logits`` (``[B, T, V]``) runs
+    ``ids`` through a fresh cache; ``parameters()`` are the model's."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def parameters(self):
+        return self.engine.model.parameters()
+
+    def __call__(self, ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        cache = self.engine.new_cache(ids.shape[0], ids.shape[1])
+        return SimpleNamespace(logits=self.engine.forward(ids, cache, logits="all"))

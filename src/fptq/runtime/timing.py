@@ -1,0 +1,122 @@
+"""What ``fptq bench`` times: prefill and decode of one model, through transformers or fptq's runtime.
+
+Every runner does the same work: *prefill n* processes an ``n``-token prompt into an empty cache and returns
+the logits of the last position (what generation does); *decode b* prefills a ``b x prompt_len`` prompt
+(untimed) and then times ``steps`` greedy single-token steps of the ``b`` sequences.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+from .engine import Engine
+
+__all__ = ["HFRunner", "EngineRunner", "linear_weight_bytes", "tensor_bytes"]
+
+
+def _tensors_of(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
+    ts = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
+    mods = module.modules() if recurse else [module]
+    for m in mods:
+        cache = getattr(m, "_cache", None)
+        if isinstance(cache, dict):
+            for v in cache.values():
+                stack = [v]
+                while stack:
+                    x = stack.pop()
+                    if isinstance(x, torch.Tensor):
+                        ts.append(x)
+                    elif isinstance(x, (tuple, list)):
+                        stack.extend(x)
+                    elif hasattr(x, "__dict__") and not isinstance(x, nn.Module):
+                        stack.extend(v for v in vars(x).values() if isinstance(v, (torch.Tensor, tuple, list)))
+    return ts
+
+
+def _unique_bytes(ts: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in ts:
+        if t.is_meta:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters, buffers and kernel caches (tied tensors once)."""
+    return _unique_bytes(_tensors_of(model))
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder layers' Linears: weights, scales, biases and any kernel caches derived from them
+    (``lm_head`` and embeddings excluded)."""
+    layers = model.get_submodule("model.layers")
+    ts: list[torch.Tensor] = []
+    for m in layers.modules():
+        if isinstance(m, (QuantLinear, nn.Linear)):
+            ts += _tensors_of(m, recurse=False)
+    return _unique_bytes(ts)
+
+
+class HFRunner:
+    """A transformers model, its own forward and ``DynamicCache`` (what ``generate`` uses by default)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    def _call(self, ids, cache):
+        return self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> float:
+        from transformers import DynamicCache
+
+        t = time.perf_counter()
+        self._call(ids, DynamicCache(config=self.model.config))
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def decode(self, prompt: torch.Tensor, steps: int) -> float:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        nxt = self._call(prompt, cache)[:, -1].argmax(-1, keepdim=True)
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = self._call(nxt, cache)[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - t
+
+    def memory(self) -> dict[str, int]:
+        return {"linear_weight_bytes": linear_weight_bytes(self.model), "model_bytes": tensor_bytes(self.model)}
+
+
+class EngineRunner:
+    """fptq's runtime (:class:`~fptq.runtime.Engine`) over a model."""
+
+    def __init__(self, model: nn.Module, **engine_kw):
+        self.model = model
+        self.engine = Engine(model, **engine_kw)
+
+    def prefill(self, ids: torch.Tensor) -> float:
+        cache = self.engine.new_cache(ids.shape[0], ids.shape[1])
+        t = time.perf_counter()
+        self.engine.forward(ids, cache)
+        return time.perf_counter() - t
+
+    def decode(self, prompt: torch.Tensor, steps: int) -> float:
+        cache = self.engine.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+        nxt = self.engine.forward(prompt, cache).argmax(-1, keepdim=True)
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = self.engine.forward(nxt, cache).argmax(-1, keepdim=True)
+        return time.perf_counter() - t
+
+    def memory(self) -> dict[str, int]:
+        return {"linear_weight_bytes": linear_weight_bytes(self.model), "model_bytes": tensor_bytes(self.model)}

@@ -1,0 +1,203 @@
+"""fptq's native CPU kernels (AVX-512 VNNI, built at first use) against the torch reference maths."""
+import pytest
+import torch
+
+from fptq.kernels import native
+from fptq.nn import QuantLinear
+from fptq.quant import (dequantize_weight, pack_int4, pack_int4_vnni, quantize_per_token, quantize_static,
+                        unpack_int4_vnni, vnni_padded_shape)
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+
+def _weights(n, k, gs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    groups = -(-k // gs)
+    s = (torch.rand(n, groups, generator=g) * 0.01 + 1e-3).half()
+    np_, _ = vnni_padded_shape(n, k)
+    ws = torch.zeros(groups, np_, dtype=torch.float16)
+    ws[:, :n] = s.t()
+    return q, s, pack_int4_vnni(q), ws
+
+
+@pytest.mark.parametrize("n,k", [(16, 8), (48, 200), (37, 61), (1536, 576)])
+def test_vnni_pack_roundtrip_and_size(n, k):
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+    p = pack_int4_vnni(q)
+    assert torch.equal(unpack_int4_vnni(p, n, k), q)
+    np_, kp = vnni_padded_shape(n, k)
+    assert p.numel() == np_ * kp // 2  # half a byte per code, like the checkpoint layout
+
+
+def test_vnni_layout_matches_its_definition():
+    q = torch.randint(-8, 8, (32, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    p = pack_int4_vnni(q)
+    nb, kb, r, j = 1, 2, 5, 3
+    byte = int(p[nb, kb, 4 * r + j])
+    assert (byte & 0xF) - 8 == int(q[16 * nb + r, 8 * kb + j])
+    assert (byte >> 4) - 8 == int(q[16 * nb + r, 8 * kb + 4 + j])
+
+
+def test_vnni_pack_rejects_out_of_range_codes():
+    with pytest.raises(ValueError, match="-8..7"):
+        pack_int4_vnni(torch.full((16, 8), 9, dtype=torch.int8))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 576), (7, 61), (33, 200)])
+def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k):
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 5).to(dtype)
+    x[0, 3] = 0.5 * 0.04  # a tie: round half to even, as torch.round
+    gs, kp = 64, vnni_padded_shape(16, k)[1]
+    groups = -(-k // gs)
+    xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
+    ref, rs = quantize_per_token(x)
+    assert torch.equal(xq[:, :k], ref) and torch.equal(sx, rs[:, 0]) and not xq[:, k:].any()
+    assert torch.equal(xs, torch.stack([ref[:, g * gs:(g + 1) * gs].int().sum(1) for g in range(groups)], 1))
+    scale = torch.tensor(0.04)
+    xq, _, sx = native.quantize(x, kp, "static_tensor", scale, 127, gs, groups)
+    assert torch.equal(xq[:, :k], quantize_static(x, scale)) and torch.all(sx == 0.04)
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n,gs", [(1, 576, 1536, 64), (5, 200, 40, 64), (9, 576, 192, 128), (70, 64, 96, 32),
+                                      (300, 128, 48, 128)])
+@pytest.mark.parametrize("mode", ["static_tensor", "dynamic_token"])
+def test_w4a8_gemm_matches_the_reference_maths(m, k, n, gs, mode):
+    q, s, p, ws = _weights(n, k, gs)
+    bias = torch.randn(n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    kp, groups = p.shape[1] * 8, ws.shape[0]
+    scale = torch.tensor(0.03)
+    xq, xs, sx = native.quantize(x, kp, mode, scale, 127, gs, groups)
+    xr, sr = (quantize_static(x, scale), scale) if mode == "static_tensor" else quantize_per_token(x)
+    ref = (xr.float() * sr) @ dequantize_weight(q, s, gs).t() + bias
+    out = torch.empty(m, n)
+    native.W4A8Gemm([(p, ws, bias, n)], gs)(xq, xs, sx, [out])
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_native
+def test_w4a8_multi_gemm_writes_column_slices_and_accumulates():
+    k, gs = 128, 64
+    mats, refs = [], []
+    x = torch.randn(4, k)
+    for i, n in enumerate((64, 32, 32)):
+        q, s, p, ws = _weights(n, k, gs, seed=i)
+        mats.append((p, ws, None, n))
+        refs.append((q, s))
+    gemm = native.W4A8Gemm(mats, gs)
+    xq, xs, sx = native.quantize(x, k, "dynamic_token", None, 127, gs, 2)
+    xr, sr = quantize_per_token(x)
+    buf = torch.ones(4, 128)
+    gemm(xq, xs, sx, [buf[:, :64], buf[:, 64:96], buf[:, 96:]], accumulate=True)
+    ref = torch.cat([(xr.float() * sr) @ dequantize_weight(q, s, gs).t() for q, s in refs], 1) + 1
+    assert (buf - ref).abs().max() <= 1e-5 * ref.abs().max()
+    out16 = torch.zeros(4, 128, dtype=torch.bfloat16)
+    gemm(xq, xs, sx, [out16[:, :64], out16[:, 64:96], out16[:, 96:]])
+    assert (out16.float() - (ref - 1)).abs().max() <= 2 ** -8 * (ref - 1).abs().max()  # bf16 rounding of the output
+
+
+@needs_native
+def test_w4a16_gemm_and_dequantize():
+    n, k, gs = 80, 200, 64
+    q, s, p, ws = _weights(n, k, gs)
+    w = dequantize_weight(q, s, gs)
+    assert torch.equal(native.dequantize_w4(p, ws, n, k, gs), w.to(torch.bfloat16))
+    x = torch.randn(3, k)
+    out = torch.empty(3, n)
+    native.W4A16Gemm([(p, ws, None, n)], gs)(torch.nn.functional.pad(x, (0, p.shape[1] * 8 - k)), [out])
+    ref = x @ w.t()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_native
+def test_fused_stages_match_torch():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 100, generator=g) * 4, torch.rand(100, generator=g) + 0.5
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    out = native.rmsnorm(x, w, 1e-5)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    q = native.QuantOut.make(5, 104, "dynamic_token", None, 127, 32, 4)
+    native.rmsnorm(x, w, 1e-5, quant=q)
+    assert torch.equal(q.tensors[0][:, :100], quantize_per_token(out)[0])
+    gu = torch.randn(5, 2 * 70, generator=g) * 6
+    act = native.silu_mul(gu, 70)
+    assert torch.allclose(act, torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_write(cache_dtype):
+    b, t, h, hkv, hd, start, length = 2, 3, 4, 2, 16, 5, 12
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b * t, (h + 2 * hkv) * hd, generator=g)
+    ang = torch.rand(t, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q = torch.empty(b, h, t, hd)
+    kc, vc = torch.zeros(b, hkv, length, hd, dtype=cache_dtype), torch.zeros(b, hkv, length, hd, dtype=cache_dtype)
+    native.rope_cache(qkv, b, t, h, hkv, hd, cos, sin, q, kc, vc, start)
+
+    def rope(x):  # [B, T, H, D]
+        rot = torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1)
+        return x * cos[:, None] + rot * sin[:, None]
+
+    qr = rope(qkv[:, :h * hd].view(b, t, h, hd)).transpose(1, 2)
+    kr = rope(qkv[:, h * hd:(h + hkv) * hd].view(b, t, hkv, hd)).transpose(1, 2)
+    vr = qkv[:, (h + hkv) * hd:].view(b, t, hkv, hd).transpose(1, 2)
+    assert torch.allclose(q, qr, atol=1e-6)
+    tol = 1e-6 if cache_dtype == torch.float32 else 2 ** -8 * kr.abs().max()
+    assert (kc[:, :, start:start + t].float() - kr).abs().max() <= tol
+    assert torch.equal(vc[:, :, start:start + t], vr.to(cache_dtype))
+    assert not kc[:, :, :start].any() and not vc[:, :, start + t:].any()
+
+
+@needs_native
+def test_quantlinear_native_backend_keeps_one_copy_and_saves_the_checkpoint_layout():
+    q, s, _, _ = _weights(48, 100, 32)
+    lin = QuantLinear.from_codes(q, s, wbits=4, group_size=32, abits=8, act_mode="dynamic_token",
+                                 bias=torch.randn(48))
+    x = torch.randn(3, 100)
+    ref = lin(x)
+    canonical = lin.qweight.clone()
+    lin.set_backend("native")
+    y = lin(x)
+    assert lin.weight_layout == "vnni" and lin.qweight.numel() == vnni_padded_shape(48, 100)[0] * 104 // 2
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(lin.codes(), q)
+    sd = lin.state_dict()
+    assert torch.equal(sd["qweight"], canonical) and torch.equal(sd["qweight"], pack_int4(q))
+    fresh = QuantLinear(100, 48, group_size=32, act_mode="dynamic_token", bias=True)
+    fresh.set_backend("native")
+    fresh(x)  # repacks its zero weights
+    fresh.load_state_dict(sd)
+    assert fresh.weight_layout == "rowpair" and torch.equal(fresh(x), y)
+
+
+def test_native_can_be_disabled(monkeypatch):
+    from fptq.kernels import default_backend
+
+    monkeypatch.setenv("FPTQ_NATIVE", "0")
+    native._load.cache_clear()
+    try:
+        assert not native.available() and "FPTQ_NATIVE" in native.unavailable_reason()
+        assert default_backend("cpu") == "int8_grouped"
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("b,h,hkv,hd,length,dtype", [(1, 9, 3, 64, 640, torch.float32), (4, 9, 3, 64, 37, torch.bfloat16),
+                                                     (2, 14, 2, 64, 1, torch.bfloat16), (3, 4, 4, 128, 17, torch.float32)])
+def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(b, h, hd, generator=g)
+    k, v = (torch.randn(b, hkv, length + 5, hd, generator=g).to(dtype) for _ in range(2))
+    k[:, :, length:] = float("nan")  # positions past the length are never read
+    out = native.decode_attention(q, k, v, length, 0.125)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k[:, :, :length].float(),
+                                                           v[:, :, :length].float(), scale=0.125, enable_gqa=True)
+    assert (out - ref[:, :, 0]).abs().max() < 1e-5

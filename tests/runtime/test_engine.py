@@ -1,0 +1,121 @@
+"""fptq's decoding runtime (fptq.runtime.Engine) against the transformers model it runs."""
+import pytest
+import torch
+
+import fptq
+from fptq.errors import FptqError
+from fptq.runtime import Engine, engine_unsupported_reason
+
+from ..conftest import make_tokenizer, sqnr_db, tiny_llama
+
+
+def _checkpoint(tmp_path, method="fptq", model=None, **kw):
+    model = model if model is not None else tiny_llama()
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    if method != "smoothquant-w8a8":  # W8A8 keeps its per-channel weights
+        kw.setdefault("group_size", 32)
+    cfg = fptq.method_config(method, thresholds=(2.0, 20.0), **kw)
+    plan = fptq.quantize(model, cfg, ids, device="cpu", progress=False)
+    return fptq.save(model, plan, tmp_path / method, tokenizer=make_tokenizer(), report={"source_model": None})
+
+
+def _ids(b=2, t=24, seed=1):
+    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, _tiny_qwen2])
+def test_float_engine_matches_transformers(make):
+    model = make()
+    ids = _ids()
+    with torch.inference_mode():
+        ref = model(ids).logits
+    eng = Engine(model, kv_dtype=torch.float32)
+    cache = eng.new_cache(2, 40)
+    out = eng.forward(ids, cache, logits="all")
+    assert sqnr_db(ref, out) > 80
+    assert cache.length == 24
+    steps = torch.stack([eng.forward(ids[:, i:i + 1], eng_cache) for eng_cache in [eng.new_cache(2, 24)]
+                         for i in range(24)], 1)
+    assert sqnr_db(ref, steps) > 80  # decode attention (native kernel) on a float32 cache
+    bf16 = Engine(model)  # the default bfloat16 cache: keys/values rounded to bf16
+    assert 35 < sqnr_db(ref, bf16.forward(ids, bf16.new_cache(2, 24), logits="all")) < 80
+
+
+def test_float_engine_greedy_generation_equals_transformers_generate():
+    model = tiny_llama()
+    ids = _ids(1, 8)
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(Engine(model, kv_dtype=torch.float32).generate(ids, max_new_tokens=12), ref)
+
+
+@pytest.mark.parametrize("method,kind", [("fptq", "w4a8"), ("rtn-w4a16", "w4a16"), ("smoothquant-w8a8", "int8")])
+def test_quantized_engine_tracks_the_simulated_model(tmp_path, method, kind):
+    from fptq.kernels import native
+
+    out = _checkpoint(tmp_path, method)
+    ref_model = fptq.load(out, backend="reference")
+    ids = _ids()
+    with torch.inference_mode():
+        ref = ref_model(ids).logits
+    eng = Engine(fptq.load(out))
+    if native.available() or kind == "int8":
+        assert kind in eng.linear_kinds()
+    got = eng.forward(ids, eng.new_cache(2, 24), logits="all")
+    assert sqnr_db(ref, got) > 25
+
+
+def test_decode_steps_and_chunked_prefill_agree_with_one_prefill(tmp_path):
+    eng = Engine(fptq.load(_checkpoint(tmp_path)))
+    ids = _ids(2, 20)
+    full = eng.forward(ids, eng.new_cache(2, 20), logits="all")
+    cache = eng.new_cache(2, 20)
+    first = eng.forward(ids[:, :12], cache, logits="all")
+    rest = eng.forward(ids[:, 12:], cache, logits="all")
+    assert sqnr_db(full, torch.cat([first, rest], 1)) > 25
+    cache = eng.new_cache(2, 20)
+    steps = torch.stack([eng.forward(ids[:, i:i + 1], cache) for i in range(20)], 1)
+    assert sqnr_db(full, steps) > 25
+    assert (full.argmax(-1) == steps.argmax(-1)).float().mean() > 0.9
+
+
+def test_generation_is_deterministic_and_stops_at_eos(tmp_path):
+    eng = Engine(fptq.load(_checkpoint(tmp_path)))
+    ids = _ids(1, 6)
+    a = eng.generate(ids, max_new_tokens=10)
+    assert a.shape == (1, 16) and torch.equal(a, eng.generate(ids, max_new_tokens=10))
+    eos = int(a[0, 6])  # the first generated token: generation stops right after it
+    assert eng.generate(ids, max_new_tokens=10, eos_token_id=eos).shape == (1, 7)
+    g = torch.Generator().manual_seed(3)
+    s1 = eng.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, generator=g)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(s1, eng.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, generator=g))
+
+
+def test_cache_overflow_and_batch_mismatch_are_clear_errors():
+    eng = Engine(tiny_llama())
+    cache = eng.new_cache(1, 8)
+    with pytest.raises(FptqError, match="cache holds 8"):
+        eng.forward(_ids(1, 9), cache)
+    with pytest.raises(ValueError, match="batch"):
+        eng.forward(_ids(2, 2), cache)
+
+
+def test_unsupported_architecture_is_refused_clearly():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    assert "gemma" in engine_unsupported_reason(model)
+    with pytest.raises(FptqError, match="fptq.load"):
+        Engine(model)
