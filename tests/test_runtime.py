@@ -22,7 +22,9 @@ def checkpoint(tmp_path):
     return out, ids
 
 
-@pytest.mark.parametrize("backend,min_db", [("int8_grouped", 60), ("int8_perchannel", 25), ("native", 25), ("auto", 25)])
+# exact group-wise kernels (int8_grouped, native) differ from the simulated model only by float summation order,
+# which flips a few activation codes at rounding ties layer after layer: ~50 dB on this tiny model
+@pytest.mark.parametrize("backend,min_db", [("int8_grouped", 45), ("int8_perchannel", 25), ("native", 45), ("auto", 45)])
 def test_integer_backends_track_the_simulated_model(checkpoint, backend, min_db):
     out, ids = checkpoint
     ref = fptq.load(out, backend="reference")(ids).logits
@@ -44,13 +46,24 @@ def test_generate_with_hf_generate(checkpoint):
     assert text == text2  # greedy is deterministic
 
 
-def test_bench_command_writes_json_and_markdown(checkpoint, tiny_model_dir, tmp_path, capsys):
+def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_path, capsys):
     out, _ = checkpoint
-    rc = main(["bench", str(out), "--float-model", str(tiny_model_dir), "--prefill", "16", "--decode-batch", "1",
-               "--decode-steps", "2", "--repeats", "1", "--no-bf16", "--device", "cpu", "-o", str(tmp_path / "b")])
+    rc = main(["bench", str(out), "--float-model", str(tiny_model_dir), "--prefill", "16", "--decode-batch", "1,2",
+               "--decode-steps", "2", "--prompt-len", "8", "--repeats", "1", "--device", "cpu", "-o", str(tmp_path / "b"),
+               "--name", "t"])
     assert rc == 0
-    data = json.loads((tmp_path / "b" / "e2e_bench.json").read_text())
-    assert set(data["results"]) == {"fp32", "w4a8 (auto)"}
-    r = data["results"]["w4a8 (auto)"]
-    assert r["tokens_per_s"]["prefill_16"]["median"] > 0 and "decode_1" in r["tokens_per_s"]
-    assert "Speed-up" in (tmp_path / "b" / "e2e_bench.md").read_text()
+    data = json.loads((tmp_path / "b" / "t.json").read_text())
+    assert list(data["results"]) == ["bf16 (transformers)", "bf16 (fptq runtime)", "W4A8 (fptq)"]
+    w = data["results"]["W4A8 (fptq)"]
+    assert set(w["tokens_per_s"]) == {"prefill_16", "decode_b1", "decode_b2"}
+    assert all(s["median"] > 0 for s in w["tokens_per_s"].values())
+    assert data["results"]["bf16 (transformers)"]["ratio_vs_baseline"]["decode_b1"] == 1.0
+    # the quantized Linears take a fraction of the bf16 ones (packed 4-bit codes, 16-bit scales)
+    assert w["memory"]["linear_weight_bytes"] < 0.5 * data["results"]["bf16 (transformers)"]["memory"]["linear_weight_bytes"]
+    md = (tmp_path / "b" / "t.md").read_text()
+    assert "W4A8 (fptq): speed-up over each row" in md and (tmp_path / "b" / "t.png").stat().st_size > 0
+
+
+def test_bench_refuses_a_non_checkpoint(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "not an fptq checkpoint" in capsys.readouterr().err

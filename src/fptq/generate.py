@@ -1,40 +1,85 @@
-"""``fptq generate``: text generation from an fptq checkpoint (or a float model), streamed."""
+"""``fptq generate``: text generation from an fptq checkpoint (or a float model), streamed.
+
+On the CPU, models fptq's runtime supports (LLaMA-shaped: LLaMA/SmolLM2, Mistral, Qwen2/3) generate through it
+(:class:`fptq.runtime.Engine`); others, or ``--no-runtime``, through transformers' ``generate``.
+"""
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 import torch
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
-                  temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, stream: bool = True) -> str:
-    """Generate a continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
-    from transformers import TextStreamer
-
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    else:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
+                  temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, stream: bool = True,
+                  runtime: bool = True, stats: dict | None = None) -> str:
+    """Generate a continuation of ``prompt`` (through the chat template when the tokenizer has one) with
+    fptq's runtime where ``runtime`` and the model allow it, else transformers' ``generate``. ``stats``, if
+    given, receives ``path``, ``new_tokens`` and ``seconds``."""
+    from transformers import TextStreamer
+
+    from .runtime import Engine, engine_unsupported_reason
+
+    ids = _prompt_ids(tokenizer, prompt, chat)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, streamer=streamer,
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    with torch.inference_mode():
-        out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    if runtime and device.type == "cpu" and engine_unsupported_reason(model) is None:
+        gen = torch.Generator().manual_seed(seed)
+        if streamer is not None:
+            streamer.put(ids)
+        out = Engine(model).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+                                     eos_token_id=eos, generator=gen,
+                                     on_token=(lambda tok: streamer.put(tok)) if streamer is not None else None)
+        if streamer is not None:
+            streamer.end()
+        path = "fptq runtime"
+    else:
+        torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, streamer=streamer,
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), **kwargs)
+        path = "transformers generate"
+    new = out[0, ids.shape[1]:]
+    if stats is not None:
+        stats.update(path=path, new_tokens=int(new.numel()), seconds=time.perf_counter() - t0)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def cmd_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .io import PLAN_NAME
+    from .runtime import load_for_runtime
     from .workflow import load_any
 
-    model, tok, kind = load_any(args.model, device=args.device or "cpu", backend=args.backend)
+    device = args.device or "cpu"
+    if (args.model is not None and (Path(args.model) / PLAN_NAME).is_file() and device == "cpu"
+            and not args.no_runtime and args.backend == "auto"):
+        model, tok = load_for_runtime(args.model), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tok, _ = load_any(args.model, device=device, backend=args.backend)
+    stats: dict = {}
     generate_text(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat, sample=args.sample,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True)
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True,
+                  runtime=not args.no_runtime, stats=stats)
+    if stats["new_tokens"]:
+        print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s "
+              f"({stats['new_tokens'] / stats['seconds']:.1f} tokens/s, prompt included), {stats['path']}]")
     return 0
 
 
@@ -49,5 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--backend", default="auto", help="QuantLinear backend (default auto: integer kernels)")
+    g.add_argument("--no-runtime", action="store_true", help="use transformers' generate instead of fptq's runtime")
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from fptq.kernels import native
+
+from ..conftest import sqnr_db
 from fptq.nn import QuantLinear
 from fptq.quant import (dequantize_weight, pack_int4, pack_int4_vnni, quantize_per_token, quantize_static,
                         unpack_int4_vnni, vnni_padded_shape)
@@ -201,3 +203,20 @@ def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype):
     ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k[:, :, :length].float(),
                                                            v[:, :, :length].float(), scale=0.125, enable_gqa=True)
     assert (out - ref[:, :, 0]).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not (native.available() and native.has_bf16()), reason="needs the native kernels and AVX512-BF16")
+@pytest.mark.parametrize("b,h,hkv,hd,start,t", [(1, 9, 3, 64, 0, 200), (2, 4, 2, 64, 10, 37), (1, 4, 4, 128, 0, 65),
+                                                 (1, 2, 1, 64, 63, 1)])
+def test_prefill_attention_matches_causal_sdpa(b, h, hkv, hd, start, t):
+    g = torch.Generator().manual_seed(t)
+    end = start + t
+    q = torch.randn(b, h, t, hd, generator=g)
+    k, v = (torch.randn(b, hkv, end + 3, hd, generator=g).to(torch.bfloat16) for _ in range(2))
+    out = native.prefill_attention(q, k, v, start, 0.125)
+    mask = (torch.arange(t)[:, None] + start) >= torch.arange(end)[None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :end].float(), v[:, :, :end].float(),
+                                                           attn_mask=mask, scale=0.125, enable_gqa=True)
+    # q and the probabilities are rounded to bfloat16 for the dot products: ~2^-8 relative
+    assert (out - ref).abs().max() < 2 ** -6 * ref.abs().max()
+    assert sqnr_db(ref, out) > 40

@@ -12,8 +12,10 @@ call (:mod:`fptq.runtime.linear`), the output projections adding straight into t
 
 Keys and values are cached in bfloat16 by default (``kv_dtype``; what a bf16 model caches too): decoding a
 batch reads the whole cache every step, so its size sets the speed of large batches. A new token's attention
-is fptq's native kernel (float32 arithmetic on the bfloat16 cache); prompts go through PyTorch's
-scaled_dot_product_attention in float32. The weights stay those of the model (nothing is copied). Numerics: the same quantizers as :class:`~fptq.nn.QuantLinear`'s reference path, so logits match the
+is fptq's native kernel (float32 arithmetic on the bfloat16 cache); a prompt's (causal) attention is fptq's
+flash-attention kernel with bfloat16 dot products and float32 softmax and accumulation where the CPU has
+AVX512-BF16 (``prefill_attention="auto"``), else (or with ``"sdpa"``) PyTorch's scaled_dot_product_attention in
+float32. The weights stay those of the model (nothing is copied). Numerics: the same quantizers as :class:`~fptq.nn.QuantLinear`'s reference path, so logits match the
 transformers model up to float rounding (tests/runtime).
 """
 from __future__ import annotations
@@ -115,7 +117,7 @@ class Engine:
     position by default); ``engine.generate(ids, max_new_tokens=...)``.
     """
 
-    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16, prefill_attention: str = "auto"):
         reason = engine_unsupported_reason(model)
         if reason is not None:
             raise FptqError(f"cannot run this model with fptq's runtime: {reason}; use the transformers model "
@@ -137,6 +139,9 @@ class Engine:
         self._rope_len = 0
         self._cos = self._sin = None
         self._native = native.available()
+        # prompts: fptq's flash-attention kernel (bfloat16 dot products) where the CPU has AVX512-BF16
+        self._native_prefill = (self._native and native.has_bf16() and self.head_dim in (64, 128)
+                                and prefill_attention != "sdpa")
 
     # ----------------------------------------------------------------- state
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -178,6 +183,8 @@ class Engine:
         if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
                                            end, self.scaling).unsqueeze(2)
+        if self._native_prefill:
+            return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling)
         k = cache.keys[li][:, :, :end]
         v = cache.values[li][:, :, :end]
         if k.dtype != q.dtype:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm", "W4A16Gemm", "dequantize_w4",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention",
-           "source_path"]
+           "prefill_attention", "has_bf16", "source_path"]
 
 _SRC = Path(__file__).with_name("w4a8.c")
 _CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
@@ -97,6 +97,12 @@ def _declare(lib) -> None:
     lib.fptq_decode_attention.restype = None
     lib.fptq_decode_attention.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_float,
                                           _p, _c_int]
+    lib.fptq_cpu_has_bf16.restype = _c_int
+    lib.fptq_prefill_attention_work.restype = _c_i64
+    lib.fptq_prefill_attention_work.argtypes = [_c_int, _c_int, _c_int, _c_int]
+    lib.fptq_prefill_attention.restype = None
+    lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
+                                           _c_int, _c_float, _p, _p, _c_int]
     lib.fptq_dequant_w4.restype = None
     lib.fptq_dequant_w4.argtypes = [_p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _c_i64, _c_int]
 
@@ -205,6 +211,29 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
     library().fptq_decode_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(),
                                     int(kcache.dtype == torch.bfloat16), b, h, kcache.shape[1], hd, kcache.shape[2],
                                     length, scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@functools.cache
+def has_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 (used by :func:`prefill_attention`)."""
+    lib = library()
+    return bool(lib is not None and lib.fptq_cpu_has_bf16())
+
+
+def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the queries ``q`` ``[B, H, T, hd]`` (float32, positions ``start .. start+T-1``) over
+    the caches ``[B, Hkv, L, hd]`` holding positions ``0 .. start+T-1``; query ``i`` sees keys ``0 .. start+i``.
+    Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`); ``hd`` 64 or 128."""
+    b, h, t, hd = q.shape
+    lib = library()
+    work = torch.empty(lib.fptq_prefill_attention_work(b, kcache.shape[1], hd, start + t), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty(b, h, t, hd, dtype=torch.float32)
+    lib.fptq_prefill_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), int(kcache.dtype == torch.bfloat16),
+                               b, h, kcache.shape[1], hd, kcache.shape[2], start, t, scale, out.data_ptr(),
+                               work.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -543,3 +543,159 @@ void fptq_decode_attention(const float* q, const void* kc, const void* vc, int c
         free(s);
     }
 }
+
+/* ------------------------------------------------------------------ prompt attention (causal), bf16 dot products
+ * q: [B, H, T, hd] float32 (rotated) at positions start .. start+T-1; kc/vc: [B, Hkv, L, hd] (float32 or
+ * bfloat16) holding positions 0 .. start+T-1; out: [B, H, T, hd] float32. Query i attends keys 0 .. start+i.
+ * Flash-attention style: blocks of 64 queries x 64 keys, running max and sum per query (float32), the products
+ * q.k and p.v with AVX512-BF16 dot products (q, k, p and v rounded to bfloat16, float32 accumulation).
+ * hd: 64 or 128. work: scratch of fptq_prefill_attention_work() bytes. */
+#define ABLK 64
+
+int fptq_cpu_has_bf16(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+}
+
+int64_t fptq_prefill_attention_work(int B, int Hkv, int hd, int end) {
+    const int64_t nb = (end + ABLK - 1) / ABLK;
+    return (int64_t)B * Hkv * nb * ABLK * hd * 2 /* bf16 */ * 2 /* k and v */;
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float kv_at(const void* base, int bf16, int64_t off) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)base)[off]) : ((const float*)base)[off];
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int rt, int hd, const uint16_t* kp,
+                            const uint16_t* vp, int nkb, const int* qpos, float* o /* [rt][hd] */, float* m,
+                            float* l) {
+    const int nv = hd / 16, hp = hd / 2;
+    float s[4][ABLK];
+    for (int kb = 0; kb < nkb; kb++) {
+        const uint16_t* kblk = kp + (int64_t)kb * ABLK * hd; /* [hd/2][64][2] */
+        const uint16_t* vblk = vp + (int64_t)kb * ABLK * hd; /* [32][hd][2] */
+        const int k0 = kb * ABLK;
+        int maxq = 0;
+        for (int r = 0; r < rt; r++) maxq = qpos[r] > maxq ? qpos[r] : maxq;
+        if (k0 > maxq) break;
+        __m512 acc[4][4];
+        for (int r = 0; r < rt; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int d2 = 0; d2 < hp; d2++) {
+            __m512bh kk[4];
+            for (int c = 0; c < 4; c++)
+                kk[c] = (__m512bh)_mm512_loadu_si512((const void*)(kblk + ((int64_t)d2 * ABLK + 16 * c) * 2));
+            for (int r = 0; r < rt; r++) {
+                const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qp[r * hp + d2]);
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], kk[c], qq);
+            }
+        }
+        for (int r = 0; r < rt; r++) {
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(s[r] + 16 * c, acc[r][c]);
+            const int lim = qpos[r] - k0; /* keys k0 + j with j <= lim are visible */
+            float mx = m[r];
+            for (int j = 0; j < ABLK; j++) {
+                if (j > lim) s[r][j] = -INFINITY;
+                mx = s[r][j] > mx ? s[r][j] : mx;
+            }
+            const float corr = (m[r] == -INFINITY) ? 0.0f : expf(m[r] - mx);
+            __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) {
+                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s[r] + 16 * c), vm));
+                e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(s[r] + 16 * c), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
+                _mm512_storeu_ps(s[r] + 16 * c, e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(vsum);
+            m[r] = mx;
+            const __m512 vc = _mm512_set1_ps(corr);
+            for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + r * hd + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + 16 * j), vc));
+        }
+        /* o[r] += p[r] . v over the 64 keys of the block, in key pairs */
+        for (int j0 = 0; j0 < nv; j0 += 4) {
+            const int jn = nv - j0 < 4 ? nv - j0 : 4;
+            __m512 oacc[4][4];
+            for (int r = 0; r < rt; r++)
+                for (int j = 0; j < jn; j++) oacc[r][j] = _mm512_loadu_ps(o + r * hd + 16 * (j0 + j));
+            for (int k2 = 0; k2 < ABLK / 2; k2++) {
+                __m512bh vv[4];
+                for (int j = 0; j < jn; j++)
+                    vv[j] = (__m512bh)_mm512_loadu_si512((const void*)(vblk + ((int64_t)k2 * hd + 16 * (j0 + j)) * 2));
+                for (int r = 0; r < rt; r++) {
+                    uint32_t pp = (uint32_t)f2bf(s[r][2 * k2]) | ((uint32_t)f2bf(s[r][2 * k2 + 1]) << 16);
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pp);
+                    for (int j = 0; j < jn; j++) oacc[r][j] = _mm512_dpbf16_ps(oacc[r][j], vv[j], pb);
+                }
+            }
+            for (int r = 0; r < rt; r++)
+                for (int j = 0; j < jn; j++) _mm512_storeu_ps(o + r * hd + 16 * (j0 + j), oacc[r][j]);
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_bf16, int B, int H, int Hkv,
+                            int hd, int L, int start, int T, float scale, float* out, void* work, int nthreads) {
+    const int end = start + T, nkb = (end + ABLK - 1) / ABLK, G = H / Hkv;
+    uint16_t* kp_all = (uint16_t*)work;
+    uint16_t* vp_all = kp_all + (int64_t)B * Hkv * nkb * ABLK * hd;
+    /* 1. pack keys as [block][hd/2][64][2] and values as [block][32][hd][2] (bf16, zero padded) */
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int bh = 0; bh < B * Hkv; bh++) {
+        for (int kb = 0; kb < nkb; kb++) {
+            const int64_t src0 = (int64_t)bh * L * hd;
+            uint16_t* kp = kp_all + ((int64_t)bh * nkb + kb) * ABLK * hd;
+            uint16_t* vp = vp_all + ((int64_t)bh * nkb + kb) * ABLK * hd;
+            for (int jj = 0; jj < ABLK; jj++) {
+                const int t = kb * ABLK + jj;
+                for (int d = 0; d < hd; d++) {
+                    uint16_t kv = 0, vv = 0;
+                    if (t < end) {
+                        const int64_t off = src0 + (int64_t)t * hd + d;
+                        kv = cache_bf16 ? ((const uint16_t*)kc)[off] : f2bf(((const float*)kc)[off]);
+                        vv = cache_bf16 ? ((const uint16_t*)vc)[off] : f2bf(((const float*)vc)[off]);
+                    }
+                    kp[((int64_t)(d >> 1) * ABLK + jj) * 2 + (d & 1)] = kv;
+                    vp[((int64_t)(jj >> 1) * hd + d) * 2 + (jj & 1)] = vv;
+                }
+            }
+        }
+    }
+    /* 2. blocks of RT query rows of one head against the keys they see */
+    const int RT = hd <= 64 ? 4 : 2;
+    const int qblocks = (T + RT - 1) / RT;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
+    for (int task = 0; task < B * H * qblocks; task++) {
+        const int qb = qblocks - 1 - task % qblocks; /* longest rows first */
+        const int bh = task / qblocks;
+        const int b = bh / H, h = bh % H, kvh = h / G;
+        const int r0 = qb * RT, rt = T - r0 < RT ? T - r0 : RT;
+        uint32_t qp[4 * 64];
+        float o[4 * 128], m[4], l[4];
+        int qpos[4];
+        for (int r = 0; r < rt; r++) {
+            const float* qr = q + (((int64_t)b * H + h) * T + r0 + r) * hd;
+            for (int d2 = 0; d2 < hd / 2; d2++)
+                qp[r * (hd / 2) + d2] = (uint32_t)f2bf(qr[2 * d2] * scale) | ((uint32_t)f2bf(qr[2 * d2 + 1] * scale) << 16);
+            qpos[r] = start + r0 + r;
+            m[r] = -INFINITY;
+            l[r] = 0.0f;
+            for (int d = 0; d < hd; d++) o[r * hd + d] = 0.0f;
+        }
+        const int64_t kvoff = ((int64_t)b * Hkv + kvh) * nkb * ABLK * hd;
+        attn_block_rows(qp, rt, hd, kp_all + kvoff, vp_all + kvoff, nkb, qpos, o, m, l);
+        for (int r = 0; r < rt; r++) {
+            const float inv = 1.0f / l[r];
+            float* dst = out + (((int64_t)b * H + h) * T + r0 + r) * hd;
+            for (int d = 0; d < hd; d++) dst[d] = o[r * hd + d] * inv;
+        }
+    }
+}
