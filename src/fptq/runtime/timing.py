@@ -69,10 +69,14 @@ class HFRunner:
     """A transformers model, its own forward and ``DynamicCache`` (what ``generate`` uses by default)."""
 
     def __init__(self, model: nn.Module):
+        import inspect
+
         self.model = model.eval()
+        # transformers 5 renames past_key_values to cache
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _call(self, ids, cache):
-        return self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> float:
