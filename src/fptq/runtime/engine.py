@@ -11,7 +11,8 @@ call (:mod:`fptq.runtime.linear`), the output projections adding straight into t
     logits = lm_head(rmsnorm(h))                    (only the positions asked for)
 
 Keys and values are cached in bfloat16 by default (``kv_dtype``; what a bf16 model caches too): decoding a
-batch reads the whole cache every step, so its size sets the speed of large batches. A new token's attention
+batch reads the whole cache every step, so its size sets the speed of large batches. ``kv_dtype=torch.int8``
+halves that again: int8 codes with a float32 scale per (sequence, head, position), dynamic (``absmax / 127``). A new token's attention
 is fptq's native kernel (float32 arithmetic on the bfloat16 cache); a prompt's (causal) attention is fptq's
 flash-attention kernel with bfloat16 dot products and float32 softmax and accumulation where the CPU has
 AVX512-BF16 (``prefill_attention="auto"``), else (or with ``"sdpa"``) PyTorch's scaled_dot_product_attention in
@@ -64,11 +65,19 @@ def engine_unsupported_reason(model: nn.Module) -> str | None:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, ``[B, Hkv, max_len, head_dim]``; ``length`` positions are filled."""
+    """Keys and values of every layer, ``[B, Hkv, max_len, head_dim]``; ``length`` positions are filled.
+    An int8 cache also holds a float32 scale per (sequence, head, position), ``[B, Hkv, max_len]``."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
+    key_scales: list[torch.Tensor] | None = None
+    value_scales: list[torch.Tensor] | None = None
+
+    def scales(self, layer: int) -> dict:
+        if self.key_scales is None:
+            return {}
+        return {"kscale": self.key_scales[layer], "vscale": self.value_scales[layer]}
 
     @property
     def batch(self) -> int:
@@ -79,7 +88,8 @@ class KVCache:
         return self.keys[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        extra = (self.key_scales or []) + (self.value_scales or [])
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values + extra)
 
 
 def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
@@ -130,6 +140,11 @@ class Engine:
         at0 = model.model.layers[0].self_attn
         self.head_dim = getattr(at0, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scaling = float(getattr(at0, "scaling", 1.0 / math.sqrt(self.head_dim)))
+        if kv_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise FptqError(f"KV cache dtype must be float32, bfloat16 or int8, not {kv_dtype}")
+        if kv_dtype == torch.int8 and not (native.available() and self.head_dim % 16 == 0 and self.head_dim <= 128):
+            raise FptqError("an int8 KV cache needs fptq's native kernels and a head size that is a multiple of 16 "
+                            f"(at most 128): {native.unavailable_reason() or f'head size {self.head_dim}'}")
         self.kv_dtype = kv_dtype
         self.layers = [_Layer(layer) for layer in model.model.layers]
         self.embed = model.model.embed_tokens
@@ -147,8 +162,12 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.n_kv, max_len, self.head_dim)
         n = len(self.layers)
-        return KVCache([torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)],
-                       [torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)])
+        cache = KVCache([torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)],
+                        [torch.zeros(shape, dtype=self.kv_dtype) for _ in range(n)])
+        if self.kv_dtype == torch.int8:
+            cache.key_scales = [torch.zeros(shape[:3]) for _ in range(n)]
+            cache.value_scales = [torch.zeros(shape[:3]) for _ in range(n)]
+        return cache
 
     def _rope(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if end > self._rope_len:
@@ -182,11 +201,15 @@ class Engine:
         end = start + t
         if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
-                                           end, self.scaling).unsqueeze(2)
+                                           end, self.scaling, **cache.scales(li)).unsqueeze(2)
         if self._native_prefill:
-            return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling)
+            return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling,
+                                            **cache.scales(li))
         k = cache.keys[li][:, :, :end]
         v = cache.values[li][:, :, :end]
+        if cache.key_scales is not None:
+            k = k.float() * cache.key_scales[li][:, :, :end, None]
+            v = v.float() * cache.value_scales[li][:, :, :end, None]
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv != self.n_heads
@@ -212,10 +235,12 @@ class Engine:
             group(x, outs, accumulate=accumulate)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor | None:
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last", timer=None) -> torch.Tensor | None:
         """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
 
-        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``) or ``"none"``."""
+        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``) or ``"none"``.
+        ``timer``: an object whose ``mark(stage)`` is called after each stage (a profile, see
+        :class:`fptq.runtime.timing.StageTimer`)."""
         b, t = ids.shape
         start = cache.length
         if b != cache.batch:
@@ -228,15 +253,24 @@ class Engine:
         m = b * t
         h = self.embed(ids).float().reshape(m, -1)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        if timer:
+            timer.mark("embedding")
         for li, layer in enumerate(self.layers):
             dq, dkv, ffn = layer.dq, layer.dkv, layer.ffn
             x, q8 = self._norm_into(h, layer.ln1, layer.eps1, layer.qkv, m)
+            if timer:
+                timer.mark("rmsnorm (+quantize)")
             qkv = torch.empty(m, dq + 2 * dkv)
             self._run(layer.qkv, x, q8, [qkv[:, :dq], qkv[:, dq:dq + dkv], qkv[:, dq + dkv:]])
+            if timer:
+                timer.mark(f"q/k/v {layer.qkv.kind}")
             if self._native and layer.q_norm is None:
                 q = torch.empty(b, nh, t, hd)
-                native.rope_cache(qkv, b, t, nh, nkv, hd, cos, sin, q, cache.keys[li], cache.values[li], start)
-            else:
+                native.rope_cache(qkv, b, t, nh, nkv, hd, cos, sin, q, cache.keys[li], cache.values[li], start,
+                                  **cache.scales(li))
+            else:  # (an int8 cache needs the native path: checked in __init__, except with q/k norms)
+                if cache.key_scales is not None:
+                    raise FptqError("an int8 KV cache is not supported for models with q/k norms (Qwen3)")
                 q = qkv[:, :dq].view(b, t, nh, hd)
                 k = qkv[:, dq:dq + dkv].view(b, t, nkv, hd)
                 v = qkv[:, dq + dkv:].view(b, t, nkv, hd)
@@ -247,18 +281,32 @@ class Engine:
                 k = self._apply_rope(k, cos, sin)
                 cache.keys[li][:, :, start:start + t] = k.transpose(1, 2)
                 cache.values[li][:, :, start:start + t] = v.transpose(1, 2)
+            if timer:
+                timer.mark("rope + cache write")
             a = self._attention(q, cache, li, start, t)
             a = a.transpose(1, 2).reshape(m, dq)
+            if timer:
+                timer.mark("attention")
             layer.o(a, [h], accumulate=True)
+            if timer:
+                timer.mark(f"o_proj {layer.o.kind} (quantize + GEMM)")
             x, q8 = self._norm_into(h, layer.ln2, layer.eps2, layer.gate_up, m)
+            if timer:
+                timer.mark("rmsnorm (+quantize)")
             gu = torch.empty(m, 2 * ffn)
             self._run(layer.gate_up, x, q8, [gu[:, :ffn], gu[:, ffn:]])
+            if timer:
+                timer.mark(f"gate/up {layer.gate_up.kind}")
             if self._native:
                 q8 = layer.down.quant_out(m)
                 act = native.silu_mul(gu, ffn, quant=q8)
             else:
                 q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])
+            if timer:
+                timer.mark("silu * up (+quantize)")
             self._run(layer.down, act, q8, [h], accumulate=True)
+            if timer:
+                timer.mark(f"down_proj {layer.down.kind}")
         cache.length = start + t
         if logits == "none":
             return None
@@ -267,8 +315,10 @@ class Engine:
             h = h[:, -1]
         h = _rmsnorm(h, self.final_norm, self.final_eps)
         w = self.lm_head.weight
-        out = F.linear(h.to(w.dtype), w, self.lm_head.bias)
-        return out.float()
+        out = F.linear(h.to(w.dtype), w, self.lm_head.bias).float()
+        if timer:
+            timer.mark(f"final norm + lm_head ({w.dtype})".replace("torch.", ""))
+        return out
 
     # -------------------------------------------------------------- generate
     @torch.inference_mode()

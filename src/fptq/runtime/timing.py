@@ -14,7 +14,7 @@ from torch import nn
 from ..nn import QuantLinear
 from .engine import Engine
 
-__all__ = ["HFRunner", "EngineRunner", "linear_weight_bytes", "tensor_bytes"]
+__all__ = ["HFRunner", "EngineRunner", "StageTimer", "linear_weight_bytes", "tensor_bytes"]
 
 
 def _tensors_of(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
@@ -124,3 +124,26 @@ class EngineRunner:
 
     def memory(self) -> dict[str, int]:
         return {"linear_weight_bytes": linear_weight_bytes(self.model), "model_bytes": tensor_bytes(self.model)}
+
+
+class StageTimer:
+    """Wall time per stage of :meth:`Engine.forward` (``engine.forward(..., timer=t)``): each ``mark(stage)``
+    charges the time since the previous mark to ``stage``. The native kernels run synchronously, so the
+    times are those of the stages."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self.calls[stage] = self.calls.get(stage, 0) + 1
+        self._last = now
+
+    def __bool__(self) -> bool:
+        return True

@@ -93,15 +93,15 @@ def _declare(lib) -> None:
     lib.fptq_silu_mul.argtypes = [_p, _c_i64, _c_int, _c_int, _p, _p, _c_int]
     lib.fptq_rope_cache.restype = None
     lib.fptq_rope_cache.argtypes = [_p, _c_i64, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _p, _p, _p, _p, _c_int,
-                                    _c_int, _c_int, _c_int]
+                                    _p, _p, _c_int, _c_int, _c_int]
     lib.fptq_decode_attention.restype = None
-    lib.fptq_decode_attention.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_float,
-                                          _p, _c_int]
+    lib.fptq_decode_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
+                                          _c_float, _p, _c_int]
     lib.fptq_cpu_has_bf16.restype = _c_int
     lib.fptq_prefill_attention_work.restype = _c_i64
     lib.fptq_prefill_attention_work.argtypes = [_c_int, _c_int, _c_int, _c_int]
     lib.fptq_prefill_attention.restype = None
-    lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
+    lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
                                            _c_int, _c_float, _p, _p, _c_int]
     lib.fptq_dequant_w4.restype = None
     lib.fptq_dequant_w4.argtypes = [_p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _c_i64, _c_int]
@@ -190,27 +190,46 @@ def silu_mul(gu: torch.Tensor, ffn: int, out: torch.Tensor | None = None,
     return out
 
 
+_CACHE_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def _cache_args(kcache: torch.Tensor, kscale: torch.Tensor | None, vscale: torch.Tensor | None) -> tuple:
+    """(mode, key scales, value scales) of a cache: float32, bfloat16, or int8 codes with a float32 scale per
+    (batch, head, position) ``[B, Hkv, L]``."""
+    mode = _CACHE_MODES.get(kcache.dtype)
+    if mode is None:
+        raise ValueError(f"KV cache dtype {kcache.dtype} not supported (float32, bfloat16, int8)")
+    if mode == 2 and (kscale is None or vscale is None):
+        raise ValueError("an int8 KV cache needs its scales")
+    return mode, _ptr(kscale), _ptr(vscale)
+
+
 def rope_cache(qkv: torch.Tensor, b: int, t: int, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-               sin: torch.Tensor, q_out: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int) -> None:
+               sin: torch.Tensor, q_out: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int,
+               kscale: torch.Tensor | None = None, vscale: torch.Tensor | None = None) -> None:
     """Rotary embedding of the queries (into ``q_out`` ``[B, H, T, hd]``) and keys of ``qkv``
     (``[B*T, (H + 2 Hkv) hd]`` float32), keys and values written into the caches ``[B, Hkv, L, hd]`` at
-    positions ``start ..``. ``cos``/``sin``: ``[T, hd]`` float32."""
+    positions ``start ..`` (int8 caches: codes of ``absmax(row) / 127`` and the scales into ``kscale`` /
+    ``vscale`` ``[B, Hkv, L]``). ``cos``/``sin``: ``[T, hd]`` float32."""
+    mode, ks, vs = _cache_args(kcache, kscale, vscale)
     library().fptq_rope_cache(qkv.data_ptr(), qkv.stride(0), b, t, heads, kv_heads, head_dim, cos.data_ptr(),
-                              sin.data_ptr(), q_out.data_ptr(), kcache.data_ptr(), vcache.data_ptr(),
-                              int(kcache.dtype == torch.bfloat16), kcache.shape[2], start, torch.get_num_threads())
+                              sin.data_ptr(), q_out.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), mode, ks, vs,
+                              kcache.shape[2], start, torch.get_num_threads())
 
 
 def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, length: int, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, kscale: torch.Tensor | None = None,
+                     vscale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query per sequence: ``q`` ``[B, H, hd]`` float32 over the first ``length``
     positions of the caches ``[B, Hkv, L, hd]`` (float32 or bfloat16; query head ``h`` reads key/value head
     ``h // (H // Hkv)``). ``hd`` must be a multiple of 16 (at most 128)."""
     b, h, hd = q.shape
     if out is None:
         out = torch.empty(b, h, hd, dtype=torch.float32)
-    library().fptq_decode_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(),
-                                    int(kcache.dtype == torch.bfloat16), b, h, kcache.shape[1], hd, kcache.shape[2],
-                                    length, scale, out.data_ptr(), torch.get_num_threads())
+    mode, ks, vs = _cache_args(kcache, kscale, vscale)
+    library().fptq_decode_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), mode, ks, vs, b, h,
+                                    kcache.shape[1], hd, kcache.shape[2], length, scale, out.data_ptr(),
+                                    torch.get_num_threads())
     return out
 
 
@@ -222,7 +241,8 @@ def has_bf16() -> bool:
 
 
 def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, kscale: torch.Tensor | None = None,
+                      vscale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the queries ``q`` ``[B, H, T, hd]`` (float32, positions ``start .. start+T-1``) over
     the caches ``[B, Hkv, L, hd]`` holding positions ``0 .. start+T-1``; query ``i`` sees keys ``0 .. start+i``.
     Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`); ``hd`` 64 or 128."""
@@ -231,8 +251,9 @@ def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tenso
     work = torch.empty(lib.fptq_prefill_attention_work(b, kcache.shape[1], hd, start + t), dtype=torch.uint8)
     if out is None:
         out = torch.empty(b, h, t, hd, dtype=torch.float32)
-    lib.fptq_prefill_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), int(kcache.dtype == torch.bfloat16),
-                               b, h, kcache.shape[1], hd, kcache.shape[2], start, t, scale, out.data_ptr(),
+    mode, ks, vs = _cache_args(kcache, kscale, vscale)
+    lib.fptq_prefill_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), mode, ks, vs, b, h,
+                               kcache.shape[1], hd, kcache.shape[2], start, t, scale, out.data_ptr(),
                                work.data_ptr(), torch.get_num_threads())
     return out
 

@@ -26,7 +26,7 @@
 
 #define MT_MAX 8
 
-int fptq_native_version(void) { return 4; }
+int fptq_native_version(void) { return 5; }
 
 int fptq_cpu_supported(void) {
     __builtin_cpu_init();
@@ -433,20 +433,35 @@ static inline void rope_row(const float* x, const float* c, const float* s, int 
     }
 }
 
-static inline void store_row(void* dst, int bf16, int64_t off, const float* src, int n) {
-    if (!bf16) { memcpy((float*)dst + off, src, (size_t)n * 4); return; }
-    uint16_t* d = (uint16_t*)dst + off;
-    for (int i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        u += 0x7FFF + ((u >> 16) & 1);
-        d[i] = (uint16_t)(u >> 16);
+/* Write one cached row of n values: float32 (mode 0), bfloat16 (1) or int8 codes with a float32 scale per row
+ * (2: scale = absmax / 127, codes round-half-even, as the activations' dynamic per-token quantization). */
+static inline void store_row(void* dst, int mode, int64_t off, const float* src, int n, float* scales, int64_t srow) {
+    if (mode == 0) { memcpy((float*)dst + off, src, (size_t)n * 4); return; }
+    if (mode == 1) {
+        uint16_t* d = (uint16_t*)dst + off;
+        for (int i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, &src[i], 4);
+            u += 0x7FFF + ((u >> 16) & 1);
+            d[i] = (uint16_t)(u >> 16);
+        }
+        return;
     }
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fabsf(src[i]) > amax ? fabsf(src[i]) : amax;
+    float sc = amax / 127.0f;
+    if (!(sc >= 1e-8f)) sc = 1e-8f;
+    int8_t* d = (int8_t*)dst + off;
+    for (int i = 0; i < n; i++) {
+        float v = nearbyintf(src[i] / sc);
+        d[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    }
+    scales[srow] = sc;
 }
 
 void fptq_rope_cache(const float* qkv, int64_t ldq, int B, int T, int H, int Hkv, int hd, const float* cos,
-                     const float* sin, float* q_out, void* kc, void* vc, int cache_bf16, int L, int start,
-                     int nthreads) {
+                     const float* sin, float* q_out, void* kc, void* vc, int cache_mode, float* ks, float* vs, int L,
+                     int start, int nthreads) {
     const int rows = B * T * (H + Hkv);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows >= 256)
     for (int idx = 0; idx < rows; idx++) {
@@ -461,10 +476,10 @@ void fptq_rope_cache(const float* qkv, int64_t ldq, int B, int T, int H, int Hkv
             rope_row(src + (int64_t)head * hd, c, s, hd, q_out + (((int64_t)b * H + head) * T + t) * hd);
         } else {
             const int kh = head - H;
-            const int64_t off = (((int64_t)b * Hkv + kh) * L + start + t) * hd;
+            const int64_t srow = ((int64_t)b * Hkv + kh) * L + start + t, off = srow * hd;
             rope_row(src + (int64_t)(H + kh) * hd, c, s, hd, tmp);
-            store_row(kc, cache_bf16, off, tmp, hd);
-            store_row(vc, cache_bf16, off, src + (int64_t)(H + Hkv + kh) * hd, hd);
+            store_row(kc, cache_mode, off, tmp, hd, ks, srow);
+            store_row(vc, cache_mode, off, src + (int64_t)(H + Hkv + kh) * hd, hd, vs, srow);
         }
     }
 }
@@ -473,16 +488,19 @@ void fptq_rope_cache(const float* qkv, int64_t ldq, int B, int T, int H, int Hkv
  * q: [B, H, hd] float32 (rotated); kc/vc: [B, Hkv, L, hd] (float32 or bfloat16) holding positions 0 .. T-1;
  * out: [B, H, hd] float32. Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
  * softmax(q k^T * scale) v with float32 accumulation; hd a multiple of 16. */
-static inline __m512 load_kv(const void* base, int bf16, int64_t off) {
-    if (bf16) {
+static inline __m512 load_kv(const void* base, int mode, int64_t off) {
+    if (mode == 2)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)base + off))));
+    if (mode == 1) {
         __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + off));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     return _mm512_loadu_ps((const float*)base + off);
 }
 
-void fptq_decode_attention(const float* q, const void* kc, const void* vc, int cache_bf16, int B, int H, int Hkv,
-                           int hd, int L, int T, float scale, float* out, int nthreads) {
+void fptq_decode_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
+                           const float* vs, int B, int H, int Hkv, int hd, int L, int T, float scale, float* out,
+                           int nthreads) {
     const int G = H / Hkv, nv = hd / 16;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -494,11 +512,12 @@ void fptq_decode_attention(const float* q, const void* kc, const void* vc, int c
             const float* qg = q + ((int64_t)b * H + (int64_t)kh * G) * hd;
             for (int t = 0; t < T; t++) {
                 __m512 k[8];
-                for (int j = 0; j < nv; j++) k[j] = load_kv(kc, cache_bf16, kv0 + (int64_t)t * hd + 16 * j);
+                for (int j = 0; j < nv; j++) k[j] = load_kv(kc, cache_mode, kv0 + (int64_t)t * hd + 16 * j);
+                const float kscale = cache_mode == 2 ? scale * ks[kv0 / hd + t] : scale;
                 for (int g = 0; g < G; g++) {
                     __m512 acc = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg + (int64_t)g * hd));
                     for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(k[j], _mm512_loadu_ps(qg + (int64_t)g * hd + 16 * j), acc);
-                    s[(int64_t)g * T + t] = _mm512_reduce_add_ps(acc) * scale;
+                    s[(int64_t)g * T + t] = _mm512_reduce_add_ps(acc) * kscale;
                 }
             }
             for (int g = 0; g < G; g++) {
@@ -529,9 +548,10 @@ void fptq_decode_attention(const float* q, const void* kc, const void* vc, int c
                     for (int j = 0; j < nv; j++) acc[g][j] = _mm512_setzero_ps();
                 for (int t = 0; t < T; t++) {
                     __m512 v[8];
-                    for (int j = 0; j < nv; j++) v[j] = load_kv(vc, cache_bf16, kv0 + (int64_t)t * hd + 16 * j);
+                    for (int j = 0; j < nv; j++) v[j] = load_kv(vc, cache_mode, kv0 + (int64_t)t * hd + 16 * j);
+                    const float vscale = cache_mode == 2 ? vs[kv0 / hd + t] : 1.0f;
                     for (int g = 0; g < gn; g++) {
-                        const __m512 p = _mm512_set1_ps(s[(int64_t)(g0 + g) * T + t]);
+                        const __m512 p = _mm512_set1_ps(s[(int64_t)(g0 + g) * T + t] * vscale);
                         for (int j = 0; j < nv; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
                     }
                 }
@@ -567,10 +587,6 @@ static inline uint16_t f2bf(float f) {
     memcpy(&u, &f, 4);
     u += 0x7FFF + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
-}
-
-static inline float kv_at(const void* base, int bf16, int64_t off) {
-    return bf16 ? bf16_to_f32(((const uint16_t*)base)[off]) : ((const float*)base)[off];
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -642,8 +658,9 @@ static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int 
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_bf16, int B, int H, int Hkv,
-                            int hd, int L, int start, int T, float scale, float* out, void* work, int nthreads) {
+void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
+                            const float* vs, int B, int H, int Hkv, int hd, int L, int start, int T, float scale,
+                            float* out, void* work, int nthreads) {
     const int end = start + T, nkb = (end + ABLK - 1) / ABLK, G = H / Hkv;
     uint16_t* kp_all = (uint16_t*)work;
     uint16_t* vp_all = kp_all + (int64_t)B * Hkv * nkb * ABLK * hd;
@@ -660,8 +677,17 @@ void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int 
                     uint16_t kv = 0, vv = 0;
                     if (t < end) {
                         const int64_t off = src0 + (int64_t)t * hd + d;
-                        kv = cache_bf16 ? ((const uint16_t*)kc)[off] : f2bf(((const float*)kc)[off]);
-                        vv = cache_bf16 ? ((const uint16_t*)vc)[off] : f2bf(((const float*)vc)[off]);
+                        if (cache_mode == 1) {
+                            kv = ((const uint16_t*)kc)[off];
+                            vv = ((const uint16_t*)vc)[off];
+                        } else if (cache_mode == 0) {
+                            kv = f2bf(((const float*)kc)[off]);
+                            vv = f2bf(((const float*)vc)[off]);
+                        } else {
+                            const int64_t srow = src0 / hd + t;
+                            kv = f2bf(((const int8_t*)kc)[off] * ks[srow]);
+                            vv = f2bf(((const int8_t*)vc)[off] * vs[srow]);
+                        }
                     }
                     kp[((int64_t)(d >> 1) * ABLK + jj) * 2 + (d & 1)] = kv;
                     vp[((int64_t)(jj >> 1) * hd + d) * 2 + (jj & 1)] = vv;
