@@ -157,14 +157,18 @@ def chart(results: dict[str, Any], tasks: list[str], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def _runner(model, device: str, runtime: bool, quantized: bool):
+_KV = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}
+
+
+def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16"):
     """fptq's runtime where asked and possible, else the transformers forward."""
     from .runtime import engine_unsupported_reason
     from .runtime.timing import EngineRunner, HFRunner
 
     if runtime and device == "cpu" and engine_unsupported_reason(model) is None:
-        r = EngineRunner(model)
-        r.path = f"fptq runtime ({', '.join(f'{k} x{v}' for k, v in r.engine.linear_kinds().items())})"
+        r = EngineRunner(model, kv_dtype=_KV[kv])
+        kinds = ", ".join(f"{k} x{v}" for k, v in r.engine.linear_kinds().items())
+        r.path = f"fptq runtime ({kinds}; {kv} KV cache)"
         return r
     r = HFRunner(model)
     r.path = "transformers forward" + (" + fptq kernels" if quantized else "")
@@ -198,7 +202,9 @@ def cmd_bench(args) -> int:
     for label, path in (("W4A8 (fptq)", out), ("W8A8 (fptq, SmoothQuant)", args.w8a8), ("W4A16 (fptq)", args.w4a16)):
         if path:
             model = load_for_runtime(path, device=device, backend=args.backend)
-            runners[label] = _runner(model, device, not args.no_runtime, True)
+            runners[label] = _runner(model, device, not args.no_runtime, True, args.kv_cache)
+            if label.startswith("W4A8") and args.int8_kv_row and args.kv_cache != "int8":
+                runners["W4A8 (fptq, int8 KV cache)"] = _runner(model, device, not args.no_runtime, True, "int8")
     vocab = fmodel.config.vocab_size
     results = run_bench(runners, vocab, args.prefill, args.decode_batch, args.decode_steps, args.prompt_len,
                         args.repeats)
@@ -235,6 +241,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the 16-bit model on fptq's runtime (shows what the runtime alone brings)")
     b.add_argument("--no-runtime", action="store_true",
                    help="time the quantized checkpoints through transformers' forward instead of fptq's runtime")
+    b.add_argument("--kv-cache", choices=sorted(_KV), default="bf16",
+                   help="KV cache of the fptq runtime rows (default bf16, what the bf16 model caches)")
+    b.add_argument("--int8-kv-row", action="store_true", help="also time the W4A8 checkpoint with an int8 KV cache")
     b.add_argument("--peer", nargs="*", help="JSON rows measured elsewhere (bench/peer_llamacpp.py) to merge")
     b.add_argument("--backend", default="auto", help="QuantLinear backend where the runtime is not used (default auto)")
     b.add_argument("--prefill", type=_ints, default=[512, 2048], help="prompt lengths (default 512,2048)")
