@@ -2,13 +2,19 @@
 ``fptq bench``; writes a JSON that ``fptq bench --peer FILE`` merges into its table.
 
 llama-cpp-python is a bench-only peer, never a dependency of fptq. Build it once in a venv of its own (the
-default native build crashes on these machines)::
+default native build crashes on these machines). ``../shared/tools/build-llama-cpp-python VENV`` names AVX-VNNI
+(the VEX encoding of Intel's recent cores), which AMD Zen 4 lacks: there it dies with SIGILL in
+``ggml_vec_dot_q4_1_q8_1`` (``{vex} vpdpbusd``). On such a CPU build it with the same flags and
+``-DGGML_AVX_VNNI=OFF``::
 
-    ../shared/tools/build-llama-cpp-python /work/venvs/llamacpp
+    python3 -m venv /work/venvs/llamacpp-noavxvnni && /work/venvs/llamacpp-noavxvnni/bin/pip install numpy
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \\
+      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=OFF" \\
+      /work/venvs/llamacpp-noavxvnni/bin/pip install --no-cache-dir llama-cpp-python
 
 Then::
 
-    python bench/peer_llamacpp.py --gguf MODEL.gguf --llama-python /work/venvs/llamacpp/bin/python \\
+    python bench/peer_llamacpp.py --gguf MODEL.gguf --llama-python /work/venvs/llamacpp-noavxvnni/bin/python \\
         -o bench/results/speed_smollm2_llamacpp.json
 
 The prompts are ``fptq.bench.bench_prompts`` (random token ids, seed 0) given to llama.cpp as token ids; its
@@ -43,7 +49,7 @@ def _vocab(gguf: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--llama-python", default="/work/venvs/llamacpp/bin/python",
+    ap.add_argument("--llama-python", default="/work/venvs/llamacpp-noavxvnni/bin/python",
                     help="python of the venv with llama_cpp (see the module docstring)")
     ap.add_argument("--prefill", default="512,2048")
     ap.add_argument("--decode-steps", type=int, default=128)

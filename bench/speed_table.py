@@ -50,7 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="default")
     ap.add_argument("--work", default=None, help="folder for the checkpoints (default /tmp/fptq-speed/MODEL)")
-    ap.add_argument("--llama-python", default="/work/venvs/llamacpp/bin/python")
+    ap.add_argument("--llama-python", default="/work/venvs/llamacpp-noavxvnni/bin/python")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
