@@ -589,19 +589,14 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int rt, int hd, const uint16_t* kp,
-                            const uint16_t* vp, int nkb, const int* qpos, float* o /* [rt][hd] */, float* m,
-                            float* l) {
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+static void attn_block(const uint32_t* qp /* [rt][hd/2] bf16 pairs */, int rt, int hd, const uint16_t* kblk,
+                       const uint16_t* vblk, int k0, const int* qpos, float* o /* [rt][hd] */, float* m, float* l) {
+    /* one block of 64 keys (kblk [hd/2][64][2], vblk [32][hd][2]) for up to 4 query rows */
     const int nv = hd / 16, hp = hd / 2;
-    float s[4][ABLK];
-    for (int kb = 0; kb < nkb; kb++) {
-        const uint16_t* kblk = kp + (int64_t)kb * ABLK * hd; /* [hd/2][64][2] */
-        const uint16_t* vblk = vp + (int64_t)kb * ABLK * hd; /* [32][hd][2] */
-        const int k0 = kb * ABLK;
-        int maxq = 0;
-        for (int r = 0; r < rt; r++) maxq = qpos[r] > maxq ? qpos[r] : maxq;
-        if (k0 > maxq) break;
+    uint32_t pw[4][ABLK / 2]; /* probabilities of the block as bf16 pairs of consecutive keys */
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    {
         __m512 acc[4][4];
         for (int r = 0; r < rt; r++)
             for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
@@ -615,25 +610,32 @@ static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int 
             }
         }
         for (int r = 0; r < rt; r++) {
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(s[r] + 16 * c, acc[r][c]);
-            const int lim = qpos[r] - k0; /* keys k0 + j with j <= lim are visible */
-            float mx = m[r];
-            for (int j = 0; j < ABLK; j++) {
-                if (j > lim) s[r][j] = -INFINITY;
-                mx = s[r][j] > mx ? s[r][j] : mx;
-            }
-            const float corr = (m[r] == -INFINITY) ? 0.0f : expf(m[r] - mx);
-            __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+            /* keys k0 + j with j <= lim are visible to this query */
+            const __m512i lim = _mm512_set1_epi32(qpos[r] - k0);
+            __mmask16 vis[4];
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
             for (int c = 0; c < 4; c++) {
-                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s[r] + 16 * c), vm));
-                e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(s[r] + 16 * c), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
-                _mm512_storeu_ps(s[r] + 16 * c, e);
-                vsum = _mm512_add_ps(vsum, e);
+                vis[c] = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * c)), lim);
+                vmax = _mm512_mask_max_ps(vmax, vis[c], vmax, acc[r][c]);
             }
+            const float bmax = _mm512_reduce_max_ps(vmax);
+            const float mx = bmax > m[r] ? bmax : m[r];
+            const float corr = (m[r] == -INFINITY) ? 0.0f : expf(m[r] - mx);
+            const __m512 vm = _mm512_set1_ps(mx);
+            __m512 vsum = _mm512_setzero_ps(), e[4];
+            for (int c = 0; c < 4; c++) {
+                e[c] = _mm512_maskz_mov_ps(vis[c], exp512(_mm512_sub_ps(acc[r][c], vm)));
+                vsum = _mm512_add_ps(vsum, e[c]);
+            }
+            _mm512_storeu_si512((void*)pw[r], (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+            _mm512_storeu_si512((void*)(pw[r] + 16), (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
             l[r] = l[r] * corr + _mm512_reduce_add_ps(vsum);
             m[r] = mx;
-            const __m512 vc = _mm512_set1_ps(corr);
-            for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + r * hd + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + 16 * j), vc));
+            if (corr != 1.0f) {
+                const __m512 vc = _mm512_set1_ps(corr);
+                for (int j = 0; j < nv; j++)
+                    _mm512_storeu_ps(o + r * hd + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + 16 * j), vc));
+            }
         }
         /* o[r] += p[r] . v over the 64 keys of the block, in key pairs */
         for (int j0 = 0; j0 < nv; j0 += 4) {
@@ -646,8 +648,7 @@ static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int 
                 for (int j = 0; j < jn; j++)
                     vv[j] = (__m512bh)_mm512_loadu_si512((const void*)(vblk + ((int64_t)k2 * hd + 16 * (j0 + j)) * 2));
                 for (int r = 0; r < rt; r++) {
-                    uint32_t pp = (uint32_t)f2bf(s[r][2 * k2]) | ((uint32_t)f2bf(s[r][2 * k2 + 1]) << 16);
-                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pp);
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pw[r][k2]);
                     for (int j = 0; j < jn; j++) oacc[r][j] = _mm512_dpbf16_ps(oacc[r][j], vv[j], pb);
                 }
             }
@@ -657,7 +658,7 @@ static void attn_block_rows(const uint32_t* qp /* [RT][hd/2] bf16 pairs */, int 
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
 void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
                             const float* vs, int B, int H, int Hkv, int hd, int L, int start, int T, float scale,
                             float* out, void* work, int nthreads) {
@@ -696,31 +697,41 @@ void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int 
         }
     }
     /* 2. blocks of RT query rows of one head against the keys they see */
-    const int RT = hd <= 64 ? 4 : 2;
-    const int qblocks = (T + RT - 1) / RT;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
-    for (int task = 0; task < B * H * qblocks; task++) {
-        const int qb = qblocks - 1 - task % qblocks; /* longest rows first */
-        const int bh = task / qblocks;
+    /* a task: QC query rows of one head, in sub-tiles of RT rows that share each key block while it is in L1 */
+    const int RT = hd <= 64 ? 4 : 2, QC = 16;
+    const int qchunks = (T + QC - 1) / QC;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int task = 0; task < B * H * qchunks; task++) {
+        const int qc = qchunks - 1 - task % qchunks; /* longest rows first */
+        const int bh = task / qchunks;
         const int b = bh / H, h = bh % H, kvh = h / G;
-        const int r0 = qb * RT, rt = T - r0 < RT ? T - r0 : RT;
-        uint32_t qp[4 * 64];
-        float o[4 * 128], m[4], l[4];
-        int qpos[4];
-        for (int r = 0; r < rt; r++) {
-            const float* qr = q + (((int64_t)b * H + h) * T + r0 + r) * hd;
+        const int c0 = qc * QC, cn = T - c0 < QC ? T - c0 : QC;
+        uint32_t qp[16 * 64];
+        float o[16 * 128], m[16], l[16];
+        int qpos[16];
+        for (int r = 0; r < cn; r++) {
+            const float* qr = q + (((int64_t)b * H + h) * T + c0 + r) * hd;
             for (int d2 = 0; d2 < hd / 2; d2++)
                 qp[r * (hd / 2) + d2] = (uint32_t)f2bf(qr[2 * d2] * scale) | ((uint32_t)f2bf(qr[2 * d2 + 1] * scale) << 16);
-            qpos[r] = start + r0 + r;
+            qpos[r] = start + c0 + r;
             m[r] = -INFINITY;
             l[r] = 0.0f;
             for (int d = 0; d < hd; d++) o[r * hd + d] = 0.0f;
         }
         const int64_t kvoff = ((int64_t)b * Hkv + kvh) * nkb * ABLK * hd;
-        attn_block_rows(qp, rt, hd, kp_all + kvoff, vp_all + kvoff, nkb, qpos, o, m, l);
-        for (int r = 0; r < rt; r++) {
+        const int last = qpos[cn - 1];
+        for (int kb = 0; kb < nkb && kb * ABLK <= last; kb++) {
+            const uint16_t* kblk = kp_all + kvoff + (int64_t)kb * ABLK * hd;
+            const uint16_t* vblk = vp_all + kvoff + (int64_t)kb * ABLK * hd;
+            for (int r0 = 0; r0 < cn; r0 += RT) {
+                const int rt = cn - r0 < RT ? cn - r0 : RT;
+                if (kb * ABLK > qpos[r0 + rt - 1]) continue;
+                attn_block(qp + r0 * (hd / 2), rt, hd, kblk, vblk, kb * ABLK, qpos + r0, o + r0 * hd, m + r0, l + r0);
+            }
+        }
+        for (int r = 0; r < cn; r++) {
             const float inv = 1.0f / l[r];
-            float* dst = out + (((int64_t)b * H + h) * T + r0 + r) * hd;
+            float* dst = out + (((int64_t)b * H + h) * T + c0 + r) * hd;
             for (int d = 0; d < hd; d++) dst[d] = o[r * hd + d] * inv;
         }
     }
