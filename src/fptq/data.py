@@ -13,7 +13,11 @@ from .errors import FptqError
 
 BUNDLED_CALIBRATION = "c4_calibration_sample.txt.gz"
 
-__all__ = ["read_text", "bundled_calibration_text", "calibration_windows", "text_hash"]
+__all__ = ["read_text", "bundled_calibration_text", "calibration_windows", "text_hash", "SELF_CALIBRATION",
+           "ids_to_text"]
+
+# ``--calib self``: calibrate on text the float model generates itself (data-free, see fptq.qat.datagen)
+SELF_CALIBRATION = "self"
 
 
 def bundled_calibration_text() -> str:
@@ -82,3 +86,12 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     offset = int(torch.randint(0, slack + 1, (1,), generator=g)) if slack else 0
     chosen = torch.randperm(available, generator=g)[:nsamples].sort().values
     return torch.stack([ids[offset + i * seqlen: offset + (i + 1) * seqlen] for i in chosen.tolist()])
+
+
+def ids_to_text(tokenizer, ids: torch.Tensor, sep: str = "\n\n") -> str:
+    """Generated sequences (``[N, L]`` token ids) as one calibration text: each decoded with its special
+    tokens kept, joined with ``sep`` (the separator of the C4 calibration text)."""
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise FptqError("expected a non-empty [num_sequences, length] tensor of token ids, "
+                        f"got shape {tuple(ids.shape)}")
+    return sep.join(tokenizer.batch_decode(ids.tolist(), skip_special_tokens=False))

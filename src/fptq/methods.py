@@ -19,9 +19,16 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # into up_proj -> down_proj too, where max|x| reaches thousands, costs 7% perplexity on SmolLM2-135M
     # (bench/results/lae_producers.md)
     "lae-dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.LAE, equalize_into="norms"),
+    # quantization-aware training (fptq.qat): the plan of the base method in QAT_BASE, then knowledge distillation
+    # from the float model on data the model generates itself. LLM-QAT (arXiv 2305.17888): per-channel int4
+    # weights, dynamic per-token int8 activations
+    "llm-qat-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.NONE, group_size=-1),
+    "fptq-qat": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE),
 }
 
 METHODS = tuple(_PRESETS)
+# QAT method -> the PTQ method whose plan it starts from
+QAT_BASE = {"llm-qat-w4a8": "dynamic-w4a8", "fptq-qat": "fptq"}
 
 
 def method_config(name: str, **overrides: Any) -> QuantConfig:
