@@ -7,7 +7,8 @@ Python API::
     windows = fptq.calibration_windows(tok, fptq.read_text(None), 128, 512)
     plan = fptq.quantize(model, fptq.method_config("fptq", group_size=64), windows)
     fptq.save(model, plan, "out", tokenizer=tok)
-    qmodel = fptq.load("out")                             # forward(input_ids).logits
+    qmodel = fptq.load("out")                             # forward(input_ids).logits (integer kernels)
+    engine = fptq.Engine.from_checkpoint("out")           # fptq's runtime: engine.generate(ids, 64)
     # or, once fptq is imported: transformers.AutoModelForCausalLM.from_pretrained("out")
 """
 __version__ = "0.1.0"
@@ -22,9 +23,10 @@ from .models.loading import load_float_model  # noqa: E402
 from .nn import QuantLinear  # noqa: E402
 from .pipeline import quantize  # noqa: E402
 from .plan import LayerPlan, Plan  # noqa: E402
+from .runtime import Engine  # noqa: E402
 
 __all__ = [
-    "ActPolicy", "Equalization", "FptqError", "LayerPlan", "METHODS", "Plan", "QuantConfig", "QuantLinear",
+    "ActPolicy", "Engine", "Equalization", "FptqError", "LayerPlan", "METHODS", "Plan", "QuantConfig", "QuantLinear",
     "Strategy", "calibration_windows", "load", "load_float_model", "method_config", "quantize", "read_text", "save",
     "__version__",
 ]

@@ -142,3 +142,13 @@ def test_int8_kv_cache_tracks_the_bf16_cache():
         rest = torch.stack([eng.forward(ids[:, i:i + 1], cache) for i in range(30, 40)], 1)
         assert sqnr_db(ref, torch.cat([first, rest], 1)) > floor, dtype
     assert cache.nbytes() < 0.6 * Engine(model).new_cache(2, 40).nbytes()
+
+
+def test_engine_from_checkpoint_keeps_16_bit_tensors(tmp_path):
+    out = _checkpoint(tmp_path)
+    eng = fptq.Engine.from_checkpoint(out)
+    assert eng.lm_head.weight.dtype == torch.bfloat16  # stored in 16 bits, not upcast
+    ref = fptq.load(out, backend="reference")
+    ids = _ids()
+    with torch.inference_mode():
+        assert sqnr_db(ref(ids).logits, eng.forward(ids, eng.new_cache(2, 24), logits="all")) > 25

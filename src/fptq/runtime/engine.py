@@ -158,6 +158,14 @@ class Engine:
         self._native_prefill = (self._native and native.has_bf16() and self.head_dim in (64, 128)
                                 and prefill_attention != "sdpa")
 
+    @classmethod
+    def from_checkpoint(cls, out, **kw) -> "Engine":
+        """An engine over the fptq checkpoint ``out`` (loaded with its 16-bit tensors kept 16-bit, see
+        :func:`fptq.runtime.load_for_runtime`)."""
+        from .loading import load_for_runtime
+
+        return cls(load_for_runtime(out), **kw)
+
     # ----------------------------------------------------------------- state
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         shape = (batch, self.n_kv, max_len, self.head_dim)
