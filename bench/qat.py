@@ -8,7 +8,7 @@ the float model); the baselines are measured in the same run:
   activations) without and with training; ``-pc`` rows use per-channel weights (the paper), the others
   ``--group-size`` groups;
 * ``fptq`` (C4 calibration, the default) / ``fptq-qat`` (trained from that result, static activation scales
-  learned) / ``fptq-qat-kept`` (scales kept from calibration);
+  kept from calibration: the default) / ``fptq-qat-learned`` (scales trained too, LSQ gradients);
 * ``fptq-self``: fptq calibrated on text the float model generated (``--calib self``);
 * ``rtn-w4a16``, ``lae-dynamic-w4a8``: the other reference rows.
 
@@ -17,7 +17,7 @@ PTQ calibration: 128 x 512 tokens of C4 documents 1000-1999 (seed 0). QAT data: 
 Rows are cached in bench/results/qat_rows/ (keyed by their settings), so the script can be run in stages::
 
     python bench/qat.py --rows float,dynamic-w4a8,llm-qat-w4a8 --max-windows 10
-    python bench/qat.py --rows float,fptq,fptq-qat,fptq-qat-kept --max-windows 10
+    python bench/qat.py --rows float,fptq,fptq-qat,fptq-qat-learned --max-windows 10
 
 Writes bench/results/qat.{json,md} with every cached row of the current settings.
 """
@@ -36,12 +36,13 @@ import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
 from fptq.qat import QATConfig, quantize_keeping_latents, train_from_ptq, training_data
 from fptq.qat.config import GenerationRecipe
+from fptq.models.loading import resolve_model_dir
 from fptq.qat.run import self_calibration_text
 
 from common import RESULTS, calibration_text, machine, wikitext_path, write_results
 
 ROWS = ("float", "dynamic-w4a8", "llm-qat-w4a8", "dynamic-w4a8-pc", "llm-qat-w4a8-pc", "fptq", "fptq-qat",
-        "fptq-qat-kept", "fptq-self", "rtn-w4a16", "lae-dynamic-w4a8")
+        "fptq-qat-learned", "fptq-self", "rtn-w4a16", "lae-dynamic-w4a8")
 # row -> (method, QAT?, per-channel?, learn act scales, calibration)
 SPEC = {
     "dynamic-w4a8": ("llm-qat-w4a8", False, False, True, "c4"),
@@ -49,8 +50,8 @@ SPEC = {
     "dynamic-w4a8-pc": ("llm-qat-w4a8", False, True, True, "c4"),
     "llm-qat-w4a8-pc": ("llm-qat-w4a8", True, True, True, "c4"),
     "fptq": ("fptq-qat", False, False, True, "c4"),
-    "fptq-qat": ("fptq-qat", True, False, True, "c4"),
-    "fptq-qat-kept": ("fptq-qat", True, False, False, "c4"),
+    "fptq-qat": ("fptq-qat", True, False, False, "c4"),
+    "fptq-qat-learned": ("fptq-qat", True, False, True, "c4"),
     "fptq-self": ("fptq-qat", False, False, True, "self"),
     "rtn-w4a16": ("rtn-w4a16", False, False, True, "c4"),
     "lae-dynamic-w4a8": ("lae-dynamic-w4a8", False, False, True, "c4"),
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512, help="tokens per generated sequence")
     ap.add_argument("--dtype", default=QATConfig().dtype, help="training autocast dtype")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-only", action="store_true", help="only rewrite qat.{json,md} from the cached rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -86,12 +88,15 @@ def main() -> None:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
 
+    common = {"model": resolve_model_dir(None), "nsamples": args.nsamples, "seqlen": args.seqlen,
+              "group_size": args.group_size, "max_windows": args.max_windows, "eval_seqlen": args.eval_seqlen}
+    if args.write_only:
+        _write(args, common)
+        return
     model, tok, src = fptq.load_float_model(None)
     qat_base = QATConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, act_scale_lr=args.scale_lr,
                          num_sequences=args.num, dtype=args.dtype, recipe=GenerationRecipe(length=args.length))
     windows = token_windows(tok, load_eval_text(wikitext_path()), args.eval_seqlen, args.max_windows)
-    common = {"model": src, "nsamples": args.nsamples, "seqlen": args.seqlen, "group_size": args.group_size,
-              "max_windows": args.max_windows, "eval_seqlen": args.eval_seqlen}
     ROW_DIR.mkdir(parents=True, exist_ok=True)
     ref: list = []
     calib: dict[str, torch.Tensor] = {}
@@ -185,11 +190,15 @@ def _write(args, common) -> None:
         md.append(f"| {r} | {wa} | {d['ppl']:.2f} | {d['kld']:.4f} | {100 * d['top1']:.2f}% | "
                   f"{d.get('quantize_s', 0):.0f} | {tr.get('steps', '')} | {tr.get('tokens', '')} | {train_s} |")
     qat = next((d["settings"]["qat"] for d in rows.values() if "qat" in d["settings"]), None)
+    data_s = next((d["data_s"] for d in rows.values() if "data_s" in d), None)
     if qat:
         md += ["", f"QAT: {qat['steps']} AdamW steps of {qat['batch_size']} x {qat['recipe']['length']} generated "
                    f"tokens, lr {qat['lr']} (static scales {qat['act_scale_lr']}), cosine, {qat['dtype']} autocast, "
-                   f"{qat['num_sequences']} sequences generated by the float model (LLM-QAT recipe); "
-                   f"{machine()['threads']} CPU threads."]
+                   f"{qat['num_sequences']} sequences generated by the float model (LLM-QAT recipe)"
+                   + ("" if data_s is None else f", generated once in {data_s:.0f} s (float32, cached, shared by the "
+                                                "QAT rows and fptq-self)")
+                   + f"; {args.threads} CPU threads. quantize s: the PTQ pass a row starts from (a QAT row's "
+                     "plan, LAE folds and initial weights)."]
     write_results("qat", {"settings": vars(args), "machine": machine(), "rows": rows}, "\n".join(md) + "\n")
 
 

@@ -89,8 +89,8 @@ def add_qat_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--qat-length", type=int, default=None, help=f"tokens per training sequence (default {d.recipe.length})")
     q.add_argument("--qat-data", default=None, help="cache file of the generated training data (see fptq generate-data; "
                                                     "default: one per model and recipe in $FPTQ_CACHE/generated)")
-    q.add_argument("--keep-act-scales", action="store_true",
-                   help="keep static activation scales from calibration (default: train them)")
+    q.add_argument("--learn-act-scales", action="store_true",
+                   help="train the static activation scales too (LSQ gradients; default: keep them from calibration)")
     q.add_argument("--qat-dtype", default=None, choices=("float32", "bfloat16"),
                    help=f"autocast dtype of the training forward/backward (default {d.dtype})")
     _add_recipe_args(q, "--qat-data-seed")
@@ -101,7 +101,7 @@ def qat_config_from_args(args) -> QATConfig:
     recipe = _recipe(args, args.qat_length or d.recipe.length)
     return d.replace(steps=args.qat_steps, batch_size=args.qat_batch_size, lr=args.qat_lr,
                      act_scale_lr=args.qat_act_scale_lr, num_sequences=args.qat_num, dtype=args.qat_dtype,
-                     learn_act_scales=False if args.keep_act_scales else None, recipe=recipe)
+                     learn_act_scales=True if args.learn_act_scales else None, recipe=recipe)
 
 
 def cmd_quantize_qat(args, config) -> int:
