@@ -589,72 +589,97 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
-static void attn_block(const uint32_t* qp /* [rt][hd/2] bf16 pairs */, int rt, int hd, const uint16_t* kblk,
-                       const uint16_t* vblk, int k0, const int* qpos, float* o /* [rt][hd] */, float* m, float* l) {
-    /* one block of 64 keys (kblk [hd/2][64][2], vblk [32][hd][2]) for up to 4 query rows */
-    const int nv = hd / 16, hp = hd / 2;
+/* One block of 64 keys (kblk [hd/2][64][2], vblk [32][hd][2]) for RT query rows (RT a compile-time constant
+ * so that the accumulators stay in registers). */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16"))) static inline __attribute__((always_inline))
+void attn_block_t(const int RT, const uint32_t* qp /* [RT][hd/2] bf16 pairs */, const int hd,
+                  const uint16_t* kblk, const uint16_t* vblk, int k0, const int* qpos, float* o /* [RT][hd] */,
+                  float* m, float* l) {
+    const int hp = hd / 2;
     uint32_t pw[4][ABLK / 2]; /* probabilities of the block as bf16 pairs of consecutive keys */
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    {
-        __m512 acc[4][4];
-        for (int r = 0; r < rt; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        for (int d2 = 0; d2 < hp; d2++) {
-            __m512bh kk[4];
-            for (int c = 0; c < 4; c++)
-                kk[c] = (__m512bh)_mm512_loadu_si512((const void*)(kblk + ((int64_t)d2 * ABLK + 16 * c) * 2));
-            for (int r = 0; r < rt; r++) {
-                const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qp[r * hp + d2]);
-                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], kk[c], qq);
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d2 = 0; d2 < hp; d2++) {
+        __m512bh kk[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            kk[c] = (__m512bh)_mm512_loadu_si512((const void*)(kblk + ((int64_t)d2 * ABLK + 16 * c) * 2));
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; r++) {
+            const __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qp[r * hp + d2]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], kk[c], qq);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; r++) {
+        /* keys k0 + j with j <= lim are visible to this query */
+        const __m512i lim = _mm512_set1_epi32(qpos[r] - k0);
+        __mmask16 vis[4];
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            vis[c] = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * c)), lim);
+            vmax = _mm512_mask_max_ps(vmax, vis[c], vmax, acc[r][c]);
+        }
+        const float bmax = _mm512_reduce_max_ps(vmax);
+        const float mx = bmax > m[r] ? bmax : m[r];
+        const float corr = (m[r] == -INFINITY) ? 0.0f : expf(m[r] - mx);
+        const __m512 vm = _mm512_set1_ps(mx);
+        __m512 vsum = _mm512_setzero_ps(), e[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            e[c] = _mm512_maskz_mov_ps(vis[c], exp512(_mm512_sub_ps(acc[r][c], vm)));
+            vsum = _mm512_add_ps(vsum, e[c]);
+        }
+        _mm512_storeu_si512((void*)pw[r], (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+        _mm512_storeu_si512((void*)(pw[r] + 16), (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
+        l[r] = l[r] * corr + _mm512_reduce_add_ps(vsum);
+        m[r] = mx;
+        if (corr != 1.0f) {
+            const __m512 vc = _mm512_set1_ps(corr);
+            for (int j = 0; j < hd / 16; j++)
+                _mm512_storeu_ps(o + r * hd + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + 16 * j), vc));
+        }
+    }
+    /* o[r] += p[r] . v over the 64 keys of the block, in key pairs, 64 output columns at a time */
+    for (int j0 = 0; j0 < hd / 16; j0 += 4) {
+        __m512 oacc[4][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; r++)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) oacc[r][j] = _mm512_loadu_ps(o + r * hd + 16 * (j0 + j));
+        for (int k2 = 0; k2 < ABLK / 2; k2++) {
+            __m512bh vv[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                vv[j] = (__m512bh)_mm512_loadu_si512((const void*)(vblk + ((int64_t)k2 * hd + 16 * (j0 + j)) * 2));
+#pragma GCC unroll 4
+            for (int r = 0; r < RT; r++) {
+                const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pw[r][k2]);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) oacc[r][j] = _mm512_dpbf16_ps(oacc[r][j], vv[j], pb);
             }
         }
-        for (int r = 0; r < rt; r++) {
-            /* keys k0 + j with j <= lim are visible to this query */
-            const __m512i lim = _mm512_set1_epi32(qpos[r] - k0);
-            __mmask16 vis[4];
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < 4; c++) {
-                vis[c] = _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * c)), lim);
-                vmax = _mm512_mask_max_ps(vmax, vis[c], vmax, acc[r][c]);
-            }
-            const float bmax = _mm512_reduce_max_ps(vmax);
-            const float mx = bmax > m[r] ? bmax : m[r];
-            const float corr = (m[r] == -INFINITY) ? 0.0f : expf(m[r] - mx);
-            const __m512 vm = _mm512_set1_ps(mx);
-            __m512 vsum = _mm512_setzero_ps(), e[4];
-            for (int c = 0; c < 4; c++) {
-                e[c] = _mm512_maskz_mov_ps(vis[c], exp512(_mm512_sub_ps(acc[r][c], vm)));
-                vsum = _mm512_add_ps(vsum, e[c]);
-            }
-            _mm512_storeu_si512((void*)pw[r], (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
-            _mm512_storeu_si512((void*)(pw[r] + 16), (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
-            l[r] = l[r] * corr + _mm512_reduce_add_ps(vsum);
-            m[r] = mx;
-            if (corr != 1.0f) {
-                const __m512 vc = _mm512_set1_ps(corr);
-                for (int j = 0; j < nv; j++)
-                    _mm512_storeu_ps(o + r * hd + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(o + r * hd + 16 * j), vc));
-            }
-        }
-        /* o[r] += p[r] . v over the 64 keys of the block, in key pairs */
-        for (int j0 = 0; j0 < nv; j0 += 4) {
-            const int jn = nv - j0 < 4 ? nv - j0 : 4;
-            __m512 oacc[4][4];
-            for (int r = 0; r < rt; r++)
-                for (int j = 0; j < jn; j++) oacc[r][j] = _mm512_loadu_ps(o + r * hd + 16 * (j0 + j));
-            for (int k2 = 0; k2 < ABLK / 2; k2++) {
-                __m512bh vv[4];
-                for (int j = 0; j < jn; j++)
-                    vv[j] = (__m512bh)_mm512_loadu_si512((const void*)(vblk + ((int64_t)k2 * hd + 16 * (j0 + j)) * 2));
-                for (int r = 0; r < rt; r++) {
-                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pw[r][k2]);
-                    for (int j = 0; j < jn; j++) oacc[r][j] = _mm512_dpbf16_ps(oacc[r][j], vv[j], pb);
-                }
-            }
-            for (int r = 0; r < rt; r++)
-                for (int j = 0; j < jn; j++) _mm512_storeu_ps(o + r * hd + 16 * (j0 + j), oacc[r][j]);
-        }
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; r++)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + r * hd + 16 * (j0 + j), oacc[r][j]);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+static void attn_block(const uint32_t* qp, int rt, int hd, const uint16_t* kblk, const uint16_t* vblk, int k0,
+                       const int* qpos, float* o, float* m, float* l) {
+    switch (rt) {
+        case 1: attn_block_t(1, qp, hd, kblk, vblk, k0, qpos, o, m, l); break;
+        case 2: attn_block_t(2, qp, hd, kblk, vblk, k0, qpos, o, m, l); break;
+        case 3: attn_block_t(3, qp, hd, kblk, vblk, k0, qpos, o, m, l); break;
+        default: attn_block_t(4, qp, hd, kblk, vblk, k0, qpos, o, m, l); break;
     }
 }
 
@@ -698,7 +723,7 @@ void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int 
     }
     /* 2. blocks of RT query rows of one head against the keys they see */
     /* a task: QC query rows of one head, in sub-tiles of RT rows that share each key block while it is in L1 */
-    const int RT = hd <= 64 ? 4 : 2, QC = 16;
+    const int RT = 4, QC = 16;
     const int qchunks = (T + QC - 1) / QC;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int task = 0; task < B * H * qchunks; task++) {
