@@ -178,6 +178,20 @@ def test_quantlinear_native_backend_keeps_one_copy_and_saves_the_checkpoint_layo
     assert fresh.weight_layout == "rowpair" and torch.equal(fresh(x), y)
 
 
+def test_native_kernels_build_where_the_cpu_supports_them():
+    """A build failure must fail the suite, not skip every native test: on an x86-64 Linux CPU with AVX-512
+    VNNI and a C compiler the kernels must be available."""
+    import os
+    import platform
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if platform.machine() != "x86_64" or "avx512_vnni" not in flags or native._compiler() is None:
+        pytest.skip("not an AVX-512 VNNI x86-64 machine with a C compiler")
+    if os.environ.get("FPTQ_NATIVE") == "0":
+        pytest.skip("FPTQ_NATIVE=0")
+    assert native.available(), native.unavailable_reason()
+
+
 def test_native_can_be_disabled(monkeypatch):
     from fptq.kernels import default_backend
 

@@ -498,10 +498,78 @@ static inline __m512 load_kv(const void* base, int mode, int64_t off) {
     return _mm512_loadu_ps((const float*)base + off);
 }
 
+/* p . v for GN query heads (constants: the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void decode_pv_t(
+    const int NV, const int GN, const int MODE, const float* s, int T, const void* vc, const float* vs, int64_t kv0,
+    int hd, float* dst /* GN rows of hd */) {
+    __m512 acc[4][8];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < NV; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int t = 0; t < T; t++) {
+        __m512 v[8];
+        for (int j = 0; j < NV; j++) v[j] = load_kv(vc, MODE, kv0 + (int64_t)t * hd + 16 * j);
+        const float vscale = MODE == 2 ? vs[kv0 / hd + t] : 1.0f;
+        for (int g = 0; g < GN; g++) {
+            const __m512 p = _mm512_set1_ps(s[(int64_t)g * T + t] * vscale);
+            for (int j = 0; j < NV; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < NV; j++) _mm512_storeu_ps(dst + (int64_t)g * hd + 16 * j, acc[g][j]);
+}
+
+static inline __attribute__((always_inline)) void decode_task_t(
+    const int NV, const int MODE, const float* qg, int G, const void* kc, const void* vc, const float* ks,
+    const float* vs, int64_t kv0, int hd, int T, float scale, float* s, float* dst) {
+    for (int t = 0; t < T; t++) {
+        __m512 k[8];
+        for (int j = 0; j < NV; j++) k[j] = load_kv(kc, MODE, kv0 + (int64_t)t * hd + 16 * j);
+        const float kscale = MODE == 2 ? scale * ks[kv0 / hd + t] : scale;
+        for (int g = 0; g < G; g++) {
+            __m512 acc = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg + (int64_t)g * hd));
+            for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(k[j], _mm512_loadu_ps(qg + (int64_t)g * hd + 16 * j), acc);
+            s[(int64_t)g * T + t] = _mm512_reduce_add_ps(acc) * kscale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float* sg = s + (int64_t)g * T;
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        int t = 0;
+        for (; t + 16 <= T; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + t));
+        float mx = _mm512_reduce_max_ps(vmax);
+        for (; t < T; t++) mx = sg[t] > mx ? sg[t] : mx;
+        __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+        for (t = 0; t + 16 <= T; t += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
+            _mm512_storeu_ps(sg + t, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        if (t < T) {
+            __mmask16 mk = (__mmask16)((1u << (T - t)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + t), vm)));
+            _mm512_mask_storeu_ps(sg + t, mk, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        for (t = 0; t + 16 <= T; t += 16) _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), inv));
+        for (; t < T; t++) sg[t] *= _mm512_cvtss_f32(inv);
+    }
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const float* sg = s + (int64_t)g0 * T;
+        float* d = dst + (int64_t)g0 * hd;
+        switch (G - g0 < 4 ? G - g0 : 4) {
+            case 1: decode_pv_t(NV, 1, MODE, sg, T, vc, vs, kv0, hd, d); break;
+            case 2: decode_pv_t(NV, 2, MODE, sg, T, vc, vs, kv0, hd, d); break;
+            case 3: decode_pv_t(NV, 3, MODE, sg, T, vc, vs, kv0, hd, d); break;
+            default: decode_pv_t(NV, 4, MODE, sg, T, vc, vs, kv0, hd, d); break;
+        }
+    }
+}
+
 void fptq_decode_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
                            const float* vs, int B, int H, int Hkv, int hd, int L, int T, float scale, float* out,
                            int nthreads) {
-    const int G = H / Hkv, nv = hd / 16;
+    const int G = H / Hkv;
 #pragma omp parallel num_threads(nthreads)
     {
         float* s = (float*)malloc(sizeof(float) * (size_t)G * T);
@@ -510,55 +578,17 @@ void fptq_decode_attention(const float* q, const void* kc, const void* vc, int c
             const int b = task / Hkv, kh = task % Hkv;
             const int64_t kv0 = ((int64_t)b * Hkv + kh) * L * hd;
             const float* qg = q + ((int64_t)b * H + (int64_t)kh * G) * hd;
-            for (int t = 0; t < T; t++) {
-                __m512 k[8];
-                for (int j = 0; j < nv; j++) k[j] = load_kv(kc, cache_mode, kv0 + (int64_t)t * hd + 16 * j);
-                const float kscale = cache_mode == 2 ? scale * ks[kv0 / hd + t] : scale;
-                for (int g = 0; g < G; g++) {
-                    __m512 acc = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg + (int64_t)g * hd));
-                    for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(k[j], _mm512_loadu_ps(qg + (int64_t)g * hd + 16 * j), acc);
-                    s[(int64_t)g * T + t] = _mm512_reduce_add_ps(acc) * kscale;
-                }
+            float* dst = out + ((int64_t)b * H + (int64_t)kh * G) * hd;
+#define DECODE_CASE(NV, MODE) decode_task_t(NV, MODE, qg, G, kc, vc, ks, vs, kv0, hd, T, scale, s, dst)
+            if (hd == 64) {
+                if (cache_mode == 0) DECODE_CASE(4, 0); else if (cache_mode == 1) DECODE_CASE(4, 1); else DECODE_CASE(4, 2);
+            } else if (hd == 128) {
+                if (cache_mode == 0) DECODE_CASE(8, 0); else if (cache_mode == 1) DECODE_CASE(8, 1); else DECODE_CASE(8, 2);
+            } else { /* other head sizes (multiples of 16 up to 128) */
+                const int nv = hd / 16;
+                if (cache_mode == 0) DECODE_CASE(nv, 0); else if (cache_mode == 1) DECODE_CASE(nv, 1); else DECODE_CASE(nv, 2);
             }
-            for (int g = 0; g < G; g++) {
-                float* sg = s + (int64_t)g * T;
-                float mx = -INFINITY;
-                for (int t = 0; t < T; t++) mx = sg[t] > mx ? sg[t] : mx;
-                __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
-                int t = 0;
-                for (; t + 16 <= T; t += 16) {
-                    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
-                    _mm512_storeu_ps(sg + t, e);
-                    vsum = _mm512_add_ps(vsum, e);
-                }
-                if (t < T) {
-                    __mmask16 mk = (__mmask16)((1u << (T - t)) - 1);
-                    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + t), vm));
-                    e = _mm512_maskz_mov_ps(mk, e);
-                    _mm512_mask_storeu_ps(sg + t, mk, e);
-                    vsum = _mm512_add_ps(vsum, e);
-                }
-                const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-                for (t = 0; t < T; t++) sg[t] *= inv;
-            }
-            for (int g0 = 0; g0 < G; g0 += 4) {
-                const int gn = G - g0 < 4 ? G - g0 : 4;
-                __m512 acc[4][8];
-                for (int g = 0; g < gn; g++)
-                    for (int j = 0; j < nv; j++) acc[g][j] = _mm512_setzero_ps();
-                for (int t = 0; t < T; t++) {
-                    __m512 v[8];
-                    for (int j = 0; j < nv; j++) v[j] = load_kv(vc, cache_mode, kv0 + (int64_t)t * hd + 16 * j);
-                    const float vscale = cache_mode == 2 ? vs[kv0 / hd + t] : 1.0f;
-                    for (int g = 0; g < gn; g++) {
-                        const __m512 p = _mm512_set1_ps(s[(int64_t)(g0 + g) * T + t] * vscale);
-                        for (int j = 0; j < nv; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
-                    }
-                }
-                for (int g = 0; g < gn; g++)
-                    for (int j = 0; j < nv; j++)
-                        _mm512_storeu_ps(out + ((int64_t)b * H + (int64_t)kh * G + g0 + g) * hd + 16 * j, acc[g][j]);
-            }
+#undef DECODE_CASE
         }
         free(s);
     }
