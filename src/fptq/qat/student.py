@@ -80,7 +80,7 @@ class QATLinear(nn.Module):
         codes, scales = self.codes_and_scales()
         return QuantLinear.from_codes(
             codes, scales, wbits=self.wbits, group_size=self.group_size, abits=self.abits, act_mode=self.act_mode,
-            act_scale=float(self.act_scale) if self.act_scale is not None else None,
+            act_scale=float(self.act_scale.detach()) if self.act_scale is not None else None,
             bias=None if self.bias is None else self.bias.detach().to(self.bias_dtype), dtype=dtype)
 
     def extra_repr(self) -> str:
@@ -154,7 +154,7 @@ def to_quant_linears(model: nn.Module, plan: Plan, dtype: torch.dtype | None = N
         lp.weight_error = float((deq - w).norm() / w.norm().clamp_min(1e-12))
         lp.weight_method = "rtn-qat"
         if isinstance(m.act_scale, nn.Parameter):  # trained; a kept scale stays as the plan recorded it
-            lp.act_scale = float(m.act_scale)
+            lp.act_scale = float(m.act_scale.detach())
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
