@@ -152,3 +152,13 @@ def test_engine_from_checkpoint_keeps_16_bit_tensors(tmp_path):
     ids = _ids()
     with torch.inference_mode():
         assert sqnr_db(ref(ids).logits, eng.forward(ids, eng.new_cache(2, 24), logits="all")) > 25
+
+
+def test_reused_workspaces_do_not_leak_between_calls(tmp_path):
+    out = _checkpoint(tmp_path)
+    eng = Engine(fptq.load(out))
+    a, b = _ids(2, 16, seed=1), _ids(2, 16, seed=2)
+    eng.forward(a, eng.new_cache(2, 16), logits="all")  # fills the (2, 16) workspace
+    got = eng.forward(b, eng.new_cache(2, 16), logits="all")
+    fresh = Engine(fptq.load(out)).forward(b, Engine(fptq.load(out)).new_cache(2, 16), logits="all")
+    assert torch.equal(got, fresh)

@@ -147,6 +147,9 @@ class Engine:
                             f"(at most 128): {native.unavailable_reason() or f'head size {self.head_dim}'}")
         self.kv_dtype = kv_dtype
         self.layers = [_Layer(layer) for layer in model.model.layers]
+        if len({(l.dq, l.dkv, l.ffn) for l in self.layers}) != 1:
+            raise FptqError("cannot run this model with fptq's runtime: its decoder layers differ in width; use the "
+                            "transformers model (fptq.load(OUT)) instead")
         self.embed = model.model.embed_tokens
         self.final_norm, self.final_eps = _norm_weight(model.model.norm)
         self.lm_head = model.lm_head
@@ -154,6 +157,8 @@ class Engine:
         self._rope_len = 0
         self._cos = self._sin = None
         self._native = native.available()
+        self._workspaces: dict[tuple[int, int], dict] = {}  # (batch, tokens) -> reused buffers (see _workspace)
+        self._attn_work: torch.Tensor | None = None
         # prompts: fptq's flash-attention kernel (bfloat16 dot products) where the CPU has AVX512-BF16
         self._native_prefill = (self._native and native.has_bf16() and self.head_dim in (64, 128)
                                 and prefill_attention != "sdpa")
@@ -203,16 +208,20 @@ class Engine:
         rot = torch.cat((-x2, x1), dim=-1)
         return x * cos[:, None, :] + rot * sin[:, None, :]
 
-    def _attention(self, q, cache: KVCache, li: int, start: int, t: int) -> torch.Tensor:
+    def _attention(self, q, cache: KVCache, li: int, start: int, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """q ``[B, H, T, D]`` float32 at positions ``start .. start+T-1`` over the cached keys ``0 .. start+T-1``;
         returns ``[B, H, T, D]``."""
         end = start + t
         if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
-                                           end, self.scaling, **cache.scales(li)).unsqueeze(2)
+                                           end, self.scaling, out=None if out is None else out.view(q.shape[0], q.shape[1], -1),
+                                           **cache.scales(li)).view(q.shape)
         if self._native_prefill:
-            return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling,
-                                            **cache.scales(li))
+            need = native.prefill_attention_work_bytes(q.shape[0], self.n_kv, self.head_dim, end)
+            if self._attn_work is None or self._attn_work.numel() < need:
+                self._attn_work = torch.empty(need, dtype=torch.uint8)
+            return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling, out=out,
+                                            work=self._attn_work, **cache.scales(li))
         k = cache.keys[li][:, :, :end]
         v = cache.values[li][:, :, :end]
         if cache.key_scales is not None:
@@ -228,11 +237,36 @@ class Engine:
         mask = (torch.arange(t)[:, None] + start) >= torch.arange(end)[None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
 
-    def _norm_into(self, h, w, eps, group, m):
+    def _workspace(self, b: int, t: int) -> dict:
+        """Buffers reused by every layer and call with ``b x t`` tokens: large fresh tensors cost a page fault per
+        4 KiB on first touch, which for a prompt is as slow as the matrix products. The two latest shapes (a
+        decode step and a prompt, typically) are kept."""
+        ws = self._workspaces.get((b, t))
+        if ws is None:
+            if len(self._workspaces) >= 2:
+                self._workspaces.pop(next(iter(self._workspaces)))
+            m, l0 = b * t, self.layers[0]
+            ws = {"qkv": torch.empty(m, l0.dq + 2 * l0.dkv), "q": torch.empty(b, self.n_heads, t, self.head_dim),
+                  "attn": torch.empty(b, self.n_heads, t, self.head_dim), "a": torch.empty(m, l0.dq),
+                  "gu": torch.empty(m, 2 * l0.ffn), "quant": {}}
+            self._workspaces[(b, t)] = ws
+        return ws
+
+    @staticmethod
+    def _quant_buffers(ws: dict, group, m: int) -> tuple | None:
+        shape = group.quant_shape()
+        if shape is None:
+            return None
+        buf = ws["quant"].get(shape)
+        if buf is None:
+            buf = ws["quant"][shape] = native.QuantOut.buffers(m, *shape)
+        return buf
+
+    def _norm_into(self, h, w, eps, group, m, ws):
         """rmsnorm of the residual stream, quantized straight for ``group`` where it can take that."""
         if not self._native:
             return _rmsnorm(h, w, eps), None
-        q = group.quant_out(m)
+        q = group.quant_out(m, self._quant_buffers(ws, group, m))
         return native.rmsnorm(h, w, eps, quant=q), q
 
     @staticmethod
@@ -259,21 +293,22 @@ class Engine:
         cos_all, sin_all = self._rope(start + t)
         cos, sin = cos_all[start:start + t], sin_all[start:start + t]
         m = b * t
+        ws = self._workspace(b, t)
         h = self.embed(ids).float().reshape(m, -1)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         if timer:
             timer.mark("embedding")
         for li, layer in enumerate(self.layers):
             dq, dkv, ffn = layer.dq, layer.dkv, layer.ffn
-            x, q8 = self._norm_into(h, layer.ln1, layer.eps1, layer.qkv, m)
+            x, q8 = self._norm_into(h, layer.ln1, layer.eps1, layer.qkv, m, ws)
             if timer:
                 timer.mark("rmsnorm (+quantize)")
-            qkv = torch.empty(m, dq + 2 * dkv)
+            qkv = ws["qkv"]
             self._run(layer.qkv, x, q8, [qkv[:, :dq], qkv[:, dq:dq + dkv], qkv[:, dq + dkv:]])
             if timer:
                 timer.mark(f"q/k/v {layer.qkv.kind}")
             if self._native and layer.q_norm is None:
-                q = torch.empty(b, nh, t, hd)
+                q = ws["q"]
                 native.rope_cache(qkv, b, t, nh, nkv, hd, cos, sin, q, cache.keys[li], cache.values[li], start,
                                   **cache.scales(li))
             else:  # (an int8 cache needs the native path: checked in __init__, except with q/k norms)
@@ -291,22 +326,25 @@ class Engine:
                 cache.values[li][:, :, start:start + t] = v.transpose(1, 2)
             if timer:
                 timer.mark("rope + cache write")
-            a = self._attention(q, cache, li, start, t)
-            a = a.transpose(1, 2).reshape(m, dq)
+            a = self._attention(q, cache, li, start, t, out=ws["attn"])
+            if t == 1:
+                a = a.reshape(m, dq)
+            else:
+                a = ws["a"].view(b, t, nh, hd).copy_(a.transpose(1, 2)).view(m, dq)
             if timer:
                 timer.mark("attention")
             layer.o(a, [h], accumulate=True)
             if timer:
                 timer.mark(f"o_proj {layer.o.kind} (quantize + GEMM)")
-            x, q8 = self._norm_into(h, layer.ln2, layer.eps2, layer.gate_up, m)
+            x, q8 = self._norm_into(h, layer.ln2, layer.eps2, layer.gate_up, m, ws)
             if timer:
                 timer.mark("rmsnorm (+quantize)")
-            gu = torch.empty(m, 2 * ffn)
+            gu = ws["gu"]
             self._run(layer.gate_up, x, q8, [gu[:, :ffn], gu[:, ffn:]])
             if timer:
                 timer.mark(f"gate/up {layer.gate_up.kind}")
             if self._native:
-                q8 = layer.down.quant_out(m)
+                q8 = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m))
                 act = native.silu_mul(gu, ffn, quant=q8)
             else:
                 q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])

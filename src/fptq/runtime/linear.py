@@ -41,9 +41,14 @@ class ModuleGroup:
         self.modules = modules
         self.out_features = [m.out_features for m in modules]
 
-    def quant_out(self, m: int) -> "native.QuantOut | None":
-        """Buffers into which a fused stage (norm, SiLU-and-multiply) can write this group's quantized input
-        for ``m`` tokens; ``None``: the group takes float input (call the group itself)."""
+    def quant_out(self, m: int, buffers: tuple | None = None) -> "native.QuantOut | None":
+        """The quantizer a fused stage (norm, SiLU-and-multiply) can run to write this group's quantized input
+        for ``m`` tokens (into ``buffers`` when given); ``None``: the group takes float input (call the group
+        itself)."""
+        return None
+
+    def quant_shape(self) -> tuple[int, int] | None:
+        """``(Kp, groups)`` of the quantized input this group takes from a fused stage, or ``None``."""
         return None
 
     def __call__(self, x: torch.Tensor, outs: list[torch.Tensor], accumulate: bool = False) -> None:
@@ -72,22 +77,27 @@ class W4A8Group(ModuleGroup):
         self.w = weights[0]
         self.gemm = native.W4A8Gemm([w.spec() for w in weights], self.w.group_size)
 
-        self._quant_outs: dict[int, native.QuantOut] = {}
+        w = self.w
+        self._quant = native.QuantOut.params(w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
+        self._own_buffers: dict[int, tuple] = {}
 
     def __call__(self, x, outs, accumulate=False):
         w = self.w
         xq, xs, sx = native.quantize(x, w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
         self.gemm(xq, xs, sx, outs, accumulate=accumulate)
 
-    def quant_out(self, m):
-        q = self._quant_outs.get(m)
-        if q is None:
-            if len(self._quant_outs) >= 4:  # a few token counts (decode batch, prompt lengths) stay cached
-                self._quant_outs.clear()
-            w = self.w
-            q = native.QuantOut.make(m, w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
-            self._quant_outs[m] = q
-        return q
+    def quant_out(self, m, buffers: tuple | None = None):
+        """This group's input quantizer writing into ``buffers`` (:meth:`native.QuantOut.buffers` for ``m``
+        tokens, e.g. a workspace shared by all layers), or into buffers of its own."""
+        if buffers is None:
+            buffers = self._own_buffers.get(m)
+            if buffers is None:
+                self._own_buffers = {m: native.QuantOut.buffers(m, self.w.kp, self.w.groups)}
+                buffers = self._own_buffers[m]
+        return self._quant.attach(*buffers)
+
+    def quant_shape(self):
+        return self.w.kp, self.w.groups
 
     def run_quantized(self, q: "native.QuantOut", outs, accumulate=False) -> None:
         """The products for the input a fused stage quantized into ``q`` (from :meth:`quant_out`)."""

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm", "W4A16Gemm", "dequantize_w4",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention",
-           "prefill_attention", "has_bf16", "source_path"]
+           "prefill_attention", "prefill_attention_work_bytes", "has_bf16", "source_path"]
 
 _SRC = Path(__file__).with_name("w4a8.c")
 _CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
@@ -157,14 +157,34 @@ class QuantOut(ctypes.Structure):
     @classmethod
     def make(cls, m: int, kp: int, mode: str, static_scale: float | None, qmax: int, group_size: int, groups: int,
              with_sums: bool = True) -> "QuantOut":
+        """Quantization parameters and new buffers for ``m`` tokens."""
+        q = cls.params(kp, mode, static_scale, qmax, group_size, groups)
+        return q.attach(*cls.buffers(m, kp, groups, with_sums))
+
+    @classmethod
+    def params(cls, kp: int, mode: str, static_scale: float | None, qmax: int, group_size: int,
+               groups: int) -> "QuantOut":
+        """Quantization parameters only; :meth:`attach` gives it buffers."""
         q = cls()
-        q.tensors = (torch.empty(m, kp, dtype=torch.int8), torch.empty(m, groups, dtype=torch.int32) if with_sums
-                     else None, torch.empty(m, dtype=torch.float32))
-        q.xq, q.xsum, q.sx = (_ptr(t) for t in q.tensors)
+        q.tensors = None
         q.mode = 0 if mode == "static_tensor" else 1
         q.static_scale = float(static_scale or 0.0)
         q.qmax, q.gs, q.G, q.Kp = float(qmax), group_size, groups, kp
         return q
+
+    @staticmethod
+    def buffers(m: int, kp: int, groups: int, with_sums: bool = True) -> tuple:
+        """``(codes [m, kp] int8, group sums [m, groups] int32 or None, scales [m] float32)``."""
+        return (torch.empty(m, kp, dtype=torch.int8),
+                torch.empty(m, groups, dtype=torch.int32) if with_sums else None, torch.empty(m, dtype=torch.float32))
+
+    def attach(self, xq: torch.Tensor, xsum: torch.Tensor | None, sx: torch.Tensor) -> "QuantOut":
+        """Point at these buffers (shapes from :meth:`buffers`; they may be shared by stages run in turn)."""
+        if xq.shape[1] != self.Kp or (xsum is not None and xsum.shape[1] != self.G):
+            raise ValueError("QuantOut.attach: buffers do not match the quantizer's K / groups")
+        self.tensors = (xq, xsum, sx)
+        self.xq, self.xsum, self.sx = (_ptr(t) for t in self.tensors)
+        return self
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
@@ -242,13 +262,16 @@ def has_bf16() -> bool:
 
 def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,
                       out: torch.Tensor | None = None, kscale: torch.Tensor | None = None,
-                      vscale: torch.Tensor | None = None) -> torch.Tensor:
+                      vscale: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the queries ``q`` ``[B, H, T, hd]`` (float32, positions ``start .. start+T-1``) over
     the caches ``[B, Hkv, L, hd]`` holding positions ``0 .. start+T-1``; query ``i`` sees keys ``0 .. start+i``.
-    Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`); ``hd`` 64 or 128."""
+    Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`); ``hd`` 64 or 128.
+    ``work``: an optional uint8 scratch buffer (:func:`prefill_attention_work_bytes`), reused between calls."""
     b, h, t, hd = q.shape
     lib = library()
-    work = torch.empty(lib.fptq_prefill_attention_work(b, kcache.shape[1], hd, start + t), dtype=torch.uint8)
+    need = lib.fptq_prefill_attention_work(b, kcache.shape[1], hd, start + t)
+    if work is None or work.numel() < need:
+        work = torch.empty(need, dtype=torch.uint8)
     if out is None:
         out = torch.empty(b, h, t, hd, dtype=torch.float32)
     mode, ks, vs = _cache_args(kcache, kscale, vscale)
@@ -256,6 +279,10 @@ def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tenso
                                kcache.shape[1], hd, kcache.shape[2], start, t, scale, out.data_ptr(),
                                work.data_ptr(), torch.get_num_threads())
     return out
+
+
+def prefill_attention_work_bytes(b: int, kv_heads: int, head_dim: int, end: int) -> int:
+    return int(library().fptq_prefill_attention_work(b, kv_heads, head_dim, end))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
