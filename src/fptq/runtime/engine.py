@@ -248,7 +248,8 @@ class Engine:
             m, l0 = b * t, self.layers[0]
             ws = {"qkv": torch.empty(m, l0.dq + 2 * l0.dkv), "q": torch.empty(b, self.n_heads, t, self.head_dim),
                   "attn": torch.empty(b, self.n_heads, t, self.head_dim), "a": torch.empty(m, l0.dq),
-                  "gu": torch.empty(m, 2 * l0.ffn), "quant": {}}
+                  "gu": torch.empty(m, 2 * l0.ffn), "x": torch.empty(m, self.config.hidden_size),
+                  "act": torch.empty(m, l0.ffn), "quant": {}}
             self._workspaces[(b, t)] = ws
         return ws
 
@@ -267,7 +268,7 @@ class Engine:
         if not self._native:
             return _rmsnorm(h, w, eps), None
         q = group.quant_out(m, self._quant_buffers(ws, group, m))
-        return native.rmsnorm(h, w, eps, quant=q), q
+        return native.rmsnorm(h, w, eps, out=None if q is not None else ws["x"], quant=q), q
 
     @staticmethod
     def _run(group, x, q, outs, accumulate=False):
@@ -345,7 +346,7 @@ class Engine:
                 timer.mark(f"gate/up {layer.gate_up.kind}")
             if self._native:
                 q8 = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m))
-                act = native.silu_mul(gu, ffn, quant=q8)
+                act = native.silu_mul(gu, ffn, out=None if q8 is not None else ws["act"], quant=q8)
             else:
                 q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])
             if timer:
