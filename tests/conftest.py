@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random LLaMA-family models and a tiny tokenizer, built in the test."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -38,6 +39,22 @@ def make_tokenizer(tmp: Path | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
 
+
+
+def as_stored(model, dtype: torch.dtype = torch.bfloat16):
+    """A copy of the quantized ``model`` with every unquantized float32 tensor (embeddings, lm_head, norms,
+    biases) rounded to ``dtype`` and back: what ``fptq.load(fptq.save(model, ...), backend="reference")``
+    computes for a float32 model (codes and scales untouched). A 16-bit model is returned unchanged."""
+    from fptq.nn import QuantLinear
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in m.modules():
+            tensors = [mod.bias] if isinstance(mod, QuantLinear) else list(mod.parameters(recurse=False))
+            for t in tensors:
+                if t is not None and t.dtype == torch.float32:
+                    t.copy_(t.to(dtype).to(t.dtype))
+    return m
 
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig

@@ -1,31 +1,135 @@
-"""Checkpoint save/load: exact round trip, atomic writes, tamper detection."""
+"""Checkpoint save/load: exact round trip, 16-bit unquantized tensors, atomic writes, tamper detection."""
 import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import fptq
+from fptq.cli import main
+from fptq.hf import set_backend
 from fptq.io import PLAN_NAME, REPORT_NAME, WEIGHTS_NAME
+from fptq.nn import QuantLinear
+from fptq.st import read_header, read_tensors
+from fptq.workflow import model_sizes
 
-from .conftest import make_tokenizer, tiny_llama
+from .conftest import as_stored, make_tokenizer, tiny_llama
+
+QUANT_BUFFERS = ("qweight", "w_scales", "act_scale")
 
 
-def _quantized(method="fptq", **kw):
-    model = tiny_llama(**kw)
+def _quantized(method="fptq", dtype=torch.float32, **kw):
+    model = tiny_llama(**kw).to(dtype)
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
     plan = fptq.quantize(model, fptq.method_config(method, group_size=32, thresholds=(2.0, 20.0)), ids,
                          device="cpu", progress=False)
     return model, plan, ids
 
 
+def _stored_dtypes(out):
+    header, _ = read_header(out / WEIGHTS_NAME)
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _quant_buffers(model):
+    return {f"{n}.{b}": getattr(m, b) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+            for b in QUANT_BUFFERS}
+
+
+@pytest.mark.parametrize("keep_dtype", [False, True])
 @pytest.mark.parametrize("method", ["fptq", "rtn-w4a16", "smoothquant-w8a8"])
-def test_save_load_logits_match_exactly(tmp_path, method):
+def test_save_load_logits_match_exactly(tmp_path, method, keep_dtype):
+    """--keep-dtype: the in-memory model exactly; default: exactly the in-memory model with its unquantized
+    tensors rounded to bfloat16 (computed in float32), the codes and scales bit for bit."""
     model, plan, ids = _quantized(method)
-    ref = model(ids).logits
-    out = fptq.save(model, plan, tmp_path / "out", tokenizer=make_tokenizer())
-    loaded = fptq.load(out)
+    ref = (model if keep_dtype else as_stored(model))(ids).logits
+    out = fptq.save(model, plan, tmp_path / "out", tokenizer=make_tokenizer(), keep_dtype=keep_dtype)
+    loaded = fptq.load(out, backend="reference")
+    assert loaded.dtype == torch.float32
     assert torch.equal(loaded(ids).logits, ref)
     assert loaded.fptq_plan.to_dict() == plan.to_dict()
+    got, want = _quant_buffers(loaded), _quant_buffers(model)
+    assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+                                             for k in want)
+
+
+@pytest.mark.parametrize("source,keep_dtype,stored", [
+    (torch.float32, False, "BF16"),  # a float32 model is not a reason to store float32
+    (torch.float32, True, "F32"),
+    (torch.float16, False, "F16"),  # 16-bit sources keep their dtype
+    (torch.bfloat16, False, "BF16"),
+])
+def test_unquantized_tensors_are_stored_in_16_bits(tmp_path, source, keep_dtype, stored):
+    model, plan, ids = _quantized(dtype=source)
+    out = fptq.save(model, plan, tmp_path / "out", keep_dtype=keep_dtype)
+    dtypes = _stored_dtypes(out)
+    quant = {k: v for k, v in dtypes.items() if k.rsplit(".", 1)[1] in QUANT_BUFFERS}
+    assert {k.rsplit(".", 1)[1]: v for k, v in quant.items()} == {"qweight": "U8", "w_scales": "F16",
+                                                                   "act_scale": "F32"}
+    rest = {k: v for k, v in dtypes.items() if k not in quant}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.0.input_layernorm.weight"} <= rest.keys()
+    assert set(rest.values()) == {stored}
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(source).removeprefix("torch.")
+    loaded = fptq.load(out, backend="reference")
+    assert loaded.dtype == source  # the source's compute dtype: stored bfloat16 of a float32 model is upcast
+    if source != torch.float32:  # nothing was rounded: every tensor as in memory, bit for bit
+        got, want = loaded.state_dict(), model.state_dict()
+        assert got.keys() == want.keys()
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_sizes_say_which_tensors_are_16_bit_and_match_the_file(tmp_path):
+    model, plan, _ = _quantized()
+    sizes = {keep: model_sizes(model, keep_dtype=keep) for keep in (False, True)}
+    assert sizes[False]["stored"]["unquantized"]["dtypes"].keys() == {"bfloat16"}
+    assert sizes[True]["stored"]["unquantized"]["dtypes"].keys() == {"float32"}
+    assert sizes[False]["stored"]["group_scales"]["dtypes"].keys() == {"float16"}
+    assert sizes[False]["stored"]["static_act_scales"]["dtypes"].keys() == {"float32"}
+    assert 2 * sizes[False]["other_bytes"] == sizes[True]["other_bytes"]
+    assert sizes[False]["quantized_linear_bytes"] == sizes[True]["quantized_linear_bytes"]
+    for keep in (False, True):
+        out = fptq.save(model, plan, tmp_path / f"out{keep}", keep_dtype=keep)
+        header, _ = read_header(out / WEIGHTS_NAME)
+        data = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        assert data == sizes[keep]["quantized_linear_bytes"] + sizes[keep]["other_bytes"]
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+def test_quantize_command_writes_16_bit_tensors_unless_keep_dtype(tmp_path, calib_file, source):
+    """The streaming path (layer files copied into the checkpoint): the same codes and scales with and
+    without --keep-dtype, the unquantized tensors rounded to 16 bits, and fptq.load and
+    AutoModelForCausalLM.from_pretrained give the same logits."""
+    src = tmp_path / "m"
+    tiny_llama(attention_bias=True).to(source).save_pretrained(src)  # biases: 16-bit like the rest
+    make_tokenizer().save_pretrained(src)
+    small = ["--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--device", "cpu"]
+    outs = {keep: tmp_path / f"q{keep}" for keep in (False, True)}
+    for keep, out in outs.items():
+        assert main(["quantize", str(src), "-o", str(out), *small, *(["--keep-dtype"] * keep)]) == 0
+    tensors = {keep: dict(read_tensors(out / WEIGHTS_NAME)) for keep, out in outs.items()}
+    assert tensors[False].keys() == tensors[True].keys()
+    want = torch.bfloat16 if source == torch.float32 else source
+    for k, kept in tensors[True].items():
+        got = tensors[False][k]
+        if k.rsplit(".", 1)[1] in QUANT_BUFFERS or not kept.is_floating_point():
+            assert got.dtype == kept.dtype and torch.equal(got, kept), k
+        else:
+            assert kept.dtype == source and got.dtype == want and torch.equal(got, kept.to(want)), k
+    reports = {keep: json.loads((out / REPORT_NAME).read_text())["sizes"] for keep, out in outs.items()}
+    assert reports[False]["stored"]["unquantized"]["dtypes"].keys() == {str(want).removeprefix("torch.")}
+    assert reports[True]["stored"]["unquantized"]["dtypes"].keys() == {str(source).removeprefix("torch.")}
+    if source == torch.float32:
+        assert reports[False]["checkpoint_bytes"] < reports[True]["checkpoint_bytes"]
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    for out in outs.values():
+        ref = fptq.load(out, backend="reference")
+        hf = set_backend(AutoModelForCausalLM.from_pretrained(out), "reference")  # the same numerics as ref
+        assert ref.dtype == hf.dtype == source
+        sd_ref, sd_hf = ref.state_dict(), hf.state_dict()
+        assert all(sd_hf[k].dtype == v.dtype and torch.equal(sd_hf[k], v) for k, v in sd_ref.items())
+        with torch.no_grad():
+            assert torch.equal(ref(ids).logits, hf(ids).logits)
 
 
 def test_checkpoint_layout(tmp_path):

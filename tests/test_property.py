@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import fptq
 
-from .conftest import tiny_llama
+from .conftest import as_stored, tiny_llama
 
 
 @st.composite
@@ -36,6 +36,8 @@ def test_quantize_save_load_is_exact(case):
     plan = fptq.quantize(model, config, ids, device="cpu", progress=False, seed=seed)
     ref = model(ids).logits
     with tempfile.TemporaryDirectory() as d:
-        loaded = fptq.load(fptq.save(model, plan, f"{d}/out"), backend="reference")
+        loaded = fptq.load(fptq.save(model, plan, f"{d}/out", keep_dtype=True), backend="reference")
         assert torch.equal(loaded(ids).logits, ref)
+        loaded = fptq.load(fptq.save(model, plan, f"{d}/out16"), backend="reference")
+        assert torch.equal(loaded(ids).logits, as_stored(model)(ids).logits)
         assert loaded.fptq_plan.to_dict() == plan.to_dict()

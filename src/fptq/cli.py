@@ -109,6 +109,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="largest weights file of the checkpoint (default 2GiB; larger models get "
                         "model-0000i-of-0000n.safetensors shards)")
+    p.add_argument("--keep-dtype", action="store_true",
+                   help="write embeddings, lm_head, norms and biases in the model's dtype even when it is float32 "
+                        "(default: 16 bits, the model's dtype when it is 16-bit, else bfloat16)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that need custom code")
     from .qat.cli import add_qat_args
 
@@ -149,7 +152,7 @@ def cmd_quantize(args) -> int:
     plan, report = quantize_to_dir(
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, batch_size=args.batch_size, offload=args.offload, force=args.force,
-        trust_remote_code=args.trust_remote_code, resume=args.resume,
+        trust_remote_code=args.trust_remote_code, resume=args.resume, keep_dtype=args.keep_dtype,
         **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}),
     )
     print(quantize_summary(plan, report))
@@ -233,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write results to this JSON file")
     e.add_argument("--reference", default=None, help="reference model for KL divergence and top-1 agreement ('default' = default float model)")
     e.add_argument("--kld", action="store_true", help="compare against the default float model (same as --reference default)")
-    e.add_argument("--backend", default="reference", help="quantized Linear backend: reference (simulated) or a kernel name (see fptq bench)")
+    e.add_argument("--backend", default="auto",
+                   help="quantized Linear backend: auto (default: the integer kernels a user runs), reference "
+                        "(simulated quantization in float32) or a kernel name (see fptq.kernels)")
     e.add_argument("--device", default=None, help="cpu or cuda")
     e.set_defaults(func=cmd_eval)
 

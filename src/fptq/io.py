@@ -2,8 +2,10 @@
 
 An output directory holds ``model.safetensors`` (or, for large models,
 ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``; packed int4 codes as uint8,
-fp16 group scales, fp32 static activation scales, the float tensors of the
-rest of the model), ``config.json`` with a ``quantization_config``, the
+fp16 group scales, fp32 static activation scales, and the unquantized tensors -- embeddings, ``lm_head``,
+norms, biases -- in 16 bits: the model's dtype when it is 16-bit, bfloat16 for a float32 model, unless
+``keep_dtype``, see :func:`unquantized_dtype`), ``config.json`` with a ``quantization_config`` (its
+``dtype`` is the model's compute dtype, which loading restores), the
 tokenizer files, ``fptq_plan.json`` and ``quantize_report.json``. It is
 written into a temporary sibling directory and renamed into place at the
 end, so an interrupted run never leaves an ``OUT`` that looks complete.
@@ -17,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from torch import nn
 from .errors import FptqError
 from .nn import QuantLinear
 from .plan import Plan
-from .st import TensorEntry, tensor_entry, write_safetensors
+from .st import TensorEntry, cast_entry, tensor_entry, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ QUANT_METHOD = "fptq"
 
 __all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files",
            "verify_files", "replace_linears", "act_mode_of", "read_plan", "read_quantization_config", "staging_dir",
-           "finish", "write_weights", "check_is_checkpoint"]
+           "finish", "write_weights", "check_is_checkpoint", "unquantized_dtype", "quantized_linears",
+           "exact_tensor_names", "storage_entries"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -99,9 +103,47 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_16_BIT = (torch.float16, torch.bfloat16)
+
+
+def unquantized_dtype(model_dtype: torch.dtype, keep_dtype: bool = False) -> torch.dtype | None:
+    """The dtype the unquantized float tensors (embeddings, ``lm_head``, norms, biases, Linears the plan
+    keeps in float) are written in: the model's own when it is 16-bit, bfloat16 for a float32 model
+    (e.g. a GGUF dequantized to float32); ``None`` (as they are) with ``keep_dtype``."""
+    if keep_dtype:
+        return None
+    return model_dtype if model_dtype in _16_BIT else torch.bfloat16
+
+
+def quantized_linears(plan: Plan) -> dict[str, int]:
+    """The Linears ``plan`` quantizes (those :func:`replace_linears` swaps), with their number of weights."""
+    return {n: lp.in_features * lp.out_features for n, lp in plan.layers.items()
+            if not (lp.strategy == "float" and lp.wbits == 16)}
+
+
+def exact_tensor_names(linears: Iterable[str]) -> set[str]:
+    """Tensors written exactly as computed whatever :func:`unquantized_dtype` says: the codes, group
+    scales and static activation scale of every quantized Linear in ``linears``."""
+    return {f"{n}.{b}" for n in linears for b in ("qweight", "w_scales", "act_scale")}
+
+
+def storage_entries(entries: list[TensorEntry], dtype: torch.dtype | None, exact: set[str]) -> list[TensorEntry]:
+    """``entries`` with every float32 tensor outside ``exact`` written as ``dtype`` (``None``: unchanged)."""
+    if dtype is None:
+        return entries
+    return [cast_entry(e, dtype) if e.dtype == "F32" and e.name not in exact else e for e in entries]
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    cfg.pop("torch_dtype", None)
+    # the compute dtype: loading builds the model in it (16-bit stored tensors of a float32 model are upcast)
+    cfg["dtype"] = _dtype_str(_model_dtype(model))
     cfg["quantization_config"] = {
         "quant_method": QUANT_METHOD,
         "plan_file": PLAN_NAME,
@@ -157,6 +199,11 @@ def finish(tmp: Path, out: Path, report: dict[str, Any] | None, report_name: str
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point dtype of the model's parameters (its compute dtype)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def save(
     model: nn.Module,
     plan: Plan,
@@ -164,11 +211,19 @@ def save(
     tokenizer=None,
     report: dict[str, Any] | None = None,
     force: bool = False,
+    keep_dtype: bool = False,
 ) -> Path:
-    """Write the quantized ``model`` and its ``plan`` to ``out`` (atomically, one weights file)."""
+    """Write the quantized ``model`` and its ``plan`` to ``out`` (atomically, one weights file).
+
+    The unquantized tensors are written in 16 bits (:func:`unquantized_dtype`); ``keep_dtype``
+    writes them in the model's dtype, float32 included."""
     out = check_output_dir(out, force)
+    dtype = unquantized_dtype(_model_dtype(model), keep_dtype)
+    exact = exact_tensor_names(quantized_linears(plan))
     with staging_dir(out) as tmp:
         sd = quantized_state_dict(model)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.dtype == torch.float32 and k not in exact else v for k, v in sd.items()}
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "fptq"})
         _write_metadata(tmp, model, plan, tokenizer)
         finish(tmp, out, report)
@@ -294,9 +349,8 @@ def replace_linears(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap every Linear that ``plan`` quantizes for an empty :class:`~fptq.nn.QuantLinear` of the
     same dtype and device (``meta`` included), ready to receive a checkpoint's tensors. Linears the
     plan keeps in float (``strategy == "float"`` with 16-bit weights) are left alone."""
-    for name, lp in plan.layers.items():
-        if lp.strategy == "float" and lp.wbits == 16:
-            continue
+    for name in quantized_linears(plan):
+        lp = plan.layers[name]
         try:
             lin = model.get_submodule(name)
         except AttributeError as e:
@@ -333,10 +387,30 @@ def check_is_checkpoint(out: Path) -> None:
         raise FptqError(f"{out} is not an fptq checkpoint (missing {PLAN_NAME} or {WEIGHTS_NAME})")
 
 
-def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "reference", verify: bool = True):
+def _compute_dtype(cfg_dict: dict[str, Any], sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the checkpoint's model computes in: ``dtype`` of its config.json (16-bit tensors stored
+    for a float32 model are upcast), else that of its unquantized float tensors."""
+    name = cfg_dict.get("dtype") or cfg_dict.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    scales = (".w_scales", ".act_scale")
+    return next((v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith(scales)), torch.float32)
+
+
+def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True,
+         dtype: torch.dtype | None = None):
     """Load an fptq checkpoint as a Hugging Face causal LM whose Linears are
-    :class:`~fptq.nn.QuantLinear` (``backend``: ``reference`` = simulated
-    quantization, or a kernel name, see :mod:`fptq.kernels`).
+    :class:`~fptq.nn.QuantLinear` (``backend``: ``auto`` (default) = the fastest integer kernels for the
+    device, see :mod:`fptq.kernels`; ``reference`` = simulated quantization in float32, the numerics the
+    kernels are tested against; or a kernel name).
+
+    The model is built in the dtype of the checkpoint's ``config.json`` (the source model's): the
+    unquantized tensors of a float32 model, stored in bfloat16, are upcast to float32 exactly; the
+    codes, group scales and static activation scales keep their stored dtypes.
+
+    ``dtype`` overrides that compute dtype (e.g. ``torch.bfloat16`` to keep 16-bit stored tensors as they are:
+    what :mod:`fptq.runtime` runs).
 
     ``transformers.AutoModelForCausalLM.from_pretrained(out)`` gives the same model once
     :mod:`fptq` is imported (see :mod:`fptq.hf`)."""
@@ -350,7 +424,7 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "re
     cfg_dict, _ = read_quantization_config(out)
     config = AutoConfig.for_model(**cfg_dict)
     sd = _read_weights(out)
-    dtype = next((v.dtype for k, v in sd.items() if v.is_floating_point() and "w_scales" not in k and "act_scale" not in k), torch.float32)
+    dtype = dtype or _compute_dtype(cfg_dict, sd)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_linears(model, plan)
     missing, unexpected = model.load_state_dict(sd, strict=False)

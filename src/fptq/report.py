@@ -24,6 +24,15 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _part_dtypes(sizes: dict[str, Any], kind: str, prefix: str = "") -> str:
+    """``prefix`` + the dtypes a kind of stored tensor takes (see :func:`fptq.workflow.stored_sizes`),
+    e.g. ``bfloat16``; empty when the checkpoint has none of that kind."""
+    dtypes = sizes.get("stored", {}).get(kind, {}).get("dtypes", {})
+    if not dtypes:
+        return ""
+    return prefix + " in " * bool(prefix) + " + ".join(sorted(dtypes, key=lambda d: -dtypes[d]))
+
+
 def strategy_table(plan: Plan) -> str:
     """Counts per projection type and strategy, as an aligned text table."""
     by_proj = plan.counts_by_projection()
@@ -62,8 +71,11 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
         lines.append(
             f"size       {_fmt_bytes(sizes['float_model_bytes'])} float -> {_fmt_bytes(sizes['checkpoint_bytes'])} checkpoint; "
             f"quantized Linears {_fmt_bytes(sizes['float_linear_bytes'])} -> {_fmt_bytes(sizes['quantized_linear_bytes'])} "
-            f"({sizes['bits_per_weight']:.3f} bits/weight incl. scales)"
+            f"({sizes['bits_per_weight']:.3f} bits/weight incl. scales{_part_dtypes(sizes, 'biases', ' and biases')})"
         )
+        if sizes.get("stored", {}).get("unquantized"):
+            lines.append(f"           unquantized tensors (embeddings, lm_head, norms): {_fmt_bytes(sizes['other_bytes'])} in "
+                         f"{_part_dtypes(sizes, 'unquantized')}")
     if report.get("output"):
         lines.append(f"checkpoint {report['output']}")
     return "\n".join(lines)

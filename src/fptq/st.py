@@ -23,7 +23,7 @@ import torch
 from .errors import FptqError
 
 __all__ = ["TensorEntry", "read_header", "read_tensors", "write_safetensors", "tensor_entry", "file_entries",
-           "WeightIndex"]
+           "cast_entry", "dtype_name", "torch_dtype", "WeightIndex"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,13 +36,15 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a file being written: its header fields and how to write its bytes."""
+    """One tensor of a file being written: its header fields, how to write its bytes and
+    (``read``, optional) how to materialise it as a tensor, which :func:`cast_entry` needs."""
 
     name: str
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
     write: Callable[[BinaryIO], None]
+    read: Callable[[], torch.Tensor] | None = None
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -55,7 +57,40 @@ def tensor_entry(name: str, t: torch.Tensor) -> TensorEntry:
     if t.dtype not in _NAMES:
         raise FptqError(f"cannot write {name}: dtype {t.dtype} is not supported by the safetensors writer")
     return TensorEntry(name, _NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
-                       lambda f, t=t: f.write(_tensor_bytes(t)))
+                       lambda f, t=t: f.write(_tensor_bytes(t)), lambda t=t: t)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype`` (``torch.bfloat16`` -> ``"BF16"``)."""
+    if dtype not in _NAMES:
+        raise FptqError(f"dtype {dtype} is not supported by the safetensors writer")
+    return _NAMES[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the safetensors dtype ``name`` (``"BF16"`` -> ``torch.bfloat16``)."""
+    if name not in _DTYPES:
+        raise FptqError(f"safetensors dtype {name} is not supported")
+    return _DTYPES[name]
+
+
+def cast_entry(entry: TensorEntry, dtype: torch.dtype) -> TensorEntry:
+    """``entry`` written as ``dtype`` (converted when the file is written: nothing is read now)."""
+    name = dtype_name(dtype)
+    if entry.dtype == name:
+        return entry
+    if entry.read is None:
+        raise FptqError(f"internal error: {entry.name} cannot be converted to {dtype} (its entry has no reader)")
+    numel = 1
+    for d in entry.shape:
+        numel *= d
+    src = entry.read
+
+    def read() -> torch.Tensor:
+        return src().to(dtype)
+
+    return TensorEntry(entry.name, name, entry.shape, numel * torch.empty((), dtype=dtype).element_size(),
+                       lambda f: f.write(_tensor_bytes(read())), read)
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
@@ -122,8 +157,14 @@ def file_entries(path: str | Path, names: Iterable[str] | None = None) -> list[T
                     left -= len(chunk)
         return write
 
+    def reader(k: str):
+        def read() -> torch.Tensor:
+            return next(read_tensors(path, [k]))[1]
+        return read
+
     return [TensorEntry(k, header[k]["dtype"], tuple(header[k]["shape"]),
-                        header[k]["data_offsets"][1] - header[k]["data_offsets"][0], copier(*header[k]["data_offsets"]))
+                        header[k]["data_offsets"][1] - header[k]["data_offsets"][0], copier(*header[k]["data_offsets"]),
+                        reader(k))
             for k in keys]
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,17 @@ from . import __version__
 from .config import QuantConfig
 from .data import calibration_windows, read_text, text_hash
 from .errors import FptqError
-from .io import DEFAULT_MAX_SHARD_BYTES, rest_entries, check_output_dir, save_streaming
+from .io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    check_output_dir,
+    exact_tensor_names,
+    quantized_linears,
+    quantized_state_dict,
+    rest_entries,
+    save_streaming,
+    storage_entries,
+    unquantized_dtype,
+)
 from .memory import trim_heap
 from .models.adapters import get_adapter
 from .models.loading import LazyWeights, load_float_model, load_float_model_lazy, model_fingerprint
@@ -24,11 +34,11 @@ from .nn import QuantLinear
 from .pipeline import LayerResult, quantize
 from .plan import Plan
 from .resume import PartialRun, QuantizeInterrupted, partial_dir
-from .st import file_entries, tensor_entry
+from .st import TensorEntry, file_entries, tensor_entry, torch_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_to_dir", "run_settings", "versions", "model_sizes", "load_any"]
+__all__ = ["quantize_to_dir", "run_settings", "versions", "model_sizes", "stored_sizes", "load_any"]
 
 
 def versions() -> dict[str, str]:
@@ -38,32 +48,50 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def model_sizes(model, float_bytes_per_param: int | None = None) -> dict[str, Any]:
-    """Sizes of the float model and of the quantized Linears (bits per weight incl. scales)."""
-    q_bytes, q_params, q_float_bytes = 0, 0, 0
-    other = 0
-    seen = set()
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            n = mod.in_features * mod.out_features
-            q_params += n
-            q_bytes += mod.qweight.numel() * mod.qweight.element_size() + mod.w_scales.numel() * 2 + 4
-            if mod.bias is not None:
-                q_bytes += mod.bias.numel() * mod.bias.element_size()
-            q_float_bytes += n * (float_bytes_per_param or 4)
-    for p in list(model.parameters()) + [b for b in model.buffers()]:
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        if not any(p is b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers()):
-            other += p.numel() * p.element_size()
+_QUANTIZED_PARTS = {"qweight": "codes", "w_scales": "group_scales", "act_scale": "static_act_scales", "bias": "biases"}
+
+
+def stored_sizes(entries: Iterable[TensorEntry], quantized: dict[str, int], float_bytes_per_param: int = 4
+                 ) -> dict[str, Any]:
+    """Sizes of what a checkpoint stores, from its tensors' entries and ``quantized`` (the quantized
+    Linears and their number of weights, see :func:`fptq.io.quantized_linears`).
+
+    ``quantized_linear_bytes`` (codes, group scales, static activation scales and biases of the
+    quantized Linears) gives ``bits_per_weight``; ``other_bytes`` is the rest (embeddings,
+    ``lm_head``, norms, Linears kept in float). ``stored`` says, for each kind of tensor, how many
+    bytes it takes in which dtype, so which tensors are 16-bit is explicit."""
+    stored: dict[str, dict[str, int]] = {}
+    q_bytes = other = 0
+    for e in entries:
+        owner, _, part = e.name.rpartition(".")
+        kind = _QUANTIZED_PARTS.get(part) if owner in quantized else None
+        if kind is None:
+            kind = "unquantized"
+            other += e.nbytes
+        else:
+            q_bytes += e.nbytes
+        by_dtype = stored.setdefault(kind, {})
+        dtype = str(torch_dtype(e.dtype)).removeprefix("torch.")
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + e.nbytes
+    q_params = sum(quantized.values())
     return {
         "quantized_params": q_params,
         "quantized_linear_bytes": q_bytes,
-        "float_linear_bytes": q_float_bytes,
+        "float_linear_bytes": q_params * float_bytes_per_param,
         "bits_per_weight": 8 * q_bytes / max(q_params, 1),
         "other_bytes": other,
+        "stored": {k: {"bytes": sum(v.values()), "dtypes": v} for k, v in stored.items()},
     }
+
+
+def model_sizes(model, float_bytes_per_param: int | None = None, keep_dtype: bool = False) -> dict[str, Any]:
+    """:func:`stored_sizes` of the checkpoint :func:`fptq.save` writes for the quantized ``model``."""
+    quantized = {n: m.in_features * m.out_features for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    sd = quantized_state_dict(model)
+    dtype = unquantized_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32),
+                              keep_dtype)
+    entries = storage_entries([tensor_entry(k, v) for k, v in sd.items()], dtype, exact_tensor_names(quantized))
+    return stored_sizes(entries, quantized, float_bytes_per_param or 4)
 
 
 def run_settings(config: QuantConfig, *, src: str, text: str, windows: torch.Tensor, nsamples: int, seqlen: int,
@@ -108,14 +136,6 @@ def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module
     return load
 
 
-def _sum_sizes(parts: list[dict[str, Any]], rest_bytes: int) -> dict[str, Any]:
-    keys = ("quantized_params", "quantized_linear_bytes", "float_linear_bytes", "other_bytes")
-    tot = {k: sum(p.get(k, 0) for p in parts) for k in keys}
-    tot["other_bytes"] += rest_bytes
-    tot["bits_per_weight"] = 8 * tot["quantized_linear_bytes"] / max(tot["quantized_params"], 1)
-    return tot
-
-
 def quantize_to_dir(
     model: str | None,
     out: str | Path,
@@ -134,6 +154,7 @@ def quantize_to_dir(
     resume: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
     on_layer_done: Callable[[LayerResult], None] | None = None,
+    keep_dtype: bool = False,
 ) -> tuple[Plan, dict[str, Any]]:
     """Load ``model``, quantize it with ``config`` on calibration windows, save to ``out``.
 
@@ -146,6 +167,11 @@ def quantize_to_dir(
     the quantized model is ever whole in memory. Ctrl-C raises
     :class:`~fptq.resume.QuantizeInterrupted`. ``on_layer_done`` is called after
     each layer is saved.
+
+    Calibration runs in the model's dtype; the unquantized tensors (embeddings,
+    ``lm_head``, norms, biases) are written in 16 bits: the model's dtype when it
+    is 16-bit, bfloat16 for a float32 model (:func:`fptq.io.unquantized_dtype`).
+    ``keep_dtype`` writes them in the model's dtype, float32 included.
     """
     t_start = time.perf_counter()
     out = check_output_dir(out, force)
@@ -161,6 +187,7 @@ def quantize_to_dir(
         (fmodel, tok, src), weights = load_float_model(model, trust_remote_code=trust_remote_code), None
     t_load = time.perf_counter() - t0
     float_bytes = sum(p.numel() * p.element_size() for p in fmodel.parameters())
+    model_dtype = next(fmodel.parameters()).dtype
     bpp = next(fmodel.parameters()).element_size()
     windows = calibration_windows(tok, text, nsamples, seqlen, seed)
     adapter = get_adapter(fmodel)
@@ -174,7 +201,7 @@ def quantize_to_dir(
     resumed_at = run.layers_done if run is not None and run.layers_done else None
 
     def checkpoint(res: LayerResult) -> None:
-        extra = {"seconds": res.seconds, "sizes": model_sizes(res.layer, bpp)}
+        extra = {"seconds": res.seconds, "sizes": model_sizes(res.layer, bpp, keep_dtype)}
         run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra)
         LazyWeights.release_layer(res.layer)  # it is on disk now
         trim_heap()  # hand the freed layer back to the OS: resident memory stays flat from layer to layer
@@ -187,7 +214,7 @@ def quantize_to_dir(
                         progress=progress)
         layer_units = [[tensor_entry(f"{layers_prefix}{i}.{k}", v) for k, v in layer.state_dict().items()]
                        for i, layer in enumerate(adapter.layers(fmodel))]
-        layer_infos = [{"sizes": model_sizes(layer, bpp)} for layer in adapter.layers(fmodel)]
+        layer_infos = [{} for _ in range(n_layers)]
     else:
         try:
             if run.layers_done < n_layers:
@@ -205,7 +232,11 @@ def quantize_to_dir(
     t_quant = time.perf_counter() - t0
 
     rest = weights.rest_entries() if weights is not None else rest_entries(fmodel, layers_prefix)
-    sizes = _sum_sizes([info["sizes"] for info in layer_infos], sum(e.nbytes for e in rest))
+    store_dtype = unquantized_dtype(model_dtype, keep_dtype)
+    exact = exact_tensor_names(quantized_linears(plan))
+    layer_units = [storage_entries(unit, store_dtype, exact) for unit in layer_units]
+    rest = storage_entries(rest, store_dtype, exact)
+    sizes = stored_sizes((e for unit in [*layer_units, rest] for e in unit), quantized_linears(plan), bpp)
     report: dict[str, Any] = {
         "source_model": src,
         "model_arg": model,
@@ -247,7 +278,7 @@ def quantize_to_dir(
     return plan, report
 
 
-def load_any(spec: str | None, device: str = "cpu", backend: str = "reference"):
+def load_any(spec: str | None, device: str = "cpu", backend: str = "auto"):
     """``(model, tokenizer, kind)`` for a float model spec or an fptq output directory."""
     from transformers import AutoTokenizer
 

