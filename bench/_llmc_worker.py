@@ -3,19 +3,24 @@
 Run by the parent with the venv's python (never import it from fptq's environment)::
 
     /work/venvs/llmc/bin/python bench/_llmc_worker.py --model-dir DIR --windows W.safetensors \
-        --recipe gptq-w4a16 --out result.json [--threads N]
+        --ref-cache REF --recipe gptq-w4a16 --group-size 64 --out result.json [--threads N]
 
 ``W.safetensors`` holds the parent's token-id windows: ``calib`` ([nsamples, seqlen], the
-same windows fptq calibrates on) and ``eval`` ([n, 2048] WikiText-2 windows). The worker
-loads the float model from ``DIR`` with plain transformers, runs ``oneshot`` (the only
-timed part), keeps the model in memory and evaluates it with fptq's own evaluator
-(``fptq.eval.perplexity.evaluate_perplexity``, imported from this checkout's ``src``).
+same windows fptq calibrates on) and ``eval_wikitext2`` / ``eval_c4`` ([n, 2048] evaluation
+windows). ``REF`` is the parent's cache of the float model's log-probabilities on those
+windows (``bench/_evalset.py``). The worker loads the float model from ``DIR`` with plain
+transformers, runs ``oneshot`` (the only timed part), keeps the model in memory and scores it
+with the parent's evaluator (``bench/_evalset.py`` over ``fptq.eval.perplexity``, imported from
+this checkout): perplexity, KL divergence and top-1 agreement against the float model.
 After ``oneshot`` every targeted Linear runs compressed-tensors' fake-quant forward:
 weights quantize-dequantized with the calibrated scales, and (W8A8/W4A8) the input
-quantize-dequantized per token with a dynamic int8 scale on every call.
+quantize-dequantized per token with a dynamic int8 scale, or per tensor with the static
+scale calibrated by llm-compressor's default observer (naive W4A8), on every call.
 
 Recipe ``float`` skips oneshot: the float model evaluated in this venv (its transformers
 may differ from fptq's), a check that both environments compute the same float numbers.
+``--dump-weights FILE`` also saves the effective (quantize-dequantized) weight of every
+quantized Linear of a weight-only recipe, to compare them with fptq's.
 """
 from __future__ import annotations
 
@@ -26,25 +31,37 @@ import sys
 import time
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
+sys.path.insert(0, str(HERE))
 
-# weights: symmetric int4, groups of 64 along the input dimension
-W4_G64 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
 # activations: symmetric int8, one scale per token computed on the fly
 A8_DYN_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+# activations: symmetric int8, one static scale per tensor (llm-compressor's default observer for it)
+A8_STATIC_TENSOR = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
-RECIPES = ("float", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8")
+RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8", "naive-w4a8")
 
 
-def build_recipe(name: str):
+def w4(group_size: int) -> dict:
+    """Weights: symmetric int4 in groups of ``group_size`` along the input dimension."""
+    return {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+
+
+def build_recipe(name: str, group_size: int):
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
+    W4 = w4(group_size)
+    if name == "rtn-w4a16":
+        # QuantizationModifier = round-to-nearest weights (memoryless min-max observer)
+        return [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
+                                     ignore=["lm_head"])]
     if name == "gptq-w4a16":
         # fptq gptq-w4a16: damp 0.01, block 128, no act-order
-        return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4_G64}},
+        return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
                              ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=None)]
     if name == "smoothquant-w8a8":
         # preset W8A8: int8 symmetric per-channel weights, int8 symmetric dynamic per-token inputs;
@@ -54,8 +71,13 @@ def build_recipe(name: str):
     if name == "logeq-w4a8":
         # LogarithmicEqualizationModifier is a deprecated alias of exactly this in 0.14
         return [SmoothQuantModifier(algorithm="log_equalization"),
-                QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4_G64,
+                QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4,
                                                                 "input_activations": A8_DYN_TOKEN}},
+                                     ignore=["lm_head"])]
+    if name == "naive-w4a8":
+        # every input static per tensor (the default observer: moving-average min-max), RTN weights
+        return [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4,
+                                                                "input_activations": A8_STATIC_TENSOR}},
                                      ignore=["lm_head"])]
     raise SystemExit(f"unknown recipe {name!r}; choose one of {RECIPES}")
 
@@ -100,34 +122,56 @@ def quant_summary(model, x_cols: int | None = None) -> dict:
     return out
 
 
+def effective_weights(model) -> dict:
+    """The weight each quantized Linear multiplies by: its forward on the identity, minus the bias
+    (weight-only schemes: the input is not quantized)."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if getattr(m, "quantization_scheme", None) is None or not isinstance(m, torch.nn.Linear):
+                continue
+            eye = torch.eye(m.in_features, dtype=m.weight.dtype)
+            y = m(eye)
+            if m.bias is not None:
+                y = y - m.bias
+            out[name] = y.t().contiguous().float()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--windows", required=True, help=".safetensors with 'calib' and 'eval' token ids")
+    ap.add_argument("--windows", required=True, help=".safetensors with 'calib' and 'eval_<set>' token ids")
+    ap.add_argument("--ref-cache", default=None, help="the parent's float log-probabilities (bench/_evalset.py)")
     ap.add_argument("--recipe", required=True, choices=RECIPES)
+    ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", required=True, help="JSON result file")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--act-check-windows", type=int, default=2,
-                    help="re-evaluate this many windows with input (activation) fake-quant switched off")
+    ap.add_argument("--dump-weights", default=None, help="save the effective weights (weight-only recipes)")
+    ap.add_argument("--act-check-windows", type=int, default=1,
+                    help="re-evaluate this many WikiText-2 windows with input (activation) fake-quant switched off")
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from _evalset import evaluate_all, load_reference, load_windows
     from fptq.eval.perplexity import evaluate_perplexity
 
-    tensors = load_file(args.windows)
-    calib, windows = tensors["calib"], tensors["eval"]
+    calib, windows = load_windows(Path(args.windows))
+    reference = load_reference(Path(args.ref_cache)) if args.ref_cache else None
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     model.eval()
 
     import transformers
 
     res: dict = {"recipe": args.recipe, "transformers": transformers.__version__, "torch": torch.__version__,
-                 "python": platform.python_version(), "threads": torch.get_num_threads()}
+                 "python": platform.python_version(), "threads": torch.get_num_threads(),
+                 "group_size": args.group_size}
     if args.recipe != "float":
         import compressed_tensors
         import llmcompressor
@@ -136,7 +180,7 @@ def main() -> None:
 
         res["llmcompressor"] = llmcompressor.__version__
         res["compressed_tensors"] = compressed_tensors.__version__
-        recipe = build_recipe(args.recipe)
+        recipe = build_recipe(args.recipe, args.group_size)
         res["recipe_repr"] = [repr(m) for m in recipe]
         rows = [{"input_ids": calib[i: i + 1], "attention_mask": torch.ones_like(calib[i: i + 1])}
                 for i in range(calib.shape[0])]
@@ -148,21 +192,25 @@ def main() -> None:
         res["oneshot_s"] = time.perf_counter() - t
         model.eval()
         res["quant"] = quant_summary(model)
+        if args.dump_weights:
+            from safetensors.torch import save_file
+
+            save_file(effective_weights(model), args.dump_weights)
     t = time.perf_counter()
-    r = evaluate_perplexity(model, windows, desc=args.recipe)
+    res["metrics"] = evaluate_all(model, windows, reference, desc=args.recipe)
     res["eval_s"] = time.perf_counter() - t
-    res.update(r)
     if args.recipe != "float" and args.act_check_windows > 0 and res["quant"]["schemes"] and any(
             "A-float" not in k for k in res["quant"]["schemes"]):
-        k = min(args.act_check_windows, windows.shape[0])
-        on = evaluate_perplexity(model, windows[:k], desc="act-quant on")["ppl"]
+        w = next(iter(windows.values()))
+        k = min(args.act_check_windows, w.shape[0])
+        on = evaluate_perplexity(model, w[:k], desc="act-quant on", progress=False)["ppl"]
         saved = {}
         for name, m in model.named_modules():
             sch = getattr(m, "quantization_scheme", None)
             if sch is not None and sch.input_activations is not None:
                 saved[name] = sch
                 m.quantization_scheme = sch.model_copy(update={"input_activations": None})
-        off = evaluate_perplexity(model, windows[:k], desc="act-quant off")["ppl"]
+        off = evaluate_perplexity(model, w[:k], desc="act-quant off", progress=False)["ppl"]
         for name, sch in saved.items():
             model.get_submodule(name).quantization_scheme = sch
         res["act_check"] = {"windows": k, "ppl_act_quant_on": on, "ppl_act_quant_off": off,

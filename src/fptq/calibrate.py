@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import FptqError
-from .quant.gptq import HessianAccumulator
+from .quant.gptq import HessianAccumulator, token_cap_weights
 
 __all__ = ["LayerInputs", "InputStats", "capture_layer0_inputs", "run_layer", "collect_input_stats"]
 
@@ -216,6 +216,14 @@ class InputStats:
     samples: list[torch.Tensor] = field(default_factory=list)  # sampled rows
     hessian: HessianAccumulator | None = None
     nonfinite: bool = False
+    channel_min: torch.Tensor | None = None  # signed per-channel minimum over every token [K]
+    channel_max: torch.Tensor | None = None  # signed per-channel maximum [K]
+
+    def channel_range(self) -> torch.Tensor:
+        """``max - min`` per channel over every calibration token (llm-compressor's smoothing statistic)."""
+        if self.channel_min is None:
+            return torch.zeros(self.in_features)
+        return self.channel_max - self.channel_min
 
     def channel_max_matrix(self) -> torch.Tensor:
         return torch.cat(self.window_channel_max, dim=0)  # [W, K]
@@ -227,6 +235,16 @@ class InputStats:
         return torch.cat(self.samples, dim=0).float() if self.samples else torch.empty(0, self.in_features)
 
 
+def _first_token_mask(x: torch.Tensor, seq_len: int | None) -> torch.Tensor | None:
+    """Which rows of ``x`` flattened to ``[tokens, K]`` are the first token of their window
+    (``[B, T, K]`` inputs, or 2-D inputs of whole windows of ``seq_len`` tokens); ``None`` if unknown."""
+    if x.dim() == 3:
+        return (torch.arange(x.shape[1], device=x.device) == 0).repeat(x.shape[0])
+    if x.dim() == 2 and seq_len and x.shape[0] % seq_len == 0:
+        return (torch.arange(seq_len, device=x.device) == 0).repeat(x.shape[0] // seq_len)
+    return None
+
+
 @contextmanager
 def collect_input_stats(
     modules: dict[str, nn.Module],
@@ -234,6 +252,8 @@ def collect_input_stats(
     generator: torch.Generator,
     hessian: bool = False,
     seq_len: int | None = None,
+    hessian_token_cap: float = 0.0,
+    hessian_first_token_weight: float = 1.0,
 ):
     """Forward pre-hooks that fill an :class:`InputStats` per module name.
 
@@ -258,6 +278,9 @@ def collect_input_stats(
                 st.nonfinite = True
             st.window_channel_max.append(wcm.cpu())
             flat = xf.reshape(-1, xf.shape[-1])
+            lo, hi = flat.amin(dim=0).cpu(), flat.amax(dim=0).cpu()
+            st.channel_min = lo if st.channel_min is None else torch.minimum(st.channel_min, lo)
+            st.channel_max = hi if st.channel_max is None else torch.maximum(st.channel_max, hi)
             if rows_per_batch > 0:
                 idx = torch.randint(0, flat.shape[0], (min(rows_per_batch, flat.shape[0]),), generator=generator)
                 # kept in the input's dtype (half the memory for bf16 models); sample() converts exactly
@@ -266,7 +289,12 @@ def collect_input_stats(
             if hessian:
                 if st.hessian is None:
                     st.hessian = HessianAccumulator(flat.shape[-1], device=flat.device)
-                st.hessian.add(flat)
+                w = token_cap_weights(flat, hessian_token_cap) if hessian_token_cap > 0 else None
+                if hessian_first_token_weight != 1.0:
+                    first = _first_token_mask(xf, seq_len)
+                    if first is not None:
+                        w = torch.where(first, hessian_first_token_weight, 1.0) * (1.0 if w is None else w)
+                st.hessian.add(flat, w)
         return hook
 
     for n, m in modules.items():

@@ -61,13 +61,25 @@ class QuantConfig:
     # WikiText-2 29.73 vs 31.79 on SmolLM2-135M, bench/results/lae_scope.md) or "band" (the paper: only
     # 15 <= max|x| < 150). Configurations saved before this field existed ran "band".
     lae_scope: str = "all"
+    # per-channel statistic the equalization scales are computed from: "absmax" (max|x|, the FPTQ and
+    # SmoothQuant papers) or "range" (max(x) - min(x), what llm-compressor's smoothing modifiers use)
+    equalization_stat: str = "absmax"
+    # equalization strength chosen per group: the power beta of the scales (s**beta) among these that gives
+    # the smallest error of the group's quantized outputs on calibration inputs (quant/search.py);
+    # empty: beta = 1, the formula as published
+    equalization_powers: tuple[float, ...] = ()
     static_observer: str = "mse"
     weight_clip_search: bool = False
+    # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
+    # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
+    weight_clip_objective: str = "weight"
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = False
     gptq_static_groups: bool = False
+    gptq_token_cap: float = 0.0
+    gptq_first_token_weight: float = 1.0
     # execution choices that change numerics slightly (recorded for reproducibility):
     # dtype of the statistics pass ("float32" or "bfloat16": autocast, faster on CPUs with AMX/AVX512-BF16)
     calib_dtype: str = "float32"
@@ -80,6 +92,7 @@ class QuantConfig:
         object.__setattr__(self, "act_policy", ActPolicy(self.act_policy))
         object.__setattr__(self, "equalization", Equalization(self.equalization))
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "equalization_powers", tuple(float(p) for p in self.equalization_powers))
         self.validate()
 
     def validate(self) -> None:
@@ -103,6 +116,12 @@ class QuantConfig:
             raise ValueError(f"lae_scope must be 'band' or 'all', not {self.lae_scope!r}")
         if self.equalize_into not in ("all", "norms"):
             raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
+        if self.weight_clip_objective not in ("weight", "output"):
+            raise ValueError(f"weight_clip_objective must be 'weight' or 'output', not {self.weight_clip_objective!r}")
+        if any(p < 0 for p in self.equalization_powers):
+            raise ValueError(f"equalization powers must be >= 0, got {self.equalization_powers}")
+        if self.equalization_stat not in ("absmax", "range"):
+            raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
         if not 0 <= self.gptq_damp < 1:

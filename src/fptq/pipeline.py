@@ -46,7 +46,8 @@ from .quant import (
     smoothquant_scales,
     weight_scales,
 )
-from .quant.weights import dequantize_weight
+from .quant.search import best_equalization_power
+from .quant.weights import dequantize_weight, group_gram
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,26 @@ def _equalization_scales(
     return s, s
 
 
+SEARCH_ROWS = 2048
+
+
+def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
+                  strategy: Strategy) -> float:
+    """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
+    group's quantized outputs on (at most ``SEARCH_ROWS``) sampled calibration inputs."""
+    x = st.sample()[:SEARCH_ROWS]
+    if x.numel() == 0:
+        return 1.0
+    weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
+    act_mode = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
+                Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}[strategy]
+    power, _ = best_equalization_power(
+        x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
+        group_size=config.group_size if config.group_size > 0 else -1, act_mode=act_mode, abits=config.abits,
+        observer=config.static_observer)
+    return power
+
+
 def _warn_offset_rounding(before: torch.Tensor, after: torch.Tensor, s: torch.Tensor, offset: float,
                           name: str) -> None:
     """A norm that scales by ``offset + weight`` stores ``(offset + w) / s - offset``: in 16-bit floats
@@ -190,7 +211,8 @@ def quantize_layer(
                 else contextlib.nullcontext())
     seq_len = inputs.hidden[0].shape[1] if inputs.hidden and inputs.hidden[0].dim() == 3 else None
     with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq,
-                             seq_len=seq_len) as stats:
+                             seq_len=seq_len, hessian_token_cap=config.gptq_token_cap,
+                             hessian_first_token_weight=config.gptq_first_token_weight) as stats:
         with autocast:
             run_layer(layer, inputs, device, name=layer_prefix)
     for name, st in stats.items():
@@ -205,7 +227,8 @@ def quantize_layer(
         absmax = wcm.amax(dim=0)
         v = float(absmax.max())
         strategy = _strategy_for(config, v)
-        sample = st.sample() if config.static_observer in ("mse", "percentile") else None
+        output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
+        sample = st.sample() if config.static_observer in ("mse", "percentile") or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
         eq_name, folded_into, max_scale, note = "none", None, None, None
         wants = _wants_equalization(config, strategy, group)
@@ -215,8 +238,13 @@ def quantize_layer(
                 strategy = Strategy.DYNAMIC
                 note += "; dynamic per-token activations instead of LAE + static"
         elif wants:
-            s_in, s_out = _equalization_scales(config, group, layer, absmax, heads)
+            stat = absmax if config.equalization_stat == "absmax" else st.channel_range().to(absmax.device)
+            s_in, s_out = _equalization_scales(config, group, layer, stat, heads)
             s_in = s_in.to(absmax.device)
+            if config.equalization_powers:
+                power = _search_power(config, group, layer, st, s_in, strategy)
+                s_in, s_out = s_in.pow(power), s_out.pow(power)
+                note = f"equalization power {power:g} (searched)"
             _fold(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
@@ -242,6 +270,8 @@ def quantize_layer(
         act_mode = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
                     Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}[strategy]
 
+        output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
+        gram = None
         for cname in group.consumers:
             lin = linears[cname]
             w = lin.weight.detach().float()
@@ -258,7 +288,9 @@ def quantize_layer(
                 if not ok:
                     log.warning("GPTQ fell back to round-to-nearest for %s.%s", layer_prefix, cname)
             else:
-                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search)
+                if gram is None and output_clip and sample is not None and sample.numel():
+                    gram = group_gram(sample.to(w.device), gs)  # once per group: its consumers share the input
+                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram)
                 codes = quantize_weight(w, scales, config.wbits, gs)
             deq = dequantize_weight(codes, scales, gs)
             rel_err = float((deq - w).norm() / w.norm().clamp_min(1e-12))

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fptq.quant.weights import group_gram
 from fptq.quant import (
     dequantize_weight,
     expand_group_scales,
@@ -74,3 +75,35 @@ def test_pack_layout_low_nibble_first():
 def test_pack_rejects_out_of_range_codes():
     with pytest.raises(ValueError, match="-8..7"):
         pack_int4(torch.tensor([[8]], dtype=torch.int8))
+
+
+def test_group_gram_is_the_diagonal_blocks_of_xtx():
+    torch.manual_seed(3)
+    x = torch.randn(40, 100)  # groups of 32: the last one ragged (4 columns)
+    g = group_gram(x, 32)
+    assert g.shape == (4, 32, 32)
+    full = x.t() @ x / 40
+    torch.testing.assert_close(g[1], full[32:64, 32:64])
+    torch.testing.assert_close(g[3, :4, :4], full[96:, 96:])
+    assert bool((g[3, 4:, :] == 0).all())
+
+
+def test_output_objective_clip_search_lowers_the_output_error():
+    # channels of very different magnitude: the weight error of the columns that meet large inputs matters most
+    torch.manual_seed(4)
+    x = torch.randn(2048, 128) * torch.linspace(0.05, 4, 128)[torch.randperm(128)]
+    w = torch.randn(32, 128) * torch.rand(32, 128).pow(3) * 2
+
+    def out_err(s):
+        return float((x @ (dequantize_weight(quantize_weight(w, s, 4, 32), s, 32) - w).t()).pow(2).mean())
+
+    plain = out_err(weight_scales(w, 4, 32))
+    by_weight = out_err(weight_scales(w, 4, 32, clip_search=True))
+    by_output = out_err(weight_scales(w, 4, 32, clip_search=True, gram=group_gram(x, 32)))
+    assert by_output < plain
+    assert by_output < by_weight
+
+
+def test_output_objective_rejects_a_gram_of_other_groups():
+    with pytest.raises(ValueError, match="gram must be"):
+        weight_scales(torch.randn(4, 64), 4, 32, clip_search=True, gram=torch.zeros(3, 32, 32))

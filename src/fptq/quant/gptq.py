@@ -14,7 +14,7 @@ from .weights import num_groups, qrange, weight_scales
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HessianAccumulator", "gptq_quantize"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "token_cap_weights"]
 
 
 class HessianAccumulator:
@@ -24,7 +24,9 @@ class HessianAccumulator:
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x``; ``row_weights`` (one per row, in [0, 1]) scale each row's
+        contribution (a row of weight ``w`` counts as ``w`` rows)."""
         x = x.reshape(-1, x.shape[-1]).float().to(self.h.device)
         m = x.shape[0]
         if m == 0:
@@ -32,7 +34,22 @@ class HessianAccumulator:
         self.h.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
+        if row_weights is not None:
+            x = x * row_weights.reshape(-1, 1).float().to(x.device).sqrt()
         self.h.addmm_(x.t(), x)
+
+
+def token_cap_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-row Hessian weights that cap every row's contribution at that of a row ``cap`` times
+    the median row norm: ``min(1, (cap * median|x| / |x_t|)**2)``.
+
+    A few tokens (the attention sink at the start of every window) reach norms hundreds of
+    times the median at the input of some ``down_proj`` layers; uncapped, they make up almost
+    the whole Hessian and GPTQ then fits those tokens at the expense of all others."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    norms = x.norm(dim=1)
+    limit = cap * norms.median()
+    return torch.clamp(limit / norms.clamp_min(1e-12), max=1.0).pow(2)
 
 
 def gptq_quantize(

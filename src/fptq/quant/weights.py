@@ -21,6 +21,7 @@ import math
 import torch
 
 __all__ = [
+    "group_gram",
     "num_groups",
     "expand_group_scales",
     "weight_scales",
@@ -74,6 +75,15 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return wp.reshape(n, g, gs)
 
 
+def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[G, gs, gs]`` diagonal blocks of ``x^T x / rows`` for the input groups of ``x`` (``[rows, K]``;
+    a ragged last group is zero-padded): what :func:`weight_scales` needs to score a group's error
+    on the Linear's output instead of on its weights."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    xg = _grouped(x, group_size)  # [rows, G, gs]
+    return torch.einsum("rgi,rgj->gij", xg, xg) / max(x.shape[0], 1)
+
+
 def weight_scales(
     w: torch.Tensor,
     bits: int = 4,
@@ -81,13 +91,18 @@ def weight_scales(
     clip_search: bool = False,
     grid: int = 20,
     max_shrink: float = 0.2,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``).
 
     Default: ``absmax / (2**(b-1) - 0.5)``. With ``clip_search`` the absmax of
     each group is shrunk by the factor in ``1 - max_shrink * i / grid`` that
-    minimises the group's squared quantization error (the "mse" option of
-    GPTQ's quantizer), evaluated on all candidates at once per group.
+    minimises the group's squared quantization error, evaluated on all candidates
+    at once per group: the error of the weights (the "mse" option of GPTQ's
+    quantizer), or, given ``gram`` (:func:`group_gram` of calibration inputs), the
+    error that the group adds to the Linear's output on those inputs,
+    ``d^T (X_g^T X_g) d`` per row (activation-aware clipping, as AWQ's clip search,
+    without the cross terms between groups).
     """
     qmin, qmax = qrange(bits)
     levels = qmax + 0.5
@@ -97,12 +112,21 @@ def weight_scales(
     if not clip_search:
         return (absmax / levels).to(torch.float16).clamp_min(tiny)
     wg = _grouped(w, group_size)  # [N, G, gs]
+    if gram is not None:
+        gram = gram.float().to(w.device)
+        if gram.shape != (wg.shape[1], wg.shape[2], wg.shape[2]):
+            raise ValueError(f"gram must be [{wg.shape[1]}, {wg.shape[2]}, {wg.shape[2]}] for these groups, "
+                             f"got {tuple(gram.shape)}")
     best = torch.full_like(absmax, float("inf"))
     best_scale = absmax / levels
     for i in range(grid + 1):
         cand = (absmax * (1 - max_shrink * i / grid) / levels).to(torch.float16).float().clamp_min(tiny)
         c = cand.unsqueeze(-1)
-        err = (torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)).pow_(2).sum(dim=-1)
+        d = torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)  # [N, G, gs]
+        if gram is None:
+            err = d.pow_(2).sum(dim=-1)
+        else:
+            err = (torch.einsum("ngi,gij->ngj", d, gram) * d).sum(dim=-1)
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, cand, best_scale)
