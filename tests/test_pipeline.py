@@ -229,3 +229,34 @@ def test_configs_saved_before_lae_scope_existed_read_as_band():
     assert d["lae_scope"] == "all"
     d.pop("lae_scope")
     assert QuantConfig.from_dict(d).lae_scope == "band"
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (15, 8)])
+def test_first_token_weight_and_channel_range_statistics(shape):
+    """``hessian_first_token_weight`` counts the first token of every window that many times in the GPTQ
+    Hessian (3-D inputs, or 2-D inputs of whole windows); the channel range is max - min over every token."""
+    from fptq.calibrate import collect_input_stats
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(*shape)
+    with collect_input_stats({"l": lin}, 0, torch.Generator().manual_seed(0), hessian=True, seq_len=5,
+                             hessian_first_token_weight=4.0) as stats:
+        lin(x)
+    flat = x.reshape(-1, 8)
+    w = torch.ones(3, 5)
+    w[:, 0] = 4.0
+    torch.testing.assert_close(stats["l"].hessian.h, 2 / 15 * (flat * w.reshape(-1, 1)).t() @ flat,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats["l"].channel_range(), flat.amax(0) - flat.amin(0))
+
+
+def test_first_token_weighted_gptq_and_range_equalization_run_end_to_end():
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    ids = _calib(16, 64)
+    ref = model(ids).logits
+    for overrides in ({"gptq": True, "gptq_first_token_weight": 16.0}, {"equalization_stat": "range"}):
+        mm = copy.deepcopy(model)
+        cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0), **overrides)
+        plan = fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
+        assert plan.config[next(iter(overrides))] == next(iter(overrides.values()))
+        assert sqnr_db(ref, mm(ids).logits) > 8.0

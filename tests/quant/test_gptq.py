@@ -3,6 +3,7 @@ import logging
 import torch
 
 from fptq.quant import HessianAccumulator, dequantize_weight, fake_quantize_weight, gptq_quantize
+from fptq.quant.gptq import token_cap_weights
 
 
 def _correlated_inputs(n, k, seed=0):
@@ -55,3 +56,28 @@ def test_gptq_falls_back_to_rtn_with_a_warning(caplog):
     assert not ok
     assert "falling back to round-to-nearest" in caplog.text
     torch.testing.assert_close(dequantize_weight(q, s, 8), fake_quantize_weight(w, 4, 8))
+
+
+def test_hessian_row_weights_count_a_row_as_that_many_rows():
+    """A row of weight w contributes w * x x^T (normalised by the number of rows added)."""
+    x = torch.randn(30, 8)
+    w = torch.rand(30)
+    acc = HessianAccumulator(8)
+    acc.add(x[:10], w[:10])
+    acc.add(x[10:], w[10:])
+    torch.testing.assert_close(acc.h, 2 / 30 * (x * w[:, None]).t() @ x, rtol=1e-5, atol=1e-5)
+    # weight 1 everywhere is the unweighted Hessian
+    plain, ones = HessianAccumulator(8), HessianAccumulator(8)
+    plain.add(x)
+    ones.add(x, torch.ones(30))
+    torch.testing.assert_close(plain.h, ones.h)
+
+
+def test_token_cap_weights_cap_outlier_rows_only():
+    x = torch.randn(100, 16)
+    x[0] *= 300  # an attention-sink-like row
+    w = token_cap_weights(x, cap=10.0)
+    assert w.shape == (100,) and torch.all((w > 0) & (w <= 1))
+    norms = x.norm(dim=1)
+    assert w[0] < 1 and abs(float(w[0].sqrt() * norms[0]) - 10 * float(norms.median())) < 1e-3
+    assert torch.all(w[1:] == 1)  # ordinary rows keep full weight
