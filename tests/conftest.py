@@ -56,6 +56,22 @@ def as_stored(model, dtype: torch.dtype = torch.bfloat16):
                     t.copy_(t.to(dtype).to(t.dtype))
     return m
 
+
+def write_tiny_gguf(path: Path, arch: str) -> Path:
+    """A GGUF file whose ``general.architecture`` is ``arch``, with one block and one 4 x 4 tensor: a valid file
+    with no real model in it (needs the ``gguf`` package)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig
 

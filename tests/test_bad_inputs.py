@@ -10,7 +10,7 @@ import fptq
 from fptq.cli import main
 from fptq.resume import partial_dir
 
-from .conftest import make_tokenizer, tiny_llama
+from .conftest import make_tokenizer, tiny_llama, write_tiny_gguf
 
 SMALL = ["--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--device", "cpu"]
 
@@ -111,17 +111,8 @@ def test_not_a_gguf_file(tmp_path, out, capsys):
 
 
 def test_gguf_of_unsupported_architecture(tmp_path, out, capsys):
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-
-    path = tmp_path / "bert.gguf"
-    w = gguf.GGUFWriter(str(path), "bert")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    pytest.importorskip("gguf")
+    path = write_tiny_gguf(tmp_path / "bert.gguf", "bert")
     fails(capsys, out, path, message="architecture 'bert', which fptq does not support; fptq supports: llama")
 
 

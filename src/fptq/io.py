@@ -46,7 +46,7 @@ QUANT_METHOD = "fptq"
 __all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files",
            "verify_files", "replace_linears", "act_mode_of", "read_plan", "read_quantization_config", "staging_dir",
            "finish", "write_weights", "check_is_checkpoint", "unquantized_dtype", "quantized_linears",
-           "exact_tensor_names", "storage_entries"]
+           "exact_tensor_names", "storage_entries", "saved_entries", "model_dtype"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -134,6 +134,14 @@ def storage_entries(entries: list[TensorEntry], dtype: torch.dtype | None, exact
     return [cast_entry(e, dtype) if e.dtype == "F32" and e.name not in exact else e for e in entries]
 
 
+def saved_entries(model: nn.Module, quantized: Iterable[str], keep_dtype: bool = False) -> list[TensorEntry]:
+    """The tensors :func:`save` writes for ``model`` whose quantized Linears are ``quantized``: its
+    :func:`quantized_state_dict`, unquantized float32 tensors as :func:`unquantized_dtype` says."""
+    dtype = unquantized_dtype(model_dtype(model), keep_dtype)
+    entries = [tensor_entry(k, v) for k, v in quantized_state_dict(model).items()]
+    return storage_entries(entries, dtype, exact_tensor_names(quantized))
+
+
 def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -143,7 +151,7 @@ def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
     cfg.pop("quantization_config", None)
     cfg.pop("torch_dtype", None)
     # the compute dtype: loading builds the model in it (16-bit stored tensors of a float32 model are upcast)
-    cfg["dtype"] = _dtype_str(_model_dtype(model))
+    cfg["dtype"] = _dtype_str(model_dtype(model))
     cfg["quantization_config"] = {
         "quant_method": QUANT_METHOD,
         "plan_file": PLAN_NAME,
@@ -199,7 +207,7 @@ def finish(tmp: Path, out: Path, report: dict[str, Any] | None, report_name: str
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating-point dtype of the model's parameters (its compute dtype)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -218,12 +226,8 @@ def save(
     The unquantized tensors are written in 16 bits (:func:`unquantized_dtype`); ``keep_dtype``
     writes them in the model's dtype, float32 included."""
     out = check_output_dir(out, force)
-    dtype = unquantized_dtype(_model_dtype(model), keep_dtype)
-    exact = exact_tensor_names(quantized_linears(plan))
     with staging_dir(out) as tmp:
-        sd = quantized_state_dict(model)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.dtype == torch.float32 and k not in exact else v for k, v in sd.items()}
+        sd = {e.name: e.read() for e in saved_entries(model, quantized_linears(plan), keep_dtype)}
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "fptq"})
         _write_metadata(tmp, model, plan, tokenizer)
         finish(tmp, out, report)

@@ -133,6 +133,10 @@ def _equalization_scales(
 
 SEARCH_ROWS = 2048
 
+# the QuantLinear activation mode each strategy runs with
+_ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
+             Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}
+
 
 def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
                   strategy: Strategy) -> float:
@@ -142,11 +146,9 @@ def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: I
     if x.numel() == 0:
         return 1.0
     weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
-    act_mode = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
-                Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}[strategy]
     power, _ = best_equalization_power(
         x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
-        group_size=config.group_size if config.group_size > 0 else -1, act_mode=act_mode, abits=config.abits,
+        group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
         observer=config.static_observer)
     return power
 
@@ -215,6 +217,8 @@ def quantize_layer(
                              hessian_first_token_weight=config.gptq_first_token_weight) as stats:
         with autocast:
             run_layer(layer, inputs, device, name=layer_prefix)
+    # activation-aware weight clipping scores the clip on sampled calibration inputs
+    output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
     for name, st in stats.items():
         if st.nonfinite:
             raise FptqError(f"non-finite values (NaN or Inf) in the input of {layer_prefix}.{name}")
@@ -227,7 +231,6 @@ def quantize_layer(
         absmax = wcm.amax(dim=0)
         v = float(absmax.max())
         strategy = _strategy_for(config, v)
-        output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
         sample = st.sample() if config.static_observer in ("mse", "percentile") or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
         eq_name, folded_into, max_scale, note = "none", None, None, None
@@ -267,10 +270,7 @@ def quantize_layer(
                 config.static_observer, float(absmax.max()), sample=sample,
                 window_maxes=wcm.amax(dim=1), bits=config.abits,
             )
-        act_mode = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
-                    Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}[strategy]
-
-        output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
+        act_mode = _ACT_MODE[strategy]
         gram = None
         for cname in group.consumers:
             lin = linears[cname]

@@ -20,10 +20,11 @@ from .io import (
     DEFAULT_MAX_SHARD_BYTES,
     check_output_dir,
     exact_tensor_names,
+    model_dtype,
     quantized_linears,
-    quantized_state_dict,
     rest_entries,
     save_streaming,
+    saved_entries,
     storage_entries,
     unquantized_dtype,
 )
@@ -87,11 +88,7 @@ def stored_sizes(entries: Iterable[TensorEntry], quantized: dict[str, int], floa
 def model_sizes(model, float_bytes_per_param: int | None = None, keep_dtype: bool = False) -> dict[str, Any]:
     """:func:`stored_sizes` of the checkpoint :func:`fptq.save` writes for the quantized ``model``."""
     quantized = {n: m.in_features * m.out_features for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    sd = quantized_state_dict(model)
-    dtype = unquantized_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32),
-                              keep_dtype)
-    entries = storage_entries([tensor_entry(k, v) for k, v in sd.items()], dtype, exact_tensor_names(quantized))
-    return stored_sizes(entries, quantized, float_bytes_per_param or 4)
+    return stored_sizes(saved_entries(model, quantized, keep_dtype), quantized, float_bytes_per_param or 4)
 
 
 def run_settings(config: QuantConfig, *, src: str, text: str, windows: torch.Tensor, nsamples: int, seqlen: int,
@@ -187,8 +184,8 @@ def quantize_to_dir(
         (fmodel, tok, src), weights = load_float_model(model, trust_remote_code=trust_remote_code), None
     t_load = time.perf_counter() - t0
     float_bytes = sum(p.numel() * p.element_size() for p in fmodel.parameters())
-    model_dtype = next(fmodel.parameters()).dtype
-    bpp = next(fmodel.parameters()).element_size()
+    float_dtype = model_dtype(fmodel)
+    bpp = float_dtype.itemsize
     windows = calibration_windows(tok, text, nsamples, seqlen, seed)
     adapter = get_adapter(fmodel)
     layers_prefix = adapter.layers_path + "."
@@ -232,11 +229,12 @@ def quantize_to_dir(
     t_quant = time.perf_counter() - t0
 
     rest = weights.rest_entries() if weights is not None else rest_entries(fmodel, layers_prefix)
-    store_dtype = unquantized_dtype(model_dtype, keep_dtype)
-    exact = exact_tensor_names(quantized_linears(plan))
+    store_dtype = unquantized_dtype(float_dtype, keep_dtype)
+    quantized = quantized_linears(plan)
+    exact = exact_tensor_names(quantized)
     layer_units = [storage_entries(unit, store_dtype, exact) for unit in layer_units]
     rest = storage_entries(rest, store_dtype, exact)
-    sizes = stored_sizes((e for unit in [*layer_units, rest] for e in unit), quantized_linears(plan), bpp)
+    sizes = stored_sizes((e for unit in [*layer_units, rest] for e in unit), quantized, bpp)
     report: dict[str, Any] = {
         "source_model": src,
         "model_arg": model,

@@ -21,10 +21,9 @@ from fptq.models.loading import check_gguf, load_float_model, resolve_model_dir
 from fptq.nn import QuantLinear
 from fptq.workflow import quantize_to_dir
 
-from ..conftest import make_tokenizer
+from ..conftest import make_tokenizer, write_tiny_gguf
 
 gguf = pytest.importorskip("gguf")
-np = pytest.importorskip("numpy")
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=128)
@@ -259,14 +258,7 @@ def test_gguf_that_transformers_reads_but_fptq_has_no_adapter_for_is_refused(tmp
 
 
 def test_gguf_that_transformers_cannot_read_is_refused(tmp_path):
-    path = tmp_path / "rwkv.gguf"
-    w = gguf.GGUFWriter(str(path), "rwkv6")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tiny_gguf(tmp_path / "rwkv.gguf", "rwkv6")
     with pytest.raises(fptq.FptqError, match=r"architecture 'rwkv6', which fptq does not support; fptq supports: "
                        r"llama, .*transformers \S+ cannot read this file's model config: GGUF model with "
                        r"architecture rwkv6 is not supported yet"):
