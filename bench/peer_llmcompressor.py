@@ -244,8 +244,13 @@ def _data(args, src, threads, fptq_rows, llmc_rows, pairs) -> dict:
             "llmc_computes": LLMC_COMPUTES}
 
 
+SETS = ("wikitext2", "c4")  # the column order of every table (a worker's JSON may list them in another)
+
+
 def _cells(m: dict) -> str:
-    return " | ".join(f"{m[s]['ppl']:.3f} | {m[s].get('kld', 0):.4f} | {100 * m[s].get('top1', 1):.2f}%" for s in m)
+    order = [s for s in SETS if s in m] + [s for s in m if s not in SETS]
+    return " | ".join(f"{m[s]['ppl']:.3f} | {m[s].get('kld', 0):.4f} | {100 * m[s].get('top1', 1):.2f}%"
+                      for s in order)
 
 
 def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -> str:

@@ -97,3 +97,22 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("quantize", "eval", "inspect"):
         assert cmd in r.stdout
+
+
+def test_gptq_flags_and_method_defaults():
+    """``fptq`` runs GPTQ with sampled Hessians and max static scales by default; ``--no-gptq`` gives
+    round-to-nearest; ``fptq-paper`` is the paper's recipe; other methods keep round-to-nearest."""
+    from fptq.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["quantize", "-o", "x", *argv]))
+
+    d = cfg()
+    assert d.gptq and d.gptq_hessian_rows == 8192 and d.static_observer == "max"
+    assert not cfg("--no-gptq").gptq
+    assert cfg("--gptq-hessian-rows", "0").gptq_hessian_rows == 0
+    assert cfg("--observer", "mse").static_observer == "mse"
+    paper = cfg("--method", "fptq-paper")
+    assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
+    assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mse"
+    assert cfg("--method", "rtn-w4a16", "--gptq").gptq

@@ -260,3 +260,128 @@ def test_first_token_weighted_gptq_and_range_equalization_run_end_to_end():
         plan = fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
         assert plan.config[next(iter(overrides))] == next(iter(overrides.values()))
         assert sqnr_db(ref, mm(ids).logits) > 8.0
+
+
+def test_output_observer_picks_each_static_scale_on_the_quantized_consumers():
+    """``static_observer="output"``: a static Linear's scale is scored through the group's quantized
+    weights, so on the layer's inputs it leaves an output error no larger (up to sampling) than the
+    calibration max or the activation-MSE clip would."""
+    from fptq.quant.activations import fake_quantize_static
+    from fptq.quant.static_scale import choose_static_scale
+
+    model = tiny_llama()
+    ids = _calib()
+    ref = model(ids).logits
+    captured = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", i[0].detach()))
+    model(ids)
+    h.remove()
+    # no equalization: layer 0's q/k/v see exactly the captured float inputs
+    cfg = fptq.method_config("naive-w4a8", group_size=32, static_observer="output")
+    plan = fptq.quantize(model, cfg, ids, device="cpu", progress=False)
+    assert all(lp.observer == "output" and lp.act_scale is not None for lp in plan.layers.values())
+    assert sqnr_db(ref, model(ids).logits) > 5
+    scale = plan.layers["model.layers.0.self_attn.q_proj"].act_scale
+    mods = [model.get_submodule(f"model.layers.0.self_attn.{p}_proj") for p in "qkv"]
+    w = torch.cat([m.dequantized_weight().float() for m in mods])
+    x = captured["x"].reshape(-1, w.shape[1]).float()
+
+    def err(s):
+        return float(((fake_quantize_static(x, s) - x) @ w.t()).pow(2).sum())
+
+    absmax = float(x.abs().max())
+    others = [choose_static_scale("max", absmax), choose_static_scale("mse", absmax, sample=x)]
+    assert err(scale) <= 1.05 * min(err(s) for s in others)
+
+
+def test_paper_recipe_is_available_by_name():
+    cfg = fptq.method_config("fptq-paper")
+    assert cfg.lae_scope == "band" and cfg.static_observer == "max" and not cfg.gptq
+    model = tiny_llama()
+    plan = fptq.quantize(model, fptq.method_config("fptq-paper", thresholds=(2.0, 20.0), group_size=32), _calib(),
+                         device="cpu", progress=False)
+    eq = [lp for lp in plan.layers.values() if lp.equalization == "lae"]
+    assert eq and all(lp.strategy == "lae_static_tensor" for lp in eq)  # LAE only in the band
+
+
+def test_hessian_from_sampled_rows():
+    """``hessian_rows_per_batch``: the Hessian of ``k`` rows of each batch drawn without replacement is
+    exactly ``2/n X_s^T X_s`` of those rows (reproducible from the generator); asking for at least the
+    batch's rows gives the full Hessian."""
+    from fptq.calibrate import collect_input_stats
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 50, 8)
+
+    def hess(k, seed=0):
+        with collect_input_stats({"l": lin}, 0, torch.Generator().manual_seed(seed), hessian=True,
+                                 hessian_rows_per_batch=k) as stats:
+            for b in x:
+                lin(b)
+        return stats["l"].hessian
+
+    full = hess(0)
+    torch.testing.assert_close(full.h, 2 / 100 * x.reshape(-1, 8).t() @ x.reshape(-1, 8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hess(50).h, full.h)
+    sub = hess(20)
+    assert sub.n == 40 and torch.equal(sub.h, hess(20).h) and not torch.equal(sub.h, hess(20, seed=1).h)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([b[torch.randperm(50, generator=g)[:20]] for b in x])
+    torch.testing.assert_close(sub.h, 2 / 40 * rows.t() @ rows, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gptq_hessian_rows"):
+        fptq.method_config("fptq", gptq_hessian_rows=-1)
+
+
+def test_first_token_absmax_and_the_sink_observer():
+    """The statistics keep max |x| of the first token of every window per channel, and the ``mse_sink``
+    observer's static scales never clip it (after the equalization the layer applies)."""
+    from fptq.calibrate import collect_input_stats
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 5, 8)
+    with collect_input_stats({"l": lin}, 0, torch.Generator().manual_seed(0)) as stats:
+        lin(x)
+    torch.testing.assert_close(stats["l"].first_token_absmax, x[:, 0].abs().amax(0))
+
+    model = tiny_llama()
+    ids = _calib()
+    captured = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", i[0].detach()))
+    model(ids)
+    h.remove()
+    sink = float(captured["x"][:, 0].abs().max())  # layer 0's q/k/v input at the first position
+    for method in ("naive-w4a8", "fptq"):
+        mm = copy.deepcopy(model)
+        cfg = fptq.method_config(method, thresholds=(2.0, 20.0), group_size=32, static_observer="mse_sink")
+        plan = fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
+        static = [lp for lp in plan.layers.values() if lp.act_scale is not None]
+        assert static and all(lp.observer == "mse_sink" for lp in static)
+        if method == "naive-w4a8":  # no equalization: the floor is the captured sink input itself
+            assert plan.layers["model.layers.0.self_attn.q_proj"].act_scale * 127 >= sink * (1 - 1e-6)
+
+
+def test_sampled_hessian_keeps_every_sink_row_and_is_unbiased():
+    """``hessian_rows``: the first token of every window is always taken, weighted down to its share,
+    so the sampled Hessian is the full one up to a scale in expectation (checked over many draws)."""
+    from fptq.calibrate import hessian_rows
+
+    first = (torch.arange(40) % 10 == 0)
+    pick, w = hessian_rows(40, 12, first, torch.Generator().manual_seed(0))
+    assert len(pick) == 12 and len(set(pick.tolist())) == 12
+    assert set(torch.nonzero(first).squeeze(1).tolist()) <= set(pick.tolist())
+    torch.testing.assert_close(w[:4], torch.full((4,), 8 / 36))
+    assert torch.equal(w[4:], torch.ones(8))
+    x = torch.randn(40, 6)
+    x[first] *= 30  # sink rows: far larger
+    full = x.t() @ x
+    g = torch.Generator().manual_seed(1)
+    est = torch.zeros(6, 6)
+    for _ in range(4000):
+        p, ww = hessian_rows(40, 12, first, g)
+        est += (x[p] * ww[:, None]).t() @ x[p] * (36 / 8)
+    est /= 4000
+    assert float((est - full).norm() / full.norm()) < 0.02
+    p, ww = hessian_rows(40, 12, None, g)  # windows unknown: plain draw
+    assert len(p) == 12 and torch.equal(ww, torch.ones(12))

@@ -218,6 +218,8 @@ class InputStats:
     nonfinite: bool = False
     channel_min: torch.Tensor | None = None  # signed per-channel minimum over every token [K]
     channel_max: torch.Tensor | None = None  # signed per-channel maximum [K]
+    # max |x| per channel over the first token of every window (the attention sink) [K]; None if unknown
+    first_token_absmax: torch.Tensor | None = None
 
     def channel_range(self) -> torch.Tensor:
         """``max - min`` per channel over every calibration token (llm-compressor's smoothing statistic)."""
@@ -233,6 +235,26 @@ class InputStats:
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples, dim=0).float() if self.samples else torch.empty(0, self.in_features)
+
+
+def hessian_rows(n: int, k: int, first: torch.Tensor | None, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``k`` of ``n`` rows a sampled GPTQ Hessian takes, and their weights in [0, 1].
+
+    The first token of every window (``first``: the attention sink, a few rows far larger than the
+    others that GPTQ must fit, bench/results/exp_gptq_sink.md) is always taken, with weight
+    ``m / (n - n_first)``; the other ``m = k - n_first`` rows are drawn without replacement with weight 1.
+    The weighted sum is then, in expectation, ``m / (n - n_first)`` times the sum over every row: the
+    same Hessian up to a scale, which GPTQ ignores (its dampening is relative to the diagonal)."""
+    if first is None or not bool(first.any()):
+        return torch.randperm(n, generator=generator)[:k], torch.ones(k)
+    first = first.cpu()
+    sink = first.nonzero().squeeze(1)
+    rest = (~first).nonzero().squeeze(1)
+    m = max(k - len(sink), 1)
+    drawn = rest[torch.randperm(len(rest), generator=generator)[:m]]
+    weight = len(drawn) / max(len(rest), 1)
+    return torch.cat([sink, drawn]), torch.cat([torch.full((len(sink),), weight), torch.ones(len(drawn))])
 
 
 def _first_token_mask(x: torch.Tensor, seq_len: int | None) -> torch.Tensor | None:
@@ -254,8 +276,12 @@ def collect_input_stats(
     seq_len: int | None = None,
     hessian_token_cap: float = 0.0,
     hessian_first_token_weight: float = 1.0,
+    hessian_rows_per_batch: int = 0,
 ):
     """Forward pre-hooks that fill an :class:`InputStats` per module name.
+
+    The Hessian (GPTQ) is accumulated from every token, or from ``hessian_rows_per_batch`` rows
+    of each batch drawn without replacement when that is positive and smaller.
 
     Per-window maxima are taken over the tokens of each window; a 2-D input
     ``[tokens, K]`` (OPT flattens the batch before fc1) is split into windows of
@@ -277,12 +303,17 @@ def collect_input_stats(
             if not torch.isfinite(wcm).all():  # NaN/Inf propagate into the maxima
                 st.nonfinite = True
             st.window_channel_max.append(wcm.cpu())
+            first = _first_token_mask(xf, seq_len)
+            if first is not None:
+                fm = xf.reshape(-1, xf.shape[-1])[first].abs().amax(dim=0).cpu()
+                st.first_token_absmax = fm if st.first_token_absmax is None else torch.maximum(st.first_token_absmax, fm)
             flat = xf.reshape(-1, xf.shape[-1])
             lo, hi = flat.amin(dim=0).cpu(), flat.amax(dim=0).cpu()
             st.channel_min = lo if st.channel_min is None else torch.minimum(st.channel_min, lo)
             st.channel_max = hi if st.channel_max is None else torch.maximum(st.channel_max, hi)
             if rows_per_batch > 0:
-                idx = torch.randint(0, flat.shape[0], (min(rows_per_batch, flat.shape[0]),), generator=generator)
+                n = flat.shape[0]  # rows without replacement; every row when the batch has no more than asked
+                idx = torch.arange(n) if rows_per_batch >= n else torch.randperm(n, generator=generator)[:rows_per_batch]
                 # kept in the input's dtype (half the memory for bf16 models); sample() converts exactly
                 raw = x.detach().reshape(-1, x.shape[-1])
                 st.samples.append(raw[idx.to(raw.device)].cpu())
@@ -291,10 +322,14 @@ def collect_input_stats(
                     st.hessian = HessianAccumulator(flat.shape[-1], device=flat.device)
                 w = token_cap_weights(flat, hessian_token_cap) if hessian_token_cap > 0 else None
                 if hessian_first_token_weight != 1.0:
-                    first = _first_token_mask(xf, seq_len)
                     if first is not None:
                         w = torch.where(first, hessian_first_token_weight, 1.0) * (1.0 if w is None else w)
-                st.hessian.add(flat, w)
+                if 0 < hessian_rows_per_batch < flat.shape[0]:
+                    pick, pw = hessian_rows(flat.shape[0], hessian_rows_per_batch, first, generator)
+                    pick, pw = pick.to(flat.device), pw.to(flat.device)
+                    st.hessian.add(flat[pick], pw if w is None else pw * w[pick])
+                else:
+                    st.hessian.add(flat, w)
         return hook
 
     for n, m in modules.items():

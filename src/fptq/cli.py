@@ -74,13 +74,18 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
     p.add_argument("--thresholds", type=_thresholds, default=None,
                    help="max|x| thresholds t0,t1: static below t0, LAE+static below t1, dynamic above (default 15,150)")
-    p.add_argument("--gptq", action="store_true", default=None, help="quantize weights with GPTQ instead of round-to-nearest")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="weights by GPTQ (default for fptq) or, with --no-gptq, by round-to-nearest "
+                        "(default for the other methods but gptq-w4a16)")
+    p.add_argument("--gptq-hessian-rows", dest="gptq_hessian_rows", type=int, default=None,
+                   help="calibration rows per layer the GPTQ Hessians come from, drawn from every window "
+                        "(default 8192 for fptq; 0 = every token)")
     p.add_argument("--gptq-damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ block size (default 128)")
     p.add_argument("--gptq-act-order", action="store_true", default=None, help="GPTQ: process columns by decreasing Hessian diagonal")
     p.add_argument("--gptq-static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weights")
     p.add_argument("--observer", dest="static_observer", default=None, choices=OBSERVERS,
-                   help="how static activation scales are chosen (default: mse)")
+                   help="how static activation scales are chosen (default: max for fptq, mse for naive-w4a8)")
     p.add_argument("--weight-clip", dest="weight_clip_search", action="store_true", default=None,
                    help="search a per-group weight clip minimising the weight's quantization error")
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
@@ -122,7 +127,7 @@ def config_from_args(args) -> "QuantConfig":
     from .methods import method_config
 
     overrides = {k: getattr(args, k, None) for k in (
-        "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_damp", "gptq_block_size", "gptq_act_order",
+        "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend")}
     try:

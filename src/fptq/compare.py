@@ -29,7 +29,7 @@ DEFAULT_METHODS = "fp,rtn-w4a16,gptq-w4a16,smoothquant-w8a8,naive-w4a8,dynamic-w
 DEFAULT_TASKS = "wikitext2,c4,piqa,siqa,hellaswag,arc_easy,arc_challenge,boolq,lambada,mmlu"
 
 PRECISION = {"fp": "16/16", "rtn-w4a16": "4/16", "gptq-w4a16": "4/16", "smoothquant-w8a8": "8/8",
-             "naive-w4a8": "4/8", "dynamic-w4a8": "4/8", "lae-dynamic-w4a8": "4/8", "fptq": "4/8",
+             "naive-w4a8": "4/8", "dynamic-w4a8": "4/8", "lae-dynamic-w4a8": "4/8", "fptq": "4/8", "fptq-paper": "4/8",
              "llm-qat-w4a8": "4/8", "fptq-qat": "4/8"}
 
 

@@ -80,6 +80,10 @@ class QuantConfig:
     gptq_static_groups: bool = False
     gptq_token_cap: float = 0.0
     gptq_first_token_weight: float = 1.0
+    # rows of calibration inputs the GPTQ Hessians are accumulated from, drawn evenly from every batch;
+    # 0: every token. The Hessian of a wide input (down_proj) costs tokens x K^2: on Qwen2.5-0.5B with
+    # every token it is most of GPTQ's time
+    gptq_hessian_rows: int = 0
     # execution choices that change numerics slightly (recorded for reproducibility):
     # dtype of the statistics pass ("float32" or "bfloat16": autocast, faster on CPUs with AMX/AVX512-BF16)
     calib_dtype: str = "float32"
@@ -124,6 +128,8 @@ class QuantConfig:
             raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
+        if self.gptq_hessian_rows < 0:
+            raise ValueError(f"gptq_hessian_rows must be >= 0 (0 = every token), got {self.gptq_hessian_rows}")
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"gptq damp must be in [0, 1), got {self.gptq_damp}")
 

@@ -6,7 +6,16 @@ from typing import Any
 from .config import ActPolicy, Equalization, QuantConfig
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE),
+    # FPTQ as fptq runs it by default (docs/results.md, "FPTQ's default"): the paper's layer-wise
+    # static / LAE + static / dynamic structure; LAE on every static layer too; static scales from the
+    # calibration max, which never clips the attention sink (the MSE clip did: 52.60 vs 46.25 WikiText-2 ppl
+    # on Qwen2.5-Coder-0.5B); GPTQ weights on the equalized layer from Hessians of 8192 sampled rows
+    "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
+                 gptq=True, gptq_hessian_rows=8192),
+    # the paper's recipe as published: LAE only in the band 15 <= max|x| < 150, static scales from the
+    # calibration max, round-to-nearest weights
+    "fptq-paper": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, lae_scope="band",
+                       static_observer="max"),
     "fp": dict(wbits=16, abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE),
     "rtn-w4a16": dict(abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE),
     "gptq-w4a16": dict(abits=16, act_policy=ActPolicy.FLOAT, equalization=Equalization.NONE, gptq=True),
@@ -15,14 +24,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
     "naive-w4a8": dict(act_policy=ActPolicy.STATIC, equalization=Equalization.NONE),
     "dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.NONE),
-    # LAE folded into the norms only, as llm-compressor's LogarithmicEqualization mappings do: folding it
-    # into up_proj -> down_proj too, where max|x| reaches thousands, costs 7% perplexity on SmolLM2-135M
-    # (bench/results/lae_producers.md)
-    "lae-dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.LAE, equalize_into="norms"),
+    # llm-compressor's log-equalization recipe: LAE folded into the norms only, as its mappings do (folding it
+    # into up_proj -> down_proj too, where max|x| reaches thousands, costs 7% perplexity on SmolLM2-135M,
+    # bench/results/lae_producers.md), with scales from max(x) - min(x) per channel, the statistic of its
+    # smoothing modifiers (26.25 vs 26.90 from max|x| on SmolLM2-135M, bench/results/exp_gptq_sink.md)
+    "lae-dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.LAE, equalize_into="norms",
+                             equalization_stat="range"),
     # quantization-aware training (fptq.qat): the plan of the base method in QAT_BASE, then knowledge distillation
     # from the float model on data the model generates itself. LLM-QAT (arXiv 2305.17888): per-channel int4
     # weights, dynamic per-token int8 activations
     "llm-qat-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.NONE, group_size=-1),
+    # fptq-qat starts from FPTQ's plan with round-to-nearest weights (training replaces them) and the MSE
+    # observer it was measured with (bench/results/qat.md)
     "fptq-qat": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE),
 }
 

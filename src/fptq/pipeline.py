@@ -133,6 +133,13 @@ def _equalization_scales(
 
 SEARCH_ROWS = 2048
 
+
+def _search_rows(sample: torch.Tensor | None) -> torch.Tensor | None:
+    """At most ``SEARCH_ROWS`` rows of ``sample``, evenly strided (every calibration batch contributes)."""
+    if sample is None or len(sample) <= SEARCH_ROWS:
+        return sample
+    return sample[:: -(-len(sample) // SEARCH_ROWS)]
+
 # the QuantLinear activation mode each strategy runs with
 _ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
              Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}
@@ -214,7 +221,9 @@ def quantize_layer(
     seq_len = inputs.hidden[0].shape[1] if inputs.hidden and inputs.hidden[0].dim() == 3 else None
     with collect_input_stats(reps, rows_per_batch(MAX_SAMPLE_ROWS, nb), generator, hessian=config.gptq,
                              seq_len=seq_len, hessian_token_cap=config.gptq_token_cap,
-                             hessian_first_token_weight=config.gptq_first_token_weight) as stats:
+                             hessian_first_token_weight=config.gptq_first_token_weight,
+                             hessian_rows_per_batch=rows_per_batch(config.gptq_hessian_rows, nb)
+                             if config.gptq_hessian_rows else 0) as stats:
         with autocast:
             run_layer(layer, inputs, device, name=layer_prefix)
     # activation-aware weight clipping scores the clip on sampled calibration inputs
@@ -231,8 +240,9 @@ def quantize_layer(
         absmax = wcm.amax(dim=0)
         v = float(absmax.max())
         strategy = _strategy_for(config, v)
-        sample = st.sample() if config.static_observer in ("mse", "percentile") or output_clip else None
+        sample = st.sample() if config.static_observer in ("mse", "mse_sink", "percentile", "output") or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
+        first_max = st.first_token_absmax  # the attention sink's inputs, per channel
         eq_name, folded_into, max_scale, note = "none", None, None, None
         wants = _wants_equalization(config, strategy, group)
         if wants and not group.foldable:
@@ -253,6 +263,8 @@ def quantize_layer(
             absmax = wcm.amax(dim=0)
             if sample is not None and sample.numel():
                 sample = sample / s_in
+            if first_max is not None:
+                first_max = first_max.to(s_in.device) / s_in
             if hess is not None:
                 inv = (1.0 / s_in).to(hess.device)
                 hess = hess * inv.view(-1, 1) * inv.view(1, -1)
@@ -260,40 +272,57 @@ def quantize_layer(
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
 
-        decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note))
+        decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
+                          first_max))
 
     # quantize only after every fold of the layer is done (folds change producers' weights)
-    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note in decisions:
-        act_scale = None
-        if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
-            act_scale = choose_static_scale(
-                config.static_observer, float(absmax.max()), sample=sample,
-                window_maxes=wcm.amax(dim=1), bits=config.abits,
-            )
-        act_mode = _ACT_MODE[strategy]
+    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note, first_max in decisions:
+        gs = config.group_size if config.group_size > 0 else -1
         gram = None
-        for cname in group.consumers:
-            lin = linears[cname]
-            w = lin.weight.detach().float()
-            gs = config.group_size if config.group_size > 0 else -1
-            weight_method = "rtn"
-            if config.gptq and hess is not None:
-                codes, scales, ok = gptq_quantize(
-                    w.cpu(), hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
-                    damp=config.gptq_damp, act_order=config.gptq_act_order,
-                    static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
-                )
+        quantized = {}
+        ws = {c: linears[c].weight.detach().float() for c in group.consumers}
+        gptq_out = {}
+        if config.gptq and hess is not None:
+            # GPTQ treats every output row on its own given the input's Hessian: the group's consumers
+            # (q/k/v, gate/up) run as one stacked matrix, one factorisation and one column loop for all
+            stacked = torch.cat([w.cpu() for w in ws.values()])
+            codes, scales, ok = gptq_quantize(
+                stacked, hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
+                damp=config.gptq_damp, act_order=config.gptq_act_order,
+                static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
+            )
+            if not ok:
+                log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))
+            rows = [w.shape[0] for w in ws.values()]
+            for cname, c, sc in zip(ws, codes.split(rows), scales.split(rows)):
+                gptq_out[cname] = (c, sc, "gptq" if ok else "gptq-fallback-rtn")
+        for cname, w in ws.items():
+            if cname in gptq_out:
+                codes, scales, weight_method = gptq_out[cname]
                 codes, scales = codes.to(w.device), scales.to(w.device)
-                weight_method = "gptq" if ok else "gptq-fallback-rtn"
-                if not ok:
-                    log.warning("GPTQ fell back to round-to-nearest for %s.%s", layer_prefix, cname)
             else:
+                weight_method = "rtn"
                 if gram is None and output_clip and sample is not None and sample.numel():
                     gram = group_gram(sample.to(w.device), gs)  # once per group: its consumers share the input
                 scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram)
                 codes = quantize_weight(w, scales, config.wbits, gs)
             deq = dequantize_weight(codes, scales, gs)
-            rel_err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
+            quantized[cname] = (codes, scales, deq, weight_method, float((deq - w).norm() / w.norm().clamp_min(1e-12)))
+        act_scale = None
+        if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
+            weight = None
+            if config.static_observer == "output":  # scored through the weights as they will run
+                weight = torch.cat([q[2] for q in quantized.values()])
+                sample = _search_rows(sample)
+            act_scale = choose_static_scale(
+                config.static_observer, float(absmax.max()), sample=sample,
+                window_maxes=wcm.amax(dim=1), bits=config.abits, weight=weight,
+                floor=float(first_max.max()) if first_max is not None else 0.0,
+            )
+        act_mode = _ACT_MODE[strategy]
+        for cname in group.consumers:
+            lin = linears[cname]
+            codes, scales, _, weight_method, rel_err = quantized[cname]
             q = QuantLinear.from_codes(
                 codes, scales, wbits=config.wbits, group_size=gs, abits=config.abits, act_mode=act_mode,
                 act_scale=act_scale, bias=lin.bias, dtype=lin.weight.dtype,

@@ -49,3 +49,67 @@ def test_mean_max_and_percentile_observers():
     x = torch.arange(10001, dtype=torch.float32) / 10000
     s = choose_static_scale("percentile", 1.0, sample=x, percentile=50.0)
     assert abs(s * 127 - 0.5) < 1e-3
+
+
+def _sink_case():
+    """Inputs like an LLM's after LAE: ordinary tokens around one unit, and one sink token in 2000 whose
+    channel 0 is 60x larger; the consumer's weights read channel 0 strongly (its outputs depend on it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8000, 64, generator=g)
+    x[::2000, 0] = 60.0
+    w = torch.randn(96, 64, generator=g) / 8
+    w[:, 0] *= 10
+    return x, w
+
+
+def _output_error(x, w, scale):
+    return float(((fake_quantize_static(x, scale) - x) @ w.t()).pow(2).sum())
+
+
+def test_output_observer_never_worse_than_max_and_matches_a_dense_search():
+    from fptq.quant.static_scale import output_clip_scale
+
+    x, w = _sink_case()
+    absmax = float(x.abs().max())
+    s_out = output_clip_scale(x, w, absmax)
+    e_out = _output_error(x, w, s_out)
+    assert e_out <= _output_error(x, w, absmax / 127) + 1e-9  # the max is one of the candidates
+    dense = min(_output_error(x, w, c / 127) for c in torch.linspace(0.05 * absmax, absmax, 400).tolist())
+    assert e_out <= dense * 1.02
+    # both branches of the error (Gram matrix when N > K, direct product otherwise) agree
+    assert output_clip_scale(x, w[:32], absmax) > 0
+    assert abs(choose_static_scale("output", absmax, sample=x, weight=w) - s_out) < 1e-12
+
+
+def test_mse_observer_clips_the_sink_token_and_the_output_observer_does_not():
+    """The root cause of fptq's static-activation loss on Qwen2.5 (bench/results/static_act_diagnosis_qwen.md):
+    the clip that minimises the activations' squared error clips the rare sink tokens; scored on the
+    layer output, their error is weighed by what it does to the output."""
+    x, w = _sink_case()
+    absmax = float(x.abs().max())
+    s_mse = choose_static_scale("mse", absmax, sample=x)
+    s_out = choose_static_scale("output", absmax, sample=x, weight=w)
+    assert s_mse * 127 < 0.7 * absmax  # the mse clip cuts the sink channel by over 30%
+    e_sink_mse = _output_error(x[::2000], w, s_mse)
+    e_sink_out = _output_error(x[::2000], w, s_out)
+    assert e_sink_out < 0.01 * e_sink_mse
+    assert _output_error(x, w, s_out) < 0.5 * _output_error(x, w, s_mse)
+
+
+def test_output_observer_needs_weights():
+    import pytest
+
+    x, _ = _sink_case()
+    with pytest.raises(ValueError, match="weights"):
+        choose_static_scale("output", 1.0, sample=x)
+
+
+def test_mse_sink_observer_never_clips_below_the_floor():
+    x, _ = _sink_case()
+    absmax = float(x.abs().max())
+    s_mse = choose_static_scale("mse", absmax, sample=x)
+    assert choose_static_scale("mse_sink", absmax, sample=x, floor=0.0) == s_mse
+    assert abs(choose_static_scale("mse_sink", absmax, sample=x, floor=absmax) * 127 - absmax) < 1e-9
+    assert abs(choose_static_scale("mse_sink", absmax, sample=x, floor=2 * absmax) * 127 - absmax) < 1e-9
+    mid = 0.5 * (s_mse * 127 + absmax)
+    assert abs(choose_static_scale("mse_sink", absmax, sample=x, floor=mid) * 127 - mid) < 1e-9
