@@ -23,7 +23,7 @@ def test_lae_folding_leaves_float_outputs_unchanged():
     model = tiny_llama()
     ids = _calib()
     ref = model(ids).logits
-    from fptq.pipeline import _equalization_scales
+    from fptq.folding import equalization_scales as _equalization_scales
     from fptq.quant import fold_into_linear_outputs, fold_into_norm, scale_linear_inputs
 
     adapter = get_adapter(model)

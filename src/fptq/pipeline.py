@@ -28,22 +28,14 @@ from .calibrate import (
 )
 from .config import ActPolicy, Equalization, QuantConfig, Strategy
 from .errors import FptqError
+from .folding import equalization_scales, fold_group, wants_equalization
 from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
 from .nn import QuantLinear
 from .plan import LayerPlan, Plan, choose_strategy
 from .quant import (
     choose_static_scale,
-    expand_kv_scales,
-    fold_into_fused_qkv_v,
-    fold_into_linear_outputs,
-    fold_into_norm,
     gptq_quantize,
-    lae_scales,
-    norm_fold_is_exact,
     quantize_weight,
-    reduce_to_kv_channels,
-    scale_linear_inputs,
-    smoothquant_scales,
     weight_scales,
 )
 from .quant.search import best_equalization_power
@@ -93,44 +85,6 @@ def _strategy_for(config: QuantConfig, v: float) -> Strategy:
     return s
 
 
-def _wants_equalization(config: QuantConfig, strategy: Strategy, group: FoldGroup) -> bool:
-    """Whether the group's input is equalized. FPTQ (``lae_scope="band"``): only in the LAE band.
-    ``lae_scope="all"``: every static layer too, and dynamic layers fed by a norm (a Linear-fed dynamic
-    layer has max|x| of hundreds or more: its scales would spoil the weight groups of the consumers)."""
-    if config.equalization == Equalization.NONE:
-        return False
-    if config.act_policy == ActPolicy.THRESHOLDS:
-        if config.lae_scope == "all":
-            return strategy in (Strategy.STATIC, Strategy.LAE_STATIC) or (
-                strategy == Strategy.DYNAMIC and group.kind == "norm")
-        return strategy == Strategy.LAE_STATIC
-    return config.act_policy in (ActPolicy.STATIC, ActPolicy.DYNAMIC)
-
-
-def _equalization_scales(
-    config: QuantConfig, group: FoldGroup, layer: nn.Module, act_absmax: torch.Tensor, heads: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales per consumer input channel, scales per producer output channel)."""
-    h, kv = heads
-    if config.equalization == Equalization.LAE:
-        if group.kv_grouped:
-            s_kv = lae_scales(reduce_to_kv_channels(act_absmax, h, kv))
-            return expand_kv_scales(s_kv, h, kv), s_kv
-        s = lae_scales(act_absmax)
-        return s, s
-    # SmoothQuant
-    w_absmax = torch.stack(
-        [layer.get_submodule(c).weight.detach().float().abs().amax(dim=0) for c in group.consumers]
-    ).amax(dim=0).to(act_absmax.device)
-    if group.kv_grouped:
-        s_kv = smoothquant_scales(
-            reduce_to_kv_channels(act_absmax, h, kv), reduce_to_kv_channels(w_absmax, h, kv), config.smoothquant_alpha
-        )
-        return expand_kv_scales(s_kv, h, kv), s_kv
-    s = smoothquant_scales(act_absmax, w_absmax, config.smoothquant_alpha)
-    return s, s
-
-
 SEARCH_ROWS = 2048
 
 
@@ -158,47 +112,6 @@ def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: I
         group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
         observer=config.static_observer)
     return power
-
-
-def _warn_offset_rounding(before: torch.Tensor, after: torch.Tensor, s: torch.Tensor, offset: float,
-                          name: str) -> None:
-    """A norm that scales by ``offset + weight`` stores ``(offset + w) / s - offset``: in 16-bit floats
-    that loses the small gains of strongly scaled channels. Warn when a gain moves by over 1%."""
-    want = (before + offset) / s
-    err = float(((after + offset - want).abs() / want.abs().clamp_min(1e-12)).max())
-    if err > 0.01:
-        log.warning("%s: storing the folded weight (gain offset + weight, offset %g) in 16 bits changes the gain of "
-                    "some channels by up to %.1f%%; quantize a float32 copy of the model for exact folds",
-                    name, offset, 100 * err)
-
-
-def _fold(adapter: Adapter, group: FoldGroup, layer: nn.Module, layer_prefix: str, s_in: torch.Tensor,
-          s_out: torch.Tensor, heads: tuple[int, int]) -> None:
-    """Fold ``s_out`` into the group's producer and ``s_in`` into its consumers (exact, in place)."""
-    producer = layer.get_submodule(group.producer)
-    s_out = s_out.to(producer.weight.device)
-    if group.kind == "norm":
-        if not norm_fold_is_exact(producer, s_out, adapter.norm_weight_offset):
-            raise FptqError(
-                f"{layer_prefix}.{group.producer} ({type(producer).__name__}) does not scale its output by "
-                f"{'1 + weight' if adapter.norm_weight_offset else 'its weight'} as the {adapter.name} table assumes; "
-                "fptq cannot fold equalization scales into it (use a method without equalization, e.g. "
-                "dynamic-w4a8)")
-        off = adapter.norm_weight_offset
-        before = producer.weight.detach().float().clone() if off and producer.weight.dtype != torch.float32 else None
-        fold_into_norm(producer, s_out, off)
-        if before is not None:
-            _warn_offset_rounding(before, producer.weight.detach().float(), s_out.float(), off,
-                                  f"{layer_prefix}.{group.producer}")
-    elif group.kind == "linear":
-        fold_into_linear_outputs(producer, s_out)
-    elif group.kind == "fused_qkv_v":
-        fold_into_fused_qkv_v(producer, s_out, heads[0])
-    else:  # pragma: no cover - unfoldable groups never get here
-        raise FptqError(f"internal error: cannot fold into a group of kind {group.kind!r}")
-    for c in group.consumers:
-        cm = layer.get_submodule(c)
-        scale_linear_inputs(cm, s_in.to(cm.weight.device))
 
 
 def quantize_layer(
@@ -244,7 +157,7 @@ def quantize_layer(
         hess = st.hessian.h if st.hessian is not None else None
         first_max = st.first_token_absmax  # the attention sink's inputs, per channel
         eq_name, folded_into, max_scale, note = "none", None, None, None
-        wants = _wants_equalization(config, strategy, group)
+        wants = wants_equalization(config, strategy, group)
         if wants and not group.foldable:
             note = f"not equalized: {group.note}"
             if strategy == Strategy.LAE_STATIC:
@@ -252,13 +165,13 @@ def quantize_layer(
                 note += "; dynamic per-token activations instead of LAE + static"
         elif wants:
             stat = absmax if config.equalization_stat == "absmax" else st.channel_range().to(absmax.device)
-            s_in, s_out = _equalization_scales(config, group, layer, stat, heads)
+            s_in, s_out = equalization_scales(config, group, layer, stat, heads)
             s_in = s_in.to(absmax.device)
             if config.equalization_powers:
                 power = _search_power(config, group, layer, st, s_in, strategy)
                 s_in, s_out = s_in.pow(power), s_out.pow(power)
                 note = f"equalization power {power:g} (searched)"
-            _fold(adapter, group, layer, layer_prefix, s_in, s_out, heads)
+            fold_group(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
             if sample is not None and sample.numel():

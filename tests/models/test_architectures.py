@@ -17,7 +17,7 @@ from fptq.models import attention_heads, get_adapter
 from fptq.models.adapters import llama_shape_problem
 from fptq.models.loading import check_architecture
 from fptq.nn import QuantLinear
-from fptq.pipeline import _equalization_scales, _fold
+from fptq.folding import equalization_scales as _equalization_scales, fold_group as _fold
 from fptq.workflow import quantize_to_dir
 
 from ..conftest import as_stored, make_tokenizer, sqnr_db
