@@ -1,11 +1,12 @@
 """Where static per-tensor activations lose to dynamic per-token ones, Linear by Linear.
 
 For every Linear group of the float model (inputs captured on calibration windows), after LAE (on every
-group with max|x| < 150, the layers FPTQ runs static) and the weights rounded to int4 (RTN), the relative squared error of the group's outputs
-``|Q(x) Wq^T - x W^T|^2 / |x W^T|^2`` for: weights only, dynamic per-token int8, static int8 with the
-MSE-on-activation clip (fptq's observer), static with the plain max, and static with the clip chosen on the
-layer output. Errors are split into the first position of each window (the attention-sink token, whose
-activations are often far larger) and the other positions. Usage::
+group with max|x| < 150, the layers FPTQ runs static) and the weights rounded to int4 (RTN), the relative
+squared error of the group's outputs ``|Q(x) Wq^T - x W^T|^2 / |x W^T|^2`` for: weights only, dynamic
+per-token int8, static int8 with the MSE-on-activation clip (fptq's old default observer), static with the
+plain max, and static with the clip chosen on the layer output. Errors are split into the first position
+of each window (the attention-sink token, whose activations are often far larger) and the other positions.
+Usage::
 
     python bench/static_act_diagnosis.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128
 """
@@ -20,8 +21,7 @@ import fptq
 from fptq.models.adapters import get_adapter
 from fptq.quant import lae_scales
 from fptq.quant.activations import fake_quantize_per_token, fake_quantize_static
-from fptq.quant.static_scale import output_clip_scale
-from fptq.quant.static_scale import mse_clip
+from fptq.quant.static_scale import mse_clip, output_clip_scale
 from fptq.quant.weights import fake_quantize_weight
 
 from common import calibration_text, machine, write_results
