@@ -385,3 +385,33 @@ def test_sampled_hessian_keeps_every_sink_row_and_is_unbiased():
     assert float((est - full).norm() / full.norm()) < 0.02
     p, ww = hessian_rows(40, 12, None, g)  # windows unknown: plain draw
     assert len(p) == 12 and torch.equal(ww, torch.ones(12))
+
+
+def test_fast_calibration_choices_match_the_float32_reference_run():
+    """The default's execution choices -- the statistics pass in bfloat16 and the next layer's inputs from the
+    integer kernels -- pick the same plan as float32 statistics with simulated propagation, the same q/k weights
+    bit for bit in the first layer (their inputs, the normed embeddings, stay float32; v_proj takes o_proj's
+    equalization, from bfloat16 statistics), and a model as accurate; afterwards every
+    QuantLinear is back on the simulated path and the checkpoint round-trips."""
+    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0))
+    assert cfg.calib_dtype == "bfloat16" and cfg.propagate_backend == "auto"
+    model = tiny_llama()
+    ids = _calib(16, 32)
+    ref = model(ids).logits
+    slow, fast = copy.deepcopy(model), copy.deepcopy(model)
+    slow_plan = fptq.quantize(slow, fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0),
+                                                       calib_dtype="float32", propagate_backend="reference"),
+                              ids, device="cpu", progress=False)
+    fast_plan = fptq.quantize(fast, cfg, ids, device="cpu", progress=False)
+    assert {n: lp.strategy for n, lp in fast_plan.layers.items()} == {
+        n: lp.strategy for n, lp in slow_plan.layers.items()}
+    first = [n for n, m in fast.named_modules() if isinstance(m, QuantLinear)
+             and n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj")]
+    assert len(first) == 2
+    for n in first:
+        a, b = fast.get_submodule(n), slow.get_submodule(n)
+        assert torch.equal(a.codes(), b.codes())
+        assert a.backend == "reference"
+    assert abs(sqnr_db(ref, fast(ids).logits) - sqnr_db(ref, slow(ids).logits)) < 1.0
+    with pytest.raises(ValueError, match="calib_dtype"):
+        fptq.method_config("fptq", calib_dtype="float16")

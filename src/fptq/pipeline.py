@@ -258,8 +258,9 @@ def quantize_layer(
     try:
         run_layer(layer, inputs, device, name=layer_prefix, replace=True)
     finally:
-        for m in qlinears:  # back to the simulated path; caches are rebuilt on demand
+        for m in qlinears:  # back to the simulated path and the checkpoint's layout; caches rebuilt on demand
             m.set_backend("reference")
+            m.use_rowpair_layout()
             m.clear_cache()
     return entries
 

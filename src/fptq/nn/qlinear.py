@@ -130,6 +130,14 @@ class QuantLinear(nn.Module):
         self.weight_layout = "vnni"
         self._cache = {}
 
+    def use_rowpair_layout(self) -> None:
+        """Repack 4-bit codes, in place, back in the checkpoint's layout (no-op if already there)."""
+        if self.wbits != 4 or self.weight_layout != "vnni":
+            return
+        self.qweight = pack_int4(self.codes())
+        self.weight_layout = "rowpair"
+        self._cache = {}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight_layout == "vnni":  # checkpoints always hold the rowpair layout

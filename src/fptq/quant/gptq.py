@@ -121,36 +121,42 @@ def gptq_quantize(
     col_group = torch.arange(k) // gs
     if perm is not None:
         col_group = col_group[perm]
-    q = torch.zeros(n, k, dtype=torch.int8)
-
+    groups = col_group.tolist()
+    # the column loop works on the transposed weights: a column is then one contiguous row, and the
+    # few small ops per column (the loop's cost is their overhead) run on contiguous memory
+    wt = w.t().contiguous()  # [K, N]
+    qt = torch.empty(k, n)  # codes, as floats, transposed
+    s, s_grp = None, -1
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]  # a view: updates land in wt
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        neg_d = (-torch.diagonal(hinv1)).tolist()
         for i in range(i2 - i1):
             col = i1 + i
-            grp = int(col_group[col])
+            grp = groups[col]
             if not static_groups and col % gs == 0:
-                # the group starts here (columns are in original order)
+                # the group starts here (columns are in original order): its scale from the updated weights
                 end = min(col + gs, k)
-                sc_g = weight_scales(
-                    torch.cat([w1[:, i:], w[:, i2:end]], dim=1)[:, : end - col], bits, gs, clip_search=clip_search
-                )[:, 0]
-                scales[:, grp] = sc_g
-            s = scales[:, grp].float()
-            wc = w1[:, i]
-            qc = torch.clamp(torch.round(wc / s), qmin, qmax)
-            q[:, col] = qc.to(torch.int8)
-            q1[:, i] = qc * s
-            d = hinv1[i, i]
-            e = (wc - qc * s) / d
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                block = torch.cat([w1[i:], wt[i2:end]])[: end - col]
+                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search)[:, 0]
+                s_grp = -1
+            if grp != s_grp:
+                s, s_grp = scales[:, grp].float(), grp
+            wc = w1[i]
+            qc = qt[col]
+            torch.div(wc, s, out=qc).round_().clamp_(qmin, qmax)
+            e = err1[i]
+            torch.mul(qc, s, out=e)
+            e.sub_(wc).div_(neg_d[i])  # (w - q s) / d
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)
+        if i2 < k:
+            wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
+    q = qt.t().to(torch.int8).contiguous()
 
     if perm is not None:
         inv = torch.argsort(perm)
-        q = q[:, inv]
+        q = q[:, inv].contiguous()
     return q, scales, True
