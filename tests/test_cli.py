@@ -100,7 +100,8 @@ def test_help_lists_commands():
 
 
 def test_gptq_flags_and_method_defaults():
-    """``fptq`` runs GPTQ with sampled Hessians and max static scales by default; ``--no-gptq`` gives
+    """``fptq`` runs GPTQ in act-order with sampled Hessians, max static scales, bfloat16 statistics and
+    integer-kernel propagation by default; ``--no-gptq`` gives
     round-to-nearest; ``fptq-paper`` is the paper's recipe; other methods keep round-to-nearest."""
     from fptq.cli import build_parser, config_from_args
 
@@ -110,6 +111,11 @@ def test_gptq_flags_and_method_defaults():
     d = cfg()
     assert d.gptq and d.gptq_hessian_rows == 8192 and d.static_observer == "max"
     assert not cfg("--no-gptq").gptq
+    assert d.gptq_act_order and not cfg("--no-gptq-act-order").gptq_act_order
+    assert d.calib_dtype == "bfloat16" and cfg("--calib-dtype", "float32").calib_dtype == "float32"
+    assert d.propagate_backend == "auto" and cfg("--propagate-backend", "reference").propagate_backend == "reference"
+    rtn = cfg("--method", "rtn-w4a16")
+    assert (rtn.calib_dtype, rtn.propagate_backend, rtn.gptq_act_order) == ("float32", "reference", False)
     assert cfg("--gptq-hessian-rows", "0").gptq_hessian_rows == 0
     assert cfg("--observer", "mse").static_observer == "mse"
     paper = cfg("--method", "fptq-paper")

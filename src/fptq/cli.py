@@ -82,7 +82,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "(default 8192 for fptq; 0 = every token)")
     p.add_argument("--gptq-damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ block size (default 128)")
-    p.add_argument("--gptq-act-order", action="store_true", default=None, help="GPTQ: process columns by decreasing Hessian diagonal")
+    p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: process columns by decreasing Hessian diagonal, group scales from the original "
+                        "weights (default for fptq; --no-gptq-act-order: columns in order)")
     p.add_argument("--gptq-static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weights")
     p.add_argument("--observer", dest="static_observer", default=None, choices=OBSERVERS,
                    help="how static activation scales are chosen (default: max for fptq, mse for naive-w4a8)")
@@ -97,9 +99,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
     p.add_argument("--alpha", dest="smoothquant_alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
     p.add_argument("--calib-dtype", dest="calib_dtype", default=None, choices=("float32", "bfloat16"),
-                   help="dtype of the statistics pass (bfloat16: autocast, faster on CPUs with AMX; default float32)")
+                   help="dtype of the statistics pass (bfloat16: autocast, faster on CPUs with AVX512-BF16 or AMX; "
+                        "default bfloat16 for fptq, float32 for the other methods)")
     p.add_argument("--propagate-backend", dest="propagate_backend", default=None,
-                   help="how the quantized layer is run to feed the next layer: reference (simulated, default) or auto (integer kernels, faster)")
+                   help="how the quantized layer is run to feed the next layer: auto (the integer kernels the model "
+                        "runs on, faster; default for fptq) or reference (simulated in float32; the other methods)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N: where each layer runs (default: cuda if available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
     p.add_argument("--offload", nargs="?", const="cpu", default=False, metavar="DEVICE",
