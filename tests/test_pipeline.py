@@ -415,3 +415,21 @@ def test_fast_calibration_choices_match_the_float32_reference_run():
     assert abs(sqnr_db(ref, fast(ids).logits) - sqnr_db(ref, slow(ids).logits)) < 1.0
     with pytest.raises(ValueError, match="calib_dtype"):
         fptq.method_config("fptq", calib_dtype="float16")
+
+
+def test_execution_choices_fit_the_device():
+    """``propagate_backend="auto"`` means the native CPU kernels, where they run; on another device (or a CPU
+    without them) the layers propagate on the simulated path; the plan records what ran."""
+    from fptq.calibrate import execution_choices
+    from fptq.kernels import default_backend
+
+    cfg = fptq.method_config("fptq")
+    gpu = execution_choices(cfg, torch.device("cuda"))
+    assert gpu.propagate_backend == "reference" and gpu.calib_dtype == "bfloat16"
+    cpu = execution_choices(cfg, torch.device("cpu"))
+    assert cpu.propagate_backend == ("auto" if default_backend("cpu") == "native" else "reference")
+    assert execution_choices(fptq.method_config("rtn-w4a16"), torch.device("cpu")) == fptq.method_config("rtn-w4a16")
+    plan = fptq.quantize(tiny_llama(), fptq.method_config("fptq", group_size=32), _calib(), device="cpu",
+                         progress=False)
+    assert plan.config["propagate_backend"] == cpu.propagate_backend
+    assert plan.config["calib_dtype"] == cpu.calib_dtype

@@ -23,6 +23,7 @@ from .calibrate import (
     LayerInputs,
     capture_layer0_inputs,
     collect_input_stats,
+    execution_choices,
     rows_per_batch,
     run_layer,
 )
@@ -336,6 +337,7 @@ def quantize(
         raise FptqError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
         raise FptqError("calibration must be a [num_windows, seqlen] tensor of token ids")
+    config = execution_choices(config, device)
     plan = Plan(thresholds=config.thresholds, config=config.to_dict())
     layers = adapter.layers(model)
     heads = attention_heads(model)
