@@ -335,11 +335,11 @@ def collect_input_stats(
             if not torch.isfinite(wcm).all():  # NaN/Inf propagate into the maxima
                 st.nonfinite = True
             st.window_channel_max.append(wcm.cpu())
+            flat = xf.reshape(-1, xf.shape[-1])
             first = _first_token_mask(xf, seq_len)
             if first is not None:
-                fm = xf.reshape(-1, xf.shape[-1])[first].abs().amax(dim=0).cpu()
+                fm = flat[first].abs().amax(dim=0).cpu()
                 st.first_token_absmax = fm if st.first_token_absmax is None else torch.maximum(st.first_token_absmax, fm)
-            flat = xf.reshape(-1, xf.shape[-1])
             lo, hi = flat.amin(dim=0).cpu(), flat.amax(dim=0).cpu()
             st.channel_min = lo if st.channel_min is None else torch.minimum(st.channel_min, lo)
             st.channel_max = hi if st.channel_max is None else torch.maximum(st.channel_max, hi)

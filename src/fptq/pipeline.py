@@ -34,6 +34,7 @@ from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
 from .nn import QuantLinear
 from .plan import LayerPlan, Plan, choose_strategy
 from .quant import (
+    SAMPLED_OBSERVERS,
     choose_static_scale,
     gptq_quantize,
     quantize_weight,
@@ -154,7 +155,7 @@ def quantize_layer(
         absmax = wcm.amax(dim=0)
         v = float(absmax.max())
         strategy = _strategy_for(config, v)
-        sample = st.sample() if config.static_observer in ("mse", "mse_sink", "percentile", "output") or output_clip else None
+        sample = st.sample() if config.static_observer in SAMPLED_OBSERVERS or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
         first_max = st.first_token_absmax  # the attention sink's inputs, per channel
         eq_name, folded_into, max_scale, note = "none", None, None, None

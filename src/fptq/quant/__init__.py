@@ -19,7 +19,7 @@ from .equalize import (
 )
 from .gptq import HessianAccumulator, gptq_quantize
 from .pack import pack_int4, pack_int4_vnni, unpack_int4, unpack_int4_vnni, vnni_padded_shape
-from .static_scale import OBSERVERS, choose_static_scale
+from .static_scale import OBSERVERS, SAMPLED_OBSERVERS, choose_static_scale
 from .weights import (
     dequantize_weight,
     expand_group_scales,

@@ -21,8 +21,10 @@ import torch
 from .activations import act_qmax, fake_quantize_static
 
 OBSERVERS = ("max", "mean_max", "percentile", "mse", "mse_sink", "output")
+# the observers that read sampled calibration activations (``sample``)
+SAMPLED_OBSERVERS = ("percentile", "mse", "mse_sink", "output")
 
-__all__ = ["OBSERVERS", "choose_static_scale", "mse_clip", "output_clip_scale"]
+__all__ = ["OBSERVERS", "SAMPLED_OBSERVERS", "choose_static_scale", "mse_clip", "output_clip_scale"]
 
 
 def mse_clip(sample: torch.Tensor, absmax: float, bits: int = 8, grid: int = 100, lo: float = 0.2,
