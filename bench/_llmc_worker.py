@@ -60,9 +60,10 @@ def build_recipe(name: str, group_size: int):
         return [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
                                      ignore=["lm_head"])]
     if name == "gptq-w4a16":
-        # fptq gptq-w4a16: damp 0.01, block 128, no act-order
+        # as fptq gptq-w4a16: damp 0.01, block 128, static act-order (llm-compressor's default actorder; group
+        # scales from the weights before GPTQ, columns in order of decreasing Hessian diagonal)
         return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
-                             ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=None)]
+                             ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder="static")]
     if name == "smoothquant-w8a8":
         # preset W8A8: int8 symmetric per-channel weights, int8 symmetric dynamic per-token inputs;
         # QuantizationModifier = round-to-nearest weights, like fptq smoothquant-w8a8 (gptq=False)

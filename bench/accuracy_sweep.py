@@ -9,7 +9,7 @@ parsed as JSON when they can be), or just ``METHOD``. Usage::
     python bench/accuracy_sweep.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
         --variants 'fptq,paper=fptq-paper' --name qwen_sweep
 
-Calibration: ``--nsamples`` windows of ``--seqlen`` tokens from C4 documents 1000-1999 (seed 0).
+Calibration: ``--nsamples`` windows of ``--seqlen`` tokens from C4 documents 1000-1999 (``--calib-seed``, 0).
 Evaluation: the first ``--wiki`` WikiText-2 windows and ``--c4`` C4 windows (documents 0-999) of
 ``--eval-seqlen`` tokens. Writes bench/results/NAME.{json,md} after every variant.
 """
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed that draws the calibration windows")
     ap.add_argument("--wiki", type=int, default=8)
     ap.add_argument("--c4", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
@@ -92,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok, src = fptq.load_float_model(args.model)
-    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=0)
+    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=args.calib_seed)
     windows = eval_windows(tok, args.wiki, args.c4, args.eval_seqlen)
     ref_dir = reference_dir(src, windows)
     meta = build_reference(model, windows, ref_dir)
@@ -118,7 +119,7 @@ def main() -> None:
 def _write(args, src, rows) -> None:
     sets = list(rows["float"]["metrics"])
     head = "| variant | quantize s | " + " | ".join(f"{s} ppl | {s} KLD | {s} top-1" for s in sets) + " | static / LAE / dynamic |"
-    md = [f"Model {Path(src).name}; calibration {args.nsamples} x {args.seqlen} (C4 docs 1000-1999, seed 0); group "
+    md = [f"Model {Path(src).name}; calibration {args.nsamples} x {args.seqlen} (C4 docs 1000-1999, seed {args.calib_seed}); group "
           f"{args.group_size}; eval {args.wiki} WikiText-2 + {args.c4} C4 windows of {args.eval_seqlen}; "
           f"{args.threads} threads.\n", head, "|" + "---|" * (2 + 3 * len(sets) + 1)]
     for label, r in rows.items():

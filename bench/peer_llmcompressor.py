@@ -13,7 +13,7 @@ Recipes (weights symmetric int4 in groups of ``--group-size`` unless said otherw
 fptq method            llm-compressor recipe (bench/_llmc_worker.py)
 =====================  ==========================================================
 rtn-w4a16              QuantizationModifier W4 (round-to-nearest, min-max)
-gptq-w4a16             GPTQModifier W4 (damp 0.01, block 128, no act-order)
+gptq-w4a16             GPTQModifier W4 (damp 0.01, block 128, static act-order)
 smoothquant-w8a8       SmoothQuantModifier(0.5) + QuantizationModifier scheme W8A8
                        (int8 per-channel weights, int8 dynamic per-token inputs)
 lae-dynamic-w4a8       SmoothQuantModifier(algorithm="log_equalization") (what
@@ -49,7 +49,8 @@ Usage::
     python bench/peer_llmcompressor.py ... --resume          # after an interruption: only the missing rows
 
 Every finished row is saved to bench/results/NAME.partial.json (removed at the end); ``--resume``
-reuses those rows when the settings match. Writes bench/results/NAME.{json,md}.
+reuses those rows when the settings match, or those of a finished NAME.json (to add methods or recipes
+to a run in a later invocation; each row records its own times). Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
 
@@ -154,8 +155,8 @@ def main() -> None:
     ap.add_argument("--name", default="peer_llmcompressor")
     ap.add_argument("--note", default="", help="a line added to the Markdown")
     ap.add_argument("--resume", action="store_true",
-                    help="reuse the rows of bench/results/NAME.partial.json (written after every row) "
-                         "when its settings match, and run only the missing ones")
+                    help="reuse the rows of bench/results/NAME.partial.json (written after every row), or else "
+                         "of NAME.json, when the settings match, and run only the missing ones")
     args = ap.parse_args()
 
     py = venv_python(args.venv)
@@ -175,14 +176,19 @@ def main() -> None:
     llmc_rows: dict[str, dict] = {}
     key = {k: getattr(args, k) for k in ("model", "group_size", "nsamples", "seqlen", "wiki", "c4", "eval_seqlen")}
     partial = RESULTS / f"{args.name}.partial.json"
-    if args.resume and partial.exists():
-        old = json.loads(partial.read_text())
-        if old.get("key") == key:
+    final = RESULTS / f"{args.name}.json"
+    if args.resume and (partial.exists() or final.exists()):
+        # an interrupted run's rows, else the rows of a finished run with the same settings (a run can be
+        # extended by more methods / recipes in a later invocation)
+        src_file = partial if partial.exists() else final
+        old = json.loads(src_file.read_text())
+        old_key = old.get("key") or {k: old.get("settings", {}).get(k) for k in key}
+        if old_key == key:
             fptq_rows.update(old["fptq"])
             llmc_rows.update(old["llmcompressor"])
-            print(f"resuming from {partial}: fptq {list(fptq_rows)}, llm-compressor {list(llmc_rows)}", flush=True)
+            print(f"resuming from {src_file}: fptq {list(fptq_rows)}, llm-compressor {list(llmc_rows)}", flush=True)
         else:
-            print(f"{partial} has other settings {old.get('key')}; starting over", flush=True)
+            print(f"{src_file} has other settings {old_key}; starting over", flush=True)
 
     def save_partial() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -197,7 +203,7 @@ def main() -> None:
         t = time.perf_counter()
         plan = fptq.quantize(qmodel, cfg, calib, device="cpu", progress=False)
         qs = time.perf_counter() - t
-        fptq_rows[name] = {"quantize_s": qs, "counts": dict(plan.counts()), "config": cfg.to_dict(),
+        fptq_rows[name] = {"quantize_s": qs, "counts": dict(plan.counts()), "config": cfg.to_dict(), "measured": _now(),
                            "metrics": evaluate_all(qmodel, windows, reference, desc=name)}
         print(f"[fptq] {name}: {_line(fptq_rows[name]['metrics'])}, quantize {qs:.1f} s {dict(plan.counts())}",
               flush=True)
@@ -214,6 +220,7 @@ def main() -> None:
             recipes = ["float"] + recipes
         for recipe in [r for r in recipes if r not in llmc_rows]:
             llmc_rows[recipe] = run_worker(py, src, wfile, ref_dir, recipe, args.group_size, tmp, threads)
+            llmc_rows[recipe]["measured"] = _now()
             save_partial()
 
     pairs = []
@@ -227,6 +234,10 @@ def main() -> None:
     write_results(args.name, _data(args, src, threads, fptq_rows, llmc_rows, pairs),
                   _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs))
     partial.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def _versions(llmc_rows: dict) -> dict:
@@ -268,6 +279,10 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
           f"{v['transformers_llmc']}; torch {v['torch']} in both).\n"]
     if args.note:
         md.append(args.note + "\n")
+    days = sorted({r["measured"][:10] for r in [*fptq_rows.values(), *llmc_rows.values()] if r.get("measured")})
+    if len(days) > 1:
+        md.append(f"Rows were measured in more than one invocation (`--resume`), on {', '.join(days)}, each alone "
+                  "on the same kind of machine; the JSON has each row's time.\n")
     head = " | ".join(f"{s} ppl | {s} KLD | {s} top-1" for s in sets)
     md += [f"| recipe | tool | quantize s | {head} |", "|---|---|---|" + "---|" * (3 * len(sets))]
     md.append(f"| float | - | - | {_cells(fptq_rows['float']['metrics'])} |")

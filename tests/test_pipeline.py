@@ -1,5 +1,6 @@
 """The layer-by-layer pipeline on tiny random LLaMA models."""
 import copy
+import math
 
 import pytest
 import torch
@@ -433,3 +434,74 @@ def test_execution_choices_fit_the_device():
                          progress=False)
     assert plan.config["propagate_backend"] == cpu.propagate_backend
     assert plan.config["calib_dtype"] == cpu.calib_dtype
+
+
+def test_weight_only_rtn_is_data_free_and_equals_the_calibrated_path():
+    """rtn-w4a16 reads no activations: the data-free path gives the QuantLinears and plan entries that the
+    calibrated per-layer path gives (act_absmax aside, which it does not measure), and runs no decoder layer."""
+    from fptq.pipeline import quantize_layer, quantize_layer_weights
+
+    cfg = fptq.method_config("rtn-w4a16", group_size=16)
+    assert not cfg.needs_calibration
+    assert fptq.method_config("gptq-w4a16").needs_calibration and fptq.method_config("fptq").needs_calibration
+    assert cfg.replace(weight_clip_search=True, weight_clip_objective="output").needs_calibration
+    assert not cfg.replace(weight_clip_search=True).needs_calibration  # the weight-error clip reads no data
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    ids = _calib()
+    inputs = capture_layer0_inputs(model, adapter, ids, 4, torch.device("cpu"), torch.device("cpu"))
+    calibrated, free = copy.deepcopy(adapter.layers(model)[0]), copy.deepcopy(adapter.layers(model)[0])
+    want = quantize_layer(calibrated, "model.layers.0", adapter, cfg, inputs, torch.device("cpu"), (4, 2),
+                          torch.Generator().manual_seed(0))
+    got = quantize_layer_weights(free, "model.layers.0", adapter, cfg)
+    assert set(got) == set(want)
+    for k in want:
+        a, b = want[k].to_dict(), got[k].to_dict()
+        assert a.pop("act_absmax") > 0 and b.pop("act_absmax") is None and math.isnan(got[k].act_absmax)
+        assert a == b
+    sa, sb = calibrated.state_dict(), free.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    # the whole model: no decoder layer runs
+    q = copy.deepcopy(model)
+    calls = []
+    for layer in adapter.layers(q):
+        layer.register_forward_hook(lambda *a: calls.append(1))
+    plan = fptq.quantize(q, cfg, ids, device="cpu", progress=False)
+    assert not calls and plan.counts() == {"float": len(plan.layers)}
+    assert all(isinstance(q.get_submodule(n), QuantLinear) for n in plan.layers)
+
+
+def test_scale_rounding_follows_the_weight_method():
+    """"auto" rounds round-to-nearest weights' float16 scales down (never above absmax / 7.5) and GPTQ's to
+    nearest; an explicit setting applies to both paths."""
+    from fptq.pipeline import quantize_layer, quantize_layer_weights
+    from fptq.quant.weights import fp16_floor
+
+    def absmax_scales(w, gs=16):
+        return w.float().view(w.shape[0], -1, gs).abs().amax(-1) / 7.5
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    layer0 = adapter.layers(model)[0]
+    weights = {n: lin.weight.detach().clone() for n, lin in adapter.quantizable_linears(layer0).items()}
+    for rounding, want in (("auto", fp16_floor), ("down", fp16_floor), ("nearest", lambda s: s.half())):
+        cfg = fptq.method_config("rtn-w4a16", group_size=16, scale_rounding=rounding)
+        layer = copy.deepcopy(layer0)
+        quantize_layer_weights(layer, "model.layers.0", adapter, cfg)
+        for n, w in weights.items():
+            assert torch.equal(layer.get_submodule(n).w_scales, want(absmax_scales(w))), (rounding, n)
+    assert any(not torch.equal(fp16_floor(absmax_scales(w)), absmax_scales(w).half()) for w in weights.values())
+
+    # GPTQ: the pipeline passes GPTQ's rounding (nearest under "auto") to gptq_quantize
+    ids = _calib()
+    inputs = capture_layer0_inputs(model, adapter, ids, 4, torch.device("cpu"), torch.device("cpu"))
+    got = {}
+    for rounding in ("auto", "nearest", "down"):
+        cfg = fptq.method_config("gptq-w4a16", group_size=16, scale_rounding=rounding)
+        layer = copy.deepcopy(layer0)
+        quantize_layer(layer, "model.layers.0", adapter, cfg, copy.deepcopy(inputs), torch.device("cpu"), (4, 2),
+                       torch.Generator().manual_seed(0))  # (it replaces the inputs with the layer's outputs)
+        got[rounding] = layer.get_submodule("self_attn.q_proj").w_scales
+    assert torch.equal(got["auto"], got["nearest"]) and not torch.equal(got["auto"], got["down"])

@@ -158,3 +158,18 @@ def test_layer_by_layer_matches_in_memory_api(calib_file, tmp_path, tied):
     loaded = fptq.load(out, backend="reference")
     assert torch.equal(loaded(ids).logits, as_stored(model)(ids).logits)
     assert loaded.fptq_plan.to_dict()["layers"] == plan.to_dict()["layers"]
+
+
+def test_data_free_rtn_resumes_byte_identical(model_dir, calib_file, tmp_path):
+    """Weight-only RTN runs no layer (no activations are saved between layers) and still resumes exactly."""
+    cfg = fptq.method_config("rtn-w4a16", group_size=32)
+    ref = tmp_path / "ref"
+    quantize_to_dir(str(model_dir), ref, cfg, calib=str(calib_file), **SETTINGS)
+    out = tmp_path / "q"
+    with pytest.raises(QuantizeInterrupted):
+        quantize_to_dir(str(model_dir), out, cfg, calib=str(calib_file), on_layer_done=_interrupt_after(1), **SETTINGS)
+    quantize_to_dir(str(model_dir), out, cfg, calib=str(calib_file), resume=True, **SETTINGS)
+    assert _weights(out) == _weights(ref)
+    plan = json.loads((out / PLAN_NAME).read_text())
+    assert {lp["act_absmax"] for lp in plan["layers"].values()} == {None}
+    fptq.load(out)  # hashes verified

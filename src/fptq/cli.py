@@ -84,7 +84,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ block size (default 128)")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: process columns by decreasing Hessian diagonal, group scales from the original "
-                        "weights (default for fptq; --no-gptq-act-order: columns in order)")
+                        "weights (default for fptq and gptq-w4a16; --no-gptq-act-order: columns in order)")
     p.add_argument("--gptq-static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weights")
     p.add_argument("--observer", dest="static_observer", default=None, choices=OBSERVERS,
                    help="how static activation scales are chosen (default: max for fptq, mse for naive-w4a8)")

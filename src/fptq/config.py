@@ -9,6 +9,7 @@ from typing import Any
 from .quant.static_scale import OBSERVERS
 
 CONFIG_VERSION = 1
+SCALE_ROUNDINGS = ("auto", "down", "nearest")
 
 
 class Strategy(str, Enum):
@@ -73,6 +74,11 @@ class QuantConfig:
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
     # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
     weight_clip_objective: str = "weight"
+    # how each float16 weight scale is rounded from absmax / 7.5: "down" (never above it, so a group's
+    # negative extreme keeps code -8), "nearest", or "auto": down for round-to-nearest weights (KLD -3%,
+    # bench/results/rtn_rounding_spread.md), nearest for GPTQ weights (KLD -10 to -20% on SmolLM2-135M over
+    # three calibration seeds, bench/results/smol_scale_rounding*.md, smol_gptq_scale_rounding.md)
+    scale_rounding: str = "auto"
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -126,6 +132,8 @@ class QuantConfig:
             raise ValueError(f"equalization powers must be >= 0, got {self.equalization_powers}")
         if self.equalization_stat not in ("absmax", "range"):
             raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, not {self.scale_rounding!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
         if self.gptq_hessian_rows < 0:
@@ -140,6 +148,20 @@ class QuantConfig:
     @property
     def quantize_acts(self) -> bool:
         return self.abits < 16 and self.act_policy != ActPolicy.FLOAT
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any decision reads calibration activations. Round-to-nearest weights with float
+        activations and no equalization are data-free: each weight is quantized on its own."""
+        return (self.quantize_acts or self.gptq or self.equalization != Equalization.NONE
+                or (self.weight_clip_search and self.weight_clip_objective == "output"))
+
+    def rounding_for(self, gptq: bool) -> str:
+        """The float16 rounding of the weight scales ("down" or "nearest") for weights quantized with GPTQ
+        (``gptq``) or round-to-nearest."""
+        if self.scale_rounding != "auto":
+            return self.scale_rounding
+        return "nearest" if gptq else "down"
 
     def replace(self, **changes: Any) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
@@ -162,6 +184,7 @@ class QuantConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs.setdefault("lae_scope", "band")  # what every run before the field existed did
+        kwargs.setdefault("scale_rounding", "nearest")  # likewise
         if "thresholds" in kwargs:
             kwargs["thresholds"] = tuple(kwargs["thresholds"])
         return cls(**kwargs)

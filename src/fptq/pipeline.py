@@ -205,6 +205,7 @@ def quantize_layer(
                 stacked, hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
+                scale_rounding=config.rounding_for(gptq=True),
             )
             if not ok:
                 log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))
@@ -219,7 +220,8 @@ def quantize_layer(
                 weight_method = "rtn"
                 if gram is None and output_clip and sample is not None and sample.numel():
                     gram = group_gram(sample.to(w.device), gs)  # once per group: its consumers share the input
-                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram)
+                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
+                                       rounding=config.rounding_for(gptq=False))
                 codes = quantize_weight(w, scales, config.wbits, gs)
             deq = dequantize_weight(codes, scales, gs)
             quantized[cname] = (codes, scales, deq, weight_method, float((deq - w).norm() / w.norm().clamp_min(1e-12)))
@@ -264,6 +266,28 @@ def quantize_layer(
             m.set_backend("reference")
             m.use_rowpair_layout()
             m.clear_cache()
+    return entries
+
+
+def quantize_layer_weights(layer: nn.Module, layer_prefix: str, adapter: Adapter,
+                           config: QuantConfig) -> dict[str, LayerPlan]:
+    """Data-free path (``not config.needs_calibration``): every Linear of the layer gets round-to-nearest
+    weights and float activations, exactly as :func:`quantize_layer` gives them, without running the layer."""
+    gs = config.group_size if config.group_size > 0 else -1
+    entries: dict[str, LayerPlan] = {}
+    for cname, lin in adapter.quantizable_linears(layer).items():
+        w = lin.weight.detach().float()
+        scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search,
+                               rounding=config.rounding_for(gptq=False))
+        codes = quantize_weight(w, scales, config.wbits, gs)
+        rel_err = float((dequantize_weight(codes, scales, gs) - w).norm() / w.norm().clamp_min(1e-12))
+        _set_submodule(layer, cname, QuantLinear.from_codes(
+            codes, scales, wbits=config.wbits, group_size=gs, abits=config.abits, act_mode="none",
+            bias=lin.bias, dtype=lin.weight.dtype))
+        entries[f"{layer_prefix}.{cname}"] = LayerPlan(
+            strategy=Strategy.FLOAT.value, act_absmax=float("nan"), in_features=lin.in_features,
+            out_features=lin.out_features, wbits=config.wbits, abits=16, group_size=gs, weight_method="rtn",
+            weight_error=rel_err)
     return entries
 
 
@@ -357,7 +381,10 @@ def quantize(
     was_training = model.training
     model.eval()
     store = offload_device(offload, device)
-    inputs = capture_layer0_inputs(model, adapter, calibration, batch_size, device, store)
+    data_free = not config.needs_calibration
+    # data-free (weight-only round-to-nearest): no activations are captured or propagated
+    inputs = (LayerInputs(hidden=[], kwargs=[]) if data_free
+              else capture_layer0_inputs(model, adapter, calibration, batch_size, device, store))
     if resume_hidden is not None:
         _replace_hidden(inputs, resume_hidden)
     bar = None
@@ -375,9 +402,9 @@ def quantize(
             layer_device = next(layer.parameters()).device
             layer.to(device)
             inputs.layer_index = i
-            entries = quantize_layer(
-                layer, f"{adapter.layers_path}.{i}", adapter, config, inputs, device, heads, layer_generator(seed, i)
-            )
+            prefix = f"{adapter.layers_path}.{i}"
+            entries = (quantize_layer_weights(layer, prefix, adapter, config) if data_free else
+                       quantize_layer(layer, prefix, adapter, config, inputs, device, heads, layer_generator(seed, i)))
             layer.to(layer_device)
             plan.layers.update(entries)
             res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs)

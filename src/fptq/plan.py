@@ -9,6 +9,7 @@ Written as ``fptq_plan.json``::
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +52,17 @@ class LayerPlan:
     weight_error: float | None = None  # relative Frobenius error of the quantized weight
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if math.isnan(self.act_absmax):  # not measured (data-free or float layers): JSON null, not NaN
+            d["act_absmax"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+        d = dict(d)
+        if d.get("act_absmax", 0.0) is None:
+            d["act_absmax"] = float("nan")
+        return cls(**d)
 
 
 @dataclass
@@ -86,7 +97,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if d.get("version", 1) > PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')} is newer than this fptq supports ({PLAN_VERSION})")
-        layers = {k: LayerPlan(**v) for k, v in d.get("layers", {}).items()}
+        layers = {k: LayerPlan.from_dict(v) for k, v in d.get("layers", {}).items()}
         return cls(thresholds=tuple(d["thresholds"]), config=d.get("config", {}), layers=layers,
                    version=d.get("version", 1))
 

@@ -1,6 +1,7 @@
 """Human-readable summaries and the plan chart."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
         f"thresholds {tuple(plan.thresholds)}",
         f"model      {report.get('source_model')}",
         f"calibration {report.get('calibration', {}).get('nsamples')} x {report.get('calibration', {}).get('seqlen')} tokens "
-        f"from {report.get('calibration', {}).get('source')}",
+        f"from {report.get('calibration', {}).get('source')}"
+        + (" (not used: weight-only round-to-nearest is data-free)" if _data_free(plan) else ""),
         "",
         strategy_table(plan),
         "",
@@ -81,11 +83,16 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _data_free(plan: Plan) -> bool:
+    """No layer measured its input: the data-free path (fptq.pipeline.quantize_layer_weights) ran."""
+    return bool(plan.layers) and all(math.isnan(lp.act_absmax) and lp.weight_method == "rtn" for lp in plan.layers.values())
+
+
 def plan_rows(plan: Plan) -> list[list[str]]:
     rows = []
     for name, lp in plan.layers.items():
         rows.append([
-            name, STRATEGY_LABEL.get(lp.strategy, lp.strategy), f"{lp.act_absmax:.2f}",
+            name, STRATEGY_LABEL.get(lp.strategy, lp.strategy), "-" if math.isnan(lp.act_absmax) else f"{lp.act_absmax:.2f}",
             "" if lp.act_scale is None else f"{lp.act_scale:.4g}",
             "" if lp.equalization_max_scale is None else f"{lp.equalization_max_scale:.2f}",
             lp.weight_method, "" if lp.weight_error is None else f"{lp.weight_error:.4f}",

@@ -169,7 +169,7 @@ class PartialRun:
             d = json.loads((self.path / f"layer-{i:05d}.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FptqError(f"the unfinished run in {self.path} is damaged (layer {i}: {e}); pass --force to start over") from e
-        d["entries"] = {k: LayerPlan(**v) for k, v in d["entries"].items()}
+        d["entries"] = {k: LayerPlan.from_dict(v) for k, v in d["entries"].items()}
         return d
 
     def layer_files(self) -> list[Path]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fptq.quant.weights import group_gram
+from fptq.quant.weights import fp16_floor, group_gram
 from fptq.quant import (
     dequantize_weight,
     expand_group_scales,
@@ -26,8 +26,46 @@ def test_roundtrip_error_is_within_half_a_step(k, gs):
     deq = dequantize_weight(q, s, gs)
     step = expand_group_scales(s.float(), k, gs)
     # absmax/7.5 scales: the max rounds to 8 and clamps to 7, so the error is still <= half a step
-    # (plus the float16 rounding of the scale: at most 7.5 * 2**-11 of a step)
-    assert bool(((deq - w).abs() <= step * (0.5 + 7.5 * 2**-11) + 1e-6).all())
+    # (plus the float16 rounding of the scale, downwards: at most 7.5 * 2**-10 of a step)
+    assert bool(((deq - w).abs() <= step * (0.5 + 7.5 * 2**-10) + 1e-6).all())
+
+
+def test_fp16_floor_is_the_largest_float16_not_above():
+    x = torch.cat([torch.rand(10000) * 10, torch.tensor([0.0, 1.0, 0.5, 65504.0, 1e6, 1e-9])])
+    h = fp16_floor(x)
+    assert h.dtype == torch.float16 and bool((h.float() <= x).all())
+    up = (h.view(torch.int16) + 1).view(torch.float16).float()  # the next float16 above
+    assert bool((up > x).all())
+    assert h[-5] == 1.0 and h[-4] == 0.5 and h[-3] == 65504 and h[-2] == 65504  # exact values kept; overflow capped
+
+
+def test_group_extremes_use_the_full_code_range():
+    """A group's largest-magnitude weight gets code -8 when negative and 7 when positive: the float16
+    scale never rounds up, which would send -7.5 s to -7 and shrink both extremes of the group
+    (rounding to nearest did that to about half the groups)."""
+    torch.manual_seed(3)
+    w = torch.randn(64, 512) * torch.rand(64, 1) * 0.05
+    s = weight_scales(w, 4, 64)
+    q = quantize_weight(w, s, 4, 64).view(64, 8, 64)
+    wg = w.view(64, 8, 64)
+    idx = wg.abs().argmax(-1, keepdim=True)
+    ext_code, ext_w = q.gather(-1, idx).squeeze(-1), wg.gather(-1, idx).squeeze(-1)
+    assert bool((ext_code[ext_w < 0] == -8).all()) and bool((ext_code[ext_w > 0] == 7).all())
+    # to nearest, the scale rounds up for some groups and their negative extreme lands on -7
+    s_near = (w.view(64, 8, 64).abs().amax(-1) / 7.5).half()
+    q_near = quantize_weight(w, s_near, 4, 64).view(64, 8, 64).gather(-1, idx).squeeze(-1)
+    assert bool((q_near[ext_w < 0] == -7).any())
+
+
+def test_nearest_rounding_is_the_plain_float16_cast():
+    torch.manual_seed(4)
+    w = torch.randn(8, 128)
+    near = weight_scales(w, 4, 32, rounding="nearest")
+    assert torch.equal(near, (w.view(8, 4, 32).abs().amax(-1) / 7.5).half())
+    down = weight_scales(w, 4, 32)
+    assert bool((down <= near).all()) and bool((down < near).any())
+    with pytest.raises(ValueError, match="rounding"):
+        weight_scales(w, 4, 32, rounding="up")
 
 
 def test_ragged_last_group_uses_its_own_scale():

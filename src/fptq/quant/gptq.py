@@ -62,6 +62,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
+    scale_rounding: str = "down",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``) with GPTQ.
 
@@ -72,7 +73,8 @@ def gptq_quantize(
     group of each column stays its original group, so the checkpoint layout is
     unchanged; this implies ``static_groups``). If the Cholesky factorisation
     fails even after extra dampening, falls back to round-to-nearest and
-    returns ``used_gptq=False``.
+    returns ``used_gptq=False``. ``scale_rounding``: how the float16 scales are
+    rounded (:func:`~fptq.quant.weights.weight_scales`).
     """
     from .weights import quantize_weight
 
@@ -91,7 +93,7 @@ def gptq_quantize(
         static_groups = True
     scales = torch.zeros(n, g, dtype=torch.float16)
     if static_groups:
-        scales = weight_scales(w, bits, gs, clip_search=clip_search)
+        scales = weight_scales(w, bits, gs, clip_search=clip_search, rounding=scale_rounding)
 
     perm = None
     if act_order:
@@ -115,7 +117,7 @@ def gptq_quantize(
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
         w0 = w if perm is None else w[:, torch.argsort(perm)]
-        sc = weight_scales(w0, bits, gs, clip_search=clip_search)
+        sc = weight_scales(w0, bits, gs, clip_search=clip_search, rounding=scale_rounding)
         return quantize_weight(w0, sc, bits, gs), sc, False
 
     col_group = torch.arange(k) // gs
@@ -140,7 +142,8 @@ def gptq_quantize(
                 # the group starts here (columns are in original order): its scale from the updated weights
                 end = min(col + gs, k)
                 block = torch.cat([w1[i:], wt[i2:end]])[: end - col]
-                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search)[:, 0]
+                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search,
+                                               rounding=scale_rounding)[:, 0]
                 s_grp = -1
             if grp != s_grp:
                 s, s_grp = scales[:, grp].float(), grp

@@ -13,6 +13,14 @@ Conventions (shared by the reference path, the kernels and the checkpoint):
   clip search,
   rounded to float16 *before* the codes are computed, so that a checkpoint
   that stores fp16 scales reproduces the in-memory model bit for bit.
+* For round-to-nearest weights that rounding is *down* (:func:`fp16_floor`): a
+  scale rounded up sends a negative group extreme ``-7.5 s`` to ``-7`` instead of
+  ``-8``, so both extremes of such a group come back ~7% too small, an inward
+  bias on the largest weights. Rounding to nearest did that to about half the
+  groups and cost 3% KL divergence on SmolLM2-135M
+  (bench/results/rtn_rounding_spread.md). GPTQ's weights measured better with
+  scales rounded to nearest (``QuantConfig.scale_rounding="auto"`` picks per
+  method; bench/results/smol_gptq_scale_rounding.md).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import math
 import torch
 
 __all__ = [
+    "fp16_floor",
     "group_gram",
     "num_groups",
     "expand_group_scales",
@@ -84,6 +93,15 @@ def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.einsum("rgi,rgj->gij", xg, xg) / max(x.shape[0], 1)
 
 
+def fp16_floor(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative ``x`` as float16, rounded down: the largest float16 that is ``<= x``
+    (values above float16's range become its largest finite value)."""
+    x = x.float()
+    h = x.to(torch.float16)
+    over = h.float() > x  # rounded up (or to inf): step one float16 down (positive values order as their bits)
+    return torch.where(over, (h.view(torch.int16) - 1).view(torch.float16), h)
+
+
 def weight_scales(
     w: torch.Tensor,
     bits: int = 4,
@@ -92,8 +110,10 @@ def weight_scales(
     grid: int = 20,
     max_shrink: float = 0.2,
     gram: torch.Tensor | None = None,
+    rounding: str = "down",
 ) -> torch.Tensor:
-    """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``).
+    """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``), rounded to float16 ``rounding``
+    ("down", :func:`fp16_floor`, or "nearest").
 
     Default: ``absmax / (2**(b-1) - 0.5)``. With ``clip_search`` the absmax of
     each group is shrunk by the factor in ``1 - max_shrink * i / grid`` that
@@ -104,13 +124,16 @@ def weight_scales(
     ``d^T (X_g^T X_g) d`` per row (activation-aware clipping, as AWQ's clip search,
     without the cross terms between groups).
     """
+    if rounding not in ("down", "nearest"):
+        raise ValueError(f"rounding must be 'down' or 'nearest', not {rounding!r}")
+    to_fp16 = fp16_floor if rounding == "down" else (lambda x: x.to(torch.float16))
     qmin, qmax = qrange(bits)
     levels = qmax + 0.5
     w = w.float()
     absmax = _group_absmax(w, group_size).clamp_min(1e-8)
     tiny = torch.finfo(torch.float16).tiny
     if not clip_search:
-        return (absmax / levels).to(torch.float16).clamp_min(tiny)
+        return to_fp16(absmax / levels).clamp_min(tiny)
     wg = _grouped(w, group_size)  # [N, G, gs]
     if gram is not None:
         gram = gram.float().to(w.device)
@@ -118,9 +141,9 @@ def weight_scales(
             raise ValueError(f"gram must be [{wg.shape[1]}, {wg.shape[2]}, {wg.shape[2]}] for these groups, "
                              f"got {tuple(gram.shape)}")
     best = torch.full_like(absmax, float("inf"))
-    best_scale = absmax / levels
+    best_scale = to_fp16(absmax / levels).float()
     for i in range(grid + 1):
-        cand = (absmax * (1 - max_shrink * i / grid) / levels).to(torch.float16).float().clamp_min(tiny)
+        cand = to_fp16(absmax * (1 - max_shrink * i / grid) / levels).float().clamp_min(tiny)
         c = cand.unsqueeze(-1)
         d = torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)  # [N, G, gs]
         if gram is None:
@@ -130,7 +153,7 @@ def weight_scales(
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, cand, best_scale)
-    return best_scale.to(torch.float16).clamp_min(tiny)
+    return best_scale.to(torch.float16).clamp_min(tiny)  # exact: every candidate is a float16 value
 
 
 def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
