@@ -62,7 +62,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
-    scale_rounding: str = "down",
+    scale_rounding: str = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``) with GPTQ.
 
@@ -74,7 +74,8 @@ def gptq_quantize(
     unchanged; this implies ``static_groups``). If the Cholesky factorisation
     fails even after extra dampening, falls back to round-to-nearest and
     returns ``used_gptq=False``. ``scale_rounding``: how the float16 scales are
-    rounded (:func:`~fptq.quant.weights.weight_scales`).
+    rounded (:func:`~fptq.quant.weights.weight_scales`; nearest, what GPTQ measured best with; the
+    round-to-nearest fallback rounds down, as round-to-nearest weights do).
     """
     from .weights import quantize_weight
 
@@ -117,7 +118,7 @@ def gptq_quantize(
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
         w0 = w if perm is None else w[:, torch.argsort(perm)]
-        sc = weight_scales(w0, bits, gs, clip_search=clip_search, rounding=scale_rounding)
+        sc = weight_scales(w0, bits, gs, clip_search=clip_search)  # rounded down, as round-to-nearest's are
         return quantize_weight(w0, sc, bits, gs), sc, False
 
     col_group = torch.arange(k) // gs
