@@ -20,7 +20,7 @@ import argparse
 import torch
 
 import fptq
-from fptq.quant.gptq import gptq_quantize
+from fptq.quant.gptq import HessianAccumulator, gptq_quantize
 from fptq.quant.weights import dequantize_weight, quantize_weight, weight_scales
 
 from common import calibration_text, machine, write_results
@@ -63,12 +63,11 @@ def main() -> None:
     calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=0)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and any(f".layers.{i}." in n for i in layers)}
-    hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+    hess = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
 
     def hook(name):
         def f(_mod, inp, _out):
-            x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-            hess[name].addmm_(x.t(), x)
+            hess[name].add(inp[0].detach())
         return f
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -80,7 +79,7 @@ def main() -> None:
 
     rows = []
     for n, m in linears.items():
-        w, h = m.weight.detach().float(), hess[n] / (len(calib) * args.seqlen)
+        w, h = m.weight.detach().float(), hess[n].h
         row = {"linear": n}
         for label, gptq, act in VARIANTS:
             for rounding in ("down", "nearest"):

@@ -220,11 +220,9 @@ def quantize_layer(
                 weight_method = "rtn"
                 if gram is None and output_clip and sample is not None and sample.numel():
                     gram = group_gram(sample.to(w.device), gs)  # once per group: its consumers share the input
-                scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
-                                       rounding=config.rounding_for(gptq=False))
-                codes = quantize_weight(w, scales, config.wbits, gs)
+                codes, scales = rtn_weight_codes(w, config, gs, gram)
             deq = dequantize_weight(codes, scales, gs)
-            quantized[cname] = (codes, scales, deq, weight_method, float((deq - w).norm() / w.norm().clamp_min(1e-12)))
+            quantized[cname] = (codes, scales, deq, weight_method, relative_weight_error(w, deq))
         act_scale = None
         if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
             weight = None
@@ -269,6 +267,19 @@ def quantize_layer(
     return entries
 
 
+def rtn_weight_codes(w: torch.Tensor, config: QuantConfig, gs: int,
+                     gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes and float16 scales of ``w`` as ``config`` asks (clip search, scale rounding)."""
+    scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
+                           rounding=config.rounding_for(gptq=False))
+    return quantize_weight(w, scales, config.wbits, gs), scales
+
+
+def relative_weight_error(w: torch.Tensor, deq: torch.Tensor) -> float:
+    """Relative Frobenius error of the quantized weight (the plan's ``weight_error``)."""
+    return float((deq - w).norm() / w.norm().clamp_min(1e-12))
+
+
 def quantize_layer_weights(layer: nn.Module, layer_prefix: str, adapter: Adapter,
                            config: QuantConfig) -> dict[str, LayerPlan]:
     """Data-free path (``not config.needs_calibration``): every Linear of the layer gets round-to-nearest
@@ -277,10 +288,8 @@ def quantize_layer_weights(layer: nn.Module, layer_prefix: str, adapter: Adapter
     entries: dict[str, LayerPlan] = {}
     for cname, lin in adapter.quantizable_linears(layer).items():
         w = lin.weight.detach().float()
-        scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search,
-                               rounding=config.rounding_for(gptq=False))
-        codes = quantize_weight(w, scales, config.wbits, gs)
-        rel_err = float((dequantize_weight(codes, scales, gs) - w).norm() / w.norm().clamp_min(1e-12))
+        codes, scales = rtn_weight_codes(w, config, gs)
+        rel_err = relative_weight_error(w, dequantize_weight(codes, scales, gs))
         _set_submodule(layer, cname, QuantLinear.from_codes(
             codes, scales, wbits=config.wbits, group_size=gs, abits=config.abits, act_mode="none",
             bias=lin.bias, dtype=lin.weight.dtype))
