@@ -45,37 +45,44 @@ def quantized(w: torch.Tensor, h: torch.Tensor, gs: int, gptq: bool, act_order: 
     return dequantize_weight(codes, scales, gs)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_arguments(description: str, name: str) -> argparse.Namespace:
+    """The command line shared by the per-Linear GPTQ scripts (this one and gptq_vs_llmc_layer.py)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--layers", default="0,10,20,29", help="decoder layers whose Linears are measured")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="gptq_rounding_proxy")
+    ap.add_argument("--name", default=name)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gs = args.group_size
-    layers = [int(x) for x in args.layers.split(",")]
+    return args
 
+
+def float_layer_hessians(args: argparse.Namespace) -> tuple[str, dict, dict]:
+    """``(source, {name: Linear}, {name: HessianAccumulator})`` for every Linear of the decoder layers
+    ``args.layers`` of the float model, from ``args.nsamples`` x ``args.seqlen`` calibration tokens."""
+    layers = [int(x) for x in args.layers.split(",")]
     model, tok, src = fptq.load_float_model(args.model)
     calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=0)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and any(f".layers.{i}." in n for i in layers)}
     hess = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
-
-    def hook(name):
-        def f(_mod, inp, _out):
-            hess[name].add(inp[0].detach())
-        return f
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: hess[n].add(inp[0].detach()))
+               for n, m in linears.items()]
     with torch.inference_mode():
         for i in range(len(calib)):
             model(calib[i: i + 1])
-    for h in handles:
-        h.remove()
+    for hd in handles:
+        hd.remove()
+    return src, linears, hess
+
+
+def main() -> None:
+    args = layer_arguments(__doc__, "gptq_rounding_proxy")
+    gs = args.group_size
+    src, linears, hess = float_layer_hessians(args)
 
     rows = []
     for n, m in linears.items():

@@ -21,16 +21,13 @@ Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-import fptq
-from fptq.quant.gptq import HessianAccumulator, gptq_quantize
+from fptq.quant.gptq import gptq_quantize
 from fptq.quant.weights import dequantize_weight
 
-from common import calibration_text, machine, write_results
-from gptq_rounding_proxy import relative_output_error
+from common import machine, write_results
+from gptq_rounding_proxy import float_layer_hessians, layer_arguments, relative_output_error
 
 
 def llmc_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, gs: int) -> torch.Tensor:
@@ -50,31 +47,9 @@ def llmc_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, gs: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--layers", default="0,10,20,29", help="decoder layers whose Linears are measured")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="gptq_vs_llmc_layer")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = layer_arguments(__doc__, "gptq_vs_llmc_layer")
     gs = args.group_size
-    layers = [int(x) for x in args.layers.split(",")]
-
-    model, tok, src = fptq.load_float_model(args.model)
-    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=0)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and any(f".layers.{i}." in n for i in layers)}
-    hess = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
-    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: hess[n].add(inp[0].detach()))
-               for n, m in linears.items()]
-    with torch.inference_mode():
-        for i in range(len(calib)):
-            model(calib[i: i + 1])
-    for hd in handles:
-        hd.remove()
+    src, linears, hess = float_layer_hessians(args)
 
     cols = ("fptq / nearest", "fptq / down", "llmc / float32", "llmc / fptq's nearest")
     rows = []
