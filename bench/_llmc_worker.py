@@ -41,12 +41,15 @@ A8_DYN_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "to
 # activations: symmetric int8, one static scale per tensor (llm-compressor's default observer for it)
 A8_STATIC_TENSOR = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
-RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8", "naive-w4a8")
+RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "gptq-w4a16-f16scale", "smoothquant-w8a8", "logeq-w4a8",
+           "naive-w4a8")
 
 
-def w4(group_size: int) -> dict:
-    """Weights: symmetric int4 in groups of ``group_size`` along the input dimension."""
-    return {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+def w4(group_size: int, scale_dtype: str | None = None) -> dict:
+    """Weights: symmetric int4 in groups of ``group_size`` along the input dimension; ``scale_dtype``
+    rounds every scale to that dtype as it is computed (compressed-tensors' ``scale_dtype``: to nearest)."""
+    args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+    return {**args, "scale_dtype": scale_dtype} if scale_dtype else args
 
 
 def build_recipe(name: str, group_size: int):
@@ -59,10 +62,12 @@ def build_recipe(name: str, group_size: int):
         # QuantizationModifier = round-to-nearest weights (memoryless min-max observer)
         return [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
                                      ignore=["lm_head"])]
-    if name == "gptq-w4a16":
+    if name in ("gptq-w4a16", "gptq-w4a16-f16scale"):
         # as fptq gptq-w4a16: damp 0.01, block 128, static act-order (llm-compressor's default actorder; group
-        # scales from the weights before GPTQ, columns in order of decreasing Hessian diagonal)
-        return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
+        # scales from the weights before GPTQ, columns in order of decreasing Hessian diagonal). The f16scale
+        # variant rounds its scales to float16 (nearest) before GPTQ uses them, as fptq's checkpoint does
+        weights = w4(group_size, "float16") if name.endswith("f16scale") else W4
+        return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                              ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder="static")]
     if name == "smoothquant-w8a8":
         # preset W8A8: int8 symmetric per-channel weights, int8 symmetric dynamic per-token inputs;

@@ -80,6 +80,7 @@ DEFAULT_VENV = os.environ.get("FPTQ_LLMC_VENV", "/work/venvs/llmc")
 PAIRS = [
     ("RTN W4A16", "rtn-w4a16", "rtn-w4a16"),
     ("GPTQ W4A16", "gptq-w4a16", "gptq-w4a16"),
+    ("GPTQ W4A16, llm-compressor's scales rounded to float16 as fptq's", "gptq-w4a16", "gptq-w4a16-f16scale"),
     ("SmoothQuant W8A8 (W8 per channel, A8 dynamic per token)", "smoothquant-w8a8", "smoothquant-w8a8"),
     ("LogEq W4A8 (A8 dynamic per token everywhere)", "lae-dynamic-w4a8", "logeq-w4a8"),
     ("naive W4A8 (A8 static per tensor everywhere)", "naive-w4a8", "naive-w4a8"),
@@ -87,9 +88,13 @@ PAIRS = [
     ("FPTQ paper recipe vs llm-compressor's best W4A8", "fptq-paper", "logeq-w4a8"),
 ]
 LLMC_RECIPES = ("rtn-w4a16", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8", "naive-w4a8")
+# run only when asked for (--llmc-recipes): experiments on a gap, not a shared recipe
+LLMC_EXTRA_RECIPES = ("gptq-w4a16-f16scale",)
 LLMC_COMPUTES = {
     "rtn-w4a16": "float activations; weights fake-quantized (int4 sym, min-max scales) in each forward",
     "gptq-w4a16": "float activations; weights fake-quantized (int4 sym GPTQ) in each forward",
+    "gptq-w4a16-f16scale": "as gptq-w4a16, its group scales rounded to float16 (compressed-tensors scale_dtype) "
+                           "before GPTQ quantizes with them",
     "smoothquant-w8a8": "smoothed model; inputs of every Linear quantize-dequantized to int8 per token "
                         "(dynamic scale) and weights int8 per output channel, in each forward",
     "logeq-w4a8": "log-equalized model; inputs of every Linear quantize-dequantized to int8 per token "
@@ -147,7 +152,8 @@ def main() -> None:
     ap.add_argument("--c4", type=int, default=20, help="C4 windows (documents 0-999)")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--fptq-methods", default=",".join(dict.fromkeys(p[1] for p in PAIRS)))
-    ap.add_argument("--llmc-recipes", default=",".join(LLMC_RECIPES))
+    ap.add_argument("--llmc-recipes", default=",".join(LLMC_RECIPES),
+                    help=f"llm-compressor recipes (default %(default)s; also {', '.join(LLMC_EXTRA_RECIPES)})")
     ap.add_argument("--no-venv-float", action="store_true",
                     help="skip the float model evaluated inside the llm-compressor venv (transformers check)")
     ap.add_argument("--venv", default=DEFAULT_VENV, help="llm-compressor venv (default %(default)s)")
@@ -297,7 +303,7 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
         md.append(f"| | llm-compressor `{p['llmc_recipe']}` | {p['llmc_s']:.1f} | {_cells(p['llmc'])} |")
     md.append("\nWhat llm-compressor's evaluated models compute (kept in memory after `oneshot`, "
               "compressed-tensors fake-quant forward, quantization status as reported):\n")
-    for rec in LLMC_RECIPES:
+    for rec in LLMC_RECIPES + LLMC_EXTRA_RECIPES:
         if rec in llmc_rows:
             q = llmc_rows[rec]["quant"]
             q2 = llmc_rows[rec].get("act_check")

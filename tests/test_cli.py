@@ -120,5 +120,5 @@ def test_gptq_flags_and_method_defaults():
     assert cfg("--observer", "mse").static_observer == "mse"
     paper = cfg("--method", "fptq-paper")
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
-    assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mse"
+    assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mean_max"
     assert cfg("--method", "rtn-w4a16", "--gptq").gptq

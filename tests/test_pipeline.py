@@ -505,3 +505,24 @@ def test_scale_rounding_follows_the_weight_method():
                        torch.Generator().manual_seed(0))  # (it replaces the inputs with the layer's outputs)
         got[rounding] = layer.get_submodule("self_attn.q_proj").w_scales
     assert torch.equal(got["auto"], got["nearest"]) and not torch.equal(got["auto"], got["down"])
+
+
+def test_naive_w4a8_scales_are_the_mean_of_window_maxima():
+    """``naive-w4a8`` takes the ``mean_max`` observer: a static scale is the mean over the calibration
+    windows of each window's max |x| (as llm-compressor's moving-average min-max approximates), divided
+    by 127; checked on layer 0's q/k/v input, which no earlier quantization touches."""
+    model = tiny_llama()
+    ids = _calib(6, 16)
+    captured = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", i[0].detach()))
+    model(ids)
+    h.remove()
+    expected = float(captured["x"].abs().amax(dim=(1, 2)).mean()) / 127
+    cfg = fptq.method_config("naive-w4a8", group_size=32)
+    assert cfg.static_observer == "mean_max"
+    plan = fptq.quantize(copy.deepcopy(model), cfg, ids, device="cpu", progress=False)
+    lp = plan.layers["model.layers.0.self_attn.q_proj"]
+    assert lp.observer == "mean_max"
+    assert lp.act_scale == pytest.approx(expected, rel=1e-5)
+    assert expected * 127 < float(captured["x"].abs().max())  # below the max: the windows' maxima differ

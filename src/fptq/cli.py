@@ -87,7 +87,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "weights (default for fptq and gptq-w4a16; --no-gptq-act-order: columns in order)")
     p.add_argument("--gptq-static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weights")
     p.add_argument("--observer", dest="static_observer", default=None, choices=OBSERVERS,
-                   help="how static activation scales are chosen (default: max for fptq, mse for naive-w4a8)")
+                   help="how static activation scales are chosen (default: max for fptq, mean_max for naive-w4a8)")
     p.add_argument("--weight-clip", dest="weight_clip_search", action="store_true", default=None,
                    help="search a per-group weight clip minimising the weight's quantization error")
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
