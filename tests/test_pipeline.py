@@ -18,6 +18,16 @@ def _calib(n=8, s=32, vocab=300, seed=0):
     return torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(seed))
 
 
+def _layer0_qkv_input(model, ids):
+    """The float input of layer 0's q/k/v (what q_proj receives) for ``ids``."""
+    captured = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("x", i[0].detach()))
+    model(ids)
+    h.remove()
+    return captured["x"]
+
+
 def test_lae_folding_leaves_float_outputs_unchanged():
     """Equalize every foldable group (incl. v->o under GQA and up->down) with
     16-bit weights and activations: the model must compute the same function."""
@@ -273,11 +283,7 @@ def test_output_observer_picks_each_static_scale_on_the_quantized_consumers():
     model = tiny_llama()
     ids = _calib()
     ref = model(ids).logits
-    captured = {}
-    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda m, i, o: captured.setdefault("x", i[0].detach()))
-    model(ids)
-    h.remove()
+    x0 = _layer0_qkv_input(model, ids)
     # no equalization: layer 0's q/k/v see exactly the captured float inputs
     cfg = fptq.method_config("naive-w4a8", group_size=32, static_observer="output")
     plan = fptq.quantize(model, cfg, ids, device="cpu", progress=False)
@@ -286,7 +292,7 @@ def test_output_observer_picks_each_static_scale_on_the_quantized_consumers():
     scale = plan.layers["model.layers.0.self_attn.q_proj"].act_scale
     mods = [model.get_submodule(f"model.layers.0.self_attn.{p}_proj") for p in "qkv"]
     w = torch.cat([m.dequantized_weight().float() for m in mods])
-    x = captured["x"].reshape(-1, w.shape[1]).float()
+    x = x0.reshape(-1, w.shape[1]).float()
 
     def err(s):
         return float(((fake_quantize_static(x, s) - x) @ w.t()).pow(2).sum())
@@ -347,12 +353,8 @@ def test_first_token_absmax_and_the_sink_observer():
 
     model = tiny_llama()
     ids = _calib()
-    captured = {}
-    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda m, i, o: captured.setdefault("x", i[0].detach()))
-    model(ids)
-    h.remove()
-    sink = float(captured["x"][:, 0].abs().max())  # layer 0's q/k/v input at the first position
+    x0 = _layer0_qkv_input(model, ids)
+    sink = float(x0[:, 0].abs().max())  # layer 0's q/k/v input at the first position
     for method in ("naive-w4a8", "fptq"):
         mm = copy.deepcopy(model)
         cfg = fptq.method_config(method, thresholds=(2.0, 20.0), group_size=32, static_observer="mse_sink")
@@ -513,16 +515,12 @@ def test_naive_w4a8_scales_are_the_mean_of_window_maxima():
     by 127; checked on layer 0's q/k/v input, which no earlier quantization touches."""
     model = tiny_llama()
     ids = _calib(6, 16)
-    captured = {}
-    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda m, i, o: captured.setdefault("x", i[0].detach()))
-    model(ids)
-    h.remove()
-    expected = float(captured["x"].abs().amax(dim=(1, 2)).mean()) / 127
+    x0 = _layer0_qkv_input(model, ids)
+    expected = float(x0.abs().amax(dim=(1, 2)).mean()) / 127
     cfg = fptq.method_config("naive-w4a8", group_size=32)
     assert cfg.static_observer == "mean_max"
     plan = fptq.quantize(copy.deepcopy(model), cfg, ids, device="cpu", progress=False)
     lp = plan.layers["model.layers.0.self_attn.q_proj"]
     assert lp.observer == "mean_max"
     assert lp.act_scale == pytest.approx(expected, rel=1e-5)
-    assert expected * 127 < float(captured["x"].abs().max())  # below the max: the windows' maxima differ
+    assert expected * 127 < float(x0.abs().max())  # below the max: the windows' maxima differ
