@@ -1,7 +1,7 @@
 """Peer benchmark: fptq against llm-compressor on one model, every shared recipe, in one run.
 
 Both tools quantize the same float model with THE SAME calibration windows
-(``fptq.calibration_windows`` over C4 documents 1000-1999, seed 0), and every quantized
+(``fptq.calibration_windows`` over C4 documents 1000-1999, ``--calib-seed``, 0), and every quantized
 model is scored by one evaluator (``bench/_evalset.py`` over ``fptq.eval.perplexity``) on
 the same WikiText-2 and C4 windows: perplexity, and KL divergence and top-1 agreement
 against the float model (whose log-probabilities are computed once, here, and read by
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed that draws the calibration windows (both tools get the same ones)")
     ap.add_argument("--wiki", type=int, default=20, help="WikiText-2 windows")
     ap.add_argument("--c4", type=int, default=20, help="C4 windows (documents 0-999)")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
@@ -170,7 +172,8 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     model, tok, src = fptq.load_float_model(args.model)
-    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=0)
+    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen,
+                                        seed=args.calib_seed)
     windows = eval_windows(tok, args.wiki, args.c4, args.eval_seqlen)
     print(f"model {src}; calib {tuple(calib.shape)}; eval {[tuple(w.shape) for w in windows.values()]}; "
           f"threads {threads}", flush=True)
@@ -180,7 +183,8 @@ def main() -> None:
 
     fptq_rows: dict[str, dict] = {}
     llmc_rows: dict[str, dict] = {}
-    key = {k: getattr(args, k) for k in ("model", "group_size", "nsamples", "seqlen", "wiki", "c4", "eval_seqlen")}
+    key = {k: getattr(args, k) for k in ("model", "group_size", "nsamples", "seqlen", "calib_seed", "wiki", "c4",
+                                        "eval_seqlen")}
     partial = RESULTS / f"{args.name}.partial.json"
     final = RESULTS / f"{args.name}.json"
     if args.resume and (partial.exists() or final.exists()):
@@ -189,6 +193,7 @@ def main() -> None:
         src_file = partial if partial.exists() else final
         old = json.loads(src_file.read_text())
         old_key = old.get("key") or {k: old.get("settings", {}).get(k) for k in key}
+        old_key["calib_seed"] = old_key.get("calib_seed") or 0  # runs from before --calib-seed drew with seed 0
         if old_key == key:
             fptq_rows.update(old["fptq"])
             llmc_rows.update(old["llmcompressor"])
@@ -275,7 +280,8 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
     sets = list(windows)
     md = [f"# fptq vs llm-compressor {v['llmcompressor']} on {Path(src).name}\n",
           f"Calibration: the same {calib.shape[0]} windows of {calib.shape[1]} tokens (C4 documents 1000-1999, "
-          f"`fptq.calibration_windows`, seed 0) for both tools; weights symmetric int4 in groups of {args.group_size} "
+          f"`fptq.calibration_windows`, seed {args.calib_seed}) for both tools; weights symmetric int4 in groups of "
+          f"{args.group_size} "
           f"(SmoothQuant W8A8: int8 per output channel). Evaluation: one evaluator (`bench/_evalset.py`) for every "
           f"model, " + ", ".join(f"{w.shape[0]} {k} windows of {w.shape[1]} tokens" for k, w in windows.items())
           + "; KLD = mean KL(float || quantized) of the next-token distributions, top-1 = agreement of the argmax "

@@ -1,0 +1,133 @@
+"""Where do fptq's and llm-compressor's GPTQ weights part, end to end?
+
+Both tools quantize the same float model with GPTQ W4A16 (static act-order, damp 0.01, block 128) on
+the same calibration windows, each through its own sequential pipeline: every decoder layer's Hessians
+come from the inputs that the already-quantized earlier layers produce. llm-compressor runs the
+``gptq-w4a16-f16scale`` recipe (its group scales rounded to float16 as fptq's are), so on identical
+Hessians the two would give the same weights (``bench/gptq_vs_llmc_layer.py``: 0.0018% of codes differ,
+float32 summation order). This script compares the two tools' final weights Linear by Linear:
+
+* the share of weights whose dequantized value differs between the tools (same scales, so a different code);
+* ``||W_fptq - W_llmc|| / ||W_llmc - W_float||``: the tools' difference relative to the quantization error.
+
+Layer 0 sees the same (float) inputs in both tools. If the shares are near zero there and grow with depth,
+the tools differ only by how tiny differences compound through the sequential calibration; a jump at one
+layer or one kind of Linear would point at a systematic difference in what that Linear's Hessian is built
+from.
+
+    python bench/gptq_codes_vs_llmc.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
+        --name gptq_codes_vs_llmc_qwen
+
+Needs the llm-compressor venv of ``bench/peer_llmcompressor.py``. Writes bench/results/NAME.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fptq
+
+from _evalset import save_windows
+from common import RESULTS, calibration_text, machine, write_results
+from peer_llmcompressor import DEFAULT_VENV, WORKER, venv_python
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def compare(w_fptq: torch.Tensor, w_llmc: torch.Tensor, w_float: torch.Tensor) -> dict:
+    """The share of weights that differ between the tools, and their difference relative to the
+    quantization error (both tools dequantize ``code * scale`` in float32, so equal codes give equal values)."""
+    return {"n": w_fptq.numel(), "differ": int((w_fptq != w_llmc).sum()),
+            "rel": float((w_fptq - w_llmc).norm() / (w_llmc - w_float).norm().clamp_min(1e-30))}
+
+
+def by_layer(rows: dict[str, dict]) -> list[dict]:
+    """Rows of ``{layer, kind -> share differing %, all -> share %, rel}`` per decoder layer."""
+    layers: dict[int, dict[str, dict]] = {}
+    for name, r in rows.items():
+        m = re.search(r"layers\.(\d+)\..*\.(\w+)$", name)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = r
+    out = []
+    for i in sorted(layers):
+        d = layers[i]
+        n, differ = sum(r["n"] for r in d.values()), sum(r["differ"] for r in d.values())
+        out.append({"layer": i, **{k: 100 * d[k]["differ"] / d[k]["n"] for k in KINDS if k in d},
+                    "all": 100 * differ / n, "rel_mean": sum(r["rel"] for r in d.values()) / len(d)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0)
+    ap.add_argument("--recipe", default="gptq-w4a16-f16scale", help="llm-compressor recipe (bench/_llmc_worker.py)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--venv", default=DEFAULT_VENV)
+    ap.add_argument("--name", default="gptq_codes_vs_llmc")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gs = args.group_size
+    py = venv_python(args.venv)
+
+    model, tok, src = fptq.load_float_model(args.model)
+    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=args.calib_seed)
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="gptq_codes_") as td:
+        wfile, dump = Path(td) / "w.safetensors", Path(td) / "llmc.safetensors"
+        save_windows(wfile, calib, {"wikitext2": calib[:1].clone()})  # the worker's evaluation: one short window
+        t = time.perf_counter()
+        subprocess.run([str(py), str(WORKER), "--model-dir", str(src), "--windows", str(wfile), "--recipe",
+                        args.recipe, "--group-size", str(gs), "--out", str(Path(td) / "o.json"), "--threads",
+                        str(args.threads), "--dump-weights", str(dump), "--act-check-windows", "0"],
+                       check=True, stdout=subprocess.DEVNULL)
+        llmc_s = time.perf_counter() - t
+        llmc = load_file(str(dump))
+
+    q = copy.deepcopy(model)
+    t = time.perf_counter()
+    fptq.quantize(q, fptq.method_config("gptq-w4a16", group_size=gs), calib, device="cpu", progress=False)
+    fptq_s = time.perf_counter() - t
+    qmods, fmods = dict(q.named_modules()), dict(model.named_modules())
+    rows = {}
+    with torch.no_grad():
+        for name, w_llmc in llmc.items():
+            rows[name] = compare(qmods[name].dequantized_weight().float(), w_llmc.float(),
+                                 fmods[name].weight.detach().float())
+    layers = by_layer(rows)
+    n, differ = sum(r["n"] for r in rows.values()), sum(r["differ"] for r in rows.values())
+
+    settings = vars(args)
+    cmd = (f"python bench/gptq_codes_vs_llmc.py{' --model ' + repr(args.model) if args.model else ''} "
+           f"--group-size {gs} --name {args.name}")
+    md = [f"# fptq's GPTQ W4A16 weights vs llm-compressor's, end to end ({Path(src).name}, group {gs})\n",
+          f"`{cmd}` (fptq `gptq-w4a16` vs llm-compressor `{args.recipe}`; both static act-order, damp 0.01, block "
+          f"128, float16 scales to nearest; the same {args.nsamples} x {args.seqlen} calibration windows, seed "
+          f"{args.calib_seed}; each tool's sequential pipeline). Run alone, {args.threads} threads; quantize + "
+          f"dump {llmc_s:.0f} s (llm-compressor worker), {fptq_s:.0f} s (fptq).\n",
+          f"Overall {differ:,} of {n:,} weights differ ({100 * differ / n:.3f}%).\n",
+          "Share of weights whose code differs between the tools (%), per decoder layer and Linear; `rel` = mean over "
+          "the layer's Linears of ||W_fptq - W_llmc|| / ||W_llmc - W_float||:\n",
+          "| layer | " + " | ".join(KINDS) + " | all | rel |", "|---" * (len(KINDS) + 3) + "|"]
+    for r in layers:
+        md.append(f"| {r['layer']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in KINDS)
+                  + f" | {r['all']:.3f} | {r['rel_mean']:.3f} |")
+    write_results(args.name, {"settings": settings, "machine": machine(), "model": str(src), "llmc_s": llmc_s,
+                              "fptq_s": fptq_s, "overall_differ": differ, "overall_n": n, "layers": layers,
+                              "linears": rows}, "\n".join(md) + "\n")
+    print("\n".join(md[-len(layers) - 2:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
