@@ -6,6 +6,7 @@ import torch
 
 import fptq
 from fptq.cli import main
+from fptq.kernels import native
 
 from .conftest import make_tokenizer, sqnr_db, tiny_llama
 
@@ -26,6 +27,8 @@ def checkpoint(tmp_path):
 # which flips a few activation codes at rounding ties layer after layer: ~50 dB on this tiny model
 @pytest.mark.parametrize("backend,min_db", [("int8_grouped", 45), ("int8_perchannel", 25), ("native", 45), ("auto", 45)])
 def test_integer_backends_track_the_simulated_model(checkpoint, backend, min_db):
+    if backend == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     out, ids = checkpoint
     ref = fptq.load(out, backend="reference")(ids).logits
     fast = fptq.load(out, backend=backend)(ids).logits
@@ -58,8 +61,10 @@ def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_pa
     assert set(w["tokens_per_s"]) == {"prefill_16", "decode_b1", "decode_b2"}
     assert all(s["median"] > 0 for s in w["tokens_per_s"].values())
     assert data["results"]["bf16 (transformers)"]["ratio_vs_baseline"]["decode_b1"] == 1.0
-    # the quantized Linears take a fraction of the bf16 ones (packed 4-bit codes, 16-bit scales)
-    assert w["memory"]["linear_weight_bytes"] < 0.5 * data["results"]["bf16 (transformers)"]["memory"]["linear_weight_bytes"]
+    # with the native kernels the quantized Linears take a fraction of the bf16 ones (packed 4-bit codes, 16-bit
+    # scales); the int8 fallback of CPUs without AVX-512 VNNI also caches int8 copies of the codes
+    ratio = 0.5 if native.available() else 1.5
+    assert w["memory"]["linear_weight_bytes"] < ratio * data["results"]["bf16 (transformers)"]["memory"]["linear_weight_bytes"]
     md = (tmp_path / "b" / "t.md").read_text()
     assert "W4A8 (fptq): speed-up over each row" in md and (tmp_path / "b" / "t.png").stat().st_size > 0
 
