@@ -1,7 +1,7 @@
 """Peer benchmark: fptq against llm-compressor on one model, every shared recipe, in one run.
 
 Both tools quantize the same float model with THE SAME calibration windows
-(``fptq.calibration_windows`` over C4 documents 1000-1999, ``--calib-seed``, 0), and every quantized
+(``fptq.calibration_windows`` over C4 documents 1000-1999, seed ``--calib-seed``, default 0), and every quantized
 model is scored by one evaluator (``bench/_evalset.py`` over ``fptq.eval.perplexity``) on
 the same WikiText-2 and C4 windows: perplexity, and KL divergence and top-1 agreement
 against the float model (whose log-probabilities are computed once, here, and read by
@@ -172,8 +172,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     model, tok, src = fptq.load_float_model(args.model)
-    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen,
-                                        seed=args.calib_seed)
+    calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=args.calib_seed)
     windows = eval_windows(tok, args.wiki, args.c4, args.eval_seqlen)
     print(f"model {src}; calib {tuple(calib.shape)}; eval {[tuple(w.shape) for w in windows.values()]}; "
           f"threads {threads}", flush=True)
@@ -281,8 +280,7 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
     md = [f"# fptq vs llm-compressor {v['llmcompressor']} on {Path(src).name}\n",
           f"Calibration: the same {calib.shape[0]} windows of {calib.shape[1]} tokens (C4 documents 1000-1999, "
           f"`fptq.calibration_windows`, seed {args.calib_seed}) for both tools; weights symmetric int4 in groups of "
-          f"{args.group_size} "
-          f"(SmoothQuant W8A8: int8 per output channel). Evaluation: one evaluator (`bench/_evalset.py`) for every "
+          f"{args.group_size} (SmoothQuant W8A8: int8 per output channel). Evaluation: one evaluator (`bench/_evalset.py`) for every "
           f"model, " + ", ".join(f"{w.shape[0]} {k} windows of {w.shape[1]} tokens" for k, w in windows.items())
           + "; KLD = mean KL(float || quantized) of the next-token distributions, top-1 = agreement of the argmax "
           f"with the float model. Times: wall clock of `fptq.quantize` / llm-compressor `oneshot` only, same run, "
