@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +32,8 @@ import torch
 
 import fptq
 
-from _evalset import save_windows
-from common import RESULTS, calibration_text, machine, write_results
-from peer_llmcompressor import DEFAULT_VENV, WORKER, venv_python
+from common import calibration_text, machine, write_results
+from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,18 +79,9 @@ def main() -> None:
 
     model, tok, src = fptq.load_float_model(args.model)
     calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=args.calib_seed)
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="gptq_codes_") as td:
-        wfile, dump = Path(td) / "w.safetensors", Path(td) / "llmc.safetensors"
-        save_windows(wfile, calib, {"wikitext2": calib[:1].clone()})  # the worker's evaluation: one short window
-        t = time.perf_counter()
-        subprocess.run([str(py), str(WORKER), "--model-dir", str(src), "--windows", str(wfile), "--recipe",
-                        args.recipe, "--group-size", str(gs), "--out", str(Path(td) / "o.json"), "--threads",
-                        str(args.threads), "--dump-weights", str(dump), "--act-check-windows", "0"],
-                       check=True, stdout=subprocess.DEVNULL)
-        llmc_s = time.perf_counter() - t
-        llmc = load_file(str(dump))
+    t = time.perf_counter()
+    llmc = llmc_weights(py, src, calib, args.recipe, gs, args.threads)
+    llmc_s = time.perf_counter() - t
 
     q = copy.deepcopy(model)
     t = time.perf_counter()

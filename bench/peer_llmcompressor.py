@@ -137,6 +137,21 @@ def run_worker(py: Path, src: str, windows_file: Path, ref: Path, recipe: str, g
     return res
 
 
+def llmc_weights(py: Path, src: str, calib: torch.Tensor, recipe: str, group_size: int, threads: int) -> dict:
+    """The effective (quantize-dequantized) weights of every Linear that the weight-only llm-compressor
+    ``recipe`` quantizes on ``calib`` (the worker's ``--dump-weights``; its own evaluation: one short window)."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="llmc_weights_") as td:
+        wfile, dump = Path(td) / "w.safetensors", Path(td) / "llmc.safetensors"
+        save_windows(wfile, calib, {"wikitext2": calib[:1].clone()})
+        subprocess.run([str(py), str(WORKER), "--model-dir", str(src), "--windows", str(wfile), "--recipe", recipe,
+                        "--group-size", str(group_size), "--out", str(Path(td) / "o.json"), "--threads", str(threads),
+                        "--dump-weights", str(dump), "--act-check-windows", "0"],
+                       check=True, stdout=subprocess.DEVNULL)
+        return load_file(str(dump))
+
+
 def _line(m: dict) -> str:
     return "  ".join(f"{k} ppl {v['ppl']:.3f} kld {v.get('kld', 0):.4f} top1 {100 * v.get('top1', 1):.2f}%"
                      for k, v in m.items())

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +33,10 @@ import torch
 import fptq
 from fptq.quant.weights import dequantize_weight, fp16_floor, quantize_weight, weight_scales
 
-from _evalset import build_reference, evaluate_all, load_reference, save_windows
+from _evalset import build_reference, evaluate_all, load_reference
 from accuracy_sweep import eval_windows, reference_dir
 from common import RESULTS, calibration_text, machine, write_results
-from peer_llmcompressor import DEFAULT_VENV, WORKER, venv_python
+from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python
 
 
 def rtn_weight(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -72,16 +70,7 @@ def main() -> None:
     reference = load_reference(ref_dir)
 
     # 1. the tools' weights
-    with tempfile.TemporaryDirectory(prefix="rtn_spread_") as td:
-        wfile, dump = Path(td) / "w.safetensors", Path(td) / "llmc.safetensors"
-        save_windows(wfile, calib, {"wikitext2": calib[:1].clone()})
-        subprocess.run([str(venv_python(args.venv)), str(WORKER), "--model-dir", str(src), "--windows", str(wfile),
-                        "--recipe", "rtn-w4a16", "--group-size", str(gs), "--out", str(Path(td) / "o.json"),
-                        "--threads", str(args.threads), "--dump-weights", str(dump), "--act-check-windows", "0"],
-                       check=True, stdout=subprocess.DEVNULL)
-        from safetensors.torch import load_file
-
-        llmc = load_file(str(dump))
+    llmc = llmc_weights(venv_python(args.venv), src, calib, "rtn-w4a16", gs, args.threads)
     q = copy.deepcopy(model)
     # fptq's RTN as it was when these rows were measured (scales to nearest); "fp16-down" is its default now
     fptq.quantize(q, fptq.method_config("rtn-w4a16", group_size=gs, scale_rounding="nearest"), calib,
