@@ -117,6 +117,7 @@ def test_gptq_flags_and_method_defaults():
     rtn = cfg("--method", "rtn-w4a16")
     assert (rtn.calib_dtype, rtn.propagate_backend, rtn.gptq_act_order) == ("float32", "reference", False)
     assert cfg("--gptq-hessian-rows", "0").gptq_hessian_rows == 0
+    assert d.gptq_hessian_dtype == "float32" and cfg("--gptq-hessian-dtype", "float64").gptq_hessian_dtype == "float64"
     assert cfg("--observer", "mse").static_observer == "mse"
     paper = cfg("--method", "fptq-paper")
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"

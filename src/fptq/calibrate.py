@@ -309,6 +309,7 @@ def collect_input_stats(
     hessian_token_cap: float = 0.0,
     hessian_first_token_weight: float = 1.0,
     hessian_rows_per_batch: int = 0,
+    hessian_dtype: str = "float32",
 ):
     """Forward pre-hooks that fill an :class:`InputStats` per module name.
 
@@ -351,7 +352,7 @@ def collect_input_stats(
                 st.samples.append(raw[idx.to(raw.device)].cpu())
             if hessian:
                 if st.hessian is None:
-                    st.hessian = HessianAccumulator(flat.shape[-1], device=flat.device)
+                    st.hessian = HessianAccumulator(flat.shape[-1], device=flat.device, dtype=hessian_dtype)
                 w = token_cap_weights(flat, hessian_token_cap) if hessian_token_cap > 0 else None
                 if hessian_first_token_weight != 1.0:
                     if first is not None:

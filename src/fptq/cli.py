@@ -80,6 +80,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq-hessian-rows", dest="gptq_hessian_rows", type=int, default=None,
                    help="calibration rows per layer the GPTQ Hessians come from, drawn from every window "
                         "(default 8192 for fptq; 0 = every token)")
+    p.add_argument("--gptq-hessian-dtype", dest="gptq_hessian_dtype", choices=("float32", "float64"), default=None,
+                   help="GPTQ Hessian accumulation: float32 running average (default) or float64 sum")
     p.add_argument("--gptq-damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ block size (default 128)")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=None,
@@ -131,7 +133,7 @@ def config_from_args(args) -> "QuantConfig":
     from .methods import method_config
 
     overrides = {k: getattr(args, k, None) for k in (
-        "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_damp", "gptq_block_size", "gptq_act_order",
+        "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend")}
     try:

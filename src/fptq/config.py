@@ -90,6 +90,9 @@ class QuantConfig:
     # 0: every token. The Hessian of a wide input (down_proj) costs tokens x K^2: on Qwen2.5-0.5B with
     # every token it is most of GPTQ's time
     gptq_hessian_rows: int = 0
+    # how the Hessian is accumulated: "float32" running average (the GPTQ reference code), or "float64":
+    # per-batch float32 products summed in float64, divided at the end (bench/results/qwen_gptq_hessian_dtype.md)
+    gptq_hessian_dtype: str = "float32"
     # execution choices that change numerics slightly (recorded for reproducibility):
     # dtype of the statistics pass ("float32" or "bfloat16": autocast, faster on CPUs with AMX/AVX512-BF16)
     calib_dtype: str = "float32"
@@ -136,6 +139,8 @@ class QuantConfig:
             raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, not {self.scale_rounding!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calib_dtype must be float32 or bfloat16, got {self.calib_dtype!r}")
+        if self.gptq_hessian_dtype not in ("float32", "float64"):
+            raise ValueError(f"gptq_hessian_dtype must be float32 or float64, not {self.gptq_hessian_dtype!r}")
         if self.gptq_hessian_rows < 0:
             raise ValueError(f"gptq_hessian_rows must be >= 0 (0 = every token), got {self.gptq_hessian_rows}")
         if not 0 <= self.gptq_damp < 1:

@@ -138,7 +138,8 @@ def quantize_layer(
                              seq_len=seq_len, hessian_token_cap=config.gptq_token_cap,
                              hessian_first_token_weight=config.gptq_first_token_weight,
                              hessian_rows_per_batch=rows_per_batch(config.gptq_hessian_rows, nb)
-                             if config.gptq_hessian_rows else 0) as stats:
+                             if config.gptq_hessian_rows else 0,
+                             hessian_dtype=config.gptq_hessian_dtype) as stats:
         with autocast:
             run_layer(layer, inputs, device, name=layer_prefix)
     # activation-aware weight clipping scores the clip on sampled calibration inputs

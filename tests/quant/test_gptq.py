@@ -20,6 +20,32 @@ def test_hessian_accumulator_matches_direct_formula():
     torch.testing.assert_close(acc.h, 2 / 50 * x.t() @ x, rtol=1e-5, atol=1e-5)
 
 
+def test_hessian_float64_sum_matches_the_running_average():
+    """The float64 sum, divided at the end, is the same Hessian as the float32 running average, closer to
+    the exact float64 one, and with row weights it counts a row of weight w as w rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g) * torch.logspace(-2, 2, 16)
+    w = torch.rand(300, generator=g)
+    exact = 2 / 300 * (x.double() * w.double()[:, None]).t() @ x.double()
+    run, s64 = HessianAccumulator(16), HessianAccumulator(16, dtype="float64")
+    for lo in range(0, 300, 7):
+        run.add(x[lo:lo + 7], w[lo:lo + 7])
+        s64.add(x[lo:lo + 7], w[lo:lo + 7])
+    assert s64.h.dtype == torch.float32 and s64.n == run.n == 300
+    torch.testing.assert_close(s64.h, run.h, rtol=1e-5, atol=1e-4)
+    err64, err32 = (s64.h.double() - exact).abs().max(), (run.h.double() - exact).abs().max()
+    assert err64 <= err32
+
+
+def test_hessian_dtype_is_checked():
+    import pytest
+    from fptq.config import QuantConfig
+    with pytest.raises(ValueError, match="float32 or float64"):
+        HessianAccumulator(4, dtype="float16")
+    with pytest.raises(ValueError, match="gptq_hessian_dtype"):
+        QuantConfig(gptq_hessian_dtype="bfloat16")
+
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     torch.manual_seed(0)
     k, n = 128, 64

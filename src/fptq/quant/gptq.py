@@ -18,25 +18,48 @@ __all__ = ["HessianAccumulator", "gptq_quantize", "token_cap_weights"]
 
 
 class HessianAccumulator:
-    """Running ``2/n * sum x x^T`` over rows of calibration inputs."""
+    """``2/n * sum x x^T`` over rows of calibration inputs.
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    ``dtype="float32"`` keeps a running average in float32 (the GPTQ reference code's way);
+    ``"float64"`` adds each batch's float32 product into a float64 sum and divides once at the end
+    (llm-compressor sums in float32 and divides at the end), so the result does not depend on how
+    the rows were split into batches beyond float32 rounding of each product."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: str = "float32") -> None:
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"Hessian dtype must be float32 or float64, not {dtype!r}")
+        self.dtype = dtype
+        self._acc = torch.zeros(in_features, in_features, dtype=getattr(torch, dtype), device=device)
         self.n = 0
+
+    @property
+    def h(self) -> torch.Tensor:
+        """The Hessian ``2/n * sum x x^T`` as float32."""
+        if self.dtype == "float32":
+            return self._acc
+        return (self._acc * (2.0 / max(self.n, 1))).float()
 
     def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
         """Add the rows of ``x``; ``row_weights`` (one per row, in [0, 1]) scale each row's
         contribution (a row of weight ``w`` counts as ``w`` rows)."""
-        x = x.reshape(-1, x.shape[-1]).float().to(self.h.device)
+        x = x.reshape(-1, x.shape[-1]).float().to(self._acc.device)
         m = x.shape[0]
         if m == 0:
             return
-        self.h.mul_(self.n / (self.n + m))
+        if self.dtype == "float64":
+            if row_weights is not None:
+                x = x * row_weights.reshape(-1, 1).float().to(x.device).sqrt()
+            self.n += m
+            self._acc.add_(x.t() @ x)
+            return
+        # float32: the same operations in the same order as before the float64 option existed,
+        # so default results stay bit-identical
+        self._acc.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         if row_weights is not None:
             x = x * row_weights.reshape(-1, 1).float().to(x.device).sqrt()
-        self.h.addmm_(x.t(), x)
+        self._acc.addmm_(x.t(), x)
 
 
 def token_cap_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
