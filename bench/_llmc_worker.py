@@ -20,7 +20,7 @@ scale calibrated by llm-compressor's default observer (naive W4A8), on every cal
 Recipe ``float`` skips oneshot: the float model evaluated in this venv (its transformers
 may differ from fptq's), a check that both environments compute the same float numbers.
 ``--dump-weights FILE`` also saves the effective (quantize-dequantized) weight of every
-quantized Linear of a weight-only recipe, to compare them with fptq's.
+quantized Linear (for W4A8 recipes: the weight after equalization), to compare them with fptq's.
 """
 from __future__ import annotations
 
@@ -129,17 +129,24 @@ def quant_summary(model, x_cols: int | None = None) -> dict:
 
 
 def effective_weights(model) -> dict:
-    """The weight each quantized Linear multiplies by: its forward on the identity, minus the bias
-    (weight-only schemes: the input is not quantized)."""
+    """The weight each quantized Linear multiplies by: its forward on the identity, minus the bias, with
+    input (activation) fake-quant switched off for the call (an int8 identity row would come back as
+    127 / 127.5 of itself)."""
     import torch
 
     out = {}
     with torch.no_grad():
         for name, m in model.named_modules():
-            if getattr(m, "quantization_scheme", None) is None or not isinstance(m, torch.nn.Linear):
+            sch = getattr(m, "quantization_scheme", None)
+            if sch is None or not isinstance(m, torch.nn.Linear):
                 continue
-            eye = torch.eye(m.in_features, dtype=m.weight.dtype)
-            y = m(eye)
+            if sch.input_activations is not None:
+                m.quantization_scheme = sch.model_copy(update={"input_activations": None})
+            try:
+                eye = torch.eye(m.in_features, dtype=m.weight.dtype)
+                y = m(eye)
+            finally:
+                m.quantization_scheme = sch
             if m.bias is not None:
                 y = y - m.bias
             out[name] = y.t().contiguous().float()
@@ -155,7 +162,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", required=True, help="JSON result file")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--dump-weights", default=None, help="save the effective weights (weight-only recipes)")
+    ap.add_argument("--dump-weights", default=None, help="save the effective (quantize-dequantized) weights")
     ap.add_argument("--act-check-windows", type=int, default=1,
                     help="re-evaluate this many WikiText-2 windows with input (activation) fake-quant switched off")
     args = ap.parse_args()

@@ -18,6 +18,11 @@ from.
     python bench/gptq_codes_vs_llmc.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
         --name gptq_codes_vs_llmc_qwen
 
+``--method`` / ``--recipe`` pick another pair, e.g. ``--method lae-dynamic-w4a8 --recipe logeq-w4a8``:
+log-equalization then round-to-nearest (fptq's scales float16 rounded down, llm-compressor's float32), where
+the weights compared are the equalized ones; at layer 0 they differ only where the scales' rounding moves a
+code if the two tools' equalization scales agree, and by much more if they do not.
+
 Needs the llm-compressor venv of ``bench/peer_llmcompressor.py``. Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
@@ -38,11 +43,24 @@ from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def method_from_spec(spec: str, group_size: int):
+    """``"method:key=value;key=value"`` (as ``bench/accuracy_sweep.py``'s variants) -> a QuantConfig."""
+    method, _, opts = spec.partition(":")
+    kw = dict(o.split("=", 1) for o in opts.split(";") if o)
+    return fptq.method_config(method, group_size=group_size, **kw)
+
+
 def compare(w_fptq: torch.Tensor, w_llmc: torch.Tensor, w_float: torch.Tensor) -> dict:
     """The share of weights that differ between the tools, and their difference relative to the
     quantization error (both tools dequantize ``code * scale`` in float32, so equal codes give equal values)."""
+    cols = w_fptq.norm(dim=0) / w_llmc.norm(dim=0).clamp_min(1e-30)
     return {"n": w_fptq.numel(), "differ": int((w_fptq != w_llmc).sum()),
-            "rel": float((w_fptq - w_llmc).norm() / (w_llmc - w_float).norm().clamp_min(1e-30))}
+            "rel": float((w_fptq - w_llmc).norm() / (w_llmc - w_float).norm().clamp_min(1e-30)),
+            # for pairs whose scales differ in dtype (every value differs) or that equalize (W_float is not
+            # the weight quantized): the tools' difference relative to the weight, and how far the input
+            # columns' norms (the equalization scales) disagree
+            "rel_w": float((w_fptq - w_llmc).norm() / w_llmc.norm().clamp_min(1e-30)),
+            "col_dev": float((cols - 1).abs().median())}
 
 
 def by_layer(rows: dict[str, dict]) -> list[dict]:
@@ -57,7 +75,9 @@ def by_layer(rows: dict[str, dict]) -> list[dict]:
         d = layers[i]
         n, differ = sum(r["n"] for r in d.values()), sum(r["differ"] for r in d.values())
         out.append({"layer": i, **{k: 100 * d[k]["differ"] / d[k]["n"] for k in KINDS if k in d},
-                    "all": 100 * differ / n, "rel_mean": sum(r["rel"] for r in d.values()) / len(d)})
+                    "all": 100 * differ / n, "rel_mean": sum(r["rel"] for r in d.values()) / len(d),
+                    **{f"rel_w_{k}": 100 * d[k]["rel_w"] for k in KINDS if k in d},
+                    **{f"col_dev_{k}": 100 * d[k]["col_dev"] for k in KINDS if k in d}})
     return out
 
 
@@ -68,24 +88,34 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-seed", type=int, default=0)
-    ap.add_argument("--recipe", default="gptq-w4a16-f16scale", help="llm-compressor recipe (bench/_llmc_worker.py)")
+    ap.add_argument("--method", default="gptq-w4a16", help="fptq method")
+    ap.add_argument("--recipe", default="gptq-w4a16-f16scale",
+                    help="llm-compressor recipe (bench/_llmc_worker.py), or 'fptq:METHOD:key=value;...' to compare "
+                         "fptq with itself under other settings (the spread of equally valid runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--venv", default=DEFAULT_VENV)
     ap.add_argument("--name", default="gptq_codes_vs_llmc")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gs = args.group_size
-    py = venv_python(args.venv)
+    py = None if args.recipe.startswith("fptq:") else venv_python(args.venv)
 
     model, tok, src = fptq.load_float_model(args.model)
     calib = fptq.calibration_windows(tok, calibration_text(), args.nsamples, args.seqlen, seed=args.calib_seed)
     t = time.perf_counter()
-    llmc = llmc_weights(py, src, calib, args.recipe, gs, args.threads)
+    if args.recipe.startswith("fptq:"):  # fptq against itself with other settings: the spread of one tool
+        other = copy.deepcopy(model)
+        fptq.quantize(other, method_from_spec(args.recipe[len("fptq:"):], gs), calib, device="cpu", progress=False)
+        omods = dict(other.named_modules())
+        llmc = {n: m.dequantized_weight().float() for n, m in omods.items() if hasattr(m, "dequantized_weight")}
+        del other, omods
+    else:
+        llmc = llmc_weights(py, src, calib, args.recipe, gs, args.threads)
     llmc_s = time.perf_counter() - t
 
     q = copy.deepcopy(model)
     t = time.perf_counter()
-    fptq.quantize(q, fptq.method_config("gptq-w4a16", group_size=gs), calib, device="cpu", progress=False)
+    fptq.quantize(q, fptq.method_config(args.method, group_size=gs), calib, device="cpu", progress=False)
     fptq_s = time.perf_counter() - t
     qmods, fmods = dict(q.named_modules()), dict(model.named_modules())
     rows = {}
@@ -97,20 +127,36 @@ def main() -> None:
     n, differ = sum(r["n"] for r in rows.values()), sum(r["differ"] for r in rows.values())
 
     settings = vars(args)
+    pair = "" if (args.method, args.recipe) == ("gptq-w4a16", "gptq-w4a16-f16scale") else \
+        f" --method {args.method} --recipe {args.recipe}"
+    seed = f" --calib-seed {args.calib_seed}" if args.calib_seed else ""
     cmd = (f"python bench/gptq_codes_vs_llmc.py{' --model ' + repr(args.model) if args.model else ''} "
-           f"--group-size {gs} --name {args.name}")
-    md = [f"# fptq's GPTQ W4A16 weights vs llm-compressor's, end to end ({Path(src).name}, group {gs})\n",
-          f"`{cmd}` (fptq `gptq-w4a16` vs llm-compressor `{args.recipe}`; both static act-order, damp 0.01, block "
-          f"128, float16 scales to nearest; the same {args.nsamples} x {args.seqlen} calibration windows, seed "
+           f"--group-size {gs}{pair}{seed} --name {args.name}")
+    how = ("both static act-order, damp 0.01, block 128, float16 scales to nearest" if not pair
+           else "see bench/_llmc_worker.py and fptq.methods for each")
+    other_tool = "fptq" if args.recipe.startswith("fptq:") else "llm-compressor"
+    md = [f"# fptq `{args.method}` weights vs {other_tool} `{args.recipe}`, end to end ({Path(src).name}, "
+          f"group {gs})\n",
+          f"`{cmd}` ({how}; the same {args.nsamples} x {args.seqlen} calibration windows, seed "
           f"{args.calib_seed}; each tool's sequential pipeline). Run alone, {args.threads} threads; quantize + "
-          f"dump {llmc_s:.0f} s (llm-compressor worker), {fptq_s:.0f} s (fptq).\n",
-          f"Overall {differ:,} of {n:,} weights differ ({100 * differ / n:.3f}%).\n",
-          "Share of weights whose code differs between the tools (%), per decoder layer and Linear; `rel` = mean over "
-          "the layer's Linears of ||W_fptq - W_llmc|| / ||W_llmc - W_float||:\n",
-          "| layer | " + " | ".join(KINDS) + " | all | rel |", "|---" * (len(KINDS) + 3) + "|"]
-    for r in layers:
-        md.append(f"| {r['layer']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in KINDS)
-                  + f" | {r['all']:.3f} | {r['rel_mean']:.3f} |")
+          f"dump {llmc_s:.0f} s ({other_tool}, second run), {fptq_s:.0f} s (fptq).\n",
+          f"Overall {differ:,} of {n:,} weights differ ({100 * differ / n:.3f}%).\n"]
+    if not pair:
+        md += ["Share of weights whose code differs between the tools (%), per decoder layer and Linear; `rel` = mean "
+               "over the layer's Linears of ||W_fptq - W_llmc|| / ||W_llmc - W_float||:\n",
+               "| layer | " + " | ".join(KINDS) + " | all | rel |", "|---" * (len(KINDS) + 3) + "|"]
+        for r in layers:
+            md.append(f"| {r['layer']} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in KINDS)
+                      + f" | {r['all']:.3f} | {r['rel_mean']:.3f} |")
+    else:  # scales of different dtypes: every value differs, so compare sizes instead of codes
+        md += ["Per decoder layer and Linear: ||W_fptq - W_llmc|| / ||W_llmc|| (%), then in brackets the median over "
+               "input columns of |norm of fptq's column / norm of llm-compressor's - 1| (%), which an "
+               "equalization-scale disagreement would raise:\n",
+               "| layer | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+        for r in layers:
+            md.append(f"| {r['layer']} | " + " | ".join(
+                f"{r['rel_w_' + k]:.2f} ({r['col_dev_' + k]:.2f})" if "rel_w_" + k in r else "-" for k in KINDS)
+                + " |")
     write_results(args.name, {"settings": settings, "machine": machine(), "model": str(src), "llmc_s": llmc_s,
                               "fptq_s": fptq_s, "overall_differ": differ, "overall_n": n, "layers": layers,
                               "linears": rows}, "\n".join(md) + "\n")

@@ -138,7 +138,7 @@ def run_worker(py: Path, src: str, windows_file: Path, ref: Path, recipe: str, g
 
 
 def llmc_weights(py: Path, src: str, calib: torch.Tensor, recipe: str, group_size: int, threads: int) -> dict:
-    """The effective (quantize-dequantized) weights of every Linear that the weight-only llm-compressor
+    """The effective (quantize-dequantized) weights of every Linear that the llm-compressor
     ``recipe`` quantizes on ``calib`` (the worker's ``--dump-weights``; its own evaluation: one short window)."""
     from safetensors.torch import load_file
 

@@ -1,5 +1,6 @@
 import logging
 
+import pytest
 import torch
 
 from fptq.quant import HessianAccumulator, dequantize_weight, fake_quantize_weight, gptq_quantize
@@ -38,7 +39,6 @@ def test_hessian_float64_sum_matches_the_running_average():
 
 
 def test_hessian_dtype_is_checked():
-    import pytest
     from fptq.config import QuantConfig
     with pytest.raises(ValueError, match="float32 or float64"):
         HessianAccumulator(4, dtype="float16")
