@@ -41,15 +41,20 @@ A8_DYN_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "to
 # activations: symmetric int8, one static scale per tensor (llm-compressor's default observer for it)
 A8_STATIC_TENSOR = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
-RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "gptq-w4a16-f16scale", "smoothquant-w8a8", "logeq-w4a8",
-           "naive-w4a8")
+RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "gptq-w4a16-f16scale", "gptq-w4a16-mse", "smoothquant-w8a8",
+           "logeq-w4a8", "naive-w4a8")
 
 
-def w4(group_size: int, scale_dtype: str | None = None) -> dict:
+def w4(group_size: int, scale_dtype: str | None = None, observer: str | None = None) -> dict:
     """Weights: symmetric int4 in groups of ``group_size`` along the input dimension; ``scale_dtype``
-    rounds every scale to that dtype as it is computed (compressed-tensors' ``scale_dtype``: to nearest)."""
+    rounds every scale to that dtype as it is computed (compressed-tensors' ``scale_dtype``: to nearest);
+    ``observer`` replaces the default min-max observer of the weights ("mse": llm-compressor's clip search)."""
     args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
-    return {**args, "scale_dtype": scale_dtype} if scale_dtype else args
+    if scale_dtype:
+        args["scale_dtype"] = scale_dtype
+    if observer:
+        args["observer"] = observer
+    return args
 
 
 def build_recipe(name: str, group_size: int):
@@ -62,11 +67,13 @@ def build_recipe(name: str, group_size: int):
         # QuantizationModifier = round-to-nearest weights (memoryless min-max observer)
         return [QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4}},
                                      ignore=["lm_head"])]
-    if name in ("gptq-w4a16", "gptq-w4a16-f16scale"):
+    if name in ("gptq-w4a16", "gptq-w4a16-f16scale", "gptq-w4a16-mse"):
         # as fptq gptq-w4a16: damp 0.01, block 128, static act-order (llm-compressor's default actorder; group
         # scales from the weights before GPTQ, columns in order of decreasing Hessian diagonal). The f16scale
-        # variant rounds its scales to float16 (nearest) before GPTQ uses them, as fptq's checkpoint does
-        weights = w4(group_size, "float16") if name.endswith("f16scale") else W4
+        # variant rounds its scales to float16 (nearest) before GPTQ uses them, as fptq's checkpoint does; the
+        # mse variant searches each group's clip with llm-compressor's MSE observer (shrink up to 20%)
+        weights = (w4(group_size, "float16") if name.endswith("f16scale")
+                   else w4(group_size, observer="mse") if name.endswith("-mse") else W4)
         return [GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                              ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder="static")]
     if name == "smoothquant-w8a8":

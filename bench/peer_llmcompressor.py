@@ -81,6 +81,7 @@ PAIRS = [
     ("RTN W4A16", "rtn-w4a16", "rtn-w4a16"),
     ("GPTQ W4A16", "gptq-w4a16", "gptq-w4a16"),
     ("GPTQ W4A16, llm-compressor's scales rounded to float16 as fptq's", "gptq-w4a16", "gptq-w4a16-f16scale"),
+    ("GPTQ W4A16, llm-compressor's MSE weight observer (clip search)", "gptq-w4a16", "gptq-w4a16-mse"),
     ("SmoothQuant W8A8 (W8 per channel, A8 dynamic per token)", "smoothquant-w8a8", "smoothquant-w8a8"),
     ("LogEq W4A8 (A8 dynamic per token everywhere)", "lae-dynamic-w4a8", "logeq-w4a8"),
     ("naive W4A8 (A8 static per tensor everywhere)", "naive-w4a8", "naive-w4a8"),
@@ -89,12 +90,14 @@ PAIRS = [
 ]
 LLMC_RECIPES = ("rtn-w4a16", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8", "naive-w4a8")
 # run only when asked for (--llmc-recipes): experiments on a gap, not a shared recipe
-LLMC_EXTRA_RECIPES = ("gptq-w4a16-f16scale",)
+LLMC_EXTRA_RECIPES = ("gptq-w4a16-f16scale", "gptq-w4a16-mse")
 LLMC_COMPUTES = {
     "rtn-w4a16": "float activations; weights fake-quantized (int4 sym, min-max scales) in each forward",
     "gptq-w4a16": "float activations; weights fake-quantized (int4 sym GPTQ) in each forward",
     "gptq-w4a16-f16scale": "as gptq-w4a16, its group scales rounded to float16 (compressed-tensors scale_dtype) "
                            "before GPTQ quantizes with them",
+    "gptq-w4a16-mse": "as gptq-w4a16, each group's scale from llm-compressor's MSE observer (a clip search, "
+                      "shrink up to 20%) before GPTQ quantizes with it",
     "smoothquant-w8a8": "smoothed model; inputs of every Linear quantize-dequantized to int8 per token "
                         "(dynamic scale) and weights int8 per output channel, in each forward",
     "logeq-w4a8": "log-equalized model; inputs of every Linear quantize-dequantized to int8 per token "

@@ -100,7 +100,8 @@ def test_help_lists_commands():
 
 
 def test_gptq_flags_and_method_defaults():
-    """``fptq`` runs GPTQ in act-order with sampled Hessians, max static scales, bfloat16 statistics and
+    """``fptq`` runs GPTQ in act-order with sampled Hessians and clip-searched group scales, max static
+    scales, bfloat16 statistics and
     integer-kernel propagation by default; ``--no-gptq`` gives
     round-to-nearest; ``fptq-paper`` is the paper's recipe; other methods keep round-to-nearest."""
     from fptq.cli import build_parser, config_from_args
@@ -110,6 +111,7 @@ def test_gptq_flags_and_method_defaults():
 
     d = cfg()
     assert d.gptq and d.gptq_hessian_rows == 8192 and d.static_observer == "max"
+    assert d.weight_clip_search and d.weight_clip_objective == "weight" and not cfg("--no-weight-clip").weight_clip_search
     assert not cfg("--no-gptq").gptq
     assert d.gptq_act_order and not cfg("--no-gptq-act-order").gptq_act_order
     assert d.calib_dtype == "bfloat16" and cfg("--calib-dtype", "float32").calib_dtype == "float32"
@@ -119,6 +121,9 @@ def test_gptq_flags_and_method_defaults():
     assert cfg("--gptq-hessian-rows", "0").gptq_hessian_rows == 0
     assert d.gptq_hessian_dtype == "float32" and cfg("--gptq-hessian-dtype", "float64").gptq_hessian_dtype == "float64"
     assert cfg("--observer", "mse").static_observer == "mse"
+    clip = cfg("--method", "rtn-w4a16", "--weight-clip", "--weight-clip-objective", "output")
+    assert clip.weight_clip_search and clip.weight_clip_objective == "output"
+    assert not cfg("--weight-clip", "--no-weight-clip").weight_clip_search
     paper = cfg("--method", "fptq-paper")
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
     assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mean_max"

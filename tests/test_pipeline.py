@@ -157,6 +157,25 @@ def test_gptq_with_a_float64_hessian_sum_matches_the_float32_running_average():
     assert abs(out["float64"] - out["float32"]) < 0.5, out
 
 
+def test_gptq_clip_search_reaches_the_weights_with_either_objective():
+    """``weight_clip_search`` with GPTQ shrinks some group scales below absmax/7.5 (the output objective
+    scored from the Hessian, so differently from the weight one) and keeps the model as close to the float
+    one as GPTQ without the search (within 1 dB SQNR)."""
+    model = tiny_llama(outliers=False, hidden_size=128, intermediate_size=256)
+    ids = _calib(16, 64)
+    ref = model(ids).logits
+    out, scales = {}, {}
+    for label, over in (("plain", {}), ("weight", {"weight_clip_search": True}),
+                        ("output", {"weight_clip_search": True, "weight_clip_objective": "output"})):
+        mm = copy.deepcopy(model)
+        cfg = fptq.method_config("gptq-w4a16", group_size=32, **over)
+        fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
+        out[label] = sqnr_db(ref, mm(ids).logits)
+        scales[label] = mm.get_submodule("model.layers.0.mlp.down_proj").w_scales.float()
+    assert (scales["weight"] < scales["plain"]).any() and not torch.equal(scales["weight"], scales["output"])
+    assert out["weight"] > out["plain"] - 1 and out["output"] > out["plain"] - 1, out
+
+
 def test_ragged_groups_and_odd_hidden_size():
     model = tiny_llama(hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4)
     ids = _calib()

@@ -90,8 +90,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq-static-groups", action="store_true", default=None, help="GPTQ: group scales from the original weights")
     p.add_argument("--observer", dest="static_observer", default=None, choices=OBSERVERS,
                    help="how static activation scales are chosen (default: max for fptq, mean_max for naive-w4a8)")
-    p.add_argument("--weight-clip", dest="weight_clip_search", action="store_true", default=None,
-                   help="search a per-group weight clip minimising the weight's quantization error")
+    p.add_argument("--weight-clip", dest="weight_clip_search", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="search each weight group's clip (shrink up to 20%%) that minimises its quantization "
+                        "error (--weight-clip-objective); --no-weight-clip: scales from the group's absmax")
+    p.add_argument("--weight-clip-objective", dest="weight_clip_objective", default=None,
+                   choices=("weight", "output"),
+                   help="what the clip search minimises: the weights' squared error (weight) or the error added "
+                        "to the Linear's output on the calibration inputs (output: activation-aware; with GPTQ "
+                        "from its Hessian)")
     p.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                    help="equalization used by the method (fptq ablations: none, smoothquant)")
     p.add_argument("--lae-scope", dest="lae_scope", default=None, choices=("band", "all"),
@@ -134,7 +141,7 @@ def config_from_args(args) -> "QuantConfig":
 
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
-        "gptq_static_groups", "static_observer", "weight_clip_search", "equalization", "smoothquant_alpha",
+        "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend")}
     try:
         return method_config(args.method, **overrides)

@@ -12,10 +12,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # on Qwen2.5-Coder-0.5B); GPTQ weights on the equalized layer from Hessians of 8192 sampled rows, columns
     # in act-order (KL divergence 0.27 vs 0.34 on SmolLM2-135M, bench/results/smol_fast_levers.md); the
     # statistics pass in bfloat16 and the next layer's inputs from the integer kernels, as the model will run
-    # (1.8x faster at the same accuracy, bench/results/smol_speed_levers.md)
+    # (1.8x faster at the same accuracy, bench/results/smol_speed_levers.md); each weight group's scale from a
+    # clip search on its squared error before GPTQ (KL divergence -10% on SmolLM2-135M, -3% / -5% on
+    # Qwen2.5-Coder-0.5B, bench/results/{smol,qwen}_fptq_clip.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
-                 gptq=True, gptq_hessian_rows=8192, gptq_act_order=True, calib_dtype="bfloat16",
-                 propagate_backend="auto"),
+                 gptq=True, gptq_hessian_rows=8192, gptq_act_order=True, weight_clip_search=True,
+                 calib_dtype="bfloat16", propagate_backend="auto"),
     # the paper's recipe as published: LAE only in the band 15 <= max|x| < 150, static scales from the
     # calibration max, round-to-nearest weights
     "fptq-paper": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, lae_scope="band",

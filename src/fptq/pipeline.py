@@ -206,7 +206,7 @@ def quantize_layer(
                 stacked, hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
-                scale_rounding=config.rounding_for(gptq=True),
+                scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,
             )
             if not ok:
                 log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))

@@ -5,6 +5,7 @@ import torch
 
 from fptq.quant import HessianAccumulator, dequantize_weight, fake_quantize_weight, gptq_quantize
 from fptq.quant.gptq import token_cap_weights
+from fptq.quant.weights import group_gram, hessian_group_blocks, weight_scales
 
 
 def _correlated_inputs(n, k, seed=0):
@@ -72,6 +73,57 @@ def test_gptq_act_order_and_ragged_groups():
     err = (x @ (dequantize_weight(q, s, 32) - w).t()).pow(2).mean()
     err_rtn = (x @ (fake_quantize_weight(w, 4, 32) - w).t()).pow(2).mean()
     assert err < err_rtn
+
+
+def test_hessian_group_blocks_are_the_group_grams():
+    """The Hessian's diagonal blocks are the Gram matrices of the input groups (up to 2x), ragged last
+    group zero-padded, so the clip search can score on the Linear's output from the Hessian alone."""
+    x = _correlated_inputs(300, 100, seed=4)
+    acc = HessianAccumulator(100)
+    acc.add(x)
+    blocks = hessian_group_blocks(acc.h, 32)
+    assert blocks.shape == (4, 32, 32)
+    torch.testing.assert_close(blocks, 2 * group_gram(x, 32), rtol=1e-4, atol=1e-4)
+    assert blocks[3, 4:].abs().max() == 0 and blocks[3, :, 4:].abs().max() == 0
+
+
+@pytest.mark.parametrize("objective", ["weight", "output"])
+def test_gptq_clip_search_scales_and_output_error(objective):
+    """With act-order (static groups), GPTQ's clip search picks exactly the scales weight_scales picks for
+    the same objective (the output one from the Hessian's blocks), and the result still beats RTN."""
+    torch.manual_seed(5)
+    k = 96
+    x = _correlated_inputs(1024, k, seed=5) * torch.linspace(0.2, 3.0, k)
+    w = torch.randn(24, k)
+    w[:, ::7] *= 4  # a few large weights: clipping matters
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    q, s, ok = gptq_quantize(w, acc.h, bits=4, group_size=32, act_order=True, clip_search=True,
+                             clip_objective=objective)
+    gram = hessian_group_blocks(acc.h, 32) if objective == "output" else None
+    expected = weight_scales(w, 4, 32, clip_search=True, gram=gram, rounding="nearest")
+    assert ok and torch.equal(s, expected)
+    assert not torch.equal(s, weight_scales(w, 4, 32, rounding="nearest"))  # the search did shrink some
+    err = (x @ (dequantize_weight(q, s, 32) - w).t()).pow(2).mean()
+    err_rtn = (x @ (fake_quantize_weight(w, 4, 32) - w).t()).pow(2).mean()
+    assert err < 0.8 * err_rtn
+
+
+def test_gptq_output_clip_in_column_order_scores_each_group_on_its_block():
+    """Without static groups each group's scale comes from the updated weights; the output objective then
+    differs from the weight one (the blocks weigh the columns by their input energy); a ragged last group
+    is scored on its zero-padded block."""
+    torch.manual_seed(6)
+    k = 80
+    x = _correlated_inputs(512, k, seed=6) * torch.linspace(0.1, 5.0, k)
+    w = torch.randn(16, k)
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    _, s_w, ok_w = gptq_quantize(w, acc.h, group_size=32, clip_search=True, clip_objective="weight")
+    _, s_o, ok_o = gptq_quantize(w, acc.h, group_size=32, clip_search=True, clip_objective="output")
+    assert ok_w and ok_o and s_o.shape == (16, 3) and not torch.equal(s_w, s_o)
+    with pytest.raises(ValueError, match="clip_objective"):
+        gptq_quantize(w, acc.h, group_size=32, clip_search=True, clip_objective="outputs")
 
 
 def test_gptq_falls_back_to_rtn_with_a_warning(caplog):

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .weights import num_groups, qrange, weight_scales
+from .weights import hessian_group_blocks, num_groups, qrange, weight_scales
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def gptq_quantize(
     static_groups: bool = False,
     clip_search: bool = False,
     scale_rounding: str = "nearest",
+    clip_objective: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``) with GPTQ.
 
@@ -98,7 +99,10 @@ def gptq_quantize(
     fails even after extra dampening, falls back to round-to-nearest and
     returns ``used_gptq=False``. ``scale_rounding``: how the float16 scales are
     rounded (:func:`~fptq.quant.weights.weight_scales`; nearest, what GPTQ measured best with; the
-    round-to-nearest fallback rounds down, as round-to-nearest weights do).
+    round-to-nearest fallback rounds down, as round-to-nearest weights do). ``clip_objective``: what
+    the clip search (``clip_search``) scores a group's scale on: ``"weight"`` (the group's squared weight
+    error) or ``"output"`` (the error it adds to the Linear's output, ``d^T H_g d`` with ``H_g`` the
+    group's diagonal block of ``h``: activation-aware clipping from the Hessian GPTQ already has).
     """
     from .weights import quantize_weight
 
@@ -112,12 +116,15 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if clip_objective not in ("weight", "output"):
+        raise ValueError(f"clip_objective must be 'weight' or 'output', not {clip_objective!r}")
+    blocks = hessian_group_blocks(h, gs) if clip_search and clip_objective == "output" else None
 
     if act_order:
         static_groups = True
     scales = torch.zeros(n, g, dtype=torch.float16)
     if static_groups:
-        scales = weight_scales(w, bits, gs, clip_search=clip_search, rounding=scale_rounding)
+        scales = weight_scales(w, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding)
 
     perm = None
     if act_order:
@@ -166,7 +173,8 @@ def gptq_quantize(
                 # the group starts here (columns are in original order): its scale from the updated weights
                 end = min(col + gs, k)
                 block = torch.cat([w1[i:], wt[i2:end]])[: end - col]
-                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search,
+                gram = blocks[grp:grp + 1] if blocks is not None else None  # zero-padded as weight_scales pads
+                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search, gram=gram,
                                                rounding=scale_rounding)[:, 0]
                 s_grp = -1
             if grp != s_grp:

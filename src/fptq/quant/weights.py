@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "fp16_floor",
     "group_gram",
+    "hessian_group_blocks",
     "num_groups",
     "expand_group_scales",
     "weight_scales",
@@ -91,6 +92,19 @@ def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1]).float()
     xg = _grouped(x, group_size)  # [rows, G, gs]
     return torch.einsum("rgi,rgj->gij", xg, xg) / max(x.shape[0], 1)
+
+
+def hessian_group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[G, gs, gs]`` diagonal blocks of a ``[K, K]`` Hessian (or Gram matrix) ``h`` for the input groups
+    (a ragged last group is zero-padded): the same blocks :func:`group_gram` computes from the inputs,
+    up to a constant factor, which the clip search does not see."""
+    k = h.shape[0]
+    gs = _effective_group(k, group_size)
+    g = num_groups(k, gs)
+    pad = g * gs - k
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
+    idx = torch.arange(g)
+    return hp.reshape(g, gs, g, gs)[idx, :, idx, :]
 
 
 def fp16_floor(x: torch.Tensor) -> torch.Tensor:
