@@ -13,8 +13,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # in act-order (KL divergence 0.27 vs 0.34 on SmolLM2-135M, bench/results/smol_fast_levers.md); the
     # statistics pass in bfloat16 and the next layer's inputs from the integer kernels, as the model will run
     # (1.8x faster at the same accuracy, bench/results/smol_speed_levers.md); each weight group's scale from a
-    # clip search on its squared error before GPTQ (KL divergence -10% on SmolLM2-135M, -3% / -9% on
-    # Qwen2.5-Coder-0.5B, whose WikiText-2 perplexity rose 4.4%; bench/results/peer_full_*.md, {smol,qwen}_fptq_clip.md)
+    # clip search on its squared error before GPTQ (KL divergence -10% to -12% on SmolLM2-135M in two
+    # calibration draws; at best neutral on Qwen2.5-Coder-0.5B, whose WikiText-2 perplexity rose 4.4% / 4.9%;
+    # bench/results/peer_full_*.md, {smol,qwen}_fptq_clip{,_seed1}.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=8192, gptq_act_order=True, weight_clip_search=True,
                  calib_dtype="bfloat16", propagate_backend="auto"),
