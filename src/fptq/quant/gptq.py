@@ -106,6 +106,8 @@ def gptq_quantize(
     """
     from .weights import quantize_weight
 
+    if clip_objective not in ("weight", "output"):
+        raise ValueError(f"clip_objective must be 'weight' or 'output', not {clip_objective!r}")
     qmin, qmax = qrange(bits)
     w = w.float().clone()
     n, k = w.shape
@@ -116,8 +118,6 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    if clip_objective not in ("weight", "output"):
-        raise ValueError(f"clip_objective must be 'weight' or 'output', not {clip_objective!r}")
     blocks = hessian_group_blocks(h, gs) if clip_search and clip_objective == "output" else None
 
     if act_order:
