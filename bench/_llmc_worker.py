@@ -42,7 +42,7 @@ A8_DYN_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "to
 A8_STATIC_TENSOR = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
 
 RECIPES = ("float", "rtn-w4a16", "gptq-w4a16", "gptq-w4a16-f16scale", "gptq-w4a16-mse", "smoothquant-w8a8",
-           "logeq-w4a8", "naive-w4a8")
+           "logeq-w4a8", "logeq-w4a8-f16scale", "naive-w4a8")
 
 
 def w4(group_size: int, scale_dtype: str | None = None, observer: str | None = None) -> dict:
@@ -81,10 +81,12 @@ def build_recipe(name: str, group_size: int):
         # QuantizationModifier = round-to-nearest weights, like fptq smoothquant-w8a8 (gptq=False)
         return [SmoothQuantModifier(smoothing_strength=0.5),
                 QuantizationModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])]
-    if name == "logeq-w4a8":
-        # LogarithmicEqualizationModifier is a deprecated alias of exactly this in 0.14
+    if name in ("logeq-w4a8", "logeq-w4a8-f16scale"):
+        # LogarithmicEqualizationModifier is a deprecated alias of exactly this in 0.14; the f16scale variant
+        # rounds the weight scales to float16 (nearest), as fptq's checkpoint stores them
+        weights = w4(group_size, "float16") if name.endswith("f16scale") else W4
         return [SmoothQuantModifier(algorithm="log_equalization"),
-                QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W4,
+                QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights,
                                                                 "input_activations": A8_DYN_TOKEN}},
                                      ignore=["lm_head"])]
     if name == "naive-w4a8":

@@ -84,13 +84,14 @@ PAIRS = [
     ("GPTQ W4A16, llm-compressor's MSE weight observer (clip search)", "gptq-w4a16", "gptq-w4a16-mse"),
     ("SmoothQuant W8A8 (W8 per channel, A8 dynamic per token)", "smoothquant-w8a8", "smoothquant-w8a8"),
     ("LogEq W4A8 (A8 dynamic per token everywhere)", "lae-dynamic-w4a8", "logeq-w4a8"),
+    ("LogEq W4A8, llm-compressor's scales rounded to float16 as fptq's", "lae-dynamic-w4a8", "logeq-w4a8-f16scale"),
     ("naive W4A8 (A8 static per tensor everywhere)", "naive-w4a8", "naive-w4a8"),
     ("FPTQ W4A8 (fptq default) vs llm-compressor's best W4A8 (LogEq, all dynamic)", "fptq", "logeq-w4a8"),
     ("FPTQ paper recipe vs llm-compressor's best W4A8", "fptq-paper", "logeq-w4a8"),
 ]
 LLMC_RECIPES = ("rtn-w4a16", "gptq-w4a16", "smoothquant-w8a8", "logeq-w4a8", "naive-w4a8")
 # run only when asked for (--llmc-recipes): experiments on a gap, not a shared recipe
-LLMC_EXTRA_RECIPES = ("gptq-w4a16-f16scale", "gptq-w4a16-mse")
+LLMC_EXTRA_RECIPES = ("gptq-w4a16-f16scale", "gptq-w4a16-mse", "logeq-w4a8-f16scale")
 LLMC_COMPUTES = {
     "rtn-w4a16": "float activations; weights fake-quantized (int4 sym, min-max scales) in each forward",
     "gptq-w4a16": "float activations; weights fake-quantized (int4 sym GPTQ) in each forward",
@@ -102,6 +103,7 @@ LLMC_COMPUTES = {
                         "(dynamic scale) and weights int8 per output channel, in each forward",
     "logeq-w4a8": "log-equalized model; inputs of every Linear quantize-dequantized to int8 per token "
                   "(dynamic scale) and weights int4 sym, in each forward",
+    "logeq-w4a8-f16scale": "as logeq-w4a8, its weight scales rounded to float16 (compressed-tensors scale_dtype)",
     "naive-w4a8": "inputs of every Linear quantize-dequantized to int8 with one static scale per tensor "
                   "(moving-average min-max observer) and weights int4 sym, in each forward",
 }
@@ -323,6 +325,11 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
         note = f" ({static}/{total} Linears static)" if p["fptq_method"].startswith("fptq") else ""
         md.append(f"| {p['label']} | fptq `{p['fptq_method']}`{note} | {p['fptq_s']:.1f} | {_cells(p['fptq'])} |")
         md.append(f"| | llm-compressor `{p['llmc_recipe']}` | {p['llmc_s']:.1f} | {_cells(p['llmc'])} |")
+    paired = {p["llmc_recipe"] for p in pairs}
+    for rec, row in llmc_rows.items():  # recipes run without their fptq method in this invocation
+        if rec != "float" and rec not in paired:
+            md.append(f"| (fptq row not run here) | llm-compressor `{rec}` | {row['oneshot_s']:.1f} | "
+                      f"{_cells(row['metrics'])} |")
     md.append("\nWhat llm-compressor's evaluated models compute (kept in memory after `oneshot`, "
               "compressed-tensors fake-quant forward, quantization status as reported):\n")
     for rec in LLMC_RECIPES + LLMC_EXTRA_RECIPES:

@@ -116,6 +116,7 @@ def test_gptq_flags_and_method_defaults():
     assert d.gptq_act_order and not cfg("--no-gptq-act-order").gptq_act_order
     assert d.calib_dtype == "bfloat16" and cfg("--calib-dtype", "float32").calib_dtype == "float32"
     assert d.propagate_backend == "auto" and cfg("--propagate-backend", "reference").propagate_backend == "reference"
+    assert d.calib_inputs == "quantized" and cfg("--calib-inputs", "float").calib_inputs == "float"
     rtn = cfg("--method", "rtn-w4a16")
     assert (rtn.calib_dtype, rtn.propagate_backend, rtn.gptq_act_order) == ("float32", "reference", False)
     assert cfg("--gptq-hessian-rows", "0").gptq_hessian_rows == 0

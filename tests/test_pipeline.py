@@ -558,3 +558,48 @@ def test_naive_w4a8_scales_are_the_mean_of_window_maxima():
     assert lp.observer == "mean_max"
     assert lp.act_scale == pytest.approx(expected, rel=1e-5)
     assert expected * 127 < float(x0.abs().max())  # below the max: the windows' maxima differ
+
+
+def _layer1_qkv_absmax(model, ids):
+    """max |x| of what layer 1's q_proj receives for ``ids`` (a float model or a quantized one)."""
+    captured = {}
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, i: captured.setdefault("x", i[0].detach()))
+    model(ids)
+    h.remove()
+    return float(captured["x"].abs().max())
+
+
+@pytest.mark.parametrize("method", ["lae-dynamic-w4a8", "fptq"])
+def test_calib_inputs_float_calibrates_every_layer_on_the_float_model(method):
+    """``calib_inputs="float"`` (llm-compressor's round-to-nearest recipes): layer 1 is calibrated on the
+    float model's activations, so its recorded max |x| is the float model's, to float rounding (for ``fptq``
+    through its bfloat16 statistics pass, to bfloat16's); by default it is the quantized model's, which
+    differs. Both give a working model, and the float-input run leaves the plan's layout unchanged."""
+    model = tiny_llama()
+    ids = _calib()
+    float_max = _layer1_qkv_absmax(model, ids)
+    plans, models = {}, {}
+    for inputs in ("quantized", "float"):
+        cfg = fptq.method_config(method, group_size=32, calib_inputs=inputs)
+        models[inputs] = copy.deepcopy(model)
+        plans[inputs] = fptq.quantize(models[inputs], cfg, ids, device="cpu", progress=False)
+    rel = 1e-5 if method == "lae-dynamic-w4a8" else 1e-2
+    name = "model.layers.1.self_attn.q_proj"
+    assert plans["float"].layers[name].act_absmax == pytest.approx(float_max, rel=rel)
+    # the default's layer 1 sees layer 0's quantization: its statistics are those of the quantized model
+    quant_layer0 = copy.deepcopy(model)
+    quant_layer0.model.layers[0] = models["quantized"].model.layers[0]
+    assert plans["quantized"].layers[name].act_absmax == pytest.approx(_layer1_qkv_absmax(quant_layer0, ids), rel=rel)
+    # and that differs from the float model's by more than the float-input run's rounding
+    assert (abs(plans["quantized"].layers[name].act_absmax - float_max)
+            > 3 * abs(plans["float"].layers[name].act_absmax - float_max))
+    assert plans["float"].layers.keys() == plans["quantized"].layers.keys()
+    ref = model(ids).logits
+    for m in models.values():
+        assert sqnr_db(ref, m(ids).logits) > 10
+
+
+def test_calib_inputs_is_validated():
+    with pytest.raises(ValueError, match="calib_inputs must be 'quantized' or 'float'"):
+        fptq.method_config("fptq", calib_inputs="fp32")

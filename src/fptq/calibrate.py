@@ -229,7 +229,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, name:
                 out = out[0]
             if not torch.isfinite(out.sum()):  # one cheap reduction; NaN/Inf anywhere propagate
                 raise FptqError(f"non-finite values (NaN or Inf) in the output of {name}; check the model's weights and dtype")
-            out = out.to(store)
+            out = out.to(device=store, dtype=h.dtype)  # an autocast pass keeps the cache's dtype
             if replace:
                 inputs.hidden[i] = out
             else:

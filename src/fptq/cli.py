@@ -113,6 +113,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--propagate-backend", dest="propagate_backend", default=None,
                    help="how the quantized layer is run to feed the next layer: auto (the integer kernels the model "
                         "runs on, faster; default for fptq) or reference (simulated in float32; the other methods)")
+    p.add_argument("--calib-inputs", dest="calib_inputs", default=None, choices=("quantized", "float"),
+                   help="what each layer is calibrated on: the outputs of the quantized layers before it (quantized, "
+                        "the default) or of the float model (float, as llm-compressor's round-to-nearest recipes)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N: where each layer runs (default: cuda if available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
     p.add_argument("--offload", nargs="?", const="cpu", default=False, metavar="DEVICE",
@@ -142,7 +145,7 @@ def config_from_args(args) -> "QuantConfig":
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
-        "equalize_into", "lae_scope", "calib_dtype", "propagate_backend")}
+        "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

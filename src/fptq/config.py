@@ -99,6 +99,11 @@ class QuantConfig:
     # backend that runs the quantized layer to produce the next layer's inputs
     # ("reference" = simulated quantization, "auto" = the integer kernels)
     propagate_backend: str = "reference"
+    # what each layer is calibrated on: "quantized" (the outputs of the already quantized layers before it, as
+    # GPTQ's reference code and fptq by default) or "float" (the float model's outputs: what llm-compressor's
+    # round-to-nearest recipes see, since its sequential pipeline runs with fake quantization switched off and
+    # only GPTQ writes quantized weights back)
+    calib_inputs: str = "quantized"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -129,6 +134,8 @@ class QuantConfig:
             raise ValueError(f"lae_scope must be 'band' or 'all', not {self.lae_scope!r}")
         if self.equalize_into not in ("all", "norms"):
             raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
+        if self.calib_inputs not in ("quantized", "float"):
+            raise ValueError(f"calib_inputs must be 'quantized' or 'float', not {self.calib_inputs!r}")
         if self.weight_clip_objective not in ("weight", "output"):
             raise ValueError(f"weight_clip_objective must be 'weight' or 'output', not {self.weight_clip_objective!r}")
         if any(p < 0 for p in self.equalization_powers):

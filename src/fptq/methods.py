@@ -42,8 +42,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # into up_proj -> down_proj too, where max|x| reaches thousands, costs 7% perplexity on SmolLM2-135M,
     # bench/results/lae_producers.md), with scales from max(x) - min(x) per channel, the statistic of its
     # smoothing modifiers (26.25 vs 26.90 from max|x| on SmolLM2-135M, bench/results/exp_gptq_sink.md)
+    # Each layer is calibrated on the float model's activations, as llm-compressor's sequential pipeline does
+    # for round-to-nearest recipes (it runs with fake quantization off): that difference, not the scale
+    # rounding, was the KL-divergence gap on Qwen2.5-Coder-0.5B (bench/results/qwen_logeq_floatin_seed*.md)
     "lae-dynamic-w4a8": dict(act_policy=ActPolicy.DYNAMIC, equalization=Equalization.LAE, equalize_into="norms",
-                             equalization_stat="range"),
+                             equalization_stat="range", calib_inputs="float"),
     # quantization-aware training (fptq.qat): the plan of the base method in QAT_BASE, then knowledge distillation
     # from the float model on data the model generates itself. LLM-QAT (arXiv 2305.17888): per-channel int4
     # weights, dynamic per-token int8 activations

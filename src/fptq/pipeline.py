@@ -1,11 +1,12 @@
 """``fptq.quantize``: the layer-by-layer pipeline shared by every method.
 
 For each decoder layer: collect input statistics of its Linears (float layer,
-inputs = quantized outputs of the previous layer), decide each Linear's
+inputs = quantized outputs of the previous layer, or with ``calib_inputs="float"``
+the float model's), decide each Linear's
 activation strategy, fold equalization scales, quantize the weights (RTN or
 GPTQ), pick static activation scales, replace the Linears with
 :class:`~fptq.nn.QuantLinear`, and run the quantized layer to produce the
-next layer's inputs.
+next layer's inputs (or, for float inputs, keep the float layer's outputs).
 """
 from __future__ import annotations
 
@@ -140,8 +141,8 @@ def quantize_layer(
                              hessian_rows_per_batch=rows_per_batch(config.gptq_hessian_rows, nb)
                              if config.gptq_hessian_rows else 0,
                              hessian_dtype=config.gptq_hessian_dtype) as stats:
-        with autocast:
-            run_layer(layer, inputs, device, name=layer_prefix)
+        with autocast:  # calibrated on float inputs: the float layer's outputs feed the next layer
+            run_layer(layer, inputs, device, name=layer_prefix, replace=config.calib_inputs == "float")
     # activation-aware weight clipping scores the clip on sampled calibration inputs
     output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
     for name, st in stats.items():
@@ -259,7 +260,8 @@ def quantize_layer(
         for m in qlinears:
             m.set_backend(config.propagate_backend)
     try:
-        run_layer(layer, inputs, device, name=layer_prefix, replace=True)
+        if config.calib_inputs == "quantized":
+            run_layer(layer, inputs, device, name=layer_prefix, replace=True)
     finally:
         for m in qlinears:  # back to the simulated path and the checkpoint's layout; caches rebuilt on demand
             m.set_backend("reference")
