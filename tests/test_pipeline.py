@@ -18,10 +18,10 @@ def _calib(n=8, s=32, vocab=300, seed=0):
     return torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(seed))
 
 
-def _layer0_qkv_input(model, ids):
-    """The float input of layer 0's q/k/v (what q_proj receives) for ``ids``."""
+def _qkv_input(model, ids, layer=0):
+    """The input of decoder layer ``layer``'s q/k/v (what q_proj receives) for ``ids``."""
     captured = {}
-    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+    h = model.model.layers[layer].self_attn.q_proj.register_forward_hook(
         lambda m, i, o: captured.setdefault("x", i[0].detach()))
     model(ids)
     h.remove()
@@ -317,7 +317,7 @@ def test_output_observer_picks_each_static_scale_on_the_quantized_consumers():
     model = tiny_llama()
     ids = _calib()
     ref = model(ids).logits
-    x0 = _layer0_qkv_input(model, ids)
+    x0 = _qkv_input(model, ids)
     # no equalization: layer 0's q/k/v see exactly the captured float inputs
     cfg = fptq.method_config("naive-w4a8", group_size=32, static_observer="output")
     plan = fptq.quantize(model, cfg, ids, device="cpu", progress=False)
@@ -387,7 +387,7 @@ def test_first_token_absmax_and_the_sink_observer():
 
     model = tiny_llama()
     ids = _calib()
-    x0 = _layer0_qkv_input(model, ids)
+    x0 = _qkv_input(model, ids)
     sink = float(x0[:, 0].abs().max())  # layer 0's q/k/v input at the first position
     for method in ("naive-w4a8", "fptq"):
         mm = copy.deepcopy(model)
@@ -549,7 +549,7 @@ def test_naive_w4a8_scales_are_the_mean_of_window_maxima():
     by 127; checked on layer 0's q/k/v input, which no earlier quantization touches."""
     model = tiny_llama()
     ids = _calib(6, 16)
-    x0 = _layer0_qkv_input(model, ids)
+    x0 = _qkv_input(model, ids)
     expected = float(x0.abs().amax(dim=(1, 2)).mean()) / 127
     cfg = fptq.method_config("naive-w4a8", group_size=32)
     assert cfg.static_observer == "mean_max"
@@ -562,12 +562,7 @@ def test_naive_w4a8_scales_are_the_mean_of_window_maxima():
 
 def _layer1_qkv_absmax(model, ids):
     """max |x| of what layer 1's q_proj receives for ``ids`` (a float model or a quantized one)."""
-    captured = {}
-    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
-        lambda m, i: captured.setdefault("x", i[0].detach()))
-    model(ids)
-    h.remove()
-    return float(captured["x"].abs().max())
+    return float(_qkv_input(model, ids, layer=1).abs().max())
 
 
 @pytest.mark.parametrize("method", ["lae-dynamic-w4a8", "fptq"])

@@ -255,13 +255,14 @@ def quantize_layer(
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
             )
+    if config.calib_inputs == "float":
+        return entries  # the statistics pass already wrote the float layer's outputs into ``inputs``
     qlinears = [m for m in layer.modules() if isinstance(m, QuantLinear)]
     if config.propagate_backend != "reference":
         for m in qlinears:
             m.set_backend(config.propagate_backend)
     try:
-        if config.calib_inputs == "quantized":
-            run_layer(layer, inputs, device, name=layer_prefix, replace=True)
+        run_layer(layer, inputs, device, name=layer_prefix, replace=True)
     finally:
         for m in qlinears:  # back to the simulated path and the checkpoint's layout; caches rebuilt on demand
             m.set_backend("reference")
