@@ -598,3 +598,26 @@ def test_calib_inputs_float_calibrates_every_layer_on_the_float_model(method):
 def test_calib_inputs_is_validated():
     with pytest.raises(ValueError, match="calib_inputs must be 'quantized' or 'float'"):
         fptq.method_config("fptq", calib_inputs="fp32")
+
+
+def test_float16_model_whose_hidden_states_sum_past_float16s_range_quantizes():
+    """Issue 28: float16 checkpoints stopped at layer 0 with "non-finite values" on a GPU. The finiteness check
+    summed a layer's outputs in float16, which overflows to Inf once the batch's values add up past 65504
+    (one large channel over a few thousand tokens does), though every value is finite. Reproduced here on
+    the CPU: a residual channel of 700 over 4 x 32 tokens sums to 89600."""
+    from fptq.calibrate import LayerInputs, run_layer
+
+    h = torch.zeros(4, 32, 64, dtype=torch.float16)
+    h[..., 0] = 700.0
+    inputs = LayerInputs(hidden=[h], kwargs=[{}])
+    out = run_layer(torch.nn.Identity(), inputs, torch.device("cpu"))
+    assert torch.equal(out[0], h)
+    with pytest.raises(fptq.FptqError, match="non-finite"):
+        run_layer(torch.nn.Identity(), LayerInputs(hidden=[h.clone().fill_(float("inf"))], kwargs=[{}]),
+                  torch.device("cpu"))
+    model = tiny_llama(outliers=False).to(torch.float16)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 700.0
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = fptq.quantize(model, fptq.method_config("fptq", group_size=32), ids, device="cpu", progress=False)
+    assert len(plan.layers) == 14

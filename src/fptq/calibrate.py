@@ -227,7 +227,9 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, name:
             out = layer(h.to(device), **_move(kw, device))
             if isinstance(out, tuple):
                 out = out[0]
-            if not torch.isfinite(out.sum()):  # one cheap reduction; NaN/Inf anywhere propagate
+            # one cheap reduction (NaN/Inf anywhere propagate), accumulated and returned in float32: a float16
+            # sum of finite outputs overflows to Inf past 65504 (a 7B model's batch of hidden states easily does)
+            if not torch.isfinite(out.sum(dtype=torch.float32)):
                 raise FptqError(f"non-finite values (NaN or Inf) in the output of {name}; check the model's weights and dtype")
             out = out.to(device=store, dtype=h.dtype)  # an autocast pass keeps the cache's dtype
             if replace:
