@@ -21,7 +21,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["return_freed_memory_to_os", "trim_heap", "M_MMAP_THRESHOLD"]
+__all__ = ["return_freed_memory_to_os", "trim_heap", "M_MMAP_THRESHOLD", "process_memory"]
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -60,3 +60,19 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now (``rss_bytes``) and its peak so far (``peak_rss_bytes``), from
+    ``/proc/self/status`` (Linux); empty where that is unavailable."""
+    keys = {"VmRSS": "rss_bytes", "VmHWM": "peak_rss_bytes"}
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    out[keys[key]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out

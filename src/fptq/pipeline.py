@@ -31,6 +31,7 @@ from .calibrate import (
 from .config import ActPolicy, Equalization, QuantConfig, Strategy
 from .errors import FptqError
 from .folding import equalization_scales, fold_group, wants_equalization
+from .memory import trim_heap
 from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
 from .nn import QuantLinear
 from .plan import LayerPlan, Plan, choose_strategy
@@ -62,6 +63,7 @@ class LayerResult:
     entries: dict[str, LayerPlan]
     layer: nn.Module | None = None
     inputs: LayerInputs | None = None
+    phases: dict[str, float] | None = None  # seconds: load, statistics, weights, propagate
 
 
 def layer_generator(seed: int, index: int) -> torch.Generator:
@@ -126,9 +128,14 @@ def quantize_layer(
     device: torch.device,
     heads: tuple[int, int],
     generator: torch.Generator,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, LayerPlan]:
     """Quantize one decoder layer in place (its Linears become QuantLinears)
-    and advance ``inputs`` to the next layer's inputs. Returns plan entries."""
+    and advance ``inputs`` to the next layer's inputs. Returns plan entries; ``phases`` (optional) receives
+    the seconds of the statistics pass, of the weights (strategies, folds, GPTQ or round-to-nearest) and of the
+    propagation pass."""
+    phases = {} if phases is None else phases
+    t = time.perf_counter()
     linears = adapter.quantizable_linears(layer)
     reps = {g.consumers[0]: layer.get_submodule(g.consumers[0]) for g in adapter.groups}
     nb = len(inputs.hidden)
@@ -143,6 +150,9 @@ def quantize_layer(
                              hessian_dtype=config.gptq_hessian_dtype) as stats:
         with autocast:  # calibrated on float inputs: the float layer's outputs feed the next layer
             run_layer(layer, inputs, device, name=layer_prefix, replace=config.calib_inputs == "float")
+    del reps  # each float Linear is freed once its QuantLinear replaces it (below)
+    phases["statistics"] = time.perf_counter() - t
+    t = time.perf_counter()
     # activation-aware weight clipping scores the clip on sampled calibration inputs
     output_clip = config.weight_clip_search and config.weight_clip_objective == "output"
     for name, st in stats.items():
@@ -182,9 +192,10 @@ def quantize_layer(
                 sample = sample / s_in
             if first_max is not None:
                 first_max = first_max.to(s_in.device) / s_in
-            if hess is not None:
+            if hess is not None:  # in place: the accumulator's copy is not needed any more (one K x K less)
                 inv = (1.0 / s_in).to(hess.device)
-                hess = hess * inv.view(-1, 1) * inv.view(1, -1)
+                with torch.inference_mode(hess.is_inference()):  # accumulated under inference mode
+                    hess = hess.mul_(inv.view(-1, 1)).mul_(inv.view(1, -1))
             eq_name = config.equalization.value
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
@@ -192,8 +203,13 @@ def quantize_layer(
         decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
                           first_max))
 
+    for st in stats.values():  # the decisions hold the Hessians they need; each is freed after its group
+        st.hessian = None
     # quantize only after every fold of the layer is done (folds change producers' weights)
-    for group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note, first_max in decisions:
+    decisions.reverse()
+    while decisions:
+        (group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
+         first_max) = decisions.pop()
         gs = config.group_size if config.group_size > 0 else -1
         gram = None
         quantized = {}
@@ -202,9 +218,9 @@ def quantize_layer(
         if config.gptq and hess is not None:
             # GPTQ treats every output row on its own given the input's Hessian: the group's consumers
             # (q/k/v, gate/up) run as one stacked matrix, one factorisation and one column loop for all
-            stacked = torch.cat([w.cpu() for w in ws.values()])
+            hess = hess.cpu()
             codes, scales, ok = gptq_quantize(
-                stacked, hess.cpu(), config.wbits, gs, block_size=config.gptq_block_size,
+                [w.cpu() for w in ws.values()], hess, config.wbits, gs, block_size=config.gptq_block_size,
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
                 scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,
@@ -224,7 +240,11 @@ def quantize_layer(
                     gram = group_gram(sample.to(w.device), gs)  # once per group: its consumers share the input
                 codes, scales = rtn_weight_codes(w, config, gs, gram)
             deq = dequantize_weight(codes, scales, gs)
-            quantized[cname] = (codes, scales, deq, weight_method, relative_weight_error(w, deq))
+            rel_err = relative_weight_error(w, deq)
+            # the dequantized weights are kept only for the observer that scores through them
+            quantized[cname] = (codes, scales, deq if config.static_observer == "output" else None, weight_method,
+                                rel_err)
+            del deq
         act_scale = None
         if strategy in (Strategy.STATIC, Strategy.LAE_STATIC):
             weight = None
@@ -245,6 +265,7 @@ def quantize_layer(
                 act_scale=act_scale, bias=lin.bias, dtype=lin.weight.dtype,
             )
             _set_submodule(layer, cname, q)
+            del linears[cname]  # nothing refers to the float Linear now: its weights are freed
             entries[f"{layer_prefix}.{cname}"] = LayerPlan(
                 strategy=strategy.value, act_absmax=v, in_features=lin.in_features,
                 out_features=lin.out_features, wbits=config.wbits,
@@ -255,6 +276,12 @@ def quantize_layer(
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
             )
+        # nothing of this group's float weights, codes or Hessian outlives it (the next group's GPTQ needs the room),
+        # and the C heap hands back what they took (it would keep the freed pages resident)
+        del ws, w, lin, q, quantized, gptq_out, codes, scales, hess, sample, gram
+        trim_heap()
+    phases["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
     if config.calib_inputs == "float":
         return entries  # the statistics pass already wrote the float layer's outputs into ``inputs``
     qlinears = [m for m in layer.modules() if isinstance(m, QuantLinear)]
@@ -268,6 +295,7 @@ def quantize_layer(
             m.set_backend("reference")
             m.use_rowpair_layout()
             m.clear_cache()
+        phases["propagate"] = time.perf_counter() - t
     return entries
 
 
@@ -414,13 +442,15 @@ def quantize(
                 load_layer(i, layer)
             layer_device = next(layer.parameters()).device
             layer.to(device)
+            phases = {"load": time.perf_counter() - t0}
             inputs.layer_index = i
             prefix = f"{adapter.layers_path}.{i}"
             entries = (quantize_layer_weights(layer, prefix, adapter, config) if data_free else
-                       quantize_layer(layer, prefix, adapter, config, inputs, device, heads, layer_generator(seed, i)))
+                       quantize_layer(layer, prefix, adapter, config, inputs, device, heads, layer_generator(seed, i),
+                                      phases))
             layer.to(layer_device)
             plan.layers.update(entries)
-            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs)
+            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs, phases)
             if on_layer_done is not None:
                 on_layer_done(res)
             if bar is not None:

@@ -69,6 +69,15 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
         f"time       quantize {t.get('quantize', 0):.1f} s (load {t.get('load', 0):.1f} s, save {t.get('save', 0):.1f} s, "
         f"total {t.get('total', 0):.1f} s)",
     ]
+    if t.get("layer_phases"):
+        lines.append("           layers: " + ", ".join(f"{k} {v:.1f} s" for k, v in t["layer_phases"].items()))
+    mem = report.get("memory") or {}
+    if mem.get("peak_rss_bytes"):
+        peak, fb = mem["peak_rss_bytes"], sizes.get("float_model_bytes")
+        # the ratio says something once the model outweighs the interpreter and its libraries
+        ratio = fb and fb > (mem.get("rss_at_start_bytes") or 0)
+        lines.append(f"memory     peak {_fmt_bytes(peak)} resident"
+                     + (f" ({peak / fb:.2f}x the float model's {_fmt_bytes(fb)})" if ratio else ""))
     if sizes:
         lines.append(
             f"size       {_fmt_bytes(sizes['float_model_bytes'])} float -> {_fmt_bytes(sizes['checkpoint_bytes'])} checkpoint; "

@@ -22,8 +22,8 @@ import torch
 
 from .errors import FptqError
 
-__all__ = ["TensorEntry", "read_header", "read_tensors", "write_safetensors", "tensor_entry", "file_entries",
-           "cast_entry", "dtype_name", "torch_dtype", "WeightIndex"]
+__all__ = ["TensorEntry", "read_header", "read_tensors", "read_chunks", "write_safetensors", "tensor_entry",
+           "file_entries", "cast_entry", "dtype_name", "torch_dtype", "WeightIndex", "CHUNK_BYTES"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,6 +45,12 @@ class TensorEntry:
     nbytes: int
     write: Callable[[BinaryIO], None]
     read: Callable[[], torch.Tensor] | None = None
+    # the tensor's values in order as 1-D pieces of at most ``CHUNK_BYTES`` (file-backed entries): lets
+    # :func:`cast_entry` convert a tensor larger than memory allows piece by piece
+    read_chunks: Callable[[], Iterator[torch.Tensor]] | None = None
+
+
+CHUNK_BYTES = 1 << 26  # 64 MiB
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -89,8 +95,15 @@ def cast_entry(entry: TensorEntry, dtype: torch.dtype) -> TensorEntry:
     def read() -> torch.Tensor:
         return src().to(dtype)
 
+    def write(f: BinaryIO) -> None:
+        if entry.read_chunks is None:
+            f.write(_tensor_bytes(read()))
+            return
+        for piece in entry.read_chunks():  # never the whole tensor in memory, in either dtype
+            f.write(_tensor_bytes(piece.to(dtype)))
+
     return TensorEntry(entry.name, name, entry.shape, numel * torch.empty((), dtype=dtype).element_size(),
-                       lambda f: f.write(_tensor_bytes(read())), read)
+                       write, read)
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
@@ -139,6 +152,28 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> Iterat
             yield k, t.reshape(info["shape"])
 
 
+def read_chunks(path: str | Path, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """The values of tensor ``name`` of the safetensors file ``path``, in order, as 1-D tensors of at most
+    ``chunk_bytes`` each (plain file reads; one piece in memory at a time)."""
+    header, start = read_header(path)
+    info = header[name]
+    if info["dtype"] not in _DTYPES:
+        raise FptqError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    dtype = _DTYPES[info["dtype"]]
+    size = torch.empty((), dtype=dtype).element_size()
+    step = max(size, chunk_bytes - chunk_bytes % size)
+    a, b = info["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(start + a)
+        left = b - a
+        while left:
+            buf = bytearray(min(left, step))
+            if f.readinto(buf) != len(buf):
+                raise FptqError(f"{path} is truncated while reading {name}; re-download or re-save it")
+            left -= len(buf)
+            yield torch.frombuffer(buf, dtype=dtype)
+
+
 def file_entries(path: str | Path, names: Iterable[str] | None = None) -> list[TensorEntry]:
     """Entries copying tensors (default: all) of an existing file byte for byte (no tensor is materialised)."""
     header, start = read_header(path)
@@ -164,7 +199,7 @@ def file_entries(path: str | Path, names: Iterable[str] | None = None) -> list[T
 
     return [TensorEntry(k, header[k]["dtype"], tuple(header[k]["shape"]),
                         header[k]["data_offsets"][1] - header[k]["data_offsets"][0], copier(*header[k]["data_offsets"]),
-                        reader(k))
+                        reader(k), lambda k=k: read_chunks(path, k))
             for k in keys]
 
 
@@ -243,6 +278,13 @@ class WeightIndex:
             by_file.setdefault(self.weight_map[k], []).append(k)
         found = {e.name: e for fname, keys in by_file.items() for e in file_entries(self.root / fname, keys)}
         return [found[k] for k in names]
+
+    def nonfinite(self, name: str) -> bool:
+        """Whether tensor ``name`` holds a NaN or Inf (read piece by piece: never whole in memory)."""
+        for piece in read_chunks(self.root / self.weight_map[name], name, chunk_bytes=1 << 24):
+            if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+                return True
+        return False
 
     def load(self, prefix: str = "", exclude: str | None = None) -> dict[str, torch.Tensor]:
         """Tensors whose name starts with ``prefix`` (and not with ``exclude``), read from their files."""

@@ -28,7 +28,7 @@ from .io import (
     storage_entries,
     unquantized_dtype,
 )
-from .memory import trim_heap
+from .memory import process_memory, trim_heap
 from .models.adapters import get_adapter
 from .models.loading import LazyWeights, load_float_model, load_float_model_lazy, model_fingerprint
 from .nn import QuantLinear
@@ -133,6 +133,15 @@ def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module
     return load
 
 
+def _phase_totals(layer_infos: list[dict]) -> dict[str, float]:
+    """Seconds spent in each phase of the layers (load, statistics, weights, propagate), summed over layers."""
+    out: dict[str, float] = {}
+    for info in layer_infos:
+        for k, v in (info.get("phases") or {}).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def quantize_to_dir(
     model: str | None,
     out: str | Path,
@@ -171,6 +180,12 @@ def quantize_to_dir(
     ``keep_dtype`` writes them in the model's dtype, float32 included.
     """
     t_start = time.perf_counter()
+    events: list[dict[str, Any]] = []  # phase boundaries: Unix time and resident memory, in the report
+
+    def event(name: str) -> None:
+        events.append({"event": name, "unix_time": time.time(), **process_memory()})
+
+    event("start")
     out = check_output_dir(out, force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -183,6 +198,7 @@ def quantize_to_dir(
     else:
         (fmodel, tok, src), weights = load_float_model(model, trust_remote_code=trust_remote_code), None
     t_load = time.perf_counter() - t0
+    event("loaded")
     float_bytes = sum(p.numel() * p.element_size() for p in fmodel.parameters())
     float_dtype = model_dtype(fmodel)
     bpp = float_dtype.itemsize
@@ -198,10 +214,11 @@ def quantize_to_dir(
     resumed_at = run.layers_done if run is not None and run.layers_done else None
 
     def checkpoint(res: LayerResult) -> None:
-        extra = {"seconds": res.seconds, "sizes": model_sizes(res.layer, bpp, keep_dtype)}
+        extra = {"seconds": res.seconds, "phases": res.phases, "sizes": model_sizes(res.layer, bpp, keep_dtype)}
         run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra)
         LazyWeights.release_layer(res.layer)  # it is on disk now
         trim_heap()  # hand the freed layer back to the OS: resident memory stays flat from layer to layer
+        event(f"layer {res.index}")
         if on_layer_done is not None:
             on_layer_done(res)
 
@@ -227,6 +244,7 @@ def quantize_to_dir(
             plan.layers.update(info["entries"])
         layer_units = [file_entries(f) for f in run.layer_files()]
     t_quant = time.perf_counter() - t0
+    event("quantized")
 
     rest = weights.rest_entries() if weights is not None else rest_entries(fmodel, layers_prefix)
     store_dtype = unquantized_dtype(float_dtype, keep_dtype)
@@ -250,7 +268,8 @@ def quantize_to_dir(
         "layer_by_layer_loading": weights is not None,
         "resume": {"manifest": run.manifest if run is not None else None, "resumed_at_layer": resumed_at},
         "timings_s": {"load": t_load, "quantize": t_quant,
-                      "layers": [info.get("seconds") for info in layer_infos]},
+                      "layers": [info.get("seconds") for info in layer_infos],
+                      "layer_phases": _phase_totals(layer_infos)},
     }
     t0 = time.perf_counter()
     try:
@@ -264,13 +283,18 @@ def quantize_to_dir(
     if run is not None:
         run.remove()
     t_save = time.perf_counter() - t0
+    event("saved")
     ckpt = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
     report["timings_s"].update({"save": t_save, "total": time.perf_counter() - t_start})
+    report["events"] = events
+    mem = process_memory()
+    if mem:  # the peak of the whole process, and what it held when the job started (interpreter, libraries)
+        report["memory"] = {"rss_at_start_bytes": events[0].get("rss_bytes"), "peak_rss_bytes": mem["peak_rss_bytes"]}
     report["sizes"] = {"float_model_bytes": float_bytes, "checkpoint_bytes": ckpt, **sizes}
     # rewrite the report with the final timings and sizes (files' hashes unchanged)
     rp = Path(out) / "quantize_report.json"
     saved = json.loads(rp.read_text())
-    saved.update({"timings_s": report["timings_s"], "sizes": report["sizes"]})
+    saved.update({k: report[k] for k in ("timings_s", "sizes", "events", "memory") if k in report})
     rp.write_text(json.dumps(saved, indent=2, default=str))
     report["files"] = saved.get("files", {})
     return plan, report

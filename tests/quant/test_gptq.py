@@ -210,3 +210,56 @@ def test_blocked_gptq_reproduces_the_textbook_column_loop():
     # float32 vs float64 rounding may flip a code sitting on a rounding tie, nothing more
     assert (q != q_ref).float().mean() < 2e-3
     assert ((s.float() - s_ref.float()).abs() <= 1e-3 * s_ref.float()).float().mean() > 0.99
+
+
+def test_a_list_of_matrices_is_quantized_as_their_stack_bit_for_bit():
+    """The pipeline hands GPTQ the Linears that share an input as a list (no stacked copy in memory): the same
+    codes and scales, bit for bit, as the stacked matrix; the caller's weights and Hessian are not written."""
+    g = torch.Generator().manual_seed(0)
+    x = _correlated_inputs(512, 96)
+    x[:, 7] = 0  # a dead input channel: GPTQ zeroes its weights on a copy
+    h = HessianAccumulator(96)
+    h.add(x)
+    ws = [torch.randn(n, 96, generator=g) for n in (40, 24)]
+    before = [w.clone() for w in ws], h.h.clone()
+    for kw in ({}, {"act_order": True, "clip_search": True}, {"clip_search": True, "clip_objective": "output"}):
+        whole = gptq_quantize(torch.cat(ws), h.h, 4, 32, **kw)
+        parts = gptq_quantize(ws, h.h, 4, 32, **kw)
+        assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1]) and whole[2] and parts[2]
+    assert all(torch.equal(a, b) for a, b in zip(ws, before[0])) and torch.equal(h.h, before[1])
+
+
+def test_inverse_factor_is_computed_in_one_column_major_buffer_with_the_reference_bits():
+    """GPTQ's Hessian inverse factor: the dampened (permuted) Hessian, its Cholesky factor, the inverse and the
+    inverse's factor all in one column-major buffer (LAPACK's layout, so no call copies the matrix), with the
+    same bits as the out-of-place chain on ``h[perm][:, perm]``."""
+    from fptq.quant.gptq import _inverse_factor, _working_hessian
+
+    x = _correlated_inputs(400, 72)
+    acc = HessianAccumulator(72)
+    acc.add(x)
+    h = acc.h
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w = _working_hessian(h, perm)
+    assert w.stride() == (1, 72) and torch.equal(w, h[perm][:, perm])
+    for p in (None, perm):
+        hp = h.clone() if p is None else h[p][:, p]
+        hp.diagonal().add_(0.01 * torch.mean(torch.diag(hp)))
+        want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+        got = _inverse_factor(h, p, 0.01)
+        assert got.stride() == (1, 72) and torch.equal(got, want)
+    assert _inverse_factor(-torch.eye(8), None, 0.01) is None  # not positive definite even dampened
+
+
+def test_clip_search_in_blocks_of_rows_equals_the_whole_matrix(monkeypatch):
+    """The weight clip search runs a block of rows at a time (bounded temporaries): rows are independent, so
+    the scales are the same bits as one pass over the whole matrix."""
+    import fptq.quant.weights as W
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 200, generator=g)
+    gram = group_gram(torch.randn(64, 200, generator=g), 64)
+    whole = [W.weight_scales(w, 4, 64, clip_search=True), W.weight_scales(w, 4, 64, clip_search=True, gram=gram)]
+    monkeypatch.setattr(W, "CLIP_SEARCH_ELEMENTS", 3 * 200)  # blocks of 3 rows
+    blocked = [W.weight_scales(w, 4, 64, clip_search=True), W.weight_scales(w, 4, 64, clip_search=True, gram=gram)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocked))

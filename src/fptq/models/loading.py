@@ -294,9 +294,16 @@ class LazyWeights:
         return self.index.entries([k for k in self.index.weight_map if not k.startswith(prefix)])
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()``, a piece at a time: isfinite makes temporaries several times the size of
+    its input (an embedding matrix would need as much again)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _check_finite(sd: dict[str, torch.Tensor], prefix: str = "") -> None:
     for k, v in sd.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.is_floating_point() and not _all_finite(v):
             raise FptqError(f"the model's weight {prefix}{k} contains NaN or Inf; the checkpoint is corrupt")
 
 
@@ -371,8 +378,9 @@ def load_float_model_lazy(spec: str | None, trust_remote_code: bool = False):
     for name in pre_modules:
         pre.update(index.load(prefix=name + "."))
     _check_finite(pre)
-    for k in sorted(stored - set(pre)):  # the rest is copied into the checkpoint as is: check it once
-        _check_finite(index.load(prefix=k))
+    for k in sorted(stored - set(pre)):  # the rest is copied into the checkpoint as is: check it once, piece by piece
+        if index.nonfinite(k):
+            raise FptqError(f"the model's weight {k} contains NaN or Inf; the checkpoint is corrupt")
     model.load_state_dict(pre, strict=False, assign=True)
     if tied:
         model.tie_weights()

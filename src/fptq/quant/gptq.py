@@ -75,8 +75,64 @@ def token_cap_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.clamp(limit / norms.clamp_min(1e-12), max=1.0).pow(2)
 
 
+def _working_hessian(h: torch.Tensor, perm: torch.Tensor | None, chunk: int = 1024) -> torch.Tensor:
+    """A copy of ``h`` (``h[perm][:, perm]`` with ``perm``) laid out column-major, the layout LAPACK works in
+    without copying. Made without a second temporary: the rows of the buffer (columns of the result)
+    gathered, then each chunk of them permuted in place. (``h`` need not be exactly symmetric: the copy has
+    its values at the same indices.)"""
+    k = h.shape[0]
+    buf = torch.empty(k, k)  # row-major; the result is its transpose
+    src = h.t()
+    if perm is None:
+        buf.copy_(src)
+    else:
+        torch.index_select(src, 0, perm, out=buf)
+        for i in range(0, k, chunk):
+            buf[i:i + chunk] = buf[i:i + chunk].index_select(1, perm)
+    return buf.t()
+
+
+def _inverse_factor(h: torch.Tensor, perm: torch.Tensor | None, damp: float) -> torch.Tensor | None:
+    """The upper Cholesky factor of the inverse of ``h`` (permuted by ``perm``) dampened by ``damp`` times its
+    mean diagonal (10x and 100x more if the factorisation fails); ``None`` if it still fails.
+
+    Everything happens in one ``K x K`` buffer, column-major (the result too): the dampened Hessian,
+    overwritten by its Cholesky factor, then by the inverse, then by the inverse's factor (LAPACK's
+    in-place routines; the same bits as out-of-place). A retry rebuilds the buffer from ``h``, which is
+    never written."""
+    mean_diag = None
+    for factor in (1.0, 10.0, 100.0):
+        # column-major: LAPACK works in the buffer itself (a row-major one it copies for each call)
+        f = _working_hessian(h, perm)
+        if mean_diag is None:
+            mean_diag = torch.mean(torch.diag(f))
+        f.diagonal().add_(damp * factor * mean_diag)
+        try:
+            torch.linalg.cholesky(f, out=f)
+            torch.cholesky_inverse(f, out=f)
+            torch.linalg.cholesky(f, upper=True, out=f)
+            return f
+        except torch.linalg.LinAlgError:
+            del f
+    return None
+
+
+def _transposed(parts: list[torch.Tensor], perm: torch.Tensor | None, chunk: int = 1024) -> torch.Tensor:
+    """``cat(parts).t()`` (``[K, N]``) with its rows in ``perm``'s order, written piece by piece into one new
+    tensor (no stacked or permuted intermediate the size of the weights)."""
+    k = parts[0].shape[1]
+    out = torch.empty(k, sum(p.shape[0] for p in parts))
+    off = 0
+    for p in parts:
+        pt = p.t()
+        for c in range(0, k, chunk):
+            out[c:c + chunk, off:off + p.shape[0]] = pt[c:c + chunk] if perm is None else pt[perm[c:c + chunk]]
+        off += p.shape[0]
+    return out
+
+
 def gptq_quantize(
-    w: torch.Tensor,
+    w: torch.Tensor | list[torch.Tensor],
     h: torch.Tensor,
     bits: int = 4,
     group_size: int = 128,
@@ -88,7 +144,8 @@ def gptq_quantize(
     scale_rounding: str = "nearest",
     clip_objective: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Quantize ``w`` (``[N, K]``) with GPTQ.
+    """Quantize ``w`` (``[N, K]``, or a list of matrices with the same input, as if stacked: every output
+    row is independent given ``h``) with GPTQ.
 
     Returns ``(codes int8 [N, K], fp16 scales [N, G], used_gptq)``. Scales are
     chosen per group from the *updated* weights when the group is reached
@@ -103,53 +160,50 @@ def gptq_quantize(
     the clip search (``clip_search``) scores a group's scale on: ``"weight"`` (the group's squared weight
     error) or ``"output"`` (the error it adds to the Linear's output, ``d^T H_g d`` with ``H_g`` the
     group's diagonal block of ``h``: activation-aware clipping from the Hessian GPTQ already has).
+
+    Memory: one ``K x K`` float32 matrix besides the caller's ``h`` (:func:`_inverse_factor`), one float32
+    copy of the weights (transposed, updated in place) and their int8 codes; the caller's ``w`` and ``h``
+    are never written.
     """
     from .weights import quantize_weight
 
     if clip_objective not in ("weight", "output"):
         raise ValueError(f"clip_objective must be 'weight' or 'output', not {clip_objective!r}")
     qmin, qmax = qrange(bits)
-    w = w.float().clone()
-    n, k = w.shape
+    parts = [x.float() for x in (w if isinstance(w, (list, tuple)) else [w])]
+    del w
+    n, k = sum(x.shape[0] for x in parts), parts[0].shape[1]
     gs = k if group_size <= 0 else group_size
     g = num_groups(k, gs)
-    h = h.float().clone()
+    h = h.float()  # the caller's, never written: a retry rebuilds the working copy from it
 
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1
+        parts = [x.clone() for x in parts]
+        for x in parts:
+            x[:, dead] = 0
     blocks = hessian_group_blocks(h, gs) if clip_search and clip_objective == "output" else None
 
     if act_order:
         static_groups = True
     scales = torch.zeros(n, g, dtype=torch.float16)
     if static_groups:
-        scales = weight_scales(w, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding)
+        scales = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding)
+                            for x in parts])
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
 
-    hinv = None
-    mean_diag = torch.mean(torch.diag(h))
-    for attempt, factor in enumerate((1.0, 10.0, 100.0)):
-        hd = h.clone()
-        idx = torch.arange(k)
-        hd[idx, idx] += damp * factor * mean_diag
-        try:
-            lchol = torch.linalg.cholesky(hd)
-            hinv = torch.cholesky_inverse(lchol)
-            hinv = torch.linalg.cholesky(hinv, upper=True)
-            break
-        except torch.linalg.LinAlgError:
-            continue
+    hinv = _inverse_factor(h, perm, damp)
+    del h
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
-        w0 = w if perm is None else w[:, torch.argsort(perm)]
-        sc = weight_scales(w0, bits, gs, clip_search=clip_search)  # rounded down, as round-to-nearest's are
-        return quantize_weight(w0, sc, bits, gs), sc, False
+        sc = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search) for x in parts])  # rounded down,
+        return torch.cat([quantize_weight(x, sc_x, bits, gs)  # as round-to-nearest's are
+                          for x, sc_x in zip(parts, sc.split([x.shape[0] for x in parts]))]), sc, False
 
     col_group = torch.arange(k) // gs
     if perm is not None:
@@ -157,14 +211,22 @@ def gptq_quantize(
     groups = col_group.tolist()
     # the column loop works on the transposed weights: a column is then one contiguous row, and the
     # few small ops per column (the loop's cost is their overhead) run on contiguous memory
-    wt = w.t().contiguous()  # [K, N]
-    qt = torch.empty(k, n)  # codes, as floats, transposed
+    wt = _transposed(parts, perm)  # [K, N], columns in processing order
+    del parts
+    qt = torch.empty(k, n, dtype=torch.int8)  # codes, transposed
+    qc = torch.empty(n)  # the column being quantized, its codes as floats
     s, s_grp = None, -1
+    rows_per_update = max(1, (1 << 22) // max(n, 1))
+    hrow = torch.empty(min(block_size, k), k)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2]  # a view: updates land in wt
         err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        # this block's rows of the (column-major) factor, copied row-major with the row stride of a
+        # row-major K x K matrix: the loop's products then see exactly the layout they were written for
+        hb = hrow[: i2 - i1]
+        hb[:, i1:].copy_(hinv[i1:i2, i1:])
+        hinv1 = hb[:, i1:i2]
         neg_d = (-torch.diagonal(hinv1)).tolist()
         for i in range(i2 - i1):
             col = i1 + i
@@ -180,16 +242,18 @@ def gptq_quantize(
             if grp != s_grp:
                 s, s_grp = scales[:, grp].float(), grp
             wc = w1[i]
-            qc = qt[col]
             torch.div(wc, s, out=qc).round_().clamp_(qmin, qmax)
+            qt[col].copy_(qc)
             e = err1[i]
             torch.mul(qc, s, out=e)
             e.sub_(wc).div_(neg_d[i])  # (w - q s) / d
             if i + 1 < i2 - i1:
                 w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)
-        if i2 < k:
-            wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
-    q = qt.t().to(torch.int8).contiguous()
+        # the error fed forward to the columns not yet quantized, a block of rows at a time: the product's
+        # temporary stays small (same values as the whole product at once)
+        for r in range(i2, k, rows_per_update):
+            wt[r:r + rows_per_update].sub_(hb[:, r:r + rows_per_update].t() @ err1)
+    q = qt.t().contiguous()
 
     if perm is not None:
         inv = torch.argsort(perm)

@@ -141,13 +141,28 @@ def weight_scales(
     if rounding not in ("down", "nearest"):
         raise ValueError(f"rounding must be 'down' or 'nearest', not {rounding!r}")
     to_fp16 = fp16_floor if rounding == "down" else (lambda x: x.to(torch.float16))
-    qmin, qmax = qrange(bits)
-    levels = qmax + 0.5
     w = w.float()
-    absmax = _group_absmax(w, group_size).clamp_min(1e-8)
     tiny = torch.finfo(torch.float16).tiny
     if not clip_search:
-        return to_fp16(absmax / levels).clamp_min(tiny)
+        _, qmax = qrange(bits)
+        return to_fp16(_group_absmax(w, group_size).clamp_min(1e-8) / (qmax + 0.5)).clamp_min(tiny)
+    # rows are independent: searched a block of rows at a time, so the search's temporaries stay small
+    rows = max(1, CLIP_SEARCH_ELEMENTS // max(w.shape[1], 1))
+    return torch.cat([_clip_searched_scales(w[i:i + rows], bits, group_size, grid, max_shrink, gram, to_fp16)
+                      for i in range(0, w.shape[0], rows)]) if w.shape[0] else \
+        _clip_searched_scales(w, bits, group_size, grid, max_shrink, gram, to_fp16)
+
+
+CLIP_SEARCH_ELEMENTS = 1 << 22  # weights per block of rows in the clip search (16 MiB of float32)
+
+
+def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int, max_shrink: float,
+                          gram: torch.Tensor | None, to_fp16) -> torch.Tensor:
+    """:func:`weight_scales` with ``clip_search`` for the rows ``w``."""
+    qmin, qmax = qrange(bits)
+    levels = qmax + 0.5
+    absmax = _group_absmax(w, group_size).clamp_min(1e-8)
+    tiny = torch.finfo(torch.float16).tiny
     wg = _grouped(w, group_size)  # [N, G, gs]
     if gram is not None:
         gram = gram.float().to(w.device)
