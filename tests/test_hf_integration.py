@@ -7,6 +7,7 @@ import fptq
 from fptq.hf import FptqConfig, FptqHfQuantizer, register
 from fptq.io import WEIGHTS_NAME
 from fptq.nn import QuantLinear
+from fptq.runtime.hf_fast import uses_runtime
 
 from .conftest import make_tokenizer, tiny_llama
 
@@ -28,7 +29,9 @@ def test_from_pretrained_equals_fptq_load(tmp_path, method, dtype, kw):
     out, ids = _checkpoint(tmp_path, method, dtype, **kw)
     ref = fptq.load(out)
     hf = AutoModelForCausalLM.from_pretrained(out)
-    assert hf.dtype == dtype
+    assert uses_runtime(ref) and uses_runtime(hf)  # both run on fptq's runtime, the 16-bit tensors as stored
+    assert hf.dtype == ref.dtype == (torch.bfloat16 if dtype == torch.float32 else dtype)
+    assert fptq.load(out, runtime="off").dtype == dtype  # transformers' modules: the source model's dtype
     assert sum(isinstance(m, QuantLinear) for m in hf.modules()) == 14
     sd_ref, sd_hf = ref.state_dict(), hf.state_dict()
     assert sd_ref.keys() == sd_hf.keys()

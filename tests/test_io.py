@@ -122,10 +122,13 @@ def test_quantize_command_writes_16_bit_tensors_unless_keep_dtype(tmp_path, cali
     if source == torch.float32:
         assert reports[False]["checkpoint_bytes"] < reports[True]["checkpoint_bytes"]
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    for out in outs.values():
-        ref = fptq.load(out, backend="reference")
+    for keep, out in outs.items():
+        ref = fptq.load(out, backend="reference")  # transformers' modules: the source model's dtype
+        assert ref.dtype == source
+        # with fptq's runtime behind them (both do that by default), the unquantized tensors stay as stored
+        ref = set_backend(fptq.load(out), "reference")
         hf = set_backend(AutoModelForCausalLM.from_pretrained(out), "reference")  # the same numerics as ref
-        assert ref.dtype == hf.dtype == source
+        assert ref.dtype == hf.dtype == (source if keep else want)
         sd_ref, sd_hf = ref.state_dict(), hf.state_dict()
         assert all(sd_hf[k].dtype == v.dtype and torch.equal(sd_hf[k], v) for k, v in sd_ref.items())
         with torch.no_grad():
@@ -213,3 +216,26 @@ def test_model_runs_with_autograd_after_inference_mode_use(tmp_path):
         ref = model(ids).logits.clone()
     out = model(ids).logits  # grad mode after an inference-mode call (caches filled there)
     assert torch.equal(out.detach(), ref)
+
+
+def test_streamed_reads_and_conversions_equal_whole_tensors(tmp_path):
+    """Tensors larger than memory allows are read and converted piece by piece (the finiteness check at load,
+    the 16-bit conversion of float32 embeddings and lm_head at save): the same values and bytes as whole."""
+    from safetensors.torch import save_file
+
+    from fptq.st import WeightIndex, cast_entry, file_entries, read_chunks, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1000, 37, generator=g)
+    bad = t.clone()
+    bad[-1, -1] = float("nan")  # in the last piece
+    save_file({"t": t, "bad": bad}, str(tmp_path / "model.safetensors"))
+    pieces = list(read_chunks(tmp_path / "model.safetensors", "t", chunk_bytes=4096 + 2))  # not a whole element
+    assert len(pieces) > 1 and all(p.numel() * 4 <= 4096 for p in pieces)
+    assert torch.equal(torch.cat(pieces).view(1000, 37), t)
+    index = WeightIndex(tmp_path)
+    assert not index.nonfinite("t") and index.nonfinite("bad")
+    entry = cast_entry(file_entries(tmp_path / "model.safetensors", ["t"])[0], torch.bfloat16)
+    write_safetensors(tmp_path / "out.safetensors", [entry])
+    (_, got), = read_tensors(tmp_path / "out.safetensors")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, t.to(torch.bfloat16))

@@ -31,7 +31,7 @@ def test_integer_backends_track_the_simulated_model(checkpoint, backend, min_db)
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     out, ids = checkpoint
     ref = fptq.load(out, backend="reference")(ids).logits
-    fast = fptq.load(out, backend=backend)(ids).logits
+    fast = fptq.load(out, backend=backend, runtime="off")(ids).logits  # the kernels Linear by Linear
     assert sqnr_db(ref, fast) > min_db
 
 
@@ -56,7 +56,12 @@ def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_pa
                "--name", "t"])
     assert rc == 0
     data = json.loads((tmp_path / "b" / "t.json").read_text())
-    assert list(data["results"]) == ["bf16 (transformers)", "bf16 (fptq runtime)", "W4A8 (fptq)"]
+    assert list(data["results"]) == ["bf16 (transformers)", "bf16 (fptq runtime)", "W4A8 (fptq)",
+                                     "W4A8 (fptq.load, transformers API)"]
+    api = data["results"]["W4A8 (fptq.load, transformers API)"]
+    assert api["path"] == ("transformers forward on fptq's runtime" if native.available()
+                           else "transformers forward + fptq kernels")
+    assert all(s["median"] > 0 for s in api["tokens_per_s"].values())
     w = data["results"]["W4A8 (fptq)"]
     assert set(w["tokens_per_s"]) == {"prefill_16", "decode_b1", "decode_b2"}
     assert all(s["median"] > 0 for s in w["tokens_per_s"].values())

@@ -5,7 +5,8 @@ of each loaded model.
 All variants are timed in one process with interleaved repeats (for each repeat, each task, each variant), so
 that a noisy shared machine affects them alike; the table reports medians and ratios of medians to the 16-bit
 baseline. Quantized checkpoints run on fptq's runtime (:mod:`fptq.runtime`) where it supports the
-architecture, else through transformers with fptq's kernels. Rows measured elsewhere (llama.cpp, by
+architecture, else through transformers with fptq's kernels; on the CPU the W4A8 checkpoint is also timed as
+``fptq.load(OUT)`` called through transformers' forward (the runtime behind it, :mod:`fptq.runtime.hf_fast`). Rows measured elsewhere (llama.cpp, by
 ``bench/peer_llamacpp.py``) can be merged with ``--peer FILE``; they are marked as such.
 """
 from __future__ import annotations
@@ -175,6 +176,19 @@ def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16"
     return r
 
 
+def _api_runner(path, backend: str):
+    """The model ``fptq.load`` returns, called as any transformers model (``model(ids, cache=...)``): fptq's
+    runtime behind transformers' forward where it attaches (:mod:`fptq.runtime.hf_fast`)."""
+    from .runtime.hf_fast import uses_runtime
+    from .runtime.loading import load
+    from .runtime.timing import HFRunner
+
+    model = load(path, backend=backend)
+    r = HFRunner(model)
+    r.path = "transformers forward" + (" on fptq's runtime" if uses_runtime(model) else " + fptq kernels")
+    return r
+
+
 def cmd_bench(args) -> int:
     from .io import PLAN_NAME, REPORT_NAME
     from .models.loading import load_float_model
@@ -205,6 +219,8 @@ def cmd_bench(args) -> int:
             runners[label] = _runner(model, device, not args.no_runtime, True, args.kv_cache)
             if label.startswith("W4A8") and args.int8_kv_row and args.kv_cache != "int8":
                 runners["W4A8 (fptq, int8 KV cache)"] = _runner(model, device, not args.no_runtime, True, "int8")
+            if label.startswith("W4A8") and device == "cpu" and not args.no_api_row:
+                runners["W4A8 (fptq.load, transformers API)"] = _api_runner(path, args.backend)
     vocab = fmodel.config.vocab_size
     results = run_bench(runners, vocab, args.prefill, args.decode_batch, args.decode_steps, args.prompt_len,
                         args.repeats)
@@ -244,6 +260,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--kv-cache", choices=sorted(_KV), default="bf16",
                    help="KV cache of the fptq runtime rows (default bf16, what the bf16 model caches)")
     b.add_argument("--int8-kv-row", action="store_true", help="also time the W4A8 checkpoint with an int8 KV cache")
+    b.add_argument("--no-api-row", action="store_true",
+                   help="skip the row of the W4A8 checkpoint through the transformers API (fptq.load(OUT) called "
+                        "as any transformers model; CPU)")
     b.add_argument("--peer", nargs="*", help="JSON rows measured elsewhere (bench/peer_llamacpp.py) to merge")
     b.add_argument("--backend", default="auto", help="QuantLinear backend where the runtime is not used (default auto)")
     b.add_argument("--prefill", type=_ints, default=[512, 2048], help="prompt lengths (default 512,2048)")

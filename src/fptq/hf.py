@@ -8,6 +8,9 @@ a quantization config and a quantizer for ``quant_method: "fptq"``::
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("out")   # same model as fptq.load("out")
 
+After the weights load, the model's forward and ``generate`` run on fptq's runtime where it covers the
+architecture and device (:mod:`fptq.runtime.hf_fast`), as for :func:`fptq.load`.
+
 Before the weights load, the quantizer verifies the weights files against the sizes and
 sha256 recorded in ``quantize_report.json`` (as :func:`fptq.load` does), reads
 ``fptq_plan.json`` and swaps the Linears the plan quantizes for empty
@@ -92,13 +95,20 @@ if QuantizationConfigMixin is not None:
             report = self._checkpoint_file(model, checkpoint_files, REPORT_NAME)
             if report is not None:
                 verify_files(report.parent)
+            self._fptq_dir = plan_path.parent
             plan = read_plan(plan_path)
             replace_linears(model, plan)
             model.fptq_plan = plan
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            return set_backend(model, "auto")  # also drops any cache filled before the weights arrived
+            from .runtime.loading import use_runtime
+
+            set_backend(model, "auto")  # also drops any cache filled before the weights arrived
+            reason = use_runtime(model, getattr(self, "_fptq_dir", None))  # as fptq.load: forward on fptq's runtime
+            if reason is not None:
+                log.info("fptq checkpoint: transformers' forward with fptq's kernels (fptq's runtime: %s)", reason)
+            return model
 
         def is_serializable(self, *args, **kwargs) -> bool:
             # save_pretrained would not write the plan; fptq.save(model, model.fptq_plan, out) does

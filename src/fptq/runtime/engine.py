@@ -182,6 +182,22 @@ class Engine:
             cache.value_scales = [torch.zeros(shape[:3]) for _ in range(n)]
         return cache
 
+    def grow_cache(self, cache: KVCache, min_len: int) -> None:
+        """Make ``cache`` hold at least ``min_len`` positions (at least twice as many as before: amortised
+        copies), keeping what it holds."""
+        if min_len <= cache.max_len:
+            return
+        new_len = max(min_len, 2 * cache.max_len)
+        grown = self.new_cache(cache.batch, new_len)
+        n = cache.length
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            old, new = getattr(cache, name), getattr(grown, name)
+            if old is None:
+                continue
+            for o, g in zip(old, new):
+                g[:, :, :n].copy_(o[:, :, :n])
+            setattr(cache, name, new)
+
     def _rope(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if end > self._rope_len:
             n = max(end, 2 * self._rope_len, 256)
@@ -281,7 +297,9 @@ class Engine:
     def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last", timer=None) -> torch.Tensor | None:
         """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
 
-        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``) or ``"none"``.
+        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``), ``"none"``, or
+        ``"hidden"``: the final norm's output ``[B, T, hidden]`` in the ``lm_head``'s dtype, for a caller that
+        applies the head itself (transformers' forward, :mod:`fptq.runtime.hf_fast`).
         ``timer``: an object whose ``mark(stage)`` is called after each stage (a profile, see
         :class:`fptq.runtime.timing.StageTimer`)."""
         b, t = ids.shape
@@ -362,6 +380,8 @@ class Engine:
             h = h[:, -1]
         h = _rmsnorm(h, self.final_norm, self.final_eps)
         w = self.lm_head.weight
+        if logits == "hidden":
+            return h.to(w.dtype)
         out = F.linear(h.to(w.dtype), w, self.lm_head.bias).float()
         if timer:
             timer.mark(f"final norm + lm_head ({w.dtype})".replace("torch.", ""))

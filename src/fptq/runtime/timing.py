@@ -72,18 +72,29 @@ class HFRunner:
         import inspect
 
         self.model = model.eval()
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
         # transformers 5 renames past_key_values to cache
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _call(self, ids, cache):
         return self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
 
+    def _sync(self) -> None:
+        """Wait for the device: CUDA kernels run asynchronously, a timer read before they finish measures
+        only their launch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> float:
         from transformers import DynamicCache
 
+        ids = ids.to(self.device)  # the prompts are made on the CPU
+        self._sync()
         t = time.perf_counter()
         self._call(ids, DynamicCache(config=self.model.config))
+        self._sync()
         return time.perf_counter() - t
 
     @torch.inference_mode()
@@ -91,10 +102,12 @@ class HFRunner:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        nxt = self._call(prompt, cache)[:, -1].argmax(-1, keepdim=True)
+        nxt = self._call(prompt.to(self.device), cache)[:, -1].argmax(-1, keepdim=True)
+        self._sync()
         t = time.perf_counter()
         for _ in range(steps):
             nxt = self._call(nxt, cache)[:, -1].argmax(-1, keepdim=True)
+        self._sync()
         return time.perf_counter() - t
 
     def memory(self) -> dict[str, int]:

@@ -1,0 +1,137 @@
+"""Speed through the transformers API: ``fptq.load(OUT)`` then ``model(...)`` / ``model.generate(...)``, as a
+transformers user calls any causal LM, against the 16-bit source model through transformers (bf16 on the CPU).
+
+Rows, each timed the same way in one process with interleaved repeats (ratios of medians to the bf16 row):
+
+* ``bf16 (transformers)``: the source model in bfloat16;
+* ``W4A8 fptq.load (runtime)``: ``fptq.load(OUT)``, whose forward and ``generate`` run on fptq's runtime;
+* ``W4A8 fptq.load (modules)``: ``fptq.load(OUT, runtime="off")``, fptq's kernels Linear by Linear inside
+  transformers' forward (what ``fptq.load`` gave before the runtime went behind it);
+* ``W4A8 Engine``: ``fptq.Engine.from_checkpoint(OUT)`` called directly (its own generate), the runtime's own
+  speed.
+
+Tasks: ``prefill_N``: ``model(ids)`` on one N-token prompt (all logits, the call a user makes);
+``generate_bB``: ``model.generate`` of 32 new tokens (greedy, ``min_new_tokens`` = ``max_new_tokens``) after a
+16-token prompt, batch B (tokens/s counts the new tokens). Then the perplexity of the runtime row and of the
+modules row on the same WikiText-2 windows: the runtime's logits are the integer kernels' (target: within
+0.5 % of ``fptq eval``, which runs the modules path).
+
+Run alone on the machine::
+
+    python bench/transformers_api.py --checkpoint smollm2-w4a8 --repeats 3 --name transformers_api_smollm2
+
+Results: ``bench/results/<name>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, wikitext_path  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="fptq W4A8 checkpoint (fptq quantize output)")
+    p.add_argument("--float-model", default=None, help="16-bit baseline (default: the checkpoint's source_model)")
+    p.add_argument("--prefill", default="512", help="prompt lengths for model(ids) (default 512)")
+    p.add_argument("--batches", default="1,16", help="generate batch sizes (default 1,16)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows of 2048 for the perplexity check")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--name", default="transformers_api")
+    return p.parse_args(argv)
+
+
+def _generate_hf(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import fptq
+    from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
+    from fptq.models.loading import load_float_model
+    from fptq.runtime.hf_fast import uses_runtime
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.checkpoint)
+    report = json.loads((out / "quantize_report.json").read_text())
+    src = a.float_model or report.get("source_model")
+    bf16, tok, _ = load_float_model(src, dtype=torch.bfloat16)
+    fast = fptq.load(out)
+    if not uses_runtime(fast):
+        sys.exit("fptq.load did not attach fptq's runtime here (see the log); nothing to measure")
+    modules = fptq.load(out, runtime="off")
+    engine = fptq.Engine.from_checkpoint(out)
+
+    def hf_rows(model):
+        return {"prefill": lambda ids: model(ids), "generate": lambda ids: _generate_hf(model, ids, a.new_tokens)}
+
+    rows = {"bf16 (transformers)": hf_rows(bf16), "W4A8 fptq.load (runtime)": hf_rows(fast),
+            "W4A8 fptq.load (modules)": hf_rows(modules),
+            "W4A8 Engine": {"prefill": lambda ids: engine.forward(ids, engine.new_cache(*ids.shape), logits="all"),
+                            "generate": lambda ids: engine.generate(ids, a.new_tokens)}}
+    vocab = bf16.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prefill = [int(x) for x in a.prefill.split(",") if x]
+    batches = [int(x) for x in a.batches.split(",") if x]
+    prompts = {f"prefill_{n}": torch.randint(0, vocab, (1, n), generator=g) for n in prefill}
+    prompts.update({f"generate_b{b}": torch.randint(0, vocab, (b, a.prompt_len), generator=g) for b in batches})
+    with torch.inference_mode():
+        for r in rows.values():  # warm-up: kernel builds, weight repacking
+            r["prefill"](prompts[next(iter(prompts))][:1, :32])
+            r["generate"](prompts[next(iter(prompts))][:1, :8])
+        raw = {name: {t: [] for t in prompts} for name in rows}
+        for _ in range(a.repeats):
+            for task, ids in prompts.items():
+                kind = task.split("_")[0]
+                for name, r in rows.items():
+                    t0 = time.perf_counter()
+                    r[kind](ids)
+                    dt = time.perf_counter() - t0
+                    n = ids.numel() if kind == "prefill" else ids.shape[0] * a.new_tokens
+                    raw[name][task].append(n / dt)
+        base = raw["bf16 (transformers)"]
+        speed = {name: {t: {"tokens_per_s": statistics.median(v), "all": v,
+                            "ratio_vs_bf16": statistics.median(v) / statistics.median(base[t])}
+                        for t, v in per.items()} for name, per in raw.items()}
+    text = load_eval_text(str(wikitext_path()))
+    windows = token_windows(tok, text, 2048, a.ppl_windows)
+    ppl = {"runtime": evaluate_perplexity(fast, windows, desc="ppl runtime"),
+           "modules": evaluate_perplexity(modules, windows, desc="ppl modules")}
+    ppl["relative_difference"] = ppl["runtime"]["ppl"] / ppl["modules"]["ppl"] - 1
+    res = {"meta": {"checkpoint": str(out), "float_model": str(src), "repeats": a.repeats,
+                    "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
+           "speed": speed, "ppl": ppl, "command": "python bench/transformers_api.py " + " ".join(argv or sys.argv[1:])}
+    tasks = list(prompts)
+    md = [f"# Speed through the transformers API ({Path(str(src)).name})", "",
+          f"{machine()['threads']} threads, {a.repeats} interleaved repeats; tokens/s, median (ratio to bf16). "
+          f"generate: {a.new_tokens} new tokens after a {a.prompt_len}-token prompt per sequence.", "",
+          "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, per in speed.items():
+        md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_bf16']:.2f}x)"
+                                              for t in tasks) + " |")
+    md += ["", f"WikiText-2 perplexity ({a.ppl_windows} windows of 2048): fptq.load (runtime) "
+           f"{ppl['runtime']['ppl']:.3f}, fptq.load (modules, as `fptq eval`) {ppl['modules']['ppl']:.3f}: "
+           f"{100 * ppl['relative_difference']:+.2f}%.", "", f"Command: `{res['command']}`"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2))
+    (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

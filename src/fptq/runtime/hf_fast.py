@@ -1,0 +1,236 @@
+"""fptq's runtime behind the transformers interface: ``model(...)`` and ``model.generate(...)`` at the
+runtime's speed, for the model that :func:`fptq.load` (and ``from_pretrained`` after ``import fptq``) returns.
+
+:func:`attach_runtime` puts a :class:`RuntimeDecoder` in place of the model's decoder stack (``model.model``
+of a LLaMA-shaped causal LM). It holds the same submodules under the same names (state dict, tied weights and
+parameter counts are unchanged) and runs a call on :class:`~fptq.runtime.Engine` when the runtime can compute it
+exactly as transformers would:
+
+* token ids on the CPU, no ``inputs_embeds``, no padding in ``attention_mask`` (``None`` or all ones),
+  positions that continue the cache, no attention weights or hidden states asked for, no gradient needed;
+* the cache is ``None``, empty, or a transformers ``Cache`` of plain full-attention layers.
+
+Everything else goes to the transformers decoder it replaced (the reason is logged once per model), so every
+call gives an answer. transformers' own forward still runs around it (``lm_head``, ``logits_to_keep``, the
+loss), and ``generate`` keeps all its options.
+
+The keys and values live in the runtime's preallocated bfloat16 buffers (:class:`~fptq.runtime.KVCache`), and
+after each call the transformers cache's layers are set to views of them: ``cache.get_seq_length()``, cropping,
+beam reordering and a fall-back call in the middle of a sequence see a normal cache. A cache changed outside the
+runtime (its tensors replaced, e.g. reordered) is copied into new buffers at the next call; one only shortened
+(cropped) is continued in place.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from torch import nn
+
+from ..kernels import native
+from .engine import Engine, KVCache, engine_unsupported_reason
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RuntimeDecoder", "attach_runtime", "detach_runtime", "runtime_unsupported_reason", "uses_runtime"]
+
+_NATIVE_BACKENDS = ("auto", "native")
+_SLACK = 256  # positions a new cache holds beyond its first call (a generation's new tokens, typically)
+
+
+def runtime_unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s forward cannot run on fptq's runtime (``None`` if it can)."""
+    reason = engine_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    if not native.available():
+        return f"fptq's native kernels are unavailable ({native.unavailable_reason()})"
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        return f"the runtime runs on the CPU; the model is on {p.device}"
+    return None
+
+
+def uses_runtime(model: nn.Module) -> bool:
+    """Whether :func:`attach_runtime` put fptq's runtime behind ``model``'s forward."""
+    return isinstance(getattr(model, "model", None), RuntimeDecoder)
+
+
+def attach_runtime(model: nn.Module) -> str | None:
+    """Run ``model``'s forward (and ``generate``) on fptq's runtime where it can (see the module docstring).
+    Returns ``None`` when attached (or already attached), else the reason it cannot be, and changes nothing."""
+    if uses_runtime(model):
+        return None
+    reason = runtime_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    model.model = RuntimeDecoder(model, model.model)
+    return None
+
+
+def detach_runtime(model: nn.Module) -> nn.Module:
+    """Put the transformers decoder back (undoes :func:`attach_runtime`); returns ``model``."""
+    if uses_runtime(model):
+        model.model = model.model.transformers_module
+    return model
+
+
+def _output_class():
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return BaseModelOutputWithPast
+
+
+class RuntimeDecoder(nn.Module):
+    """The decoder stack of a LLaMA-shaped causal LM, run by :class:`~fptq.runtime.Engine` (see the module
+    docstring); ``transformers_module`` is the module it stands in for, which runs what the runtime cannot."""
+
+    def __init__(self, causal_lm: nn.Module, inner: nn.Module):
+        super().__init__()
+        for name, child in inner.named_children():  # same objects, same names
+            self.add_module(name, child)
+        self.config = inner.config
+        # not registered as submodules: the parent is not a child, and the inner module's children are ours
+        object.__setattr__(self, "transformers_module", inner)
+        object.__setattr__(self, "_causal_lm", causal_lm)
+        self._engine: Engine | None = None
+        self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers cache -> KVCache
+        self._logged: set[str] = set()
+        fields = getattr(_output_class(), "__dataclass_fields__", {})
+        self._cache_field = "cache" if "cache" in fields else "past_key_values"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("transformers_module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self._causal_lm)
+        return self._engine
+
+    # ------------------------------------------------------------------ dispatch
+    def _unsupported_call(self, input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs) -> str | None:
+        if inputs_embeds is not None or input_ids is None:
+            return "inputs_embeds were given instead of token ids"
+        if input_ids.dim() != 2 or input_ids.device.type != "cpu":
+            return f"token ids on {input_ids.device} (the runtime runs on the CPU)"
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return "attention weights or hidden states were asked for"
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._causal_lm.parameters()):
+            return "gradients are enabled and the model has parameters that require them"
+        lm = self._causal_lm.model.layers[0].self_attn.q_proj
+        backend = getattr(lm, "backend", "auto")
+        if backend not in _NATIVE_BACKENDS:
+            return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or not bool(attention_mask.all()):
+                return "the attention mask has padding (or is not 2-D)"
+        if cache is not None and self._cache_layers(cache) is None:
+            return f"the cache ({type(cache).__name__}) is not one of plain full-attention layers"
+        if position_ids is not None:
+            start = self._cache_length(cache)
+            want = torch.arange(start, start + input_ids.shape[1])
+            if position_ids.shape[-1] != input_ids.shape[1] or not bool((position_ids == want).all()):
+                return "position_ids do not continue the cache"
+        return None
+
+    def _fallback(self, reason: str, **kw):
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("fptq runtime: this call runs on transformers' forward instead (%s)", reason)
+        return self.transformers_module(**kw)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        reason = self._unsupported_call(input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs)
+        if reason is not None:
+            kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            kw[self._cache_field] = cache
+            return self._fallback(reason, **kw)
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.config)
+        kv = self._sync(cache, input_ids.shape[0])
+        engine = self.engine
+        engine.grow_cache(kv, kv.length + input_ids.shape[1])
+        hidden = engine.forward(input_ids, kv, logits="hidden")
+        if cache is not None:
+            self._publish(cache, kv)
+        return _output_class()(last_hidden_state=hidden, **{self._cache_field: cache if use_cache else None})
+
+    # --------------------------------------------------------------------- cache
+    @staticmethod
+    def _cache_layers(cache) -> list | None:
+        """The cache's per-layer objects if they are plain full-attention key/value layers, else ``None``."""
+        layers = getattr(cache, "layers", None)
+        if not isinstance(layers, list):
+            return None
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") or not hasattr(layer, "values"):
+                return None
+        return layers
+
+    @staticmethod
+    def _cache_length(cache) -> int:
+        return 0 if cache is None else int(cache.get_seq_length())
+
+    def _sync(self, cache, batch: int) -> KVCache:
+        """The runtime cache holding what ``cache`` holds: the one made for it if ``cache`` still shows its
+        buffers (shortened: continued from there), else a new one (``cache``'s keys and values copied in)."""
+        engine = self.engine
+        n = self._cache_length(cache)
+        kv = self._kv.get(cache) if cache is not None else None
+        if kv is not None and kv.batch == batch and self._shows(cache, kv, n):
+            kv.length = n
+            return kv
+        kv = engine.new_cache(batch, n + _SLACK)
+        if n:
+            for li, layer in enumerate(self._cache_layers(cache)):
+                kv.keys[li][:, :, :n].copy_(layer.keys)
+                kv.values[li][:, :, :n].copy_(layer.values)
+            kv.length = n
+        if cache is not None:
+            self._kv[cache] = kv
+        return kv
+
+    def _shows(self, cache, kv: KVCache, n: int) -> bool:
+        """Whether every layer of ``cache`` is still a view of ``kv``'s buffers holding ``n <= kv.length``
+        positions."""
+        if n > kv.length:
+            return False
+        layers = self._cache_layers(cache)
+        if layers is None or len(layers) != len(kv.keys):
+            return False
+        for layer, k, v in zip(layers, kv.keys, kv.values):
+            if n == 0:
+                continue
+            if layer.keys is None or layer.keys.data_ptr() != k.data_ptr() or layer.keys.stride() != k.stride() \
+                    or layer.values.data_ptr() != v.data_ptr():
+                return False
+        return True
+
+    def _publish(self, cache, kv: KVCache) -> None:
+        """Set ``cache``'s layers to views of ``kv``'s filled positions."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = cache.layers
+        while len(layers) < len(kv.keys):
+            layers.append(DynamicLayer())
+        n = kv.length
+        for layer, k, v in zip(layers, kv.keys, kv.values):
+            layer.keys = k[:, :, :n]
+            layer.values = v[:, :, :n]
+            layer.device = k.device
+            layer.is_initialized = True

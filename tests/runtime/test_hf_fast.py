@@ -1,0 +1,171 @@
+"""fptq's runtime behind the transformers interface (fptq.runtime.hf_fast): ``fptq.load(OUT)`` and
+``from_pretrained(OUT)`` models whose forward and generate run on the Engine."""
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import fptq
+from fptq.hf import set_backend
+from fptq.kernels import native
+from fptq.runtime import Engine
+from fptq.runtime.hf_fast import RuntimeDecoder, attach_runtime, detach_runtime, uses_runtime
+
+from ..conftest import make_tokenizer, sqnr_db, tiny_llama
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="fptq's runtime runs the native kernels")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    plan = fptq.quantize(model, fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0)), ids,
+                         device="cpu", progress=False)
+    return fptq.save(model, plan, tmp_path_factory.mktemp("hf_fast") / "out", tokenizer=make_tokenizer())
+
+
+def _ids(b=2, t=20, seed=1):
+    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _modules_path(ckpt):
+    """The same model on transformers' modules, with the unquantized tensors as the runtime holds them."""
+    return fptq.load(ckpt, runtime="off", dtype=torch.bfloat16)
+
+
+def test_load_runs_on_the_runtime_with_the_stored_16_bit_tensors(ckpt):
+    fast = fptq.load(ckpt)
+    assert uses_runtime(fast) and isinstance(fast.model, RuntimeDecoder)
+    assert not uses_runtime(fptq.load(ckpt, runtime="off"))
+    slow = fptq.load(ckpt, runtime="off")
+    assert slow.dtype == torch.float32  # the source model's dtype, as before
+    assert fast.model.embed_tokens.weight.dtype == torch.bfloat16  # stored bf16: kept so, exactly
+    assert torch.equal(fast.model.embed_tokens.weight.float(), slow.model.embed_tokens.weight)
+    sd_fast, sd_mod = fast.state_dict(), _modules_path(ckpt).state_dict()
+    assert sd_fast.keys() == sd_mod.keys()
+    for k in sd_fast:  # the same tensors under the same names: nothing is copied or renamed
+        assert sd_fast[k].dtype == sd_mod[k].dtype and torch.equal(sd_fast[k], sd_mod[k]), k
+    assert not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(fptq.FptqError, match="runtime must be"):
+        fptq.load(ckpt, runtime="fast")
+
+
+def test_forward_matches_the_integer_kernels_module_by_module(ckpt):
+    ids = _ids()
+    fast, ref = fptq.load(ckpt), fptq.load(ckpt, runtime="off")  # float32 modules, float32 KV cache
+    with torch.no_grad():
+        a, b = fast(ids).logits.float(), ref(ids).logits.float()
+    assert a.shape == b.shape == (2, 20, 300)
+    # the floor of tests/runtime/test_engine.py: the bf16 KV cache and float summation order flip a few int8
+    # roundings of this tiny model's outlier channels
+    assert sqnr_db(b, a) > 25
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    out = fast(ids)  # outside no_grad too: the model is inference-only, so the runtime still runs it
+    assert torch.equal(out.logits, fast(ids).logits)
+
+
+def test_cache_continues_across_calls_as_one_forward(ckpt):
+    fast, ids = fptq.load(ckpt), _ids(1, 12)
+    with torch.no_grad():
+        full = fast(ids).logits
+        cache = DynamicCache(config=fast.config)  # the user's cache object, passed again and again
+        first = fast(ids[:, :8], cache=cache, logits_to_keep=1).logits
+        assert cache.get_seq_length() == 8
+        steps = [fast(ids[:, i:i + 1], cache=cache).logits[:, -1] for i in range(8, 12)]
+        assert cache.get_seq_length() == 12
+        assert cache.layers[0].keys.shape[-2] == 12  # transformers sees the runtime's keys as a normal cache
+        returned = fast(ids[:, :8]).cache  # no cache given: a new one is returned, and continues
+        step = fast(ids[:, 8:9], cache=returned).logits[:, -1]
+    assert torch.equal(first[:, -1], full[:, 7])
+    assert sqnr_db(full[:, 8:].float(), torch.stack(steps, 1).float()) > 40
+    assert torch.equal(step, steps[0])
+
+
+def test_greedy_generate_equals_the_engine(ckpt):
+    fast, ids = fptq.load(ckpt), _ids(2, 6)
+    got = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    engine = Engine(fptq.runtime.load_for_runtime(ckpt))
+    assert torch.equal(got, engine.generate(ids, max_new_tokens=10))
+
+
+def test_what_the_runtime_cannot_do_falls_back_to_transformers_once_logged(ckpt, caplog):
+    fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with caplog.at_level(logging.WARNING, logger="fptq.runtime.hf_fast"), torch.no_grad():
+        a = fast(ids, attention_mask=mask).logits
+        fast(ids, attention_mask=mask)
+        b = ref(ids, attention_mask=mask).logits
+    assert torch.equal(a, b)  # transformers' own forward, on the same modules
+    assert sum("attention mask has padding" in r.message for r in caplog.records) == 1
+    with torch.no_grad():  # hidden states asked for: also transformers'
+        assert len(fast(ids, output_hidden_states=True).hidden_states) == 3
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_a_cache_continued_by_the_other_path_stays_consistent(ckpt):
+    """Prefill on the runtime, one step on transformers' forward (a fallback), the next on the runtime again:
+    each side reads what the other wrote."""
+    fast, ids = fptq.load(ckpt), _ids(1, 10)
+    with torch.no_grad():
+        full = fast(ids).logits
+        cache = DynamicCache(config=fast.config)
+        fast(ids[:, :8], cache=cache)
+        mid = fast(ids[:, 8:9], cache=cache, output_hidden_states=True).logits  # transformers' forward
+        last = fast(ids[:, 9:10], cache=cache).logits  # the runtime again, on the cache it copies back in
+    assert cache.get_seq_length() == 10
+    assert sqnr_db(full[:, 8].float(), mid[:, -1].float()) > 30
+    assert sqnr_db(full[:, 9].float(), last[:, -1].float()) > 30
+
+
+def test_beam_search_runs_on_the_runtime(ckpt):
+    fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids(1, 6)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    got, want = fast.generate(ids, **kw), ref.generate(ids, **kw)
+    assert got.shape == want.shape == (1, 11)
+    assert torch.equal(got[:, :6], ids)
+
+
+def test_reference_backend_and_detach_use_transformers(ckpt):
+    assert not uses_runtime(fptq.load(ckpt, backend="reference"))
+    fast, ids = fptq.load(ckpt), _ids()
+    ref = _modules_path(ckpt)
+    set_backend(fast, "reference")
+    set_backend(ref, "reference")
+    with torch.no_grad():
+        assert torch.equal(fast(ids).logits, ref(ids).logits)
+    detach_runtime(fast)
+    assert not uses_runtime(fast) and type(fast.model).__name__ == "LlamaModel"
+    assert attach_runtime(fast) is None and uses_runtime(fast)
+
+
+def test_from_pretrained_runs_on_the_runtime_too(ckpt):
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert uses_runtime(hf)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, fptq.load(ckpt)(ids).logits)
+
+
+def test_unsupported_architecture_keeps_transformers(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)).eval()
+    assert "supports" in attach_runtime(model)
+    assert not uses_runtime(model)
+
+
+def test_grow_cache_keeps_what_it_holds(ckpt):
+    engine = Engine(fptq.runtime.load_for_runtime(ckpt))
+    cache = engine.new_cache(1, 8)
+    ids = _ids(1, 6)
+    engine.forward(ids, cache)
+    keys = cache.keys[0][:, :, :6].clone()
+    engine.grow_cache(cache, 9)
+    assert cache.max_len == 16 and cache.length == 6 and torch.equal(cache.keys[0][:, :, :6], keys)
