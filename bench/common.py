@@ -42,24 +42,3 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown)
     print(f"wrote {RESULTS / name}.json and .md")
 
-
-def quantize_and_evaluate(model, config, calib, windows, desc: str, progress: bool = True):
-    """Quantize a copy of ``model`` with ``config`` and measure its perplexity on ``windows``.
-
-    Returns ``(row, qmodel, plan)``; ``row`` has ppl, quantize/eval seconds, strategy counts and the config.
-    """
-    import copy
-    import time
-
-    import fptq
-    from fptq.eval.perplexity import evaluate_perplexity
-
-    qmodel = copy.deepcopy(model)
-    t = time.perf_counter()
-    plan = fptq.quantize(qmodel, config, calib, device="cpu", progress=progress)
-    quantize_s = time.perf_counter() - t
-    t = time.perf_counter()
-    r = evaluate_perplexity(qmodel, windows, desc=desc)
-    row = {"ppl": r["ppl"], "quantize_s": quantize_s, "eval_s": time.perf_counter() - t,
-           "counts": dict(plan.counts()), "config": config.to_dict()}
-    return row, qmodel, plan
