@@ -42,3 +42,13 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown)
     print(f"wrote {RESULTS / name}.json and .md")
 
+
+def model_arguments(ap, nsamples: int | None = 64, seqlen: int | None = 512) -> None:
+    """The options the accuracy scripts share: the model, its weight group size and (unless None) the number
+    and length of the calibration windows, with these defaults."""
+    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--group-size", type=int, default=64)
+    if nsamples is not None:
+        ap.add_argument("--nsamples", type=int, default=nsamples)
+    if seqlen is not None:
+        ap.add_argument("--seqlen", type=int, default=seqlen)

@@ -40,7 +40,7 @@ import fptq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
 
-from common import calibration_text, machine, write_results  # noqa: E402
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
 from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,10 +86,7 @@ def by_layer(rows: dict[str, dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
+    model_arguments(ap)
     ap.add_argument("--calib-seed", type=int, default=0)
     ap.add_argument("--method", default="gptq-w4a16", help="fptq method")
     ap.add_argument("--recipe", default="gptq-w4a16-f16scale",

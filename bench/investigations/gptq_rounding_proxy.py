@@ -27,7 +27,7 @@ from fptq.quant.weights import dequantize_weight, quantize_weight, weight_scales
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
 
-from common import calibration_text, machine, write_results  # noqa: E402
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
 
 VARIANTS = (("rtn", False, False), ("gptq", True, False), ("gptq act-order", True, True))
 
@@ -52,11 +52,8 @@ def quantized(w: torch.Tensor, h: torch.Tensor, gs: int, gptq: bool, act_order: 
 def layer_arguments(description: str, name: str) -> argparse.Namespace:
     """The command line shared by the per-Linear GPTQ scripts (this one and gptq_vs_llmc_layer.py)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
+    model_arguments(ap, nsamples=32)
     ap.add_argument("--layers", default="0,10,20,29", help="decoder layers whose Linears are measured")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=name)
     args = ap.parse_args()

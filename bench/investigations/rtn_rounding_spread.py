@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.p
 
 from _evalset import build_reference, evaluate_all, load_reference  # noqa: E402
 from accuracy_sweep import eval_windows, reference_dir  # noqa: E402
-from common import RESULTS, calibration_text, machine, write_results  # noqa: E402
+from common import RESULTS, calibration_text, machine, model_arguments, write_results  # noqa: E402
 from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python  # noqa: E402
 
 
@@ -52,8 +52,7 @@ def fp32_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
+    model_arguments(ap, nsamples=None, seqlen=None)
     ap.add_argument("--wiki", type=int, default=20)
     ap.add_argument("--c4", type=int, default=20)
     ap.add_argument("--variants", default="fp32,fp16,fp16-down,down,up,seed0,seed1,seed2",

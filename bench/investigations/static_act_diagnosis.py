@@ -29,7 +29,7 @@ from fptq.quant.weights import fake_quantize_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
 
-from common import calibration_text, machine, write_results  # noqa: E402
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -38,10 +38,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
+    model_arguments(ap, nsamples=8)
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
