@@ -30,7 +30,7 @@ import fptq
 from fptq.eval.perplexity import load_eval_text, token_windows
 
 from _evalset import build_reference, evaluate_all, load_reference, metrics_line
-from common import c4_eval_path, calibration_text, machine, wikitext_path, write_results
+from common import c4_eval_path, calibration_text, machine, model_arguments, wikitext_path, write_results
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict]:
@@ -77,11 +77,8 @@ def reference_dir(src: str, windows: dict) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    model_arguments(ap)
     ap.add_argument("--variants", required=True)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib-seed", type=int, default=0, help="seed that draws the calibration windows")
     ap.add_argument("--wiki", type=int, default=8)
     ap.add_argument("--c4", type=int, default=8)

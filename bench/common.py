@@ -43,23 +43,12 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     print(f"wrote {RESULTS / name}.json and .md")
 
 
-def quantize_and_evaluate(model, config, calib, windows, desc: str, progress: bool = True):
-    """Quantize a copy of ``model`` with ``config`` and measure its perplexity on ``windows``.
-
-    Returns ``(row, qmodel, plan)``; ``row`` has ppl, quantize/eval seconds, strategy counts and the config.
-    """
-    import copy
-    import time
-
-    import fptq
-    from fptq.eval.perplexity import evaluate_perplexity
-
-    qmodel = copy.deepcopy(model)
-    t = time.perf_counter()
-    plan = fptq.quantize(qmodel, config, calib, device="cpu", progress=progress)
-    quantize_s = time.perf_counter() - t
-    t = time.perf_counter()
-    r = evaluate_perplexity(qmodel, windows, desc=desc)
-    row = {"ppl": r["ppl"], "quantize_s": quantize_s, "eval_s": time.perf_counter() - t,
-           "counts": dict(plan.counts()), "config": config.to_dict()}
-    return row, qmodel, plan
+def model_arguments(ap, nsamples: int | None = 64, seqlen: int | None = 512) -> None:
+    """The options the accuracy scripts share: the model, its weight group size and (unless None) the number
+    and length of the calibration windows, with these defaults."""
+    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--group-size", type=int, default=64)
+    if nsamples is not None:
+        ap.add_argument("--nsamples", type=int, default=nsamples)
+    if seqlen is not None:
+        ap.add_argument("--seqlen", type=int, default=seqlen)

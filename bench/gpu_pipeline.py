@@ -11,6 +11,8 @@ model's (all evaluated on the CPU with the reference path), peak GPU memory,
 and time. Needs a CUDA device::
 
     python bench/gpu_pipeline.py [--results DIR]
+
+Writes DIR/gpu_pipeline.{json,md} (default bench/results/gpu/).
 """
 from __future__ import annotations
 

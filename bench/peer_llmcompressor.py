@@ -70,7 +70,7 @@ import fptq
 
 from _evalset import build_reference, evaluate_all, load_reference, save_windows
 from accuracy_sweep import eval_windows, reference_dir
-from common import RESULTS, calibration_text, machine, write_results
+from common import RESULTS, calibration_text, machine, model_arguments, write_results
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_llmc_worker.py"
@@ -164,10 +164,7 @@ def _line(m: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
+    model_arguments(ap)
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed that draws the calibration windows (both tools get the same ones)")
     ap.add_argument("--wiki", type=int, default=20, help="WikiText-2 windows")

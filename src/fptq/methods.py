@@ -1,4 +1,5 @@
-"""Named methods: presets of :class:`QuantConfig` sharing one pipeline."""
+"""Named methods: presets of :class:`QuantConfig` sharing one pipeline (what each sets and when to use it: the
+table in docs/methods.md)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,8 @@ from typing import Any
 from .config import ActPolicy, Equalization, QuantConfig
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # FPTQ as fptq runs it by default (docs/results.md, "FPTQ's default"): the paper's layer-wise
+    # (every preset in one table: docs/methods.md)
+    # FPTQ as fptq runs it by default (docs/results/defaults.md): the paper's layer-wise
     # static / LAE + static / dynamic structure; LAE on every static layer too; static scales from the
     # calibration max, which never clips the attention sink (the MSE clip did: 52.60 vs 46.25 WikiText-2 ppl
     # on Qwen2.5-Coder-0.5B); GPTQ weights on the equalized layer from Hessians of 8192 sampled rows, columns

@@ -152,9 +152,15 @@ def _read_labels(path: Path) -> list[int]:
         return [int(line.strip()) for line in f if line.strip()]
 
 
-def _check_len(task: str, docs: Sequence, labels: Sequence, p1: Path, p2: Path) -> None:
+def _labelled_docs(data_dir: str | Path, task: str, docs_file: str, labels_file: str) -> list[tuple[dict, int]]:
+    """(document, label) pairs of a task stored as ``<task>/<docs_file>`` (JSONL) + ``<task>/<labels_file>``."""
+    root = resolve_tasks_dir(data_dir)
+    p = _require(root / task / docs_file, task)
+    pl = _require(root / task / labels_file, task)
+    docs, labels = _read_jsonl(p), _read_labels(pl)
     if len(docs) != len(labels):
-        raise ValueError(f"{task}: {p1} has {len(docs)} rows but {p2} has {len(labels)} labels")
+        raise ValueError(f"{task}: {p} has {len(docs)} rows but {pl} has {len(labels)} labels")
+    return list(zip(docs, labels))
 
 
 # --------------------------------------------------------------------------- tasks
@@ -162,32 +168,17 @@ def _check_len(task: str, docs: Sequence, labels: Sequence, p1: Path, p2: Path) 
 
 def load_piqa(data_dir: str | Path) -> list[Item]:
     """PIQA validation: ``valid.jsonl`` (goal, sol1, sol2) + ``valid-labels.lst`` (0/1)."""
-    root = resolve_tasks_dir(data_dir)
-    p = _require(root / "piqa" / "valid.jsonl", "piqa")
-    pl = _require(root / "piqa" / "valid-labels.lst", "piqa")
-    docs, labels = _read_jsonl(p), _read_labels(pl)
-    _check_len("piqa", docs, labels, p, pl)
     return [
         Item(f"Question: {d['goal']}\nAnswer:", (d["sol1"], d["sol2"]), int(y), doc_id=i)
-        for i, (d, y) in enumerate(zip(docs, labels))
+        for i, (d, y) in enumerate(_labelled_docs(data_dir, "piqa", "valid.jsonl", "valid-labels.lst"))
     ]
 
 
 def load_siqa(data_dir: str | Path) -> list[Item]:
     """Social IQa dev: ``dev.jsonl`` + ``dev-labels.lst`` (labels 1..3)."""
-    root = resolve_tasks_dir(data_dir)
-    p = _require(root / "siqa" / "dev.jsonl", "siqa")
-    pl = _require(root / "siqa" / "dev-labels.lst", "siqa")
-    docs, labels = _read_jsonl(p), _read_labels(pl)
-    _check_len("siqa", docs, labels, p, pl)
     return [
-        Item(
-            f"Q: {d['context']} {d['question']}\nA:",
-            (d["answerA"], d["answerB"], d["answerC"]),
-            int(y) - 1,
-            doc_id=i,
-        )
-        for i, (d, y) in enumerate(zip(docs, labels))
+        Item(f"Q: {d['context']} {d['question']}\nA:", (d["answerA"], d["answerB"], d["answerC"]), int(y) - 1, doc_id=i)
+        for i, (d, y) in enumerate(_labelled_docs(data_dir, "siqa", "dev.jsonl", "dev-labels.lst"))
     ]
 
 

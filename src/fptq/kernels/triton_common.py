@@ -157,8 +157,36 @@ def _supported(group_size: int, k: int) -> bool:
     return group_size % 32 == 0
 
 
-# ------------------------------------------------ split-K reduction / shared epilogue
+# ------------------------------------------------ shared jit helpers, split-K reduction
 if HAS_TRITON:
+
+    @triton.jit
+    def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # (pid_m, pid_n) of program ``pid``, grouped along M (GROUP_M row tiles share a column of B tiles, L2 reuse)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm,
+                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # C = acc * AS (per token [M] or per tensor) (+ bias [N]), cast to C's dtype; acc: float32 [BLOCK_M, BLOCK_N]
+        if PER_TOKEN:
+            sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
+            acc = acc * sx[:, None]
+        else:
+            acc = acc * tl.load(AS)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _splitk_reduce_kernel(
@@ -184,16 +212,7 @@ if HAS_TRITON:
         if HAS_COLSCALE:
             cs = tl.load(CS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc * cs[None, :]
-        if PER_TOKEN:
-            sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
-            acc = acc * sx[:, None]
-        else:
-            acc = acc * tl.load(AS)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+        _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS)
 
 
 def _reduce(partials, x_scale, per_token, bias, c, col_scale=None) -> torch.Tensor:

@@ -4,13 +4,17 @@ with optional split-K (partials summed by :func:`fptq.kernels.triton_common._red
 launchers :func:`w4a8_matmul` and :func:`w4a8_gemv`."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .triton_common import (
     HAS_TRITON,
+    _epilogue,
     _reduce,
     _split_plan,
     _supported,
+    _tile_ids,
     pick_config,
     pick_gemv_config,
     require_triton,
@@ -33,24 +37,40 @@ if HAS_TRITON:
         return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K]).to(tl.int8)
 
     @triton.jit
+    def _dot_tile(acc_i, a_base, b_rows, k0, offs_k, offs_kb, mask_m, mask_n, K, K2,
+                  SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # acc_i (int32) += the activation tile at k0 times the unpacked weight tile at k0;
+        # SWAP_AB: acc_i^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
+        ka = k0 + offs_k
+        if SWAP_AB:
+            at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+            acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
+        else:
+            a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+        return acc_i
+
+    @triton.jit
+    def _group_scaled(acc_i, ws_ptrs, mask_n, SWAP_AB: tl.constexpr):
+        # float32 acc_i times the fp16 group scales at ws_ptrs (one per output channel)
+        s = tl.load(ws_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        if SWAP_AB:
+            out = acc_i.to(tl.float32) * s[:, None]
+        else:
+            out = acc_i.to(tl.float32) * s[None, :]
+        return out
+
+    @triton.jit
     def _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
                    PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
         # acc: float32 [BLOCK_M, BLOCK_N] (group scales applied)
-        mask = mask_m[:, None] & mask_n[None, :]
         if SPLIT:
             p_ptrs = P + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(p_ptrs, acc, mask=mask)
+            tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
         else:
-            if PER_TOKEN:
-                sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
-                acc = acc * sx[:, None]
-            else:
-                acc = acc * tl.load(AS)
-            if HAS_BIAS:
-                bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                acc = acc + bias[None, :]
-            c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+            _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS)
 
     @triton.jit
     def _w4a8_gemm_kernel(
@@ -69,16 +89,8 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr,
     ):
         # Work units along K: K tiles (ONE_GROUP) or groups; split s owns units [s*CHUNK, (s+1)*CHUNK).
-        pid = tl.program_id(0)
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         pid_s = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,62 +100,48 @@ if HAS_TRITON:
         mask_n = offs_n < N
         K2 = (K + 1) // 2
         b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
+        ws_rows = WS + offs_n * stride_wsn
         u0 = pid_s * CHUNK
         u1 = tl.minimum(u0 + CHUNK, NUNITS)
 
+        # the accumulators are [BLOCK_N, BLOCK_M] with swapped operands, [BLOCK_M, BLOCK_N] without
         if SWAP_AB:
-            # acc^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
-            a_cols = A + offs_m.to(tl.int64)[None, :] * stride_am
+            a_base = A + offs_m.to(tl.int64)[None, :] * stride_am
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if ONE_GROUP:
-                acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-                for u in range(u0, u1):
-                    k0 = u * BLOCK_K
-                    ka = k0 + offs_k
-                    at = tl.load(a_cols + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
-                    w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
-                    acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
-                s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
-                acc = acc_i.to(tl.float32) * s[:, None]
-            else:
-                for g in range(u0, u1):
-                    acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-                    for t in tl.static_range(TILES_PER_GROUP):
-                        k0 = g * GS + t * BLOCK_K
-                        ka = k0 + offs_k
-                        at = tl.load(a_cols + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
-                        w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
-                        acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
-                    s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
-                    acc += acc_i.to(tl.float32) * s[:, None]
-            _store_out(tl.trans(acc), offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
-                       PER_TOKEN, HAS_BIAS, SPLIT)
         else:
-            a_rows = A + offs_m.to(tl.int64)[:, None] * stride_am
+            a_base = A + offs_m.to(tl.int64)[:, None] * stride_am
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if ONE_GROUP:
-                acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-                for u in range(u0, u1):
-                    k0 = u * BLOCK_K
-                    ka = k0 + offs_k
-                    a = tl.load(a_rows + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
-                    w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
-                    acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
-                s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
-                acc = acc_i.to(tl.float32) * s[None, :]
-            else:
-                for g in range(u0, u1):
-                    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-                    for t in tl.static_range(TILES_PER_GROUP):
-                        k0 = g * GS + t * BLOCK_K
-                        ka = k0 + offs_k
-                        a = tl.load(a_rows + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
-                        w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
-                        acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
-                    s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
-                    acc += acc_i.to(tl.float32) * s[None, :]
-            _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
-                       PER_TOKEN, HAS_BIAS, SPLIT)
+        if ONE_GROUP:
+            # one scale per row: a single int32 accumulator over every K tile, scaled once
+            acc_i = tl.zeros(acc.shape, dtype=tl.int32)
+            for u in range(u0, u1):
+                acc_i = _dot_tile(acc_i, a_base, b_rows, u * BLOCK_K, offs_k, offs_kb, mask_m, mask_n, K, K2,
+                                  SWAP_AB, BLOCK_N, BLOCK_K)
+            acc = _group_scaled(acc_i, ws_rows, mask_n, SWAP_AB)
+        else:
+            # one int32 accumulator per group, scaled and added in float32 at the end of the group
+            for g in range(u0, u1):
+                acc_i = tl.zeros(acc.shape, dtype=tl.int32)
+                for t in tl.static_range(TILES_PER_GROUP):
+                    acc_i = _dot_tile(acc_i, a_base, b_rows, g * GS + t * BLOCK_K, offs_k, offs_kb, mask_m, mask_n,
+                                      K, K2, SWAP_AB, BLOCK_N, BLOCK_K)
+                acc += _group_scaled(acc_i, ws_rows + g, mask_n, SWAP_AB)
+        if SWAP_AB:
+            acc = tl.trans(acc)
+        _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
+                   PER_TOKEN, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2):
+        # acc2 [BLOCK_N, BLOCK_K // 2] (int32) += low nibbles x even activation codes + high nibbles x odd ones
+        kb = k0 // 2 + offs_j
+        b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+        ke = k0 + 2 * offs_j
+        xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
+        xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
+        bi = b.to(tl.int32)
+        acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
+        return acc2
 
     @triton.jit
     def _w4a8_gemv_kernel(
@@ -168,36 +166,23 @@ if HAS_TRITON:
         mask_n = offs_n < N
         K2 = (K + 1) // 2
         b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
+        ws_rows = WS + offs_n * stride_wsn
         x_row = A + pid_m.to(tl.int64) * stride_am
         u0 = pid_s * CHUNK
         u1 = tl.minimum(u0 + CHUNK, NUNITS)
         if ONE_GROUP:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
             for u in range(u0, u1):
-                k0 = u * BLOCK_K
-                kb = k0 // 2 + offs_j
-                b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
-                ke = k0 + 2 * offs_j
-                xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
-                xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
-                bi = b.to(tl.int32)
-                acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
-            s = tl.load(WS + offs_n * stride_wsn, mask=mask_n, other=0.0).to(tl.float32)
+                acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2)
+            s = tl.load(ws_rows, mask=mask_n, other=0.0).to(tl.float32)
             acc = tl.sum(acc2, axis=1).to(tl.float32) * s
         else:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for g in range(u0, u1):
                 acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
-                    k0 = g * GS + t * BLOCK_K
-                    kb = k0 // 2 + offs_j
-                    b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
-                    ke = k0 + 2 * offs_j
-                    xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
-                    xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
-                    bi = b.to(tl.int32)
-                    acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
-                s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
+                    acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2)
+                s = tl.load(ws_rows + g, mask=mask_n, other=0.0).to(tl.float32)
                 acc += tl.sum(acc2, axis=1).to(tl.float32) * s
         if SPLIT:
             tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
@@ -228,25 +213,9 @@ def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size)
     return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
 
 
-def w4a8_matmul(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    qweight: torch.Tensor,
-    w_scales: torch.Tensor,
-    in_features: int,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float16,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """Exact group-wise ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T) (+ bias)`` with
-    packed int4 weights, tensor-core kernel (``_w4a8_gemm_kernel``, optional split-K).
-
-    ``xq``: int8 ``[M, K]``; ``x_scale``: float32 0-d (per-tensor) or ``[M]``
-    (per-token); ``qweight``: uint8 ``[N, ceil(K/2)]``; ``w_scales``: fp16
-    ``[N, G]``; returns ``[M, N]`` in ``out_dtype``.  ``config`` overrides
-    :func:`pick_config` (keys BLOCK_M/N/K, GROUP_M, SWAP_AB, SPLIT_K, num_warps, num_stages).
-    """
+def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool):
+    """Check the arguments, pick the launch configuration and split-K, run the GEMV (``gemv``) or the
+    tensor-core kernel, and reduce the split-K partials."""
     require_triton()
     xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
         xq, x_scale, qweight, w_scales, in_features, group_size)
@@ -255,65 +224,7 @@ def w4a8_matmul(
     g = w_scales.shape[1]
     one_group = g == 1
     gs = k if group_size <= 0 else group_size
-    cfg = dict(pick_config(m, n, k, group_size))
-    if config:
-        cfg.update(config)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not one_group and gs % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
-    c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    if m == 0 or n == 0:
-        return c
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    if one_group:
-        nunits, unit_k = triton.cdiv(k, bk), bk
-    else:
-        nunits, unit_k = g, gs
-    splits, chunk = _split_plan(tiles, m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
-    has_bias = bias is not None
-    bias_arg = bias.contiguous() if has_bias else c
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=xq.device) if splits > 1 else c
-    _w4a8_gemm_kernel[(tiles, splits)](
-        xq, qweight, w_scales, x_scale, bias_arg, c, part,
-        m, n, k, g, gs, chunk, nunits,
-        xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0),
-        PER_TOKEN=per_token,
-        HAS_BIAS=has_bias,
-        ONE_GROUP=one_group,
-        TILES_PER_GROUP=1 if one_group else gs // bk,
-        SPLIT=splits > 1,
-        SWAP_AB=bool(cfg.get("SWAP_AB", False)),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if splits > 1:
-        _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
-    return c
-
-
-def w4a8_gemv(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    qweight: torch.Tensor,
-    w_scales: torch.Tensor,
-    in_features: int,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.float16,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """Same maths and arguments as :func:`w4a8_matmul` (exact group-wise), with the
-    CUDA-core GEMV kernel (one token row per program, split-K), meant for M <= 2-4.
-    ``config`` overrides :func:`pick_gemv_config` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
-    require_triton()
-    xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
-        xq, x_scale, qweight, w_scales, in_features, group_size)
-    m, k = xq.shape
-    n = qweight.shape[0]
-    g = w_scales.shape[1]
-    one_group = g == 1
-    gs = k if group_size <= 0 else group_size
-    cfg = dict(pick_gemv_config(m, n, k, group_size))
+    cfg = dict((pick_gemv_config if gemv else pick_config)(m, n, k, group_size))
     if config:
         cfg.update(config)
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -322,27 +233,50 @@ def w4a8_gemv(
     c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return c
-    n_tiles = triton.cdiv(n, bn)
+    # output tiles: one token row x BLOCK_N channels per GEMV program, BLOCK_M x BLOCK_N per GEMM program
+    grid = (m, triton.cdiv(n, bn)) if gemv else (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, bn),)
     if one_group:
         nunits, unit_k = triton.cdiv(k, bk), bk
     else:
         nunits, unit_k = g, gs
-    splits, chunk = _split_plan(n_tiles * m, m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
+    splits, chunk = _split_plan(math.prod(grid), m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else c
     part = torch.empty(splits, m, n, dtype=torch.float32, device=xq.device) if splits > 1 else c
-    _w4a8_gemv_kernel[(m, n_tiles, splits)](
-        xq, qweight, w_scales, x_scale, bias_arg, c, part,
-        m, n, k, gs, chunk, nunits,
-        xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0),
-        PER_TOKEN=per_token,
-        HAS_BIAS=has_bias,
-        ONE_GROUP=one_group,
-        TILES_PER_GROUP=1 if one_group else gs // bk,
-        SPLIT=splits > 1,
-        BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    strides = (xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0))
+    flags = dict(PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=one_group,
+                 TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if gemv:
+        _w4a8_gemv_kernel[(*grid, splits)](
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, m, n, k, gs, chunk, nunits, *strides, **flags)
+    else:
+        _w4a8_gemm_kernel[(*grid, splits)](
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, m, n, k, g, gs, chunk, nunits, *strides,
+            SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"], **flags)
     if splits > 1:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
     return c
+
+
+def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                in_features: int, group_size: int, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float16, config: dict | None = None) -> torch.Tensor:
+    """Exact group-wise ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T) (+ bias)`` with
+    packed int4 weights, tensor-core kernel (``_w4a8_gemm_kernel``, optional split-K).
+
+    ``xq``: int8 ``[M, K]``; ``x_scale``: float32 0-d (per-tensor) or ``[M]``
+    (per-token); ``qweight``: uint8 ``[N, ceil(K/2)]``; ``w_scales``: fp16
+    ``[N, G]``; returns ``[M, N]`` in ``out_dtype``.  ``config`` overrides
+    :func:`pick_config` (keys BLOCK_M/N/K, GROUP_M, SWAP_AB, SPLIT_K, num_warps, num_stages).
+    """
+    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=False)
+
+
+def w4a8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+              in_features: int, group_size: int, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float16, config: dict | None = None) -> torch.Tensor:
+    """Same maths and arguments as :func:`w4a8_matmul` (exact group-wise), with the
+    CUDA-core GEMV kernel (one token row per program, split-K), meant for M <= 2-4.
+    ``config`` overrides :func:`pick_gemv_config` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
+    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True)

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import HAS_TRITON, PERCHANNEL_IMPL, _reduce, pick_int8_config, require_triton, tl, triton
+from .triton_common import (
+    HAS_TRITON,
+    PERCHANNEL_IMPL,
+    _epilogue,
+    _reduce,
+    _tile_ids,
+    pick_int8_config,
+    require_triton,
+    tl,
+    triton,
+)
 
 __all__ = ["int8_perchannel_matmul", "perchannel_weight_device"]
 
@@ -26,15 +36,7 @@ if HAS_TRITON:
         GROUP_M: tl.constexpr,
     ):
         # y = (x_q @ W8^T) * s_c[n] * s_x (+ bias): int8 codes [M, K] x int8 [N, K], one int32 accumulator
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,17 +61,8 @@ if HAS_TRITON:
         mask_m = offs_m < M
         mask_n = offs_n < N
         cs = tl.load(CS + offs_n, mask=mask_n, other=0.0)
-        y = acc.to(tl.float32) * cs[None, :]
-        if PER_TOKEN:
-            sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
-            y = y * sx[:, None]
-        else:
-            y = y * tl.load(AS)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            y = y + bias[None, :]
-        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        _epilogue(acc.to(tl.float32) * cs[None, :], offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm,
+                  PER_TOKEN, HAS_BIAS)
 
 
 class _PerChannelSource:

@@ -25,6 +25,15 @@ if HAS_TRITON:
         return _round_half_even(v).to(tl.int8)
 
     @triton.jit
+    def _dynamic_scale(amax, INV_QMAX, QMAX: tl.constexpr, RECIP: tl.constexpr):
+        # per-token scale from the row's absmax, divided by qmax as torch does on this device
+        if RECIP:
+            scale = tl.maximum(amax * INV_QMAX, 1e-8)
+        else:
+            scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8)
+        return scale
+
+    @triton.jit
     def _quant_act_kernel(
         X, Q, S, SCALE_IN, INV_QMAX,
         K, stride_xm, stride_qm,
@@ -42,11 +51,7 @@ if HAS_TRITON:
             mask = offs < K
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if DYNAMIC:
-                m = tl.max(tl.abs(x), axis=0)
-                if RECIP:
-                    scale = tl.maximum(m * INV_QMAX, 1e-8)
-                else:
-                    scale = tl.maximum(tl.math.div_rn(m, QMAX * 1.0), 1e-8)
+                scale = _dynamic_scale(tl.max(tl.abs(x), axis=0), INV_QMAX, QMAX, RECIP)
                 tl.store(S + row, scale)
             else:
                 scale = tl.load(SCALE_IN).to(tl.float32)
@@ -57,11 +62,7 @@ if HAS_TRITON:
                 for k0 in range(0, K, BLOCK):
                     x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
                     amax = tl.maximum(amax, tl.abs(x))
-                m = tl.max(amax, axis=0)
-                if RECIP:
-                    scale = tl.maximum(m * INV_QMAX, 1e-8)
-                else:
-                    scale = tl.maximum(tl.math.div_rn(m, QMAX * 1.0), 1e-8)
+                scale = _dynamic_scale(tl.max(amax, axis=0), INV_QMAX, QMAX, RECIP)
                 tl.store(S + row, scale)
             else:
                 scale = tl.load(SCALE_IN).to(tl.float32)

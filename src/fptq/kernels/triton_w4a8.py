@@ -71,6 +71,7 @@ import warnings
 
 import torch
 
+from . import triton_common, triton_grouped, triton_perchannel, triton_quant
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -89,25 +90,10 @@ from .triton_grouped import w4a8_gemv, w4a8_matmul
 from .triton_perchannel import int8_perchannel_matmul, perchannel_weight_device
 from .triton_quant import _scalar_div_mode, quantize_activations
 
+# the public names of the four kernel modules, and this module's entry points
 __all__ = [
-    "HAS_TRITON",
-    "is_available",
-    "PATHS",
-    "GEMV_MAX_M",
-    "GROUPED_MAX_M",
-    "PERCHANNEL_IMPL",
-    "pick_config",
-    "pick_gemv_config",
-    "pick_int8_config",
-    "select_path",
-    "quantize_activations",
-    "w4a8_matmul",
-    "w4a8_gemv",
-    "int8_perchannel_matmul",
-    "perchannel_weight_device",
-    "triton_forward",
-    "triton_grouped_forward",
-    "triton_perchannel_forward",
+    *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
+    "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)

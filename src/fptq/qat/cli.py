@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_qat_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``fptq quantize`` read by the QAT methods (llm-qat-w4a8, fptq-qat)."""
-    q = p.add_argument_group("quantization-aware training (--method llm-qat-w4a8 or fptq-qat)")
+    q = p.add_argument_group("advanced: quantization-aware training (--method llm-qat-w4a8 or fptq-qat)")
     d = QATConfig()
     q.add_argument("--qat-steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
     q.add_argument("--qat-batch-size", type=int, default=None, help=f"sequences per step (default {d.batch_size})")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import FptqError
+from ..paths import generated_data_dir
 from .config import GenerationRecipe
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,8 @@ def model_id(model: nn.Module, source: str | None = None) -> str:
 
 def default_cache_file(fingerprint: str, recipe: GenerationRecipe) -> Path:
     """Where generated data is cached when no file is named: ``$FPTQ_CACHE/generated/<model>-<recipe>.safetensors``."""
-    from ..models.loading import cache_dir
-
     key = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / "generated" / f"{fingerprint[:16]}-L{recipe.length}-{key}.safetensors"
+    return generated_data_dir() / f"{fingerprint[:16]}-L{recipe.length}-{key}.safetensors"
 
 
 def _read_cache(path: Path) -> tuple[dict[str, Any], torch.Tensor] | None:

@@ -1,8 +1,8 @@
 """fptq's native CPU kernels (AVX-512 VNNI), compiled on first use and called through ctypes.
 
 The C source (``w4a8.c`` beside this file) is compiled once per source version and compiler by the system C
-compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (the cache is ``$FPTQ_CACHE``, else
-``~/.cache/fptq``), then loaded with :mod:`ctypes`. Nothing is built at install time and nothing else is
+compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (:func:`fptq.paths.kernels_cache_dir`; the
+cache is ``$FPTQ_CACHE``, else ``~/.cache/fptq``), then loaded with :mod:`ctypes`. Nothing is built at install time and nothing else is
 needed: no torch headers, no ninja. The OpenMP runtime is the one torch already loaded (same soname), so the
 kernels and torch share one thread pool.
 
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from ...paths import kernels_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,10 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_root() -> Path:
-    from ...models.loading import cache_dir
-
-    return cache_dir() / "kernels"
-
-
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
     key = hashlib.sha256(src + " ".join(_CFLAGS).encode() + cc.encode()).hexdigest()[:16]
-    out = _cache_root() / f"fptq_w4a8-{key}.so"
+    out = kernels_cache_dir() / f"fptq_w4a8-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

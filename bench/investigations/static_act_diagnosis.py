@@ -8,12 +8,15 @@ plain max, and static with the clip chosen on the layer output. Errors are split
 of each window (the attention-sink token, whose activations are often far larger) and the other positions.
 Usage::
 
-    python bench/static_act_diagnosis.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128
+    python bench/investigations/static_act_diagnosis.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" \\
+        --group-size 128
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 import torch
 
@@ -24,7 +27,9 @@ from fptq.quant.activations import fake_quantize_per_token, fake_quantize_static
 from fptq.quant.static_scale import mse_clip, output_clip_scale
 from fptq.quant.weights import fake_quantize_weight
 
-from common import calibration_text, machine, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
 
 
 def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,10 +38,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=512)
+    model_arguments(ap, nsamples=8)
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

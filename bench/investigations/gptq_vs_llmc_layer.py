@@ -13,7 +13,7 @@ inputs, then GPTQ in act-order (both tools' default) four ways:
 Reports the relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of each, and the share of weights whose
 code differs between fptq and llm-compressor on the same scales.
 
-    PYTHONPATH=src /work/venvs/llmc/bin/python bench/gptq_vs_llmc_layer.py \\
+    PYTHONPATH=src /work/venvs/llmc/bin/python bench/investigations/gptq_vs_llmc_layer.py \\
         --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" \\
         --group-size 128 --layers 0,8,16,23 --name gptq_vs_llmc_layer_qwen
 
@@ -21,13 +21,18 @@ Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from fptq.quant.gptq import gptq_quantize
 from fptq.quant.weights import dequantize_weight
 
-from common import machine, write_results
-from gptq_rounding_proxy import float_layer_hessians, layer_arguments, relative_output_error
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from common import machine, write_results  # noqa: E402
+from gptq_rounding_proxy import float_layer_hessians, layer_arguments, relative_output_error  # noqa: E402
 
 
 def llmc_gptq(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, gs: int) -> torch.Tensor:
@@ -79,7 +84,8 @@ def main() -> None:
     summary["linears"] = len(rows)
     md = [f"# fptq's GPTQ vs llm-compressor's on the same weights and Hessian ({src.rsplit('/', 1)[-1]}, "
           f"group {gs}, act-order)", "",
-          f"`bench/gptq_vs_llmc_layer.py --group-size {gs} --layers {args.layers}` in the llm-compressor venv "
+          f"`bench/investigations/gptq_vs_llmc_layer.py --group-size {gs} --layers {args.layers}` "
+          "in the llm-compressor venv "
           f"(float model; Hessians from {args.nsamples} x {args.seqlen} calibration tokens of C4 documents "
           "1000-1999; each Linear quantized alone from the float model's inputs).", "",
           "Relative output error tr(dW H dW^T) / tr(W H W^T) in units of 1e-3, and the share of codes that differ "

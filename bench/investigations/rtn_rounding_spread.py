@@ -14,9 +14,9 @@ float16 rounding of ``s`` moves ``w / s`` across a rounding boundary. This scrip
 
 The spread of those rows is the noise floor of "one tool's RTN vs another's" on these windows.
 
-    python bench/rtn_rounding_spread.py                       # SmolLM2-135M, group 64, 20 + 20 windows
-    python bench/rtn_rounding_spread.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
-        --name rtn_rounding_spread_qwen
+    python bench/investigations/rtn_rounding_spread.py                       # SmolLM2-135M, group 64, 20 + 20 windows
+    python bench/investigations/rtn_rounding_spread.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" \\
+        --group-size 128 --name rtn_rounding_spread_qwen
 
 Writes bench/results/NAME.{json,md}.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,10 +34,12 @@ import torch
 import fptq
 from fptq.quant.weights import dequantize_weight, fp16_floor, quantize_weight, weight_scales
 
-from _evalset import build_reference, evaluate_all, load_reference
-from accuracy_sweep import eval_windows, reference_dir
-from common import RESULTS, calibration_text, machine, write_results
-from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from _evalset import build_reference, evaluate_all, load_reference  # noqa: E402
+from accuracy_sweep import eval_windows, reference_dir  # noqa: E402
+from common import RESULTS, calibration_text, machine, model_arguments, write_results  # noqa: E402
+from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python  # noqa: E402
 
 
 def rtn_weight(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -49,8 +52,7 @@ def fp32_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
+    model_arguments(ap, nsamples=None, seqlen=None)
     ap.add_argument("--wiki", type=int, default=20)
     ap.add_argument("--c4", type=int, default=20)
     ap.add_argument("--variants", default="fp32,fp16,fp16-down,down,up,seed0,seed1,seed2",
@@ -137,7 +139,8 @@ def main() -> None:
             "float": meta["float"], "rows": rows}
     sets = list(windows)
     md = [f"# RTN W4A16: the spread from rounding the group scales ({Path(src).name}, group {gs})\n",
-          f"`python bench/rtn_rounding_spread.py{'' if args.model is None else ' --model ...'} --group-size {gs} "
+          f"`python bench/investigations/rtn_rounding_spread.py{'' if args.model is None else ' --model ...'} "
+          f"--group-size {gs} "
           f"--wiki {args.wiki} --c4 {args.c4} --variants ... --name {args.name}` (rows added run by run; each "
           "evaluated alone on the machine)\n",
           f"Weights: {check['weights']:,} in {check['linears']} Linears. float32 scales reproduce llm-compressor's "

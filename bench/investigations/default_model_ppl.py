@@ -5,21 +5,26 @@ Calibration: 128 windows of 512 tokens from C4 documents 1000-1999 (seed 0);
 evaluation: WikiText-2 test, lines joined with blank lines, first 40 windows of
 2048 tokens. Usage::
 
-    python bench/default_model_ppl.py [--variants fptq,fptq-max,...] [--nsamples 128] [--max-windows 40]
+    python bench/investigations/default_model_ppl.py [--variants fptq,fptq-max,...] [--nsamples 128] [--max-windows 40]
 
 Writes bench/results/default_model_ppl.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import fptq
 from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
 
-from common import calibration_text, machine, quantize_and_evaluate, wikitext_path, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from common import calibration_text, machine, wikitext_path, write_results  # noqa: E402
 
 VARIANTS = {
     "fptq": dict(method="fptq"),
@@ -43,6 +48,22 @@ VARIANTS = {
     "fptq-all": dict(method="fptq", lae_scope="all"),
     "rtn-w4a16": dict(method="rtn-w4a16"),
 }
+
+
+def quantize_and_evaluate(model, config, calib, windows, desc: str, progress: bool = True):
+    """Quantize a copy of ``model`` with ``config`` and measure its perplexity on ``windows``.
+
+    Returns ``(row, qmodel, plan)``; ``row`` has ppl, quantize/eval seconds, strategy counts and the config.
+    """
+    qmodel = copy.deepcopy(model)
+    t = time.perf_counter()
+    plan = fptq.quantize(qmodel, config, calib, device="cpu", progress=progress)
+    quantize_s = time.perf_counter() - t
+    t = time.perf_counter()
+    r = evaluate_perplexity(qmodel, windows, desc=desc)
+    row = {"ppl": r["ppl"], "quantize_s": quantize_s, "eval_s": time.perf_counter() - t,
+           "counts": dict(plan.counts()), "config": config.to_dict()}
+    return row, qmodel, plan
 
 
 def main() -> None:

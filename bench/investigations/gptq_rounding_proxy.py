@@ -7,15 +7,17 @@ Linear of a few decoder layers of the *float* model, the output error ``tr(dW H 
 (``dW`` the quantization error of the weights, ``H = X^T X`` from calibration inputs of that Linear), for
 round-to-nearest and GPTQ (column order and act-order) weights, scales rounded down and to nearest.
 
-    python bench/gptq_rounding_proxy.py                    # SmolLM2-135M, group 64, layers 0, 10, 20, 29
-    python bench/gptq_rounding_proxy.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
-        --layers 0,8,16,23 --name gptq_rounding_proxy_qwen
+    python bench/investigations/gptq_rounding_proxy.py                    # SmolLM2-135M, group 64, layers 0, 10, 20, 29
+    python bench/investigations/gptq_rounding_proxy.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" \\
+        --group-size 128 --layers 0,8,16,23 --name gptq_rounding_proxy_qwen
 
 Writes bench/results/NAME.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -23,7 +25,9 @@ import fptq
 from fptq.quant.gptq import HessianAccumulator, gptq_quantize
 from fptq.quant.weights import dequantize_weight, quantize_weight, weight_scales
 
-from common import calibration_text, machine, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
 
 VARIANTS = (("rtn", False, False), ("gptq", True, False), ("gptq act-order", True, True))
 
@@ -48,11 +52,8 @@ def quantized(w: torch.Tensor, h: torch.Tensor, gs: int, gptq: bool, act_order: 
 def layer_arguments(description: str, name: str) -> argparse.Namespace:
     """The command line shared by the per-Linear GPTQ scripts (this one and gptq_vs_llmc_layer.py)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--group-size", type=int, default=64)
+    model_arguments(ap, nsamples=32)
     ap.add_argument("--layers", default="0,10,20,29", help="decoder layers whose Linears are measured")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=name)
     args = ap.parse_args()
@@ -101,7 +102,8 @@ def main() -> None:
         summary[label] = {"mean_down": sum(dn) / len(dn), "mean_nearest": sum(nr) / len(nr),
                           "nearest_lower": sum(b < a for a, b in zip(dn, nr)), "linears": len(rows)}
     md = [f"# GPTQ's objective under the two scale roundings ({src.rsplit('/', 1)[-1]}, group {gs})", "",
-          f"`python bench/gptq_rounding_proxy.py --group-size {gs} --layers {args.layers}` (float model; Hessians "
+          f"`python bench/investigations/gptq_rounding_proxy.py --group-size {gs} --layers {args.layers}` "
+          "(float model; Hessians "
           f"from {args.nsamples} x {args.seqlen} calibration tokens of C4 documents 1000-1999; each Linear quantized "
           "alone from the float model's inputs).", "",
           "Relative output error tr(dW H dW^T) / tr(W H W^T), in units of 1e-3:", "",

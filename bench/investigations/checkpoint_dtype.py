@@ -5,7 +5,7 @@ Runs the README's quickstart quantization twice on the default model (``fptq qua
 (``reference``) backend and the default fast backend, on the first ``--windows`` WikiText-2 windows of 2048 tokens.
 Writes bench/results/checkpoint_dtype.{json,md}.
 
-    python bench/checkpoint_dtype.py                  # ~10 minutes on 2 cores; run it alone
+    python bench/investigations/checkpoint_dtype.py                  # ~10 minutes on 2 cores; run it alone
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py
 
 from common import machine, wikitext_path, write_results  # noqa: E402
 

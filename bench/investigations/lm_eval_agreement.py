@@ -9,7 +9,7 @@ Needs lm-eval in a *separate* virtualenv that reuses the system torch/transforme
 
 Run from the repository root (CPU is fine, ~5 minutes on 2 cores):
 
-    HF_DATASETS_OFFLINE=1 PYTHONPATH=src /work/venvs/lmeval/bin/python bench/lm_eval_agreement.py \
+    HF_DATASETS_OFFLINE=1 PYTHONPATH=src /work/venvs/lmeval/bin/python bench/investigations/lm_eval_agreement.py \
         [--limit 300] [--seed 0] [--data ../shared/data] [--out /tmp/lm_eval_agreement.json]
 
 What it does: loads the float SmolLM2-135M-Instruct (dequantized from the GGUF of
@@ -42,7 +42,7 @@ from fptq.eval.harness import run_lm_eval  # noqa: E402
 from fptq.eval.scorer import evaluate_task  # noqa: E402
 from fptq.eval.tasks import resolve_tasks_dir  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_smollm2():

@@ -4,7 +4,7 @@ Both tools quantize the same float model with GPTQ W4A16 (static act-order, damp
 the same calibration windows, each through its own sequential pipeline: every decoder layer's Hessians
 come from the inputs that the already-quantized earlier layers produce. llm-compressor runs the
 ``gptq-w4a16-f16scale`` recipe (its group scales rounded to float16 as fptq's are), so on identical
-Hessians the two would give the same weights (``bench/gptq_vs_llmc_layer.py``: 0.0018% of codes differ,
+Hessians the two would give the same weights (``bench/investigations/gptq_vs_llmc_layer.py``: 0.0018% of codes differ,
 float32 summation order). This script compares the two tools' final weights Linear by Linear:
 
 * the share of weights whose dequantized value differs between the tools (same scales, so a different code);
@@ -15,8 +15,8 @@ the tools differ only by how tiny differences compound through the sequential ca
 layer or one kind of Linear would point at a systematic difference in what that Linear's Hessian is built
 from.
 
-    python bench/gptq_codes_vs_llmc.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" --group-size 128 \\
-        --name gptq_codes_vs_llmc_qwen
+    python bench/investigations/gptq_codes_vs_llmc.py --model "$(../shared/tools/get-qwen2.5-coder-0.5b)" \\
+        --group-size 128 --name gptq_codes_vs_llmc_qwen
 
 ``--method`` / ``--recipe`` pick another pair, e.g. ``--method lae-dynamic-w4a8 --recipe logeq-w4a8``:
 log-equalization then round-to-nearest (fptq's scales float16 rounded down, llm-compressor's float32), where
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -37,8 +38,10 @@ import torch
 
 import fptq
 
-from common import calibration_text, machine, write_results
-from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py and the scripts reused here
+
+from common import calibration_text, machine, model_arguments, write_results  # noqa: E402
+from peer_llmcompressor import DEFAULT_VENV, llmc_weights, venv_python  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,10 +86,7 @@ def by_layer(rows: dict[str, dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
+    model_arguments(ap)
     ap.add_argument("--calib-seed", type=int, default=0)
     ap.add_argument("--method", default="gptq-w4a16", help="fptq method")
     ap.add_argument("--recipe", default="gptq-w4a16-f16scale",
@@ -130,7 +130,7 @@ def main() -> None:
     pair = "" if (args.method, args.recipe) == ("gptq-w4a16", "gptq-w4a16-f16scale") else \
         f" --method {args.method} --recipe {args.recipe}"
     seed = f" --calib-seed {args.calib_seed}" if args.calib_seed else ""
-    cmd = (f"python bench/gptq_codes_vs_llmc.py{' --model ' + repr(args.model) if args.model else ''} "
+    cmd = (f"python bench/investigations/gptq_codes_vs_llmc.py{' --model ' + repr(args.model) if args.model else ''} "
            f"--group-size {gs}{pair}{seed} --name {args.name}")
     how = ("both static act-order, damp 0.01, block 128, float16 scales to nearest" if not pair
            else "see bench/_llmc_worker.py and fptq.methods for each")
