@@ -24,7 +24,7 @@ from .nn import QuantLinear  # noqa: E402
 from .pipeline import quantize  # noqa: E402
 from .plan import LayerPlan, Plan  # noqa: E402
 from .runtime import Engine  # noqa: E402
-from .runtime.loading import load  # noqa: E402
+from .runtime.hf_fast import load  # noqa: E402
 
 __all__ = [
     "ActPolicy", "Engine", "Equalization", "FptqError", "LayerPlan", "METHODS", "Plan", "QuantConfig", "QuantLinear",

@@ -179,8 +179,7 @@ def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16"
 def _api_runner(path, backend: str):
     """The model ``fptq.load`` returns, called as any transformers model (``model(ids, cache=...)``): fptq's
     runtime behind transformers' forward where it attaches (:mod:`fptq.runtime.hf_fast`)."""
-    from .runtime.hf_fast import uses_runtime
-    from .runtime.loading import load
+    from .runtime.hf_fast import load, uses_runtime
     from .runtime.timing import HFRunner
 
     model = load(path, backend=backend)

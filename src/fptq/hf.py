@@ -102,7 +102,7 @@ if QuantizationConfigMixin is not None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .runtime.loading import use_runtime
+            from .runtime.hf_fast import use_runtime
 
             set_backend(model, "auto")  # also drops any cache filled before the weights arrived
             reason = use_runtime(model, getattr(self, "_fptq_dir", None))  # as fptq.load: forward on fptq's runtime

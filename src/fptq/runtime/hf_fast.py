@@ -24,18 +24,22 @@ from __future__ import annotations
 
 import logging
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..kernels import native
 from .engine import Engine, KVCache, engine_unsupported_reason
+from .loading import keep_stored_dtypes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RuntimeDecoder", "attach_runtime", "detach_runtime", "runtime_unsupported_reason", "uses_runtime"]
+__all__ = ["RuntimeDecoder", "attach_runtime", "detach_runtime", "runtime_unsupported_reason", "uses_runtime",
+           "use_runtime", "load", "RUNTIMES"]
 
 _NATIVE_BACKENDS = ("auto", "native")
+RUNTIMES = ("auto", "off")
 _SLACK = 256  # positions a new cache holds beyond its first call (a generation's new tokens, typically)
 
 
@@ -234,3 +238,46 @@ class RuntimeDecoder(nn.Module):
             layer.values = v[:, :, :n]
             layer.device = k.device
             layer.is_initialized = True
+
+
+def use_runtime(model: nn.Module, out: str | Path | None = None) -> str | None:
+    """Put fptq's runtime behind ``model``'s forward and ``generate`` (:func:`fptq.runtime.hf_fast.attach_runtime`):
+    the model becomes inference-only (``requires_grad`` off) and, given its checkpoint ``out``, keeps the
+    unquantized tensors in the 16-bit dtype they are stored in, as the runtime computes with them. Returns
+    ``None`` when attached, else the reason it could not be (the model is then unchanged)."""
+    reason = attach_runtime(model)
+    if reason is not None:
+        return reason
+    model.requires_grad_(False)
+    if out is not None:
+        keep_stored_dtypes(model, out)
+    return None
+
+
+def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True,
+         dtype: torch.dtype | None = None, runtime: str = "auto"):
+    """Load an fptq checkpoint as a Hugging Face causal LM (``fptq.load``).
+
+    ``runtime="auto"`` (default): on the CPU, for the architectures fptq's runtime covers (LLaMA-shaped, see
+    :func:`fptq.runtime.engine_unsupported_reason`) and the integer kernels (``backend`` ``auto``/``native``),
+    ``model(...)`` and ``model.generate(...)`` run on :class:`~fptq.runtime.Engine`
+    (:mod:`fptq.runtime.hf_fast`): same logits up to float rounding, several times faster. The model is then
+    inference-only and its unquantized tensors stay in the 16-bit dtype the checkpoint stores them in (unless
+    ``dtype`` is given). Elsewhere, or with ``runtime="off"``, the model runs transformers' forward with fptq's
+    kernels in each Linear (:func:`fptq.io.load`: the checkpoint's numerics module by module, as ``fptq eval``
+    measures them). The other arguments are :func:`fptq.io.load`'s."""
+    from ..errors import FptqError
+    from ..io import load as load_modules
+
+    if runtime not in RUNTIMES:
+        raise FptqError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    model = load_modules(out, device=device, backend=backend, verify=verify, dtype=dtype)
+    if runtime == "off":
+        return model
+    if backend not in ("auto", "native"):
+        log.info("fptq.load: transformers' forward with the %r backend (the runtime runs the native kernels)", backend)
+        return model
+    reason = use_runtime(model, out if dtype is None else None)
+    if reason is not None:
+        log.info("fptq.load: transformers' forward with fptq's kernels (fptq's runtime: %s)", reason)
+    return model
