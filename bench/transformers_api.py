@@ -12,7 +12,9 @@ Rows, each timed the same way in one process with interleaved repeats (ratios of
 
 Tasks: ``prefill_N``: ``model(ids)`` on one N-token prompt (all logits, the call a user makes);
 ``generate_bB``: ``model.generate`` of 32 new tokens (greedy, ``min_new_tokens`` = ``max_new_tokens``) after a
-16-token prompt, batch B (tokens/s counts the new tokens). Then the perplexity of the runtime row and of the
+16-token prompt, batch B (tokens/s counts the new tokens; the prompt's forward is inside the timing);
+``decode_bB``: the same 32 steps as a loop of ``model(next_ids, cache=cache, logits_to_keep=1)`` after the
+prompt, the prompt outside the timing (:class:`fptq.runtime.timing.HFRunner`, what ``fptq bench`` times). Then the perplexity of the runtime row and of the
 modules row on the same WikiText-2 windows: the runtime's logits are the integer kernels' (target: within
 0.5 % of ``fptq eval``, which runs the modules path).
 
@@ -74,21 +76,29 @@ def main(argv=None) -> int:
     if not uses_runtime(fast):
         sys.exit("fptq.load did not attach fptq's runtime here (see the log); nothing to measure")
     modules = fptq.load(out, runtime="off")
-    engine = fptq.Engine.from_checkpoint(out)
+    from fptq.runtime import load_for_runtime
+    from fptq.runtime.timing import EngineRunner, HFRunner
+
+    er = EngineRunner(load_for_runtime(out))  # what fptq.Engine.from_checkpoint(OUT) builds
+    engine = er.engine
 
     def hf_rows(model):
-        return {"prefill": lambda ids: model(ids), "generate": lambda ids: _generate_hf(model, ids, a.new_tokens)}
+        r = HFRunner(model)
+        return {"prefill": lambda ids: model(ids), "generate": lambda ids: _generate_hf(model, ids, a.new_tokens),
+                "decode": lambda ids: r.decode(ids, a.new_tokens)}
 
     rows = {"bf16 (transformers)": hf_rows(bf16), "W4A8 fptq.load (runtime)": hf_rows(fast),
             "W4A8 fptq.load (modules)": hf_rows(modules),
             "W4A8 Engine": {"prefill": lambda ids: engine.forward(ids, engine.new_cache(*ids.shape), logits="all"),
-                            "generate": lambda ids: engine.generate(ids, a.new_tokens)}}
+                            "generate": lambda ids: engine.generate(ids, a.new_tokens),
+                            "decode": lambda ids: er.decode(ids, a.new_tokens)}}
     vocab = bf16.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefill = [int(x) for x in a.prefill.split(",") if x]
     batches = [int(x) for x in a.batches.split(",") if x]
     prompts = {f"prefill_{n}": torch.randint(0, vocab, (1, n), generator=g) for n in prefill}
     prompts.update({f"generate_b{b}": torch.randint(0, vocab, (b, a.prompt_len), generator=g) for b in batches})
+    prompts.update({f"decode_b{b}": prompts[f"generate_b{b}"] for b in batches})
     with torch.inference_mode():
         for r in rows.values():  # warm-up: kernel builds, weight repacking
             r["prefill"](prompts[next(iter(prompts))][:1, :32])
@@ -99,8 +109,8 @@ def main(argv=None) -> int:
                 kind = task.split("_")[0]
                 for name, r in rows.items():
                     t0 = time.perf_counter()
-                    r[kind](ids)
-                    dt = time.perf_counter() - t0
+                    timed = r[kind](ids)
+                    dt = timed if kind == "decode" else time.perf_counter() - t0  # decode: its own timer
                     n = ids.numel() if kind == "prefill" else ids.shape[0] * a.new_tokens
                     raw[name][task].append(n / dt)
         base = raw["bf16 (transformers)"]

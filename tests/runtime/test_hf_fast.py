@@ -86,7 +86,7 @@ def test_cache_continues_across_calls_as_one_forward(ckpt):
 def test_greedy_generate_equals_the_engine(ckpt):
     fast, ids = fptq.load(ckpt), _ids(2, 6)
     got = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    engine = Engine(fptq.runtime.load_for_runtime(ckpt))
+    engine = Engine(fptq.runtime.load_for_runtime(ckpt), prefill_attention="sdpa")  # as attach_runtime's default
     assert torch.equal(got, engine.generate(ids, max_new_tokens=10))
 
 
@@ -139,7 +139,7 @@ def test_reference_backend_and_detach_use_transformers(ckpt):
     with torch.no_grad():
         assert torch.equal(fast(ids).logits, ref(ids).logits)
     detach_runtime(fast)
-    assert not uses_runtime(fast) and type(fast.model).__name__ == "LlamaModel"
+    assert not uses_runtime(fast) and type(fast.model).__name__ == "LlamaModel" and type(fast.lm_head) is torch.nn.Linear
     assert attach_runtime(fast) is None and uses_runtime(fast)
 
 
@@ -169,3 +169,17 @@ def test_grow_cache_keeps_what_it_holds(ckpt):
     keys = cache.keys[0][:, :, :6].clone()
     engine.grow_cache(cache, 9)
     assert cache.max_len == 16 and cache.length == 6 and torch.equal(cache.keys[0][:, :, :6], keys)
+
+
+def test_the_head_takes_strided_rows_as_one_matrix(ckpt):
+    """The runtime's lm_head gives nn.Linear's values on the strided slice transformers hands it (it avoids a
+    slow path of PyTorch's CPU bfloat16 linear), keeps the Parameters (and a tie) and the state dict key."""
+    from fptq.runtime.hf_fast import RuntimeHead
+
+    fast = fptq.load(ckpt)
+    assert isinstance(fast.lm_head, RuntimeHead) and list(fast.lm_head.state_dict()) == ["weight"]
+    ref = torch.nn.Linear(64, 300, bias=False, dtype=torch.bfloat16)
+    ref.weight = fast.lm_head.weight
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)[:, -1:, :]
+    with torch.no_grad():
+        assert torch.equal(fast.lm_head(x), ref(x))
