@@ -15,7 +15,7 @@ Tasks: ``prefill_N``: ``model(ids)`` on one N-token prompt (all logits, the call
 16-token prompt, batch B (tokens/s counts the new tokens; the prompt's forward is inside the timing);
 ``decode_bB``: the same 32 steps as a loop of ``model(next_ids, cache=cache, logits_to_keep=1)`` after the
 prompt, the prompt outside the timing (:class:`fptq.runtime.timing.HFRunner`, what ``fptq bench`` times). Then the perplexity of the runtime row and of the
-modules row on the same WikiText-2 windows: the runtime's logits are the integer kernels' (target: within
+modules row on the same WikiText-2 and C4 windows: the runtime's logits are the integer kernels' (target: within
 0.5 % of ``fptq eval``, which runs the modules path).
 
 Run alone on the machine::
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, wikitext_path  # noqa: E402
+from common import RESULTS, c4_eval_path, machine, wikitext_path  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows of 2048 for the perplexity check")
+    p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 and C4 windows of 2048 for the perplexity check")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default="transformers_api")
     return p.parse_args(argv)
@@ -117,11 +117,12 @@ def main(argv=None) -> int:
         speed = {name: {t: {"tokens_per_s": statistics.median(v), "all": v,
                             "ratio_vs_bf16": statistics.median(v) / statistics.median(base[t])}
                         for t, v in per.items()} for name, per in raw.items()}
-    text = load_eval_text(str(wikitext_path()))
-    windows = token_windows(tok, text, 2048, a.ppl_windows)
-    ppl = {"runtime": evaluate_perplexity(fast, windows, desc="ppl runtime"),
-           "modules": evaluate_perplexity(modules, windows, desc="ppl modules")}
-    ppl["relative_difference"] = ppl["runtime"]["ppl"] / ppl["modules"]["ppl"] - 1
+    ppl = {}
+    for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())):
+        windows = token_windows(tok, load_eval_text(str(path)), 2048, a.ppl_windows)
+        r = {"runtime": evaluate_perplexity(fast, windows, desc=f"{data} runtime")["ppl"],
+             "modules": evaluate_perplexity(modules, windows, desc=f"{data} modules")["ppl"]}
+        ppl[data] = {**r, "relative_difference": r["runtime"] / r["modules"] - 1}
     res = {"meta": {"checkpoint": str(out), "float_model": str(src), "repeats": a.repeats,
                     "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
            "speed": speed, "ppl": ppl, "command": "python bench/transformers_api.py " + " ".join(argv or sys.argv[1:])}
@@ -133,9 +134,10 @@ def main(argv=None) -> int:
     for name, per in speed.items():
         md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_bf16']:.2f}x)"
                                               for t in tasks) + " |")
-    md += ["", f"WikiText-2 perplexity ({a.ppl_windows} windows of 2048): fptq.load (runtime) "
-           f"{ppl['runtime']['ppl']:.3f}, fptq.load (modules, as `fptq eval`) {ppl['modules']['ppl']:.3f}: "
-           f"{100 * ppl['relative_difference']:+.2f}%.", "", f"Command: `{res['command']}`"]
+    md += ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime) against fptq.load "
+           "(modules, what `fptq eval` runs): " + "; ".join(
+               f"{d} {p['runtime']:.3f} vs {p['modules']:.3f} ({100 * p['relative_difference']:+.2f}%)"
+               for d, p in ppl.items()) + ".", "", f"Command: `{res['command']}`"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2))
     (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")

@@ -86,7 +86,7 @@ def test_cache_continues_across_calls_as_one_forward(ckpt):
 def test_greedy_generate_equals_the_engine(ckpt):
     fast, ids = fptq.load(ckpt), _ids(2, 6)
     got = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
-    engine = Engine(fptq.runtime.load_for_runtime(ckpt), prefill_attention="sdpa")  # as attach_runtime's default
+    engine = Engine(fptq.runtime.load_for_runtime(ckpt))
     assert torch.equal(got, engine.generate(ids, max_new_tokens=10))
 
 
