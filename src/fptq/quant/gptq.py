@@ -81,7 +81,7 @@ def _working_hessian(h: torch.Tensor, perm: torch.Tensor | None, chunk: int = 10
     gathered, then each chunk of them permuted in place. (``h`` need not be exactly symmetric: the copy has
     its values at the same indices.)"""
     k = h.shape[0]
-    buf = torch.empty(k, k)  # row-major; the result is its transpose
+    buf = torch.empty(k, k, device=h.device)  # row-major; the result is its transpose
     src = h.t()
     if perm is None:
         buf.copy_(src)
@@ -121,7 +121,7 @@ def _transposed(parts: list[torch.Tensor], perm: torch.Tensor | None, chunk: int
     """``cat(parts).t()`` (``[K, N]``) with its rows in ``perm``'s order, written piece by piece into one new
     tensor (no stacked or permuted intermediate the size of the weights)."""
     k = parts[0].shape[1]
-    out = torch.empty(k, sum(p.shape[0] for p in parts))
+    out = torch.empty(k, sum(p.shape[0] for p in parts), device=parts[0].device)
     off = 0
     for p in parts:
         pt = p.t()
@@ -188,7 +188,8 @@ def gptq_quantize(
 
     if act_order:
         static_groups = True
-    scales = torch.zeros(n, g, dtype=torch.float16)
+    dev = parts[0].device  # every buffer on the weights' device (the caller's choice: CPU or GPU)
+    scales = torch.zeros(n, g, dtype=torch.float16, device=dev)
     if static_groups:
         scales = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding)
                             for x in parts])
@@ -205,7 +206,7 @@ def gptq_quantize(
         return torch.cat([quantize_weight(x, sc_x, bits, gs)  # as round-to-nearest's are
                           for x, sc_x in zip(parts, sc.split([x.shape[0] for x in parts]))]), sc, False
 
-    col_group = torch.arange(k) // gs
+    col_group = torch.arange(k, device=perm.device if perm is not None else "cpu") // gs
     if perm is not None:
         col_group = col_group[perm]
     groups = col_group.tolist()
@@ -213,11 +214,11 @@ def gptq_quantize(
     # few small ops per column (the loop's cost is their overhead) run on contiguous memory
     wt = _transposed(parts, perm)  # [K, N], columns in processing order
     del parts
-    qt = torch.empty(k, n, dtype=torch.int8)  # codes, transposed
-    qc = torch.empty(n)  # the column being quantized, its codes as floats
+    qt = torch.empty(k, n, dtype=torch.int8, device=dev)  # codes, transposed
+    qc = torch.empty(n, device=dev)  # the column being quantized, its codes as floats
     s, s_grp = None, -1
     rows_per_update = max(1, (1 << 22) // max(n, 1))
-    hrow = torch.empty(min(block_size, k), k)
+    hrow = torch.empty(min(block_size, k), k, device=dev)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2]  # a view: updates land in wt
