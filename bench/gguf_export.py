@@ -10,9 +10,10 @@ token ids from the Hugging Face tokenizer, fed identically to every model), one 
    ``--llama-ftypes`` (default Q4_0, Q4_K_M, and Q4_1, the asymmetric format);
 3. fptq's checkpoints (``--methods``, default ``fptq``, ``gptq-w4a16``, ``rtn-w4a16``, all with ``--group-size``
    32, calibrated on ``--calib-nsamples`` x ``--seqlen`` C4 windows drawn as bench/peer_llmcompressor.py draws
-   them) exported by ``fptq export --format gguf`` with F16 embeddings, and for ``--q8-embeddings`` methods also
-   with Q8_0 embeddings: the tensor types of llama.cpp's own Q4_0 file (whose output falls back from Q6_K to
-   Q8_0 when the width is not a multiple of 256), hence the same file size.
+   them) exported by ``fptq export --format gguf`` with F16 embeddings, and for ``--matched`` methods also with
+   the embedding and output types of llama.cpp's own Q4_0 file (read from it: e.g. Q8_0 where its Q6_K output
+   falls back to Q8_0 because the width is not a multiple of 256, Q4_0 for an untied token_embd), so that the
+   two files differ only in the Linears' Q4_0 blocks, and have the same size.
 
 Beside them, in fptq's own runtime: ``fptq eval`` of each checkpoint with dynamic per-token int8 activations in
 every layer (``--activations dynamic``) and with float activations (``--activations float``: the weights alone; the
@@ -64,6 +65,17 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_gguf_worker.py"
 FLOAT = "llama.cpp F16 (float reference)"
 MORE = 75  # exit code: stopped by --max-steps with work left
+MATCHED = "embeddings as llama.cpp's Q4_0 file"
+
+
+def llama_q4_0_types(path: Path) -> tuple[str, str]:
+    """``(token_embd, output)`` types of llama.cpp's Q4_0 file, as ``fptq export --gguf-embeddings/--gguf-output``
+    names them (a tied model has no output tensor: the embeddings' type)."""
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(path)).tensors}
+    emb = types["token_embd.weight"]
+    return emb, types.get("output.weight", emb)
 
 
 def worker(py: str, job: dict, work: Path) -> dict:
@@ -103,10 +115,13 @@ def build_files(args, state: dict, save, src: str, work: Path) -> dict[str, Path
                             force=True, progress=False)
             state["quantize_s"][method] = time.perf_counter() - t
             save()
-        for emb in ["f16"] + (["q8_0"] if method in args.q8_embeddings else []):
-            files[f"fptq {method} -> Q4_0, {emb.upper()} embeddings"] = path = work / f"fptq-{method}-{emb}.gguf"
+        variants = {"F16 embeddings": ("f16", "f16")}
+        if method in args.matched and "llama.cpp Q4_0" in files:
+            variants[MATCHED] = llama_q4_0_types(files["llama.cpp Q4_0"])
+        for what, (emb, out) in variants.items():
+            files[f"fptq {method} -> Q4_0, {what}"] = path = work / f"fptq-{method}-{emb}-{out}.gguf"
             if not path.exists():
-                export_gguf(ckpt, path, embeddings=emb, progress=False)
+                export_gguf(ckpt, path, embeddings=emb, output=out, progress=False)
     return files
 
 
@@ -169,8 +184,9 @@ def round_inputs_as_q8_0(model) -> None:
 def score_torch(args, state: dict, save, src: str, windows: dict, work: Path, steps: Steps) -> None:
     """``fptq eval --activations dynamic`` and ``--activations float`` of each checkpoint (KL divergence against
     the float model in transformers, whose log-probabilities are computed once and cached on disk)."""
-    todo = [(m, a) for m in args.methods for a in ("dynamic", "float") + (("q8_0",) if m in args.emulate_q8_0 else ())
-            if torch_label(m, a) not in state["torch"]]
+    wanted = {"dynamic": args.methods, "float": args.float_activations, "q8_0": args.emulate_q8_0}
+    todo = [(m, a) for m in args.methods for a in ("dynamic", "float", "q8_0")
+            if m in wanted[a] and torch_label(m, a) not in state["torch"]]
     if not todo and "float (transformers)" in state["torch"]:
         return
     ref_dir = reference_dir(src, windows)
@@ -214,27 +230,27 @@ def aggregate(state: dict, files: dict[str, Path], sets: list[str]) -> dict[str,
     return rows
 
 
-def checks(rows: dict, methods: list[str], sets: list[str], q8: list[str]) -> list[dict]:
+def checks(rows: dict, methods: list[str], sets: list[str], matched: list[str]) -> list[dict]:
     out = []
     q4 = rows.get("llama.cpp Q4_0")
     for method in methods:
-        for emb in ["F16"] + (["Q8_0"] if method in q8 else []):
-            label = f"fptq {method} -> Q4_0, {emb} embeddings"
+        for what in ["F16 embeddings"] + ([MATCHED] if method in matched else []):
+            label = f"fptq {method} -> Q4_0, {what}"
             for name in sets:
                 m = rows[label]["metrics"][name]
                 if q4:
                     r = q4["metrics"][name]
                     out.append({"check": f"{label} vs llama.cpp Q4_0, {name}", "ppl": [m["ppl"], r["ppl"]],
                                 "kld": [m["kld"], r["kld"]], "pass": m["ppl"] < r["ppl"] and m["kld"] < r["kld"]})
-                if emb == "F16":
+                if what == "F16 embeddings":
                     for act in ("dynamic", "float", "q8_0"):
                         if torch_label(method, act) not in rows:
                             continue
                         t = rows[torch_label(method, act)]["metrics"][name]["ppl"]
                         diff = 100 * (m["ppl"] / t - 1)
-                        what = ("torch with llama.cpp's Q8_0 input rounding" if act == "q8_0" else
-                                f"fptq eval --activations {act}")
-                        out.append({"check": f"{method}: llama.cpp ppl vs {what}, {name}",
+                        other = ("torch with llama.cpp's Q8_0 input rounding" if act == "q8_0" else
+                                 f"fptq eval --activations {act}")
+                        out.append({"check": f"{method}: llama.cpp ppl vs {other}, {name}",
                                     "ppl": [m["ppl"], t], "diff_percent": diff, "pass": abs(diff) <= 0.5})
     return out
 
@@ -273,7 +289,10 @@ def main() -> None:
     ap.add_argument("--calib-seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--methods", default="fptq,gptq-w4a16,rtn-w4a16")
-    ap.add_argument("--q8-embeddings", default="fptq", help="methods also exported with Q8_0 embeddings")
+    ap.add_argument("--matched", default="fptq",
+                    help="methods also exported with the embedding/output types of llama.cpp's Q4_0 file")
+    ap.add_argument("--float-activations", default=None,
+                    help="methods also evaluated by fptq eval with float activations (default: all of --methods)")
     ap.add_argument("--emulate-q8-0", default="fptq",
                     help="methods also evaluated in torch with llama.cpp's Q8_0 input rounding emulated")
     ap.add_argument("--llama-ftypes", default="Q4_0,Q4_K_M,Q4_1")
@@ -286,7 +305,9 @@ def main() -> None:
                     help="stop after this many units of work (a llama.cpp window, an fptq eval row), exit code 75, "
                          "so that a loop can take the shared lock one unit at a time; a rerun continues")
     args = ap.parse_args()
-    for k in ("methods", "q8_embeddings", "llama_ftypes", "emulate_q8_0"):
+    if args.float_activations is None:
+        args.float_activations = args.methods
+    for k in ("methods", "matched", "llama_ftypes", "emulate_q8_0", "float_activations"):
         setattr(args, k, [x for x in getattr(args, k).split(",") if x])
     if not Path(args.llama_python).exists():
         sys.exit(f"llama-cpp-python venv not found: {args.llama_python} (build one with "
@@ -317,7 +338,7 @@ def main() -> None:
     version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     rows = aggregate(state, files, sets)
-    chk = checks(rows, args.methods, sets, args.q8_embeddings)
+    chk = checks(rows, args.methods, sets, args.matched)
     meta = {"model": src, "windows": ", ".join(f"{w.shape[0]} {k} windows of {w.shape[1]} tokens"
                                                 for k, w in windows.items()),
             "llama_cpp_python": version}

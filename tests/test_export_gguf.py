@@ -193,7 +193,7 @@ def test_report_lists_types_sizes_and_dropped_scales(llama_export):
     static = [n for n, lp in plan.layers.items() if lp.strategy in ("static_tensor", "lae_static_tensor")]
     assert sorted(n for n, lay in rep["layers"].items() if "dropped_static_act_scale" in lay) == sorted(static)
     assert rep["kept"]["layers_with_folded_equalization"] and rep["rope_rows_reordered"] == ["q_proj", "k_proj"]
-    assert rep["metadata"]["kind"] == "hf" and rep["embeddings"] == "F16"
+    assert rep["metadata"]["kind"] == "hf" and rep["embeddings"] == rep["output"] == "F16"
 
 
 def test_transformers_reads_the_gguf_as_fptqs_float_activation_model(llama_export):
@@ -242,13 +242,20 @@ def test_groups_longer_than_32_repeat_their_scale_exactly(tmp_path, group_size):
         assert torch.allclose(hf(IDS).logits, _float_activations(ref)(IDS).logits, atol=1e-5, rtol=0)
 
 
-def test_embeddings_as_q8_0_and_bf16(llama_export, tmp_path):
+def test_embeddings_and_output_types(llama_export, tmp_path):
+    """Q8_0 / Q4_0 embeddings are the gguf package's quantization of the checkpoint's (llama.cpp's reference
+    quantizers); --gguf-output sets the untied lm_head apart; bf16 keeps the stored values."""
     ref = fptq.load(llama_export["src"], backend="reference")
     emb = ref.model.embed_tokens.weight.detach().float().numpy()
-    q8 = export(llama_export["src"], tmp_path / "q8.gguf", "gguf", embeddings="q8_0", progress=False)
-    t = _tensors(q8)["token_embd.weight"]
-    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
-    assert np.array_equal(np.array(t.data), gguf.quants.quantize(emb, gguf.GGMLQuantizationType.Q8_0))
+    head = ref.lm_head.weight.detach().float().numpy()
+    q = export(llama_export["src"], tmp_path / "q.gguf", "gguf", embeddings="q4_0", output="q8_0", progress=False)
+    tensors = _tensors(q)
+    for name, w, kind in (("token_embd.weight", emb, "Q4_0"), ("output.weight", head, "Q8_0")):
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        assert tensors[name].tensor_type == qtype
+        assert np.array_equal(np.array(tensors[name].data), gguf.quants.quantize(w, qtype))
+    rep = json.loads(report_path(q).read_text())
+    assert (rep["embeddings"], rep["output"]) == ("Q4_0", "Q8_0")
     bf = export(llama_export["src"], tmp_path / "bf.gguf", "gguf", embeddings="bf16", progress=False)
     t = _tensors(bf)["output.weight"]
     assert t.tensor_type == gguf.GGMLQuantizationType.BF16
@@ -368,7 +375,7 @@ def test_cli_summary_and_existing_output(llama_export, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"precious"
     assert main(args + ["--force", "--gguf-embeddings", "q8_0"]) == 0
     text = capsys.readouterr().out
-    assert "14 Linears as Q4_0" in text and "Q4_0 tensors 4.50" in text and "embeddings Q8_0" in text
+    assert "14 Linears as Q4_0" in text and "Q4_0 tensors 4.50" in text and "embeddings Q8_0, output Q8_0" in text
     assert "static per-tensor scale" in text and report_path(out).is_file()
     assert main(args + ["--force", "--activations", "int8"]) == 2
     assert "--activations and --max-shard-size apply to --format compressed-tensors" in capsys.readouterr().err

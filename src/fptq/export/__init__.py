@@ -49,7 +49,8 @@ def _print_gguf(args, out: Path) -> None:
     print(f"exported   {args.checkpoint} -> {out} (gguf, {rep['architecture']}, {len(rep['layers'])} Linears as Q4_0)")
     print(f"tensors    {types}")
     print(f"size       {sizes['file_bytes'] / 1e6:.1f} MB, {sizes['bits_per_weight']['file']:.2f} bits per weight "
-          f"(Q4_0 tensors {sizes['bits_per_weight']['q4_0_tensors']:.2f}); embeddings {rep['embeddings']}")
+          f"(Q4_0 tensors {sizes['bits_per_weight']['q4_0_tensors']:.2f}); embeddings {rep['embeddings']}, "
+          f"output {rep['output']}")
     print(f"metadata   {'copied from ' + meta['path'] if meta['kind'] == 'gguf' else 'converted from the Hugging Face tokenizer'}"
           f" (tokenizer {meta['tokenizer_model']}/{meta['tokenizer_pre']}, {meta['tokens']} tokens)")
     print(f"kept       int4 codes and fp16 group scales exactly (group size {', '.join(map(str, groups))}: "
@@ -68,12 +69,12 @@ def cmd_export(args) -> int:
         if args.activations or args.max_shard_size:
             raise FptqError("--activations and --max-shard-size apply to --format compressed-tensors; llama.cpp "
                             "quantizes activations itself (Q8_0) and a GGUF export is one file")
-        out = export(args.checkpoint, args.out, "gguf", embeddings=args.gguf_embeddings or "f16", metadata=args.gguf_metadata,
-                     force=args.force)
+        out = export(args.checkpoint, args.out, "gguf", embeddings=args.gguf_embeddings or "f16",
+                     output=args.gguf_output, metadata=args.gguf_metadata, force=args.force)
         _print_gguf(args, out)
         return 0
-    if args.gguf_embeddings or args.gguf_metadata:
-        raise FptqError("--gguf-embeddings and --gguf-metadata apply to --format gguf")
+    if args.gguf_embeddings or args.gguf_output or args.gguf_metadata:
+        raise FptqError("--gguf-embeddings, --gguf-output and --gguf-metadata apply to --format gguf")
     kw = {"max_shard_bytes": args.max_shard_size} if args.max_shard_size else {}
     out = export(args.checkpoint, args.out, args.format, activations=args.activations or "int8", force=args.force,
                  **kw)
@@ -101,8 +102,11 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--max-shard-size", type=_size, default=None, help="largest weights file (default 2GiB; compressed-tensors)")
     p.add_argument("--gguf-embeddings", default=None, choices=EMBEDDING_TYPES,
-                   help="gguf only: type of the token embeddings and lm_head (default f16; q8_0 as llama.cpp's "
-                        "Q8_0 preset; bf16 keeps a bfloat16 checkpoint's values exactly)")
+                   help="gguf only: type of the token embeddings (default f16; bf16 keeps a bfloat16 checkpoint's "
+                        "values exactly; q8_0 / q4_0 quantized as llama.cpp's presets do)")
+    p.add_argument("--gguf-output", default=None, choices=EMBEDDING_TYPES,
+                   help="gguf only: type of an untied lm_head (default: as --gguf-embeddings; a tied one is the "
+                        "embeddings)")
     p.add_argument("--gguf-metadata", default=None, metavar="FILE.gguf|hf",
                    help="gguf only: copy the metadata and tokenizer from this GGUF file ('hf': convert the "
                         "checkpoint's Hugging Face tokenizer). Default: the GGUF file the model was converted "

@@ -10,9 +10,9 @@ What is written:
   group's scale in each of its blocks. Anything else (group 16, a row length that is not a multiple of
   32, 8-bit weights) is refused, naming ``--group-size 32``: nothing is rounded a second time;
 * norms (with the LAE / SmoothQuant scales fptq folded into them) and biases as ``F32``; embeddings and
-  ``lm_head`` as ``F16`` (``embeddings``: ``bf16``, ``f32`` or ``q8_0`` on request; the gguf package has no
-  ``Q6_K`` quantizer, so llama.cpp's ``Q6_K`` preset for the output is not offered); Linears the plan keeps
-  in float as ``F16``;
+  an untied ``lm_head`` as ``F16`` (``embeddings`` / ``output``: ``bf16``, ``f32``, ``q8_0`` or ``q4_0`` on
+  request, quantized by the gguf package as llama.cpp quantizes them; it has no ``Q6_K`` quantizer, so
+  llama.cpp's ``Q6_K`` preset for the output is not offered); Linears the plan keeps in float as ``F16``;
 * LLaMA's q_proj / k_proj rows (codes, scales and biases alike) reordered from Hugging Face's rotate-half
   layout to GGML's RoPE layout (:func:`rope_rows_to_ggml`); Qwen2 (NEOX RoPE) keeps them as they are;
 * metadata and tokenizer from the GGUF file the model came from, or converted from the Hugging Face
@@ -60,7 +60,7 @@ from ..quant.pack import Q4_0_BLOCK, pack_q4_0, q4_0_problem, unpack_int4
 from ..st import WeightIndex
 from .gguf_meta import GGUFArch, add_hf_metadata, add_source_metadata, find_source_gguf, gguf_arch
 
-EMBEDDING_TYPES = ("f16", "bf16", "f32", "q8_0")
+EMBEDDING_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0")
 FLOAT_TYPES = ("f16", "bf16", "f32")
 _QLINEAR_TENSORS = ("qweight", "w_scales", "act_scale", "bias")
 
@@ -128,10 +128,11 @@ def _encode(t: torch.Tensor, kind: str, name: str) -> np.ndarray:
         return t.to(torch.float16).numpy()
     if kind == "bf16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    if kind == "q8_0":
+    if kind in ("q8_0", "q4_0"):
         if t.shape[-1] % Q4_0_BLOCK:
-            raise FptqError(f"{name} has rows of {t.shape[-1]} values; Q8_0 needs a multiple of 32: choose f16")
-        return quantize(t.numpy(), _qtype("q8_0"))
+            raise FptqError(f"{name} has rows of {t.shape[-1]} values; {kind.upper()} needs a multiple of 32: "
+                            "choose f16")
+        return quantize(t.numpy(), _qtype(kind))
     raise FptqError(f"unknown GGUF tensor type {kind!r}")  # pragma: no cover - callers check
 
 
@@ -184,7 +185,7 @@ def _check_folds(plan: Plan, index: WeightIndex) -> list[str]:
 
 
 def _tensors(index: WeightIndex, cfg: dict[str, Any], arch: GGUFArch, quantized: dict[str, LayerPlan],
-             embeddings: str, linears: str) -> list[GGUFTensor]:
+             embeddings: str, output: str, linears: str) -> list[GGUFTensor]:
     """Every tensor of the file, in the order of the checkpoint's names (layer by layer)."""
     from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, get_tensor_name_map
 
@@ -212,8 +213,10 @@ def _tensors(index: WeightIndex, cfg: dict[str, Any], arch: GGUFArch, quantized:
         kind, gname = found
         entry = index.entries([key])[0]
         shape = tuple(entry.shape)
-        if kind in (MODEL_TENSOR.TOKEN_EMBD, MODEL_TENSOR.OUTPUT):
+        if kind == MODEL_TENSOR.TOKEN_EMBD:
             ftype = embeddings
+        elif kind == MODEL_TENSOR.OUTPUT:
+            ftype = output
         else:
             ftype = linears if len(shape) == 2 else "f32"
         heads = _rope_heads(kind, cfg, arch)
@@ -353,10 +356,11 @@ def _finish(tmp: Path, path: Path, out: Path, report: dict[str, Any]) -> None:
     tmp.rmdir()
 
 
-def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", metadata: str | Path | None = None,
-                force: bool = False, progress: bool = True) -> Path:
+def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", output: str | None = None,
+                metadata: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
     """Write the fptq checkpoint ``src`` as the GGUF file ``out`` (see the module docstring). ``embeddings``:
-    the type of ``token_embd`` / ``output`` (:data:`EMBEDDING_TYPES`); ``metadata``: where the metadata and
+    the type of ``token_embd`` (:data:`EMBEDDING_TYPES`), ``output`` that of an untied ``lm_head`` (default: the
+    same); ``metadata``: where the metadata and
     tokenizer come from (``None``: the GGUF file the model came from when fptq knows it, else the checkpoint's
     Hugging Face tokenizer; a ``.gguf`` path; or ``"hf"``). An existing ``out`` is refused unless ``force``;
     the file appears whole or not at all. Returns ``out``; :func:`report_path` (``out`` + ``.json``) says what
@@ -367,8 +371,10 @@ def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", me
 
     src, out = Path(src), Path(out)
     check_is_checkpoint(src)
-    if embeddings not in EMBEDDING_TYPES:
-        raise FptqError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    output = output or embeddings
+    for what, kind in (("embeddings", embeddings), ("output", output)):
+        if kind not in EMBEDDING_TYPES:
+            raise FptqError(f"{what} must be one of {', '.join(EMBEDDING_TYPES)}, got {kind!r}")
     verify_files(src)
     plan = read_plan(src / PLAN_NAME)
     cfg, qcfg = read_quantization_config(src)
@@ -376,7 +382,7 @@ def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", me
     quantized = check_layers(plan)
     index = WeightIndex(src)
     folded = _check_folds(plan, index)
-    tensors = _tensors(index, cfg, arch, quantized, embeddings, "f16")
+    tensors = _tensors(index, cfg, arch, quantized, embeddings, output, "f16")
     add_metadata = _metadata_writer(metadata, src, arch, cfg)
     out = check_output_file(out, force)
     extra = {"general.quantized_by": f"fptq {__version__}", "fptq.version": __version__,
@@ -385,14 +391,14 @@ def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", me
     with staging_dir(out) as tmp:
         path = tmp / out.name
         meta = _write(path, arch, tensors, add_metadata, int(LlamaFileType.MOSTLY_Q4_0), extra, progress)
-        report = _report(plan, src, qcfg, arch, meta, tensors, quantized, folded, embeddings, path.stat().st_size)
+        report = _report(plan, src, qcfg, arch, meta, tensors, quantized, folded, path.stat().st_size)
         report["f16_conversion"] = _f16_changes(index, tensors)
         _finish(tmp, path, out, report)
     return out
 
 
 def _report(plan: Plan, src: Path, qcfg: dict[str, Any], arch: GGUFArch, meta: dict[str, Any],
-            tensors: list[GGUFTensor], quantized: dict[str, LayerPlan], folded: list[str], embeddings: str,
+            tensors: list[GGUFTensor], quantized: dict[str, LayerPlan], folded: list[str],
             file_bytes: int) -> dict[str, Any]:
     static = {n: lp.act_scale for n, lp in plan.layers.items()
               if n in quantized and lp.strategy in ("static_tensor", "lae_static_tensor")}
@@ -412,7 +418,8 @@ def _report(plan: Plan, src: Path, qcfg: dict[str, Any], arch: GGUFArch, meta: d
         "source_method": qcfg.get("method"),
         "source_weights_sha256": {n: file_sha256(src / n) for n in weight_files(src)},
         "metadata": meta,
-        "embeddings": embeddings.upper(),
+        "embeddings": next(t.qtype.name for t in tensors if t.name == "token_embd.weight"),
+        "output": next((t.qtype.name for t in tensors if t.name == "output.weight"), "tied to token_embd"),
         "sizes": _sizes(tensors, file_bytes),
         "kept": {
             "weights": "exact: each int4 code c is written as q = c + 8 and each float16 group scale as the Q4_0 "
@@ -454,7 +461,7 @@ def export_float_gguf(model_dir: str | Path, out: str | Path, *, dtype: str = "f
         raise FptqError(f"{model_dir} is a quantized checkpoint; export_float_gguf writes float models")
     arch = gguf_arch(cfg)
     index = WeightIndex(model_dir)
-    tensors = _tensors(index, cfg, arch, {}, dtype, dtype)
+    tensors = _tensors(index, cfg, arch, {}, dtype, dtype, dtype)
     add_metadata = _metadata_writer(metadata, model_dir, arch, cfg)
     out = check_output_file(out, force)
     file_type = {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32}[dtype]
