@@ -354,6 +354,21 @@ def test_a_runtime_input_transform_is_refused(tmp_path):
         export(src, tmp_path / "m.gguf", "gguf")
 
 
+def test_equalization_not_folded_into_the_checkpoint_is_refused(llama_export, tmp_path):
+    """A plan whose equalization names a producer the checkpoint lacks (it would have to be applied at run time)
+    cannot be exported."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_export["src"], src)
+    plan = json.loads((src / "fptq_plan.json").read_text())
+    name, lp = next((n, lp) for n, lp in plan["layers"].items() if lp.get("equalization", "none") != "none")
+    lp["equalization_folded_into"] = "model.layers.0.runtime_smoother"
+    (src / "fptq_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(fptq.FptqError, match=rf"{name}: its lae equalization is not recorded as folded"):
+        export(src, tmp_path / "m.gguf", "gguf")
+
+
 def test_failure_while_writing_leaves_nothing(tmp_path):
     """An embedding float16 cannot hold is found while the data is written: no file, no leftovers; bf16 works."""
     model = tiny_llama()
