@@ -129,3 +129,33 @@ def test_gptq_flags_and_method_defaults():
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
     assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mean_max"
     assert cfg("--method", "rtn-w4a16", "--gptq").gptq
+
+
+def test_eval_activations_override(tmp_path, calib_file, capsys):
+    """``fptq eval --activations dynamic|float`` runs every quantized layer with dynamic per-token inputs or float
+    inputs: the same perplexity as the model with that mode set in Python."""
+    import fptq
+    from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
+    from fptq.nn import set_act_mode
+
+    from .conftest import make_tokenizer, tiny_llama
+
+    model, tok = tiny_llama(), make_tokenizer()
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = fptq.quantize(model, fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0)), calib,
+                         device="cpu", progress=False)
+    out = fptq.save(model, plan, tmp_path / "q", tokenizer=tok)
+    windows = token_windows(tok, load_eval_text(calib_file), 32, 3)
+    res = tmp_path / "ppl.json"
+    got = {}
+    for mode, act in (("plan", None), ("dynamic", "dynamic_token"), ("float", "none")):
+        assert run("eval", out, "--ppl", f"calib={calib_file}", "--seqlen", 32, "--max-windows", 3,
+                   "--activations", mode, "--backend", "reference", "--json", res) == 0
+        got[mode] = json.loads(res.read_text())["ppl"]["calib"]
+        ref = fptq.load(out, backend="reference")
+        if act:
+            assert set_act_mode(ref, act) == 14
+        assert got[mode] == pytest.approx(evaluate_perplexity(ref, windows, progress=False)["ppl"], rel=1e-6)
+    assert len(set(got.values())) == 3
+    assert run("eval", "--activations", "dynamic", "--ppl", f"calib={calib_file}") == 2
+    assert "applies to an fptq checkpoint" in capsys.readouterr().err

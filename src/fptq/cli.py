@@ -211,11 +211,18 @@ def cmd_eval(args) -> int:
     for name, path in args.ppl:
         if not Path(path).is_file():
             raise FptqError(f"--ppl {name}: file not found: {path}")
+    if args.activations != "plan" and not (args.model and (Path(args.model) / "fptq_plan.json").is_file()):
+        raise FptqError(f"--activations {args.activations} applies to an fptq checkpoint; "
+                        f"{args.model or 'the default model'} is a float model")
     model, tok, kind = load_any(args.model, device=args.device or "cpu", backend=args.backend)
+    if args.activations != "plan":
+        from .nn import set_act_mode
+
+        set_act_mode(model, {"dynamic": "dynamic_token", "float": "none"}[args.activations])
     reference = None
     if args.reference is not None or args.kld:
         reference, _, _ = load_any(args.reference if args.reference != "default" else None, device=args.device or "cpu")
-    results = {"model": args.model or "default", "kind": kind, "seqlen": args.seqlen,
+    results = {"model": args.model or "default", "kind": kind, "activations": args.activations, "seqlen": args.seqlen,
                "max_windows": args.max_windows, "ppl": {}, "details": {}, "versions": versions()}
     for name, path in args.ppl:
         text = load_eval_text(path)
@@ -284,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantized Linear backend: auto (default: the integer kernels a user runs), reference "
                         "(simulated quantization in float32) or a kernel name (see fptq.kernels)")
     e.add_argument("--device", default=None, help="cpu or cuda")
+    e.add_argument("--activations", default="plan", choices=("plan", "dynamic", "float"),
+                   help="fptq checkpoints: quantize each layer's input as the plan says (default), dynamically per "
+                        "token in every layer (as runtimes without static scales do: vLLM, llama.cpp), or not at all "
+                        "(the quantized weights alone)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="print the plan of a checkpoint and chart max|x| per layer")

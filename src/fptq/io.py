@@ -43,7 +43,7 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 QUANT_METHOD = "fptq"
 
-__all__ = ["save", "save_streaming", "load", "check_output_dir", "file_sha256", "quantized_state_dict", "weight_files",
+__all__ = ["save", "save_streaming", "load", "check_output_dir", "check_output_file", "file_sha256", "quantized_state_dict", "weight_files",
            "verify_files", "replace_linears", "act_mode_of", "read_plan", "read_quantization_config", "staging_dir",
            "finish", "write_weights", "check_is_checkpoint", "unquantized_dtype", "quantized_linears",
            "exact_tensor_names", "storage_entries", "saved_entries", "model_dtype"]
@@ -64,6 +64,23 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
         raise FptqError(f"output path {out} exists and is a file; choose another -o")
     if out.exists() and any(out.iterdir()) and not force:
         raise FptqError(f"output directory {out} exists and is not empty; pass --force to replace it or choose another -o")
+    _check_parent(out)
+    return out
+
+
+def check_output_file(out: str | Path, force: bool) -> Path:
+    """Refuse an existing ``out`` file unless ``force`` (a directory always); check it can be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise FptqError(f"output path {out} is a directory; give a file name for -o")
+    if out.exists() and not force:
+        raise FptqError(f"output file {out} exists; pass --force to replace it or choose another -o")
+    _check_parent(out)
+    return out
+
+
+def _check_parent(out: Path) -> None:
+    """Create the parent directory of ``out`` if needed and check it can be written."""
     parent = out.resolve().parent
     if not parent.exists():
         try:
@@ -73,7 +90,6 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise FptqError(f"cannot write to {parent}: permission denied; choose another -o")
     _probe_writable(parent)
-    return out
 
 
 def _probe_writable(parent: Path) -> None:

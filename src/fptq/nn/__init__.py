@@ -1,3 +1,3 @@
-from .qlinear import ACT_MODES, QuantLinear
+from .qlinear import ACT_MODES, QuantLinear, set_act_mode
 
-__all__ = ["QuantLinear", "ACT_MODES"]
+__all__ = ["QuantLinear", "ACT_MODES", "set_act_mode"]

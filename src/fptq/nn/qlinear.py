@@ -39,7 +39,7 @@ from ..quant import (
 
 ACT_MODES = ("static_tensor", "dynamic_token", "none")
 
-__all__ = ["QuantLinear", "ACT_MODES"]
+__all__ = ["QuantLinear", "ACT_MODES", "set_act_mode"]
 
 
 class QuantLinear(nn.Module):
@@ -215,3 +215,18 @@ class QuantLinear(nn.Module):
 
     def act_qmax(self) -> int:
         return act_qmax(self.abits)
+
+
+def set_act_mode(model: nn.Module, act_mode: str) -> int:
+    """Give every :class:`QuantLinear` of ``model`` the activation mode ``act_mode`` (e.g. ``dynamic_token``
+    for all, as runtimes without static scales run a checkpoint; ``none`` for its weights alone). Returns
+    how many layers were set."""
+    if act_mode not in ACT_MODES:
+        raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.act_mode = act_mode
+            m.clear_cache()
+            n += 1
+    return n
