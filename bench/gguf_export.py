@@ -198,7 +198,7 @@ def score_torch(args, state: dict, save, src: str, windows: dict, work: Path, st
         if not steps.take():
             return
         label = torch_label(method, act)
-        qmodel = fptq.load(work / f"ckpt-{method}")
+        qmodel = fptq.load(work / f"ckpt-{method}", runtime="off")  # transformers' modules, as `fptq eval` runs
         set_act_mode(qmodel, {"dynamic": "dynamic_token"}.get(act, "none"))
         if act == "q8_0":
             round_inputs_as_q8_0(qmodel)

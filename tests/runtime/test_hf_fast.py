@@ -122,6 +122,40 @@ def test_a_cache_continued_by_the_other_path_stays_consistent(ckpt):
     assert sqnr_db(full[:, 9].float(), last[:, -1].float()) > 30
 
 
+def test_activation_modes_set_after_loading_are_what_the_runtime_computes(ckpt):
+    """``fptq.nn.set_act_mode`` on a loaded model (every layer dynamic, or the weights alone, as runtimes without
+    static scales run a checkpoint) changes what ``model(...)`` computes on the runtime as on the modules."""
+    from fptq.nn import set_act_mode
+
+    fast, ref, ids = fptq.load(ckpt), fptq.load(ckpt, runtime="off"), _ids()
+    with torch.no_grad():
+        plan = fast(ids).logits.float()
+        for mode in ("none", "dynamic_token"):
+            set_act_mode(fast, mode)
+            set_act_mode(ref, mode)
+            a, b = fast(ids).logits.float(), ref(ids).logits.float()
+            assert uses_runtime(fast) and not torch.equal(a, plan), mode
+            assert sqnr_db(b, a) > 25 and sqnr_db(b, a) > sqnr_db(b, plan) + 3, mode
+
+
+def test_forward_hooks_on_the_decoder_run_on_transformers(ckpt, caplog):
+    """A hook on a module of the decoder (a user capturing activations) is called: that forward runs on
+    transformers' modules, with the reason logged once; without hooks the runtime takes over again."""
+    fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids()
+    seen = []
+    handle = fast.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    with caplog.at_level(logging.WARNING, logger="fptq.runtime.hf_fast"), torch.no_grad():
+        a, b = fast(ids).logits, ref(ids).logits
+        fast(ids)
+    k = fast.model.layers[1].mlp.down_proj.in_features
+    assert seen == [(2, 20, k)] * 2 and torch.equal(a, b)
+    assert sum("forward hooks" in r.message for r in caplog.records) == 1
+    handle.remove()
+    with torch.no_grad():
+        fast(ids)
+    assert len(seen) == 2
+
+
 def test_beam_search_runs_on_the_runtime(ckpt):
     fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids(1, 6)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)

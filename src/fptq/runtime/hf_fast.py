@@ -138,6 +138,9 @@ class RuntimeDecoder(nn.Module):
         object.__setattr__(self, "transformers_module", inner)
         object.__setattr__(self, "_causal_lm", causal_lm)
         self._engine: Engine | None = None
+        self._engine_modes: tuple | None = None  # the Linears' (backend, act_mode) the engine was built from
+        self._layer_modules = list(self.layers.modules())  # looked at on every call: listed once
+        self._qlinears = [m for m in self._layer_modules if hasattr(m, "act_mode")]
         self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers cache -> KVCache
         self._logged: set[str] = set()
         fields = getattr(_output_class(), "__dataclass_fields__", {})
@@ -152,10 +155,18 @@ class RuntimeDecoder(nn.Module):
                 raise
             return getattr(inner, name)
 
+    def _modes(self) -> tuple:
+        return tuple((getattr(m, "backend", "auto"), m.act_mode) for m in self._qlinears)
+
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
+        """The Engine over the current modules; rebuilt when a Linear's backend or activation mode changed
+        since it was built (``fptq.nn.set_act_mode``, ``fptq.hf.set_backend``), so that it computes what the
+        modules would."""
+        modes = self._modes()
+        if self._engine is None or modes != self._engine_modes:
             self._engine = Engine(self._causal_lm, prefill_attention=self.prefill_attention)
+            self._engine_modes = modes
         return self._engine
 
     # ------------------------------------------------------------------ dispatch
@@ -168,10 +179,12 @@ class RuntimeDecoder(nn.Module):
             return "attention weights or hidden states were asked for"
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._causal_lm.parameters()):
             return "gradients are enabled and the model has parameters that require them"
-        lm = self._causal_lm.model.layers[0].self_attn.q_proj
-        backend = getattr(lm, "backend", "auto")
-        if backend not in _NATIVE_BACKENDS:
-            return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
+        for m in self._qlinears:
+            backend = getattr(m, "backend", "auto")
+            if backend not in _NATIVE_BACKENDS:
+                return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._layer_modules):
+            return "forward hooks are registered on the decoder's modules, which the runtime would not call"
         if attention_mask is not None:
             if attention_mask.dim() != 2 or not bool(attention_mask.all()):
                 return "the attention mask has padding (or is not 2-D)"
