@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
+from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
 from .loading import keep_stored_dtypes
 
@@ -140,7 +141,7 @@ class RuntimeDecoder(nn.Module):
         self._engine: Engine | None = None
         self._engine_modes: tuple | None = None  # the Linears' (backend, act_mode) the engine was built from
         self._layer_modules = list(self.layers.modules())  # looked at on every call: listed once
-        self._qlinears = [m for m in self._layer_modules if hasattr(m, "act_mode")]
+        self._qlinears = [m for m in self._layer_modules if isinstance(m, QuantLinear)]
         self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers cache -> KVCache
         self._logged: set[str] = set()
         fields = getattr(_output_class(), "__dataclass_fields__", {})
@@ -160,17 +161,13 @@ class RuntimeDecoder(nn.Module):
 
     @property
     def engine(self) -> Engine:
-        """The Engine over the current modules; rebuilt when a Linear's backend or activation mode changed
-        since it was built (``fptq.nn.set_act_mode``, ``fptq.hf.set_backend``), so that it computes what the
-        modules would."""
-        modes = self._modes()
-        if self._engine is None or modes != self._engine_modes:
+        if self._engine is None:
             self._engine = Engine(self._causal_lm, prefill_attention=self.prefill_attention)
-            self._engine_modes = modes
         return self._engine
 
     # ------------------------------------------------------------------ dispatch
-    def _unsupported_call(self, input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs) -> str | None:
+    def _unsupported_call(self, input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs,
+                          modes: tuple) -> str | None:
         if inputs_embeds is not None or input_ids is None:
             return "inputs_embeds were given instead of token ids"
         if input_ids.dim() != 2 or input_ids.device.type != "cpu":
@@ -179,8 +176,7 @@ class RuntimeDecoder(nn.Module):
             return "attention weights or hidden states were asked for"
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._causal_lm.parameters()):
             return "gradients are enabled and the model has parameters that require them"
-        for m in self._qlinears:
-            backend = getattr(m, "backend", "auto")
+        for backend, _ in modes:
             if backend not in _NATIVE_BACKENDS:
                 return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
         if any(m._forward_hooks or m._forward_pre_hooks for m in self._layer_modules):
@@ -206,12 +202,15 @@ class RuntimeDecoder(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        reason = self._unsupported_call(input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs)
+        modes = self._modes()  # the Linears' backends and activation modes, read once per call
+        reason = self._unsupported_call(input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs, modes)
         if reason is not None:
             kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             kw[self._cache_field] = cache
             return self._fallback(reason, **kw)
+        if modes != self._engine_modes:  # changed since the Engine was built (fptq.nn.set_act_mode, set_backend):
+            self._engine, self._engine_modes = None, modes  # rebuilt, so that it computes what the modules would
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
         if cache is None and use_cache:
