@@ -129,6 +129,14 @@ def test_gptq_flags_and_method_defaults():
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
     assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mean_max"
     assert cfg("--method", "rtn-w4a16", "--gptq").gptq
+    assert d.equalization_powers == (0.0, 0.5, 1.0) and d.channel_order == "weight"
+    assert cfg("--equalization-powers", "1").equalization_powers == (1.0,)
+    assert cfg("--channel-order", "none").channel_order == "none"
+    assert paper.equalization_powers == () and paper.channel_order == "none"
+    for bad in ("0,x", "-1"):
+        with pytest.raises(SystemExit) as e:
+            cfg("--equalization-powers", bad)
+        assert e.value.code == 2
 
 
 def test_eval_activations_override(tmp_path, calib_file, capsys):

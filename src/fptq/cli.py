@@ -23,6 +23,16 @@ def _thresholds(s: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
+def _powers(s: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {s!r}") from None
+    if any(v < 0 for v in out):
+        raise argparse.ArgumentTypeError(f"equalization powers must be >= 0, got {s!r}")
+    return out
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -139,6 +149,14 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="equalization used by the method (fptq ablations: none, smoothquant)")
     adv.add_argument("--lae-scope", dest="lae_scope", default=None, choices=("band", "all"),
                      help="fptq: equalize only the LAE band (band) or every static layer too (all)")
+    adv.add_argument("--equalization-powers", dest="equalization_powers", type=_powers, default=None,
+                     help="per group of Linears, the power beta of the equalization scales (s**beta) among these "
+                          "that leaves the smallest error in the quantized outputs on calibration inputs, e.g. "
+                          "0,0.5,1 (default for fptq); 1 = the formula as published")
+    adv.add_argument("--channel-order", dest="channel_order", default=None, choices=("none", "weight"),
+                     help="weight: sort the channels between up/gate_proj and down_proj by the size of "
+                          "down_proj's (equalized) weight columns, so that each weight group holds channels of "
+                          "like size (exact, free at run time; default for fptq); none: as the model has them")
     adv.add_argument("--equalize-into", dest="equalize_into", default=None, choices=("all", "norms"),
                      help="producers that take equalization scales: all (norms and Linears; default for fptq) or "
                           "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
@@ -166,7 +184,8 @@ def config_from_args(args) -> "QuantConfig":
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
-        "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs")}
+        "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
+        "channel_order")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

@@ -70,6 +70,10 @@ class QuantConfig:
     # empty: beta = 1, the formula as published
     equalization_powers: tuple[float, ...] = ()
     static_observer: str = "mse"
+    # order of the channels between a Linear and the Linears it feeds element by element (up/gate -> down):
+    # "none", or "weight": sorted by the size of the consumers' (equalized) weight columns, so that each
+    # weight group holds channels of like size (quant/reorder.py); exact, and free at run time
+    channel_order: str = "none"
     weight_clip_search: bool = False
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
     # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
@@ -136,6 +140,8 @@ class QuantConfig:
             raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
         if self.calib_inputs not in ("quantized", "float"):
             raise ValueError(f"calib_inputs must be 'quantized' or 'float', not {self.calib_inputs!r}")
+        if self.channel_order not in ("none", "weight"):
+            raise ValueError(f"channel_order must be 'none' or 'weight', not {self.channel_order!r}")
         if self.weight_clip_objective not in ("weight", "output"):
             raise ValueError(f"weight_clip_objective must be 'weight' or 'output', not {self.weight_clip_objective!r}")
         if any(p < 0 for p in self.equalization_powers):

@@ -10,6 +10,7 @@ from torch import nn
 from .config import ActPolicy, Equalization, QuantConfig, Strategy
 from .errors import FptqError
 from .models.adapters import Adapter, FoldGroup
+from .quant.reorder import channel_order, permute_linear_inputs, permute_linear_outputs
 from .quant import (
     expand_kv_scales,
     fold_into_fused_qkv_v,
@@ -24,7 +25,7 @@ from .quant import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["wants_equalization", "equalization_scales", "fold_group"]
+__all__ = ["wants_equalization", "equalization_scales", "fold_group", "reorder_group"]
 
 
 def wants_equalization(config: QuantConfig, strategy: Strategy, group: FoldGroup) -> bool:
@@ -104,3 +105,18 @@ def fold_group(adapter: Adapter, group: FoldGroup, layer: nn.Module, layer_prefi
     for c in group.consumers:
         cm = layer.get_submodule(c)
         scale_linear_inputs(cm, s_in.to(cm.weight.device))
+
+
+def reorder_group(group: FoldGroup, layer: nn.Module) -> torch.Tensor:
+    """Sort the channels of the group's input by the size of its consumers' weight columns
+    (:func:`~fptq.quant.reorder.channel_order`), permuting the producer's and partners' output rows and the
+    consumers' input columns alike (exact). Returns the permutation (new channel ``j`` is old ``perm[j]``)."""
+    if not group.reorderable:
+        raise FptqError(f"internal error: the channels feeding {group.consumers} cannot be reordered")
+    consumers = [layer.get_submodule(c) for c in group.consumers]
+    perm = channel_order([c.weight.detach() for c in consumers])
+    for name in (group.producer, *group.partners):
+        permute_linear_outputs(layer.get_submodule(name), perm)
+    for c in consumers:
+        permute_linear_inputs(c, perm)
+    return perm

@@ -18,8 +18,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # clip search on its squared error before GPTQ (KL divergence -10% to -12% on SmolLM2-135M in two
     # calibration draws; at best neutral on Qwen2.5-Coder-0.5B, whose WikiText-2 perplexity rose 4.4% / 4.9%;
     # bench/results/peer_full_*.md, {smol,qwen}_fptq_clip{,_seed1}.md)
+    # Since 2026-12-05: the LAE power of each group of Linears searched among 0, 0.5, 1 on its quantized
+    # output error, and the channels between up/gate_proj and down_proj sorted by down_proj's weight columns
+    # (KL divergence -25% / -30% on Qwen2.5-Coder-0.5B, -13% / -10% on SmolLM2-135M, every measure lower on
+    # both; bench/results/x30_*.md, docs/results/defaults.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=8192, gptq_act_order=True, weight_clip_search=True,
+                 equalization_powers=(0.0, 0.5, 1.0), channel_order="weight",
                  calib_dtype="bfloat16", propagate_backend="auto"),
     # the paper's recipe as published: LAE only in the band 15 <= max|x| < 150, static scales from the
     # calibration max, round-to-nearest weights

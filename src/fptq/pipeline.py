@@ -30,7 +30,7 @@ from .calibrate import (
 )
 from .config import ActPolicy, Equalization, QuantConfig, Strategy
 from .errors import FptqError
-from .folding import equalization_scales, fold_group, wants_equalization
+from .folding import equalization_scales, fold_group, reorder_group, wants_equalization
 from .memory import trim_heap
 from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
 from .nn import QuantLinear
@@ -42,6 +42,7 @@ from .quant import (
     quantize_weight,
     weight_scales,
 )
+from .quant.reorder import permute_square
 from .quant.search import best_equalization_power
 from .quant.weights import dequantize_weight, group_gram
 
@@ -115,7 +116,7 @@ def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: I
     power, _ = best_equalization_power(
         x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
         group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
-        observer=config.static_observer)
+        observer=config.static_observer, reorder=config.channel_order != "none" and group.reorderable)
     return power
 
 
@@ -170,7 +171,7 @@ def quantize_layer(
         sample = st.sample() if config.static_observer in SAMPLED_OBSERVERS or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
         first_max = st.first_token_absmax  # the attention sink's inputs, per channel
-        eq_name, folded_into, max_scale, note = "none", None, None, None
+        eq_name, folded_into, max_scale, note, power, reordered = "none", None, None, None, None, False
         wants = wants_equalization(config, strategy, group)
         if wants and not group.foldable:
             note = f"not equalized: {group.note}"
@@ -184,7 +185,6 @@ def quantize_layer(
             if config.equalization_powers:
                 power = _search_power(config, group, layer, st, s_in, strategy)
                 s_in, s_out = s_in.pow(power), s_out.pow(power)
-                note = f"equalization power {power:g} (searched)"
             fold_group(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
@@ -199,9 +199,20 @@ def quantize_layer(
             eq_name = config.equalization.value
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
+        if config.channel_order != "none" and group.reorderable:
+            perm = reorder_group(group, layer)
+            wcm, absmax = wcm[:, perm.to(wcm.device)], absmax[perm.to(absmax.device)]
+            if sample is not None and sample.numel():
+                sample = sample[:, perm.to(sample.device)]
+            if first_max is not None:
+                first_max = first_max[perm.to(first_max.device)]
+            if hess is not None:
+                with torch.inference_mode(hess.is_inference()):
+                    hess = permute_square(hess, perm)
+            reordered = True
 
         decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
-                          first_max))
+                          first_max, power, reordered))
 
     for st in stats.values():  # the decisions hold the Hessians they need; each is freed after its group
         st.hessian = None
@@ -209,7 +220,7 @@ def quantize_layer(
     decisions.reverse()
     while decisions:
         (group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
-         first_max) = decisions.pop()
+         first_max, power, reordered) = decisions.pop()
         gs = config.group_size if config.group_size > 0 else -1
         gram = None
         quantized = {}
@@ -272,7 +283,7 @@ def quantize_layer(
                 abits=config.abits if strategy != Strategy.FLOAT else 16, group_size=gs,
                 act_scale=act_scale, act_absmax_equalized=float(absmax.max()) if eq_name != "none" else None,
                 equalization=eq_name, equalization_folded_into=folded_into, equalization_note=note,
-                equalization_max_scale=max_scale,
+                equalization_max_scale=max_scale, equalization_power=power, channels_reordered=reordered,
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
             )

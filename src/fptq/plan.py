@@ -47,6 +47,11 @@ class LayerPlan:
     equalization_folded_into: str | None = None
     equalization_note: str | None = None  # why a wanted scale was not applied
     equalization_max_scale: float | None = None
+    # the power beta of the equalization scales (s**beta) chosen by the search (QuantConfig.equalization_powers);
+    # None: not searched (beta = 1 where equalized). 0 leaves the input as it was
+    equalization_power: float | None = None
+    # the Linear's input channels were permuted, with its producer's output rows (QuantConfig.channel_order)
+    channels_reordered: bool = False
     observer: str | None = None
     weight_method: str = "rtn"  # rtn | gptq | gptq-fallback-rtn | float
     weight_error: float | None = None  # relative Frobenius error of the quantized weight

@@ -104,13 +104,15 @@ def plan_rows(plan: Plan) -> list[list[str]]:
             name, STRATEGY_LABEL.get(lp.strategy, lp.strategy), "-" if math.isnan(lp.act_absmax) else f"{lp.act_absmax:.2f}",
             "" if lp.act_scale is None else f"{lp.act_scale:.4g}",
             "" if lp.equalization_max_scale is None else f"{lp.equalization_max_scale:.2f}",
+            "" if lp.equalization_power is None else f"{lp.equalization_power:g}",
+            "sorted" if lp.channels_reordered else "",
             lp.weight_method, "" if lp.weight_error is None else f"{lp.weight_error:.4f}",
         ])
     return rows
 
 
 def plan_table(plan: Plan) -> str:
-    header = ["layer", "strategy", "max|x|", "act_scale", "max eq s", "weights", "w rel err"]
+    header = ["layer", "strategy", "max|x|", "act_scale", "max eq s", "eq power", "channels", "weights", "w rel err"]
     rows = plan_rows(plan)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

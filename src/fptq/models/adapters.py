@@ -41,6 +41,11 @@ class FoldGroup:
 
     ``kv_grouped`` marks v_proj -> o_proj under grouped-query attention: one
     scale per v_proj output channel, repeated for the query heads that share it.
+
+    ``partners`` (``None``: the channels cannot be reordered): the other Linears whose output rows are
+    combined element by element with the producer's (gate_proj beside up_proj), so that permuting the
+    rows of the producer and the partners and the input columns of the consumers leaves the layer's
+    function unchanged (``QuantConfig.channel_order``).
     """
 
     producer: str | None
@@ -48,6 +53,7 @@ class FoldGroup:
     consumers: tuple[str, ...]
     kv_grouped: bool = False
     note: str = ""
+    partners: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FOLD_KINDS:
@@ -58,6 +64,11 @@ class FoldGroup:
     @property
     def foldable(self) -> bool:
         return self.kind != "none"
+
+    @property
+    def reorderable(self) -> bool:
+        """Whether the channels of the consumers' input can be permuted (see ``partners``)."""
+        return self.kind == "linear" and self.partners is not None
 
     def unfoldable(self, note: str) -> "FoldGroup":
         """The same consumers without a fold (e.g. a config where the producer's output is also the residual)."""
@@ -114,7 +125,7 @@ _LLAMA_GROUPS = (
     FoldGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     FoldGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",), kv_grouped=True),
     FoldGroup("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-    FoldGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
+    FoldGroup("mlp.up_proj", "linear", ("mlp.down_proj",), partners=("mlp.gate_proj",)),
 )
 
 # Gemma 2/3: post_attention_layernorm and post_feedforward_layernorm act on outputs going to the
@@ -123,14 +134,14 @@ _GEMMA2_GROUPS = (
     FoldGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     FoldGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",), kv_grouped=True),
     FoldGroup("pre_feedforward_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-    FoldGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
+    FoldGroup("mlp.up_proj", "linear", ("mlp.down_proj",), partners=("mlp.gate_proj",)),
 )
 
 _OPT_GROUPS = (
     FoldGroup("self_attn_layer_norm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     FoldGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",)),
     FoldGroup("final_layer_norm", "norm", ("fc1",)),
-    FoldGroup("fc1", "linear", ("fc2",)),  # relu(x / s) = relu(x) / s for s > 0
+    FoldGroup("fc1", "linear", ("fc2",), partners=()),  # relu(x / s) = relu(x) / s for s > 0
 )
 
 _BLOOM_GROUPS = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .activations import fake_quantize_per_token, fake_quantize_static
+from .reorder import channel_order
 from .static_scale import choose_static_scale
 from .weights import fake_quantize_weight
 
@@ -42,17 +43,24 @@ def quantized_output_error(
     act_mode: str,
     abits: int = 8,
     observer: str = "mse",
+    reorder: bool = False,
 ) -> float:
     """Sum over the Linears of ``|Q_a(x / s) Q_w(W * s)^T - ref|^2 / |ref|^2``.
 
     ``x``: sampled inputs ``[rows, K]``; ``weights``: the float weights ``[N_i, K]`` sharing
     that input; ``refs``: their float outputs ``x @ W_i^T``; ``s``: per-channel scales ``[K]``.
+    ``reorder``: the channels sorted by :func:`~fptq.quant.reorder.channel_order` of the scaled weights
+    before the weights are quantized, as the pipeline does for reorderable groups.
     """
     s = s.float().to(x.device)
     xq = _act_quant(x / s, act_mode, abits, observer)
+    scaled = [w.float() * s.view(1, -1) for w in weights]
+    if reorder:
+        perm = channel_order(scaled).to(x.device)
+        xq, scaled = xq[:, perm], [w[:, perm] for w in scaled]
     total = 0.0
-    for w, ref in zip(weights, refs):
-        wq = fake_quantize_weight(w.float() * s.view(1, -1), wbits, group_size)
+    for w, ref in zip(scaled, refs):
+        wq = fake_quantize_weight(w, wbits, group_size)
         err = (xq @ wq.t() - ref).pow(2).sum()
         total += float(err / ref.pow(2).sum().clamp_min(1e-30))
     return total
