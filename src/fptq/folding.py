@@ -25,7 +25,7 @@ from .quant import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["wants_equalization", "equalization_scales", "fold_group", "reorder_group"]
+__all__ = ["wants_equalization", "wants_reorder", "equalization_scales", "fold_group", "reorder_group"]
 
 
 def wants_equalization(config: QuantConfig, strategy: Strategy, group: FoldGroup) -> bool:
@@ -40,6 +40,12 @@ def wants_equalization(config: QuantConfig, strategy: Strategy, group: FoldGroup
                 strategy == Strategy.DYNAMIC and group.kind == "norm")
         return strategy == Strategy.LAE_STATIC
     return config.act_policy in (ActPolicy.STATIC, ActPolicy.DYNAMIC)
+
+
+def wants_reorder(config: QuantConfig, group: FoldGroup) -> bool:
+    """Whether the channels of the group's input are sorted (``config.channel_order``; only where the
+    adapter says a permutation is exact, :attr:`FoldGroup.reorderable`)."""
+    return config.channel_order != "none" and group.reorderable
 
 
 def equalization_scales(

@@ -21,7 +21,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Since 2026-12-05: the LAE power of each group of Linears searched among 0, 0.5, 1 on its quantized
     # output error, and the channels between up/gate_proj and down_proj sorted by down_proj's weight columns
     # (KL divergence -25% / -30% on Qwen2.5-Coder-0.5B, -13% / -10% on SmolLM2-135M, every measure lower on
-    # both; bench/results/x30_*.md, docs/results/defaults.md)
+    # both; bench/results/fptq_default_{smol,qwen}_20.md, {qwen,smol}_reorder.md, docs/results/defaults.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=8192, gptq_act_order=True, weight_clip_search=True,
                  equalization_powers=(0.0, 0.5, 1.0), channel_order="weight",

@@ -30,7 +30,7 @@ from .calibrate import (
 )
 from .config import ActPolicy, Equalization, QuantConfig, Strategy
 from .errors import FptqError
-from .folding import equalization_scales, fold_group, reorder_group, wants_equalization
+from .folding import equalization_scales, fold_group, reorder_group, wants_equalization, wants_reorder
 from .memory import trim_heap
 from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
 from .nn import QuantLinear
@@ -116,7 +116,7 @@ def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: I
     power, _ = best_equalization_power(
         x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
         group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
-        observer=config.static_observer, reorder=config.channel_order != "none" and group.reorderable)
+        observer=config.static_observer, reorder=wants_reorder(config, group))
     return power
 
 
@@ -199,7 +199,7 @@ def quantize_layer(
             eq_name = config.equalization.value
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
-        if config.channel_order != "none" and group.reorderable:
+        if wants_reorder(config, group):
             perm = reorder_group(group, layer)
             wcm, absmax = wcm[:, perm.to(wcm.device)], absmax[perm.to(absmax.device)]
             if sample is not None and sample.numel():
