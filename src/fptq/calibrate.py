@@ -267,8 +267,20 @@ class InputStats:
     def channel_absmax(self) -> torch.Tensor:
         return self.channel_max_matrix().amax(dim=0)
 
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples, dim=0).float() if self.samples else torch.empty(0, self.in_features)
+    def sample(self, max_rows: int | None = None) -> torch.Tensor:
+        """The sampled rows as one float32 ``[rows, K]`` tensor; with ``max_rows``, at most that many,
+        evenly strided over all of them (every calibration batch contributes), gathered without
+        concatenating the rest (``sample()[::ceil(rows / max_rows)]``, in less memory)."""
+        if not self.samples:
+            return torch.empty(0, self.in_features)
+        total = sum(len(x) for x in self.samples)
+        if max_rows is None or total <= max_rows:
+            return torch.cat(self.samples, dim=0).float()
+        stride, parts, off = -(-total // max_rows), [], 0
+        for x in self.samples:
+            parts.append(x[(-off) % stride::stride])
+            off += len(x)
+        return torch.cat(parts, dim=0).float()
 
 
 def hessian_rows(n: int, k: int, first: torch.Tensor | None, generator: torch.Generator

@@ -145,6 +145,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="what the clip search minimises: the weights' squared error (weight) or the error added "
                           "to the Linear's output on the calibration inputs (output: activation-aware; with GPTQ "
                           "from its Hessian)")
+    adv.add_argument("--weight-scale-sign", dest="weight_scale_sign", default=None, choices=("positive", "signed"),
+                     help="signed: each weight group's scale is its signed extreme / -8 (llama.cpp's Q4_0 rule: "
+                          "the extreme exact, a step of absmax / 8); positive: absmax / 7.5. Same checkpoint "
+                          "format and kernels")
     adv.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                      help="equalization used by the method (fptq ablations: none, smoothquant)")
     adv.add_argument("--lae-scope", dest="lae_scope", default=None, choices=("band", "all"),
@@ -185,7 +189,7 @@ def config_from_args(args) -> "QuantConfig":
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
-        "channel_order")}
+        "channel_order", "weight_scale_sign")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

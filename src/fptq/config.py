@@ -74,6 +74,10 @@ class QuantConfig:
     # "none", or "weight": sorted by the size of the consumers' (equalized) weight columns, so that each
     # weight group holds channels of like size (quant/reorder.py); exact, and free at run time
     channel_order: str = "none"
+    # order of the residual stream's channels: "none", or "max": sorted by their largest |x| at the norms'
+    # outputs on a float pass, so that LAE's outlier columns share few weight groups (residual.py); exact,
+    # free at run time. Needs the whole model in memory (fptq.quantize); not yet the command line's path
+    residual_order: str = "none"
     weight_clip_search: bool = False
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
     # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
@@ -83,6 +87,9 @@ class QuantConfig:
     # bench/results/rtn_rounding_spread.md), nearest for GPTQ weights (KLD -10 to -20% on SmolLM2-135M over
     # three calibration seeds, bench/results/smol_scale_rounding*.md, smol_gptq_scale_rounding.md)
     scale_rounding: str = "auto"
+    # the sign of the weight scales: "positive" (absmax / 7.5) or "signed" (llama.cpp's Q4_0 rule: the group's
+    # signed extreme / -8, so the extreme is code -8 exactly and the step is absmax / 8; quant/weights.py)
+    weight_scale_sign: str = "positive"
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -140,6 +147,8 @@ class QuantConfig:
             raise ValueError(f"equalize_into must be 'all' or 'norms', not {self.equalize_into!r}")
         if self.calib_inputs not in ("quantized", "float"):
             raise ValueError(f"calib_inputs must be 'quantized' or 'float', not {self.calib_inputs!r}")
+        if self.residual_order not in ("none", "max"):
+            raise ValueError(f"residual_order must be 'none' or 'max', not {self.residual_order!r}")
         if self.channel_order not in ("none", "weight"):
             raise ValueError(f"channel_order must be 'none' or 'weight', not {self.channel_order!r}")
         if self.weight_clip_objective not in ("weight", "output"):
@@ -148,6 +157,8 @@ class QuantConfig:
             raise ValueError(f"equalization powers must be >= 0, got {self.equalization_powers}")
         if self.equalization_stat not in ("absmax", "range"):
             raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
+        if self.weight_scale_sign not in ("positive", "signed"):
+            raise ValueError(f"weight_scale_sign must be 'positive' or 'signed', not {self.weight_scale_sign!r}")
         if self.scale_rounding not in SCALE_ROUNDINGS:
             raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, not {self.scale_rounding!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):

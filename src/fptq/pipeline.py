@@ -108,16 +108,35 @@ _ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tens
 def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
                   strategy: Strategy) -> float:
     """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
-    group's quantized outputs on (at most ``SEARCH_ROWS``) sampled calibration inputs."""
-    x = st.sample()[:SEARCH_ROWS]
+    group's quantized outputs on (at most ``SEARCH_ROWS``, strided over every batch) sampled calibration
+    inputs."""
+    x = st.sample(SEARCH_ROWS)
     if x.numel() == 0:
         return 1.0
     weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
     power, _ = best_equalization_power(
         x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
         group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
-        observer=config.static_observer, reorder=wants_reorder(config, group))
+        observer=config.static_observer, reorder=wants_reorder(config, group), weight_sign=config.weight_scale_sign)
     return power
+
+
+def _sort_residual(model: nn.Module, adapter, config: QuantConfig, calibration: torch.Tensor, device: torch.device,
+                   batch_size: int, load_layer, start_layer: int) -> None:
+    """``config.residual_order``: permute the residual stream's channels of the float model before any layer is
+    quantized (:mod:`fptq.residual`); a table without a residual spec leaves the model as it is."""
+    from .residual import permute_residual, residual_channel_maxima, residual_order, residual_problem
+
+    if load_layer is not None or start_layer:
+        raise FptqError(f"residual_order={config.residual_order!r} needs the whole float model in memory from "
+                        "the first layer (fptq.quantize on a loaded model); layer-by-layer loading and resuming "
+                        "do not support it yet: use residual_order='none'")
+    problem = residual_problem(model, adapter)
+    if problem:
+        log.warning("residual stream left in its order: %s", problem)
+        return
+    maxima = residual_channel_maxima(model, adapter, calibration, device, batch_size)
+    permute_residual(model, adapter, residual_order(maxima))
 
 
 def quantize_layer(
@@ -235,6 +254,7 @@ def quantize_layer(
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
                 scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,
+                scale_sign=config.weight_scale_sign,
             )
             if not ok:
                 log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))
@@ -314,7 +334,7 @@ def rtn_weight_codes(w: torch.Tensor, config: QuantConfig, gs: int,
                      gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes and float16 scales of ``w`` as ``config`` asks (clip search, scale rounding)."""
     scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
-                           rounding=config.rounding_for(gptq=False))
+                           rounding=config.rounding_for(gptq=False), sign=config.weight_scale_sign)
     return quantize_weight(w, scales, config.wbits, gs), scales
 
 
@@ -432,6 +452,8 @@ def quantize(
 
     was_training = model.training
     model.eval()
+    if config.residual_order != "none" and config.needs_calibration:
+        _sort_residual(model, adapter, config, calibration, device, batch_size, load_layer, start_layer)
     store = offload_device(offload, device)
     data_free = not config.needs_calibration
     # data-free (weight-only round-to-nearest): no activations are captured or propagated

@@ -27,10 +27,11 @@ from fptq.quant import quantize_weight, weight_scales
 CPU_BACKENDS = ("int8_perchannel", "int8_grouped")
 
 
-def make_layer(k, n, group_size, act_mode, bias=False, wbits=4, seed=0, act_scale=0.03, dtype=torch.float32):
+def make_layer(k, n, group_size, act_mode, bias=False, wbits=4, seed=0, act_scale=0.03, dtype=torch.float32,
+               sign="positive"):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    s = weight_scales(w, wbits, group_size)
+    s = weight_scales(w, wbits, group_size, sign=sign)
     q = quantize_weight(w, s, wbits, group_size)
     b = torch.randn(n, generator=g) if bias else None
     return QuantLinear.from_codes(
@@ -90,11 +91,12 @@ def test_activation_codes_bit_identical(mode, dtype):
     assert int(q.abs().max()) <= 127
 
 
+@pytest.mark.parametrize("sign", ["positive", "signed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lead,k,n,gs", SHAPES)
-def test_grouped_matches_reference(lead, k, n, gs, mode, bias):
-    layer = make_layer(k, n, gs, mode, bias=bias)
+def test_grouped_matches_reference(lead, k, n, gs, mode, bias, sign):
+    layer = make_layer(k, n, gs, mode, bias=bias, sign=sign)
     x = make_input(lead, k)
     ref = layer.reference_forward(x)
     y = run_backend("int8_grouped", layer, x)
@@ -105,11 +107,12 @@ def test_grouped_matches_reference(lead, k, n, gs, mode, bias):
     assert (y - ref).norm() <= 1e-6 * ref.norm() + 1e-6
 
 
+@pytest.mark.parametrize("sign", ["positive", "signed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lead,k,n,gs", SHAPES)
-def test_perchannel_close_to_reference(lead, k, n, gs, mode, bias):
-    layer = make_layer(k, n, gs, mode, bias=bias)
+def test_perchannel_close_to_reference(lead, k, n, gs, mode, bias, sign):
+    layer = make_layer(k, n, gs, mode, bias=bias, sign=sign)
     x = make_input(lead, k)
     ref = layer.reference_forward(x)
     y = run_backend("int8_perchannel", layer, x)
@@ -121,12 +124,14 @@ def test_perchannel_close_to_reference(lead, k, n, gs, mode, bias):
         assert sqnr_db(y, ref) > 35.0
 
 
-def test_perchannel_weight_requantization():
-    layer = make_layer(200, 33, 64, "static_tensor")
+@pytest.mark.parametrize("sign", ["positive", "signed"])
+def test_perchannel_weight_requantization(sign):
+    layer = make_layer(200, 33, 64, "static_tensor", sign=sign)
     w8, sc = perchannel_weight(layer)
     assert w8.dtype == torch.int8 and w8.shape == (33, 200) and sc.shape == (33,)
     assert int(w8.abs().max()) <= 127
     # each int8 weight is within half an int8 step of the group-scaled int4 weight
+    assert bool((sc > 0).all())
     err = (w8.float() * sc[:, None] - layer.dequantized_weight()).abs()
     assert bool((err <= 0.5 * sc[:, None] * (1 + 1e-5)).all())
     # the largest-scale group's extreme code maps onto the int8 range edge

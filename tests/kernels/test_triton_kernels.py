@@ -86,7 +86,7 @@ def run_case(case, device, variants=VARIANTS) -> dict:
     dtype = _dtype(dtname)
     g = torch.Generator().manual_seed(k * 31 + n)
     w = torch.randn(n, k, generator=g)
-    s = weight_scales(w, 4, gs)
+    s = weight_scales(w, 4, gs, sign="signed")  # scales of either sign: the kernels multiply, whatever the sign
     q = quantize_weight(w, s, 4, gs)
     b = torch.randn(n, generator=g) if bias else None
     layer = QuantLinear.from_codes(q, s, wbits=4, group_size=gs, abits=8, act_mode=mode, act_scale=0.05, bias=b)

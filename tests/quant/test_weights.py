@@ -145,3 +145,49 @@ def test_output_objective_clip_search_lowers_the_output_error():
 def test_output_objective_rejects_a_gram_of_other_groups():
     with pytest.raises(ValueError, match="gram must be"):
         weight_scales(torch.randn(4, 64), 4, 32, clip_search=True, gram=torch.zeros(3, 32, 32))
+
+
+@pytest.mark.parametrize("rounding", ["down", "nearest"])
+def test_signed_scales_put_each_group_extreme_on_code_minus_8(rounding):
+    """llama.cpp's Q4_0 rule: the scale is the group's signed extreme over -8, so the extreme is code -8
+    (whatever its sign) and comes back within the float16 rounding of its scale; the scale's sign is the
+    opposite of the extreme's."""
+    torch.manual_seed(6)
+    w = torch.randn(32, 320) * torch.rand(32, 1)
+    w[0, :64] = 0.0  # an all-zero group: a tiny positive scale, codes 0
+    s = weight_scales(w, 4, 64, sign="signed", rounding=rounding)
+    assert s.dtype == torch.float16 and s.shape == (32, 5)
+    wg = w.view(32, 5, 64)
+    ext = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    nz = ext != 0
+    assert bool((torch.sign(s.float())[nz] == -torch.sign(ext)[nz]).all())
+    assert s[0, 0] > 0 and torch.equal(quantize_weight(w, s, 4, 64)[0, :64], torch.zeros(64, dtype=torch.int8))
+    q = quantize_weight(w, s, 4, 64).view(32, 5, 64)
+    assert bool((q.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)[nz] == -8).all())
+    if rounding == "down":  # toward zero: |s| never above |extreme| / 8
+        assert bool(((s.float().abs() <= ext.abs() / 8) | ~nz).all())
+    else:
+        assert torch.equal(s[nz], (ext / -8).half()[nz])
+    # the step is |extreme| / 8 instead of / 7.5: every weight the grid spans within half a step; on the
+    # extreme's other side the grid stops at 7 steps, and a weight beyond (up to 8) is within one step
+    deq = dequantize_weight(q.view(32, 320), s, 64)
+    step = expand_group_scales(s.float().abs(), 320, 64)
+    err, inside = (deq - w).abs(), (w / expand_group_scales(s.float(), 320, 64)) <= 7.5
+    assert bool((err[inside] <= step[inside] * (0.5 + 8 * 2**-10) + 1e-6).all())
+    assert bool((err <= step * (1 + 8 * 2**-10) + 1e-6).all()) and bool((~inside).any())
+
+
+def test_signed_scales_lower_the_weight_error_with_and_without_clip_search():
+    torch.manual_seed(7)
+    w = torch.randn(128, 512)
+    err = {(sign, clip): (fake_quantize_weight(w, 4, 64, clip_search=clip, sign=sign) - w).pow(2).sum()
+           for sign in ("positive", "signed") for clip in (False, True)}
+    assert err["signed", False] < 0.9 * err["positive", False]
+    assert err["signed", True] < 0.95 * err["positive", True]
+    assert err["signed", True] <= err["signed", False] * (1 + 1e-6)
+    # the clip search keeps each group's sign
+    s_clip, s_plain = weight_scales(w, 4, 64, clip_search=True, sign="signed"), weight_scales(w, 4, 64, sign="signed")
+    assert torch.equal(torch.sign(s_clip), torch.sign(s_plain))
+    assert bool((s_clip.float().abs() <= s_plain.float().abs()).all())
+    with pytest.raises(ValueError, match="sign"):
+        weight_scales(w, 4, 64, sign="negative")

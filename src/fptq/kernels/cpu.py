@@ -135,7 +135,7 @@ def perchannel_weight(module) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = codes.shape
         gs = _group_size(m)
         lim = 2 ** (m.wbits - 1)  # largest |code|
-        sc = s.amax(dim=1) * (lim / 127.0)
+        sc = s.abs().amax(dim=1) * (lim / 127.0)  # scales may be negative (signed-extreme rule)
         w8 = torch.empty(n, k, dtype=torch.int8)
         for r0 in range(0, n, _ROW_BLOCK):
             r1 = min(n, r0 + _ROW_BLOCK)

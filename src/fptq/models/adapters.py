@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import FptqError
 
-__all__ = ["FoldGroup", "Adapter", "ADAPTERS", "get_adapter", "supported_architectures", "llama_shape_problem",
+__all__ = ["FoldGroup", "ResidualStream", "Adapter", "ADAPTERS", "get_adapter", "supported_architectures", "llama_shape_problem",
            "FOLD_KINDS"]
 
 FOLD_KINDS = ("norm", "linear", "fused_qkv_v", "none")
@@ -76,6 +76,24 @@ class FoldGroup:
 
 
 @dataclass(frozen=True)
+class ResidualStream:
+    """Every tensor that indexes the channels of the residual stream, so that they can be permuted
+    (exactly: RMSNorm and LayerNorm commute with a permutation of their channels).
+
+    Model-level names: ``embeddings`` (``[vocab, hidden]``: columns), ``final_norm`` and ``head``
+    (``lm_head``, columns; it may be tied to the embedding). Names relative to a decoder layer:
+    ``norms`` (weights, and biases if any), ``readers`` (Linears that take the normalized stream:
+    input columns) and ``writers`` (Linears whose output is added to it: output rows and bias)."""
+
+    embeddings: str
+    final_norm: str
+    head: str
+    norms: tuple[str, ...]
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Adapter:
     name: str
     model_types: tuple[str, ...]
@@ -92,6 +110,9 @@ class Adapter:
     # ``(adapter, config) -> adapter`` for one model config: refuses configs fptq cannot handle and
     # marks the groups that a config makes unfoldable; None: the table as is
     specialize: Callable[["Adapter", Any], "Adapter"] | None = field(default=None, compare=False, repr=False)
+    # what a permutation of the residual stream's channels touches; None: not supported for this table
+    # (QuantConfig.residual_order then leaves the model as it is)
+    residual: ResidualStream | None = None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -137,6 +158,13 @@ _GEMMA2_GROUPS = (
     FoldGroup("mlp.up_proj", "linear", ("mlp.down_proj",), partners=("mlp.gate_proj",)),
 )
 
+_LLAMA_RESIDUAL = ResidualStream(
+    "model.embed_tokens", "model.norm", "lm_head", ("input_layernorm", "post_attention_layernorm"),
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+    ("self_attn.o_proj", "mlp.down_proj"))
+_GEMMA2_RESIDUAL = dataclasses.replace(_LLAMA_RESIDUAL, norms=(
+    "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"))
+
 _OPT_GROUPS = (
     FoldGroup("self_attn_layer_norm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     FoldGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",)),
@@ -180,13 +208,14 @@ def _bloom_for_config(adapter: Adapter, cfg: Any) -> Adapter:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("llama", ("llama",), groups=_LLAMA_GROUPS),
-    Adapter("mistral", ("mistral",), groups=_LLAMA_GROUPS),
-    Adapter("qwen2", ("qwen2",), groups=_LLAMA_GROUPS),
-    Adapter("qwen3", ("qwen3",), groups=_LLAMA_GROUPS),
-    Adapter("gemma", ("gemma",), groups=_LLAMA_GROUPS, norm_weight_offset=1.0),
-    Adapter("gemma2", ("gemma2",), groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
-    Adapter("gemma3", ("gemma3_text",), groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
+    Adapter("llama", ("llama",), groups=_LLAMA_GROUPS, residual=_LLAMA_RESIDUAL),
+    Adapter("mistral", ("mistral",), groups=_LLAMA_GROUPS, residual=_LLAMA_RESIDUAL),
+    Adapter("qwen2", ("qwen2",), groups=_LLAMA_GROUPS, residual=_LLAMA_RESIDUAL),
+    Adapter("qwen3", ("qwen3",), groups=_LLAMA_GROUPS, residual=_LLAMA_RESIDUAL),
+    Adapter("gemma", ("gemma",), groups=_LLAMA_GROUPS, norm_weight_offset=1.0, residual=_LLAMA_RESIDUAL),
+    Adapter("gemma2", ("gemma2",), groups=_GEMMA2_GROUPS, norm_weight_offset=1.0, residual=_GEMMA2_RESIDUAL),
+    Adapter("gemma3", ("gemma3_text",), groups=_GEMMA2_GROUPS, norm_weight_offset=1.0,
+            residual=_GEMMA2_RESIDUAL),
     Adapter("opt", ("opt",), layers_path="model.decoder.layers",
             pre_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
             groups=_OPT_GROUPS, specialize=_opt_for_config),
@@ -289,7 +318,9 @@ def get_adapter(model_or_type: nn.Module | str | Any) -> Adapter:
             return a.specialize(a, cfg) if a.specialize is not None and cfg is not None else a
     problem = llama_shape_problem(model) if model is not None and model_type else None
     if model is not None and model_type and problem is None:
-        return dataclasses.replace(_LLAMA, name=f"llama-like ({model_type})", model_types=(model_type,), generic=True)
+        # a model outside the table may keep per-channel state fptq does not know of: its residual is left alone
+        return dataclasses.replace(_LLAMA, name=f"llama-like ({model_type})", model_types=(model_type,), generic=True,
+                                   residual=None)
     raise _unsupported(model_type, problem)
 
 

@@ -143,6 +143,7 @@ def gptq_quantize(
     clip_search: bool = False,
     scale_rounding: str = "nearest",
     clip_objective: str = "weight",
+    scale_sign: str = "positive",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``, or a list of matrices with the same input, as if stacked: every output
     row is independent given ``h``) with GPTQ.
@@ -160,6 +161,7 @@ def gptq_quantize(
     the clip search (``clip_search``) scores a group's scale on: ``"weight"`` (the group's squared weight
     error) or ``"output"`` (the error it adds to the Linear's output, ``d^T H_g d`` with ``H_g`` the
     group's diagonal block of ``h``: activation-aware clipping from the Hessian GPTQ already has).
+    ``scale_sign``: "positive" or "signed" scales (:func:`~fptq.quant.weights.weight_scales`'s ``sign``).
 
     Memory: one ``K x K`` float32 matrix besides the caller's ``h`` (:func:`_inverse_factor`), one float32
     copy of the weights (transposed, updated in place) and their int8 codes; the caller's ``w`` and ``h``
@@ -191,7 +193,8 @@ def gptq_quantize(
     dev = parts[0].device  # every buffer on the weights' device (the caller's choice: CPU or GPU)
     scales = torch.zeros(n, g, dtype=torch.float16, device=dev)
     if static_groups:
-        scales = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding)
+        scales = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding,
+                                          sign=scale_sign)
                             for x in parts])
 
     perm = None
@@ -202,7 +205,7 @@ def gptq_quantize(
     del h
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
-        sc = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search) for x in parts])  # rounded down,
+        sc = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, sign=scale_sign) for x in parts])  # rounded down,
         return torch.cat([quantize_weight(x, sc_x, bits, gs)  # as round-to-nearest's are
                           for x, sc_x in zip(parts, sc.split([x.shape[0] for x in parts]))]), sc, False
 
@@ -238,7 +241,7 @@ def gptq_quantize(
                 block = torch.cat([w1[i:], wt[i2:end]])[: end - col]
                 gram = blocks[grp:grp + 1] if blocks is not None else None  # zero-padded as weight_scales pads
                 scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search, gram=gram,
-                                               rounding=scale_rounding)[:, 0]
+                                               rounding=scale_rounding, sign=scale_sign)[:, 0]
                 s_grp = -1
             if grp != s_grp:
                 s, s_grp = scales[:, grp].float(), grp

@@ -44,13 +44,15 @@ def quantized_output_error(
     abits: int = 8,
     observer: str = "mse",
     reorder: bool = False,
+    weight_sign: str = "positive",
 ) -> float:
     """Sum over the Linears of ``|Q_a(x / s) Q_w(W * s)^T - ref|^2 / |ref|^2``.
 
     ``x``: sampled inputs ``[rows, K]``; ``weights``: the float weights ``[N_i, K]`` sharing
     that input; ``refs``: their float outputs ``x @ W_i^T``; ``s``: per-channel scales ``[K]``.
     ``reorder``: the channels sorted by :func:`~fptq.quant.reorder.channel_order` of the scaled weights
-    before the weights are quantized, as the pipeline does for reorderable groups.
+    before the weights are quantized, as the pipeline does for reorderable groups. ``weight_sign``: the
+    weight scales' sign rule (:func:`~fptq.quant.weights.weight_scales`).
     """
     s = s.float().to(x.device)
     xq = _act_quant(x / s, act_mode, abits, observer)
@@ -60,7 +62,7 @@ def quantized_output_error(
         xq, scaled = xq[:, perm], [w[:, perm] for w in scaled]
     total = 0.0
     for w, ref in zip(scaled, refs):
-        wq = fake_quantize_weight(w, wbits, group_size)
+        wq = fake_quantize_weight(w, wbits, group_size, sign=weight_sign)
         err = (xq @ wq.t() - ref).pow(2).sum()
         total += float(err / ref.pow(2).sum().clamp_min(1e-30))
     return total

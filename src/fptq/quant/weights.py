@@ -21,6 +21,12 @@ Conventions (shared by the reference path, the kernels and the checkpoint):
   (bench/results/rtn_rounding_spread.md). GPTQ's weights measured better with
   scales rounded to nearest (``QuantConfig.scale_rounding="auto"`` picks per
   method; bench/results/smol_gptq_scale_rounding.md).
+* ``sign="signed"`` (llama.cpp's ``Q4_0`` rule): ``s = e / -2**(b-1)`` with ``e`` the
+  group's *signed* extreme, so the extreme is code -8 exactly and ``s`` is negative
+  when the extreme is positive. The step is ``absmax / 8`` instead of ``absmax / 7.5``
+  and the extreme is exact; the codes, the checkpoint and every kernel are the same
+  (a scale is a float16 multiplier of either sign). Rounding "down" then means
+  toward zero.
 """
 from __future__ import annotations
 
@@ -107,6 +113,20 @@ def hessian_group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
     return hp.reshape(g, gs, g, gs)[idx, :, idx, :]
 
 
+def _signed_fp16(x: torch.Tensor, to_fp16) -> torch.Tensor:
+    """``x`` as float16, its magnitude rounded by ``to_fp16`` (:func:`fp16_floor` or to nearest) and kept
+    at least float16's smallest normal; the sign kept (zero counts as positive)."""
+    tiny = torch.finfo(torch.float16).tiny
+    mag = to_fp16(x.abs()).clamp_min(tiny)
+    return torch.where(x < 0, -mag, mag)
+
+
+def _group_extreme(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, G]`` signed extreme of each group (the value of largest magnitude; ties: the first)."""
+    g = _grouped(w, group_size)
+    return g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
 def fp16_floor(x: torch.Tensor) -> torch.Tensor:
     """Non-negative ``x`` as float16, rounded down: the largest float16 that is ``<= x``
     (values above float16's range become its largest finite value)."""
@@ -125,11 +145,13 @@ def weight_scales(
     max_shrink: float = 0.2,
     gram: torch.Tensor | None = None,
     rounding: str = "down",
+    sign: str = "positive",
 ) -> torch.Tensor:
     """Float16 group scales ``[N, G]`` for ``w`` (``[N, K]``), rounded to float16 ``rounding``
-    ("down", :func:`fp16_floor`, or "nearest").
+    ("down", :func:`fp16_floor`, or "nearest"; for negative scales, of the magnitude).
 
-    Default: ``absmax / (2**(b-1) - 0.5)``. With ``clip_search`` the absmax of
+    Default: ``absmax / (2**(b-1) - 0.5)``; ``sign="signed"``: the group's signed extreme over
+    ``-2**(b-1)`` (see the module's notes). With ``clip_search`` the absmax (the extreme) of
     each group is shrunk by the factor in ``1 - max_shrink * i / grid`` that
     minimises the group's squared quantization error, evaluated on all candidates
     at once per group: the error of the weights (the "mse" option of GPTQ's
@@ -140,28 +162,38 @@ def weight_scales(
     """
     if rounding not in ("down", "nearest"):
         raise ValueError(f"rounding must be 'down' or 'nearest', not {rounding!r}")
+    if sign not in WEIGHT_SCALE_SIGNS:
+        raise ValueError(f"sign must be one of {WEIGHT_SCALE_SIGNS}, not {sign!r}")
     to_fp16 = fp16_floor if rounding == "down" else (lambda x: x.to(torch.float16))
     w = w.float()
     tiny = torch.finfo(torch.float16).tiny
     if not clip_search:
-        _, qmax = qrange(bits)
+        qmin, qmax = qrange(bits)
+        if sign == "signed":
+            return _signed_fp16(_group_extreme(w, group_size) / qmin, to_fp16)
         return to_fp16(_group_absmax(w, group_size).clamp_min(1e-8) / (qmax + 0.5)).clamp_min(tiny)
     # rows are independent: searched a block of rows at a time, so the search's temporaries stay small
     rows = max(1, CLIP_SEARCH_ELEMENTS // max(w.shape[1], 1))
-    return torch.cat([_clip_searched_scales(w[i:i + rows], bits, group_size, grid, max_shrink, gram, to_fp16)
+    return torch.cat([_clip_searched_scales(w[i:i + rows], bits, group_size, grid, max_shrink, gram, to_fp16, sign)
                       for i in range(0, w.shape[0], rows)]) if w.shape[0] else \
-        _clip_searched_scales(w, bits, group_size, grid, max_shrink, gram, to_fp16)
+        _clip_searched_scales(w, bits, group_size, grid, max_shrink, gram, to_fp16, sign)
+
+
+WEIGHT_SCALE_SIGNS = ("positive", "signed")
 
 
 CLIP_SEARCH_ELEMENTS = 1 << 22  # weights per block of rows in the clip search (16 MiB of float32)
 
 
 def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int, max_shrink: float,
-                          gram: torch.Tensor | None, to_fp16) -> torch.Tensor:
+                          gram: torch.Tensor | None, to_fp16, sign: str = "positive") -> torch.Tensor:
     """:func:`weight_scales` with ``clip_search`` for the rows ``w``."""
     qmin, qmax = qrange(bits)
-    levels = qmax + 0.5
-    absmax = _group_absmax(w, group_size).clamp_min(1e-8)
+    if sign == "signed":  # the signed extreme over qmin: candidates keep its sign
+        absmax, levels = _group_extreme(w, group_size), float(qmin)
+        to_fp16 = (lambda x, f=to_fp16: _signed_fp16(x, f))
+    else:
+        absmax, levels = _group_absmax(w, group_size).clamp_min(1e-8), qmax + 0.5
     tiny = torch.finfo(torch.float16).tiny
     wg = _grouped(w, group_size)  # [N, G, gs]
     if gram is not None:
@@ -172,7 +204,9 @@ def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int
     best = torch.full_like(absmax, float("inf"))
     best_scale = to_fp16(absmax / levels).float()
     for i in range(grid + 1):
-        cand = to_fp16(absmax * (1 - max_shrink * i / grid) / levels).float().clamp_min(tiny)
+        cand = to_fp16(absmax * (1 - max_shrink * i / grid) / levels).float()
+        if sign != "signed":
+            cand = cand.clamp_min(tiny)
         c = cand.unsqueeze(-1)
         d = torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)  # [N, G, gs]
         if gram is None:
@@ -182,7 +216,8 @@ def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, cand, best_scale)
-    return best_scale.to(torch.float16).clamp_min(tiny)  # exact: every candidate is a float16 value
+    best_scale = best_scale.to(torch.float16)  # exact: every candidate is a float16 value
+    return best_scale if sign == "signed" else best_scale.clamp_min(tiny)
 
 
 def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -211,7 +246,8 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int = 1
     return q.float() * s
 
 
-def fake_quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, clip_search: bool = False) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, clip_search: bool = False,
+                         sign: str = "positive") -> torch.Tensor:
     """Round-to-nearest quantize then dequantize (float32 result)."""
-    scales = weight_scales(w, bits, group_size, clip_search=clip_search)
+    scales = weight_scales(w, bits, group_size, clip_search=clip_search, sign=sign)
     return dequantize_weight(quantize_weight(w, scales, bits, group_size), scales, group_size)

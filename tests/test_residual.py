@@ -1,0 +1,128 @@
+"""Sorting the residual stream's channels (fptq.residual, QuantConfig.residual_order): exact on every
+architecture with a residual table, ordered by the norms' outputs, refused where it cannot be exact."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fptq
+from fptq.errors import FptqError
+from fptq.models import get_adapter
+from fptq.residual import permute_residual, residual_channel_maxima, residual_order, residual_problem
+
+from .conftest import as_stored, sqnr_db, tiny_llama
+from .models.test_architectures import tiny
+
+CPU = torch.device("cpu")
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+MODELS = {
+    "llama": lambda: tiny_llama(),
+    "llama-tied": lambda: tiny_llama(tie_word_embeddings=True),
+    "qwen2-tied-biases": _qwen2,
+    "gemma": lambda: tiny("gemma"),
+    "gemma2": lambda: tiny("gemma2"),
+    "gemma3_text": lambda: tiny("gemma3_text"),
+}
+
+
+def _ids(n=3, s=20, seed=0):
+    return torch.randint(0, 300, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_permuting_the_residual_stream_keeps_the_model_function(arch):
+    model = MODELS[arch]()
+    adapter = get_adapter(model)
+    assert residual_problem(model, adapter) is None
+    x = _ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    emb = model.get_submodule(adapter.residual.embeddings).weight.detach().clone()
+    perm = torch.randperm(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    permute_residual(model, adapter, perm)
+    assert torch.equal(model.get_submodule(adapter.residual.embeddings).weight, emb[:, perm])
+    with torch.no_grad():
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(perm, torch.arange(len(perm)))
+
+
+def test_channel_maxima_are_the_norm_outputs_largest_values_and_the_order_sorts_them():
+    model = tiny_llama()  # planted: input_layernorm gains x8 on channels 0-2, post_attention x30 on 5-6
+    adapter = get_adapter(model)
+    calib = _ids(5, 16, seed=2)
+    got = residual_channel_maxima(model, adapter, calib, CPU, batch_size=2)
+    want = torch.zeros(model.config.hidden_size)
+
+    def hook(_m, _i, out):
+        want.copy_(torch.maximum(want, out.abs().reshape(-1, out.shape[-1]).amax(0)))
+
+    hs = [n.register_forward_hook(hook) for layer in model.model.layers
+          for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    with torch.no_grad():
+        model(calib)
+    for h in hs:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    perm = residual_order(got)
+    assert set(perm[:2].tolist()) == {5, 6}
+    assert bool((got[perm][:-1] >= got[perm][1:]).all())
+
+
+def test_quantize_with_residual_order_sorts_then_quantizes_and_round_trips(tmp_path):
+    model = tiny_llama()
+    x = _ids(2, 16, seed=3)
+    with torch.no_grad():
+        ref = model(x).logits
+    calib = _ids(8, 32, seed=4)
+    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 40.0), residual_order="max")
+    plan = fptq.quantize(model, cfg, calib, device="cpu", progress=False)
+    assert plan.config["residual_order"] == "max"
+    # the embedding's largest-norm-output channels come first now
+    maxima = residual_channel_maxima(tiny_llama(), get_adapter(model), calib, CPU)
+    assert torch.equal(model.model.embed_tokens.weight, tiny_llama().model.embed_tokens.weight[:, residual_order(maxima)])
+    with torch.no_grad():
+        out = model(x).logits
+    assert sqnr_db(ref, out) > 10
+    fptq.save(model, plan, tmp_path / "q")
+    loaded = fptq.load(tmp_path / "q", backend="reference")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, as_stored(model)(x).logits)  # the permuted tensors are what is saved
+
+
+def test_residual_order_refusals_and_skips(caplog):
+    calib = _ids(4, 16)
+    cfg = fptq.method_config("fptq", group_size=32, residual_order="max")
+    with pytest.raises(FptqError, match="layer-by-layer loading and resuming"):
+        fptq.quantize(tiny_llama(), cfg, calib, device="cpu", progress=False, load_layer=lambda i, layer: None)
+    # a parameter the table does not place: refused before anything changes
+    model = tiny_llama()
+    model.model.layers[0].extra = torch.nn.Linear(64, 4)
+    problem = residual_problem(model, get_adapter(model))
+    assert "model.layers.0.extra.weight" in problem
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(FptqError, match="residual_order='none'"):
+        permute_residual(model, get_adapter(model), torch.arange(64).flip(0))
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    with pytest.raises(FptqError, match="permutation"):
+        permute_residual(tiny_llama(), get_adapter(tiny_llama()), torch.zeros(64, dtype=torch.long))
+    # an architecture without a residual table (OPT) is quantized as it is, with a warning
+    opt = tiny("opt")
+    emb = opt.model.decoder.embed_tokens.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="fptq"):
+        fptq.quantize(opt, cfg, calib, device="cpu", progress=False)
+    assert "residual stream left in its order" in caplog.text
+    assert torch.equal(opt.model.decoder.embed_tokens.weight, emb)
+    with pytest.raises(ValueError, match="residual_order"):
+        fptq.method_config("fptq", residual_order="weight")
