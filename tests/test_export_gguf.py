@@ -96,7 +96,8 @@ def test_pack_q4_0_is_exact(k, group_size):
     g = torch.Generator().manual_seed(k)
     q = torch.randint(-8, 8, (6, k), dtype=torch.int8, generator=g)
     groups = 1 if group_size <= 0 else -(-k // group_size)
-    s = (torch.rand(6, groups, generator=g) * 0.05 + 1e-3).half()
+    s = torch.rand(6, groups, generator=g) * 0.05 + 1e-3
+    s = torch.where(torch.rand(6, groups, generator=g) < 0.5, -s, s).half()  # either sign (--weight-scale-sign signed)
     packed = pack_q4_0(q, s, group_size)
     assert packed.shape == (6, k // 32 * 18) and packed.dtype == torch.uint8
     deq = gguf.quants.dequantize(packed.numpy(), gguf.GGMLQuantizationType.Q4_0)

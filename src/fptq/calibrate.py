@@ -268,18 +268,16 @@ class InputStats:
         return self.channel_max_matrix().amax(dim=0)
 
     def sample(self, max_rows: int | None = None) -> torch.Tensor:
-        """The sampled rows as one float32 ``[rows, K]`` tensor; with ``max_rows``, at most that many,
-        evenly strided over all of them (every calibration batch contributes), gathered without
-        concatenating the rest (``sample()[::ceil(rows / max_rows)]``, in less memory)."""
+        """The sampled rows as one float32 ``[rows, K]`` tensor; with ``max_rows``, only the first that many
+        (``sample()[:max_rows]``, without concatenating the others: the power search's rows)."""
         if not self.samples:
             return torch.empty(0, self.in_features)
-        total = sum(len(x) for x in self.samples)
-        if max_rows is None or total <= max_rows:
-            return torch.cat(self.samples, dim=0).float()
-        stride, parts, off = -(-total // max_rows), [], 0
+        parts, n = [], 0
         for x in self.samples:
-            parts.append(x[(-off) % stride::stride])
-            off += len(x)
+            if max_rows is not None and n >= max_rows:
+                break
+            parts.append(x if max_rows is None else x[: max_rows - n])
+            n += len(parts[-1])
         return torch.cat(parts, dim=0).float()
 
 

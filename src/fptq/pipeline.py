@@ -108,8 +108,8 @@ _ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tens
 def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
                   strategy: Strategy) -> float:
     """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
-    group's quantized outputs on (at most ``SEARCH_ROWS``, strided over every batch) sampled calibration
-    inputs."""
+    group's quantized outputs on the first ``SEARCH_ROWS`` sampled calibration inputs (rows strided over
+    every batch instead measured no better: bench/results/qwen_plan_levers.md, smol_signed.md)."""
     x = st.sample(SEARCH_ROWS)
     if x.numel() == 0:
         return 1.0
