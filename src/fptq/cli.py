@@ -69,6 +69,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     advanced knobs (each overrides one setting of the ``--method`` preset) and the QAT flags."""
     from .methods import METHODS
     from .quant.static_scale import OBSERVERS
+    from .quant.weights import WEIGHT_SCALE_SIGNS
 
     main = p.add_argument_group("model, method and calibration")
     main.add_argument("model", nargs="?", default=None,
@@ -145,7 +146,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="what the clip search minimises: the weights' squared error (weight) or the error added "
                           "to the Linear's output on the calibration inputs (output: activation-aware; with GPTQ "
                           "from its Hessian)")
-    adv.add_argument("--weight-scale-sign", dest="weight_scale_sign", default=None, choices=("positive", "signed"),
+    adv.add_argument("--weight-scale-sign", dest="weight_scale_sign", default=None, choices=WEIGHT_SCALE_SIGNS,
                      help="signed: each weight group's scale is its signed extreme / -8 (llama.cpp's Q4_0 rule: "
                           "the extreme exact, a step of absmax / 8); positive: absmax / 7.5. Same checkpoint "
                           "format and kernels")

@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 from .quant.static_scale import OBSERVERS
+from .quant.weights import WEIGHT_SCALE_SIGNS
 
 CONFIG_VERSION = 1
 SCALE_ROUNDINGS = ("auto", "down", "nearest")
@@ -157,8 +158,8 @@ class QuantConfig:
             raise ValueError(f"equalization powers must be >= 0, got {self.equalization_powers}")
         if self.equalization_stat not in ("absmax", "range"):
             raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
-        if self.weight_scale_sign not in ("positive", "signed"):
-            raise ValueError(f"weight_scale_sign must be 'positive' or 'signed', not {self.weight_scale_sign!r}")
+        if self.weight_scale_sign not in WEIGHT_SCALE_SIGNS:
+            raise ValueError(f"weight_scale_sign must be one of {WEIGHT_SCALE_SIGNS}, not {self.weight_scale_sign!r}")
         if self.scale_rounding not in SCALE_ROUNDINGS:
             raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, not {self.scale_rounding!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):

@@ -45,7 +45,11 @@ __all__ = [
     "dequantize_weight",
     "fake_quantize_weight",
     "qrange",
+    "WEIGHT_SCALE_SIGNS",
 ]
+
+
+WEIGHT_SCALE_SIGNS = ("positive", "signed")  # weight_scales' ``sign``: absmax / 7.5, or signed extreme / -8
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -115,7 +119,8 @@ def hessian_group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _signed_fp16(x: torch.Tensor, to_fp16) -> torch.Tensor:
     """``x`` as float16, its magnitude rounded by ``to_fp16`` (:func:`fp16_floor` or to nearest) and kept
-    at least float16's smallest normal; the sign kept (zero counts as positive)."""
+    at least float16's smallest normal (every scale, of either sign rule); the sign kept (zero counts as
+    positive)."""
     tiny = torch.finfo(torch.float16).tiny
     mag = to_fp16(x.abs()).clamp_min(tiny)
     return torch.where(x < 0, -mag, mag)
@@ -166,12 +171,9 @@ def weight_scales(
         raise ValueError(f"sign must be one of {WEIGHT_SCALE_SIGNS}, not {sign!r}")
     to_fp16 = fp16_floor if rounding == "down" else (lambda x: x.to(torch.float16))
     w = w.float()
-    tiny = torch.finfo(torch.float16).tiny
     if not clip_search:
-        qmin, qmax = qrange(bits)
-        if sign == "signed":
-            return _signed_fp16(_group_extreme(w, group_size) / qmin, to_fp16)
-        return to_fp16(_group_absmax(w, group_size).clamp_min(1e-8) / (qmax + 0.5)).clamp_min(tiny)
+        top, levels = _scale_top(w, bits, group_size, sign)
+        return _signed_fp16(top / levels, to_fp16)
     # rows are independent: searched a block of rows at a time, so the search's temporaries stay small
     rows = max(1, CLIP_SEARCH_ELEMENTS // max(w.shape[1], 1))
     return torch.cat([_clip_searched_scales(w[i:i + rows], bits, group_size, grid, max_shrink, gram, to_fp16, sign)
@@ -179,34 +181,33 @@ def weight_scales(
         _clip_searched_scales(w, bits, group_size, grid, max_shrink, gram, to_fp16, sign)
 
 
-WEIGHT_SCALE_SIGNS = ("positive", "signed")
-
-
 CLIP_SEARCH_ELEMENTS = 1 << 22  # weights per block of rows in the clip search (16 MiB of float32)
+
+
+def _scale_top(w: torch.Tensor, bits: int, group_size: int, sign: str) -> tuple[torch.Tensor, float]:
+    """``[N, G]`` group values a scale divides, and the divisor: ``absmax`` over ``2**(b-1) - 0.5``, or with
+    ``sign="signed"`` the signed extreme over ``-2**(b-1)``."""
+    qmin, qmax = qrange(bits)
+    if sign == "signed":
+        return _group_extreme(w, group_size), float(qmin)
+    return _group_absmax(w, group_size), qmax + 0.5
 
 
 def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int, max_shrink: float,
                           gram: torch.Tensor | None, to_fp16, sign: str = "positive") -> torch.Tensor:
     """:func:`weight_scales` with ``clip_search`` for the rows ``w``."""
     qmin, qmax = qrange(bits)
-    if sign == "signed":  # the signed extreme over qmin: candidates keep its sign
-        absmax, levels = _group_extreme(w, group_size), float(qmin)
-        to_fp16 = (lambda x, f=to_fp16: _signed_fp16(x, f))
-    else:
-        absmax, levels = _group_absmax(w, group_size).clamp_min(1e-8), qmax + 0.5
-    tiny = torch.finfo(torch.float16).tiny
+    top, levels = _scale_top(w, bits, group_size, sign)  # candidates keep the sign of a signed extreme
     wg = _grouped(w, group_size)  # [N, G, gs]
     if gram is not None:
         gram = gram.float().to(w.device)
         if gram.shape != (wg.shape[1], wg.shape[2], wg.shape[2]):
             raise ValueError(f"gram must be [{wg.shape[1]}, {wg.shape[2]}, {wg.shape[2]}] for these groups, "
                              f"got {tuple(gram.shape)}")
-    best = torch.full_like(absmax, float("inf"))
-    best_scale = to_fp16(absmax / levels).float()
+    best = torch.full_like(top, float("inf"))
+    best_scale = _signed_fp16(top / levels, to_fp16).float()
     for i in range(grid + 1):
-        cand = to_fp16(absmax * (1 - max_shrink * i / grid) / levels).float()
-        if sign != "signed":
-            cand = cand.clamp_min(tiny)
+        cand = _signed_fp16(top * (1 - max_shrink * i / grid) / levels, to_fp16).float()
         c = cand.unsqueeze(-1)
         d = torch.clamp(torch.round(wg / c), qmin, qmax).mul_(c).sub_(wg)  # [N, G, gs]
         if gram is None:
@@ -216,8 +217,7 @@ def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, cand, best_scale)
-    best_scale = best_scale.to(torch.float16)  # exact: every candidate is a float16 value
-    return best_scale if sign == "signed" else best_scale.clamp_min(tiny)
+    return best_scale.to(torch.float16)  # exact: every candidate is a float16 value
 
 
 def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
