@@ -133,8 +133,9 @@ def test_gptq_flags_and_method_defaults():
     assert cfg("--equalization-powers", "1").equalization_powers == (1.0,)
     assert cfg("--channel-order", "none").channel_order == "none"
     assert paper.equalization_powers == () and paper.channel_order == "none"
-    assert d.weight_scale_sign == "positive" and cfg("--weight-scale-sign", "signed").weight_scale_sign == "signed"
-    assert d.residual_order == "none"  # the Python API's option; the command line cannot carry it yet
+    assert d.weight_scale_sign == "signed" and cfg("--weight-scale-sign", "positive").weight_scale_sign == "positive"
+    assert d.residual_order == "max" and cfg("--residual-order", "none").residual_order == "none"
+    assert paper.residual_order == "none" and paper.weight_scale_sign == "positive"
     for bad in ("0,x", "-1"):
         with pytest.raises(SystemExit) as e:
             cfg("--equalization-powers", bad)

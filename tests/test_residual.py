@@ -10,7 +10,14 @@ import torch
 import fptq
 from fptq.errors import FptqError
 from fptq.models import get_adapter
-from fptq.residual import permute_residual, residual_channel_maxima, residual_order, residual_problem
+from fptq.calibrate import capture_layer0_inputs
+from fptq.residual import (
+    permute_residual,
+    residual_channel_maxima,
+    residual_inputs,
+    residual_order,
+    residual_problem,
+)
 
 from .conftest import as_stored, sqnr_db, tiny_llama
 from .models.test_architectures import tiny
@@ -62,7 +69,7 @@ def test_channel_maxima_are_the_norm_outputs_largest_values_and_the_order_sorts_
     model = tiny_llama()  # planted: input_layernorm gains x8 on channels 0-2, post_attention x30 on 5-6
     adapter = get_adapter(model)
     calib = _ids(5, 16, seed=2)
-    got = residual_channel_maxima(model, adapter, calib, CPU, batch_size=2)
+    got = residual_channel_maxima(model, adapter, capture_layer0_inputs(model, adapter, calib, 2, CPU), CPU)
     want = torch.zeros(model.config.hidden_size)
 
     def hook(_m, _i, out):
@@ -90,7 +97,9 @@ def test_quantize_with_residual_order_sorts_then_quantizes_and_round_trips(tmp_p
     plan = fptq.quantize(model, cfg, calib, device="cpu", progress=False)
     assert plan.config["residual_order"] == "max"
     # the embedding's largest-norm-output channels come first now
-    maxima = residual_channel_maxima(tiny_llama(), get_adapter(model), calib, CPU)
+    fresh = tiny_llama()
+    inputs = residual_inputs(capture_layer0_inputs(fresh, get_adapter(fresh), calib, 8, CPU))
+    maxima = residual_channel_maxima(fresh, get_adapter(fresh), inputs, CPU)
     assert torch.equal(model.model.embed_tokens.weight, tiny_llama().model.embed_tokens.weight[:, residual_order(maxima)])
     with torch.no_grad():
         out = model(x).logits
@@ -104,8 +113,8 @@ def test_quantize_with_residual_order_sorts_then_quantizes_and_round_trips(tmp_p
 def test_residual_order_refusals_and_skips(caplog):
     calib = _ids(4, 16)
     cfg = fptq.method_config("fptq", group_size=32, residual_order="max")
-    with pytest.raises(FptqError, match="layer-by-layer loading and resuming"):
-        fptq.quantize(tiny_llama(), cfg, calib, device="cpu", progress=False, load_layer=lambda i, layer: None)
+    with pytest.raises(FptqError, match="needs the order it measured"):
+        fptq.quantize(tiny_llama(), cfg, calib, device="cpu", progress=False, start_layer=1)
     # a parameter the table does not place: refused before anything changes
     model = tiny_llama()
     model.model.layers[0].extra = torch.nn.Linear(64, 4)
@@ -126,3 +135,89 @@ def test_residual_order_refusals_and_skips(caplog):
     assert torch.equal(opt.model.decoder.embed_tokens.weight, emb)
     with pytest.raises(ValueError, match="residual_order"):
         fptq.method_config("fptq", residual_order="weight")
+
+
+def test_order_is_measured_on_strided_whole_batches_of_the_captured_inputs():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    inputs = capture_layer0_inputs(model, adapter, _ids(40, 8, seed=5), 4, CPU)  # 10 batches of 4 windows
+    sub = residual_inputs(inputs, windows=12)
+    assert [id(h) for h in sub.hidden] == [id(inputs.hidden[b]) for b in (0, 3, 6)]
+    assert sub.kwargs == [inputs.kwargs[b] for b in (0, 3, 6)]
+    assert len(residual_inputs(inputs, windows=1000).hidden) == 10
+    before = list(inputs.hidden)
+    residual_channel_maxima(model, adapter, sub, CPU)
+    assert all(a is b for a, b in zip(inputs.hidden, before))  # the captured inputs are left as they were
+
+
+def _saved(tmp_path, **kw):
+    from .conftest import make_tokenizer
+
+    d = tmp_path / "m"
+    tiny_llama(num_hidden_layers=3, **kw).save_pretrained(d, max_shard_size="60KB")
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+SETTINGS = dict(nsamples=4, seqlen=32, device="cpu", progress=False)
+CFG = dict(group_size=32, thresholds=(2.0, 20.0), residual_order="max")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_by_layer_run_sorts_the_residual_stream_like_the_in_memory_api(calib_file, tmp_path, tied):
+    """`fptq quantize --residual-order max` (one layer in memory at a time, the tensors outside the layers copied
+    from the source files and permuted as they are written) gives the model the in-memory API gives."""
+    from fptq.workflow import quantize_to_dir
+
+    d = _saved(tmp_path, tie_word_embeddings=tied)
+    out = tmp_path / "q"
+    _, report = quantize_to_dir(str(d), out, fptq.method_config("fptq", **CFG), calib=str(calib_file), **SETTINGS)
+    assert report["layer_by_layer_loading"] is True
+    model, tok, _ = fptq.load_float_model(str(d))
+    src_emb = model.model.embed_tokens.weight.detach().clone()
+    windows = fptq.calibration_windows(tok, fptq.read_text(str(calib_file)), 4, 32, 0)
+    plan = fptq.quantize(model, fptq.method_config("fptq", **CFG), windows, device="cpu", progress=False)
+    loaded = fptq.load(out, backend="reference")
+    assert not torch.equal(loaded.model.embed_tokens.weight, src_emb.to(loaded.model.embed_tokens.weight.dtype))
+    ids = _ids(2, 16, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, as_stored(model)(ids).logits)
+    assert loaded.fptq_plan.to_dict()["layers"] == plan.to_dict()["layers"]
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_resumed_run_keeps_the_residual_order_and_is_byte_identical(calib_file, tmp_path, k):
+    from fptq.io import weight_files
+    from fptq.resume import QuantizeInterrupted, partial_dir
+    from fptq.workflow import quantize_to_dir
+
+    d = _saved(tmp_path)
+    cfg = fptq.method_config("fptq", **CFG)
+    ref, out = tmp_path / "ref", tmp_path / "q"
+    quantize_to_dir(str(d), ref, cfg, calib=str(calib_file), **SETTINGS)
+
+    def stop(res):
+        if res.index == k:
+            raise KeyboardInterrupt
+
+    with pytest.raises(QuantizeInterrupted):
+        quantize_to_dir(str(d), out, cfg, calib=str(calib_file), on_layer_done=stop, **SETTINGS)
+    assert (partial_dir(out) / "residual-order.safetensors").is_file()
+    quantize_to_dir(str(d), out, cfg, calib=str(calib_file), resume=True, **SETTINGS)
+    assert {f: (out / f).read_bytes() for f in weight_files(out)} == {f: (ref / f).read_bytes() for f in weight_files(ref)}
+
+
+def test_permuted_entry_writes_the_selected_order():
+    import io
+
+    from fptq.st import permuted_entry, tensor_entry
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    perm = torch.tensor([2, 0, 3, 1])
+    e = permuted_entry(tensor_entry("w", t), 1, perm)
+    assert torch.equal(e.read(), t[:, perm]) and e.nbytes == t.numel() * 4
+    buf = io.BytesIO()
+    e.write(buf)
+    assert torch.equal(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.float32).reshape(3, 4), t[:, perm])
+    with pytest.raises(FptqError, match="cannot permute dimension 0"):
+        permuted_entry(tensor_entry("w", t), 0, perm)

@@ -162,6 +162,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="weight: sort the channels between up/gate_proj and down_proj by the size of "
                           "down_proj's (equalized) weight columns, so that each weight group holds channels of "
                           "like size (exact, free at run time; default for fptq); none: as the model has them")
+    adv.add_argument("--residual-order", dest="residual_order", default=None, choices=("none", "max"),
+                     help="max: sort the residual stream's channels by their largest |x| at the norms' outputs "
+                          "(a float pass over 16 calibration windows first), so that LAE's outlier columns "
+                          "share few weight groups (exact, free at run time; LLaMA, Mistral, Qwen2/3, Gemma 1-3); "
+                          "none: as the model has them")
     adv.add_argument("--equalize-into", dest="equalize_into", default=None, choices=("all", "norms"),
                      help="producers that take equalization scales: all (norms and Linears; default for fptq) or "
                           "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
@@ -190,7 +195,7 @@ def config_from_args(args) -> "QuantConfig":
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
-        "channel_order", "weight_scale_sign")}
+        "channel_order", "weight_scale_sign", "residual_order")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

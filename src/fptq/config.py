@@ -76,8 +76,8 @@ class QuantConfig:
     # weight group holds channels of like size (quant/reorder.py); exact, and free at run time
     channel_order: str = "none"
     # order of the residual stream's channels: "none", or "max": sorted by their largest |x| at the norms'
-    # outputs on a float pass, so that LAE's outlier columns share few weight groups (residual.py); exact,
-    # free at run time. Needs the whole model in memory (fptq.quantize); not yet the command line's path
+    # outputs on a float pass over a few calibration windows, so that LAE's outlier columns share few weight
+    # groups (residual.py); exact, and free at run time
     residual_order: str = "none"
     weight_clip_search: bool = False
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared

@@ -45,6 +45,14 @@ from .quant import (
 from .quant.reorder import permute_square
 from .quant.search import best_equalization_power
 from .quant.weights import dequantize_weight, group_gram
+from .residual import (
+    permute_residual_layer,
+    permute_residual_outside,
+    residual_channel_maxima,
+    residual_inputs,
+    residual_order,
+    residual_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,7 @@ class LayerResult:
     layer: nn.Module | None = None
     inputs: LayerInputs | None = None
     phases: dict[str, float] | None = None  # seconds: load, statistics, weights, propagate
+    residual_perm: torch.Tensor | None = None  # the residual stream's order (config.residual_order), or None
 
 
 def layer_generator(seed: int, index: int) -> torch.Generator:
@@ -121,22 +130,27 @@ def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: I
     return power
 
 
-def _sort_residual(model: nn.Module, adapter, config: QuantConfig, calibration: torch.Tensor, device: torch.device,
-                   batch_size: int, load_layer, start_layer: int) -> None:
-    """``config.residual_order``: permute the residual stream's channels of the float model before any layer is
-    quantized (:mod:`fptq.residual`); a table without a residual spec leaves the model as it is."""
-    from .residual import permute_residual, residual_channel_maxima, residual_order, residual_problem
-
-    if load_layer is not None or start_layer:
-        raise FptqError(f"residual_order={config.residual_order!r} needs the whole float model in memory from "
-                        "the first layer (fptq.quantize on a loaded model); layer-by-layer loading and resuming "
-                        "do not support it yet: use residual_order='none'")
+def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device,
+                   perm: torch.Tensor | None, load_layer, release_layer, start_layer: int) -> torch.Tensor | None:
+    """``config.residual_order``: the order of the residual stream's channels (``perm``, that of a run being
+    resumed, or measured on a float pass over a few of the captured ``inputs``: :mod:`fptq.residual`),
+    applied to the tensors outside the decoder layers and to the captured layer-0 ``inputs``; each decoder
+    layer is permuted when it is processed. ``None`` (the model left as it is, with a warning) when the
+    architecture has no residual table."""
     problem = residual_problem(model, adapter)
     if problem:
         log.warning("residual stream left in its order: %s", problem)
-        return
-    maxima = residual_channel_maxima(model, adapter, calibration, device, batch_size)
-    permute_residual(model, adapter, residual_order(maxima))
+        return None
+    if perm is None:
+        if start_layer:
+            raise FptqError("resuming a run with residual_order needs the order it measured (residual_perm): the "
+                            "first layers were quantized in it")
+        perm = residual_order(residual_channel_maxima(model, adapter, residual_inputs(inputs), device,
+                                                      load_layer=load_layer, release_layer=release_layer))
+    perm = perm.cpu()
+    permute_residual_outside(model, adapter, perm)
+    inputs.hidden = [h.index_select(-1, perm.to(h.device)) for h in inputs.hidden]
+    return perm
 
 
 def quantize_layer(
@@ -405,6 +419,8 @@ def quantize(
     start_layer: int = 0,
     resume_hidden: list[torch.Tensor] | None = None,
     load_layer: Callable[[int, nn.Module], None] | None = None,
+    release_layer: Callable[[int, nn.Module], None] | None = None,
+    residual_perm: torch.Tensor | None = None,
 ) -> Plan:
     """Quantize ``model`` in place with ``config``; return the :class:`Plan`.
 
@@ -421,6 +437,12 @@ def quantize(
     cached inputs of layer ``start_layer``, one tensor per batch.
     ``load_layer(i, layer)`` is called right before layer ``i`` is processed
     (to load its weights from disk); ``on_layer_done`` right after.
+
+    ``config.residual_order`` measures the order on a float pass over the
+    layers first (loading each with ``load_layer`` and dropping it with
+    ``release_layer(i, layer)`` when given); a resumed run passes the order
+    it was quantized in as ``residual_perm`` (every :class:`LayerResult`
+    carries it). Layers before ``start_layer`` are not touched.
     """
     adapter = get_adapter(model)
     if adapter.generic:
@@ -452,13 +474,14 @@ def quantize(
 
     was_training = model.training
     model.eval()
-    if config.residual_order != "none" and config.needs_calibration:
-        _sort_residual(model, adapter, config, calibration, device, batch_size, load_layer, start_layer)
     store = offload_device(offload, device)
     data_free = not config.needs_calibration
     # data-free (weight-only round-to-nearest): no activations are captured or propagated
     inputs = (LayerInputs(hidden=[], kwargs=[]) if data_free
               else capture_layer0_inputs(model, adapter, calibration, batch_size, device, store))
+    perm = None
+    if config.residual_order != "none" and not data_free:
+        perm = _sort_residual(model, adapter, inputs, device, residual_perm, load_layer, release_layer, start_layer)
     if resume_hidden is not None:
         _replace_hidden(inputs, resume_hidden)
     bar = None
@@ -473,6 +496,8 @@ def quantize(
             t0 = time.perf_counter()
             if load_layer is not None:
                 load_layer(i, layer)
+            if perm is not None:
+                permute_residual_layer(layer, adapter, perm)
             layer_device = next(layer.parameters()).device
             layer.to(device)
             phases = {"load": time.perf_counter() - t0}
@@ -483,7 +508,7 @@ def quantize(
                                       phases))
             layer.to(layer_device)
             plan.layers.update(entries)
-            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs, phases)
+            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs, phases, perm)
             if on_layer_done is not None:
                 on_layer_done(res)
             if bar is not None:

@@ -15,16 +15,19 @@ largest ``max|x|`` at the output of any norm that feeds Linears.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from .calibrate import capture_layer0_inputs, run_layer
+from .calibrate import LayerInputs, run_layer
 from .errors import FptqError
 from .models import Adapter
 from .quant.reorder import permute_linear_inputs, permute_linear_outputs
 
-__all__ = ["RESIDUAL_ORDER_WINDOWS", "residual_channel_maxima", "residual_order", "residual_problem",
-           "permute_residual"]
+__all__ = ["RESIDUAL_ORDER_WINDOWS", "residual_inputs", "residual_channel_maxima", "residual_order",
+           "residual_problem", "residual_axes", "permute_residual", "permute_residual_outside",
+           "permute_residual_layer"]
 
 RESIDUAL_ORDER_WINDOWS = 16  # calibration windows the order is measured on (evenly strided)
 
@@ -58,13 +61,28 @@ def residual_problem(model: nn.Module, adapter: Adapter) -> str | None:
     return None
 
 
+def residual_inputs(inputs: LayerInputs, windows: int = RESIDUAL_ORDER_WINDOWS) -> LayerInputs:
+    """Whole batches of the captured layer-0 ``inputs``, evenly strided, holding about ``windows`` calibration
+    windows: what the order is measured on. Shares the tensors; running it with ``replace`` leaves ``inputs``
+    as it is."""
+    n = len(inputs.hidden)
+    rows = max(1, int(inputs.hidden[0].shape[0])) if n else 1
+    need = min(n, -(-windows // rows))
+    pick = list(range(0, n, max(1, n // max(need, 1))))[:need]
+    layer_kwargs = None if inputs.layer_kwargs is None else [[kw[b] for b in pick] for kw in inputs.layer_kwargs]
+    return LayerInputs(hidden=[inputs.hidden[b] for b in pick], kwargs=[inputs.kwargs[b] for b in pick],
+                       layer_kwargs=layer_kwargs, layer_index=inputs.layer_index)
+
+
 @torch.no_grad()
-def residual_channel_maxima(model: nn.Module, adapter: Adapter, calibration: torch.Tensor, device: torch.device,
-                            batch_size: int = 8, windows: int = RESIDUAL_ORDER_WINDOWS) -> torch.Tensor:
+def residual_channel_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device, *,
+                            load_layer: Callable[[int, nn.Module], None] | None = None,
+                            release_layer: Callable[[int, nn.Module], None] | None = None) -> torch.Tensor:
     """``[hidden]``: per channel, the largest ``|x|`` at the output of every norm that feeds Linears
-    (the producers of the ``norm`` fold groups), over ``windows`` calibration windows, evenly strided,
-    run through the float layers one at a time on ``device``."""
-    ids = calibration[:: max(1, -(-len(calibration) // windows))]
+    (the producers of the ``norm`` fold groups), running ``inputs`` (layer 0's, see :func:`residual_inputs`;
+    replaced as they go) through the float layers one at a time on ``device``. A model loaded layer by
+    layer passes ``load_layer(i, layer)`` (materialise layer ``i``) and ``release_layer(i, layer)`` (drop it
+    again); otherwise each layer goes back where it was."""
     best = torch.zeros(_hidden(model))
     norms = [g.producer for g in adapter.groups if g.kind == "norm"]
 
@@ -72,8 +90,9 @@ def residual_channel_maxima(model: nn.Module, adapter: Adapter, calibration: tor
         out = out[0] if isinstance(out, tuple) else out
         best.copy_(torch.maximum(best, out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float().cpu()))
 
-    inputs = capture_layer0_inputs(model, adapter, ids, batch_size, device)
     for i, layer in enumerate(adapter.layers(model)):
+        if load_layer is not None:
+            load_layer(i, layer)
         home = next(layer.parameters()).device
         layer.to(device)
         handles = [layer.get_submodule(n).register_forward_hook(hook) for n in norms]
@@ -84,6 +103,8 @@ def residual_channel_maxima(model: nn.Module, adapter: Adapter, calibration: tor
             for h in handles:
                 h.remove()
             layer.to(home)
+            if release_layer is not None:
+                release_layer(i, layer)
     return best
 
 
@@ -92,34 +113,63 @@ def residual_order(maxima: torch.Tensor) -> torch.Tensor:
     return torch.argsort(maxima, descending=True, stable=True)
 
 
-@torch.no_grad()
-def permute_residual(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> None:
-    """Permute the residual stream's channels of ``model`` in place by ``perm`` (channel ``j`` becomes
-    old channel ``perm[j]``): the model computes the same function. Refuses a model with a parameter the
-    table does not place (:func:`residual_problem`) before changing anything."""
+def _check_perm(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> None:
     problem = residual_problem(model, adapter)
     if problem:
         raise FptqError(f"cannot sort the residual stream's channels: {problem}; use residual_order='none'")
-    spec = adapter.residual
     h = _hidden(model)
     if tuple(perm.shape) != (h,) or not torch.equal(torch.sort(perm.cpu()).values, torch.arange(h)):
         raise FptqError(f"a residual permutation must be a permutation of the {h} hidden channels")
 
-    def norm(m: nn.Module) -> None:
-        for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-            if isinstance(p, torch.Tensor):
-                p.copy_(p.index_select(0, perm.to(p.device)))
 
+def _take(p: torch.Tensor | None, dim: int, perm: torch.Tensor) -> None:
+    if isinstance(p, torch.Tensor) and not p.is_meta:  # a tensor still on disk is permuted when it is written
+        p.copy_(p.index_select(dim, perm.to(p.device)))
+
+
+def residual_axes(adapter: Adapter) -> dict[str, int]:
+    """The tensors outside the decoder layers that index the residual stream, by full name, and the dimension
+    that does: what a writer copying them from the source files must permute (:func:`fptq.st.permuted_entry`)."""
+    spec = adapter.residual
+    return {f"{spec.embeddings}.weight": 1, f"{spec.head}.weight": 1,
+            f"{spec.final_norm}.weight": 0, f"{spec.final_norm}.bias": 0}
+
+
+@torch.no_grad()
+def permute_residual_outside(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> None:
+    """Permute the tensors of ``model`` outside its decoder layers (:func:`residual_axes`) by ``perm``; those
+    still on the meta device (not loaded) are left to the writer. Refuses what :func:`permute_residual` refuses."""
+    _check_perm(model, adapter, perm)
+    spec = adapter.residual
     emb = model.get_submodule(spec.embeddings).weight
     head = model.get_submodule(spec.head).weight
-    emb.copy_(emb.index_select(1, perm.to(emb.device)))
-    if head.data_ptr() != emb.data_ptr():  # tied: the same tensor, already permuted
-        head.copy_(head.index_select(1, perm.to(head.device)))
-    norm(model.get_submodule(spec.final_norm))
+    _take(emb, 1, perm)
+    if head is not emb and (head.is_meta or head.data_ptr() != emb.data_ptr()):  # tied: already permuted
+        _take(head, 1, perm)
+    final = model.get_submodule(spec.final_norm)
+    for p in (getattr(final, "weight", None), getattr(final, "bias", None)):
+        _take(p, 0, perm)
+
+
+@torch.no_grad()
+def permute_residual_layer(layer: nn.Module, adapter: Adapter, perm: torch.Tensor) -> None:
+    """Permute one decoder layer's side of the residual stream by ``perm``: its norms, the input columns of
+    the Linears that read the stream, the output rows of those that write it."""
+    spec = adapter.residual
+    for name in spec.norms:
+        m = layer.get_submodule(name)
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+            _take(p, 0, perm)
+    for name in spec.readers:
+        permute_linear_inputs(layer.get_submodule(name), perm)
+    for name in spec.writers:
+        permute_linear_outputs(layer.get_submodule(name), perm)
+
+
+def permute_residual(model: nn.Module, adapter: Adapter, perm: torch.Tensor) -> None:
+    """Permute the residual stream's channels of ``model`` in place by ``perm`` (channel ``j`` becomes
+    old channel ``perm[j]``): the model computes the same function. Refuses a model with a parameter the
+    table does not place (:func:`residual_problem`) before changing anything."""
+    permute_residual_outside(model, adapter, perm)
     for layer in adapter.layers(model):
-        for name in spec.norms:
-            norm(layer.get_submodule(name))
-        for name in spec.readers:
-            permute_linear_inputs(layer.get_submodule(name), perm)
-        for name in spec.writers:
-            permute_linear_outputs(layer.get_submodule(name), perm)
+        permute_residual_layer(layer, adapter, perm)

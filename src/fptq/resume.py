@@ -8,6 +8,7 @@
     layer-00000.json           its plan entries, sizes and time
     ...
     acts-0000K.safetensors     the activations entering layer K+1 (one tensor per batch)
+    residual-order.safetensors the residual stream's order the layers were quantized in (residual_order)
 
 Every file is written under a temporary name and renamed; ``manifest.json``
 is written last, so ``layers_done`` always names layers whose files are
@@ -31,6 +32,7 @@ from .st import read_tensors, tensor_entry, write_safetensors
 __all__ = ["PartialRun", "QuantizeInterrupted", "partial_dir", "settings_diff"]
 
 MANIFEST = "manifest.json"
+RESIDUAL_ORDER = "residual-order.safetensors"
 FORMAT = 1
 
 
@@ -138,11 +140,15 @@ class PartialRun:
         return self.path / f"acts-{i:05d}.safetensors"
 
     def save_layer(self, index: int, prefix: str, layer: torch.nn.Module, entries: dict[str, LayerPlan],
-                   hidden: list[torch.Tensor], extra: dict[str, Any]) -> None:
-        """Save decoder layer ``index`` (state, plan entries, ``extra``) and the activations after it."""
+                   hidden: list[torch.Tensor], extra: dict[str, Any], residual_perm: torch.Tensor | None = None
+                   ) -> None:
+        """Save decoder layer ``index`` (state, plan entries, ``extra``) and the activations after it; with the
+        first layer, the residual stream's order ``residual_perm`` (:meth:`residual_perm`)."""
         if index != self.layers_done:
             raise FptqError(f"internal error: saving layer {index} but {self.layers_done} layers are done")
         try:
+            if index == 0 and residual_perm is not None:
+                write_safetensors(self.path / RESIDUAL_ORDER, [tensor_entry("residual_perm", residual_perm.cpu())])
             sd = layer.state_dict()
             write_safetensors(self._layer_file(index), [tensor_entry(f"{prefix}{k}", v) for k, v in sd.items()],
                               {"format": "pt", "producer": "fptq"})
@@ -163,6 +169,13 @@ class PartialRun:
             raise FptqError(f"the unfinished run in {self.path} lacks {f.name}; pass --force to start over")
         tensors = dict(read_tensors(f))
         return [tensors[f"hidden.{b}"] for b in range(len(tensors))]
+
+    def residual_perm(self) -> torch.Tensor | None:
+        """The residual stream's order the saved layers were quantized in; ``None`` when they were not sorted."""
+        f = self.path / RESIDUAL_ORDER
+        if not f.is_file():
+            return None
+        return dict(read_tensors(f))["residual_perm"]
 
     def layer_info(self, i: int) -> dict[str, Any]:
         try:

@@ -23,7 +23,7 @@ import torch
 from .errors import FptqError
 
 __all__ = ["TensorEntry", "read_header", "read_tensors", "read_chunks", "write_safetensors", "tensor_entry",
-           "file_entries", "cast_entry", "dtype_name", "torch_dtype", "WeightIndex", "CHUNK_BYTES"]
+           "file_entries", "cast_entry", "permuted_entry", "dtype_name", "torch_dtype", "WeightIndex", "CHUNK_BYTES"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -104,6 +104,22 @@ def cast_entry(entry: TensorEntry, dtype: torch.dtype) -> TensorEntry:
 
     return TensorEntry(entry.name, name, entry.shape, numel * torch.empty((), dtype=dtype).element_size(),
                        write, read)
+
+
+def permuted_entry(entry: TensorEntry, dim: int, index: torch.Tensor) -> TensorEntry:
+    """``entry`` with its tensor's dimension ``dim`` taken in the order ``index`` (``index_select``) when
+    the file is written: the whole tensor is read then, one at a time."""
+    if entry.read is None:
+        raise FptqError(f"internal error: {entry.name} cannot be permuted (its entry has no reader)")
+    if not 0 <= dim < len(entry.shape) or entry.shape[dim] != len(index):
+        raise FptqError(f"cannot permute dimension {dim} of {entry.name} {list(entry.shape)} by {len(index)} indices")
+    src = entry.read
+
+    def read() -> torch.Tensor:
+        return src().index_select(dim, index)
+
+    return TensorEntry(entry.name, entry.dtype, entry.shape, entry.nbytes, lambda f: f.write(_tensor_bytes(read())),
+                       read)
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:

@@ -35,7 +35,8 @@ from .nn import QuantLinear
 from .pipeline import LayerResult, quantize
 from .plan import Plan
 from .resume import PartialRun, QuantizeInterrupted, partial_dir
-from .st import TensorEntry, file_entries, tensor_entry, torch_dtype
+from .residual import permute_residual_outside, residual_axes
+from .st import TensorEntry, file_entries, permuted_entry, tensor_entry, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,13 @@ def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module
     return load
 
 
+def _layer_releaser(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module], None] | None:
+    """Drop a decoder layer loaded for a float pass (``residual_order``) until it is processed."""
+    if weights is None:
+        return None
+    return lambda i, layer: LazyWeights.release_layer(layer)
+
+
 def _phase_totals(layer_infos: list[dict]) -> dict[str, float]:
     """Seconds spent in each phase of the layers (load, statistics, weights, propagate), summed over layers."""
     out: dict[str, float] = {}
@@ -215,7 +223,8 @@ def quantize_to_dir(
 
     def checkpoint(res: LayerResult) -> None:
         extra = {"seconds": res.seconds, "phases": res.phases, "sizes": model_sizes(res.layer, bpp, keep_dtype)}
-        run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra)
+        run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra,
+                       res.residual_perm)
         LazyWeights.release_layer(res.layer)  # it is on disk now
         trim_heap()  # hand the freed layer back to the OS: resident memory stays flat from layer to layer
         event(f"layer {res.index}")
@@ -223,6 +232,7 @@ def quantize_to_dir(
             on_layer_done(res)
 
     t0 = time.perf_counter()
+    residual_perm = None
     if run is None:  # float weights: nothing to calibrate layer by layer
         plan = quantize(fmodel, config, windows, device=device, batch_size=batch_size, offload=offload, seed=seed,
                         progress=progress)
@@ -230,12 +240,16 @@ def quantize_to_dir(
                        for i, layer in enumerate(adapter.layers(fmodel))]
         layer_infos = [{} for _ in range(n_layers)]
     else:
+        saved_perm = run.residual_perm() if run.layers_done else None
         try:
             if run.layers_done < n_layers:
                 quantize(fmodel, config, windows, device=device, batch_size=batch_size, offload=offload, seed=seed,
                          progress=progress, on_layer_done=checkpoint, start_layer=run.layers_done,
                          resume_hidden=run.load_hidden() if run.layers_done else None,
-                         load_layer=_layer_loader(weights))
+                         load_layer=_layer_loader(weights), release_layer=_layer_releaser(weights),
+                         residual_perm=saved_perm)
+            elif weights is None and saved_perm is not None:  # nothing left to quantize; the model in memory is
+                permute_residual_outside(fmodel, adapter, saved_perm)  # what the rest is written from
         except KeyboardInterrupt as e:
             raise QuantizeInterrupted(str(out), str(partial), run.layers_done, n_layers) from e
         layer_infos = [run.layer_info(i) for i in range(n_layers)]
@@ -243,10 +257,17 @@ def quantize_to_dir(
         for info in layer_infos:
             plan.layers.update(info["entries"])
         layer_units = [file_entries(f) for f in run.layer_files()]
+        residual_perm = run.residual_perm()
     t_quant = time.perf_counter() - t0
     event("quantized")
 
-    rest = weights.rest_entries() if weights is not None else rest_entries(fmodel, layers_prefix)
+    if weights is None:  # in memory: the residual stream's tensors there are permuted already
+        rest = rest_entries(fmodel, layers_prefix)
+    else:
+        rest = weights.rest_entries()
+        if residual_perm is not None:  # copied from the source files: permuted as they are written
+            axes = residual_axes(adapter)
+            rest = [permuted_entry(e, axes[e.name], residual_perm) if e.name in axes else e for e in rest]
     store_dtype = unquantized_dtype(float_dtype, keep_dtype)
     quantized = quantized_linears(plan)
     exact = exact_tensor_names(quantized)
