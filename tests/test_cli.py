@@ -110,7 +110,7 @@ def test_gptq_flags_and_method_defaults():
         return config_from_args(build_parser().parse_args(["quantize", "-o", "x", *argv]))
 
     d = cfg()
-    assert d.gptq and d.gptq_hessian_rows == 8192 and d.static_observer == "max"
+    assert d.gptq and d.gptq_hessian_rows == 0 and d.static_observer == "max"
     assert d.weight_clip_search and d.weight_clip_objective == "weight" and not cfg("--no-weight-clip").weight_clip_search
     assert not cfg("--no-gptq").gptq
     assert d.gptq_act_order and not cfg("--no-gptq-act-order").gptq_act_order

@@ -124,7 +124,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                           "(default for the other methods but gptq-w4a16)")
     adv.add_argument("--gptq-hessian-rows", dest="gptq_hessian_rows", type=int, default=None,
                      help="calibration rows per layer the GPTQ Hessians come from, drawn from every window "
-                          "(default 8192 for fptq; 0 = every token)")
+                          "(default 0: every token; e.g. 8192: faster, 1.4x on Qwen2.5, less accurate)")
     adv.add_argument("--gptq-hessian-dtype", dest="gptq_hessian_dtype", choices=("float32", "float64"), default=None,
                      help="GPTQ Hessian accumulation: float32 running average (default) or float64 sum")
     adv.add_argument("--gptq-damp", type=float, default=None,
