@@ -323,6 +323,13 @@ def _markdown(args, src, calib, windows, threads, fptq_rows, llmc_rows, pairs) -
         md.append(f"| {p['label']} | fptq `{p['fptq_method']}`{note} | {p['fptq_s']:.1f} | {_cells(p['fptq'])} |")
         md.append(f"| | llm-compressor `{p['llmc_recipe']}` | {p['llmc_s']:.1f} | {_cells(p['llmc'])} |")
     paired = {p["llmc_recipe"] for p in pairs}
+    paired_fptq = {p["fptq_method"] for p in pairs}
+    for name, row in fptq_rows.items():  # fptq methods run without their llm-compressor recipe in this invocation
+        if name != "float" and name not in paired_fptq:
+            c = row.get("counts") or {}
+            static = c.get("static_tensor", 0) + c.get("lae_static_tensor", 0)
+            md.append(f"| (llm-compressor row not run here) | fptq `{name}` ({static}/{sum(c.values()) or 1} Linears "
+                      f"static) | {row['quantize_s']:.1f} | {_cells(row['metrics'])} |")
     for rec, row in llmc_rows.items():  # recipes run without their fptq method in this invocation
         if rec != "float" and rec not in paired:
             md.append(f"| (fptq row not run here) | llm-compressor `{rec}` | {row['oneshot_s']:.1f} | "
