@@ -149,7 +149,8 @@ def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, devi
                                                       load_layer=load_layer, release_layer=release_layer))
     perm = perm.cpu()
     permute_residual_outside(model, adapter, perm)
-    inputs.hidden = [h.index_select(-1, perm.to(h.device)) for h in inputs.hidden]
+    for b, h in enumerate(inputs.hidden):  # one batch at a time: never two copies of the whole cache
+        inputs.hidden[b] = h.index_select(-1, perm.to(h.device))
     return perm
 
 
