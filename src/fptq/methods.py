@@ -23,8 +23,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # (KL divergence -25% / -30% on Qwen2.5-Coder-0.5B, -13% / -10% on SmolLM2-135M, every measure lower on
     # both; bench/results/fptq_default_{smol,qwen}_20.md, {qwen,smol}_reorder.md, docs/results/defaults.md)
     # Since 2026-12-05 (third session): the residual stream's channels sorted by their largest |x| at the
-    # norms' outputs, and each weight group's scale its signed extreme / -8 (llama.cpp's Q4_0 rule) (every measure lower on both
-    # models, KL divergence -21% / -27% on Qwen2.5-Coder-0.5B, -9% / -14% on SmolLM2-135M, 20 + 20 windows;
+    # norms' outputs, and each weight group's scale its signed extreme / -8 (llama.cpp's Q4_0 rule) (every
+    # measure lower on both models, KL divergence -21% / -27% on Qwen2.5-Coder-0.5B, -9% / -14% on SmolLM2-135M, 20 + 20 windows;
     # bench/results/fptq_residual_signed_{qwen,smol}_20.md, docs/results/defaults.md); and the GPTQ Hessians
     # from every calibration token instead of 8192 sampled rows (KL divergence -12% / -12% on Qwen2.5 at 1.4x
     # the quantize time, -2% / -0% on SmolLM2 at 1.14x; bench/results/{qwen,smol}_default3_levers.md)

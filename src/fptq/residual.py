@@ -140,15 +140,14 @@ def permute_residual_outside(model: nn.Module, adapter: Adapter, perm: torch.Ten
     """Permute the tensors of ``model`` outside its decoder layers (:func:`residual_axes`) by ``perm``; those
     still on the meta device (not loaded) are left to the writer. Refuses what :func:`permute_residual` refuses."""
     _check_perm(model, adapter, perm)
-    spec = adapter.residual
-    emb = model.get_submodule(spec.embeddings).weight
-    head = model.get_submodule(spec.head).weight
-    _take(emb, 1, perm)
-    if head is not emb and (head.is_meta or head.data_ptr() != emb.data_ptr()):  # tied: already permuted
-        _take(head, 1, perm)
-    final = model.get_submodule(spec.final_norm)
-    for p in (getattr(final, "weight", None), getattr(final, "bias", None)):
-        _take(p, 0, perm)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done: set[int] = set()
+    for name, dim in residual_axes(adapter).items():
+        p = params.get(name)
+        if p is None or p.is_meta or p.data_ptr() in done:  # absent (no bias), still on disk, or tied: done
+            continue
+        done.add(p.data_ptr())
+        _take(p, dim, perm)
 
 
 @torch.no_grad()
