@@ -125,6 +125,7 @@ def test_gptq_flags_and_method_defaults():
     clip = cfg("--method", "rtn-w4a16", "--weight-clip", "--weight-clip-objective", "output")
     assert clip.weight_clip_search and clip.weight_clip_objective == "output"
     assert not cfg("--weight-clip", "--no-weight-clip").weight_clip_search
+    assert d.weight_clip_rows == "all" and cfg("--weight-clip-rows", "best").weight_clip_rows == "best"
     paper = cfg("--method", "fptq-paper")
     assert not paper.gptq and paper.lae_scope == "band" and paper.static_observer == "max"
     assert not cfg("--method", "naive-w4a8").gptq and cfg("--method", "naive-w4a8").static_observer == "mean_max"

@@ -146,6 +146,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="what the clip search minimises: the weights' squared error (weight) or the error added "
                           "to the Linear's output on the calibration inputs (output: activation-aware; with GPTQ "
                           "from its Hessian)")
+    adv.add_argument("--weight-clip-rows", dest="weight_clip_rows", default=None, choices=("all", "best"),
+                     help="GPTQ weights with --weight-clip: every output row takes the searched clip (all), or "
+                          "each row is quantized with and without it and keeps the smaller error on the "
+                          "calibration outputs (best; twice GPTQ's column loop)")
     adv.add_argument("--weight-scale-sign", dest="weight_scale_sign", default=None, choices=WEIGHT_SCALE_SIGNS,
                      help="signed: each weight group's scale is its signed extreme / -8 (llama.cpp's Q4_0 rule: "
                           "the extreme exact, a step of absmax / 8); positive: absmax / 7.5. Same checkpoint "
@@ -193,7 +197,7 @@ def config_from_args(args) -> "QuantConfig":
 
     overrides = {k: getattr(args, k, None) for k in (
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
-        "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "equalization", "smoothquant_alpha",
+        "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "weight_clip_rows", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
         "channel_order", "weight_scale_sign", "residual_order")}
     try:

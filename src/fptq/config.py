@@ -83,6 +83,10 @@ class QuantConfig:
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
     # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
     weight_clip_objective: str = "weight"
+    # which rows of a GPTQ Linear take the searched clip: "all", or "best": each output row is quantized with
+    # the clip and without, and keeps the one with the smaller error on the calibration outputs (quant/gptq.py;
+    # twice GPTQ's column loop). Round-to-nearest weights take the clip on every row either way
+    weight_clip_rows: str = "all"
     # how each float16 weight scale is rounded from absmax / 7.5: "down" (never above it, so a group's
     # negative extreme keeps code -8), "nearest", or "auto": down for round-to-nearest weights (KLD -3%,
     # bench/results/rtn_rounding_spread.md), nearest for GPTQ weights (KLD -10 to -20% on SmolLM2-135M over
@@ -154,6 +158,8 @@ class QuantConfig:
             raise ValueError(f"channel_order must be 'none' or 'weight', not {self.channel_order!r}")
         if self.weight_clip_objective not in ("weight", "output"):
             raise ValueError(f"weight_clip_objective must be 'weight' or 'output', not {self.weight_clip_objective!r}")
+        if self.weight_clip_rows not in ("all", "best"):
+            raise ValueError(f"weight_clip_rows must be 'all' or 'best', not {self.weight_clip_rows!r}")
         if any(p < 0 for p in self.equalization_powers):
             raise ValueError(f"equalization powers must be >= 0, got {self.equalization_powers}")
         if self.equalization_stat not in ("absmax", "range"):

@@ -269,7 +269,7 @@ def quantize_layer(
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
                 scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,
-                scale_sign=config.weight_scale_sign,
+                scale_sign=config.weight_scale_sign, clip_rows=config.weight_clip_rows,
             )
             if not ok:
                 log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))

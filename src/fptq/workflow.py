@@ -135,10 +135,17 @@ def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module
 
 
 def _layer_releaser(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module], None] | None:
-    """Drop a decoder layer loaded for a float pass (``residual_order``) until it is processed."""
+    """Drop a decoder layer loaded for a float pass (``residual_order``) until it is processed, and hand the
+    freed heap back to the OS, as after each quantized layer (memory.py: otherwise tensors of a few MiB freed
+    by one layer stay resident beside the next)."""
     if weights is None:
         return None
-    return lambda i, layer: LazyWeights.release_layer(layer)
+
+    def release(i: int, layer: torch.nn.Module) -> None:
+        LazyWeights.release_layer(layer)
+        trim_heap()
+
+    return release
 
 
 def _phase_totals(layer_infos: list[dict]) -> dict[str, float]:

@@ -285,3 +285,47 @@ def test_gptq_with_signed_scales(act_order):
     assert err < 0.8 * err_rtn
     qp, sp, _ = gptq_quantize(w, acc.h, bits=4, group_size=32, act_order=act_order)
     assert err < (x @ (dequantize_weight(qp, sp, 32) - w).t()).pow(2).mean()
+
+
+def _row_output_error(x, w, q, s, gs):
+    d = dequantize_weight(q, s, gs) - w
+    return (x @ d.t()).pow(2).sum(0)  # [rows]: each row's squared output error on the inputs
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_clip_rows_best_keeps_per_row_the_result_with_the_smaller_output_error(act_order):
+    """``clip_rows="best"``: every row is the clipped or the unclipped GPTQ result (the same row as that run
+    gives on its own, up to the summation order of the block updates), the one whose error on the
+    calibration outputs is smaller; both kinds of rows occur here, so the whole Linear's error is below
+    either run's."""
+    torch.manual_seed(7)
+    k, n, gs = 128, 64, 32
+    x = _correlated_inputs(2048, k, seed=7) * torch.linspace(0.2, 3.0, k)
+    w = torch.randn(n, k)
+    w[: n // 2, ::9] *= 6  # rows with a few large weights, where clipping them may cost more than it saves
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    kw = dict(bits=4, group_size=gs, act_order=act_order, clip_search=True)
+    q_c, s_c, _ = gptq_quantize(w, acc.h, **kw)
+    q_n, s_n, _ = gptq_quantize(w, acc.h, **{**kw, "clip_search": False})
+    q_b, s_b, ok = gptq_quantize(w, acc.h, **kw, clip_rows="best")
+    assert ok and q_b.shape == (n, k) and s_b.shape == (n, k // gs)
+    e_c, e_n, e_b = (_row_output_error(x, w, q, s, gs) for q, s in ((q_c, s_c), (q_n, s_n), (q_b, s_b)))
+    from_clip = (s_b == s_c).all(1) & ((q_b == q_c).float().mean(1) > 0.99)
+    from_plain = (s_b == s_n).all(1) & ((q_b == q_n).float().mean(1) > 0.99)
+    assert bool((from_clip | from_plain).all())
+    assert 0 < int(from_clip.sum()) < n and not torch.equal(s_c, s_n)  # both choices made
+    torch.testing.assert_close(e_b, torch.minimum(e_c, e_n), rtol=1e-3, atol=0)
+    assert e_b.sum() < 0.999 * min(e_c.sum(), e_n.sum())
+
+
+def test_gptq_clip_rows_without_the_clip_search_changes_nothing_and_is_checked():
+    torch.manual_seed(8)
+    x = _correlated_inputs(256, 64, seed=8)
+    w = torch.randn(8, 64)
+    h = 2 / 256 * x.t() @ x
+    q, s, _ = gptq_quantize(w, h, 4, 32, act_order=True)
+    q2, s2, _ = gptq_quantize(w, h, 4, 32, act_order=True, clip_rows="best")
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    with pytest.raises(ValueError, match="clip_rows"):
+        gptq_quantize(w, h, 4, 32, clip_search=True, clip_rows="some")

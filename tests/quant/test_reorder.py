@@ -21,6 +21,9 @@ def test_channel_order_sorts_columns_by_their_size_over_every_matrix():
     assert channel_order([torch.ones(2, 5)]).tolist() == [0, 1, 2, 3, 4]  # ties keep their order
     with pytest.raises(ValueError, match="same number of columns"):
         channel_order([a, torch.ones(1, 3)])
+    g = torch.Generator().manual_seed(0)
+    ws, sc = [torch.randn(6, 40, generator=g), torch.randn(3, 40, generator=g)], torch.rand(40, generator=g) * 9
+    assert torch.equal(channel_order(ws, sc), channel_order([w * sc for w in ws]))  # scaled one at a time
 
 
 @pytest.mark.parametrize("k", [1, 7, 1500])

@@ -1,6 +1,7 @@
 import torch
 
 from fptq.quant import fake_quantize_per_token, fake_quantize_weight, lae_scales
+from fptq.quant.reorder import channel_order
 from fptq.quant.search import best_equalization_power, quantized_output_error
 
 
@@ -19,6 +20,26 @@ def test_output_error_matches_a_direct_computation():
     got = quantized_output_error(x, [w], [ref], s, wbits=4, group_size=32, act_mode="dynamic_token", abits=8)
     y = fake_quantize_per_token(x / s, 8) @ fake_quantize_weight(w * s, 4, 32).t()
     torch.testing.assert_close(torch.tensor(got), (y - ref).pow(2).sum() / ref.pow(2).sum(), rtol=1e-4, atol=0)
+
+
+def test_output_error_of_sorted_channels_matches_a_direct_computation_bit_for_bit():
+    """Two Linears sharing the input, channels sorted: the same number as scaling, sorting and quantizing
+    every weight up front (the search now makes one scaled copy at a time)."""
+    x = _outlier_inputs()
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(48, 128, generator=g), torch.randn(24, 128, generator=g)]
+    s = lae_scales(x.abs().amax(0))
+    refs = [x @ w.t() for w in ws]
+    got = quantized_output_error(x, ws, refs, s, wbits=4, group_size=32, act_mode="dynamic_token", abits=8,
+                                 reorder=True, weight_sign="signed")
+    scaled = [w * s.view(1, -1) for w in ws]
+    perm = channel_order(scaled)
+    xq = fake_quantize_per_token(x / s, 8)[:, perm]
+    want = 0.0
+    for w, ref in zip(scaled, refs):
+        err = (xq @ fake_quantize_weight(w[:, perm], 4, 32, sign="signed").t() - ref).pow(2).sum()
+        want += float(err / ref.pow(2).sum())
+    assert got == want
 
 
 def test_power_zero_is_no_equalization():

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .weights import hessian_group_blocks, num_groups, qrange, weight_scales
+from .weights import dequantize_weight, hessian_group_blocks, num_groups, qrange, weight_scales
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,11 @@ def _working_hessian(h: torch.Tensor, perm: torch.Tensor | None, chunk: int = 10
     return buf.t()
 
 
-def _inverse_factor(h: torch.Tensor, perm: torch.Tensor | None, damp: float) -> torch.Tensor | None:
+def _inverse_factor(h: torch.Tensor, perm: torch.Tensor | None, damp: float,
+                    damping: list[float] | None = None) -> torch.Tensor | None:
     """The upper Cholesky factor of the inverse of ``h`` (permuted by ``perm``) dampened by ``damp`` times its
-    mean diagonal (10x and 100x more if the factorisation fails); ``None`` if it still fails.
+    mean diagonal (10x and 100x more if the factorisation fails); ``None`` if it still fails. The value
+    added to the diagonal is appended to ``damping`` when given.
 
     Everything happens in one ``K x K`` buffer, column-major (the result too): the dampened Hessian,
     overwritten by its Cholesky factor, then by the inverse, then by the inverse's factor (LAPACK's
@@ -111,6 +113,8 @@ def _inverse_factor(h: torch.Tensor, perm: torch.Tensor | None, damp: float) -> 
             torch.linalg.cholesky(f, out=f)
             torch.cholesky_inverse(f, out=f)
             torch.linalg.cholesky(f, upper=True, out=f)
+            if damping is not None:
+                damping.append(float(damp * factor * mean_diag))
             return f
         except torch.linalg.LinAlgError:
             del f
@@ -144,6 +148,7 @@ def gptq_quantize(
     scale_rounding: str = "nearest",
     clip_objective: str = "weight",
     scale_sign: str = "positive",
+    clip_rows: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``, or a list of matrices with the same input, as if stacked: every output
     row is independent given ``h``) with GPTQ.
@@ -162,15 +167,23 @@ def gptq_quantize(
     error) or ``"output"`` (the error it adds to the Linear's output, ``d^T H_g d`` with ``H_g`` the
     group's diagonal block of ``h``: activation-aware clipping from the Hessian GPTQ already has).
     ``scale_sign``: "positive" or "signed" scales (:func:`~fptq.quant.weights.weight_scales`'s ``sign``).
+    ``clip_rows`` (with ``clip_search``): ``"all"``, every row takes the searched clip; ``"best"``, every row is
+    quantized twice, with the searched clip and without (scales from the group's extreme), in one column loop
+    over the rows stacked twice, and keeps the result with the smaller error on the calibration outputs,
+    ``(w - q) H (w - q)^T``: GPTQ's loss ``sum (w - q)^2 / d^2`` over the row's columns is exactly that error
+    for the dampened ``H + lam I``, so the error is the loss less ``lam |w - q|^2``. The clip is kept only
+    where it lowers the error GPTQ minimises. Twice the column loop's work and its working copy of the weights.
 
     Memory: one ``K x K`` float32 matrix besides the caller's ``h`` (:func:`_inverse_factor`), one float32
-    copy of the weights (transposed, updated in place) and their int8 codes; the caller's ``w`` and ``h``
-    are never written.
+    copy of the weights (transposed, updated in place; two with ``clip_rows="best"``) and their int8 codes;
+    the caller's ``w`` and ``h`` are never written.
     """
     from .weights import quantize_weight
 
     if clip_objective not in ("weight", "output"):
         raise ValueError(f"clip_objective must be 'weight' or 'output', not {clip_objective!r}")
+    if clip_rows not in ("all", "best"):
+        raise ValueError(f"clip_rows must be 'all' or 'best', not {clip_rows!r}")
     qmin, qmax = qrange(bits)
     parts = [x.float() for x in (w if isinstance(w, (list, tuple)) else [w])]
     del w
@@ -191,17 +204,22 @@ def gptq_quantize(
     if act_order:
         static_groups = True
     dev = parts[0].device  # every buffer on the weights' device (the caller's choice: CPU or GPU)
-    scales = torch.zeros(n, g, dtype=torch.float16, device=dev)
+    # "best": the rows run twice, stacked: rows [0, n) with the clip search, rows [n, 2n) without
+    two = clip_search and clip_rows == "best"
+    clips = [clip_search] * len(parts) + ([False] * len(parts) if two else [])
+    rows = 2 * n if two else n
+    scales = torch.zeros(rows, g, dtype=torch.float16, device=dev)
     if static_groups:
-        scales = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, gram=blocks, rounding=scale_rounding,
+        scales = torch.cat([weight_scales(x, bits, gs, clip_search=c, gram=blocks, rounding=scale_rounding,
                                           sign=scale_sign)
-                            for x in parts])
+                            for x, c in zip(parts + parts if two else parts, clips)])
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
 
-    hinv = _inverse_factor(h, perm, damp)
+    damping: list[float] = []
+    hinv = _inverse_factor(h, perm, damp, damping)
     del h
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
@@ -215,12 +233,14 @@ def gptq_quantize(
     groups = col_group.tolist()
     # the column loop works on the transposed weights: a column is then one contiguous row, and the
     # few small ops per column (the loop's cost is their overhead) run on contiguous memory
-    wt = _transposed(parts, perm)  # [K, N], columns in processing order
-    del parts
-    qt = torch.empty(k, n, dtype=torch.int8, device=dev)  # codes, transposed
-    qc = torch.empty(n, device=dev)  # the column being quantized, its codes as floats
+    wt = _transposed(parts + parts if two else parts, perm)  # [K, rows], columns in processing order
+    if not two:  # "best" needs the weights as they came for the rows' errors (no copy: the caller's)
+        del parts
+    qt = torch.empty(k, rows, dtype=torch.int8, device=dev)  # codes, transposed
+    qc = torch.empty(rows, device=dev)  # the column being quantized, its codes as floats
+    loss = torch.zeros(rows, device=dev) if two else None  # each row's sum of (w - q)^2 / d^2
     s, s_grp = None, -1
-    rows_per_update = max(1, (1 << 22) // max(n, 1))
+    rows_per_update = max(1, (1 << 22) // max(rows, 1))
     hrow = torch.empty(min(block_size, k), k, device=dev)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -240,8 +260,11 @@ def gptq_quantize(
                 end = min(col + gs, k)
                 block = torch.cat([w1[i:], wt[i2:end]])[: end - col]
                 gram = blocks[grp:grp + 1] if blocks is not None else None  # zero-padded as weight_scales pads
-                scales[:, grp] = weight_scales(block.t(), bits, gs, clip_search=clip_search, gram=gram,
-                                               rounding=scale_rounding, sign=scale_sign)[:, 0]
+                bt = block.t()
+                scales[:, grp] = torch.cat([
+                    weight_scales(bt[r:r + n], bits, gs, clip_search=c, gram=gram, rounding=scale_rounding,
+                                  sign=scale_sign)[:, 0]
+                    for r, c in zip(range(0, rows, n), (clip_search, False))])
                 s_grp = -1
             if grp != s_grp:
                 s, s_grp = scales[:, grp].float(), grp
@@ -253,13 +276,38 @@ def gptq_quantize(
             e.sub_(wc).div_(neg_d[i])  # (w - q s) / d
             if i + 1 < i2 - i1:
                 w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1.0)
+        if loss is not None:
+            loss.add_(err1.square().sum(0))
         # the error fed forward to the columns not yet quantized, a block of rows at a time: the product's
         # temporary stays small (same values as the whole product at once)
         for r in range(i2, k, rows_per_update):
             wt[r:r + rows_per_update].sub_(hb[:, r:r + rows_per_update].t() @ err1)
+    del wt
     q = qt.t().contiguous()
-
+    del qt
     if perm is not None:
         inv = torch.argsort(perm)
         q = q[:, inv].contiguous()
+    if loss is not None:
+        # the loss is each row's error under the dampened Hessian, (w - q) (H + lam I) (w - q)^T: less
+        # lam |w - q|^2 it is the row's error on the calibration outputs, what the choice is made on
+        loss.sub_(_row_weight_error(parts, q, scales, gs), alpha=damping[0])
+        keep = (loss[:n] <= loss[n:]).unsqueeze(1)  # the clipped result unless the unclipped one's is smaller
+        log.debug("GPTQ: the weight clip kept on %d of %d rows", int(keep.sum()), n)
+        q = torch.where(keep, q[:n], q[n:])
+        scales = torch.where(keep, scales[:n], scales[n:])
     return q, scales, True
+
+
+def _row_weight_error(parts: list[torch.Tensor], q: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      rows: int = 1024) -> torch.Tensor:
+    """``sum (w - q s)^2`` along each row of ``q`` (codes, ``[c * N, K]``, ``scales`` ``[c * N, G]``) for the
+    weights ``parts`` stacked ``c`` times (``N`` rows), a block of rows at a time."""
+    w = [p[r:r + rows] for _ in range(q.shape[0] // sum(p.shape[0] for p in parts))
+         for p in parts for r in range(0, p.shape[0], rows)]
+    out, off = [], 0
+    for wb in w:
+        m = wb.shape[0]
+        out.append((dequantize_weight(q[off:off + m], scales[off:off + m], group_size) - wb).square().sum(1))
+        off += m
+    return torch.cat(out)

@@ -14,16 +14,20 @@ import torch
 __all__ = ["channel_order", "permute_linear_inputs", "permute_linear_outputs", "permute_square"]
 
 
-def channel_order(weights: list[torch.Tensor]) -> torch.Tensor:
+def channel_order(weights: list[torch.Tensor], scales: torch.Tensor | None = None) -> torch.Tensor:
     """The permutation (``[K]`` int64) that sorts the input channels of ``weights`` (``[N_i, K]`` each, sharing
-    their input) by decreasing root-mean-square over every output row; ties keep their order."""
+    their input) by decreasing root-mean-square over every output row; ties keep their order. With ``scales``
+    (``[K]``): the order of the scaled weights ``W * scales``, each scaled copy made and dropped in turn."""
     if not weights:
         raise ValueError("channel_order needs at least one weight matrix")
     k = weights[0].shape[1]
     if any(w.shape[1] != k for w in weights):
         raise ValueError(f"the weights sharing an input must have the same number of columns, got "
                          f"{[tuple(w.shape) for w in weights]}")
-    sq = sum(w.float().pow(2).sum(dim=0) for w in weights)
+    if scales is not None:
+        sq = sum((w.float() * scales.view(1, -1)).pow(2).sum(dim=0) for w in weights)
+    else:
+        sq = sum(w.float().pow(2).sum(dim=0) for w in weights)
     return torch.argsort(sq, descending=True, stable=True)
 
 

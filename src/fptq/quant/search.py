@@ -56,13 +56,18 @@ def quantized_output_error(
     """
     s = s.float().to(x.device)
     xq = _act_quant(x / s, act_mode, abits, observer)
-    scaled = [w.float() * s.view(1, -1) for w in weights]
-    if reorder:
-        perm = channel_order(scaled).to(x.device)
-        xq, scaled = xq[:, perm], [w[:, perm] for w in scaled]
+    perm = channel_order(weights, s).to(x.device) if reorder else None
+    if perm is not None:
+        xq = xq[:, perm]
     total = 0.0
-    for w, ref in zip(scaled, refs):
-        wq = fake_quantize_weight(w, wbits, group_size, sign=weight_sign)
+    for w, ref in zip(weights, refs):
+        # one scaled (and sorted) weight at a time: a layer's largest group (gate/up) is the weights of two
+        # Linears, and copies of all of them at once were the peak of a layer's memory
+        scaled = w.float() * s.view(1, -1)
+        if perm is not None:
+            scaled = scaled[:, perm]
+        wq = fake_quantize_weight(scaled, wbits, group_size, sign=weight_sign)
+        del scaled
         err = (xq @ wq.t() - ref).pow(2).sum()
         total += float(err / ref.pow(2).sum().clamp_min(1e-30))
     return total
