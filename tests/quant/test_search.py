@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fptq.quant import fake_quantize_per_token, fake_quantize_weight, lae_scales
@@ -22,9 +23,13 @@ def test_output_error_matches_a_direct_computation():
     torch.testing.assert_close(torch.tensor(got), (y - ref).pow(2).sum() / ref.pow(2).sum(), rtol=1e-4, atol=0)
 
 
-def test_output_error_of_sorted_channels_matches_a_direct_computation_bit_for_bit():
+@pytest.mark.parametrize("block_rows", [7, 1024])
+def test_output_error_of_sorted_channels_matches_a_direct_computation_bit_for_bit(block_rows, monkeypatch):
     """Two Linears sharing the input, channels sorted: the same number as scaling, sorting and quantizing
-    every weight up front (the search now makes one scaled copy at a time)."""
+    every weight up front (the search quantizes a block of rows at a time, here ragged blocks of 7 too)."""
+    import fptq.quant.search as search
+
+    monkeypatch.setattr(search, "SEARCH_BLOCK_ROWS", block_rows)
     x = _outlier_inputs()
     g = torch.Generator().manual_seed(2)
     ws = [torch.randn(48, 128, generator=g), torch.randn(24, 128, generator=g)]

@@ -20,6 +20,8 @@ from .weights import fake_quantize_weight
 
 __all__ = ["quantized_output_error", "best_equalization_power"]
 
+SEARCH_BLOCK_ROWS = 1024  # rows of a weight quantized at a time in the search
+
 
 def _act_quant(x: torch.Tensor, act_mode: str, abits: int, observer: str) -> torch.Tensor:
     if act_mode == "dynamic_token":
@@ -61,13 +63,15 @@ def quantized_output_error(
         xq = xq[:, perm]
     total = 0.0
     for w, ref in zip(weights, refs):
-        # one scaled (and sorted) weight at a time: a layer's largest group (gate/up) is the weights of two
-        # Linears, and copies of all of them at once were the peak of a layer's memory
-        scaled = w.float() * s.view(1, -1)
-        if perm is not None:
-            scaled = scaled[:, perm]
-        wq = fake_quantize_weight(scaled, wbits, group_size, sign=weight_sign)
-        del scaled
+        # the quantized weights written a block of rows at a time (each row is quantized on its own: the same
+        # values as the whole matrix at once) with no whole scaled copy: a layer's largest group (gate/up) is
+        # the weights of two Linears, and whole copies and the quantizer's temporaries were a layer's peak
+        wq = torch.empty(w.shape, dtype=torch.float32, device=x.device)
+        for r in range(0, w.shape[0], SEARCH_BLOCK_ROWS):
+            scaled = w[r:r + SEARCH_BLOCK_ROWS].float().to(x.device) * s.view(1, -1)
+            if perm is not None:
+                scaled = scaled[:, perm]
+            wq[r:r + SEARCH_BLOCK_ROWS] = fake_quantize_weight(scaled, wbits, group_size, sign=weight_sign)
         err = (xq @ wq.t() - ref).pow(2).sum()
         total += float(err / ref.pow(2).sum().clamp_min(1e-30))
     return total
