@@ -162,21 +162,27 @@ def test_gptq_with_a_float64_hessian_sum_matches_the_float32_running_average():
     assert abs(out["float64"] - out["float32"]) < 0.5, out
 
 
-def test_gptq_clip_search_reaches_the_weights_with_either_objective():
-    """``weight_clip_search`` with GPTQ shrinks some group scales below absmax/7.5 (the output objective
-    scored from the Hessian, so differently from the weight one) and keeps the model as close to the float
-    one as GPTQ without the search (within 1 dB SQNR)."""
+def _gptq_clip_variants(variants: dict[str, dict]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``gptq-w4a16`` (group 32) with each variant's overrides on copies of one tiny model: the logits' SQNR
+    against the float model's, and down_proj's weight scales, by label."""
     model = tiny_llama(outliers=False, hidden_size=128, intermediate_size=256)
     ids = _calib(16, 64)
     ref = model(ids).logits
     out, scales = {}, {}
-    for label, over in (("plain", {}), ("weight", {"weight_clip_search": True}),
-                        ("output", {"weight_clip_search": True, "weight_clip_objective": "output"})):
+    for label, over in variants.items():
         mm = copy.deepcopy(model)
-        cfg = fptq.method_config("gptq-w4a16", group_size=32, **over)
-        fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
+        fptq.quantize(mm, fptq.method_config("gptq-w4a16", group_size=32, **over), ids, device="cpu", progress=False)
         out[label] = sqnr_db(ref, mm(ids).logits)
         scales[label] = mm.get_submodule("model.layers.0.mlp.down_proj").w_scales.float()
+    return out, scales
+
+
+def test_gptq_clip_search_reaches_the_weights_with_either_objective():
+    """``weight_clip_search`` with GPTQ shrinks some group scales below absmax/7.5 (the output objective
+    scored from the Hessian, so differently from the weight one) and keeps the model as close to the float
+    one as GPTQ without the search (within 1 dB SQNR)."""
+    out, scales = _gptq_clip_variants({"plain": {}, "weight": {"weight_clip_search": True},
+                                       "output": {"weight_clip_search": True, "weight_clip_objective": "output"}})
     assert (scales["weight"] < scales["plain"]).any() and not torch.equal(scales["weight"], scales["output"])
     assert out["weight"] > out["plain"] - 1 and out["output"] > out["plain"] - 1, out
 
@@ -185,17 +191,8 @@ def test_gptq_clip_rows_best_mixes_clipped_and_unclipped_rows():
     """``weight_clip_rows="best"``: each output row of a GPTQ Linear ends with the searched clip's scales or the
     group extremes' (some of each on down_proj here), and the model stays as close to the float one as with
     the clip on every row (within 1 dB SQNR); a bad value is refused by name."""
-    model = tiny_llama(outliers=False, hidden_size=128, intermediate_size=256)
-    ids = _calib(16, 64)
-    ref = model(ids).logits
-    out, scales = {}, {}
-    for label, over in (("none", {"weight_clip_search": False}), ("all", {"weight_clip_search": True}),
-                        ("best", {"weight_clip_search": True, "weight_clip_rows": "best"})):
-        mm = copy.deepcopy(model)
-        cfg = fptq.method_config("gptq-w4a16", group_size=32, **over)
-        fptq.quantize(mm, cfg, ids, device="cpu", progress=False)
-        out[label] = sqnr_db(ref, mm(ids).logits)
-        scales[label] = mm.get_submodule("model.layers.0.mlp.down_proj").w_scales.float()
+    out, scales = _gptq_clip_variants({"none": {"weight_clip_search": False}, "all": {"weight_clip_search": True},
+                                       "best": {"weight_clip_search": True, "weight_clip_rows": "best"}})
     clipped = (scales["best"] == scales["all"]).all(1) & ~(scales["best"] == scales["none"]).all(1)
     plain = (scales["best"] == scales["none"]).all(1) & ~(scales["best"] == scales["all"]).all(1)
     assert clipped.any() and plain.any(), (int(clipped.sum()), int(plain.sum()))

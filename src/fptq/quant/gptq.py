@@ -204,15 +204,16 @@ def gptq_quantize(
     if act_order:
         static_groups = True
     dev = parts[0].device  # every buffer on the weights' device (the caller's choice: CPU or GPU)
-    # "best": the rows run twice, stacked: rows [0, n) with the clip search, rows [n, 2n) without
+    # the clip search of each stack of the rows: "best" runs them twice, rows [0, n) with the search, [n, 2n)
+    # without
     two = clip_search and clip_rows == "best"
-    clips = [clip_search] * len(parts) + ([False] * len(parts) if two else [])
-    rows = 2 * n if two else n
+    halves = (clip_search, False) if two else (clip_search,)
+    rows = n * len(halves)
     scales = torch.zeros(rows, g, dtype=torch.float16, device=dev)
     if static_groups:
         scales = torch.cat([weight_scales(x, bits, gs, clip_search=c, gram=blocks, rounding=scale_rounding,
                                           sign=scale_sign)
-                            for x, c in zip(parts + parts if two else parts, clips)])
+                            for c in halves for x in parts])
 
     perm = None
     if act_order:
@@ -233,7 +234,7 @@ def gptq_quantize(
     groups = col_group.tolist()
     # the column loop works on the transposed weights: a column is then one contiguous row, and the
     # few small ops per column (the loop's cost is their overhead) run on contiguous memory
-    wt = _transposed(parts + parts if two else parts, perm)  # [K, rows], columns in processing order
+    wt = _transposed(parts * len(halves), perm)  # [K, rows], columns in processing order
     if not two:  # "best" needs the weights as they came for the rows' errors (no copy: the caller's)
         del parts
     qt = torch.empty(k, rows, dtype=torch.int8, device=dev)  # codes, transposed
@@ -264,7 +265,7 @@ def gptq_quantize(
                 scales[:, grp] = torch.cat([
                     weight_scales(bt[r:r + n], bits, gs, clip_search=c, gram=gram, rounding=scale_rounding,
                                   sign=scale_sign)[:, 0]
-                    for r, c in zip(range(0, rows, n), (clip_search, False))])
+                    for r, c in zip(range(0, rows, n), halves)])
                 s_grp = -1
             if grp != s_grp:
                 s, s_grp = scales[:, grp].float(), grp
