@@ -12,6 +12,7 @@ from fptq.errors import FptqError
 from fptq.models import get_adapter
 from fptq.calibrate import capture_layer0_inputs
 from fptq.residual import (
+    float_pass_maxima,
     permute_residual,
     residual_channel_maxima,
     residual_inputs,
@@ -87,6 +88,32 @@ def test_channel_maxima_are_the_norm_outputs_largest_values_and_the_order_sorts_
     assert bool((got[perm][:-1] >= got[perm][1:]).all())
 
 
+def test_float_pass_also_gives_each_groups_largest_input():
+    """What the dynamic budget predicts the thresholds from: per layer and fold group, max|x| of the input."""
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    calib = _ids(5, 16, seed=2)
+    maxima, groups = float_pass_maxima(model, adapter, capture_layer0_inputs(model, adapter, calib, 2, CPU), CPU)
+    assert torch.equal(maxima, residual_channel_maxima(model, adapter,
+                                                       capture_layer0_inputs(model, adapter, calib, 2, CPU), CPU))
+    want = [[0.0] * len(adapter.groups) for _ in model.model.layers]
+
+    def hook(i, j):
+        def record(_m, args):
+            want[i][j] = max(want[i][j], float(args[0].abs().max()))
+        return record
+
+    hs = [layer.get_submodule(g.consumers[0]).register_forward_pre_hook(hook(i, j))
+          for i, layer in enumerate(model.model.layers) for j, g in enumerate(adapter.groups)]
+    with torch.no_grad():
+        model(calib)
+    for h in hs:
+        h.remove()
+    assert len(groups) == len(want) and all(len(r) == len(adapter.groups) for r in groups)
+    torch.testing.assert_close(torch.tensor(groups), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert max(max(r) for r in groups) > 20  # the planted outlier channels reach the inputs
+
+
 def test_quantize_with_residual_order_sorts_then_quantizes_and_round_trips(tmp_path):
     model = tiny_llama()
     x = _ids(2, 16, seed=3)
@@ -114,7 +141,8 @@ def test_residual_order_refusals_and_skips(caplog):
     calib = _ids(4, 16)
     cfg = fptq.method_config("fptq", group_size=32, residual_order="max")
     with pytest.raises(FptqError, match="needs the order it measured"):
-        fptq.quantize(tiny_llama(), cfg, calib, device="cpu", progress=False, start_layer=1)
+        fptq.quantize(tiny_llama(), cfg, calib, device="cpu", progress=False, start_layer=1,
+                      dynamic_prediction=[0, 0])
     # a parameter the table does not place: refused before anything changes
     model = tiny_llama()
     model.model.layers[0].extra = torch.nn.Linear(64, 4)

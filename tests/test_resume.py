@@ -173,3 +173,20 @@ def test_data_free_rtn_resumes_byte_identical(model_dir, calib_file, tmp_path):
     plan = json.loads((out / PLAN_NAME).read_text())
     assert {lp["act_absmax"] for lp in plan["layers"].values()} == {None}
     fptq.load(out)  # hashes verified
+
+
+def test_resumed_run_spends_the_dynamic_budget_as_an_uninterrupted_one(model_dir, calib_file, tmp_path):
+    """The budget of ``dynamic_share`` is spread over the layers: a resumed run counts what the layers before it
+    spent (a run that forgot would give its later layers more)."""
+    cfg = fptq.method_config("fptq", group_size=32, dynamic_share=0.3)
+    ref, out = tmp_path / "ref", tmp_path / "q"
+    quantize_to_dir(str(model_dir), ref, cfg, calib=str(calib_file), **SETTINGS)
+    plan = json.loads((ref / PLAN_NAME).read_text())
+    per_layer = [sum(e["strategy"] == "dynamic_token" for k, e in plan["layers"].items()
+                     if k.startswith(f"model.layers.{i}.")) for i in range(3)]
+    assert per_layer[0] > 0 and sum(per_layer) <= int(0.3 * 21), per_layer
+    with pytest.raises(QuantizeInterrupted):
+        quantize_to_dir(str(model_dir), out, cfg, calib=str(calib_file), on_layer_done=_interrupt_after(0), **SETTINGS)
+    quantize_to_dir(str(model_dir), out, cfg, calib=str(calib_file), resume=True, **SETTINGS)
+    assert json.loads((out / PLAN_NAME).read_text()) == plan
+    assert _weights(out) == _weights(ref)

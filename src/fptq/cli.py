@@ -119,6 +119,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     adv.add_argument("--thresholds", type=_thresholds, default=None,
                      help="max|x| thresholds t0,t1: static below t0, LAE+static below t1, dynamic above "
                           "(default 15,150)")
+    adv.add_argument("--dynamic-share", dest="dynamic_share", type=float, default=None,
+                     help="largest share of the Linears that may run dynamic per-token activations: after the "
+                          "thresholds, the static groups whose calibration output error drops most go dynamic, "
+                          "the budget spread evenly over the layers (e.g. 0.1: at least 90%% static; default 0: "
+                          "the thresholds alone)")
     adv.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                      help="weights by GPTQ (default for fptq) or, with --no-gptq, by round-to-nearest "
                           "(default for the other methods but gptq-w4a16)")
@@ -199,7 +204,7 @@ def config_from_args(args) -> "QuantConfig":
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "weight_clip_rows", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
-        "channel_order", "weight_scale_sign", "residual_order")}
+        "channel_order", "weight_scale_sign", "residual_order", "dynamic_share")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

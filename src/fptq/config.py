@@ -120,6 +120,10 @@ class QuantConfig:
     # round-to-nearest recipes see, since its sequential pipeline runs with fake quantization switched off and
     # only GPTQ writes quantized weights back)
     calib_inputs: str = "quantized"
+    # the largest share of the quantized Linears that may run dynamic per-token activations: the thresholds
+    # decide first, then the static groups whose calibration output error drops most when quantized per token
+    # go dynamic, the budget spread evenly over the layers (fptq.dynamic_budget); 0: the thresholds alone
+    dynamic_share: float = 0.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -174,6 +178,9 @@ class QuantConfig:
             raise ValueError(f"gptq_hessian_dtype must be float32 or float64, not {self.gptq_hessian_dtype!r}")
         if self.gptq_hessian_rows < 0:
             raise ValueError(f"gptq_hessian_rows must be >= 0 (0 = every token), got {self.gptq_hessian_rows}")
+        if not 0 <= self.dynamic_share < 1:
+            raise ValueError(f"dynamic_share must be in [0, 1) (0.1: at most 10% of the Linears dynamic), "
+                             f"got {self.dynamic_share}")
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"gptq damp must be in [0, 1), got {self.gptq_damp}")
 

@@ -28,13 +28,14 @@ from .calibrate import (
     rows_per_batch,
     run_layer,
 )
-from .config import ActPolicy, Equalization, QuantConfig, Strategy
+from .config import ActPolicy, QuantConfig, Strategy
+from .dynamic_budget import DynamicCandidate, dynamic_allowance, dynamic_budget
 from .errors import FptqError
 from .folding import equalization_scales, fold_group, reorder_group, wants_equalization, wants_reorder
 from .memory import trim_heap
-from .models.adapters import Adapter, FoldGroup, attention_heads, get_adapter
+from .models.adapters import Adapter, attention_heads, get_adapter
 from .nn import QuantLinear
-from .plan import LayerPlan, Plan, choose_strategy
+from .plan import LayerPlan, Plan
 from .quant import (
     SAMPLED_OBSERVERS,
     choose_static_scale,
@@ -43,9 +44,9 @@ from .quant import (
     weight_scales,
 )
 from .quant.reorder import permute_square
-from .quant.search import best_equalization_power
 from .quant.weights import dequantize_weight, group_gram
 from .residual import (
+    float_pass_maxima,
     permute_residual_layer,
     permute_residual_outside,
     residual_channel_maxima,
@@ -53,6 +54,7 @@ from .residual import (
     residual_order,
     residual_problem,
 )
+from .strategies import ACT_MODE, budget_candidate, search_power, search_rows, spend_dynamic_budget, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class LayerResult:
     inputs: LayerInputs | None = None
     phases: dict[str, float] | None = None  # seconds: load, statistics, weights, propagate
     residual_perm: torch.Tensor | None = None  # the residual stream's order (config.residual_order), or None
+    # per layer, the Linears the thresholds were predicted to make dynamic (config.dynamic_share), or None
+    dynamic_prediction: list[int] | None = None
 
 
 def layer_generator(seed: int, index: int) -> torch.Generator:
@@ -87,53 +91,12 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _strategy_for(config: QuantConfig, v: float) -> Strategy:
-    if not config.quantize_acts:
-        return Strategy.FLOAT
-    if config.act_policy == ActPolicy.STATIC:
-        return Strategy.STATIC
-    if config.act_policy == ActPolicy.DYNAMIC:
-        return Strategy.DYNAMIC
-    s = choose_strategy(v, config.thresholds)
-    if s == Strategy.LAE_STATIC and config.equalization == Equalization.NONE:
-        return Strategy.STATIC  # ablation: FPTQ without LAE
-    return s
-
-
-SEARCH_ROWS = 2048
-
-
-def _search_rows(sample: torch.Tensor | None) -> torch.Tensor | None:
-    """At most ``SEARCH_ROWS`` rows of ``sample``, evenly strided (every calibration batch contributes)."""
-    if sample is None or len(sample) <= SEARCH_ROWS:
-        return sample
-    return sample[:: -(-len(sample) // SEARCH_ROWS)]
-
-# the QuantLinear activation mode each strategy runs with
-_ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
-             Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}
-
-
-def _search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
-                  strategy: Strategy) -> float:
-    """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
-    group's quantized outputs on the first ``SEARCH_ROWS`` sampled calibration inputs (rows strided over
-    every batch instead measured no better: bench/results/qwen_plan_levers.md, smol_signed.md)."""
-    x = st.sample(SEARCH_ROWS)
-    if x.numel() == 0:
-        return 1.0
-    weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
-    power, _ = best_equalization_power(
-        x, weights, s_in.to(x.device), config.equalization_powers, wbits=config.wbits,
-        group_size=config.group_size if config.group_size > 0 else -1, act_mode=_ACT_MODE[strategy], abits=config.abits,
-        observer=config.static_observer, reorder=wants_reorder(config, group), weight_sign=config.weight_scale_sign)
-    return power
-
-
 def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device,
-                   perm: torch.Tensor | None, load_layer, release_layer, start_layer: int) -> torch.Tensor | None:
+                   perm: torch.Tensor | None, load_layer, release_layer, start_layer: int,
+                   maxima: torch.Tensor | None = None) -> torch.Tensor | None:
     """``config.residual_order``: the order of the residual stream's channels (``perm``, that of a run being
-    resumed, or measured on a float pass over a few of the captured ``inputs``: :mod:`fptq.residual`),
+    resumed, or measured on a float pass over a few of the captured ``inputs``: :mod:`fptq.residual`; its
+    ``maxima`` when that pass already ran),
     applied to the tensors outside the decoder layers and to the captured layer-0 ``inputs``; each decoder
     layer is permuted when it is processed. ``None`` (the model left as it is, with a warning) when the
     architecture has no residual table."""
@@ -145,8 +108,10 @@ def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, devi
         if start_layer:
             raise FptqError("resuming a run with residual_order needs the order it measured (residual_perm): the "
                             "first layers were quantized in it")
-        perm = residual_order(residual_channel_maxima(model, adapter, residual_inputs(inputs), device,
-                                                      load_layer=load_layer, release_layer=release_layer))
+        if maxima is None:
+            maxima = residual_channel_maxima(model, adapter, residual_inputs(inputs), device,
+                                             load_layer=load_layer, release_layer=release_layer)
+        perm = residual_order(maxima)
     perm = perm.cpu()
     permute_residual_outside(model, adapter, perm)
     for b, h in enumerate(inputs.hidden):  # one batch at a time: never two copies of the whole cache
@@ -164,11 +129,13 @@ def quantize_layer(
     heads: tuple[int, int],
     generator: torch.Generator,
     phases: dict[str, float] | None = None,
+    dynamic_allowance: int | None = None,
 ) -> dict[str, LayerPlan]:
     """Quantize one decoder layer in place (its Linears become QuantLinears)
     and advance ``inputs`` to the next layer's inputs. Returns plan entries; ``phases`` (optional) receives
     the seconds of the statistics pass, of the weights (strategies, folds, GPTQ or round-to-nearest) and of the
-    propagation pass."""
+    propagation pass. ``dynamic_allowance``: how many of the layer's Linears may run dynamic activations
+    (``config.dynamic_share``, :mod:`fptq.dynamic_budget`); ``None``: the thresholds alone decide."""
     phases = {} if phases is None else phases
     t = time.perf_counter()
     linears = adapter.quantizable_linears(layer)
@@ -196,16 +163,19 @@ def quantize_layer(
 
     entries: dict[str, LayerPlan] = {}
     decisions = []
+    candidates: list[DynamicCandidate] = []  # static groups that could spend the dynamic budget
     for group in adapter.groups:
         st: InputStats = stats[group.consumers[0]]
         wcm = st.channel_max_matrix()
         absmax = wcm.amax(dim=0)
         v = float(absmax.max())
-        strategy = _strategy_for(config, v)
+        strategy = strategy_for(config, v)
         sample = st.sample() if config.static_observer in SAMPLED_OBSERVERS or output_clip else None
         hess = st.hessian.h if st.hessian is not None else None
         first_max = st.first_token_absmax  # the attention sink's inputs, per channel
         eq_name, folded_into, max_scale, note, power, reordered = "none", None, None, None, None, False
+        static_error, candidate = None, None
+        budgeted = dynamic_allowance is not None and strategy in (Strategy.STATIC, Strategy.LAE_STATIC)
         wants = wants_equalization(config, strategy, group)
         if wants and not group.foldable:
             note = f"not equalized: {group.note}"
@@ -217,8 +187,10 @@ def quantize_layer(
             s_in, s_out = equalization_scales(config, group, layer, stat, heads)
             s_in = s_in.to(absmax.device)
             if config.equalization_powers:
-                power = _search_power(config, group, layer, st, s_in, strategy)
+                power, static_error = search_power(config, group, layer, st, s_in, strategy)
                 s_in, s_out = s_in.pow(power), s_out.pow(power)
+            if budgeted:  # measured on the weights before the fold
+                candidate = budget_candidate(config, group, layer, st, s_in, len(decisions), static_error)
             fold_group(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
@@ -233,6 +205,10 @@ def quantize_layer(
             eq_name = config.equalization.value
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
+        if budgeted and eq_name == "none":
+            candidate = budget_candidate(config, group, layer, st, None, len(decisions), None)
+        if candidate is not None:
+            candidates.append(candidate)
         if wants_reorder(config, group):
             perm = reorder_group(group, layer)
             wcm, absmax = wcm[:, perm.to(wcm.device)], absmax[perm.to(absmax.device)]
@@ -246,15 +222,17 @@ def quantize_layer(
             reordered = True
 
         decisions.append((group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
-                          first_max, power, reordered))
+                          first_max, power, reordered, candidate))
 
     for st in stats.values():  # the decisions hold the Hessians they need; each is freed after its group
         st.hessian = None
+    if dynamic_allowance is not None:
+        spend_dynamic_budget(decisions, candidates, dynamic_allowance, layer_prefix)
     # quantize only after every fold of the layer is done (folds change producers' weights)
     decisions.reverse()
     while decisions:
         (group, strategy, v, wcm, absmax, sample, hess, eq_name, folded_into, max_scale, note,
-         first_max, power, reordered) = decisions.pop()
+         first_max, power, reordered, candidate) = decisions.pop()
         gs = config.group_size if config.group_size > 0 else -1
         gram = None
         quantized = {}
@@ -296,13 +274,13 @@ def quantize_layer(
             weight = None
             if config.static_observer == "output":  # scored through the weights as they will run
                 weight = torch.cat([q[2] for q in quantized.values()])
-                sample = _search_rows(sample)
+                sample = search_rows(sample)
             act_scale = choose_static_scale(
                 config.static_observer, float(absmax.max()), sample=sample,
                 window_maxes=wcm.amax(dim=1), bits=config.abits, weight=weight,
                 floor=float(first_max.max()) if first_max is not None else 0.0,
             )
-        act_mode = _ACT_MODE[strategy]
+        act_mode = ACT_MODE[strategy]
         for cname in group.consumers:
             lin = linears[cname]
             codes, scales, _, weight_method, rel_err = quantized[cname]
@@ -321,6 +299,8 @@ def quantize_layer(
                 equalization_max_scale=max_scale, equalization_power=power, channels_reordered=reordered,
                 observer=config.static_observer if act_scale is not None else None,
                 weight_method=weight_method, weight_error=rel_err,
+                static_error=candidate.static_error if candidate is not None else None,
+                dynamic_error=candidate.dynamic_error if candidate is not None else None,
             )
         # nothing of this group's float weights, codes or Hessian outlives it (the next group's GPTQ needs the room),
         # and the C heap hands back what they took (it would keep the freed pages resident)
@@ -422,6 +402,8 @@ def quantize(
     load_layer: Callable[[int, nn.Module], None] | None = None,
     release_layer: Callable[[int, nn.Module], None] | None = None,
     residual_perm: torch.Tensor | None = None,
+    dynamic_prediction: list[int] | None = None,
+    dynamic_spent: tuple[int, int] = (0, 0),
 ) -> Plan:
     """Quantize ``model`` in place with ``config``; return the :class:`Plan`.
 
@@ -444,6 +426,13 @@ def quantize(
     ``release_layer(i, layer)`` when given); a resumed run passes the order
     it was quantized in as ``residual_perm`` (every :class:`LayerResult`
     carries it). Layers before ``start_layer`` are not touched.
+
+    ``config.dynamic_share`` spreads a budget of dynamic Linears over the layers
+    (:mod:`fptq.dynamic_budget`), with the thresholds' choices predicted on a
+    float pass; a resumed run passes that prediction (every :class:`LayerResult`
+    carries it) as ``dynamic_prediction``, and as ``dynamic_spent`` the dynamic
+    Linears of the layers before ``start_layer`` and how many of them were chosen
+    by error.
     """
     adapter = get_adapter(model)
     if adapter.generic:
@@ -480,11 +469,26 @@ def quantize(
     # data-free (weight-only round-to-nearest): no activations are captured or propagated
     inputs = (LayerInputs(hidden=[], kwargs=[]) if data_free
               else capture_layer0_inputs(model, adapter, calibration, batch_size, device, store))
+    budget = None
+    if config.dynamic_share > 0 and config.quantize_acts and config.act_policy == ActPolicy.THRESHOLDS:
+        budget = dynamic_budget(config.dynamic_share,
+                                sum(len(adapter.quantizable_linears(layer)) for layer in layers))
+    maxima = None  # one float pass serves the residual order and the budget's prediction
+    if budget is not None and dynamic_prediction is None:
+        if start_layer:
+            raise FptqError("resuming a run with dynamic_share needs the prediction it made (dynamic_prediction)")
+        maxima = float_pass_maxima(model, adapter, residual_inputs(inputs), device, load_layer=load_layer,
+                                   release_layer=release_layer)
+        dynamic_prediction = [sum(len(g.consumers) for g, v in zip(adapter.groups, row)
+                                  if strategy_for(config, v) == Strategy.DYNAMIC) for row in maxima[1]]
+        log.info("dynamic budget: %d Linears; the thresholds predicted to take %d", budget, sum(dynamic_prediction))
     perm = None
     if config.residual_order != "none" and not data_free:
-        perm = _sort_residual(model, adapter, inputs, device, residual_perm, load_layer, release_layer, start_layer)
+        perm = _sort_residual(model, adapter, inputs, device, residual_perm, load_layer, release_layer, start_layer,
+                              maxima[0] if maxima is not None else None)
     if resume_hidden is not None:
         _replace_hidden(inputs, resume_hidden)
+    dynamic_used, dynamic_extras = dynamic_spent
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -504,12 +508,17 @@ def quantize(
             phases = {"load": time.perf_counter() - t0}
             inputs.layer_index = i
             prefix = f"{adapter.layers_path}.{i}"
+            allowance = (dynamic_allowance(budget, i, dynamic_prediction, dynamic_used, dynamic_extras)
+                         if budget is not None else None)
             entries = (quantize_layer_weights(layer, prefix, adapter, config) if data_free else
                        quantize_layer(layer, prefix, adapter, config, inputs, device, heads, layer_generator(seed, i),
-                                      phases))
+                                      phases, allowance))
+            dynamic_used += sum(e.strategy == Strategy.DYNAMIC.value for e in entries.values())
+            dynamic_extras += sum(e.chosen_dynamic for e in entries.values())
             layer.to(layer_device)
             plan.layers.update(entries)
-            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs, phases, perm)
+            res = LayerResult(i, time.perf_counter() - t0, entries, layer, inputs, phases, perm,
+                              dynamic_prediction if budget is not None else None)
             if on_layer_done is not None:
                 on_layer_done(res)
             if bar is not None:

@@ -55,6 +55,15 @@ class LayerPlan:
     observer: str | None = None
     weight_method: str = "rtn"  # rtn | gptq | gptq-fallback-rtn | float
     weight_error: float | None = None  # relative Frobenius error of the quantized weight
+    # where config.dynamic_share weighed the group (its static Linears): the group's quantized output errors on
+    # the calibration sample with a static per-tensor and a dynamic per-token input scale (fptq.dynamic_budget)
+    static_error: float | None = None
+    dynamic_error: float | None = None
+
+    @property
+    def chosen_dynamic(self) -> bool:
+        """Dynamic because the budget of ``dynamic_share`` chose it (not the thresholds)."""
+        return self.strategy == "dynamic_token" and self.static_error is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None}

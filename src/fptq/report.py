@@ -65,6 +65,7 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
         + (" (not used: weight-only round-to-nearest is data-free)" if _data_free(plan) else ""),
         "",
         strategy_table(plan),
+        *_budget_line(plan),
         "",
         f"time       quantize {t.get('quantize', 0):.1f} s (load {t.get('load', 0):.1f} s, save {t.get('save', 0):.1f} s, "
         f"total {t.get('total', 0):.1f} s)",
@@ -90,6 +91,18 @@ def quantize_summary(plan: Plan, report: dict[str, Any]) -> str:
     if report.get("output"):
         lines.append(f"checkpoint {report['output']}")
     return "\n".join(lines)
+
+
+def _budget_line(plan: Plan) -> list[str]:
+    """How the dynamic budget (``dynamic_share``) was spent, when the plan had one."""
+    share = plan.config.get("dynamic_share") or 0
+    if not share or not plan.layers:
+        return []
+    n = len(plan.layers)
+    dyn = sum(lp.strategy == "dynamic_token" for lp in plan.layers.values())
+    chosen = sum(lp.chosen_dynamic for lp in plan.layers.values())
+    return [f"dynamic    {dyn} of {n} Linears ({100 * dyn / n:.1f}%, budget {100 * share:g}%): {dyn - chosen} by the "
+            f"thresholds, {chosen} by calibration error"]
 
 
 def _data_free(plan: Plan) -> bool:

@@ -25,7 +25,7 @@ from .errors import FptqError
 from .models import Adapter
 from .quant.reorder import permute_linear_inputs, permute_linear_outputs
 
-__all__ = ["RESIDUAL_ORDER_WINDOWS", "residual_inputs", "residual_channel_maxima", "residual_order",
+__all__ = ["RESIDUAL_ORDER_WINDOWS", "residual_inputs", "residual_channel_maxima", "float_pass_maxima", "residual_order",
            "residual_problem", "residual_axes", "permute_residual", "permute_residual_outside",
            "permute_residual_layer"]
 
@@ -79,23 +79,42 @@ def residual_channel_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInp
                             load_layer: Callable[[int, nn.Module], None] | None = None,
                             release_layer: Callable[[int, nn.Module], None] | None = None) -> torch.Tensor:
     """``[hidden]``: per channel, the largest ``|x|`` at the output of every norm that feeds Linears
-    (the producers of the ``norm`` fold groups), running ``inputs`` (layer 0's, see :func:`residual_inputs`;
-    replaced as they go) through the float layers one at a time on ``device``. A model loaded layer by
+    (the producers of the ``norm`` fold groups): :func:`float_pass_maxima`'s first result."""
+    return float_pass_maxima(model, adapter, inputs, device, load_layer=load_layer, release_layer=release_layer)[0]
+
+
+def float_pass_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device, *,
+                      load_layer: Callable[[int, nn.Module], None] | None = None,
+                      release_layer: Callable[[int, nn.Module], None] | None = None
+                      ) -> tuple[torch.Tensor, list[list[float]]]:
+    """One float pass of ``inputs`` (layer 0's, see :func:`residual_inputs`; replaced as they go) through the
+    layers, one at a time on ``device``: ``[hidden]`` per channel, the largest ``|x|`` at the output of every
+    norm that feeds Linears (the producers of the ``norm`` fold groups), and per layer, per fold group of the
+    adapter, the largest ``|x|`` at the group's input (what FPTQ's thresholds read). A model loaded layer by
     layer passes ``load_layer(i, layer)`` (materialise layer ``i``) and ``release_layer(i, layer)`` (drop it
     again); otherwise each layer goes back where it was."""
     best = torch.zeros(_hidden(model))
     norms = [g.producer for g in adapter.groups if g.kind == "norm"]
+    groups: list[list[float]] = []
 
     def hook(_m, _i, out):
         out = out[0] if isinstance(out, tuple) else out
         best.copy_(torch.maximum(best, out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float().cpu()))
+
+    def input_hook(j):
+        def record(_m, args):
+            groups[-1][j] = max(groups[-1][j], float(args[0].detach().abs().max()))
+        return record
 
     for i, layer in enumerate(adapter.layers(model)):
         if load_layer is not None:
             load_layer(i, layer)
         home = next(layer.parameters()).device
         layer.to(device)
+        groups.append([0.0] * len(adapter.groups))
         handles = [layer.get_submodule(n).register_forward_hook(hook) for n in norms]
+        handles += [layer.get_submodule(g.consumers[0]).register_forward_pre_hook(input_hook(j))
+                    for j, g in enumerate(adapter.groups)]
         try:
             inputs.layer_index = i
             run_layer(layer, inputs, device, name=f"{adapter.layers_path}.{i}", replace=True)
@@ -105,7 +124,7 @@ def residual_channel_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInp
             layer.to(home)
             if release_layer is not None:
                 release_layer(i, layer)
-    return best
+    return best, groups
 
 
 def residual_order(maxima: torch.Tensor) -> torch.Tensor:

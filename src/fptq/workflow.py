@@ -122,6 +122,18 @@ def _open_run(partial: Path, settings: dict[str, Any], layers_total: int, resume
     return PartialRun.create(partial, settings, layers_total)
 
 
+def _dynamic_budget_spent(run: PartialRun) -> dict[str, Any]:
+    """What the layers an unfinished run has done did with its dynamic budget (``config.dynamic_share``): the
+    prediction it spread the budget by (saved with layer 0), its dynamic Linears and how many of them were
+    chosen by error, as :func:`~fptq.pipeline.quantize` takes them."""
+    if not run.layers_done:
+        return {}
+    entries = [e for i in range(run.layers_done) for e in run.layer_info(i)["entries"].values()]
+    return {"dynamic_prediction": run.layer_info(0).get("dynamic_prediction"),
+            "dynamic_spent": (sum(e.strategy == "dynamic_token" for e in entries),
+                              sum(e.chosen_dynamic for e in entries))}
+
+
 def _layer_loader(weights: LazyWeights | None) -> Callable[[int, torch.nn.Module], None] | None:
     """Load each decoder layer from disk right before it is processed; the embedding stage's
     weights are dropped then (the first layer's inputs are captured by that time)."""
@@ -230,6 +242,8 @@ def quantize_to_dir(
 
     def checkpoint(res: LayerResult) -> None:
         extra = {"seconds": res.seconds, "phases": res.phases, "sizes": model_sizes(res.layer, bpp, keep_dtype)}
+        if res.index == 0 and res.dynamic_prediction is not None:  # what a resumed run spreads its budget by
+            extra["dynamic_prediction"] = res.dynamic_prediction
         run.save_layer(res.index, f"{layers_prefix}{res.index}.", res.layer, res.entries, res.inputs.hidden, extra,
                        res.residual_perm)
         LazyWeights.release_layer(res.layer)  # it is on disk now
@@ -254,7 +268,7 @@ def quantize_to_dir(
                          progress=progress, on_layer_done=checkpoint, start_layer=run.layers_done,
                          resume_hidden=run.load_hidden() if run.layers_done else None,
                          load_layer=_layer_loader(weights), release_layer=_layer_releaser(weights),
-                         residual_perm=saved_perm)
+                         residual_perm=saved_perm, **_dynamic_budget_spent(run))
             elif weights is None and saved_perm is not None:  # nothing left to quantize; the model in memory is
                 permute_residual_outside(fmodel, adapter, saved_perm)  # what the rest is written from
         except KeyboardInterrupt as e:
