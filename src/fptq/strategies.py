@@ -24,6 +24,8 @@ __all__ = ["ACT_MODE", "SEARCH_ROWS", "budget_candidate", "search_power", "searc
 
 
 def strategy_for(config: QuantConfig, v: float) -> Strategy:
+    """The activation strategy of a group of Linears whose input reaches ``v = max|x|``: the config's policy,
+    FPTQ's thresholds by default."""
     if not config.quantize_acts:
         return Strategy.FLOAT
     if config.act_policy == ActPolicy.STATIC:
@@ -45,9 +47,10 @@ def search_rows(sample: torch.Tensor | None) -> torch.Tensor | None:
         return sample
     return sample[:: -(-len(sample) // SEARCH_ROWS)]
 
+
 # the QuantLinear activation mode each strategy runs with
 ACT_MODE = {Strategy.STATIC: "static_tensor", Strategy.LAE_STATIC: "static_tensor",
-             Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}
+            Strategy.DYNAMIC: "dynamic_token", Strategy.FLOAT: "none"}
 
 
 def _search_kwargs(config: QuantConfig, group: FoldGroup) -> dict:
@@ -58,7 +61,7 @@ def _search_kwargs(config: QuantConfig, group: FoldGroup) -> dict:
 
 
 def search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
-                  strategy: Strategy) -> tuple[float, float | None]:
+                 strategy: Strategy) -> tuple[float, float | None]:
     """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
     group's quantized outputs on the first ``SEARCH_ROWS`` sampled calibration inputs (rows strided over
     every batch instead measured no better: bench/results/qwen_plan_levers.md, smol_signed.md), and that
@@ -73,7 +76,7 @@ def search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: In
 
 
 def budget_candidate(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats,
-                      s: torch.Tensor | None, key: int, static_error: float | None) -> DynamicCandidate | None:
+                     s: torch.Tensor | None, key: int, static_error: float | None) -> DynamicCandidate | None:
     """The group's quantized output errors with a static and with a dynamic input scale (its weights as they
     are before the fold of ``s``, the equalization scales it will get; ``static_error``: already measured by
     the power search), for :func:`~fptq.dynamic_budget.choose_dynamic`; ``None`` without a sample."""
@@ -92,7 +95,7 @@ def budget_candidate(config: QuantConfig, group: FoldGroup, layer: nn.Module, st
 
 
 def spend_dynamic_budget(decisions: list[tuple], candidates: list[DynamicCandidate], allowance: int,
-                          layer_prefix: str) -> None:
+                         layer_prefix: str) -> None:
     """Turn the static groups :func:`~fptq.dynamic_budget.choose_dynamic` picks dynamic, in ``decisions``
     (tuples of :func:`quantize_layer`: group, strategy, ..., note at index 10), within ``allowance`` Linears
     less those the thresholds already made dynamic."""
