@@ -29,8 +29,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # from every calibration token instead of 8192 sampled rows (KL divergence -12% / -12% on Qwen2.5 at 1.4x
     # the quantize time, -2% / -0% on SmolLM2 at 1.14x; bench/results/{qwen,smol}_default3_levers.md)
     # Since 2026-12-05 (fifth session): up to 10% of the Linears dynamic, those whose calibration output error
-    # drops most (fptq.dynamic_budget; every measure lower on both models, KL divergence -7% / -4% on
-    # Qwen2.5-Coder-0.5B, -12% / -13% on SmolLM2-135M, bench/results/x_{qwen,smol}_share.md; docs/results/defaults.md)
+    # drops most (fptq.dynamic_budget; KL divergence -4.9% / -2.9% on Qwen2.5-Coder-0.5B, -3.8% / -6.9% on
+    # SmolLM2-135M, 20 + 20 windows, every SmolLM2 measure lower, Qwen2.5's C4 perplexity +0.2%;
+    # bench/results/fptq_default4_{qwen,smol}_20.md, {qwen,smol}_dynamic_share.md; docs/results/defaults.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=0, gptq_act_order=True, weight_clip_search=True,
                  equalization_powers=(0.0, 0.5, 1.0), channel_order="weight", residual_order="max",
