@@ -54,7 +54,15 @@ from .residual import (
     residual_order,
     residual_problem,
 )
-from .strategies import ACT_MODE, budget_candidate, search_power, search_rows, spend_dynamic_budget, strategy_for
+from .strategies import (
+    ACT_MODE,
+    budget_candidate,
+    scoring_inputs,
+    search_power,
+    search_rows,
+    spend_dynamic_budget,
+    strategy_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +194,14 @@ def quantize_layer(
             stat = absmax if config.equalization_stat == "absmax" else st.channel_range().to(absmax.device)
             s_in, s_out = equalization_scales(config, group, layer, stat, heads)
             s_in = s_in.to(absmax.device)
+            # both searches score the weights before the fold, on one sample and its float outputs
+            scored = scoring_inputs(group, layer, st) if config.equalization_powers or budgeted else None
             if config.equalization_powers:
-                power, static_error = search_power(config, group, layer, st, s_in, strategy)
+                power, static_error = search_power(config, group, scored, s_in, strategy)
                 s_in, s_out = s_in.pow(power), s_out.pow(power)
-            if budgeted:  # measured on the weights before the fold
-                candidate = budget_candidate(config, group, layer, st, s_in, len(decisions), static_error)
+            if budgeted:
+                candidate = budget_candidate(config, group, scored, s_in, len(decisions), static_error)
+            del scored
             fold_group(adapter, group, layer, layer_prefix, s_in, s_out, heads)
             wcm = wcm / s_in
             absmax = wcm.amax(dim=0)
@@ -206,7 +217,7 @@ def quantize_layer(
             folded_into = f"{layer_prefix}.{group.producer}"
             max_scale = float(s_in.max())
         if budgeted and eq_name == "none":
-            candidate = budget_candidate(config, group, layer, st, None, len(decisions), None)
+            candidate = budget_candidate(config, group, scoring_inputs(group, layer, st), None, len(decisions), None)
         if candidate is not None:
             candidates.append(candidate)
         if wants_reorder(config, group):

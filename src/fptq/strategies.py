@@ -1,7 +1,8 @@
 """How each group of a decoder layer's Linears (those sharing one input) chooses its activation strategy and
 equalization power, scored on the calibration sample the statistics pass drew: FPTQ's thresholds
 (:func:`strategy_for`), the LAE power search (:func:`search_power`) and the budget of dynamic Linears
-(:func:`budget_candidate`, :func:`spend_dynamic_budget`; the maths in :mod:`fptq.dynamic_budget`)."""
+(:func:`budget_candidate`, :func:`spend_dynamic_budget`; the maths in :mod:`fptq.dynamic_budget`); the two
+searches share one :func:`scoring_inputs` per group."""
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,8 @@ from .quant.search import best_equalization_power, quantized_output_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACT_MODE", "SEARCH_ROWS", "budget_candidate", "search_power", "search_rows", "spend_dynamic_budget",
-           "strategy_for"]
+__all__ = ["ACT_MODE", "SEARCH_ROWS", "budget_candidate", "scoring_inputs", "search_power", "search_rows",
+           "spend_dynamic_budget", "strategy_for"]
 
 
 def strategy_for(config: QuantConfig, v: float) -> Strategy:
@@ -60,32 +61,41 @@ def _search_kwargs(config: QuantConfig, group: FoldGroup) -> dict:
                 weight_sign=config.weight_scale_sign)
 
 
-def search_power(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats, s_in: torch.Tensor,
-                 strategy: Strategy) -> tuple[float, float | None]:
-    """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
-    group's quantized outputs on the first ``SEARCH_ROWS`` sampled calibration inputs (rows strided over
-    every batch instead measured no better: bench/results/qwen_plan_levers.md, smol_signed.md), and that
-    error (``None`` without a sample)."""
-    x = st.sample(SEARCH_ROWS)
-    if x.numel() == 0:
-        return 1.0, None
-    weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
-    power, errs = best_equalization_power(x, weights, s_in.to(x.device), config.equalization_powers,
-                                          act_mode=ACT_MODE[strategy], **_search_kwargs(config, group))
-    return power, min(errs)
-
-
-def budget_candidate(config: QuantConfig, group: FoldGroup, layer: nn.Module, st: InputStats,
-                     s: torch.Tensor | None, key: int, static_error: float | None) -> DynamicCandidate | None:
-    """The group's quantized output errors with a static and with a dynamic input scale (its weights as they
-    are before the fold of ``s``, the equalization scales it will get; ``static_error``: already measured by
-    the power search), for :func:`~fptq.dynamic_budget.choose_dynamic`; ``None`` without a sample."""
+def scoring_inputs(group: FoldGroup, layer: nn.Module,
+                   st: InputStats) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None:
+    """What a group is scored on, built once for :func:`search_power` and :func:`budget_candidate`: its first
+    ``SEARCH_ROWS`` sampled calibration inputs (float32), its Linears' weights as they are now (before the
+    group's fold) and their float outputs; ``None`` without a sample."""
     x = st.sample(SEARCH_ROWS)
     if x.numel() == 0:
         return None
     x = x.float()
     weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
-    refs = [x @ w.t() for w in weights]
+    return x, weights, [x @ w.t() for w in weights]
+
+
+def search_power(config: QuantConfig, group: FoldGroup, scored: tuple | None, s_in: torch.Tensor,
+                 strategy: Strategy) -> tuple[float, float | None]:
+    """The equalization power of ``config.equalization_powers`` that leaves the smallest error in the
+    group's quantized outputs on ``scored`` (:func:`scoring_inputs`: the first ``SEARCH_ROWS`` sampled
+    calibration inputs; rows strided over every batch instead measured no better:
+    bench/results/qwen_plan_levers.md, smol_signed.md), and that error (``None`` without a sample)."""
+    if scored is None:
+        return 1.0, None
+    x, weights, refs = scored
+    power, errs = best_equalization_power(x, weights, s_in.to(x.device), config.equalization_powers, refs=refs,
+                                          act_mode=ACT_MODE[strategy], **_search_kwargs(config, group))
+    return power, min(errs)
+
+
+def budget_candidate(config: QuantConfig, group: FoldGroup, scored: tuple | None, s: torch.Tensor | None,
+                     key: int, static_error: float | None) -> DynamicCandidate | None:
+    """The group's quantized output errors on ``scored`` (:func:`scoring_inputs`) with a static and with a
+    dynamic input scale, ``s`` the equalization scales it will get (``static_error``: already measured by the
+    power search), for :func:`~fptq.dynamic_budget.choose_dynamic`; ``None`` without a sample."""
+    if scored is None:
+        return None
+    x, weights, refs = scored
     s = torch.ones(x.shape[1], device=x.device) if s is None else s.float().to(x.device)
     kw = _search_kwargs(config, group)
     if static_error is None:

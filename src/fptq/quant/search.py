@@ -82,12 +82,15 @@ def best_equalization_power(
     weights: list[torch.Tensor],
     s: torch.Tensor,
     powers: tuple[float, ...],
+    refs: list[torch.Tensor] | None = None,
     **kw,
 ) -> tuple[float, list[float]]:
     """The power ``beta`` in ``powers`` whose scales ``s**beta`` give the smallest
-    :func:`quantized_output_error`, and every candidate's error (ties: the first)."""
+    :func:`quantized_output_error`, and every candidate's error (ties: the first). ``refs``: the float
+    outputs ``x @ W_i^T`` when the caller has them already."""
     x = x.float()
-    refs = [x @ w.float().t() for w in weights]
+    if refs is None:
+        refs = [x @ w.float().t() for w in weights]
     errs = [quantized_output_error(x, weights, refs, s.float().pow(p), **kw) for p in powers]
     best = min(range(len(powers)), key=lambda i: errs[i])
     return powers[best], errs
