@@ -24,10 +24,8 @@ def channel_order(weights: list[torch.Tensor], scales: torch.Tensor | None = Non
     if any(w.shape[1] != k for w in weights):
         raise ValueError(f"the weights sharing an input must have the same number of columns, got "
                          f"{[tuple(w.shape) for w in weights]}")
-    if scales is not None:
-        sq = sum((w.float() * scales.view(1, -1)).pow(2).sum(dim=0) for w in weights)
-    else:
-        sq = sum(w.float().pow(2).sum(dim=0) for w in weights)
+    scaled = (w.float() if scales is None else w.float() * scales.view(1, -1) for w in weights)
+    sq = sum(w.pow(2).sum(dim=0) for w in scaled)
     return torch.argsort(sq, descending=True, stable=True)
 
 
