@@ -6,7 +6,7 @@ import torch
 
 import fptq
 from fptq.cli import main
-from fptq.kernels import native
+from fptq.kernels import fast_bfloat16, native
 
 from .conftest import make_tokenizer, sqnr_db, tiny_llama
 
@@ -56,7 +56,10 @@ def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_pa
                "--name", "t"])
     assert rc == 0
     data = json.loads((tmp_path / "b" / "t.json").read_text())
-    assert list(data["results"]) == ["bf16 (transformers)", "bf16 (fptq runtime)", "W4A8 (fptq)",
+    # the baseline is the float format a user runs on this CPU: bf16 where it is fast, else fp32 (AVX2)
+    base = "bf16" if fast_bfloat16("cpu") else "fp32"
+    assert data["meta"]["baseline"] == base and data["meta"]["cpu_kernels"].startswith(native.isa() or "none")
+    assert list(data["results"]) == [f"{base} (transformers)", f"{base} (fptq runtime)", "W4A8 (fptq)",
                                      "W4A8 (fptq.load, transformers API)"]
     api = data["results"]["W4A8 (fptq.load, transformers API)"]
     assert api["path"] == ("transformers forward on fptq's runtime" if native.available()
@@ -65,11 +68,11 @@ def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_pa
     w = data["results"]["W4A8 (fptq)"]
     assert set(w["tokens_per_s"]) == {"prefill_16", "decode_b1", "decode_b2"}
     assert all(s["median"] > 0 for s in w["tokens_per_s"].values())
-    assert data["results"]["bf16 (transformers)"]["ratio_vs_baseline"]["decode_b1"] == 1.0
-    # with the native kernels the quantized Linears take a fraction of the bf16 ones (packed 4-bit codes, 16-bit
-    # scales); the int8 fallback of CPUs without AVX-512 VNNI also caches int8 copies of the codes
+    assert data["results"][f"{base} (transformers)"]["ratio_vs_baseline"]["decode_b1"] == 1.0
+    # with the native kernels the quantized Linears take a fraction of the 16-bit ones (packed 4-bit codes, 16-bit
+    # scales); the int8 fallback (no native kernels) also caches int8 copies of the codes
     ratio = 0.5 if native.available() else 1.5
-    assert w["memory"]["linear_weight_bytes"] < ratio * data["results"]["bf16 (transformers)"]["memory"]["linear_weight_bytes"]
+    assert w["memory"]["linear_weight_bytes"] < ratio * data["results"][f"{base} (transformers)"]["memory"]["linear_weight_bytes"]
     md = (tmp_path / "b" / "t.md").read_text()
     assert "W4A8 (fptq): speed-up over each row" in md and (tmp_path / "b" / "t.png").stat().st_size > 0
 

@@ -1,9 +1,9 @@
-"""``fptq bench``: the seed's Table 2 for the model at hand -- tokens/s of W4A8 (fptq) against the 16-bit model
-(bf16 on CPU, fp16 on GPU), W8A8 (SmoothQuant) and W4A16 checkpoints, for prefill and decode, with the memory
-of each loaded model.
+"""``fptq bench``: the seed's Table 2 for the model at hand -- tokens/s of W4A8 (fptq) against the float model
+a user would run (bf16 on a CPU with fast bf16, fp32 on other CPUs such as AVX2 ones, fp16 on a GPU), W8A8
+(SmoothQuant) and W4A16 checkpoints, for prefill and decode, with the memory of each loaded model.
 
 All variants are timed in one process with interleaved repeats (for each repeat, each task, each variant), so
-that a noisy shared machine affects them alike; the table reports medians and ratios of medians to the 16-bit
+that a noisy shared machine affects them alike; the table reports medians and ratios of medians to the float
 baseline. Quantized checkpoints run on fptq's runtime (:mod:`fptq.runtime`) where it supports the
 architecture, else through transformers with fptq's kernels; on the CPU the W4A8 checkpoint is also timed as
 ``fptq.load(OUT)`` called through transformers' forward (the runtime behind it, :mod:`fptq.runtime.hf_fast`). Rows measured elsewhere (llama.cpp, by
@@ -105,7 +105,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [f"# fptq bench: {meta['model']}", "",
              f"device {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, {meta['repeats']} interleaved "
              f"repeats; decode: {meta['decode_steps']} new tokens after a {meta['prompt_len']}-token prompt per "
-             f"sequence. Tokens/s, median (ratio to {base}).", "",
+             f"sequence. Tokens/s, median (ratio to {base})."
+             + (f" CPU kernels: {meta['cpu_kernels']}." if meta.get("cpu_kernels") and meta["device"] == "cpu" else ""),
+             "",
              "| variant | " + " | ".join(tasks) + " | Linear weights | model |",
              "|---|" + "---|" * (len(tasks) + 2)]
     for n in names:
@@ -188,6 +190,16 @@ def _api_runner(path, backend: str):
     return r
 
 
+def baseline_dtype(device: torch.device) -> torch.dtype:
+    """The float format a user runs on ``device``, the baseline of the table: fp16 on a GPU, bf16 on a CPU with
+    fast bf16 matrix products (AVX-512 BF16, AMX), else fp32 (on an AVX2 CPU bf16 is emulated, slower than fp32)."""
+    from .kernels import fast_bfloat16
+
+    if device.type != "cpu":
+        return torch.float16
+    return torch.bfloat16 if fast_bfloat16(device) else torch.float32
+
+
 def cmd_bench(args) -> int:
     from .io import PLAN_NAME, REPORT_NAME
     from .models.loading import load_float_model
@@ -205,13 +217,13 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     float_src = args.float_model or report.get("source_model")
-    half = torch.bfloat16 if device == "cpu" else torch.float16
-    fmodel, _, _ = load_float_model(float_src, dtype=half)
+    base_dtype = baseline_dtype(torch.device(device))
+    fmodel, _, _ = load_float_model(float_src, dtype=base_dtype)
     fmodel = fmodel.to(device)
-    label16 = "bf16" if device == "cpu" else "fp16"
-    runners: dict[str, Any] = {f"{label16} (transformers)": _runner(fmodel, device, False, False)}
+    base_label = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[base_dtype]
+    runners: dict[str, Any] = {f"{base_label} (transformers)": _runner(fmodel, device, False, False)}
     if device == "cpu" and not args.no_runtime_bf16:
-        runners[f"{label16} (fptq runtime)"] = _runner(fmodel, device, True, False)
+        runners[f"{base_label} (fptq runtime)"] = _runner(fmodel, device, True, False)
     for label, path in (("W4A8 (fptq)", out), ("W8A8 (fptq, SmoothQuant)", args.w8a8), ("W4A16 (fptq)", args.w4a16)):
         if path:
             model = load_for_runtime(path, device=device, backend=args.backend)
@@ -225,7 +237,10 @@ def cmd_bench(args) -> int:
                         args.repeats)
     for peer in args.peer or []:
         merge_peer(results, json.loads(Path(peer).read_text()))
+    from .kernels import native
+
     meta = {"model": str(float_src or "default model"), "checkpoint": str(out), "device": device,
+            "baseline": base_label, "cpu_kernels": native.isa() or f"none ({native.unavailable_reason()})",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "decode_steps": args.decode_steps, "prompt_len": args.prompt_len,
             "tasks": task_names(args.prefill, args.decode_batch), "w8a8": args.w8a8, "w4a16": args.w4a16}
@@ -236,7 +251,7 @@ def cmd_bench(args) -> int:
         od.mkdir(parents=True, exist_ok=True)
         (od / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         (od / f"{args.name}.md").write_text(md)
-        chart(results, meta["tasks"], od / f"{args.name}.png", f"{Path(meta['model']).name}: speed vs {label16}")
+        chart(results, meta["tasks"], od / f"{args.name}.png", f"{Path(meta['model']).name}: speed vs {base_label}")
         print(f"wrote {od / args.name}.json, .md and .png")
     return 0
 
@@ -246,14 +261,15 @@ def _ints(s: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("bench", help="speed table: W4A8 vs the 16-bit model, W8A8 and W4A16 (prefill, decode, memory)",
+    b = sub.add_parser("bench", help="speed table: W4A8 vs the float model, W8A8 and W4A16 (prefill, decode, memory)",
                        description=__doc__.split("\n\n")[0])
     b.add_argument("checkpoint", help="fptq W4A8 checkpoint (fptq quantize output)")
     b.add_argument("--w8a8", default=None, help="a smoothquant-w8a8 checkpoint of the same model to time too")
     b.add_argument("--w4a16", default=None, help="a rtn-w4a16 (or gptq-w4a16) checkpoint of the same model to time too")
-    b.add_argument("--float-model", default=None, help="16-bit baseline (default: the checkpoint's source_model)")
+    b.add_argument("--float-model", default=None, help="float baseline (default: the checkpoint's source_model), run in bf16 on CPUs with fast bf16, "
+                        "fp32 on other CPUs, fp16 on GPUs")
     b.add_argument("--no-runtime-bf16", action="store_true",
-                   help="skip the 16-bit model on fptq's runtime (shows what the runtime alone brings)")
+                   help="skip the float model on fptq's runtime (shows what the runtime alone brings)")
     b.add_argument("--no-runtime", action="store_true",
                    help="time the quantized checkpoints through transformers' forward instead of fptq's runtime")
     b.add_argument("--kv-cache", choices=sorted(_KV), default="bf16",

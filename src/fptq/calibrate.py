@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import FptqError
+from .kernels import fast_bfloat16
 from .quant.gptq import HessianAccumulator, token_cap_weights
 
 __all__ = ["LayerInputs", "InputStats", "capture_layer0_inputs", "run_layer", "collect_input_stats",
@@ -22,23 +23,12 @@ __all__ = ["LayerInputs", "InputStats", "capture_layer0_inputs", "run_layer", "c
 log = logging.getLogger(__name__)
 
 
-def _fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are fast on ``device``: CUDA, or a CPU for which oneDNN has bfloat16
-    kernels (AVX-512 and newer); elsewhere autocast to bfloat16 would be slower than float32."""
-    if device.type != "cpu":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def execution_choices(config: QuantConfig, device: torch.device) -> QuantConfig:
     """``config`` with its execution choices fitted to ``device`` (what the plan then records): a bfloat16
     statistics pass only where bfloat16 is fast; ``propagate_backend="auto"`` is the native CPU kernels where
     they run, else the simulated path (the int8 fallbacks and the GPU kernels are not faster there)."""
     changes = {}
-    if config.calib_dtype == "bfloat16" and not _fast_bfloat16(device):
+    if config.calib_dtype == "bfloat16" and not fast_bfloat16(device):
         log.warning("no fast bfloat16 matrix products on this %s: the statistics pass runs in float32", device.type)
         changes["calib_dtype"] = "float32"
     if config.propagate_backend == "auto":

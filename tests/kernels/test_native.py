@@ -1,4 +1,6 @@
-"""fptq's native CPU kernels (AVX-512 VNNI, built at first use) against the torch reference maths."""
+"""fptq's native CPU kernels (AVX-512 VNNI and AVX2 builds, built at first use) against the torch reference maths.
+
+The tests that take the ``build`` fixture run once per build the CPU supports (an AVX-512 CPU runs both)."""
 import pytest
 import torch
 
@@ -10,6 +12,24 @@ from fptq.quant import (dequantize_weight, pack_int4, pack_int4_vnni, quantize_p
                         unpack_int4_vnni, vnni_padded_shape)
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+
+def _use_build(monkeypatch, isa: str) -> None:
+    """Load ``isa``'s build (``FPTQ_NATIVE=isa``), skipping the test where this CPU cannot run it."""
+    monkeypatch.setenv("FPTQ_NATIVE", isa)
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    if not native.available():
+        pytest.skip(f"{isa} build: {native.unavailable_reason()}")
+
+
+@pytest.fixture(params=[b.isa for b in native.BUILDS])
+def build(request, monkeypatch):
+    _use_build(monkeypatch, request.param)
+    yield request.param
+    monkeypatch.undo()
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
 
 
 def _weights(n, k, gs, seed=0):
@@ -47,10 +67,9 @@ def test_vnni_pack_rejects_out_of_range_codes():
         pack_int4_vnni(torch.full((16, 8), 9, dtype=torch.int8))
 
 
-@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 576), (7, 61), (33, 200)])
-def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k):
+def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k, build):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 5).to(dtype)
     x[0, 3] = 0.5 * 0.04  # a tie: round half to even, as torch.round
     gs, kp = 64, vnni_padded_shape(16, k)[1]
@@ -64,11 +83,10 @@ def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k):
     assert torch.equal(xq[:, :k], quantize_static(x, scale)) and torch.all(sx == 0.04)
 
 
-@needs_native
 @pytest.mark.parametrize("m,k,n,gs", [(1, 576, 1536, 64), (5, 200, 40, 64), (9, 576, 192, 128), (70, 64, 96, 32),
                                       (300, 128, 48, 128)])
 @pytest.mark.parametrize("mode", ["static_tensor", "dynamic_token"])
-def test_w4a8_gemm_matches_the_reference_maths(m, k, n, gs, mode):
+def test_w4a8_gemm_matches_the_reference_maths(m, k, n, gs, mode, build):
     q, s, p, ws = _weights(n, k, gs)
     bias = torch.randn(n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
@@ -82,8 +100,7 @@ def test_w4a8_gemm_matches_the_reference_maths(m, k, n, gs, mode):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@needs_native
-def test_w4a8_multi_gemm_writes_column_slices_and_accumulates():
+def test_w4a8_multi_gemm_writes_column_slices_and_accumulates(build):
     k, gs = 128, 64
     mats, refs = [], []
     x = torch.randn(4, k)
@@ -103,8 +120,7 @@ def test_w4a8_multi_gemm_writes_column_slices_and_accumulates():
     assert (out16.float() - (ref - 1)).abs().max() <= 2 ** -8 * (ref - 1).abs().max()  # bf16 rounding of the output
 
 
-@needs_native
-def test_w4a16_gemm_and_dequantize():
+def test_w4a16_gemm_and_dequantize(build):
     n, k, gs = 80, 200, 64
     q, s, p, ws = _weights(n, k, gs)
     w = dequantize_weight(q, s, gs)
@@ -116,8 +132,7 @@ def test_w4a16_gemm_and_dequantize():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@needs_native
-def test_fused_stages_match_torch():
+def test_fused_stages_match_torch(build):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 100, generator=g) * 4, torch.rand(100, generator=g) + 0.5
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
@@ -131,9 +146,8 @@ def test_fused_stages_match_torch():
     assert torch.allclose(act, torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], rtol=1e-5, atol=1e-6)
 
 
-@needs_native
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write(cache_dtype):
+def test_rope_and_cache_write(cache_dtype, build):
     b, t, h, hkv, hd, start, length = 2, 3, 4, 2, 16, 5, 12
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(b * t, (h + 2 * hkv) * hd, generator=g)
@@ -157,8 +171,7 @@ def test_rope_and_cache_write(cache_dtype):
     assert not kc[:, :, :start].any() and not vc[:, :, start + t:].any()
 
 
-@needs_native
-def test_quantlinear_native_backend_keeps_one_copy_and_saves_the_checkpoint_layout():
+def test_quantlinear_native_backend_keeps_one_copy_and_saves_the_checkpoint_layout(build):
     q, s, _, _ = _weights(48, 100, 32)
     lin = QuantLinear.from_codes(q, s, wbits=4, group_size=32, abits=8, act_mode="dynamic_token",
                                  bias=torch.randn(48))
@@ -181,16 +194,60 @@ def test_quantlinear_native_backend_keeps_one_copy_and_saves_the_checkpoint_layo
 
 def test_native_kernels_build_where_the_cpu_supports_them():
     """A build failure must fail the suite, not skip every native test: on an x86-64 Linux CPU with AVX-512
-    VNNI and a C compiler the kernels must be available."""
+    VNNI, or with AVX2, FMA and F16C, and a C compiler, the kernels must be available, the best build chosen."""
     import os
     import platform
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if platform.machine() != "x86_64" or "avx512_vnni" not in flags or native._compiler() is None:
-        pytest.skip("not an AVX-512 VNNI x86-64 machine with a C compiler")
-    if os.environ.get("FPTQ_NATIVE") == "0":
-        pytest.skip("FPTQ_NATIVE=0")
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if platform.machine() != "x86_64" or native._compiler() is None:
+        pytest.skip("not an x86-64 machine with a C compiler")
+    if os.environ.get("FPTQ_NATIVE", "1") != "1":
+        pytest.skip("FPTQ_NATIVE is set")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        want = "avx512_vnni"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        want = "avx2"
+    else:
+        pytest.skip("neither AVX-512 VNNI nor AVX2")
     assert native.available(), native.unavailable_reason()
+    assert native.isa() == want
+
+
+def test_an_unknown_native_setting_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv("FPTQ_NATIVE", "avx9")
+    native._load.cache_clear()
+    try:
+        assert not native.available()
+        assert "avx9" in native.unavailable_reason() and "avx2" in native.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
+def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
+    """Integer sums are exact and both builds apply the float steps in one order: quantized inputs, W4A8 and
+    W4A16 products (float32 and bfloat16 outputs, bias, accumulation) agree bit for bit."""
+    n, k, gs, m = 200, 264, 64, 11
+    q, s, p, ws = _weights(n, k, gs, seed=3)
+    bias = torch.randn(n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)) * 4
+    kp, groups = p.shape[1] * 8, ws.shape[0]
+    outs = {}
+    for isa in ("avx512_vnni", "avx2"):
+        _use_build(monkeypatch, isa)
+        xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
+        y32, y16 = torch.ones(m, n), torch.ones(m, n, dtype=torch.bfloat16)
+        gemm = native.W4A8Gemm([(p, ws, bias, n)], gs)
+        gemm(xq, xs, sx, [y32], accumulate=True)
+        gemm(xq, xs, sx, [y16], accumulate=True)
+        yf = torch.empty(3, n)
+        native.W4A16Gemm([(p, ws, None, n)], gs)(torch.nn.functional.pad(x[:3], (0, kp - k)), [yf])
+        outs[isa] = (xq, xs, sx, y32, y16, yf)
+    monkeypatch.undo()
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    for a, b in zip(outs["avx512_vnni"], outs["avx2"]):
+        assert torch.equal(a, b)
 
 
 def test_native_can_be_disabled(monkeypatch):
@@ -206,10 +263,9 @@ def test_native_can_be_disabled(monkeypatch):
         native._load.cache_clear()
 
 
-@needs_native
 @pytest.mark.parametrize("b,h,hkv,hd,length,dtype", [(1, 9, 3, 64, 640, torch.float32), (4, 9, 3, 64, 37, torch.bfloat16),
                                                      (2, 14, 2, 64, 1, torch.bfloat16), (3, 4, 4, 128, 17, torch.float32)])
-def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype):
+def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype, build):
     g = torch.Generator().manual_seed(length)
     q = torch.randn(b, h, hd, generator=g)
     k, v = (torch.randn(b, hkv, length + 5, hd, generator=g).to(dtype) for _ in range(2))

@@ -89,6 +89,18 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matrix products are fast on ``device``: CUDA, or a CPU for which oneDNN has bfloat16
+    kernels (AVX-512 and newer); elsewhere (AVX2 CPUs) PyTorch emulates them, slower than float32."""
+    dev = _as_device(device)
+    if dev.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _native_available() -> bool:
     from . import native
 

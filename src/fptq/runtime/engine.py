@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import FptqError
 from ..kernels import native
+from .head import head_logits, native_16bit
 from .linear import ModuleGroup, linear_group
 
 __all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason"]
@@ -157,6 +158,7 @@ class Engine:
         self._rope_len = 0
         self._cos = self._sin = None
         self._native = native.available()
+        self._head_native = native_16bit(self.lm_head.weight)
         self._workspaces: dict[tuple[int, int], dict] = {}  # (batch, tokens) -> reused buffers (see _workspace)
         self._attn_work: torch.Tensor | None = None
         # prompts: fptq's flash-attention kernel (bfloat16 dot products) where the CPU has AVX512-BF16
@@ -382,7 +384,7 @@ class Engine:
         w = self.lm_head.weight
         if logits == "hidden":
             return h.to(w.dtype)
-        out = F.linear(h.to(w.dtype), w, self.lm_head.bias).float()
+        out = head_logits(h, w, self.lm_head.bias, self._head_native).float()
         if timer:
             timer.mark(f"final norm + lm_head ({w.dtype})".replace("torch.", ""))
         return out

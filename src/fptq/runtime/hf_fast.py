@@ -32,6 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
+from .head import head_logits, native_16bit
 from .loading import keep_stored_dtypes
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class RuntimeHead(nn.Linear):
     transformers hands the head ``hidden[:, -1:, :]`` (``logits_to_keep``), a strided view; PyTorch's CPU
     bfloat16 ``linear`` takes a slow path on such a view (measured for SmolLM2's 49152 x 576 head: 63 ms at
     batch 1, 870 ms at batch 16, against 4 and 6 ms for the same rows made contiguous). The copy of the rows
-    costs nothing next to that; the values are the same."""
+    costs nothing next to that. The product is :func:`~fptq.runtime.head.head_logits` (float32 blocks for
+    many rows where bfloat16 is emulated)."""
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "RuntimeHead":
@@ -116,7 +118,8 @@ class RuntimeHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        return super().forward(x.reshape(-1, x.shape[-1]).contiguous()).view(*lead, self.out_features)
+        y = head_logits(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias, native_16bit(self.weight))
+        return y.view(*lead, self.out_features)
 
 
 def _output_class():

@@ -1,14 +1,17 @@
-"""fptq's native CPU kernels (AVX-512 VNNI), compiled on first use and called through ctypes.
+"""fptq's native CPU kernels (AVX-512 VNNI, or AVX2), compiled on first use and called through ctypes.
 
-The C source (``w4a8.c`` beside this file) is compiled once per source version and compiler by the system C
-compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (:func:`fptq.paths.kernels_cache_dir`; the
+Two builds of one interface (:data:`BUILDS`): ``w4a8.c`` for CPUs with AVX-512 VNNI and ``w4a8_avx2.c`` for
+x86-64 CPUs with AVX2, FMA and F16C only (both include ``w4a8_common.h``); the first build this CPU supports is
+used, :func:`isa` says which. The AVX2 build gives the same results; it lacks only the bfloat16 prompt attention
+(:func:`has_bf16` is false there and the runtime uses PyTorch's attention). A source is compiled once per source
+version and compiler by the system C compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (:func:`fptq.paths.kernels_cache_dir`; the
 cache is ``$FPTQ_CACHE``, else ``~/.cache/fptq``), then loaded with :mod:`ctypes`. Nothing is built at install time and nothing else is
 needed: no torch headers, no ninja. The OpenMP runtime is the one torch already loaded (same soname), so the
 kernels and torch share one thread pool.
 
-:func:`library` returns the loaded library, or ``None`` when this machine cannot use it (no AVX-512 VNNI, no C
-compiler, or the build failed); :func:`unavailable_reason` says why. Callers then use the pure-torch backends.
-Set ``FPTQ_NATIVE=0`` to disable the native kernels.
+:func:`library` returns the loaded library, or ``None`` when this machine cannot use it (neither AVX-512 VNNI
+nor AVX2, no C compiler, or the build failed); :func:`unavailable_reason` says why. Callers then use the pure-torch backends.
+Set ``FPTQ_NATIVE=0`` to disable the native kernels, ``FPTQ_NATIVE=avx2`` to use the AVX2 build on an AVX-512 CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -31,15 +35,32 @@ log = logging.getLogger(__name__)
 
 __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm", "W4A16Gemm", "dequantize_w4",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention",
-           "prefill_attention", "prefill_attention_work_bytes", "has_bf16", "source_path"]
+           "prefill_attention", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
 
-_SRC = Path(__file__).with_name("w4a8.c")
-_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-           "-mavx512dq", "-mfma", "-mf16c", "-fno-math-errno"]
+_DIR = Path(__file__).parent
+_COMMON = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+
+
+class Build(NamedTuple):
+    """One build of the kernels: its instruction set, C source and compiler flags."""
+
+    isa: str
+    source: str
+    flags: tuple[str, ...]
+
+
+# In order of preference: the first whose library says the CPU supports it is used.
+BUILDS = (
+    Build("avx512_vnni", "w4a8.c", _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512dq",
+                                               "-mfma", "-mf16c")),
+    Build("avx2", "w4a8_avx2.c", _COMMON + ("-mavx2", "-mfma", "-mf16c")),
+)
+_HEADER = "w4a8_common.h"
 
 
 def source_path() -> Path:
-    return _SRC
+    """The AVX-512 source (the reference build)."""
+    return _DIR / BUILDS[0].source
 
 
 def _compiler() -> str | None:
@@ -49,18 +70,19 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(_CFLAGS).encode() + cc.encode()).hexdigest()[:16]
-    out = kernels_cache_dir() / f"fptq_w4a8-{key}.so"
+def _build(cc: str, build: Build) -> Path:
+    src = (_DIR / build.source).read_bytes() + (_DIR / _HEADER).read_bytes()
+    key = hashlib.sha256(src + " ".join(build.flags).encode() + cc.encode()).hexdigest()[:16]
+    out = kernels_cache_dir() / f"fptq_w4a8_{build.isa}-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        log.info("compiling fptq's native CPU kernels (once) into %s", out)
-        r = subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+        log.info("compiling fptq's native CPU kernels for %s (once) into %s", build.isa, out)
+        r = subprocess.run([cc, *build.flags, str(_DIR / build.source), "-o", tmp, "-lm"], capture_output=True,
+                           text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:2000]}")
         os.replace(tmp, out)  # atomic: a concurrent build or an interrupted one never leaves a half file
@@ -96,11 +118,13 @@ def _declare(lib) -> None:
     lib.fptq_cpu_has_bf16.restype = _c_int
     lib.fptq_prefill_attention_work.restype = _c_i64
     lib.fptq_prefill_attention_work.argtypes = [_c_int, _c_int, _c_int, _c_int]
+    lib.fptq_dequant_w4.restype = None
+    lib.fptq_dequant_w4.argtypes = [_p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _c_i64, _c_int]
+    if not hasattr(lib, "fptq_prefill_attention"):  # the AVX2 build has no bfloat16 prompt attention
+        return
     lib.fptq_prefill_attention.restype = None
     lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
                                            _c_int, _c_float, _p, _p, _c_int]
-    lib.fptq_dequant_w4.restype = None
-    lib.fptq_dequant_w4.argtypes = [_p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _c_i64, _c_int]
 
 
 class _Mat(ctypes.Structure):
@@ -111,23 +135,32 @@ class _Mat(ctypes.Structure):
 
 
 @functools.cache
-def _load() -> tuple[object | None, str]:
-    if os.environ.get("FPTQ_NATIVE", "1") == "0":
-        return None, "disabled by FPTQ_NATIVE=0"
+def _load() -> tuple[object | None, str, str]:
+    """``(library, isa, why not)``: the first of :data:`BUILDS` that builds and that this CPU supports."""
+    choice = os.environ.get("FPTQ_NATIVE", "1")
+    if choice == "0":
+        return None, "", "disabled by FPTQ_NATIVE=0"
+    builds = BUILDS if choice in ("", "1") else tuple(b for b in BUILDS if b.isa == choice)
+    if not builds:
+        return None, "", (f"FPTQ_NATIVE={choice!r} is not a setting: 0 (off), 1 (the best build this CPU supports) "
+                          f"or a build: {', '.join(b.isa for b in BUILDS)}")
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
-        return None, f"the native kernels are for x86-64 Linux (this is {sys.platform} {os.uname().machine})"
+        return None, "", f"the native kernels are for x86-64 Linux (this is {sys.platform} {os.uname().machine})"
     cc = _compiler()
     if cc is None:
-        return None, "no C compiler found (install gcc, or set CC)"
-    try:
-        path = _build(cc)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-    except (OSError, RuntimeError) as e:
-        return None, f"building the native kernels failed: {e}"
-    if not lib.fptq_cpu_supported():
-        return None, "this CPU lacks AVX-512 VNNI"
-    return lib, ""
+        return None, "", "no C compiler found (install gcc, or set CC)"
+    failures = []
+    for build in builds:
+        try:
+            lib = ctypes.CDLL(str(_build(cc, build)))
+            _declare(lib)
+        except (OSError, RuntimeError, AttributeError) as e:
+            failures.append(f"building the {build.isa} kernels failed: {e}")
+            continue
+        if lib.fptq_cpu_supported():
+            return lib, build.isa, ""
+        failures.append(f"this CPU lacks {build.isa.replace('_', ' ').upper().replace('AVX512', 'AVX-512')}")
+    return None, "", "; ".join(failures)
 
 
 def library():
@@ -140,6 +173,11 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
+    return _load()[2]
+
+
+def isa() -> str:
+    """The instruction set of the loaded build (``"avx512_vnni"`` or ``"avx2"``), or ``""`` when unavailable."""
     return _load()[1]
 
 
