@@ -6,7 +6,7 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
     simulated quantization in float32 (``QuantLinear.reference_forward``);
     any device.
 ``native``
-    CPU (default there when the CPU has AVX-512 VNNI and a C compiler is present): fptq's own kernels, exact
+    CPU (default there when the CPU has AVX-512 VNNI or AVX2 and a C compiler is present): fptq's own kernels, exact
     group-wise W4A8 on the packed 4-bit codes (repacked once in place; no int8 copy), and W4A16 on the same
     codes. See :mod:`fptq.kernels.cpu_native` and :mod:`fptq.kernels.native`.
 ``int8_perchannel``

@@ -1,4 +1,4 @@
-"""The ``native`` backend of :class:`~fptq.nn.QuantLinear`: fptq's AVX-512 VNNI kernels (:mod:`.native`).
+"""The ``native`` backend of :class:`~fptq.nn.QuantLinear`: fptq's C kernels (:mod:`.native`; AVX-512 VNNI or AVX2).
 
 * 4-bit weights with int8 activations (W4A8, static or dynamic): exact group-wise integer kernel reading the
   packed 4-bit codes (repacked once, in place, into the kernel's layout: no int8 copy is kept).
