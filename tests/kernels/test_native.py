@@ -213,12 +213,14 @@ def test_native_kernels_build_where_the_cpu_supports_them():
     assert native.isa() == want
 
 
-def test_an_unknown_native_setting_is_refused_with_the_choices(monkeypatch):
+def test_an_unknown_native_setting_is_refused_with_the_choices(monkeypatch, caplog):
     monkeypatch.setenv("FPTQ_NATIVE", "avx9")
     native._load.cache_clear()
     try:
-        assert not native.available()
+        with caplog.at_level("WARNING", logger="fptq.kernels.native"):
+            assert not native.available()
         assert "avx9" in native.unavailable_reason() and "avx2" in native.unavailable_reason()
+        assert any("avx9" in r.message for r in caplog.records)  # said once, not only on request
     finally:
         monkeypatch.undo()
         native._load.cache_clear()

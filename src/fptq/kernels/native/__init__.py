@@ -142,8 +142,10 @@ def _load() -> tuple[object | None, str, str]:
         return None, "", "disabled by FPTQ_NATIVE=0"
     builds = BUILDS if choice in ("", "1") else tuple(b for b in BUILDS if b.isa == choice)
     if not builds:
-        return None, "", (f"FPTQ_NATIVE={choice!r} is not a setting: 0 (off), 1 (the best build this CPU supports) "
-                          f"or a build: {', '.join(b.isa for b in BUILDS)}")
+        why = (f"FPTQ_NATIVE={choice!r} is not a setting: 0 (off), 1 (the best build this CPU supports) or a build: "
+               f"{', '.join(b.isa for b in BUILDS)}")
+        log.warning("%s; the native kernels are off", why)
+        return None, "", why
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
         return None, "", f"the native kernels are for x86-64 Linux (this is {sys.platform} {os.uname().machine})"
     cc = _compiler()
