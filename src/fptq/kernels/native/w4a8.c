@@ -179,11 +179,9 @@ static void tile_w4_dispatch(int mt, const int8_t* xq, const int32_t* xsum, cons
  * mats[i].y[m, n] (+)= the product of the header, for every m < M and n < mats[i].N. */
 void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
                     const fptq_mat* mats, int nmat, int nthreads) {
-    int total = 0;
     int starts[17];
     if (nmat > 16) return;
-    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 16; }
-    starts[nmat] = total;
+    const int total = fptq_task_starts(mats, nmat, 16, starts);
     /* M is cut into chunks so that a chunk of activation rows stays in L2 while the n-blocks stream past */
     const int mchunk = 256;
 #pragma omp parallel num_threads(nthreads)
@@ -192,8 +190,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
             const int me = mc + mchunk < M ? mc + mchunk : M;
 #pragma omp for schedule(static) nowait
             for (int j = 0; j < total; j++) {
-                int i = 0;
-                while (j >= starts[i + 1]) i++;
+                const int i = fptq_task_matrix(starts, j);
                 const fptq_mat* mat = &mats[i];
                 const int nb = j - starts[i];
                 if (nb * 16 >= mat->N) continue;
@@ -249,15 +246,12 @@ static inline __attribute__((always_inline)) void tile_w4f(
 
 void fptq_gemm_w4f(const float* x, int64_t ldx, int M, int Kp, int G, int gs, const fptq_mat* mats, int nmat,
                    int nthreads) {
-    int total = 0;
     int starts[17];
     if (nmat > 16) return;
-    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 16; }
-    starts[nmat] = total;
+    const int total = fptq_task_starts(mats, nmat, 16, starts);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int j = 0; j < total; j++) {
-        int i = 0;
-        while (j >= starts[i + 1]) i++;
+        const int i = fptq_task_matrix(starts, j);
         const fptq_mat* mat = &mats[i];
         const int nb = j - starts[i];
         if (nb * 16 >= mat->N) continue;

@@ -195,11 +195,9 @@ static void tile_w4_dispatch(int mt, const int8_t* xq, const int32_t* xsum, cons
 /* The W4A8 products of one quantized input with nmat weight matrices (see w4a8.c); tasks are 8-row halves. */
 void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
                     const fptq_mat* mats, int nmat, int nthreads) {
-    int total = 0;
     int starts[17];
     if (nmat > 16) return;
-    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 8; }
-    starts[nmat] = total;
+    const int total = fptq_task_starts(mats, nmat, 8, starts);
     const int mchunk = 256;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -207,8 +205,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
             const int me = mc + mchunk < M ? mc + mchunk : M;
 #pragma omp for schedule(static) nowait
             for (int j = 0; j < total; j++) {
-                int i = 0;
-                while (j >= starts[i + 1]) i++;
+                const int i = fptq_task_matrix(starts, j);
                 const fptq_mat* mat = &mats[i];
                 const int hb = j - starts[i], nb = hb >> 1, half = hb & 1;
                 if (nb * 16 + 8 * half >= mat->N) continue;
@@ -267,15 +264,12 @@ static inline __attribute__((always_inline)) void tile_w4f(
 
 void fptq_gemm_w4f(const float* x, int64_t ldx, int M, int Kp, int G, int gs, const fptq_mat* mats, int nmat,
                    int nthreads) {
-    int total = 0;
     int starts[17];
     if (nmat > 16) return;
-    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / 8; }
-    starts[nmat] = total;
+    const int total = fptq_task_starts(mats, nmat, 8, starts);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int j = 0; j < total; j++) {
-        int i = 0;
-        while (j >= starts[i + 1]) i++;
+        const int i = fptq_task_matrix(starts, j);
         const fptq_mat* mat = &mats[i];
         const int hb = j - starts[i], nb = hb >> 1, half = hb & 1;
         if (nb * 16 + 8 * half >= mat->N) continue;

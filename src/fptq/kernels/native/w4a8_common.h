@@ -31,6 +31,22 @@ typedef struct {
     int Np, N, accumulate, out_bf16;
 } fptq_mat;
 
+/* A (multi-)GEMM's parallel tasks: the padded output rows of its nmat (<= 16) matrices cut into blocks of `rows`,
+ * numbered across the matrices. Writes starts[i], matrix i's first task, and starts[nmat]; returns the total. */
+static inline int fptq_task_starts(const fptq_mat* mats, int nmat, int rows, int* starts) {
+    int total = 0;
+    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / rows; }
+    starts[nmat] = total;
+    return total;
+}
+
+/* The matrix that task j belongs to. */
+static inline int fptq_task_matrix(const int* starts, int j) {
+    int i = 0;
+    while (j >= starts[i + 1]) i++;
+    return i;
+}
+
 /* Dequantize vnni-packed 4-bit weights to bf16 [N, K] (row stride ldo): out[n, k] = q[n, k] * ws[g(k), n]. */
 void fptq_dequant_w4(const uint8_t* w, const uint16_t* ws, int Np, int N, int K, int Kp, int gs, uint16_t* out,
                      int64_t ldo, int nthreads) {
