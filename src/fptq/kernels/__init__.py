@@ -38,6 +38,7 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable
 
@@ -92,9 +93,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def fast_bfloat16(device: torch.device | str) -> bool:
     """Whether bfloat16 matrix products are fast on ``device``: CUDA, or a CPU for which oneDNN has bfloat16
     kernels (AVX-512 and newer); elsewhere (AVX2 CPUs) PyTorch emulates them, slower than float32."""
-    dev = _as_device(device)
-    if dev.type != "cpu":
-        return True
+    return _as_device(device).type != "cpu" or _cpu_fast_bfloat16()
+
+
+@functools.cache
+def _cpu_fast_bfloat16() -> bool:
+    """Asked once per process: the runtime's head asks on every forward."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
