@@ -1,9 +1,10 @@
 """Speed through the transformers API: ``fptq.load(OUT)`` then ``model(...)`` / ``model.generate(...)``, as a
-transformers user calls any causal LM, against the 16-bit source model through transformers (bf16 on the CPU).
+transformers user calls any causal LM, against the 16-bit source model through transformers (bf16 on CPUs with
+fast bf16 products, fp32 on AVX2 CPUs where bf16 is emulated: :func:`fptq.bench.baseline_dtype`).
 
-Rows, each timed the same way in one process with interleaved repeats (ratios of medians to the bf16 row):
+Rows, each timed the same way in one process with interleaved repeats (ratios of medians to the baseline row):
 
-* ``bf16 (transformers)``: the source model in bfloat16;
+* ``bf16 (transformers)`` (or ``fp32``): the source model in the baseline dtype;
 * ``W4A8 fptq.load (runtime)``: ``fptq.load(OUT)``, whose forward and ``generate`` run on fptq's runtime;
 * ``W4A8 fptq.load (modules)``: ``fptq.load(OUT, runtime="off")``, fptq's kernels Linear by Linear inside
   transformers' forward (what ``fptq.load`` gave before the runtime went behind it);
@@ -14,9 +15,10 @@ Tasks: ``prefill_N``: ``model(ids)`` on one N-token prompt (all logits, the call
 ``generate_bB``: ``model.generate`` of 32 new tokens (greedy, ``min_new_tokens`` = ``max_new_tokens``) after a
 16-token prompt, batch B (tokens/s counts the new tokens; the prompt's forward is inside the timing);
 ``decode_bB``: the same 32 steps as a loop of ``model(next_ids, cache=cache, logits_to_keep=1)`` after the
-prompt, the prompt outside the timing (:class:`fptq.runtime.timing.HFRunner`, what ``fptq bench`` times). Then the perplexity of the runtime row and of the
-modules row on the same WikiText-2 and C4 windows: the runtime's logits are the integer kernels' (target: within
-0.5 % of ``fptq eval``, which runs the modules path).
+prompt, the prompt outside the timing (:class:`fptq.runtime.timing.HFRunner`, what ``fptq bench`` times). Then the perplexity of the runtime with
+the int8 output head on every position (``head="int8"``), with the checkpoint's stored head, and of the modules
+row on the same WikiText-2 and C4 windows: the runtime's logits are the integer kernels' (target: within 0.5 % of
+``fptq eval``, which runs the modules path).
 
 Run alone on the machine::
 
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 and C4 windows of 2048 for the perplexity check")
+    p.add_argument("--head", default="auto", help="the runtime's output head (auto, int8, stored; default auto)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default="transformers_api")
     return p.parse_args(argv)
@@ -62,6 +65,7 @@ def _generate_hf(model, ids, n):
 def main(argv=None) -> int:
     a = parse_args(argv)
     import fptq
+    from fptq.bench import baseline_dtype
     from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_windows
     from fptq.models.loading import load_float_model
     from fptq.runtime.hf_fast import uses_runtime
@@ -71,15 +75,17 @@ def main(argv=None) -> int:
     out = Path(a.checkpoint)
     report = json.loads((out / "quantize_report.json").read_text())
     src = a.float_model or report.get("source_model")
-    bf16, tok, _ = load_float_model(src, dtype=torch.bfloat16)
-    fast = fptq.load(out)
+    base_dtype = baseline_dtype(torch.device("cpu"))
+    base = {torch.bfloat16: "bf16", torch.float32: "fp32"}[base_dtype]
+    fmodel, tok, _ = load_float_model(src, dtype=base_dtype)
+    fast = fptq.load(out, head=a.head)
     if not uses_runtime(fast):
         sys.exit("fptq.load did not attach fptq's runtime here (see the log); nothing to measure")
     modules = fptq.load(out, runtime="off")
     from fptq.runtime import load_for_runtime
     from fptq.runtime.timing import EngineRunner, HFRunner
 
-    er = EngineRunner(load_for_runtime(out))  # what fptq.Engine.from_checkpoint(OUT) builds
+    er = EngineRunner(load_for_runtime(out), head=a.head)  # what fptq.Engine.from_checkpoint(OUT) builds
     engine = er.engine
 
     def hf_rows(model):
@@ -87,12 +93,12 @@ def main(argv=None) -> int:
         return {"prefill": lambda ids: model(ids), "generate": lambda ids: _generate_hf(model, ids, a.new_tokens),
                 "decode": lambda ids: r.decode(ids, a.new_tokens)}
 
-    rows = {"bf16 (transformers)": hf_rows(bf16), "W4A8 fptq.load (runtime)": hf_rows(fast),
+    rows = {f"{base} (transformers)": hf_rows(fmodel), "W4A8 fptq.load (runtime)": hf_rows(fast),
             "W4A8 fptq.load (modules)": hf_rows(modules),
             "W4A8 Engine": {"prefill": lambda ids: engine.forward(ids, engine.new_cache(*ids.shape), logits="all"),
                             "generate": lambda ids: engine.generate(ids, a.new_tokens),
                             "decode": lambda ids: er.decode(ids, a.new_tokens)}}
-    vocab = bf16.config.vocab_size
+    vocab = fmodel.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefill = [int(x) for x in a.prefill.split(",") if x]
     batches = [int(x) for x in a.batches.split(",") if x]
@@ -113,30 +119,37 @@ def main(argv=None) -> int:
                     dt = timed if kind == "decode" else time.perf_counter() - t0  # decode: its own timer
                     n = ids.numel() if kind == "prefill" else ids.shape[0] * a.new_tokens
                     raw[name][task].append(n / dt)
-        base = raw["bf16 (transformers)"]
+        ref = raw[f"{base} (transformers)"]
         speed = {name: {t: {"tokens_per_s": statistics.median(v), "all": v,
-                            "ratio_vs_bf16": statistics.median(v) / statistics.median(base[t])}
+                            "ratio_vs_baseline": statistics.median(v) / statistics.median(ref[t])}
                         for t, v in per.items()} for name, per in raw.items()}
     ppl = {}
+    # every position's logits from the int8 head ("auto" hands a window's 2048 rows to the stored head)
+    int8, stored = fptq.load(out, head="int8"), fptq.load(out, head="stored")
     for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())):
         windows = token_windows(tok, load_eval_text(str(path)), 2048, a.ppl_windows)
-        r = {"runtime": evaluate_perplexity(fast, windows, desc=f"{data} runtime")["ppl"],
+        r = {"runtime": evaluate_perplexity(int8, windows, desc=f"{data} int8 head")["ppl"],
+             "runtime_stored_head": evaluate_perplexity(stored, windows, desc=f"{data} stored head")["ppl"],
              "modules": evaluate_perplexity(modules, windows, desc=f"{data} modules")["ppl"]}
-        ppl[data] = {**r, "relative_difference": r["runtime"] / r["modules"] - 1}
-    res = {"meta": {"checkpoint": str(out), "float_model": str(src), "repeats": a.repeats,
+        ppl[data] = {**r, "relative_difference": r["runtime"] / r["modules"] - 1,
+                     "stored_head_relative_difference": r["runtime_stored_head"] / r["modules"] - 1}
+    res = {"meta": {"checkpoint": str(out), "float_model": str(src), "repeats": a.repeats, "baseline": base,
+                    "head": fast.lm_head.product.kind,
                     "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
            "speed": speed, "ppl": ppl, "command": "python bench/transformers_api.py " + " ".join(argv or sys.argv[1:])}
     tasks = list(prompts)
     md = [f"# Speed through the transformers API ({Path(str(src)).name})", "",
-          f"{machine()['threads']} threads, {a.repeats} interleaved repeats; tokens/s, median (ratio to bf16). "
+          f"{machine()['threads']} threads, {a.repeats} interleaved repeats; tokens/s, median (ratio to {base}). "
+          f"The runtime's output head: {res['meta']['head']}. "
           f"generate: {a.new_tokens} new tokens after a {a.prompt_len}-token prompt per sequence.", "",
           "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, per in speed.items():
-        md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_bf16']:.2f}x)"
+        md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_baseline']:.2f}x)"
                                               for t in tasks) + " |")
-    md += ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime) against fptq.load "
-           "(modules, what `fptq eval` runs): " + "; ".join(
-               f"{d} {p['runtime']:.3f} vs {p['modules']:.3f} ({100 * p['relative_difference']:+.2f}%)"
+    md += ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime, int8 head on every "
+           "position) and with the stored head, against fptq.load (modules, what `fptq eval` runs): " + "; ".join(
+               f"{d} {p['runtime']:.3f} / {p['runtime_stored_head']:.3f} vs {p['modules']:.3f} "
+               f"({100 * p['relative_difference']:+.2f}% / {100 * p['stored_head_relative_difference']:+.2f}%)"
                for d, p in ppl.items()) + ".", "", f"Command: `{res['command']}`"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2))

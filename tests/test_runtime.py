@@ -49,18 +49,40 @@ def test_generate_with_hf_generate(checkpoint):
     assert text == text2  # greedy is deterministic
 
 
+def test_generate_command_streams_on_the_runtime_with_either_head(checkpoint, capsys):
+    """``fptq generate``: greedy text from the runtime, the same first tokens with the int8 and the stored head
+    on this tiny model; an unknown head is refused by the parser."""
+    out, _ = checkpoint
+    texts = []
+    for head in ("auto", "stored"):
+        assert main(["generate", str(out), "--prompt", "the quick", "--no-chat", "--max-new-tokens", "3",
+                     "--head", head]) == 0
+        printed = capsys.readouterr().out
+        assert "fptq runtime]" in printed and "3 tokens in" in printed
+        texts.append(printed.split("\n[3 tokens")[0])
+    assert texts[0] == texts[1]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(out), "--prompt", "x", "--head", "int4"])
+    assert e.value.code == 2
+
+
 def test_bench_command_writes_the_speed_table(checkpoint, tiny_model_dir, tmp_path, capsys):
     out, _ = checkpoint
     rc = main(["bench", str(out), "--float-model", str(tiny_model_dir), "--prefill", "16", "--decode-batch", "1,2",
                "--decode-steps", "2", "--prompt-len", "8", "--repeats", "1", "--device", "cpu", "-o", str(tmp_path / "b"),
-               "--name", "t"])
+               "--name", "t", "--stored-head-row"])
     assert rc == 0
     data = json.loads((tmp_path / "b" / "t.json").read_text())
     # the baseline is the float format a user runs on this CPU: bf16 where it is fast, else fp32 (AVX2)
     base = "bf16" if fast_bfloat16("cpu") else "fp32"
     assert data["meta"]["baseline"] == base and data["meta"]["cpu_kernels"].startswith(native.isa() or "none")
     assert list(data["results"]) == [f"{base} (transformers)", f"{base} (fptq runtime)", "W4A8 (fptq)",
-                                     "W4A8 (fptq.load, transformers API)"]
+                                     "W4A8 (fptq, stored head)", "W4A8 (fptq.load, transformers API)"]
+    # the runtime's head: int8 for the quantized checkpoint (native kernels), the float model's own on its row
+    paths = {k: v["path"] for k, v in data["results"].items()}
+    assert paths["W4A8 (fptq)"].endswith("; int8 head)") == native.available()
+    assert "int8 head" not in paths[f"{base} (fptq runtime)"]
+    assert "int8 head" not in paths["W4A8 (fptq, stored head)"]
     api = data["results"]["W4A8 (fptq.load, transformers API)"]
     assert api["path"] == ("transformers forward on fptq's runtime" if native.available()
                            else "transformers forward + fptq kernels")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import FptqError
+from .runtime.head import HEADS
 
 __all__ = ["run_bench", "bench_prompts", "markdown", "merge_peer", "cmd_bench", "register"]
 
@@ -163,28 +164,28 @@ def chart(results: dict[str, Any], tasks: list[str], path: Path, title: str) -> 
 _KV = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}
 
 
-def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16"):
+def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16", head: str = "auto"):
     """fptq's runtime where asked and possible, else the transformers forward."""
     from .runtime import engine_unsupported_reason
     from .runtime.timing import EngineRunner, HFRunner
 
     if runtime and device == "cpu" and engine_unsupported_reason(model) is None:
-        r = EngineRunner(model, kv_dtype=_KV[kv])
+        r = EngineRunner(model, kv_dtype=_KV[kv], head=head)
         kinds = ", ".join(f"{k} x{v}" for k, v in r.engine.linear_kinds().items())
-        r.path = f"fptq runtime ({kinds}; {kv} KV cache)"
+        r.path = f"fptq runtime ({kinds}; {kv} KV cache; {r.engine.head.label} head)"
         return r
     r = HFRunner(model)
     r.path = "transformers forward" + (" + fptq kernels" if quantized else "")
     return r
 
 
-def _api_runner(path, backend: str):
+def _api_runner(path, backend: str, head: str = "auto"):
     """The model ``fptq.load`` returns, called as any transformers model (``model(ids, cache=...)``): fptq's
     runtime behind transformers' forward where it attaches (:mod:`fptq.runtime.hf_fast`)."""
     from .runtime.hf_fast import load, uses_runtime
     from .runtime.timing import HFRunner
 
-    model = load(path, backend=backend)
+    model = load(path, backend=backend, head=head)
     r = HFRunner(model)
     r.path = "transformers forward" + (" on fptq's runtime" if uses_runtime(model) else " + fptq kernels")
     return r
@@ -227,11 +228,15 @@ def cmd_bench(args) -> int:
     for label, path in (("W4A8 (fptq)", out), ("W8A8 (fptq, SmoothQuant)", args.w8a8), ("W4A16 (fptq)", args.w4a16)):
         if path:
             model = load_for_runtime(path, device=device, backend=args.backend)
-            runners[label] = _runner(model, device, not args.no_runtime, True, args.kv_cache)
+            runners[label] = _runner(model, device, not args.no_runtime, True, args.kv_cache, args.head)
             if label.startswith("W4A8") and args.int8_kv_row and args.kv_cache != "int8":
-                runners["W4A8 (fptq, int8 KV cache)"] = _runner(model, device, not args.no_runtime, True, "int8")
+                runners["W4A8 (fptq, int8 KV cache)"] = _runner(model, device, not args.no_runtime, True, "int8",
+                                                                args.head)
+            if label.startswith("W4A8") and args.stored_head_row and args.head != "stored":
+                runners["W4A8 (fptq, stored head)"] = _runner(model, device, not args.no_runtime, True,
+                                                              args.kv_cache, "stored")
             if label.startswith("W4A8") and device == "cpu" and not args.no_api_row:
-                runners["W4A8 (fptq.load, transformers API)"] = _api_runner(path, args.backend)
+                runners["W4A8 (fptq.load, transformers API)"] = _api_runner(path, args.backend, args.head)
     vocab = fmodel.config.vocab_size
     results = run_bench(runners, vocab, args.prefill, args.decode_batch, args.decode_steps, args.prompt_len,
                         args.repeats)
@@ -275,6 +280,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--kv-cache", choices=sorted(_KV), default="bf16",
                    help="KV cache of the fptq runtime rows (default bf16, what the bf16 model caches)")
     b.add_argument("--int8-kv-row", action="store_true", help="also time the W4A8 checkpoint with an int8 KV cache")
+    b.add_argument("--head", choices=HEADS, default="auto",
+                   help="the runtime's output head for the quantized checkpoints: auto (requantized to int8 at load "
+                        "while decoding, half the bytes per token), int8 (every call) or stored (the checkpoint's "
+                        "16-bit head); default auto")
+    b.add_argument("--stored-head-row", action="store_true",
+                   help="also time the W4A8 checkpoint on the runtime with its stored 16-bit head")
     b.add_argument("--no-api-row", action="store_true",
                    help="skip the row of the W4A8 checkpoint through the transformers API (fptq.load(OUT) called "
                         "as any transformers model; CPU)")

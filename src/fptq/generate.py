@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime.head import HEADS
+
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat and getattr(tokenizer, "chat_template", None):
@@ -22,10 +24,11 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
                   temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, stream: bool = True,
-                  runtime: bool = True, stats: dict | None = None) -> str:
+                  runtime: bool = True, stats: dict | None = None, head: str = "auto") -> str:
     """Generate a continuation of ``prompt`` (through the chat template when the tokenizer has one) with
     fptq's runtime where ``runtime`` and the model allow it, else transformers' ``generate``. ``stats``, if
-    given, receives ``path``, ``new_tokens`` and ``seconds``."""
+    given, receives ``path``, ``new_tokens`` and ``seconds``. ``head``: the runtime's output head
+    (:class:`~fptq.runtime.Engine`)."""
     from transformers import TextStreamer
 
     from .runtime import Engine, engine_unsupported_reason
@@ -39,9 +42,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
         gen = torch.Generator().manual_seed(seed)
         if streamer is not None:
             streamer.put(ids)
-        out = Engine(model).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-                                     eos_token_id=eos, generator=gen,
-                                     on_token=(lambda tok: streamer.put(tok)) if streamer is not None else None)
+        on_token = (lambda tok: streamer.put(tok)) if streamer is not None else None
+        out = Engine(model, head=head).generate(ids, max_new_tokens, do_sample=sample, temperature=temperature,
+                                                top_p=top_p, eos_token_id=eos, generator=gen, on_token=on_token)
         if streamer is not None:
             streamer.end()
         path = "fptq runtime"
@@ -76,7 +79,7 @@ def cmd_generate(args) -> int:
     stats: dict = {}
     generate_text(model, tok, args.prompt, args.max_new_tokens, chat=not args.no_chat, sample=args.sample,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True,
-                  runtime=not args.no_runtime, stats=stats)
+                  runtime=not args.no_runtime, stats=stats, head=args.head)
     if stats["new_tokens"]:
         print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s "
               f"({stats['new_tokens'] / stats['seconds']:.1f} tokens/s, prompt included), {stats['path']}]")
@@ -95,5 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--backend", default="auto", help="QuantLinear backend (default auto: integer kernels)")
     g.add_argument("--no-runtime", action="store_true", help="use transformers' generate instead of fptq's runtime")
+    g.add_argument("--head", choices=HEADS, default="auto",
+                   help="the runtime's output head: auto (a quantized model's head requantized to int8 at load while "
+                        "decoding: half the bytes per token), int8 (every call), or stored (the checkpoint's own); "
+                        "default auto")
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)

@@ -266,7 +266,8 @@ def test_native_can_be_disabled(monkeypatch):
 
 
 @pytest.mark.parametrize("b,h,hkv,hd,length,dtype", [(1, 9, 3, 64, 640, torch.float32), (4, 9, 3, 64, 37, torch.bfloat16),
-                                                     (2, 14, 2, 64, 1, torch.bfloat16), (3, 4, 4, 128, 17, torch.float32)])
+                                                     (2, 14, 2, 64, 1, torch.bfloat16), (3, 4, 4, 128, 17, torch.float32),
+                                                     (1, 9, 3, 64, 300, torch.bfloat16), (1, 8, 1, 128, 1031, torch.float32)])
 def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype, build):
     g = torch.Generator().manual_seed(length)
     q = torch.randn(b, h, hd, generator=g)
@@ -275,6 +276,20 @@ def test_decode_attention_matches_sdpa(b, h, hkv, hd, length, dtype, build):
     out = native.decode_attention(q, k, v, length, 0.125)
     ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k[:, :, :length].float(),
                                                            v[:, :, :length].float(), scale=0.125, enable_gqa=True)
+    assert (out - ref[:, :, 0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("b,hkv,length", [(1, 3, 300), (4, 3, 37)])
+def test_decode_attention_reads_an_int8_cache(b, hkv, length, build):
+    """int8 keys and values with a float32 scale per (sequence, head, position), at a length where the
+    positions are split between threads (b=1) and one where they are not."""
+    g = torch.Generator().manual_seed(b)
+    q = torch.randn(b, 9, 64, generator=g)
+    kq, vq = (torch.randint(-127, 128, (b, hkv, length + 3, 64), generator=g, dtype=torch.int8) for _ in range(2))
+    ks, vs = (torch.rand(b, hkv, length + 3, generator=g) / 64 for _ in range(2))
+    out = native.decode_attention(q, kq, vq, length, 0.125, kscale=ks, vscale=vs)
+    k, v = (c[:, :, :length].float() * sc[:, :, :length, None] for c, sc in ((kq, ks), (vq, vs)))
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.125, enable_gqa=True)
     assert (out - ref[:, :, 0]).abs().max() < 1e-5
 
 

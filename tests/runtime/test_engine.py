@@ -75,6 +75,25 @@ def test_quantized_engine_tracks_the_simulated_model(tmp_path, method, kind):
     assert sqnr_db(ref, got) > 25
 
 
+def test_quantized_engine_multiplies_an_int8_head_a_float_engine_its_own(tmp_path):
+    """``head="auto"``: a quantized model's logits come from the head requantized to int8 (close to the stored
+    head's), a float model's from its own head; ``head="stored"`` keeps the checkpoint's; a bad choice says so."""
+    from fptq.kernels import native
+
+    model = fptq.load(_checkpoint(tmp_path))
+    auto, stored = Engine(model), Engine(model, head="stored")
+    assert auto.head.kind == ("int8" if native.available() else "stored") and stored.head.kind == "stored"
+    assert Engine(tiny_llama()).head.kind == "stored"
+    ids = _ids()
+    a = auto.forward(ids, auto.new_cache(2, 24), logits="all")
+    b = stored.forward(ids, stored.new_cache(2, 24), logits="all")
+    assert a.dtype == b.dtype == torch.float32 and sqnr_db(b, a) > 35
+    assert torch.equal(auto.forward(ids, auto.new_cache(2, 24), logits="hidden"),
+                       stored.forward(ids, stored.new_cache(2, 24), logits="hidden"))
+    with pytest.raises(FptqError, match="head must be one of"):
+        Engine(model, head="fp8")
+
+
 def test_decode_steps_and_chunked_prefill_agree_with_one_prefill(tmp_path):
     eng = Engine(fptq.load(_checkpoint(tmp_path)))
     ids = _ids(2, 20)
@@ -162,3 +181,39 @@ def test_reused_workspaces_do_not_leak_between_calls(tmp_path):
     got = eng.forward(b, eng.new_cache(2, 16), logits="all")
     fresh = Engine(fptq.load(out)).forward(b, Engine(fptq.load(out)).new_cache(2, 16), logits="all")
     assert torch.equal(got, fresh)
+
+
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8, torch.float32])
+def test_the_bound_decode_program_gives_the_loops_bits(tmp_path, kv):
+    """Decode steps run as one bound program of native calls (fptq.runtime.decode): the same logits, bit for
+    bit, as the layer loop, across steps, batch sizes, a grown cache and a change of thread count."""
+    from fptq.kernels import native
+
+    if not native.available():
+        pytest.skip("the decode program runs the native kernels")
+    model = fptq.load(_checkpoint(tmp_path))
+    prog, loop = Engine(model, kv_dtype=kv), Engine(model, kv_dtype=kv)
+    assert prog.decode_program, "the default plan's W4A8 layers are what the program covers"
+    loop.decode_program = False
+    for b in (1, 3):
+        ids = _ids(b, 10)
+        caches = [e.new_cache(b, 12) for e in (prog, loop)]
+        outs = [e.forward(ids[:, :6], c, logits="all") for e, c in zip((prog, loop), caches)]
+        assert torch.equal(outs[0], outs[1])
+        for i in range(6, 10):
+            if i == 8:  # the cache tensors change: the program is rebuilt
+                for e, c in zip((prog, loop), caches):
+                    e.grow_cache(c, 40)
+            steps = [e.forward(ids[:, i:i + 1], c) for e, c in zip((prog, loop), caches)]
+            assert torch.equal(steps[0], steps[1]), (b, i)
+        assert caches[0].program is not None and caches[1].program is None
+        assert torch.equal(caches[0].keys[1], caches[1].keys[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c1, c2 = prog.new_cache(1, 4), loop.new_cache(1, 4)
+        x = _ids(1, 2)
+        prog.forward(x[:, :1], c1), loop.forward(x[:, :1], c2)
+        assert torch.equal(prog.forward(x[:, 1:], c1), loop.forward(x[:, 1:], c2))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,10 +1,19 @@
-"""The runtime's output head: bfloat16 where the CPU multiplies it natively or for a few rows, float32 blocks
-otherwise -- the same logits either way."""
+"""The runtime's output head: the stored one (bfloat16 where the CPU multiplies it natively or for a few rows,
+float32 blocks otherwise -- the same logits either way) and the int8 head (two 4-bit planes, two-term
+activations) against the integers it multiplies."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fptq.kernels import fast_bfloat16
-from fptq.runtime.head import BF16_MAX_ROWS, BLOCK_ROWS, head_logits, native_16bit
+from fptq.errors import FptqError
+from fptq.kernels import fast_bfloat16, native
+from fptq.quant.planes import int8_group_quantize, two_term_per_token
+from fptq.runtime.head import (BF16_MAX_ROWS, BLOCK_ROWS, CHUNK_ROWS, HEAD_GROUP, HEADS, INT8_MAX_ROWS, Int8Head,
+                               head_logits, native_16bit, runtime_head)
 
 
 def _head(vocab=2 * BLOCK_ROWS + 77, k=96, seed=0):
@@ -38,3 +47,86 @@ def test_native_16bit_follows_the_cpu():
     assert native_16bit(w.float())
     assert native_16bit(w) == fast_bfloat16("cpu")
     assert not native_16bit(w.half())  # float16 products are emulated on CPUs without AVX512-FP16
+
+
+# ------------------------------------------------------------------ the int8 head
+needs_native = pytest.mark.skipif(not native.available(), reason="the int8 head runs fptq's native kernels")
+
+
+def _exact_int8_logits(x, w, b, group_size=HEAD_GROUP):
+    """float64 product of the two-term activations and the int8 weights: the integers the kernels multiply."""
+    q, s = int8_group_quantize(w, group_size)
+    wd = q.double() * s.double().repeat_interleave(group_size, 1)[:, : w.shape[1]]
+    xq, xs = two_term_per_token(x)
+    y = (xq.double() * xs.double()).sum(0) @ wd.T
+    return y if b is None else y + b.double()
+
+
+@needs_native
+@pytest.mark.parametrize("k,rows", [(96, 1), (200, 3), (100, CHUNK_ROWS + 6)])
+def test_int8_head_computes_the_integer_product_of_its_two_planes(k, rows):
+    """Any K (ragged groups, K not a multiple of 8), chunked rows, bias: float32 logits equal to the float64
+    product of the same integers up to float32 summation."""
+    w, b = _head(vocab=300, k=k)
+    x = torch.randn(rows, k)
+    x[:, 5] *= 30
+    head = Int8Head(w, b.float())
+    out = head(x)
+    ref = _exact_int8_logits(x, w, b.float())
+    assert out.dtype == torch.float32 and out.shape == (rows, 300)
+    assert ((out.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    xq, xs, sx = head._terms(x)  # the native two-term split: the reference's bits
+    rq, rs = two_term_per_token(x)
+    assert torch.equal(xq[:, :k], rq.reshape(2 * rows, k)) and torch.equal(sx, rs.reshape(-1))
+    assert torch.equal(head(x.view(1, rows, k))[0], out)  # leading dims are kept
+    with pytest.raises(ValueError, match="expected hidden states"):
+        head(torch.randn(2, k + 1))
+
+
+@needs_native
+def test_int8_head_reads_half_the_bytes_of_bf16_and_stays_close_to_it():
+    w, _ = _head(vocab=1000, k=256)
+    head = Int8Head(w, None)
+    assert head.nbytes() < 0.55 * w.numel() * 2
+    x = torch.randn(4, 256)
+    from ..conftest import sqnr_db
+    assert sqnr_db(F.linear(x, w.float()), head(x)) > 38  # int8 weights in groups of 64, ~15-bit activations
+
+
+@needs_native
+def test_the_runtime_int8_head_hands_many_rows_to_the_stored_head():
+    """head="auto": rows beyond INT8_MAX_ROWS are compute-bound: the stored head's logits (as float32), exactly;
+    head="int8" keeps the int8 product for any number of rows."""
+    w, b = _head(vocab=300, k=64)
+    lin = torch.nn.Linear(64, 300, dtype=torch.bfloat16)
+    lin.weight.data, lin.bias.data = w, b
+    head, int8 = runtime_head(lin, "auto", True), runtime_head(lin, "int8", True)
+    stored = runtime_head(lin, "stored", True)
+    with torch.no_grad():
+        many = torch.randn(INT8_MAX_ROWS + 1, 64)
+        assert torch.equal(head(many), stored(many).float())
+        assert torch.equal(int8(many), head.int8_logits(many))
+        few = many[:INT8_MAX_ROWS]
+        assert torch.equal(head(few), head.int8_logits(few)) and not torch.equal(head(few), stored(few).float())
+
+
+def test_runtime_head_choices():
+    lin = torch.nn.Linear(64, 100)
+    assert runtime_head(lin, "stored", True).kind == "stored"
+    assert runtime_head(lin, "auto", False).kind == "stored"  # a float model keeps its head
+    want = "int8" if native.available() else "stored"
+    assert runtime_head(lin, "auto", True).kind == want
+    with pytest.raises(FptqError, match="head must be one of"):
+        runtime_head(lin, "int4", True)
+    assert set(HEADS) == {"auto", "int8", "stored"}
+
+
+def test_without_native_kernels_auto_keeps_the_stored_head_and_int8_says_why():
+    code = ("import torch; from fptq.runtime.head import runtime_head; from fptq.errors import FptqError\n"
+            "lin = torch.nn.Linear(64, 100)\n"
+            "assert runtime_head(lin, 'auto', True).kind == 'stored'\n"
+            "try:\n    runtime_head(lin, 'int8', True)\nexcept FptqError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "FPTQ_NATIVE": "0"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "cannot use an int8 output head" in r.stdout and "native kernels are unavailable" in r.stdout

@@ -98,7 +98,7 @@ def test_greedy_generate_equals_the_engine(ckpt):
 
 
 def test_what_the_runtime_cannot_do_falls_back_to_transformers_once_logged(ckpt, caplog):
-    fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids(2, 8)
+    fast, ref, ids = fptq.load(ckpt, head="stored"), _modules_path(ckpt), _ids(2, 8)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     with caplog.at_level(logging.WARNING, logger="fptq.runtime.hf_fast"), torch.no_grad():
@@ -150,7 +150,7 @@ def test_activation_modes_set_after_loading_are_what_the_runtime_computes(ckpt):
 def test_forward_hooks_on_the_decoder_run_on_transformers(ckpt, caplog):
     """A hook on a module of the decoder (a user capturing activations) is called: that forward runs on
     transformers' modules, with the reason logged once; without hooks the runtime takes over again."""
-    fast, ref, ids = fptq.load(ckpt), _modules_path(ckpt), _ids()
+    fast, ref, ids = fptq.load(ckpt, head="stored"), _modules_path(ckpt), _ids()
     seen = []
     handle = fast.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
     with caplog.at_level(logging.WARNING, logger="fptq.runtime.hf_fast"), torch.no_grad():
@@ -175,7 +175,7 @@ def test_beam_search_runs_on_the_runtime(ckpt):
 
 def test_reference_backend_and_detach_use_transformers(ckpt):
     assert not uses_runtime(fptq.load(ckpt, backend="reference"))
-    fast, ids = fptq.load(ckpt), _ids()
+    fast, ids = fptq.load(ckpt, head="stored"), _ids()
     ref = _modules_path(ckpt)
     set_backend(fast, "reference")
     set_backend(ref, "reference")
@@ -220,10 +220,29 @@ def test_the_head_takes_strided_rows_as_one_matrix(ckpt):
     slow path of PyTorch's CPU bfloat16 linear), keeps the Parameters (and a tie) and the state dict key."""
     from fptq.runtime.hf_fast import RuntimeHead
 
-    fast = fptq.load(ckpt)
+    fast = fptq.load(ckpt, head="stored")
     assert isinstance(fast.lm_head, RuntimeHead) and list(fast.lm_head.state_dict()) == ["weight"]
     ref = torch.nn.Linear(64, 300, bias=False, dtype=torch.bfloat16)
     ref.weight = fast.lm_head.weight
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)[:, -1:, :]
     with torch.no_grad():
         assert torch.equal(fast.lm_head(x), ref(x))
+    int8 = fptq.load(ckpt).lm_head  # the default head: the same product on the strided rows as on a copy
+    assert list(int8.state_dict()) == ["weight"] and int8.product.kind == "int8"
+    assert torch.equal(int8(x), int8(x.contiguous()))
+
+
+def test_the_default_head_is_int8_within_the_stored_heads_logits(ckpt):
+    """``fptq.load``'s default head multiplies with the head requantized to int8: its logits are the stored
+    head's up to that rounding (SQNR bound), the state dict and tie are unchanged, and a fall-back call (padding)
+    uses the same head; ``head="stored"`` keeps the checkpoint's own, a bad choice is refused."""
+    fast, stored, ids = fptq.load(ckpt), fptq.load(ckpt, head="stored"), _ids()
+    with torch.no_grad():
+        a, b = fast(ids).logits, stored(ids).logits
+        assert torch.equal(fast.model(ids).last_hidden_state, stored.model(ids).last_hidden_state)
+    assert fast.lm_head.product.kind == "int8" and stored.lm_head.product.kind == "stored"
+    assert a.dtype == torch.float32 and not torch.equal(a, b.float())
+    assert sqnr_db(b.float(), a) > 35 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.97
+    assert fast.state_dict().keys() == stored.state_dict().keys()
+    with pytest.raises(fptq.FptqError, match="head must be one of"):
+        fptq.load(ckpt, head="int4")

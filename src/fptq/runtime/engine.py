@@ -22,7 +22,7 @@ transformers model up to float rounding (tests/runtime).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -31,7 +31,8 @@ from torch import nn
 
 from ..errors import FptqError
 from ..kernels import native
-from .head import head_logits, native_16bit
+from .decode import DecodeProgram, program_problem
+from .head import HEADS, runtime_head
 from .linear import ModuleGroup, linear_group
 
 __all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason"]
@@ -74,6 +75,7 @@ class KVCache:
     length: int = 0
     key_scales: list[torch.Tensor] | None = None
     value_scales: list[torch.Tensor] | None = None
+    program: object = field(default=None, repr=False, compare=False)  # the engine's bound decode step on it
 
     def scales(self, layer: int) -> dict:
         if self.key_scales is None:
@@ -126,9 +128,16 @@ class Engine:
     ``engine = Engine(model)``; ``cache = engine.new_cache(batch, max_len)``;
     ``logits = engine.forward(ids, cache)`` (``ids`` ``[B, T]`` continue the cached sequence; logits of the last
     position by default); ``engine.generate(ids, max_new_tokens=...)``.
+
+    ``head``: the output head (:func:`fptq.runtime.head.runtime_head`): ``"auto"`` (default) multiplies a
+    quantized model's logits for up to 64 rows (decoding) with the head requantized to int8
+    (:class:`~fptq.runtime.head.Int8Head`: half the bytes per decoded token, perplexity within 0.2 % of the
+    stored head's), more rows and a float model's with the stored head; ``"int8"`` (every call) or
+    ``"stored"`` choose one.
     """
 
-    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16, prefill_attention: str = "auto"):
+    def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16, prefill_attention: str = "auto",
+                 head: str = "auto"):
         reason = engine_unsupported_reason(model)
         if reason is not None:
             raise FptqError(f"cannot run this model with fptq's runtime: {reason}; use the transformers model "
@@ -147,6 +156,10 @@ class Engine:
             raise FptqError("an int8 KV cache needs fptq's native kernels and a head size that is a multiple of 16 "
                             f"(at most 128): {native.unavailable_reason() or f'head size {self.head_dim}'}")
         self.kv_dtype = kv_dtype
+        if head not in HEADS:
+            raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+        self.head_choice = head
+        self._head = None  # built at the first logits (runtime_head), not for a caller that only wants hidden states
         self.layers = [_Layer(layer) for layer in model.model.layers]
         if len({(l.dq, l.dkv, l.ffn) for l in self.layers}) != 1:
             raise FptqError("cannot run this model with fptq's runtime: its decoder layers differ in width; use the "
@@ -158,12 +171,23 @@ class Engine:
         self._rope_len = 0
         self._cos = self._sin = None
         self._native = native.available()
-        self._head_native = native_16bit(self.lm_head.weight)
         self._workspaces: dict[tuple[int, int], dict] = {}  # (batch, tokens) -> reused buffers (see _workspace)
         self._attn_work: torch.Tensor | None = None
         # prompts: fptq's flash-attention kernel (bfloat16 dot products) where the CPU has AVX512-BF16
         self._native_prefill = (self._native and native.has_bf16() and self.head_dim in (64, 128)
                                 and prefill_attention != "sdpa")
+        # decode steps as one bound program of native calls (fptq.runtime.decode) where it covers the model;
+        # False runs them through the same loop as a prompt (same numerics, ~10 us of Python per call more)
+        self.decode_program = program_problem(self) is None
+
+    @property
+    def head(self):
+        """What multiplies the final hidden states into logits (:func:`fptq.runtime.head.runtime_head` of the
+        ``head`` choice), built at the first logits."""
+        if self._head is None:
+            quantized = any(g.kind != "float" for layer in self.layers for g in layer.groups())
+            self._head = runtime_head(self.lm_head, self.head_choice, quantized)
+        return self._head
 
     @classmethod
     def from_checkpoint(cls, out, **kw) -> "Engine":
@@ -295,23 +319,10 @@ class Engine:
         else:
             group(x, outs, accumulate=accumulate)
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last", timer=None) -> torch.Tensor | None:
-        """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
-
-        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``), ``"none"``, or
-        ``"hidden"``: the final norm's output ``[B, T, hidden]`` in the ``lm_head``'s dtype, for a caller that
-        applies the head itself (transformers' forward, :mod:`fptq.runtime.hf_fast`).
-        ``timer``: an object whose ``mark(stage)`` is called after each stage (a profile, see
-        :class:`fptq.runtime.timing.StageTimer`)."""
+    def _layers(self, ids, cache: KVCache, start: int, cos_all, sin_all, timer) -> torch.Tensor:
+        """Every decoder layer for ``ids`` ``[B, T]`` at positions ``start ..``: the residual stream after the
+        last layer, float32 ``[B*T, hidden]``."""
         b, t = ids.shape
-        start = cache.length
-        if b != cache.batch:
-            raise ValueError(f"ids have batch {b}, the cache {cache.batch}")
-        if start + t > cache.max_len:
-            raise FptqError(f"the sequence would reach {start + t} tokens, the cache holds {cache.max_len}; "
-                            "make a longer cache")
-        cos_all, sin_all = self._rope(start + t)
         cos, sin = cos_all[start:start + t], sin_all[start:start + t]
         m = b * t
         ws = self._workspace(b, t)
@@ -374,6 +385,32 @@ class Engine:
             self._run(layer.down, act, q8, [h], accumulate=True)
             if timer:
                 timer.mark(f"down_proj {layer.down.kind}")
+        return h
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last", timer=None) -> torch.Tensor | None:
+        """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
+
+        ``logits``: ``"last"`` (``[B, V]``, what generation needs), ``"all"`` (``[B, T, V]``), ``"none"``, or
+        ``"hidden"``: the final norm's output ``[B, T, hidden]`` in the ``lm_head``'s dtype, for a caller that
+        applies the head itself (transformers' forward, :mod:`fptq.runtime.hf_fast`).
+        ``timer``: an object whose ``mark(stage)`` is called after each stage (a profile, see
+        :class:`fptq.runtime.timing.StageTimer`)."""
+        b, t = ids.shape
+        start = cache.length
+        if b != cache.batch:
+            raise ValueError(f"ids have batch {b}, the cache {cache.batch}")
+        if start + t > cache.max_len:
+            raise FptqError(f"the sequence would reach {start + t} tokens, the cache holds {cache.max_len}; "
+                            "make a longer cache")
+        cos_all, sin_all = self._rope(start + t)
+        if t == 1 and timer is None and self.decode_program:
+            prog = cache.program
+            if prog is None or not prog.fits(self, cache, b):
+                prog = cache.program = DecodeProgram(self, cache, b)
+            h = prog.run(ids, start, cos_all, sin_all)  # its buffer: the norm below makes a new tensor
+        else:
+            h = self._layers(ids, cache, start, cos_all, sin_all, timer)
         cache.length = start + t
         if logits == "none":
             return None
@@ -381,12 +418,12 @@ class Engine:
         if logits == "last":
             h = h[:, -1]
         h = _rmsnorm(h, self.final_norm, self.final_eps)
-        w = self.lm_head.weight
         if logits == "hidden":
-            return h.to(w.dtype)
-        out = head_logits(h, w, self.lm_head.bias, self._head_native).float()
+            return h.to(self.lm_head.weight.dtype)
+        head = self.head
+        out = head(h).float()
         if timer:
-            timer.mark(f"final norm + lm_head ({w.dtype})".replace("torch.", ""))
+            timer.mark(f"final norm + lm_head ({head.label})")
         return out
 
     # -------------------------------------------------------------- generate

@@ -32,7 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
-from .head import head_logits, native_16bit
+from .head import HEADS, runtime_head
 from .loading import keep_stored_dtypes
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def uses_runtime(model: nn.Module) -> bool:
     return isinstance(getattr(model, "model", None), RuntimeDecoder)
 
 
-def attach_runtime(model: nn.Module, prefill_attention: str = "auto") -> str | None:
+def attach_runtime(model: nn.Module, prefill_attention: str = "auto", head: str = "auto") -> str | None:
     """Run ``model``'s forward (and ``generate``) on fptq's runtime where it can (see the module docstring).
     Returns ``None`` when attached (or already attached), else the reason it cannot be, and changes nothing.
 
@@ -71,7 +71,14 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto") -> str | N
     kernel with bfloat16 dot products where the CPU has AVX512-BF16; ``"sdpa"``, PyTorch's in float32, which
     made the attention of a 512-token prompt 2.2x slower. Perplexity against ``fptq eval`` (the modules path,
     float32 attention) on the default model, 8 + 8 windows: +0.22 % / +0.01 % (WikiText-2 / C4) with
-    ``"auto"``, -0.01 % / -0.32 % with ``"sdpa"`` (bench/transformers_api.py, docs/results/speed.md)."""
+    ``"auto"``, -0.01 % / -0.32 % with ``"sdpa"`` (bench/transformers_api.py, docs/results/speed.md).
+
+    ``head``: the output head's product (:class:`~fptq.runtime.Engine`'s ``head``; ``"auto"``: int8 for up to
+    64 rows of a quantized model)."""
+    if head not in HEADS:
+        from ..errors import FptqError
+
+        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if uses_runtime(model):
         return None
     reason = runtime_unsupported_reason(model)
@@ -79,7 +86,8 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto") -> str | N
         return reason
     model.model = RuntimeDecoder(model, model.model, prefill_attention)
     if type(model.lm_head) is nn.Linear:
-        model.lm_head = RuntimeHead.of(model.lm_head)
+        quantized = any(isinstance(m, QuantLinear) for m in model.model.modules())
+        model.lm_head = RuntimeHead.of(model.lm_head, head, quantized)
     return None
 
 
@@ -98,16 +106,25 @@ class RuntimeHead(nn.Linear):
     transformers hands the head ``hidden[:, -1:, :]`` (``logits_to_keep``), a strided view; PyTorch's CPU
     bfloat16 ``linear`` takes a slow path on such a view (measured for SmolLM2's 49152 x 576 head: 63 ms at
     batch 1, 870 ms at batch 16, against 4 and 6 ms for the same rows made contiguous). The copy of the rows
-    costs nothing next to that. The product is :func:`~fptq.runtime.head.head_logits` (float32 blocks for
-    many rows where bfloat16 is emulated)."""
+    costs nothing next to that. The product is :func:`~fptq.runtime.head.runtime_head`'s (``choice``; built
+    at the first call): the int8 head, or :func:`~fptq.runtime.head.head_logits` of the stored weight (float32
+    blocks for many rows where bfloat16 is emulated)."""
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> "RuntimeHead":
+    def of(cls, linear: nn.Linear, choice: str = "auto", quantized: bool = True) -> "RuntimeHead":
         head = cls.__new__(cls)
         nn.Module.__init__(head)
         head.in_features, head.out_features = linear.in_features, linear.out_features
         head.weight, head.bias = linear.weight, linear.bias  # shared: tied embeddings stay tied
+        head.choice, head.quantized, head._product = choice, quantized, None
         return head
+
+    @property
+    def product(self):
+        """The head's product (:func:`~fptq.runtime.head.runtime_head`), built once."""
+        if self._product is None:
+            self._product = runtime_head(self, self.choice, self.quantized)
+        return self._product
 
     def linear(self) -> nn.Linear:
         out = nn.Linear.__new__(nn.Linear)
@@ -118,7 +135,7 @@ class RuntimeHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = head_logits(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias, native_16bit(self.weight))
+        y = self.product(x.reshape(-1, x.shape[-1]).contiguous())
         return y.view(*lead, self.out_features)
 
 
@@ -294,12 +311,12 @@ class RuntimeDecoder(nn.Module):
             layer.is_initialized = True
 
 
-def use_runtime(model: nn.Module, out: str | Path | None = None) -> str | None:
+def use_runtime(model: nn.Module, out: str | Path | None = None, head: str = "auto") -> str | None:
     """Put fptq's runtime behind ``model``'s forward and ``generate`` (:func:`fptq.runtime.hf_fast.attach_runtime`):
     the model becomes inference-only (``requires_grad`` off) and, given its checkpoint ``out``, keeps the
     unquantized tensors in the 16-bit dtype they are stored in, as the runtime computes with them. Returns
     ``None`` when attached, else the reason it could not be (the model is then unchanged)."""
-    reason = attach_runtime(model)
+    reason = attach_runtime(model, head=head)
     if reason is not None:
         return reason
     model.requires_grad_(False)
@@ -309,7 +326,7 @@ def use_runtime(model: nn.Module, out: str | Path | None = None) -> str | None:
 
 
 def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True,
-         dtype: torch.dtype | None = None, runtime: str = "auto"):
+         dtype: torch.dtype | None = None, runtime: str = "auto", head: str = "auto"):
     """Load an fptq checkpoint as a Hugging Face causal LM (``fptq.load``).
 
     ``runtime="auto"`` (default): on the CPU, for the architectures fptq's runtime covers (LLaMA-shaped, see
@@ -319,19 +336,23 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     inference-only and its unquantized tensors stay in the 16-bit dtype the checkpoint stores them in (unless
     ``dtype`` is given). Elsewhere, or with ``runtime="off"``, the model runs transformers' forward with fptq's
     kernels in each Linear (:func:`fptq.io.load`: the checkpoint's numerics module by module, as ``fptq eval``
-    measures them). The other arguments are :func:`fptq.io.load`'s."""
+    measures them). ``head``: the runtime's output head (``"auto"``: requantized to int8 for up to 64 rows,
+    perplexity within 0.2 % of the stored head's, half its bytes per decoded token; ``"int8"`` for every call;
+    ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). The other arguments are :func:`fptq.io.load`'s."""
     from ..errors import FptqError
     from ..io import load as load_modules
 
     if runtime not in RUNTIMES:
         raise FptqError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if head not in HEADS:
+        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     model = load_modules(out, device=device, backend=backend, verify=verify, dtype=dtype)
     if runtime == "off":
         return model
     if backend not in ("auto", "native"):
         log.info("fptq.load: transformers' forward with the %r backend (the runtime runs the native kernels)", backend)
         return model
-    reason = use_runtime(model, out if dtype is None else None)
+    reason = use_runtime(model, out if dtype is None else None, head=head)
     if reason is not None:
         log.info("fptq.load: transformers' forward with fptq's kernels (fptq's runtime: %s)", reason)
     return model

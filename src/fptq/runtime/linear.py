@@ -99,6 +99,12 @@ class W4A8Group(ModuleGroup):
     def quant_shape(self):
         return self.w.kp, self.w.groups
 
+    def new_quant_out(self, buffers: tuple) -> "native.QuantOut":
+        """A quantizer of its own for this group's input, writing into ``buffers`` (one that stays bound, unlike
+        :meth:`quant_out`'s, which is re-pointed at each call)."""
+        w = self.w
+        return native.QuantOut.params(w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups).attach(*buffers)
+
     def run_quantized(self, q: "native.QuantOut", outs, accumulate=False) -> None:
         """The products for the input a fused stage quantized into ``q`` (from :meth:`quant_out`)."""
         xq, xs, sx = q.tensors

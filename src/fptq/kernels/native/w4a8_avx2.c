@@ -382,17 +382,22 @@ static inline __m256 load_kv8(const void* base, int mode, int64_t off) {
     return _mm256_loadu_ps((const float*)base + off);
 }
 
-static void decode_task(const int mode, const float* qg, int G, const void* kc, const void* vc, const float* ks,
-                        const float* vs, int64_t kv0, int hd, int T, float scale, float* s, float* dst) {
-    const int nv = hd / 8;
-    for (int t = 0; t < T; t++) {
+/* Attention of the G query heads of one key/value head over positions t0 .. t1-1 of its cache: unnormalized
+   output o = sum_t exp(s_t - m) v_t, with m the largest score and l = sum_t exp(s_t - m) (both per query head).
+   The key row is widened to float once for the G heads (into kf). */
+static void decode_part(const int mode, const float* qg, int G, const void* kc, const void* vc, const float* ks,
+                        const float* vs, int64_t kv0, int hd, int t0, int t1, float scale, float* s, float* kf,
+                        float* o, float* m, float* l) {
+    const int nv = hd / 8, T = t1 - t0;
+    for (int t = t0; t < t1; t++) {
         const float kscale = mode == 2 ? scale * ks[kv0 / hd + t] : scale;
         const int64_t off = kv0 + (int64_t)t * hd;
+        for (int j = 0; j < nv; j++) _mm256_storeu_ps(kf + 8 * j, load_kv8(kc, mode, off + 8 * j));
         for (int g = 0; g < G; g++) {
             const float* qr = qg + (int64_t)g * hd;
-            __m256 acc = _mm256_mul_ps(load_kv8(kc, mode, off), _mm256_loadu_ps(qr));
-            for (int j = 1; j < nv; j++) acc = _mm256_fmadd_ps(load_kv8(kc, mode, off + 8 * j), _mm256_loadu_ps(qr + 8 * j), acc);
-            s[(int64_t)g * T + t] = hsum8(acc) * kscale;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(kf), _mm256_loadu_ps(qr));
+            for (int j = 1; j < nv; j++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kf + 8 * j), _mm256_loadu_ps(qr + 8 * j), acc);
+            s[(int64_t)g * T + (t - t0)] = hsum8(acc) * kscale;
         }
     }
     for (int g = 0; g < G; g++) {
@@ -403,14 +408,14 @@ static void decode_task(const int mode, const float* qg, int G, const void* kc, 
         __m256 vsum = _mm256_setzero_ps();
         int t = 0;
         for (; t + 8 <= T; t += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vm));
-            _mm256_storeu_ps(sg + t, e);
-            vsum = _mm256_add_ps(vsum, e);
+            __m256 ex = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vm));
+            _mm256_storeu_ps(sg + t, ex);
+            vsum = _mm256_add_ps(vsum, ex);
         }
         float sum = hsum8(vsum);
         for (; t < T; t++) { sg[t] = exp1(sg[t] - mx); sum += sg[t]; }
-        const float inv = 1.0f / sum;
-        for (t = 0; t < T; t++) sg[t] *= inv;
+        m[g] = mx;
+        l[g] = sum;
     }
     /* p . v: 16 output columns of up to 4 query heads at a time (8 accumulators in registers) */
     for (int g0 = 0; g0 < G; g0 += 4) {
@@ -419,9 +424,9 @@ static void decode_task(const int mode, const float* qg, int G, const void* kc, 
             __m256 acc[4][2];
             for (int g = 0; g < gn; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
             for (int t = 0; t < T; t++) {
-                const int64_t off = kv0 + (int64_t)t * hd + j;
+                const int64_t off = kv0 + (int64_t)(t0 + t) * hd + j;
                 const __m256 v0 = load_kv8(vc, mode, off), v1 = load_kv8(vc, mode, off + 8);
-                const float vscale = mode == 2 ? vs[kv0 / hd + t] : 1.0f;
+                const float vscale = mode == 2 ? vs[kv0 / hd + t0 + t] : 1.0f;
                 for (int g = 0; g < gn; g++) {
                     const __m256 p = _mm256_set1_ps(s[(int64_t)(g0 + g) * T + t] * vscale);
                     acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
@@ -429,27 +434,83 @@ static void decode_task(const int mode, const float* qg, int G, const void* kc, 
                 }
             }
             for (int g = 0; g < gn; g++) {
-                _mm256_storeu_ps(dst + (int64_t)(g0 + g) * hd + j, acc[g][0]);
-                _mm256_storeu_ps(dst + (int64_t)(g0 + g) * hd + j + 8, acc[g][1]);
+                _mm256_storeu_ps(o + (int64_t)(g0 + g) * hd + j, acc[g][0]);
+                _mm256_storeu_ps(o + (int64_t)(g0 + g) * hd + j + 8, acc[g][1]);
             }
         }
     }
 }
 
+/* Positions per part: each (sequence, key/value head) is split into P parts of at least 64 positions so that
+   there are at least two parts per thread (one key/value head per thread left the other idle: SmolLM2 has 3
+   at batch 1 on 2 threads), then the parts are merged (flash-decoding). */
 void fptq_decode_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
                            const float* vs, int B, int H, int Hkv, int hd, int L, int T, float scale, float* out,
                            int nthreads) {
-    const int G = H / Hkv;
+    const int G = H / Hkv, heads = B * Hkv;
+    int P = 1;
+    while (heads * P < 2 * nthreads && T >= 128 * P) P *= 2;
+    const int chunk = (T + P - 1) / P;
+    float* part = P > 1 ? (float*)malloc(sizeof(float) * (size_t)heads * P * G * (hd + 2)) : 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* s = (float*)malloc(sizeof(float) * (size_t)G * T);
+        float* s = (float*)malloc(sizeof(float) * ((size_t)G * chunk + hd));
+        float* kf = s + (size_t)G * chunk;
+        float ml[2 * 32];
 #pragma omp for schedule(static)
-        for (int task = 0; task < B * Hkv; task++) {
-            const int b = task / Hkv, kh = task % Hkv;
+        for (int task = 0; task < heads * P; task++) {
+            const int hq = task / P, pi = task % P;
+            const int b = hq / Hkv, kh = hq % Hkv;
             const int64_t kv0 = ((int64_t)b * Hkv + kh) * L * hd;
-            decode_task(cache_mode, q + ((int64_t)b * H + (int64_t)kh * G) * hd, G, kc, vc, ks, vs, kv0, hd, T,
-                        scale, s, out + ((int64_t)b * H + (int64_t)kh * G) * hd);
+            const int t0 = pi * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+            const float* qg = q + ((int64_t)b * H + (int64_t)kh * G) * hd;
+            float* dst = out + ((int64_t)b * H + (int64_t)kh * G) * hd;
+            if (P == 1) {
+                float* m = G <= 32 ? ml : (float*)malloc(sizeof(float) * 2 * G);
+                decode_part(cache_mode, qg, G, kc, vc, ks, vs, kv0, hd, 0, T, scale, s, kf, dst, m, m + G);
+                for (int g = 0; g < G; g++) {
+                    const __m256 inv = _mm256_set1_ps(1.0f / m[G + g]);
+                    for (int j = 0; j < hd; j += 8)
+                        _mm256_storeu_ps(dst + (int64_t)g * hd + j, _mm256_mul_ps(_mm256_loadu_ps(dst + (int64_t)g * hd + j), inv));
+                }
+                if (m != ml) free(m);
+            } else {
+                float* pp = part + (size_t)task * G * (hd + 2);
+                if (t0 < t1)
+                    decode_part(cache_mode, qg, G, kc, vc, ks, vs, kv0, hd, t0, t1, scale, s, kf, pp, pp + (size_t)G * hd,
+                                pp + (size_t)G * hd + G);
+                else
+                    for (int g = 0; g < G; g++) { pp[(size_t)G * hd + g] = -INFINITY; pp[(size_t)G * hd + G + g] = 0.0f; }
+            }
+        }
+        if (P > 1) {
+#pragma omp for schedule(static)
+            for (int hg = 0; hg < heads * G; hg++) {
+                const int hq = hg / G, g = hg % G;
+                const int b = hq / Hkv, kh = hq % Hkv;
+                float mx = -INFINITY;
+                for (int pi = 0; pi < P; pi++) {
+                    const float mp = part[((size_t)hq * P + pi) * G * (hd + 2) + (size_t)G * hd + g];
+                    mx = mp > mx ? mp : mx;
+                }
+                float sum = 0.0f;
+                __m256 acc[16];
+                for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int pi = 0; pi < P; pi++) {
+                    const float* pp = part + ((size_t)hq * P + pi) * G * (hd + 2);
+                    const float mp = pp[(size_t)G * hd + g];
+                    if (mp == -INFINITY) continue;
+                    const float w = exp1(mp - mx);
+                    sum += w * pp[(size_t)G * hd + G + g];
+                    const __m256 vw = _mm256_set1_ps(w);
+                    for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(vw, _mm256_loadu_ps(pp + (size_t)g * hd + 8 * j), acc[j]);
+                }
+                const __m256 inv = _mm256_set1_ps(1.0f / sum);
+                float* dst = out + ((int64_t)b * H + (int64_t)kh * G + g) * hd;
+                for (int j = 0; j < hd / 8; j++) _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(acc[j], inv));
+            }
         }
         free(s);
     }
+    free(part);
 }
