@@ -246,3 +246,13 @@ def test_the_default_head_is_int8_within_the_stored_heads_logits(ckpt):
     assert fast.state_dict().keys() == stored.state_dict().keys()
     with pytest.raises(fptq.FptqError, match="head must be one of"):
         fptq.load(ckpt, head="int4")
+
+
+def test_the_runtime_head_off_the_cpu_is_a_plain_linear():
+    """A model moved off the CPU after loading: its head multiplies as nn.Linear does, the int8 head (a CPU
+    kernel) is never built."""
+    from fptq.runtime.hf_fast import RuntimeHead
+
+    head = RuntimeHead.of(torch.nn.Linear(64, 300, device="meta"), "int8", True)
+    y = head(torch.empty(2, 5, 64, device="meta"))
+    assert y.shape == (2, 5, 300) and y.device.type == "meta" and head._product is None

@@ -76,11 +76,13 @@ class StoredHead:
 
     def __init__(self, linear: nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
-        self.native = native_16bit(linear.weight)
-        self.label = str(linear.weight.dtype).replace("torch.", "")
+
+    @property
+    def label(self) -> str:
+        return str(self.weight.dtype).replace("torch.", "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return head_logits(x, self.weight, self.bias, self.native)
+        return head_logits(x, self.weight, self.bias, native_16bit(self.weight))  # the dtype may change later
 
 
 class Int8Head:
