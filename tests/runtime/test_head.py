@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from fptq.errors import FptqError
 from fptq.kernels import fast_bfloat16, native
 from fptq.quant.planes import int8_group_quantize, two_term_per_token
-from fptq.runtime.head import (BF16_MAX_ROWS, BLOCK_ROWS, CHUNK_ROWS, HEAD_GROUP, HEADS, INT8_MAX_ROWS, Int8Head,
-                               head_logits, native_16bit, runtime_head)
+from fptq.runtime.head import (BF16_MAX_ROWS, BLOCK_ROWS, BUILD_ROWS, CHUNK_ROWS, HEAD_GROUP, HEADS, INT8_MAX_ROWS,
+                               Int8Head, head_logits, native_16bit, runtime_head)
 
 
 def _head(vocab=2 * BLOCK_ROWS + 77, k=96, seed=0):
@@ -63,17 +63,19 @@ def _exact_int8_logits(x, w, b, group_size=HEAD_GROUP):
 
 
 @needs_native
-@pytest.mark.parametrize("k,rows", [(96, 1), (200, 3), (100, CHUNK_ROWS + 6)])
-def test_int8_head_computes_the_integer_product_of_its_two_planes(k, rows):
-    """Any K (ragged groups, K not a multiple of 8), chunked rows, bias: float32 logits equal to the float64
-    product of the same integers up to float32 summation."""
-    w, b = _head(vocab=300, k=k)
+@pytest.mark.parametrize("k,rows,vocab", [(96, 1, 300), (200, 3, 300), (100, CHUNK_ROWS + 6, 300),
+                                          (64, 2, 2 * BUILD_ROWS + 77)])
+def test_int8_head_computes_the_integer_product_of_its_two_planes(k, rows, vocab):
+    """Any K (ragged groups, K not a multiple of 8), chunked rows, bias, a vocabulary built in several blocks
+    with a ragged last one: float32 logits equal to the float64 product of the same integers up to float32
+    summation."""
+    w, b = _head(vocab=vocab, k=k)
     x = torch.randn(rows, k)
     x[:, 5] *= 30
     head = Int8Head(w, b.float())
     out = head(x)
     ref = _exact_int8_logits(x, w, b.float())
-    assert out.dtype == torch.float32 and out.shape == (rows, 300)
+    assert out.dtype == torch.float32 and out.shape == (rows, vocab)
     assert ((out.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
     xq, xs, sx = head._terms(x)  # the native two-term split: the reference's bits
     rq, rs = two_term_per_token(x)

@@ -48,10 +48,10 @@ def split_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)``, int8 in -8..7 with ``16 * hi + lo == q``, for codes ``q`` in -PLANES_QMAX..PLANES_QMAX."""
     if q.numel() and (int(q.min()) < -PLANES_QMAX or int(q.max()) > PLANES_QMAX):
         raise ValueError(f"split_planes: codes must lie in -{PLANES_QMAX}..{PLANES_QMAX}")
-    qi = q.to(torch.int16)
-    lo = torch.remainder(qi + 8, 16) - 8
-    hi = torch.div(qi - lo, 16, rounding_mode="floor")
-    return hi.to(torch.int8), lo.to(torch.int8)
+    q = q.to(torch.int8)
+    lo = torch.bitwise_and(q + 8, 15) - 8  # q + 8 <= 127: no int8 overflow; & 15 is the remainder mod 16
+    hi = torch.bitwise_right_shift(q - lo, 4)  # an exact multiple of 16 in -112..112
+    return hi, lo
 
 
 def merge_planes(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
