@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import FptqError
 from ..kernels import native
 from .decode import DecodeProgram, program_problem
-from .head import HEADS, runtime_head
+from .head import check_head, runtime_head
 from .linear import ModuleGroup, linear_group
 
 __all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason"]
@@ -156,9 +156,7 @@ class Engine:
             raise FptqError("an int8 KV cache needs fptq's native kernels and a head size that is a multiple of 16 "
                             f"(at most 128): {native.unavailable_reason() or f'head size {self.head_dim}'}")
         self.kv_dtype = kv_dtype
-        if head not in HEADS:
-            raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
-        self.head_choice = head
+        self.head_choice = check_head(head)
         self._head = None  # built at the first logits (runtime_head), not for a caller that only wants hidden states
         self.layers = [_Layer(layer) for layer in model.model.layers]
         if len({(l.dq, l.dkv, l.ffn) for l in self.layers}) != 1:

@@ -13,9 +13,9 @@ int8 weights in groups of 64 inputs (float16 scales), held as two 4-bit planes t
 (:mod:`fptq.quant.planes`), with each input row split into two int8 terms (about 15 bits). It reads half the
 bytes of a bf16 head, where decoding is memory-bound: SmolLM2's head at one row 3.1 -> 1.7 ms on the AVX2 EPYC.
 By default (``head="auto"``) it serves up to :data:`INT8_MAX_ROWS` rows (decoding); more rows (a prompt's logits
-at every position) are compute-bound and go to the stored head (``head="int8"``: the int8 head for every call). Its logits differ from the stored head's by the int8 rounding of the
-weights: WikiText-2 perplexity +0.17 % (SmolLM2) and +0.09 % (Qwen2.5-Coder-0.5B) with every position's logits
-from the int8 head (docs/results/speed.md). ``head="stored"``: the checkpoint's head for every call.
+at every position) are compute-bound and go to the stored head (``head="int8"``: the int8 head for every call).
+Its logits differ from the stored head's by the int8 rounding of the weights: WikiText-2 perplexity +0.17 %
+(SmolLM2) and +0.09 % (Qwen2.5-Coder-0.5B) with every position's logits from the int8 head (docs/results/speed.md). ``head="stored"``: the checkpoint's head for every call.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from ..kernels import fast_bfloat16, native
 from ..quant.pack import pack_int4_vnni, vnni_padded_shape
 from ..quant.planes import int8_group_quantize, split_planes
 
-__all__ = ["BF16_MAX_ROWS", "BLOCK_ROWS", "BUILD_ROWS", "CHUNK_ROWS", "HEADS", "HEAD_GROUP", "INT8_MAX_ROWS", "Int8Head",
-           "StoredHead", "head_logits", "int8_head_problem", "native_16bit", "runtime_head"]
+__all__ = ["BF16_MAX_ROWS", "BLOCK_ROWS", "BUILD_ROWS", "CHUNK_ROWS", "HEADS", "HEAD_GROUP", "INT8_MAX_ROWS",
+           "Int8Head", "StoredHead", "check_head", "head_logits", "int8_head_problem", "native_16bit", "runtime_head"]
 
 HEADS = ("auto", "int8", "stored")  # the runtime's ``head`` choices (see runtime_head)
 HEAD_GROUP = 64  # inputs per int8 scale of :class:`Int8Head`
@@ -175,6 +175,13 @@ def int8_head_problem(linear: nn.Module) -> str | None:
     return None
 
 
+def check_head(choice: str) -> str:
+    """``choice`` if it is one of :data:`HEADS`, else :class:`~fptq.errors.FptqError` listing them."""
+    if choice not in HEADS:
+        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {choice!r}")
+    return choice
+
+
 def runtime_head(linear: nn.Linear, choice: str = "auto", quantized: bool = True) -> StoredHead | Int8Head:
     """The head the runtime multiplies with, for ``choice`` of :data:`HEADS`:
 
@@ -184,8 +191,7 @@ def runtime_head(linear: nn.Linear, choice: str = "auto", quantized: bool = True
     * ``"int8"``: the int8 head for every call (one numerics whatever the number of rows); where it cannot be,
       :class:`~fptq.errors.FptqError` naming why;
     * ``"stored"``: the checkpoint's head as stored."""
-    if choice not in HEADS:
-        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {choice!r}")
+    check_head(choice)
     if choice == "stored" or (choice == "auto" and not quantized):
         return StoredHead(linear)
     why = int8_head_problem(linear)

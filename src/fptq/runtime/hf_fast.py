@@ -32,7 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
-from .head import HEADS, runtime_head
+from .head import check_head, runtime_head
 from .loading import keep_stored_dtypes
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto", head: str 
 
     ``head``: the output head's product (:class:`~fptq.runtime.Engine`'s ``head``; ``"auto"``: int8 for up to
     64 rows of a quantized model)."""
-    if head not in HEADS:
-        from ..errors import FptqError
-
-        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    check_head(head)
     if uses_runtime(model):
         return None
     reason = runtime_unsupported_reason(model)
@@ -340,14 +337,14 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     kernels in each Linear (:func:`fptq.io.load`: the checkpoint's numerics module by module, as ``fptq eval``
     measures them). ``head``: the runtime's output head (``"auto"``: requantized to int8 for up to 64 rows,
     perplexity within 0.2 % of the stored head's, half its bytes per decoded token; ``"int8"`` for every call;
-    ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). The other arguments are :func:`fptq.io.load`'s."""
+    ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). The other arguments are
+    :func:`fptq.io.load`'s."""
     from ..errors import FptqError
     from ..io import load as load_modules
 
     if runtime not in RUNTIMES:
         raise FptqError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    if head not in HEADS:
-        raise FptqError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    check_head(head)
     model = load_modules(out, device=device, backend=backend, verify=verify, dtype=dtype)
     if runtime == "off":
         return model
