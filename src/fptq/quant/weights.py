@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "fp16_floor",
     "group_gram",
+    "grouped_view",
     "hessian_group_blocks",
     "num_groups",
     "expand_group_scales",
@@ -77,21 +78,17 @@ def expand_group_scales(scales: torch.Tensor, in_features: int, group_size: int)
 
 
 def _group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    return grouped_view(w.abs(), group_size).amax(dim=2)
+
+
+def grouped_view(w: torch.Tensor, group_size: int, fill: float = 0.0) -> torch.Tensor:
+    """``[N, G, gs]`` view of ``w`` ``[N, K]``, a ragged last group padded with ``fill`` (0: sums and absolute
+    maxima are unchanged; ``inf`` / ``-inf`` for minima / maxima)."""
     n, k = w.shape
     gs = _effective_group(k, group_size)
     g = num_groups(k, gs)
     pad = g * gs - k
-    wp = torch.nn.functional.pad(w.abs(), (0, pad)) if pad else w.abs()
-    return wp.view(n, g, gs).amax(dim=2)
-
-
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[N, G, gs]`` view of ``w`` (zero-padded ragged last group)."""
-    n, k = w.shape
-    gs = _effective_group(k, group_size)
-    g = num_groups(k, gs)
-    pad = g * gs - k
-    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    wp = torch.nn.functional.pad(w, (0, pad), value=fill) if pad else w
     return wp.reshape(n, g, gs)
 
 
@@ -100,7 +97,7 @@ def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
     a ragged last group is zero-padded): what :func:`weight_scales` needs to score a group's error
     on the Linear's output instead of on its weights."""
     x = x.reshape(-1, x.shape[-1]).float()
-    xg = _grouped(x, group_size)  # [rows, G, gs]
+    xg = grouped_view(x, group_size)  # [rows, G, gs]
     return torch.einsum("rgi,rgj->gij", xg, xg) / max(x.shape[0], 1)
 
 
@@ -128,7 +125,7 @@ def _signed_fp16(x: torch.Tensor, to_fp16) -> torch.Tensor:
 
 def _group_extreme(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[N, G]`` signed extreme of each group (the value of largest magnitude; ties: the first)."""
-    g = _grouped(w, group_size)
+    g = grouped_view(w, group_size)
     return g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
@@ -198,7 +195,7 @@ def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int
     """:func:`weight_scales` with ``clip_search`` for the rows ``w``."""
     qmin, qmax = qrange(bits)
     top, levels = _scale_top(w, bits, group_size, sign)  # candidates keep the sign of a signed extreme
-    wg = _grouped(w, group_size)  # [N, G, gs]
+    wg = grouped_view(w, group_size)  # [N, G, gs]
     if gram is not None:
         gram = gram.float().to(w.device)
         if gram.shape != (wg.shape[1], wg.shape[2], wg.shape[2]):
@@ -222,15 +219,8 @@ def _clip_searched_scales(w: torch.Tensor, bits: int, group_size: int, grid: int
 
 def quantization_error_per_group(w: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Sum of squared errors of round-to-nearest with ``scales``, per group."""
-    n, k = w.shape
-    gs = _effective_group(k, group_size)
-    g = num_groups(k, gs)
     deq = dequantize_weight(quantize_weight(w, scales, bits, group_size), scales, group_size)
-    err = (deq - w.float()) ** 2
-    pad = g * gs - k
-    if pad:
-        err = torch.nn.functional.pad(err, (0, pad))
-    return err.view(n, g, gs).sum(dim=2)
+    return grouped_view((deq - w.float()) ** 2, group_size).sum(dim=2)
 
 
 def quantize_weight(w: torch.Tensor, scales: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
