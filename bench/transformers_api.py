@@ -148,7 +148,8 @@ def main(argv=None) -> int:
                     "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
            "speed": speed, "ppl": ppl, "command": "python bench/transformers_api.py " + " ".join(argv or sys.argv[1:])}
     tasks = list(prompts)
-    md = [f"# Speed through the transformers API ({Path(str(src_dir)).name})", ""]
+    md = [f"# {'Speed and perplexity' if speed else 'Perplexity'} through the transformers API "
+          f"({Path(str(src_dir)).name})", ""]
     if speed:
         md += [f"{machine()['threads']} threads, {a.repeats} interleaved repeats; tokens/s, median (ratio to {base}). "
                f"The runtime's output head: {res['meta']['head']}. "
