@@ -42,6 +42,9 @@ GRIDS = {
 }
 
 
+SHORT = {"sym": "symmetric", "sym-clip": "symmetric + clip", "signed": "symmetric, signed extreme (Q4_0's rule)",
+         "asym": "asymmetric", "asym-clip": "asymmetric + clip"}
+
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
@@ -71,10 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="float model (default: fptq's default model)")
     ap.add_argument("--groups", default="32,64", help="group sizes (default 32,64)")
+    ap.add_argument("--grids", default=",".join(SHORT), help=f"grids to measure (default all: {','.join(SHORT)})")
     ap.add_argument("--wiki", type=int, default=8)
     ap.add_argument("--c4", type=int, default=8)
     ap.add_argument("--name", default="asym_int4")
     args = ap.parse_args()
+    unknown = [g for g in args.grids.split(",") if g not in SHORT]
+    if unknown:
+        ap.error(f"unknown grid(s) {', '.join(unknown)}; choose from {', '.join(SHORT)}")
     torch.set_num_threads(2)
     model, tok, src = fptq.load_float_model(args.model, dtype=torch.float32)
     windows = eval_windows(tok, args.wiki, args.c4, 2048)
@@ -90,7 +97,8 @@ def main() -> None:
     kinds = [types.get(n, "unknown") for n, _ in named]
     rows = {}
     for group in (int(g) for g in args.groups.split(",")):
-        for grid, fq in GRIDS.items():
+        for grid in (SHORT[g] for g in args.grids.split(",")):
+            fq = GRIDS[grid]
             t = time.perf_counter()
             err = num = 0.0
             per_type: dict[str, list[float]] = {}
