@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, c4_eval_path, machine, wikitext_path  # noqa: E402
+from common import c4_eval_path, machine, wikitext_path, write_results  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -168,9 +168,7 @@ def main(argv=None) -> int:
                f"{d} {p['modules_reference']:.3f}: runtime {100 * p['reference_relative_difference']:+.2f}%, modules "
                f"{100 * p['modules_vs_reference']:+.2f}%" for d, p in ppl.items()) + ".", "",
            f"Command: `{res['command']}`"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2))
-    (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    write_results(a.name, res, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

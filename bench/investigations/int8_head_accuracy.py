@@ -18,7 +18,6 @@ agreement against the checkpoint's own head. Writes bench/results/NAME.{json,md}
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py
-from common import RESULTS, wikitext_path  # noqa: E402
+from common import wikitext_path, write_results  # noqa: E402
 
 
 class SimulatedHead(nn.Module):
@@ -83,9 +82,7 @@ def main(argv=None) -> int:
         md.append(f"| {name} | {r['ppl']:.3f} | {100 * r.get('ppl_change', 0):+.2f}% | {r.get('kld', 0):.5f} | "
                   f"{100 * r.get('top1', 1):.2f}% |")
     md += ["", f"Command: `{out['command']}`"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    write_results(a.name, out, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
