@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .activations import quantize_per_token
+from .weights import grouped_view
 
 __all__ = ["PLANES_QMAX", "int8_group_quantize", "split_planes", "merge_planes", "two_term_per_token"]
 
@@ -32,8 +33,8 @@ def int8_group_quantize(w: torch.Tensor, group_size: int, qmax: int = PLANES_QMA
         raise ValueError(f"int8_group_quantize: expected a 2-D weight and a positive group size, got "
                          f"{tuple(w.shape)} and {group_size}")
     n, k = w.shape
-    g = -(-k // group_size)
-    wf = torch.nn.functional.pad(w.float(), (0, g * group_size - k)).view(n, g, group_size)
+    wf = grouped_view(w.float(), group_size)  # [N, G, group_size], the ragged last group zero-padded
+    g = wf.shape[1]
     s = (wf.abs().amax(-1) / qmax).to(torch.float16)
     if not bool(torch.isfinite(s).all()):
         raise ValueError("int8_group_quantize: the weight has non-finite values or groups too large for float16 "
