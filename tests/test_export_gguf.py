@@ -431,3 +431,21 @@ def test_worker_is_not_imported_by_fptq():
     assert "llama_cpp" not in sys.modules
     src = (ROOT / "src" / "fptq").rglob("*.py")
     assert not [p for p in src if "llama_cpp" in p.read_text()]
+
+
+def test_rotated_tied_model_exports_with_its_own_output_tensor(tmp_path):
+    """A rotated model (QuantConfig.rotation: norms folded, lm_head untied from the tied embedding) is a plain
+    model to the GGUF writer: an `output` tensor beside `token_embd`, and transformers' GGUF loader gives back
+    fptq's model with float activations."""
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_qwen2()
+    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0), rotation="residual")
+    plan = fptq.quantize(model, cfg, CALIB, device="cpu", progress=False)
+    src = fptq.save(model, plan, tmp_path / "src", tokenizer=make_tokenizer())
+    out = export(src, tmp_path / "model.gguf", "gguf", progress=False)
+    assert {"output.weight", "token_embd.weight"} <= set(_tensors(out))
+    hf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    ref = _float_activations(fptq.load(src, backend="reference"))
+    with torch.no_grad():
+        assert torch.allclose(hf(IDS).logits, ref(IDS).logits, atol=1e-4, rtol=0)

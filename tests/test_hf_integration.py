@@ -12,10 +12,11 @@ from fptq.runtime.hf_fast import uses_runtime
 from .conftest import make_tokenizer, tiny_llama
 
 
-def _checkpoint(tmp_path, method="fptq", dtype=torch.float32, **kw):
+def _checkpoint(tmp_path, method="fptq", dtype=torch.float32, rotation=None, **kw):
     model = tiny_llama(**kw).to(dtype)
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-    plan = fptq.quantize(model, fptq.method_config(method, group_size=32, thresholds=(2.0, 20.0)), ids,
+    extra = {} if rotation is None else {"rotation": rotation}
+    plan = fptq.quantize(model, fptq.method_config(method, group_size=32, thresholds=(2.0, 20.0), **extra), ids,
                          device="cpu", progress=False)
     return fptq.save(model, plan, tmp_path / "out", tokenizer=make_tokenizer()), ids
 
@@ -23,6 +24,7 @@ def _checkpoint(tmp_path, method="fptq", dtype=torch.float32, **kw):
 @pytest.mark.parametrize("method,dtype,kw", [
     ("fptq", torch.float32, {}),
     ("fptq", torch.bfloat16, {"tie_word_embeddings": True}),
+    ("fptq", torch.bfloat16, {"tie_word_embeddings": True, "rotation": "none"}),
     ("rtn-w4a16", torch.float32, {}),
 ])
 def test_from_pretrained_equals_fptq_load(tmp_path, method, dtype, kw):
@@ -39,8 +41,10 @@ def test_from_pretrained_equals_fptq_load(tmp_path, method, dtype, kw):
         assert sd_hf[k].dtype == sd_ref[k].dtype and torch.equal(sd_hf[k], sd_ref[k]), k
     assert torch.equal(hf(ids).logits, ref(ids).logits)
     assert hf.fptq_plan.to_dict() == ref.fptq_plan.to_dict()
-    if kw.get("tie_word_embeddings"):
-        assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    if kw.get("tie_word_embeddings"):  # kept tied, unless the rotation (the default's) untied it
+        tied = kw.get("rotation") == "none"
+        assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+        assert hf.config.tie_word_embeddings == tied
 
 
 def test_generate_on_from_pretrained_model(tmp_path):

@@ -601,8 +601,9 @@ def test_calib_inputs_float_calibrates_every_layer_on_the_float_model(method):
     float_max = _layer1_qkv_absmax(model, ids)
     plans, models = {}, {}
     for inputs in ("quantized", "float"):
-        # the residual stream left in its order: layer 0 of the quantized model is spliced into the float one below
-        cfg = fptq.method_config(method, group_size=32, calib_inputs=inputs, residual_order="none")
+        # the residual stream left in its order and unrotated: layer 0 of the quantized model is spliced into the
+        # float one below
+        cfg = fptq.method_config(method, group_size=32, calib_inputs=inputs, residual_order="none", rotation="none")
         models[inputs] = copy.deepcopy(model)
         plans[inputs] = fptq.quantize(models[inputs], cfg, ids, device="cpu", progress=False)
     rel = 1e-5 if method == "lae-dynamic-w4a8" else 1e-2

@@ -176,6 +176,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                           "(a float pass over 16 calibration windows first), so that LAE's outlier columns "
                           "share few weight groups (exact, free at run time; LLaMA, Mistral, Qwen2/3, Gemma 1-3); "
                           "none: as the model has them")
+    adv.add_argument("--rotation", dest="rotation", default=None, choices=("none", "residual", "residual+heads"),
+                     help="residual: turn the residual stream by a randomized Hadamard matrix folded into the "
+                          "weights before quantizing (QuaRot/SpinQuant's offline rotation: outliers spread over "
+                          "every channel; exact in float, free at run time; the norms fold into the Linears and "
+                          "lm_head is untied, so a tied-embedding model's checkpoint holds the head twice); "
+                          "residual+heads: also every attention head's values; none: no rotation. LLaMA, "
+                          "Mistral, Qwen2/3, Gemma 1")
+    adv.add_argument("--rotation-seed", dest="rotation_seed", type=int, default=None,
+                     help="seed of the rotation's random signs (default 0)")
     adv.add_argument("--equalize-into", dest="equalize_into", default=None, choices=("all", "norms"),
                      help="producers that take equalization scales: all (norms and Linears; default for fptq) or "
                           "norms (a Linear-fed layer in the LAE band then runs dynamic per-token)")
@@ -204,7 +213,7 @@ def config_from_args(args) -> "QuantConfig":
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "weight_clip_rows", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
-        "channel_order", "weight_scale_sign", "residual_order", "dynamic_share")}
+        "channel_order", "weight_scale_sign", "residual_order", "dynamic_share", "rotation", "rotation_seed")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

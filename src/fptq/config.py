@@ -79,6 +79,12 @@ class QuantConfig:
     # outputs on a float pass over a few calibration windows, so that LAE's outlier columns share few weight
     # groups (residual.py); exact, and free at run time
     residual_order: str = "none"
+    # orthogonal rotations folded into the weights before anything else (rotation.py; QuaRot / SpinQuant's
+    # offline R1 and R2): "none", "residual" (the residual stream, by a randomized Hadamard matrix: the norms
+    # fold into their readers and lm_head is untied) or "residual+heads" (also every head's values); exact in
+    # float, free at run time, the architecture unchanged. ``rotation_seed`` draws the matrices' signs
+    rotation: str = "none"
+    rotation_seed: int = 0
     weight_clip_search: bool = False
     # what the clip search minimises: "weight" (the squared error of the weights) or "output" (the squared
     # error each group adds to the Linear's output on the calibration inputs: activation-aware clipping)
@@ -158,6 +164,8 @@ class QuantConfig:
             raise ValueError(f"calib_inputs must be 'quantized' or 'float', not {self.calib_inputs!r}")
         if self.residual_order not in ("none", "max"):
             raise ValueError(f"residual_order must be 'none' or 'max', not {self.residual_order!r}")
+        if self.rotation not in ("none", "residual", "residual+heads"):
+            raise ValueError(f"rotation must be 'none', 'residual' or 'residual+heads', not {self.rotation!r}")
         if self.channel_order not in ("none", "weight"):
             raise ValueError(f"channel_order must be 'none' or 'weight', not {self.channel_order!r}")
         if self.weight_clip_objective not in ("weight", "output"):

@@ -32,10 +32,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # drops most (fptq.dynamic_budget; KL divergence -4.9% / -2.9% on Qwen2.5-Coder-0.5B, -3.8% / -6.9% on
     # SmolLM2-135M, 20 + 20 windows, every SmolLM2 measure lower, Qwen2.5's C4 perplexity +0.2%;
     # bench/results/fptq_default4_{qwen,smol}_20.md, {qwen,smol}_dynamic_share.md; docs/results/defaults.md)
+    # Since 2026-12-06: the residual stream turned by a randomized Hadamard matrix folded into the weights
+    # (fptq.rotation); KL divergence -40% / -25% on Qwen2.5-Coder-0.5B, -20% / -15% on SmolLM2-135M (8 + 8
+    # windows; bench/results/rotation_{qwen,smollm2}.md; docs/results/defaults.md)
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=0, gptq_act_order=True, weight_clip_search=True,
                  equalization_powers=(0.0, 0.5, 1.0), channel_order="weight", residual_order="max",
-                 weight_scale_sign="signed", calib_dtype="bfloat16", propagate_backend="auto", dynamic_share=0.1),
+                 weight_scale_sign="signed", calib_dtype="bfloat16", propagate_backend="auto", dynamic_share=0.1,
+                 rotation="residual"),
     # the paper's recipe as published: LAE only in the band 15 <= max|x| < 150, static scales from the
     # calibration max, round-to-nearest weights
     "fptq-paper": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, lae_scope="band",

@@ -54,6 +54,7 @@ from .residual import (
     residual_order,
     residual_problem,
 )
+from .rotation import prepare_rotation
 from .strategies import (
     ACT_MODE,
     budget_candidate,
@@ -438,6 +439,11 @@ def quantize(
     it was quantized in as ``residual_perm`` (every :class:`LayerResult`
     carries it). Layers before ``start_layer`` are not touched.
 
+    ``config.rotation`` turns the model by orthogonal matrices folded into its
+    weights before anything else (:mod:`fptq.rotation`): all of it now when it
+    is in memory, each layer right after ``load_layer`` otherwise (the writer
+    then turns the final norm and ``lm_head``: :func:`fptq.rotation.rotated_outside_entries`).
+
     ``config.dynamic_share`` spreads a budget of dynamic Linears over the layers
     (:mod:`fptq.dynamic_budget`), with the thresholds' choices predicted on a
     float pass; a resumed run passes that prediction (every :class:`LayerResult`
@@ -475,6 +481,8 @@ def quantize(
 
     was_training = model.training
     model.eval()
+    # config.rotation first: everything after it (the float pass, the order, calibration) sees the rotated model
+    _, load_layer = prepare_rotation(model, adapter, config.rotation, config.rotation_seed, load_layer)
     store = offload_device(offload, device)
     data_free = not config.needs_calibration
     # data-free (weight-only round-to-nearest): no activations are captured or propagated

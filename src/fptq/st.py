@@ -23,7 +23,7 @@ import torch
 from .errors import FptqError
 
 __all__ = ["TensorEntry", "read_header", "read_tensors", "read_chunks", "write_safetensors", "tensor_entry",
-           "file_entries", "cast_entry", "permuted_entry", "dtype_name", "torch_dtype", "WeightIndex", "CHUNK_BYTES"]
+           "file_entries", "cast_entry", "permuted_entry", "computed_entry", "dtype_name", "torch_dtype", "WeightIndex", "CHUNK_BYTES"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -64,6 +64,15 @@ def tensor_entry(name: str, t: torch.Tensor) -> TensorEntry:
         raise FptqError(f"cannot write {name}: dtype {t.dtype} is not supported by the safetensors writer")
     return TensorEntry(name, _NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
                        lambda f, t=t: f.write(_tensor_bytes(t)), lambda t=t: t)
+
+
+def computed_entry(name: str, dtype: str, shape: tuple[int, ...], read: Callable[[], torch.Tensor]) -> TensorEntry:
+    """An entry whose tensor (safetensors ``dtype``, ``shape``) ``read`` computes when the file is written."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return TensorEntry(name, dtype, tuple(shape), numel * torch.empty((), dtype=torch_dtype(dtype)).element_size(),
+                       lambda f: f.write(_tensor_bytes(read())), read)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

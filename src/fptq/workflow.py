@@ -36,6 +36,7 @@ from .pipeline import LayerResult, quantize
 from .plan import Plan
 from .resume import PartialRun, QuantizeInterrupted, partial_dir
 from .residual import permute_residual_outside, residual_axes
+from .rotation import prepare_rotation, rotated_outside_entries, rotation_for, rotation_problem, untie_config
 from .st import TensorEntry, file_entries, permuted_entry, tensor_entry, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,10 @@ def quantize_to_dir(
                          resume_hidden=run.load_hidden() if run.layers_done else None,
                          load_layer=_layer_loader(weights), release_layer=_layer_releaser(weights),
                          residual_perm=saved_perm, **_dynamic_budget_spent(run))
-            elif weights is None and saved_perm is not None:  # nothing left to quantize; the model in memory is
-                permute_residual_outside(fmodel, adapter, saved_perm)  # what the rest is written from
+            elif weights is None:  # nothing left to quantize; the model in memory is what the rest is written
+                prepare_rotation(fmodel, adapter, config.rotation, config.rotation_seed, None)  # from
+                if saved_perm is not None:
+                    permute_residual_outside(fmodel, adapter, saved_perm)
         except KeyboardInterrupt as e:
             raise QuantizeInterrupted(str(out), str(partial), run.layers_done, n_layers) from e
         layer_infos = [run.layer_info(i) for i in range(n_layers)]
@@ -286,6 +289,10 @@ def quantize_to_dir(
         rest = rest_entries(fmodel, layers_prefix)
     else:
         rest = weights.rest_entries()
+        if config.rotation != "none" and rotation_problem(fmodel, adapter) is None:  # turned as they are written
+            rest = rotated_outside_entries(rest, adapter, rotation_for(fmodel, config.rotation, config.rotation_seed),
+                                           adapter.norm_weight_offset)
+            untie_config(fmodel)
         if residual_perm is not None:  # copied from the source files: permuted as they are written
             axes = residual_axes(adapter)
             rest = [permuted_entry(e, axes[e.name], residual_perm) if e.name in axes else e for e in rest]

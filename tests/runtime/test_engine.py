@@ -75,6 +75,20 @@ def test_quantized_engine_tracks_the_simulated_model(tmp_path, method, kind):
     assert sqnr_db(ref, got) > 25
 
 
+def test_rotated_tied_model_runs_on_the_engine(tmp_path):
+    """A rotated model (QuantConfig.rotation: unit norms, lm_head untied from a tied embedding) needs nothing new
+    from the runtime: the Engine tracks the simulated model as it does an unrotated one."""
+    out = _checkpoint(tmp_path, "fptq", model=_tiny_qwen2(), rotation="residual+heads")
+    ref_model = fptq.load(out, backend="reference")
+    assert ref_model.config.tie_word_embeddings is False
+    ids = _ids()
+    with torch.inference_mode():
+        ref = ref_model(ids).logits
+    eng = Engine(fptq.load(out))
+    got = eng.forward(ids, eng.new_cache(2, 24), logits="all")
+    assert sqnr_db(ref, got) > 25
+
+
 def test_quantized_engine_multiplies_an_int8_head_a_float_engine_its_own(tmp_path):
     """``head="auto"``: a quantized model's logits come from the head requantized to int8 (close to the stored
     head's), a float model's from its own head; ``head="stored"`` keeps the checkpoint's; a bad choice says so."""

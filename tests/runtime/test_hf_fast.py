@@ -105,7 +105,7 @@ def test_what_the_runtime_cannot_do_falls_back_to_transformers_once_logged(ckpt,
         a = fast(ids, attention_mask=mask).logits
         fast(ids, attention_mask=mask)
         b = ref(ids, attention_mask=mask).logits
-    assert torch.equal(a, b)  # transformers' own forward, on the same modules
+    logits_close(a, b)  # transformers' own forward, on the same modules (the runtime's head: its summation order)
     assert sum("attention mask has padding" in r.message for r in caplog.records) == 1
     with torch.no_grad():  # hidden states asked for: also transformers'
         assert len(fast(ids, output_hidden_states=True).hidden_states) == 3

@@ -1,0 +1,319 @@
+"""Rotating the residual stream and the attention heads' values by orthogonal matrices (QuaRot / SpinQuant's
+offline rotations ``R1`` and ``R2``), folded into the weights: the float model computes the same function and
+keeps its architecture, so the kernels and exports need nothing new.
+
+* ``R1`` (the residual stream, ``[hidden, hidden]``): every norm's weight is first folded into the Linears it
+  feeds (and the final norm's into ``lm_head``, which is untied from the embedding), which leaves the norms a
+  plain ``x / rms(x)``; that commutes with any orthogonal ``R``. Then the embedding's rows and the writers'
+  outputs are turned by ``R`` and the readers' inputs by ``R`` as well. A randomized Hadamard ``R`` spreads each
+  outlier channel over all channels: the inputs of q/k/v and gate/up lose their outliers.
+* ``R2`` (one ``[head_dim, head_dim]`` for every head): turns ``v_proj``'s output rows and ``o_proj``'s input
+  columns head by head, which flattens ``o_proj``'s inputs.
+
+Only RMS norms (no bias, no mean) can be folded this way; :func:`rotation_problem` says why a model cannot.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import Adapter
+from .quant.hadamard import hadamard_order_factors, random_hadamard
+from .residual import residual_problem
+from .st import TensorEntry, computed_entry, torch_dtype
+
+__all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "fold_norms",
+           "rotate_residual", "rotate_heads", "rotate_layer", "rotate_embedding", "untie_config", "rotate_model",
+           "rotated_outside_entries", "prepare_rotation"]
+
+log = logging.getLogger(__name__)
+
+ROTATIONS = ("none", "residual", "residual+heads")  # QuantConfig.rotation
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The orthogonal matrices of one run (float64): ``residual`` ``[hidden, hidden]``, ``heads``
+    ``[head_dim, head_dim]`` or None."""
+
+    residual: torch.Tensor
+    heads: torch.Tensor | None = None
+
+
+def random_rotation(n: int, seed: int) -> torch.Tensor:
+    """A randomized Hadamard matrix of order ``n`` (:func:`fptq.quant.hadamard.random_hadamard`) where one can
+    be built, else a random orthogonal matrix (the Q of a seeded Gaussian's QR, signs fixed): float64."""
+    if hadamard_order_factors(n) is not None:
+        return random_hadamard(n, seed)
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).view(1, -1)
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def rotation_for(model: nn.Module, rotation: str, seed: int = 0) -> Rotation | None:
+    """The matrices ``rotation`` (:data:`ROTATIONS`) asks for on ``model``, drawn with ``seed``; None for "none"."""
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, not {rotation!r}")
+    if rotation == "none":
+        return None
+    heads = random_rotation(_head_dim(model), seed + 1) if rotation == "residual+heads" else None
+    return Rotation(random_rotation(int(model.config.hidden_size), seed), heads)
+
+
+def _head_pair(adapter: Adapter) -> tuple[str, str] | None:
+    for g in adapter.groups:
+        if g.kind == "linear" and g.kv_grouped and len(g.consumers) == 1:
+            return g.producer, g.consumers[0]
+    return None
+
+
+def rotation_problem(model: nn.Module, adapter: Adapter) -> str | None:
+    """Why ``model`` cannot be rotated exactly with ``adapter``'s table, or None. Reads only module types and
+    names, so a model loaded layer by layer (weights still on disk) is judged as well."""
+    problem = residual_problem(model, adapter)
+    if problem:
+        return problem
+    spec = adapter.residual
+    if list(spec.norms) != ["input_layernorm", "post_attention_layernorm"]:
+        return f"{adapter.name}: norms after the sublayers ({', '.join(spec.norms)}) do not fold into the readers"
+    norms = [adapter.layers(model)[0].get_submodule(n) for n in spec.norms] + [model.get_submodule(spec.final_norm)]
+    for m in norms:
+        if getattr(m, "bias", None) is not None or isinstance(m, nn.LayerNorm):
+            return f"{type(m).__name__} subtracts the mean or adds a bias; only RMS norms fold into a rotation"
+        if getattr(m, "weight", None) is None:
+            return f"{type(m).__name__} has no weight to fold"
+    return None
+
+
+def _as64(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().to(torch.float64)
+
+
+def _readers_of(adapter: Adapter, norm: str) -> tuple[str, ...]:
+    return next(g.consumers for g in adapter.groups if g.kind == "norm" and g.producer == norm)
+
+
+def _set(p: torch.Tensor, value: torch.Tensor) -> None:
+    p.copy_(value.to(p.dtype))
+
+
+@torch.no_grad()
+def _fold_layer_norms(layer: nn.Module, adapter: Adapter) -> None:
+    offset = adapter.norm_weight_offset
+    for norm_name in adapter.residual.norms:
+        norm = layer.get_submodule(norm_name)
+        g = _as64(norm.weight) + offset
+        for name in _readers_of(adapter, norm_name):
+            lin = layer.get_submodule(name)
+            _set(lin.weight, _as64(lin.weight) * g.view(1, -1))
+        norm.weight.fill_(1.0 - offset)
+
+
+def untie_config(model: nn.Module) -> None:
+    """Mark ``model``'s config as having its own ``lm_head`` (a rotation folds the final norm into it)."""
+    model.config.tie_word_embeddings = False
+    text = getattr(model.config, "get_text_config", None)
+    if callable(text):
+        text().tie_word_embeddings = False
+
+
+@torch.no_grad()
+def _fold_head(model: nn.Module, adapter: Adapter) -> None:
+    spec = adapter.residual
+    emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
+    final = model.get_submodule(spec.final_norm)
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    untie_config(model)
+    g = _as64(final.weight) + adapter.norm_weight_offset
+    _set(head.weight, _as64(head.weight) * g.view(1, -1))
+    final.weight.fill_(1.0 - adapter.norm_weight_offset)
+
+
+def fold_norms(model: nn.Module, adapter: Adapter) -> None:
+    """Fold every norm's weight into the Linears it feeds and the final norm's into ``lm_head`` (untied from the
+    embedding if it was tied); the norms are left scaling by one. The model computes the same function."""
+    for layer in adapter.layers(model):
+        _fold_layer_norms(layer, adapter)
+    _fold_head(model, adapter)
+
+
+@torch.no_grad()
+def _turn_inputs(w: torch.Tensor, r: torch.Tensor, g: torch.Tensor | None = None, rows: int = 8192) -> None:
+    """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale, or none), ``rows`` rows at a time in float64 (an
+    embedding is large)."""
+    for a in range(0, w.shape[0], rows):
+        piece = _as64(w[a:a + rows])
+        _set(w[a:a + rows], (piece if g is None else piece * g.view(1, -1)) @ r)
+
+
+@torch.no_grad()
+def _rotate_layer_heads(layer: nn.Module, adapter: Adapter, rh: torch.Tensor) -> None:
+    v, o = (layer.get_submodule(n) for n in _head_pair(adapter))
+    d = rh.shape[0]
+    wv = _as64(v.weight)
+    kv = wv.shape[0] // d
+    _set(v.weight, torch.einsum("ji,kjc->kic", rh, wv.view(kv, d, -1)).reshape(wv.shape))
+    if v.bias is not None:
+        _set(v.bias, (_as64(v.bias).view(kv, d) @ rh).reshape(-1))
+    wo = _as64(o.weight)
+    _set(o.weight, (wo.view(wo.shape[0], -1, d) @ rh).reshape(wo.shape))
+
+
+def _check(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
+    problem = rotation_problem(model, adapter)
+    if problem:
+        raise ValueError(f"cannot rotate the residual stream: {problem}")
+    h = int(model.config.hidden_size)
+    if tuple(rot.residual.shape) != (h, h):
+        raise ValueError(f"the residual rotation must be [{h}, {h}], got {list(rot.residual.shape)}")
+    if rot.heads is not None:
+        if _head_pair(adapter) is None:
+            raise ValueError(f"{adapter.name}: no v_proj -> o_proj pair to rotate")
+        d = _head_dim(model)
+        if tuple(rot.heads.shape) != (d, d):
+            raise ValueError(f"the head rotation must be [{d}, {d}], got {list(rot.heads.shape)}")
+
+
+def rotate_layer(layer: nn.Module, adapter: Adapter, rot: Rotation) -> None:
+    """One decoder layer's part of ``rot`` (its weights in memory): its norms folded into their readers, the
+    readers' inputs and the writers' outputs turned by ``rot.residual``, the heads' values by ``rot.heads``."""
+    r = rot.residual.to(torch.float64)
+    spec, offset = adapter.residual, adapter.norm_weight_offset
+    with torch.no_grad():
+        for norm_name in spec.norms:  # fold and turn in one float64 product: one rounding to the weights' dtype
+            norm = layer.get_submodule(norm_name)
+            g = _as64(norm.weight) + offset
+            for name in _readers_of(adapter, norm_name):
+                _turn_inputs(layer.get_submodule(name).weight, r, g)
+            norm.weight.fill_(1.0 - offset)
+        for name in spec.writers:
+            lin = layer.get_submodule(name)
+            _set(lin.weight, r.T @ _as64(lin.weight))
+            if lin.bias is not None:
+                _set(lin.bias, _as64(lin.bias) @ r)
+    if rot.heads is not None:
+        _rotate_layer_heads(layer, adapter, rot.heads.to(torch.float64))
+
+
+@torch.no_grad()
+def rotate_embedding(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
+    """Turn the embedding's rows by ``rot.residual`` (in memory) and untie ``lm_head`` in the config; the final
+    norm and ``lm_head`` are left as they are (a model loaded layer by layer has them on disk:
+    :func:`rotated_outside_entries` turns them as they are written)."""
+    spec = adapter.residual
+    emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
+    if head.weight is emb.weight:  # untie: the head is written from the files (it stays on the meta device here)
+        head.weight = nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
+    _turn_inputs(emb.weight, rot.residual.to(torch.float64))
+    untie_config(model)
+
+
+def rotate_model(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
+    """Apply ``rot`` to the whole ``model`` in memory: the same function, every norm scaling by one,
+    ``lm_head`` untied. Refuses what :func:`rotation_problem` refuses and matrices of the wrong size."""
+    _check(model, adapter, rot)
+    r = rot.residual.to(torch.float64)
+    spec, offset = adapter.residual, adapter.norm_weight_offset
+    emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
+    final = model.get_submodule(spec.final_norm)
+    with torch.no_grad():
+        if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        untie_config(model)
+        _turn_inputs(head.weight, r, _as64(final.weight) + offset)  # as rotated_outside_entries writes it
+        final.weight.fill_(1.0 - offset)
+        _turn_inputs(emb.weight, r)
+    for layer in adapter.layers(model):
+        rotate_layer(layer, adapter, rot)
+
+
+def rotate_residual(model: nn.Module, adapter: Adapter, r: torch.Tensor) -> None:
+    """:func:`rotate_model` with the residual stream's matrix alone."""
+    rotate_model(model, adapter, Rotation(r))
+
+
+def rotate_heads(model: nn.Module, adapter: Adapter, rh: torch.Tensor) -> None:
+    """Turn every attention head's values by the orthogonal ``rh`` (``[head_dim, head_dim]``): ``v_proj``'s
+    output rows and bias per key/value head, ``o_proj``'s input columns per attention head. Exact."""
+    if _head_pair(adapter) is None:
+        raise ValueError(f"{adapter.name}: no v_proj -> o_proj pair to rotate")
+    d = _head_dim(model)
+    if tuple(rh.shape) != (d, d):
+        raise ValueError(f"the head rotation must be [{d}, {d}], got {list(rh.shape)}")
+    for layer in adapter.layers(model):
+        _rotate_layer_heads(layer, adapter, rh.to(torch.float64))
+
+
+def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, rot: Rotation,
+                            norm_weight_offset: float = 0.0) -> list[TensorEntry]:
+    """The entries of the tensors outside the decoder layers (copied from a model's files) as the rotated
+    model has them: the embedding turned, the final norm scaling by one, ``lm_head`` = the source's head (or
+    its embedding, if tied) times the final norm's weight, turned. Each is computed when it is written."""
+    spec = adapter.residual
+    by_name = {e.name: e for e in entries}
+    emb_name, head_name = f"{spec.embeddings}.weight", f"{spec.head}.weight"
+    norm_name = f"{spec.final_norm}.weight"
+    if emb_name not in by_name or norm_name not in by_name:
+        raise ValueError(f"cannot rotate: {emb_name} or {norm_name} is not among the model's tensors")
+    r = rot.residual.to(torch.float64)
+    emb, norm = by_name[emb_name], by_name[norm_name]
+    head_src = by_name.get(head_name, emb)
+
+    def turned(src: TensorEntry, fold_norm: bool):
+        def read() -> torch.Tensor:
+            w = src.read().clone()  # never turn a tensor the entry shares in place
+            _turn_inputs(w, r, _as64(norm.read()) + norm_weight_offset if fold_norm else None)
+            return w
+        return read
+
+    out = []
+    for e in entries:
+        if e.name == emb_name:
+            out.append(computed_entry(emb_name, emb.dtype, emb.shape, turned(emb, False)))
+        elif e.name == norm_name:
+            out.append(computed_entry(norm_name, norm.dtype, norm.shape, lambda: torch.full(
+                norm.shape, 1.0 - norm_weight_offset, dtype=torch_dtype(norm.dtype))))
+        elif e.name == head_name:
+            continue
+        else:
+            out.append(e)
+    out.append(computed_entry(head_name, head_src.dtype, head_src.shape, turned(head_src, True)))
+    return out
+
+
+def prepare_rotation(model: nn.Module, adapter: Adapter, rotation: str, seed: int,
+                     load_layer: Callable[[int, nn.Module], None] | None
+                     ) -> tuple[Rotation | None, Callable[[int, nn.Module], None] | None]:
+    """What a quantization run does for ``QuantConfig.rotation``: ``(rot, load_layer)``. A model in memory
+    (``load_layer`` None) is rotated whole now; one loaded layer by layer has its embedding turned now and each
+    decoder layer as it is loaded (the returned ``load_layer`` does that after the given one), and its final
+    norm and ``lm_head`` when they are written (:func:`rotated_outside_entries`). ``(None, load_layer)``, with a
+    warning, where the architecture cannot be rotated exactly; also for "none"."""
+    if rotation == "none":
+        return None, load_layer
+    problem = rotation_problem(model, adapter)
+    if problem:
+        log.warning("rotation %r skipped: %s", rotation, problem)
+        return None, load_layer
+    rot = rotation_for(model, rotation, seed)
+    if load_layer is None:
+        rotate_model(model, adapter, rot)
+        return rot, None
+    _check(model, adapter, rot)
+    rotate_embedding(model, adapter, rot)
+
+    def load_and_rotate(i: int, layer: nn.Module) -> None:
+        load_layer(i, layer)
+        rotate_layer(layer, adapter, rot)
+
+    return rot, load_and_rotate

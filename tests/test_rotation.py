@@ -1,0 +1,217 @@
+"""Rotating the residual stream and the heads' values (fptq.rotation): the float model's function is kept on
+every architecture that can be rotated, outliers are spread, and the others are refused with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fptq.models import get_adapter
+from fptq.quant.hadamard import random_hadamard
+from fptq.rotation import fold_norms, rotate_heads, rotate_residual, rotation_problem
+
+from .conftest import tiny_llama
+from .models.test_architectures import tiny
+from .test_residual import MODELS, _ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2-tied-biases", "gemma"])
+@pytest.mark.parametrize("heads", [False, True])
+def test_rotation_keeps_the_model_function(arch, heads):
+    model = MODELS[arch]().double()
+    adapter = get_adapter(model)
+    assert rotation_problem(model, adapter) is None
+    x = _ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    emb_before = model.get_submodule(adapter.residual.embeddings).weight.detach().clone()
+    rotate_residual(model, adapter, random_hadamard(model.config.hidden_size, seed=1))
+    if heads:
+        d = model.config.head_dim if getattr(model.config, "head_dim", None) else \
+            model.config.hidden_size // model.config.num_attention_heads
+        rotate_heads(model, adapter, random_hadamard(d, seed=2))
+    with torch.no_grad():
+        out = model(x).logits
+    assert torch.allclose(out, ref, atol=2e-6)  # the norms compute in float32 even in a float64 model
+    emb = model.get_submodule(adapter.residual.embeddings).weight
+    head = model.get_submodule(adapter.residual.head).weight
+    assert not torch.allclose(emb, emb_before)  # the stream did turn
+    assert head.data_ptr() != emb.data_ptr() and model.config.tie_word_embeddings is False
+    for layer in adapter.layers(model):
+        for n in adapter.residual.norms:
+            assert torch.all(layer.get_submodule(n).weight + adapter.norm_weight_offset == 1)
+
+
+def test_fold_norms_alone_keeps_the_function_and_unit_norms():
+    model = tiny_llama(tie_word_embeddings=True).double()
+    adapter = get_adapter(model)
+    x = _ids()
+    with torch.no_grad():
+        ref = model(x).logits
+    fold_norms(model, adapter)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref, atol=2e-6)
+    assert torch.all(model.model.norm.weight == 1)
+
+
+def test_rotation_spreads_an_outlier_channel_of_the_stream():
+    model = tiny_llama(outliers=True).double()
+    adapter = get_adapter(model)
+    seen = {}
+
+    def grab(_m, args):
+        seen["x"] = args[0].detach().abs()
+
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(grab)
+    x = _ids()
+    with torch.no_grad():
+        model(x)
+        before = seen["x"].amax(dim=(0, 1))
+        rotate_residual(model, adapter, random_hadamard(model.config.hidden_size, seed=0))
+        model(x)
+        after = seen["x"].amax(dim=(0, 1))
+    h.remove()
+    # max over channels relative to the median channel: flatter after the rotation
+    assert (after.max() / after.median()) < 0.5 * (before.max() / before.median())
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_post_norm_architectures_are_refused(arch):
+    model = tiny(arch)
+    adapter = get_adapter(model)
+    assert "do not fold" in rotation_problem(model, adapter)
+    with pytest.raises(ValueError, match="cannot rotate the residual stream"):
+        rotate_residual(model, adapter, random_hadamard(model.config.hidden_size))
+
+
+def test_wrong_sizes_are_refused():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    with pytest.raises(ValueError, match=r"must be \[64, 64\]"):
+        rotate_residual(model, adapter, torch.eye(32))
+    with pytest.raises(ValueError, match="head rotation must be"):
+        rotate_heads(model, adapter, torch.eye(3))
+
+
+# --- QuantConfig.rotation: the pipeline, the layer-by-layer writer, resume ---------------------------------
+
+def test_quantize_with_rotation_keeps_accuracy_untied_and_round_trips(tmp_path):
+    import fptq
+
+    from .conftest import as_stored, sqnr_db
+
+    model = tiny_llama(tie_word_embeddings=True)
+    x = _ids(2, 16, seed=3)
+    with torch.no_grad():
+        ref = model(x).logits
+    calib = _ids(8, 32, seed=4)
+    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 40.0), rotation="residual+heads")
+    plan = fptq.quantize(model, cfg, calib, device="cpu", progress=False)
+    assert plan.config["rotation"] == "residual+heads" and model.config.tie_word_embeddings is False
+    emb = tiny_llama(tie_word_embeddings=True).model.embed_tokens.weight.double()
+    r = random_hadamard(model.config.hidden_size, seed=0)
+    # the embedding was turned by the seed-0 Hadamard matrix, then sorted (residual_order="max" in fptq)
+    turned = (emb @ r).float()
+    dist = torch.cdist(model.model.embed_tokens.weight.detach().T, turned.T).detach()
+    assert torch.equal(dist.argmin(1).sort().values, torch.arange(turned.shape[1]))  # a permutation of its columns
+    assert float(dist.min(1).values.max()) < 1e-3 < float(dist.kthvalue(2, 1).values.min())
+    with torch.no_grad():
+        out = model(x).logits
+    assert sqnr_db(ref, out) > 10
+    fptq.save(model, plan, tmp_path / "q")
+    loaded = fptq.load(tmp_path / "q", backend="reference")
+    assert loaded.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, as_stored(model)(x).logits)
+
+
+def test_rotation_is_skipped_with_a_warning_where_it_cannot_be_exact(caplog):
+    import fptq
+
+    model = tiny("gemma2")
+    with caplog.at_level("WARNING", logger="fptq.rotation"):
+        fptq.quantize(model, fptq.method_config("rtn-w4a16", group_size=32, rotation="residual"), _ids(2, 16),
+                      device="cpu", progress=False)
+    assert "rotation 'residual' skipped" in caplog.text and "do not fold" in caplog.text
+
+
+def test_unknown_rotation_is_refused():
+    import fptq
+
+    with pytest.raises(ValueError, match="rotation must be 'none', 'residual' or 'residual\\+heads'"):
+        fptq.method_config("fptq", rotation="hadamard")
+
+
+def _saved(tmp_path, dtype=torch.float32, **kw):
+    from .conftest import make_tokenizer
+
+    d = tmp_path / "m"
+    tiny_llama(num_hidden_layers=3, **kw).to(dtype).save_pretrained(d, max_shard_size="60KB")
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+SETTINGS = dict(nsamples=4, seqlen=32, device="cpu", progress=False)
+CFG = dict(group_size=32, thresholds=(2.0, 20.0), rotation="residual+heads")
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+def test_layer_by_layer_run_rotates_like_the_in_memory_api(calib_file, tmp_path, tied, dtype):
+    """`fptq quantize --rotation` on a directory of safetensors (one layer in memory at a time; the embedding,
+    final norm and lm_head turned as they are written) gives the model the in-memory API gives."""
+    import fptq
+    from fptq.workflow import quantize_to_dir
+
+    from .conftest import as_stored
+
+    d = _saved(tmp_path, dtype, tie_word_embeddings=tied)
+    out = tmp_path / "q"
+    _, report = quantize_to_dir(str(d), out, fptq.method_config("fptq", **CFG), calib=str(calib_file), **SETTINGS)
+    assert report["layer_by_layer_loading"] is True
+    model, tok, _ = fptq.load_float_model(str(d))
+    windows = fptq.calibration_windows(tok, fptq.read_text(str(calib_file)), 4, 32, 0)
+    plan = fptq.quantize(model, fptq.method_config("fptq", **CFG), windows, device="cpu", progress=False)
+    loaded = fptq.load(out, backend="reference")
+    assert loaded.config.tie_word_embeddings is False
+    ids = _ids(2, 16, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, as_stored(model)(ids).logits)
+    assert loaded.fptq_plan.to_dict()["layers"] == plan.to_dict()["layers"]
+
+
+def test_resumed_rotated_run_is_byte_identical(calib_file, tmp_path):
+    import fptq
+    from fptq.io import weight_files
+    from fptq.resume import QuantizeInterrupted
+    from fptq.workflow import quantize_to_dir
+
+    d = _saved(tmp_path)
+    cfg = fptq.method_config("fptq", **CFG)
+    ref, out = tmp_path / "ref", tmp_path / "q"
+    quantize_to_dir(str(d), ref, cfg, calib=str(calib_file), **SETTINGS)
+
+    def stop(res):
+        if res.index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(QuantizeInterrupted):
+        quantize_to_dir(str(d), out, cfg, calib=str(calib_file), on_layer_done=stop, **SETTINGS)
+    quantize_to_dir(str(d), out, cfg, calib=str(calib_file), resume=True, **SETTINGS)
+    assert {f: (out / f).read_bytes() for f in weight_files(out)} == {f: (ref / f).read_bytes() for f in weight_files(ref)}
+
+
+def test_rotated_outside_entries_turn_the_head_and_clear_the_final_norm():
+    from fptq.rotation import Rotation, rotated_outside_entries
+    from fptq.st import tensor_entry
+
+    model = tiny_llama(tie_word_embeddings=True)
+    adapter = get_adapter(model)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    g = torch.rand(emb.shape[1]) + 0.5
+    r = random_hadamard(emb.shape[1], seed=5)
+    entries = [tensor_entry("model.embed_tokens.weight", emb), tensor_entry("model.norm.weight", g)]
+    out = {e.name: e for e in rotated_outside_entries(entries, adapter, Rotation(r))}
+    assert set(out) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    torch.testing.assert_close(out["model.embed_tokens.weight"].read(), (emb.double() @ r).float())
+    torch.testing.assert_close(out["lm_head.weight"].read(), ((emb * g).double() @ r).float())
+    assert torch.equal(out["model.norm.weight"].read(), torch.ones_like(g))
+    assert torch.equal(entries[0].read(), emb)  # the source tensors are left as they were
