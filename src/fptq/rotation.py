@@ -127,15 +127,16 @@ def untie_config(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fold_head(model: nn.Module, adapter: Adapter) -> None:
+def _fold_head(model: nn.Module, adapter: Adapter, r: torch.Tensor | None = None) -> None:
+    """Untie ``lm_head`` and fold the final norm's weight into it, turned by ``r`` (or not) in the same float64
+    product (one rounding, as :func:`rotated_outside_entries` writes it)."""
     spec = adapter.residual
     emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
     final = model.get_submodule(spec.final_norm)
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
     untie_config(model)
-    g = _as64(final.weight) + adapter.norm_weight_offset
-    _set(head.weight, _as64(head.weight) * g.view(1, -1))
+    _turn_inputs(head.weight, r, _as64(final.weight) + adapter.norm_weight_offset)
     final.weight.fill_(1.0 - adapter.norm_weight_offset)
 
 
@@ -148,12 +149,13 @@ def fold_norms(model: nn.Module, adapter: Adapter) -> None:
 
 
 @torch.no_grad()
-def _turn_inputs(w: torch.Tensor, r: torch.Tensor, g: torch.Tensor | None = None, rows: int = 8192) -> None:
-    """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale, or none), ``rows`` rows at a time in float64 (an
-    embedding is large)."""
+def _turn_inputs(w: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None = None, rows: int = 8192) -> None:
+    """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale, ``r`` a matrix; either may be None),
+    ``rows`` rows at a time in float64 (an embedding is large)."""
     for a in range(0, w.shape[0], rows):
         piece = _as64(w[a:a + rows])
-        _set(w[a:a + rows], (piece if g is None else piece * g.view(1, -1)) @ r)
+        piece = piece if g is None else piece * g.view(1, -1)
+        _set(w[a:a + rows], piece if r is None else piece @ r)
 
 
 @torch.no_grad()
@@ -223,16 +225,8 @@ def rotate_model(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
     ``lm_head`` untied. Refuses what :func:`rotation_problem` refuses and matrices of the wrong size."""
     _check(model, adapter, rot)
     r = rot.residual.to(torch.float64)
-    spec, offset = adapter.residual, adapter.norm_weight_offset
-    emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
-    final = model.get_submodule(spec.final_norm)
-    with torch.no_grad():
-        if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
-            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-        untie_config(model)
-        _turn_inputs(head.weight, r, _as64(final.weight) + offset)  # as rotated_outside_entries writes it
-        final.weight.fill_(1.0 - offset)
-        _turn_inputs(emb.weight, r)
+    _fold_head(model, adapter, r)
+    _turn_inputs(model.get_submodule(adapter.residual.embeddings).weight, r)
     for layer in adapter.layers(model):
         rotate_layer(layer, adapter, rot)
 
