@@ -149,9 +149,9 @@ def fold_norms(model: nn.Module, adapter: Adapter) -> None:
 
 
 @torch.no_grad()
-def _turn_inputs(w: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None = None, rows: int = 8192) -> None:
+def _turn_inputs(w: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None = None, rows: int = 1024) -> None:
     """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale, ``r`` a matrix; either may be None),
-    ``rows`` rows at a time in float64 (an embedding is large)."""
+    ``rows`` rows at a time in float64 (a few MiB of temporaries, whatever the matrix)."""
     for a in range(0, w.shape[0], rows):
         piece = _as64(w[a:a + rows])
         piece = piece if g is None else piece * g.view(1, -1)
@@ -200,7 +200,8 @@ def rotate_layer(layer: nn.Module, adapter: Adapter, rot: Rotation) -> None:
             norm.weight.fill_(1.0 - offset)
         for name in spec.writers:
             lin = layer.get_submodule(name)
-            _set(lin.weight, r.T @ _as64(lin.weight))
+            for a in range(0, lin.weight.shape[1], 1024):  # r.T @ W, a block of columns at a time
+                _set(lin.weight[:, a:a + 1024], r.T @ _as64(lin.weight[:, a:a + 1024]))
             if lin.bias is not None:
                 _set(lin.bias, _as64(lin.bias) @ r)
     if rot.heads is not None:
