@@ -7,7 +7,7 @@ import torch
 
 from fptq.models import get_adapter
 from fptq.quant.hadamard import random_hadamard
-from fptq.rotation import fold_norms, rotate_heads, rotate_residual, rotation_problem
+from fptq.rotation import Rotation, rotate_model, rotation_for, rotation_problem
 
 from .conftest import tiny_llama
 from .models.test_architectures import tiny
@@ -24,11 +24,9 @@ def test_rotation_keeps_the_model_function(arch, heads):
     with torch.no_grad():
         ref = model(x).logits
     emb_before = model.get_submodule(adapter.residual.embeddings).weight.detach().clone()
-    rotate_residual(model, adapter, random_hadamard(model.config.hidden_size, seed=1))
-    if heads:
-        d = model.config.head_dim if getattr(model.config, "head_dim", None) else \
-            model.config.hidden_size // model.config.num_attention_heads
-        rotate_heads(model, adapter, random_hadamard(d, seed=2))
+    rot = rotation_for(model, "residual+heads" if heads else "residual", seed=1)
+    assert (rot.heads is not None) == heads
+    rotate_model(model, adapter, rot)
     with torch.no_grad():
         out = model(x).logits
     assert torch.allclose(out, ref, atol=2e-6)  # the norms compute in float32 even in a float64 model
@@ -41,16 +39,20 @@ def test_rotation_keeps_the_model_function(arch, heads):
             assert torch.all(layer.get_submodule(n).weight + adapter.norm_weight_offset == 1)
 
 
-def test_fold_norms_alone_keeps_the_function_and_unit_norms():
+def test_the_identity_rotation_folds_the_norms_alone():
     model = tiny_llama(tie_word_embeddings=True).double()
     adapter = get_adapter(model)
     x = _ids()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    g = model.model.norm.weight.detach().clone()
     with torch.no_grad():
         ref = model(x).logits
-    fold_norms(model, adapter)
+    rotate_model(model, adapter, Rotation(torch.eye(model.config.hidden_size, dtype=torch.float64)))
     with torch.no_grad():
         assert torch.allclose(model(x).logits, ref, atol=2e-6)
     assert torch.all(model.model.norm.weight == 1)
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert torch.allclose(model.lm_head.weight, emb * g.view(1, -1), atol=1e-12)
 
 
 def test_rotation_spreads_an_outlier_channel_of_the_stream():
@@ -66,7 +68,7 @@ def test_rotation_spreads_an_outlier_channel_of_the_stream():
     with torch.no_grad():
         model(x)
         before = seen["x"].amax(dim=(0, 1))
-        rotate_residual(model, adapter, random_hadamard(model.config.hidden_size, seed=0))
+        rotate_model(model, adapter, Rotation(random_hadamard(model.config.hidden_size, seed=0)))
         model(x)
         after = seen["x"].amax(dim=(0, 1))
     h.remove()
@@ -80,16 +82,16 @@ def test_post_norm_architectures_are_refused(arch):
     adapter = get_adapter(model)
     assert "do not fold" in rotation_problem(model, adapter)
     with pytest.raises(ValueError, match="cannot rotate the residual stream"):
-        rotate_residual(model, adapter, random_hadamard(model.config.hidden_size))
+        rotate_model(model, adapter, Rotation(random_hadamard(model.config.hidden_size)))
 
 
 def test_wrong_sizes_are_refused():
     model = tiny_llama()
     adapter = get_adapter(model)
     with pytest.raises(ValueError, match=r"must be \[64, 64\]"):
-        rotate_residual(model, adapter, torch.eye(32))
+        rotate_model(model, adapter, Rotation(torch.eye(32)))
     with pytest.raises(ValueError, match="head rotation must be"):
-        rotate_heads(model, adapter, torch.eye(3))
+        rotate_model(model, adapter, Rotation(torch.eye(64), torch.eye(3)))
 
 
 # --- QuantConfig.rotation: the pipeline, the layer-by-layer writer, resume ---------------------------------

@@ -26,9 +26,8 @@ from .quant.hadamard import hadamard_order_factors, random_hadamard
 from .residual import residual_problem
 from .st import TensorEntry, computed_entry, torch_dtype
 
-__all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "fold_norms",
-           "rotate_residual", "rotate_heads", "rotate_layer", "rotate_embedding", "untie_config", "rotate_model",
-           "rotated_outside_entries", "prepare_rotation"]
+__all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "rotate_layer",
+           "rotate_embedding", "untie_config", "rotate_model", "rotated_outside_entries", "prepare_rotation"]
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +105,6 @@ def _set(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(p.dtype))
 
 
-@torch.no_grad()
-def _fold_layer_norms(layer: nn.Module, adapter: Adapter) -> None:
-    offset = adapter.norm_weight_offset
-    for norm_name in adapter.residual.norms:
-        norm = layer.get_submodule(norm_name)
-        g = _as64(norm.weight) + offset
-        for name in _readers_of(adapter, norm_name):
-            lin = layer.get_submodule(name)
-            _set(lin.weight, _as64(lin.weight) * g.view(1, -1))
-        norm.weight.fill_(1.0 - offset)
-
-
 def untie_config(model: nn.Module) -> None:
     """Mark ``model``'s config as having its own ``lm_head`` (a rotation folds the final norm into it)."""
     model.config.tie_word_embeddings = False
@@ -127,9 +114,9 @@ def untie_config(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _fold_head(model: nn.Module, adapter: Adapter, r: torch.Tensor | None = None) -> None:
-    """Untie ``lm_head`` and fold the final norm's weight into it, turned by ``r`` (or not) in the same float64
-    product (one rounding, as :func:`rotated_outside_entries` writes it)."""
+def _fold_head(model: nn.Module, adapter: Adapter, r: torch.Tensor) -> None:
+    """Untie ``lm_head`` and fold the final norm's weight into it, turned by ``r`` in the same float64 product
+    (one rounding, as :func:`rotated_outside_entries` writes it)."""
     spec = adapter.residual
     emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
     final = model.get_submodule(spec.final_norm)
@@ -140,22 +127,14 @@ def _fold_head(model: nn.Module, adapter: Adapter, r: torch.Tensor | None = None
     final.weight.fill_(1.0 - adapter.norm_weight_offset)
 
 
-def fold_norms(model: nn.Module, adapter: Adapter) -> None:
-    """Fold every norm's weight into the Linears it feeds and the final norm's into ``lm_head`` (untied from the
-    embedding if it was tied); the norms are left scaling by one. The model computes the same function."""
-    for layer in adapter.layers(model):
-        _fold_layer_norms(layer, adapter)
-    _fold_head(model, adapter)
-
-
 @torch.no_grad()
-def _turn_inputs(w: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None = None, rows: int = 1024) -> None:
-    """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale, ``r`` a matrix; either may be None),
-    ``rows`` rows at a time in float64 (a few MiB of temporaries, whatever the matrix)."""
+def _turn_inputs(w: torch.Tensor, r: torch.Tensor, g: torch.Tensor | None = None, rows: int = 1024) -> None:
+    """``w[:, :] = (w * g) @ r`` in place (``g`` a column scale or None), ``rows`` rows at a time in float64
+    (a few MiB of temporaries, whatever the matrix)."""
     for a in range(0, w.shape[0], rows):
         piece = _as64(w[a:a + rows])
         piece = piece if g is None else piece * g.view(1, -1)
-        _set(w[a:a + rows], piece if r is None else piece @ r)
+        _set(w[a:a + rows], piece @ r)
 
 
 @torch.no_grad()
@@ -230,23 +209,6 @@ def rotate_model(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
     _turn_inputs(model.get_submodule(adapter.residual.embeddings).weight, r)
     for layer in adapter.layers(model):
         rotate_layer(layer, adapter, rot)
-
-
-def rotate_residual(model: nn.Module, adapter: Adapter, r: torch.Tensor) -> None:
-    """:func:`rotate_model` with the residual stream's matrix alone."""
-    rotate_model(model, adapter, Rotation(r))
-
-
-def rotate_heads(model: nn.Module, adapter: Adapter, rh: torch.Tensor) -> None:
-    """Turn every attention head's values by the orthogonal ``rh`` (``[head_dim, head_dim]``): ``v_proj``'s
-    output rows and bias per key/value head, ``o_proj``'s input columns per attention head. Exact."""
-    if _head_pair(adapter) is None:
-        raise ValueError(f"{adapter.name}: no v_proj -> o_proj pair to rotate")
-    d = _head_dim(model)
-    if tuple(rh.shape) != (d, d):
-        raise ValueError(f"the head rotation must be [{d}, {d}], got {list(rh.shape)}")
-    for layer in adapter.layers(model):
-        _rotate_layer_heads(layer, adapter, rh.to(torch.float64))
 
 
 def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, rot: Rotation,
