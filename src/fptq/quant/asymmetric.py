@@ -11,7 +11,7 @@ so a group whose values are not centred on zero (what a symmetric grid wastes ha
 ``a * (d * sum(q * xq) + m * sum(xq))``: the integer dot product plus one correction term per group and token,
 what llama.cpp's ``Q4_1 x Q8_1`` product computes. fptq's kernels and checkpoints hold symmetric weights
 only; these functions measure what the asymmetric form would gain
-(``bench/investigations/asym_int4.py``).
+(``docs/investigations.md``, ``asym_int4.py``).
 
 ``clip_search`` shrinks each group's range ``[min, max]`` toward its midpoint by the factor in
 ``1 - max_shrink * i / grid`` with the smallest squared error of the group's weights.
