@@ -5,7 +5,9 @@ a user would run (bf16 on a CPU with fast bf16, fp32 on other CPUs such as AVX2 
 All variants are timed in one process with interleaved repeats (for each repeat, each task, each variant), so
 that a noisy shared machine affects them alike; the table reports medians and ratios of medians to the float
 baseline. Quantized checkpoints run on fptq's runtime (:mod:`fptq.runtime`) where it supports the
-architecture, else through transformers with fptq's kernels; on the CPU the W4A8 checkpoint is also timed as
+architecture, else through transformers with fptq's kernels; on a GPU, through transformers' forward on a
+static KV cache with each decode step replayed as a CUDA graph (:mod:`fptq.runtime.graphs`; the float model
+too, in its own row beside plain transformers); on the CPU the W4A8 checkpoint is also timed as
 ``fptq.load(OUT)`` called through transformers' forward (the runtime behind it, :mod:`fptq.runtime.hf_fast`). Rows measured elsewhere (llama.cpp, by
 ``bench/peer_llamacpp.py``) can be merged with ``--peer FILE``; they are marked as such.
 """
@@ -167,15 +169,18 @@ _KV = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}
 def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16", head: str = "auto"):
     """fptq's runtime where asked and possible, else the transformers forward."""
     from .runtime import engine_unsupported_reason
-    from .runtime.timing import EngineRunner, HFRunner
+    from .runtime.timing import EngineRunner, HFRunner, StaticRunner
 
+    what = "transformers forward" + (" + fptq kernels" if quantized else "")
     if runtime and device == "cpu" and engine_unsupported_reason(model) is None:
         r = EngineRunner(model, kv_dtype=_KV[kv], head=head)
         kinds = ", ".join(f"{k} x{v}" for k, v in r.engine.linear_kinds().items())
         r.path = f"fptq runtime ({kinds}; {kv} KV cache; {r.engine.head.label} head)"
         return r
+    if runtime and device != "cpu":  # the GPU path: static KV cache, decode steps as CUDA graphs
+        return StaticRunner(model, what=what)
     r = HFRunner(model)
-    r.path = "transformers forward" + (" + fptq kernels" if quantized else "")
+    r.path = what
     return r
 
 
@@ -223,7 +228,7 @@ def cmd_bench(args) -> int:
     fmodel = fmodel.to(device)
     base_label = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[base_dtype]
     runners: dict[str, Any] = {f"{base_label} (transformers)": _runner(fmodel, device, False, False)}
-    if device == "cpu" and not args.no_runtime_bf16:
+    if not args.no_runtime_bf16:  # the float model on fptq's runtime (CPU) / static cache + CUDA graphs (GPU)
         runners[f"{base_label} (fptq runtime)"] = _runner(fmodel, device, True, False)
     for label, path in (("W4A8 (fptq)", out), ("W8A8 (fptq, SmoothQuant)", args.w8a8), ("W4A16 (fptq)", args.w4a16)):
         if path:
@@ -274,9 +279,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--float-model", default=None, help="float baseline (default: the checkpoint's source_model), run in bf16 on CPUs with fast bf16, "
                         "fp32 on other CPUs, fp16 on GPUs")
     b.add_argument("--no-runtime-bf16", action="store_true",
-                   help="skip the float model on fptq's runtime (shows what the runtime alone brings)")
+                   help="skip the float model on fptq's runtime (shows what the runtime alone brings; on a GPU: on a "
+                        "static KV cache with CUDA-graph decode steps)")
     b.add_argument("--no-runtime", action="store_true",
-                   help="time the quantized checkpoints through transformers' forward instead of fptq's runtime")
+                   help="time the quantized checkpoints through transformers' forward instead of fptq's runtime (on "
+                        "a GPU: its DynamicCache and eager steps instead of the static cache and CUDA graphs)")
     b.add_argument("--kv-cache", choices=sorted(_KV), default="bf16",
                    help="KV cache of the fptq runtime rows (default bf16, what the bf16 model caches)")
     b.add_argument("--int8-kv-row", action="store_true", help="also time the W4A8 checkpoint with an int8 KV cache")

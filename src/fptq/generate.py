@@ -1,7 +1,8 @@
 """``fptq generate``: text generation from an fptq checkpoint (or a float model), streamed.
 
 On the CPU, models fptq's runtime supports (LLaMA-shaped: LLaMA/SmolLM2, Mistral, Qwen2/3) generate through it
-(:class:`fptq.runtime.Engine`); others, or ``--no-runtime``, through transformers' ``generate``.
+(:class:`fptq.runtime.Engine`); on a GPU every model decodes on a static KV cache with each step replayed as a
+CUDA graph (:mod:`fptq.runtime.graphs`); others, or ``--no-runtime``, through transformers' ``generate``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
         if streamer is not None:
             streamer.end()
         path = "fptq runtime"
+    elif runtime and device.type == "cuda":  # static KV cache, each decode step a CUDA graph replay
+        from .runtime.graphs import static_generate
+
+        gen = torch.Generator().manual_seed(seed)
+        if streamer is not None:
+            streamer.put(ids)
+        on_token = (lambda tok: streamer.put(tok)) if streamer is not None else None
+        out, dec = static_generate(model, ids.to(device), max_new_tokens, do_sample=sample, temperature=temperature,
+                                   top_p=top_p, eos_token_id=eos, generator=gen, on_token=on_token)
+        if streamer is not None:
+            streamer.end()
+        path = "static KV cache, " + ("CUDA graphs" if dec.uses_graph else f"eager steps ({dec.graph_reason})")
     else:
         torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, streamer=streamer,

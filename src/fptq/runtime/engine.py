@@ -35,7 +35,7 @@ from .decode import DecodeProgram, program_problem
 from .head import check_head, runtime_head
 from .linear import ModuleGroup, linear_group
 
-__all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason"]
+__all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason", "pick_tokens"]
 
 _SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -441,7 +441,7 @@ class Engine:
         out = [ids]
         logits = self.forward(ids, cache)
         for step in range(max_new_tokens):
-            nxt = _pick(logits, do_sample, temperature, top_p, generator)
+            nxt = pick_tokens(logits, do_sample, temperature, top_p, generator)
             if eos:
                 nxt = torch.where(done, torch.tensor(next(iter(eos))), nxt)
                 done |= torch.isin(nxt, torch.tensor(sorted(eos)))
@@ -454,8 +454,10 @@ class Engine:
         return torch.cat(out, dim=1)
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-          generator: torch.Generator | None) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``[B, V]``: the argmax, or a sample at ``temperature`` from the
+    smallest set of tokens whose probability reaches ``top_p``."""
     if not do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)

@@ -14,7 +14,7 @@ from torch import nn
 from ..nn import QuantLinear
 from .engine import Engine
 
-__all__ = ["HFRunner", "EngineRunner", "StageTimer", "linear_weight_bytes", "tensor_bytes"]
+__all__ = ["HFRunner", "StaticRunner", "EngineRunner", "StageTimer", "linear_weight_bytes", "tensor_bytes"]
 
 
 def _tensors_of(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
@@ -112,6 +112,47 @@ class HFRunner:
 
     def memory(self) -> dict[str, int]:
         return {"linear_weight_bytes": linear_weight_bytes(self.model), "model_bytes": tensor_bytes(self.model)}
+
+
+class StaticRunner(HFRunner):
+    """A transformers model decoding on a static KV cache, each step a CUDA graph replay on a GPU
+    (:class:`~fptq.runtime.graphs.StaticDecoder`; eager elsewhere). Prefill is :class:`HFRunner`'s. The
+    decoder of each (batch, length) is built, and its graph captured, on the first untimed step of its first
+    call; later calls reuse it."""
+
+    def __init__(self, model: nn.Module, graph: bool | None = None, what: str = "transformers forward"):
+        super().__init__(model)
+        self.graph, self.what = graph, what
+        self._decoders: dict[tuple[int, int], object] = {}
+
+    @property
+    def path(self) -> str:
+        """What ran, for the table: the decode steps as graphs, or eager with the reason."""
+        decs = list(self._decoders.values())
+        if decs and all(d.uses_graph for d in decs):
+            return f"{self.what}, static KV cache, decode steps replayed as CUDA graphs"
+        reasons = sorted({d.graph_reason for d in decs if d.graph_reason})
+        return f"{self.what}, static KV cache, eager decode steps" + (f" ({'; '.join(reasons)})" if reasons else "")
+
+    def decoder(self, batch: int, max_len: int):
+        from .graphs import StaticDecoder
+
+        key = (batch, max_len)
+        if key not in self._decoders:
+            self._decoders[key] = StaticDecoder(self.model, batch, max_len, graph=self.graph)
+        return self._decoders[key]
+
+    @torch.inference_mode()
+    def decode(self, prompt: torch.Tensor, steps: int) -> float:
+        dec = self.decoder(prompt.shape[0], prompt.shape[1] + steps + 1)
+        nxt = dec.prefill(prompt.to(self.device)).argmax(-1)
+        nxt = dec.step(nxt).argmax(-1)  # untimed: the first step of a decoder captures its graph
+        self._sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            nxt = dec.step(nxt).argmax(-1)
+        self._sync()
+        return time.perf_counter() - t
 
 
 class EngineRunner:
