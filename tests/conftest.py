@@ -131,6 +131,13 @@ def calib_file(tmp_path):
     return p
 
 
+def hf_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' own greedy ``generate`` of ``new_tokens`` after ``ids``: the reference for fptq's decoders."""
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0)
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30)))

@@ -6,7 +6,7 @@ import fptq
 from fptq.errors import FptqError
 from fptq.runtime import Engine, engine_unsupported_reason
 
-from ..conftest import make_tokenizer, sqnr_db, tiny_llama
+from ..conftest import hf_greedy, make_tokenizer, sqnr_db, tiny_llama
 
 
 def _checkpoint(tmp_path, method="fptq", model=None, **kw):
@@ -53,9 +53,7 @@ def test_float_engine_matches_transformers(make):
 def test_float_engine_greedy_generation_equals_transformers_generate():
     model = tiny_llama()
     ids = _ids(1, 8)
-    with torch.inference_mode():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0)
+    ref = hf_greedy(model, ids, 12)
     assert torch.equal(Engine(model, kv_dtype=torch.float32).generate(ids, max_new_tokens=12), ref)
 
 

@@ -7,7 +7,7 @@ import fptq
 from fptq.runtime.graphs import StaticDecoder, static_generate
 from fptq.runtime.timing import StaticRunner
 
-from ..conftest import tiny_llama
+from ..conftest import hf_greedy, tiny_llama
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -78,9 +78,7 @@ def test_warm_up_runs_leave_the_cache_as_one_step_would():
 def test_static_generate_gives_transformers_greedy_tokens():
     model = tiny_llama()
     ids = _ids(1, 6)
-    with torch.inference_mode():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=0)
+    ref = hf_greedy(model, ids, 8)
     out, dec = static_generate(model, ids, 8)
     assert torch.equal(out, ref)
     assert dec.graph_reason.startswith("not asked for")
