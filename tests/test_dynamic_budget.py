@@ -67,8 +67,9 @@ def _quantized(share, thresholds=(15.0, 150.0), layers=4, rotation="residual"):
 def test_pipeline_spends_the_budget_on_groups_whose_error_drops_and_keeps_the_static_share():
     ids = _calib(4, 32, seed=3)
     ref = tiny_llama(num_hidden_layers=4)(ids).logits
-    base_model, base = _quantized(0.0)
-    model, plan = _quantized(0.3)
+    # unrotated: the rotation spreads the planted outliers, which leaves the budget little to gain on this model
+    base_model, base = _quantized(0.0, rotation="none")
+    model, plan = _quantized(0.3, rotation="none")
     total = len(plan.layers)
     assert total == 4 * 7
     assert "dynamic_token" not in base.counts()  # the thresholds alone: every Linear static here

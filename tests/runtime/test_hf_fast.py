@@ -125,10 +125,11 @@ def test_a_cache_continued_by_the_other_path_stays_consistent(ckpt):
         mid = fast(ids[:, 8:9], cache=cache, output_hidden_states=True).logits  # transformers' forward
         last = fast(ids[:, 9:10], cache=cache).logits  # the runtime again, on the cache it copies back in
     assert cache.get_seq_length() == 10
-    # the runtime and transformers' forward differ by themselves (22-50 dB per position on this tiny model, in
-    # every configuration of the default); a step on a cache that holds other tokens gave 0.6 dB
-    assert sqnr_db(full[:, 8].float(), mid[:, -1].float()) > 20
-    assert sqnr_db(full[:, 9].float(), last[:, -1].float()) > 20
+    # the runtime and transformers' forward differ by themselves (17-50 dB per position on this tiny model, in
+    # every configuration of the default: 17.6 dB with the rotated default on an AVX-512 BF16 CPU, whose prompt
+    # attention rounds to bfloat16); a step on a cache that holds other tokens gave 0.6 dB
+    assert sqnr_db(full[:, 8].float(), mid[:, -1].float()) > 12
+    assert sqnr_db(full[:, 9].float(), last[:, -1].float()) > 12
 
 
 def test_activation_modes_set_after_loading_are_what_the_runtime_computes(ckpt):
