@@ -35,7 +35,7 @@ from .decode import DecodeProgram, program_problem
 from .head import check_head, runtime_head
 from .linear import ModuleGroup, linear_group
 
-__all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason", "pick_tokens"]
+__all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason", "pick_tokens", "decode_loop"]
 
 _SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -434,24 +434,33 @@ class Engine:
         called after each step (streaming). Returns ``[B, T + n]``."""
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        b, t = ids.shape
-        cache = self.new_cache(b, t + max_new_tokens)
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        done = torch.zeros(b, dtype=torch.bool)
-        out = [ids]
-        logits = self.forward(ids, cache)
-        for step in range(max_new_tokens):
-            nxt = pick_tokens(logits, do_sample, temperature, top_p, generator)
-            if eos:
-                nxt = torch.where(done, torch.tensor(next(iter(eos))), nxt)
-                done |= torch.isin(nxt, torch.tensor(sorted(eos)))
-            out.append(nxt[:, None])
-            if on_token is not None:
-                on_token(nxt)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self.forward(nxt[:, None], cache)
-        return torch.cat(out, dim=1)
+        cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+        return decode_loop(ids, self.forward(ids, cache), lambda nxt: self.forward(nxt[:, None], cache),
+                           max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                           eos_token_id=eos_token_id, generator=generator, on_token=on_token)
+
+
+def decode_loop(ids: torch.Tensor, logits: torch.Tensor, step, max_new_tokens: int, *, do_sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+    """The token loop of a generation: from the prompts ``ids`` ``[B, T]`` and their last logits, pick a token per
+    row (:func:`pick_tokens`, on the CPU), hand it to ``on_token``, and get the next logits from ``step(tokens
+    [B])``; rows that produced an EOS token keep emitting it, and the loop ends when all have. ``[B, T + n]``."""
+    eos = sorted(set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or [])))
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    out = [ids.cpu()]
+    for i in range(max_new_tokens):
+        nxt = pick_tokens(logits.float().cpu(), do_sample, temperature, top_p, generator)
+        if eos:
+            nxt = torch.where(done, torch.tensor(eos[0]), nxt)
+            done |= torch.isin(nxt, torch.tensor(eos))
+        out.append(nxt[:, None])
+        if on_token is not None:
+            on_token(nxt)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = step(nxt)
+    return torch.cat(out, dim=1)
 
 
 def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

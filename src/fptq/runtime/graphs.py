@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .engine import pick_tokens
+from .engine import decode_loop
 
 __all__ = ["StaticDecoder", "static_generate"]
 
@@ -152,21 +152,8 @@ def static_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int = 6
     ``graph_reason``)."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    b, t = ids.shape
-    dec = StaticDecoder(model, b, t + max_new_tokens, graph=graph)
-    eos = sorted(set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or [])))
-    done = torch.zeros(b, dtype=torch.bool)
-    out = [ids.cpu()]
-    logits = dec.prefill(ids)
-    for i in range(max_new_tokens):
-        nxt = pick_tokens(logits.float().cpu(), do_sample, temperature, top_p, generator)
-        if eos:
-            nxt = torch.where(done, torch.tensor(eos[0]), nxt)
-            done |= torch.isin(nxt, torch.tensor(eos))
-        out.append(nxt[:, None])
-        if on_token is not None:
-            on_token(nxt)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        logits = dec.step(nxt.to(dec.device))
-    return torch.cat(out, dim=1), dec
+    dec = StaticDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, graph=graph)
+    out = decode_loop(ids, dec.prefill(ids), lambda nxt: dec.step(nxt.to(dec.device)), max_new_tokens,
+                      do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                      generator=generator, on_token=on_token)
+    return out, dec
