@@ -180,13 +180,14 @@ def test_layer_by_layer_run_rotates_like_the_in_memory_api(calib_file, tmp_path,
     assert loaded.fptq_plan.to_dict()["layers"] == plan.to_dict()["layers"]
 
 
-def test_resumed_rotated_run_is_byte_identical(calib_file, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_resumed_rotated_run_is_byte_identical(calib_file, tmp_path, tied):
     import fptq
     from fptq.io import weight_files
     from fptq.resume import QuantizeInterrupted
     from fptq.workflow import quantize_to_dir
 
-    d = _saved(tmp_path)
+    d = _saved(tmp_path, tie_word_embeddings=tied)  # tied: the head stored as a transform (fptq.stored_head)
     cfg = fptq.method_config("fptq", **CFG)
     ref, out = tmp_path / "ref", tmp_path / "q"
     quantize_to_dir(str(d), ref, cfg, calib=str(calib_file), **SETTINGS)

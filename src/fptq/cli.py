@@ -180,7 +180,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="residual: turn the residual stream by a randomized Hadamard matrix folded into the "
                           "weights before quantizing (QuaRot/SpinQuant's offline rotation: outliers spread over "
                           "every channel; exact in float, free at run time; the norms fold into the Linears and "
-                          "lm_head is untied, so a tied-embedding model's checkpoint holds the head twice); "
+                          "lm_head is untied: a tied-embedding model's checkpoint stores it as the embedding times "
+                          "one hidden x hidden matrix, computed at load); "
                           "residual+heads: also every attention head's values; none: no rotation. LLaMA, "
                           "Mistral, Qwen2/3, Gemma 1")
     adv.add_argument("--rotation-seed", dest="rotation_seed", type=int, default=None,

@@ -25,7 +25,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .io import PLAN_NAME, QUANT_METHOD, REPORT_NAME, read_plan, replace_linears, verify_files
+from .stored_head import head_spec, untie_stored_head
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +102,20 @@ if QuantizationConfigMixin is not None:
             plan = read_plan(plan_path)
             replace_linears(model, plan)
             model.fptq_plan = plan
+            spec = head_spec(vars(self.quantization_config))
+            if spec is not None:  # the checkpoint's head transform loads into a buffer of the head module
+                head_module, _, leaf = spec["transform"].rpartition(".")
+                head = model.get_submodule(head_module)
+                h = head.weight.shape[1]
+                head.register_buffer(leaf, torch.empty(h, h, dtype=torch.float32, device=head.weight.device))
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .runtime.hf_fast import use_runtime
 
+            spec = head_spec(vars(self.quantization_config))
+            if spec is not None:  # tied as loaded: the head becomes the embedding times the transform
+                untie_stored_head(model, spec)
             set_backend(model, "auto")  # also drops any cache filled before the weights arrived
             reason = use_runtime(model, getattr(self, "_fptq_dir", None))  # as fptq.load: forward on fptq's runtime
             if reason is not None:

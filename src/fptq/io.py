@@ -33,6 +33,7 @@ from .errors import FptqError
 from .nn import QuantLinear
 from .plan import Plan
 from .st import TensorEntry, cast_entry, tensor_entry, write_safetensors
+from .stored_head import FORMAT_VERSION, materialize_head
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
+def _hf_config_dict(model: nn.Module, plan: Plan, stored_head: dict[str, str] | None = None) -> dict[str, Any]:
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("torch_dtype", None)
@@ -174,6 +175,11 @@ def _hf_config_dict(model: nn.Module, plan: Plan) -> dict[str, Any]:
         "format_version": 1,
         **{k: v for k, v in plan.config.items() if k in ("method", "wbits", "abits", "group_size", "thresholds")},
     }
+    if stored_head is not None:  # the head is computed from the embedding at load (fptq.stored_head): a loader
+        cfg["quantization_config"].update(format_version=FORMAT_VERSION, head_from_embedding=stored_head)
+        cfg["tie_word_embeddings"] = True  # that knows nothing of it would tie it; fptq's loaders untie it
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = True
     return cfg
 
 
@@ -194,9 +200,10 @@ def staging_dir(out: Path):
         raise
 
 
-def _write_metadata(tmp: Path, model: nn.Module, plan: Plan, tokenizer) -> None:
+def _write_metadata(tmp: Path, model: nn.Module, plan: Plan, tokenizer,
+                    stored_head: dict[str, str] | None = None) -> None:
     """config.json (with the quantization_config), generation config, tokenizer, plan."""
-    (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, plan), indent=2, default=str))
+    (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model, plan, stored_head), indent=2, default=str))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         try:
@@ -301,15 +308,20 @@ def save_streaming(
     report: dict[str, Any] | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stored_head: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint whose tensors come from ``units`` (e.g. one per decoder layer, copied
     tensor by tensor from the files of a resumable run, and one for the rest of the model), and
     whose config comes from ``model``: the quantized model is never whole in memory. Atomic
-    like :func:`save`."""
+    like :func:`save`. ``stored_head``: ``units`` hold the head as the embedding times a transform
+    (:func:`fptq.stored_head.head_config`), which the config then records."""
     out = check_output_dir(out, force)
+    names = {e.name for unit in units for e in unit}
+    if stored_head is not None and (stored_head["head"] in names or stored_head["transform"] not in names):
+        raise FptqError(f"internal error: the tensors to write do not store the head as {stored_head}")
     with staging_dir(out) as tmp:
         write_weights(tmp, units, max_shard_bytes)
-        _write_metadata(tmp, model, plan, tokenizer)
+        _write_metadata(tmp, model, plan, tokenizer, stored_head)
         finish(tmp, out, report)
     return out
 
@@ -398,6 +410,10 @@ def read_quantization_config(out: Path) -> tuple[dict[str, Any], dict[str, Any]]
     qcfg = cfg_dict.pop("quantization_config", None)
     if not qcfg or qcfg.get("quant_method") != QUANT_METHOD:
         raise FptqError(f"{out}/config.json has no fptq quantization_config")
+    version = qcfg.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FptqError(f"{out} is an fptq checkpoint of format {version!r}, newer than this fptq reads "
+                        f"({FORMAT_VERSION}): update fptq to read it")
     return cfg_dict, qcfg
 
 
@@ -441,9 +457,10 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     if verify:
         verify_files(out)
     plan = read_plan(out / PLAN_NAME)
-    cfg_dict, _ = read_quantization_config(out)
-    config = AutoConfig.for_model(**cfg_dict)
+    cfg_dict, qcfg = read_quantization_config(out)
     sd = _read_weights(out)
+    materialize_head(sd, cfg_dict, qcfg)  # a head stored as the embedding times a transform: computed now
+    config = AutoConfig.for_model(**cfg_dict)
     dtype = dtype or _compute_dtype(cfg_dict, sd)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_linears(model, plan)

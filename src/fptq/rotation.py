@@ -25,6 +25,7 @@ from .models import Adapter
 from .quant.hadamard import hadamard_order_factors, random_hadamard
 from .residual import residual_problem
 from .st import TensorEntry, computed_entry, torch_dtype
+from .stored_head import TRANSFORM_LEAF, head_transform
 
 __all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "rotate_layer",
            "rotate_embedding", "untie_config", "rotate_model", "rotated_outside_entries", "prepare_rotation"]
@@ -212,10 +213,12 @@ def rotate_model(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
 
 
 def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, rot: Rotation,
-                            norm_weight_offset: float = 0.0) -> list[TensorEntry]:
+                            norm_weight_offset: float = 0.0, tied: bool = False) -> list[TensorEntry]:
     """The entries of the tensors outside the decoder layers (copied from a model's files) as the rotated
     model has them: the embedding turned, the final norm scaling by one, ``lm_head`` = the source's head (or
-    its embedding, if tied) times the final norm's weight, turned. Each is computed when it is written."""
+    its embedding, if tied) times the final norm's weight, turned. Each is computed when it is written.
+    ``tied`` (a model whose head is its embedding): no head, but the ``[hidden, hidden]`` float32 matrix that
+    turns the written embedding into it (:mod:`fptq.stored_head`, a third of SmolLM2-135M's checkpoint)."""
     spec = adapter.residual
     by_name = {e.name: e for e in entries}
     emb_name, head_name = f"{spec.embeddings}.weight", f"{spec.head}.weight"
@@ -244,7 +247,12 @@ def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, ro
             continue
         else:
             out.append(e)
-    out.append(computed_entry(head_name, head_src.dtype, head_src.shape, turned(head_src, True)))
+    if tied:
+        h = emb.shape[1]
+        out.append(computed_entry(f"{spec.head}.{TRANSFORM_LEAF}", "F32", (h, h), lambda: head_transform(
+            r, _as64(norm.read()) + norm_weight_offset).to(torch.float32)))
+    else:
+        out.append(computed_entry(head_name, head_src.dtype, head_src.shape, turned(head_src, True)))
     return out
 
 

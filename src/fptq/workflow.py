@@ -38,6 +38,7 @@ from .resume import PartialRun, QuantizeInterrupted, partial_dir
 from .residual import permute_residual_outside, residual_axes
 from .rotation import prepare_rotation, rotated_outside_entries, rotation_for, rotation_problem, untie_config
 from .st import TensorEntry, file_entries, permuted_entry, tensor_entry, torch_dtype
+from .stored_head import head_config
 
 log = logging.getLogger(__name__)
 
@@ -285,20 +286,27 @@ def quantize_to_dir(
     t_quant = time.perf_counter() - t0
     event("quantized")
 
+    stored_head = None  # a tied head turned by the rotation: stored as the embedding times one matrix
     if weights is None:  # in memory: the residual stream's tensors there are permuted already
         rest = rest_entries(fmodel, layers_prefix)
     else:
         rest = weights.rest_entries()
         if config.rotation != "none" and rotation_problem(fmodel, adapter) is None:  # turned as they are written
+            spec = adapter.residual
+            if f"{spec.head}.weight" not in {e.name for e in rest}:  # tied in the source files
+                stored_head = head_config(spec.head, spec.embeddings)
             rest = rotated_outside_entries(rest, adapter, rotation_for(fmodel, config.rotation, config.rotation_seed),
-                                           adapter.norm_weight_offset)
+                                           adapter.norm_weight_offset, tied=stored_head is not None)
             untie_config(fmodel)
         if residual_perm is not None:  # copied from the source files: permuted as they are written
             axes = residual_axes(adapter)
             rest = [permuted_entry(e, axes[e.name], residual_perm) if e.name in axes else e for e in rest]
+            if stored_head is not None:  # [hidden, hidden]: both of its axes index the residual stream
+                rest = [permuted_entry(permuted_entry(e, 0, residual_perm), 1, residual_perm)
+                        if e.name == stored_head["transform"] else e for e in rest]
     store_dtype = unquantized_dtype(float_dtype, keep_dtype)
     quantized = quantized_linears(plan)
-    exact = exact_tensor_names(quantized)
+    exact = exact_tensor_names(quantized) | ({stored_head["transform"]} if stored_head else set())
     layer_units = [storage_entries(unit, store_dtype, exact) for unit in layer_units]
     rest = storage_entries(rest, store_dtype, exact)
     sizes = stored_sizes((e for unit in [*layer_units, rest] for e in unit), quantized, bpp)
@@ -323,7 +331,7 @@ def quantize_to_dir(
     t0 = time.perf_counter()
     try:
         save_streaming(fmodel, plan, out, [*layer_units, rest], tokenizer=tok, report=report, force=force,
-                       max_shard_bytes=max_shard_size)
+                       max_shard_bytes=max_shard_size, stored_head=stored_head)
     except FptqError as e:
         if run is None:
             raise

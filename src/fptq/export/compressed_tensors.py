@@ -58,6 +58,7 @@ from ..io import (
 from ..plan import LayerPlan, Plan
 from ..quant.pack import pack_int32_offset, unpack_int4
 from ..st import TensorEntry, WeightIndex, read_tensors, tensor_entry
+from ..stored_head import CheckpointIndex
 
 EXPORT_REPORT_NAME = "fptq_export_report.json"
 ACTIVATIONS = ("int8", "none")
@@ -255,7 +256,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, activations: 
     schemes = layer_schemes(plan, activations)
     ignore = [n for n in _linear_names(cfg_dict) if n not in schemes]
     out = check_output_dir(out, force)
-    index = WeightIndex(src)
+    index = CheckpointIndex(src, qcfg)  # a head stored as the embedding times a transform: written whole
+    cfg_dict = index.config(cfg_dict)
 
     units: dict[str, list[TensorEntry]] = {}
     owner = {f"{n}.{suffix}": n for n in schemes for suffix in ("qweight", "w_scales", "act_scale", "bias")}

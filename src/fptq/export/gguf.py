@@ -57,6 +57,7 @@ from ..io import (
 from ..plan import LayerPlan, Plan
 from ..quant.pack import Q4_0_BLOCK
 from ..st import WeightIndex
+from ..stored_head import CheckpointIndex
 from .gguf_meta import GGUFArch, add_hf_metadata, add_source_metadata, find_source_gguf, gguf_arch
 from .gguf_tensors import (
     EMBEDDING_TYPES,
@@ -204,7 +205,8 @@ def export_gguf(src: str | Path, out: str | Path, *, embeddings: str = "f16", ou
     cfg, qcfg = read_quantization_config(src)
     arch = gguf_arch(cfg)
     quantized = check_layers(plan)
-    index = WeightIndex(src)
+    index = CheckpointIndex(src, qcfg)  # a head stored as the embedding times a transform: computed
+    cfg = index.config(cfg)
     folded = check_folds(plan, index)
     tensors = gguf_tensors(index, cfg, arch, quantized, embeddings, output, "f16")
     add_metadata = _metadata_writer(metadata, src, arch, cfg)

@@ -12,14 +12,20 @@ _16 = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def stored_dtypes(out: str | Path) -> dict[str, str]:
-    """``{tensor name: safetensors dtype}`` of a checkpoint's weights files (headers only)."""
-    from ..io import weight_files
+    """``{tensor name: safetensors dtype}`` of a checkpoint's weights files (headers only), as the loaded model
+    has them: a head stored as the embedding times a transform (:mod:`fptq.stored_head`) in the embedding's."""
+    from ..io import read_quantization_config, weight_files
     from ..st import read_header
+    from ..stored_head import head_spec
 
     names: dict[str, str] = {}
     for f in weight_files(Path(out)):
         header, _ = read_header(Path(out) / f)
         names.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
+    spec = head_spec(read_quantization_config(Path(out))[1])
+    if spec is not None and spec["embedding"] in names:
+        names.pop(spec["transform"], None)
+        names[spec["head"]] = names[spec["embedding"]]
     return names
 
 
