@@ -69,7 +69,7 @@ def tied_run(tmp_path_factory):
     _, report = quantize_to_dir(str(d), out, fptq.method_config("fptq", **CFG), calib=str(calib), **SETTINGS)
     model, tok, _ = fptq.load_float_model(str(d))
     windows = fptq.calibration_windows(tok, fptq.read_text(str(calib)), 4, 32, 0)
-    fptq.quantize(model, fptq.method_config("fptq", **CFG), windows, device="cpu", progress=False)
+    model.fptq_plan = fptq.quantize(model, fptq.method_config("fptq", **CFG), windows, device="cpu", progress=False)
     return tmp, out, report, model
 
 
@@ -161,3 +161,20 @@ def test_damaged_or_newer_stored_head_checkpoints_are_refused(tied_run, tmp_path
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FptqError, match="lacks lm_head.missing, which its head is computed from"):
         fptq.load(bad, verify=False)
+
+
+def test_in_memory_api_saves_the_same_checkpoint_tensors(tied_run, tmp_path):
+    """``fptq.save`` of a tied model rotated and quantized in memory writes the transform too (the model carries
+    it as a buffer of its head), the same tensors as the layer-by-layer run."""
+    from fptq.st import WeightIndex
+
+    _, out, _, model = tied_run
+    assert isinstance(model.lm_head.embedding_transform, torch.Tensor)
+    saved = fptq.save(model, model.fptq_plan, tmp_path / "mem", tokenizer=make_tokenizer())
+    assert _names(saved) == _names(out)
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["head_from_embedding"] == \
+        json.loads((out / "config.json").read_text())["quantization_config"]["head_from_embedding"]
+    a, b = WeightIndex(saved).load(), WeightIndex(out).load()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+

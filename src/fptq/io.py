@@ -33,7 +33,7 @@ from .errors import FptqError
 from .nn import QuantLinear
 from .plan import Plan
 from .st import TensorEntry, cast_entry, tensor_entry, write_safetensors
-from .stored_head import FORMAT_VERSION, materialize_head
+from .stored_head import FORMAT_VERSION, TRANSFORM_LEAF, head_config, materialize_head
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ QUANT_METHOD = "fptq"
 __all__ = ["save", "save_streaming", "load", "check_output_dir", "check_output_file", "file_sha256", "quantized_state_dict", "weight_files",
            "verify_files", "replace_linears", "act_mode_of", "read_plan", "read_quantization_config", "staging_dir",
            "finish", "write_weights", "check_is_checkpoint", "unquantized_dtype", "quantized_linears",
-           "exact_tensor_names", "storage_entries", "saved_entries", "model_dtype"]
+           "exact_tensor_names", "storage_entries", "saved_entries", "stored_head_of", "model_dtype"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -151,12 +151,35 @@ def storage_entries(entries: list[TensorEntry], dtype: torch.dtype | None, exact
     return [cast_entry(e, dtype) if e.dtype == "F32" and e.name not in exact else e for e in entries]
 
 
-def saved_entries(model: nn.Module, quantized: Iterable[str], keep_dtype: bool = False) -> list[TensorEntry]:
+def stored_head_of(model: nn.Module) -> dict[str, str] | None:
+    """:func:`fptq.stored_head.head_config` of a model whose untied head carries the transform that turns its
+    embedding into it (a rotated tied model, :func:`fptq.rotation.rotate_model`), else None."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, TRANSFORM_LEAF, None), torch.Tensor) and TRANSFORM_LEAF in dict(m.named_buffers()):
+            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if emb is None or id(emb) not in names:
+                return None
+            return head_config(name, names[id(emb)])
+    return None
+
+
+def saved_entries(model: nn.Module, quantized: Iterable[str], keep_dtype: bool = False,
+                  stored_head: dict[str, str] | None = None) -> list[TensorEntry]:
     """The tensors :func:`save` writes for ``model`` whose quantized Linears are ``quantized``: its
-    :func:`quantized_state_dict`, unquantized float32 tensors as :func:`unquantized_dtype` says."""
+    :func:`quantized_state_dict`, unquantized float32 tensors as :func:`unquantized_dtype` says;
+    ``stored_head`` (:func:`stored_head_of`): the head's transform in float32 instead of the head."""
     dtype = unquantized_dtype(model_dtype(model), keep_dtype)
-    entries = [tensor_entry(k, v) for k, v in quantized_state_dict(model).items()]
-    return storage_entries(entries, dtype, exact_tensor_names(quantized))
+    sd = quantized_state_dict(model)
+    exact = exact_tensor_names(quantized)
+    if stored_head is not None:
+        sd.pop(stored_head["head"])
+        sd[stored_head["transform"]] = sd[stored_head["transform"]].float()
+        exact.add(stored_head["transform"])
+    else:  # a transform the checkpoint does not use (e.g. a model whose head was changed after the rotation)
+        sd = {k: v for k, v in sd.items() if not k.endswith("." + TRANSFORM_LEAF)}
+    entries = [tensor_entry(k, v) for k, v in sd.items()]
+    return storage_entries(entries, dtype, exact)
 
 
 def _dtype_str(dtype: torch.dtype) -> str:
@@ -249,10 +272,11 @@ def save(
     The unquantized tensors are written in 16 bits (:func:`unquantized_dtype`); ``keep_dtype``
     writes them in the model's dtype, float32 included."""
     out = check_output_dir(out, force)
+    stored_head = stored_head_of(model)  # a rotated tied head: stored as the embedding times a transform
     with staging_dir(out) as tmp:
-        sd = {e.name: e.read() for e in saved_entries(model, quantized_linears(plan), keep_dtype)}
+        sd = {e.name: e.read() for e in saved_entries(model, quantized_linears(plan), keep_dtype, stored_head)}
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "fptq"})
-        _write_metadata(tmp, model, plan, tokenizer)
+        _write_metadata(tmp, model, plan, tokenizer, stored_head)
         finish(tmp, out, report)
     return out
 

@@ -24,6 +24,7 @@ from .calibrate import LayerInputs, run_layer
 from .errors import FptqError
 from .models import Adapter
 from .quant.reorder import permute_linear_inputs, permute_linear_outputs
+from .stored_head import TRANSFORM_LEAF
 
 __all__ = ["RESIDUAL_ORDER_WINDOWS", "residual_inputs", "residual_channel_maxima", "float_pass_maxima", "residual_order",
            "residual_problem", "residual_axes", "permute_residual", "permute_residual_outside",
@@ -167,6 +168,11 @@ def permute_residual_outside(model: nn.Module, adapter: Adapter, perm: torch.Ten
             continue
         done.add(p.data_ptr())
         _take(p, dim, perm)
+    # a rotated tied head's transform (fptq.stored_head): both of its axes index the stream
+    transform = getattr(model.get_submodule(adapter.residual.head), TRANSFORM_LEAF, None)
+    if isinstance(transform, torch.Tensor):
+        _take(transform, 0, perm)
+        _take(transform, 1, perm)
 
 
 @torch.no_grad()

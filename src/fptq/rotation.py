@@ -121,10 +121,13 @@ def _fold_head(model: nn.Module, adapter: Adapter, r: torch.Tensor) -> None:
     spec = adapter.residual
     emb, head = model.get_submodule(spec.embeddings), model.get_submodule(spec.head)
     final = model.get_submodule(spec.final_norm)
+    g = _as64(final.weight) + adapter.norm_weight_offset
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        # what fptq.save writes instead of the untied head (fptq.stored_head): the turned embedding times it
+        head.register_buffer(TRANSFORM_LEAF, head_transform(r, g).to(torch.float32))
     untie_config(model)
-    _turn_inputs(head.weight, r, _as64(final.weight) + adapter.norm_weight_offset)
+    _turn_inputs(head.weight, r, g)
     final.weight.fill_(1.0 - adapter.norm_weight_offset)
 
 

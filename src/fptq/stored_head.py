@@ -9,7 +9,8 @@ checkpoint). Both are the same rows times an orthogonal change of basis: ``lm_he
 says so in its ``quantization_config`` (``head_from_embedding``: the three tensor names, ``format_version`` 2).
 Every reader computes the head when it loads (:func:`materialize_head` for a state dict,
 :class:`CheckpointIndex` for the exports, which read tensor by tensor): the stored embedding's rows times ``T``
-in float32, rounded once to the embedding's dtype.
+in float32, rounded once to the embedding's dtype. A model rotated in memory carries ``T`` as that buffer of
+its (untied) head until :func:`fptq.save` writes it.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from .io import (
     rest_entries,
     save_streaming,
     saved_entries,
+    stored_head_of,
     storage_entries,
     unquantized_dtype,
 )
@@ -289,6 +290,9 @@ def quantize_to_dir(
     stored_head = None  # a tied head turned by the rotation: stored as the embedding times one matrix
     if weights is None:  # in memory: the residual stream's tensors there are permuted already
         rest = rest_entries(fmodel, layers_prefix)
+        stored_head = stored_head_of(fmodel)
+        if stored_head is not None:
+            rest = [e for e in rest if e.name != stored_head["head"]]
     else:
         rest = weights.rest_entries()
         if config.rotation != "none" and rotation_problem(fmodel, adapter) is None:  # turned as they are written
