@@ -661,3 +661,32 @@ def test_input_stats_sample_first_rows_without_the_whole_concatenation():
     for m in (1, 4, 5, 6, 12, 13, 19, 50):
         assert torch.equal(st.sample(m), whole[:m])
     assert InputStats(in_features=3).sample(4).shape == (0, 3)
+
+
+def test_a_pass_run_for_its_hooks_keeps_no_outputs():
+    """The statistics pass runs each layer for its hooks alone (``keep=False``): no batch's output outlives its
+    finiteness check (kept, they were one more copy of every calibration token's hidden state until the pass
+    ended: +144 MB on the README quickstart), and the check still runs."""
+    import weakref
+
+    from fptq.calibrate import LayerInputs, run_layer
+
+    seen, alive = [], []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            alive.append(sum(r() is not None for r in seen))  # earlier batches' outputs still held
+            out = x * 2
+            seen.append(weakref.ref(out))
+            return out
+
+    hidden = [torch.randn(2, 8, 16) for _ in range(3)]
+    inputs = LayerInputs(hidden=list(hidden), kwargs=[{}] * 3)
+    assert run_layer(Probe(), inputs, torch.device("cpu"), keep=False) is None
+    assert alive == [0, 0, 0] and all(r() is None for r in seen)  # each output freed before the next batch
+    assert all(a is b for a, b in zip(inputs.hidden, hidden))  # the inputs are left as they were
+    kept = run_layer(Probe(), inputs, torch.device("cpu"))
+    assert [torch.equal(k, 2 * h) for k, h in zip(kept, hidden)] == [True] * 3
+    bad = LayerInputs(hidden=[torch.full((2, 8, 16), float("nan"))], kwargs=[{}])
+    with pytest.raises(fptq.FptqError, match="non-finite"):
+        run_layer(Probe(), bad, torch.device("cpu"), keep=False)

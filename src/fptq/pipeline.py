@@ -160,7 +160,7 @@ def quantize_layer(
                              if config.gptq_hessian_rows else 0,
                              hessian_dtype=config.gptq_hessian_dtype) as stats:
         with autocast:  # calibrated on float inputs: the float layer's outputs feed the next layer
-            run_layer(layer, inputs, device, name=layer_prefix, replace=config.calib_inputs == "float")
+            run_layer(layer, inputs, device, name=layer_prefix, replace=config.calib_inputs == "float", keep=False)
     del reps  # each float Linear is freed once its QuantLinear replaces it (below)
     phases["statistics"] = time.perf_counter() - t
     t = time.perf_counter()
