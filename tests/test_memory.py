@@ -104,7 +104,7 @@ def test_quantize_peak_memory_stays_within_one_layers_working_set(tmp_path, cali
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory is read from /proc/self/status")
 def test_calibration_tokens_cost_about_one_copy_of_the_hidden_states(tmp_path):
     """`fptq quantize` of the same small model on 16 and on 64 windows of 512 tokens: the extra tokens may raise
-    the peak resident memory by little more than one float32 copy of their hidden states (the layer's cached
+    the peak resident memory by about one float32 copy of their hidden states, at most three (the layer's cached
     inputs; the Hessians do not grow with the tokens, nor the sampled rows past 16 x 512 = MAX_SAMPLE_ROWS). The statistics pass used to keep
     every batch's outputs, and the C heap every batch's temporaries, until the layer's end: the README
     quickstart's peak rose by 0.8 GB over its 128 x 512 tokens (the trace in docs/results/memory.md)."""
@@ -127,4 +127,5 @@ def test_calibration_tokens_cost_about_one_copy_of_the_hidden_states(tmp_path):
         peaks[n] = mem["peak_rss_bytes"] - mem["rss_at_start_bytes"]
     hidden_copy = (64 - 16) * 512 * 512 * 4  # float32 hidden states of the extra tokens: 48 MiB
     grew = peaks[64] - peaks[16]
-    assert grew < 2 * hidden_copy, f"+{grew / 2**20:.0f} MB for {hidden_copy / 2**20:.0f} MB of hidden states ({peaks})"
+    # measured 1.0-2.1 copies with the fix (the allocator's slack varies between machines), 5.7 before it
+    assert grew < 3 * hidden_copy, f"+{grew / 2**20:.0f} MB for {hidden_copy / 2**20:.0f} MB of hidden states ({peaks})"
