@@ -18,6 +18,7 @@ decoder layer (bench/memory_large_model.py). Two remedies:
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import sys
 
@@ -26,6 +27,7 @@ __all__ = ["return_freed_memory_to_os", "trim_heap", "M_MMAP_THRESHOLD", "proces
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+@functools.lru_cache(maxsize=None)  # find_library runs ldconfig: once per process, not per call
 def _libc_function(name: str):
     if not sys.platform.startswith("linux"):
         return None

@@ -97,8 +97,7 @@ def untie_stored_head(model: torch.nn.Module, spec: dict[str, str]) -> None:
     transform = getattr(head, leaf)
     emb = model.get_parameter(spec["embedding"])
     with torch.no_grad():
-        weight = head_from_embedding(emb.detach(), transform.detach().cpu(), emb.dtype) if emb.device.type == "cpu" \
-            else head_from_embedding(emb.detach().cpu(), transform.detach().cpu(), emb.dtype).to(emb.device)
+        weight = head_from_embedding(emb.detach().cpu(), transform.detach().cpu(), emb.dtype).to(emb.device)
     delattr(head, leaf)
     head.weight = torch.nn.Parameter(weight, requires_grad=False)
     model.config.tie_word_embeddings = False
