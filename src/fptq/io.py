@@ -33,7 +33,7 @@ from .errors import FptqError
 from .nn import QuantLinear
 from .plan import Plan
 from .st import TensorEntry, cast_entry, tensor_entry, write_safetensors
-from .stored_head import FORMAT_VERSION, TRANSFORM_LEAF, head_config, materialize_head
+from .stored_head import FORMAT_VERSION, TRANSFORM_LEAF, head_config, materialize_head, set_tied
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def stored_head_of(model: nn.Module) -> dict[str, str] | None:
     embedding into it (a rotated tied model, :func:`fptq.rotation.rotate_model`), else None."""
     names = {id(m): n for n, m in model.named_modules()}
     for name, m in model.named_modules():
-        if isinstance(getattr(m, TRANSFORM_LEAF, None), torch.Tensor) and TRANSFORM_LEAF in dict(m.named_buffers()):
+        if TRANSFORM_LEAF in dict(m.named_buffers(recurse=False)):
             emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if emb is None or id(emb) not in names:
                 return None
@@ -200,9 +200,7 @@ def _hf_config_dict(model: nn.Module, plan: Plan, stored_head: dict[str, str] | 
     }
     if stored_head is not None:  # the head is computed from the embedding at load (fptq.stored_head): a loader
         cfg["quantization_config"].update(format_version=FORMAT_VERSION, head_from_embedding=stored_head)
-        cfg["tie_word_embeddings"] = True  # that knows nothing of it would tie it; fptq's loaders untie it
-        if isinstance(cfg.get("text_config"), dict):
-            cfg["text_config"]["tie_word_embeddings"] = True
+        set_tied(cfg, True)  # a loader that knows nothing of it ties it; fptq's loaders untie it
     return cfg
 
 

@@ -25,10 +25,10 @@ from .models import Adapter
 from .quant.hadamard import hadamard_order_factors, random_hadamard
 from .residual import residual_problem
 from .st import TensorEntry, computed_entry, torch_dtype
-from .stored_head import TRANSFORM_LEAF, head_transform
+from .stored_head import TRANSFORM_LEAF, head_transform, untie_config
 
 __all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "rotate_layer",
-           "rotate_embedding", "untie_config", "rotate_model", "rotated_outside_entries", "prepare_rotation"]
+           "rotate_embedding", "rotate_model", "rotated_outside_entries", "prepare_rotation"]
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ def _readers_of(adapter: Adapter, norm: str) -> tuple[str, ...]:
 
 def _set(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(p.dtype))
-
-
-def untie_config(model: nn.Module) -> None:
-    """Mark ``model``'s config as having its own ``lm_head`` (a rotation folds the final norm into it)."""
-    model.config.tie_word_embeddings = False
-    text = getattr(model.config, "get_text_config", None)
-    if callable(text):
-        text().tie_word_embeddings = False
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ from .errors import FptqError
 from .st import TensorEntry, WeightIndex, computed_entry, file_entries, torch_dtype
 
 __all__ = ["TRANSFORM_LEAF", "FORMAT_VERSION", "head_transform", "head_from_embedding", "head_spec",
-           "head_config", "materialize_head", "untie_stored_head", "CheckpointIndex"]
+           "head_config", "materialize_head", "untie_stored_head", "CheckpointIndex",
+           "set_tied", "untie_config"]
 
 TRANSFORM_LEAF = "embedding_transform"
 FORMAT_VERSION = 2  # quantization_config["format_version"] of a checkpoint that stores its head this way
@@ -68,11 +69,20 @@ def head_spec(qcfg: dict[str, Any] | None) -> dict[str, str] | None:
     return spec
 
 
-def _untie(cfg_dict: dict[str, Any]) -> None:
-    cfg_dict["tie_word_embeddings"] = False
+def set_tied(cfg_dict: dict[str, Any], tied: bool) -> None:
+    """In place: a config dict's ``tie_word_embeddings``, its text config's too (multimodal configs)."""
+    cfg_dict["tie_word_embeddings"] = tied
     text = cfg_dict.get("text_config")
     if isinstance(text, dict):
-        text["tie_word_embeddings"] = False
+        text["tie_word_embeddings"] = tied
+
+
+def untie_config(model: torch.nn.Module) -> None:
+    """Mark ``model``'s config as having its own head (a rotation folds the final norm into it)."""
+    model.config.tie_word_embeddings = False
+    text = getattr(model.config, "get_text_config", None)
+    if callable(text):
+        text().tie_word_embeddings = False
 
 
 def materialize_head(sd: dict[str, torch.Tensor], cfg_dict: dict[str, Any], qcfg: dict[str, Any] | None) -> None:
@@ -85,7 +95,7 @@ def materialize_head(sd: dict[str, torch.Tensor], cfg_dict: dict[str, Any], qcfg
     if missing:
         raise FptqError(f"the checkpoint lacks {', '.join(missing)}, which its head is computed from: it is damaged")
     sd[spec["head"]] = head_from_embedding(sd[spec["embedding"]], sd.pop(spec["transform"]))
-    _untie(cfg_dict)
+    set_tied(cfg_dict, False)
 
 
 def untie_stored_head(model: torch.nn.Module, spec: dict[str, str]) -> None:
@@ -100,10 +110,7 @@ def untie_stored_head(model: torch.nn.Module, spec: dict[str, str]) -> None:
         weight = head_from_embedding(emb.detach().cpu(), transform.detach().cpu(), emb.dtype).to(emb.device)
     delattr(head, leaf)
     head.weight = torch.nn.Parameter(weight, requires_grad=False)
-    model.config.tie_word_embeddings = False
-    text = getattr(model.config, "get_text_config", None)
-    if callable(text):
-        text().tie_word_embeddings = False
+    untie_config(model)
 
 
 class CheckpointIndex(WeightIndex):
@@ -125,7 +132,7 @@ class CheckpointIndex(WeightIndex):
     def config(self, cfg_dict: dict[str, Any]) -> dict[str, Any]:
         out = copy.deepcopy(cfg_dict)
         if self.spec is not None:
-            _untie(out)
+            set_tied(out, False)
         return out
 
     def entries(self, names) -> list[TensorEntry]:

@@ -37,9 +37,9 @@ from .pipeline import LayerResult, quantize
 from .plan import Plan
 from .resume import PartialRun, QuantizeInterrupted, partial_dir
 from .residual import permute_residual_outside, residual_axes
-from .rotation import prepare_rotation, rotated_outside_entries, rotation_for, rotation_problem, untie_config
+from .rotation import prepare_rotation, rotated_outside_entries, rotation_for, rotation_problem
 from .st import TensorEntry, file_entries, permuted_entry, tensor_entry, torch_dtype
-from .stored_head import head_config
+from .stored_head import head_config, untie_config
 
 log = logging.getLogger(__name__)
 
