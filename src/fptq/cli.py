@@ -7,8 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FptqError
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 log = logging.getLogger("fptq")
 
