@@ -35,11 +35,16 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Since 2026-12-06: the residual stream turned by a randomized Hadamard matrix folded into the weights
     # (fptq.rotation); KL divergence -40% / -25% on Qwen2.5-Coder-0.5B, -20% / -15% on SmolLM2-135M (8 + 8
     # windows; bench/results/rotation_{qwen,smollm2}.md; docs/results/defaults.md)
+    # Since 2026-12-06 (twelfth session): every attention head's values turned as well ("residual+heads"):
+    # Qwen2.5-Coder-0.5B below llm-compressor's GPTQ W4A16 on all four measures (WikiText-2 ppl -1.2%, KL
+    # divergence -5% / -2% against "residual"), SmolLM2-135M level over three rotation seeds (mean WikiText-2
+    # ppl +0.1%, C4 -0.3%, KL divergence +0.4% / -2.0%); 20 + 20 windows, bench/results/fptq_levers11_*_20.md,
+    # fptq_seeds12_smol_20.md, docs/results/defaults.md
     "fptq": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, static_observer="max",
                  gptq=True, gptq_hessian_rows=0, gptq_act_order=True, weight_clip_search=True,
                  equalization_powers=(0.0, 0.5, 1.0), channel_order="weight", residual_order="max",
                  weight_scale_sign="signed", calib_dtype="bfloat16", propagate_backend="auto", dynamic_share=0.1,
-                 rotation="residual"),
+                 rotation="residual+heads"),
     # the paper's recipe as published: LAE only in the band 15 <= max|x| < 150, static scales from the
     # calibration max, round-to-nearest weights
     "fptq-paper": dict(act_policy=ActPolicy.THRESHOLDS, equalization=Equalization.LAE, lae_scope="band",
