@@ -218,3 +218,14 @@ def test_rotated_outside_entries_turn_the_head_and_clear_the_final_norm():
     torch.testing.assert_close(out["lm_head.weight"].read(), ((emb * g).double() @ r).float())
     assert torch.equal(out["model.norm.weight"].read(), torch.ones_like(g))
     assert torch.equal(entries[0].read(), emb)  # the source tensors are left as they were
+
+
+def test_heads_rotation_falls_back_to_the_residual_one_without_a_head_pair(caplog):
+    from fptq.rotation import prepare_rotation
+
+    model = tiny_llama()
+    adapter = get_adapter(model).with_unfoldable({"self_attn.v_proj"}, "test: no head pair")
+    with caplog.at_level("WARNING", logger="fptq.rotation"):
+        rot, load = prepare_rotation(model, adapter, "residual+heads", 0, None)
+    assert rot is not None and rot.heads is None and load is None
+    assert "no v_proj -> o_proj pair" in caplog.text and "only the residual stream is rotated" in caplog.text

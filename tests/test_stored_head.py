@@ -19,7 +19,7 @@ from .conftest import as_stored, make_tokenizer, sqnr_db, tiny_llama
 from .test_residual import _ids
 
 SETTINGS = dict(nsamples=4, seqlen=32, device="cpu", progress=False)
-CFG = dict(group_size=32, thresholds=(2.0, 20.0))  # the fptq method: rotation "residual", residual_order "max"
+CFG = dict(group_size=32, thresholds=(2.0, 20.0))  # the fptq method: rotation "residual+heads", residual_order "max"
 
 
 def test_embedding_times_the_transform_is_the_turned_head():

@@ -186,7 +186,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                           "every channel; exact in float, free at run time; the norms fold into the Linears and "
                           "lm_head is untied: a tied-embedding model's checkpoint stores it as the embedding times "
                           "one hidden x hidden matrix, computed at load); "
-                          "residual+heads: also every attention head's values; none: no rotation. LLaMA, "
+                          "residual+heads (the fptq default): also every attention head's values, turned "
+                          "head by head between v_proj and o_proj; none: no rotation. LLaMA, "
                           "Mistral, Qwen2/3, Gemma 1")
     adv.add_argument("--rotation-seed", dest="rotation_seed", type=int, default=None,
                      help="seed of the rotation's random signs (default 0)")

@@ -265,6 +265,10 @@ def prepare_rotation(model: nn.Module, adapter: Adapter, rotation: str, seed: in
     if problem:
         log.warning("rotation %r skipped: %s", rotation, problem)
         return None, load_layer
+    if rotation == "residual+heads" and _head_pair(adapter) is None:
+        log.warning("rotation 'residual+heads': %s has no v_proj -> o_proj pair to turn head by head; only the "
+                    "residual stream is rotated", adapter.name)
+        rotation = "residual"
     rot = rotation_for(model, rotation, seed)
     if load_layer is None:
         rotate_model(model, adapter, rot)
