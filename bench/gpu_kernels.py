@@ -189,6 +189,15 @@ def main() -> int:
             return (time.perf_counter() - t) * 1e3
         return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
+    def bench_graph(fn) -> float:
+        # the same call replayed from a CUDA graph: no Python or launch overhead, as in fptq's graph-captured decode
+        # steps (do_bench above also counts the host's launch time, which at decode sizes can exceed the kernel's)
+        if args.dry_run:
+            return bench(fn)
+        from triton.testing import do_bench_cudagraph
+
+        return float(do_bench_cudagraph(fn, rep=40, return_mode="median"))
+
     def make_layer(k: int, n: int, gs: int):
         layer = QuantLinear(k, n, group_size=gs, act_mode="dynamic_token", dtype=torch.float16, device=dev)
         layer.qweight = torch.randint(0, 256, (n, (k + 1) // 2), dtype=torch.uint8, device=dev)
@@ -231,19 +240,32 @@ def main() -> int:
             }
             if m <= 16:
                 items["gemv_ms"] = lambda: tw.w4a8_gemv(xq, sxd, qw, ws, k, gs, out_dtype=torch.float16)
+                items["gemv_quant_ms"] = lambda: tw.w4a8_gemv_quant(x, None, qw, ws, k, gs, out_dtype=torch.float16)
             if m > 16:
                 items["perchannel_int_mm_ms"] = lambda: tw.int8_perchannel_matmul(
                     xq, sxd, w8, sc, out_dtype=torch.float16, impl="int_mm")
+            if m <= 16:  # decode sizes: also timed from a CUDA graph (what a graph-captured decode step pays)
+                items["fp16_cublas_graph_ms"] = items["fp16_cublas_ms"]
+                items["unfused_graph_ms"] = lambda: tw.w4a8_gemv(*tw.quantize_activations(x), qw, ws, k, gs,
+                                                                 out_dtype=torch.float16)
+                items["gemv_quant_graph_ms"] = items["gemv_quant_ms"]
             for name, fn in items.items():
                 try:
-                    rec[name] = bench(fn)
+                    rec[name] = (bench_graph if name.endswith("_graph_ms") else bench)(fn)
                 except Exception as e:  # noqa: BLE001
                     rec.setdefault("errors", {})[name] = f"{e!r}"[:500]
             base = rec.get("fp16_cublas_ms")
             if base:
                 for name in list(items):
+                    if name.endswith("_graph_ms"):
+                        continue
                     if name != "fp16_cublas_ms" and name in rec:
                         rec["x_" + name[:-3]] = base / rec[name]
+            gbase = rec.get("fp16_cublas_graph_ms")
+            if gbase:
+                for name in ("unfused_graph_ms", "gemv_quant_graph_ms"):
+                    if name in rec:
+                        rec["x_" + name[:-3]] = gbase / rec[name]
                 gemms = {nm: rec[nm] for nm in ("grouped_tc_ms", "gemv_ms", "perchannel_triton_ms",
                                                 "perchannel_int_mm_ms") if nm in rec}
                 if gemms:
@@ -279,10 +301,10 @@ def main() -> int:
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)]
-    plan = [(1, "gemv", gemv_cfgs), (1, "grouped_tc", tc_cfgs[:2] + tc_cfgs[3:4]), (16, "grouped_tc", tc_cfgs),
-            (16, "gemv", gemv_cfgs[2:4]), (256, "perchannel_triton", i8_cfgs), (2048, "perchannel_triton", i8_cfgs)]
+    plan = [(1, "gemv", gemv_cfgs), (1, "gemv_quant", gemv_cfgs), (1, "grouped_tc", tc_cfgs[:2] + tc_cfgs[3:4]),
+            (16, "grouped_tc", tc_cfgs), (16, "gemv", gemv_cfgs[2:4]), (256, "perchannel_triton", i8_cfgs), (2048, "perchannel_triton", i8_cfgs)]
     if args.dry_run:
-        plan = [(1, "gemv", gemv_cfgs[:2]), (20, "grouped_tc", tc_cfgs[1:2] + tc_cfgs[3:4]),
+        plan = [(1, "gemv", gemv_cfgs[:2]), (1, "gemv_quant", gemv_cfgs[:2]), (20, "grouped_tc", tc_cfgs[1:2] + tc_cfgs[3:4]),
                 (70, "perchannel_triton", i8_cfgs[3:])]
     for k, n in sweep_shapes:
         if past(1.0):
@@ -304,6 +326,9 @@ def main() -> int:
             elif kernel == "gemv":
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_gemv(xq, sxd, qw, ws, k, gs, out_dtype=dt, config=cfg)
+            elif kernel == "gemv_quant":
+                def run(cfg, dt=torch.float16):
+                    return tw.w4a8_gemv_quant(x, None, qw, ws, k, gs, out_dtype=dt, config=cfg)[0]
             else:
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_matmul(xq, sxd, qw, ws, k, gs, out_dtype=dt, config=cfg)
@@ -381,8 +406,11 @@ def write_md(results: dict, path: str) -> None:
             f"{r.get('w8_matches_cpu', '')} | {f(r.get('max_err_over_tol'), '.3g')} | "
             f"{f(r.get('max_rel_err'), '.3g')} | {r.get('error', '')}{'; '.join(r.get('fallback_warnings') or [])} |"
         )
-    cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "grouped_tc_ms",
-            "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm", "x_best_gemm", "e2e_int8_TOPS"]
+    cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "gemv_quant_ms",
+            "x_gemv_quant", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
+            "x_best_gemm", "e2e_int8_TOPS"]
+    gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
+             "x_gemv_quant_graph"]
     lines += [
         "",
         "## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
@@ -397,6 +425,21 @@ def write_md(results: dict, path: str) -> None:
         vals = [f(r.get(c), ".2f" if c.startswith(("x_", "e2e")) else ".4f") for c in cols]
         lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r.get('dispatched_path')} | " + " | ".join(vals)
                      + f" | {r.get('errors', '')} |")
+    graph_rows = [r for r in results.get("timing", []) if "fp16_cublas_graph_ms" in r]
+    if graph_rows:
+        lines += [
+            "",
+            "## Decode sizes replayed from a CUDA graph (median ms, do_bench_cudagraph: no launch overhead)",
+            "",
+            "`unfused` = activation quantization launch + GEMV; `gemv_quant` = the GEMV quantizing the activations "
+            "itself (one launch); `x_*` = speed-up over cuBLAS fp16 in a graph.",
+            "",
+            "| M | K | N | " + " | ".join(c.replace("_ms", "") for c in gcols) + " |",
+            "|" + "---|" * (3 + len(gcols)),
+        ]
+        for r in graph_rows:
+            lines.append(f"| {r['M']} | {r['K']} | {r['N']} | "
+                         + " | ".join(f(r.get(c), ".2f" if c.startswith("x_") else ".4f") for c in gcols) + " |")
     if results.get("config_sweep"):
         lines += ["", "## Config sweep (per-token, fp16 out)", "", "| kernel | M | K | N | config | ms | matches | error |",
                   "|---|---|---|---|---|---|---|---|"]

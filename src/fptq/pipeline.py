@@ -252,10 +252,12 @@ def quantize_layer(
         gptq_out = {}
         if config.gptq and hess is not None:
             # GPTQ treats every output row on its own given the input's Hessian: the group's consumers
-            # (q/k/v, gate/up) run as one stacked matrix, one factorisation and one column loop for all
-            hess = hess.cpu()
+            # (q/k/v, gate/up) run as one stacked matrix, one factorisation and one column loop for all. It runs
+            # where the layer's weights are (the GPU with --device cuda: its K x K factorisations and the
+            # error feed-forward's products are most of a layer's weight time on a CPU)
+            hess = hess.to(next(iter(ws.values())).device)
             codes, scales, ok = gptq_quantize(
-                [w.cpu() for w in ws.values()], hess, config.wbits, gs, block_size=config.gptq_block_size,
+                list(ws.values()), hess, config.wbits, gs, block_size=config.gptq_block_size,
                 damp=config.gptq_damp, act_order=config.gptq_act_order,
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
                 scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,

@@ -61,7 +61,8 @@ def _dtype(name):
 #: what each variant runs; "perchannel"-type variants are checked against the per-channel
 #: reference (the int8 weights times their per-channel scales), the others against
 #: ``reference_forward`` (exact group-wise maths)
-VARIANTS = ("auto", "grouped", "perchannel", "gemv_split3", "gemm_swap_split2", "gemm_split2", "int_mm")
+VARIANTS = ("auto", "grouped", "perchannel", "gemv_split3", "gemm_swap_split2", "gemm_split2", "int_mm",
+            "gemv_quant", "gemv_quant_split3")
 
 
 def _tol_ratio(y, ref, qf, w_deq, bias, dtype) -> float:
@@ -123,7 +124,21 @@ def run_case(case, device, variants=VARIANTS) -> dict:
             *args, bias=layer.bias, out_dtype=dtype, config={"SWAP_AB": False, "SPLIT_K": 2}),
         "int_mm": lambda: tw.int8_perchannel_matmul(
             qr, args[1], w8, sc, bias=layer.bias, out_dtype=dtype, impl="int_mm"),
+        "gemv_quant": lambda: fused(None),
+        "gemv_quant_split3": lambda: fused({"SPLIT_K": 3}),
     }
+    fused_scales = {}
+
+    def fused(config):
+        # the activations quantized inside the GEMV: the same scales as quantize_input and, for the same launch
+        # configuration, the same bits as quantize_activations followed by the GEMV
+        y, s_f = tw.w4a8_gemv_quant(x2, layer.act_scale if mode == "static_tensor" else None, layer.qweight,
+                                    layer.w_scales, k, gs, qmax=layer.act_qmax(), bias=layer.bias, out_dtype=dtype,
+                                    config=config)
+        fused_scales[repr(config)] = bool(torch.equal(s_f.reshape(-1), sr.reshape(-1).to(s_f.device)))
+        unfused = tw.w4a8_gemv(*args, bias=layer.bias, out_dtype=dtype, config=config)
+        fused_scales[repr(config) + " bits"] = bool(torch.equal(y, unfused))
+        return y
     m = x2.shape[0]
     for v in variants:
         try:
@@ -143,6 +158,9 @@ def run_case(case, device, variants=VARIANTS) -> dict:
             "max_rel_err": float((y.float() - r_ref).abs().max() / r_ref.abs().max().clamp_min(1e-12)),
             "fallback_warnings": [str(w_.message) for w_ in rec if "falling back" in str(w_.message)],
         }
+        if v.startswith("gemv_quant"):  # scales equal to quantize_input's, output bits equal to the unfused pair's
+            out[v]["same_as_unfused"] = all(fused_scales.values()) and len(fused_scales) == 2
+            fused_scales.clear()
     return out
 
 
@@ -154,6 +172,7 @@ def _assert_ok(r: dict, variant: str = "auto") -> None:
     assert v["shape_ok"] and v["dtype_ok"], (variant, r)
     assert v["max_err_over_tol"] <= 1.0, (variant, r)
     assert not v["fallback_warnings"], (variant, r)
+    assert v.get("same_as_unfused", True), (variant, r)
 
 
 def quant_recip_check() -> dict:

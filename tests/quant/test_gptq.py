@@ -329,3 +329,23 @@ def test_gptq_clip_rows_without_the_clip_search_changes_nothing_and_is_checked()
     assert torch.equal(q, q2) and torch.equal(s, s2)
     with pytest.raises(ValueError, match="clip_rows"):
         gptq_quantize(w, h, 4, 32, clip_search=True, clip_rows="some")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("clip_rows", ["all", "best"])
+def test_gptq_on_cuda_gives_the_cpu_codes(clip_rows):
+    """The pipeline runs GPTQ where the layer's weights are (the GPU with --device cuda): every buffer, the
+    factorisations and the column loop on that device, with the CPU's codes up to float summation order."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 256, generator=g)
+    x[:, ::17] *= 10
+    h = 2 * x.t() @ x / x.shape[0]
+    w = [torch.randn(96, 256, generator=g), torch.randn(32, 256, generator=g)]
+    kw = dict(bits=4, group_size=64, act_order=True, clip_search=True, clip_objective="output", clip_rows=clip_rows)
+    q_cpu, s_cpu, ok_cpu = gptq_quantize(w, h, **kw)
+    q_gpu, s_gpu, ok_gpu = gptq_quantize([p.cuda() for p in w], h.cuda(), **kw)
+    assert ok_cpu and ok_gpu
+    assert q_gpu.device.type == "cuda" and s_gpu.device.type == "cuda"
+    assert float((q_gpu.cpu() == q_cpu).float().mean()) > 0.99
+    assert float((s_gpu.cpu() == s_cpu).float().mean()) > 0.95

@@ -21,8 +21,9 @@ from .triton_common import (
     tl,
     triton,
 )
+from .triton_quant import _codes, _dynamic_scale, _scalar_div_mode
 
-__all__ = ["w4a8_matmul", "w4a8_gemv"]
+__all__ = ["w4a8_matmul", "w4a8_gemv", "w4a8_gemv_quant"]
 
 if HAS_TRITON:
 
@@ -132,20 +133,52 @@ if HAS_TRITON:
                    PER_TOKEN, HAS_BIAS, SPLIT)
 
     @triton.jit
-    def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2):
+    def _act_codes(x_row, offs, K, scale, QUANT: tl.constexpr, QMAX: tl.constexpr):
+        # int32 activation codes at ``offs``: loaded (int8 codes) or, with QUANT, quantized here from the float
+        # activations with ``scale`` (the same rounding as ``_quant_act_kernel``); 0 past K
+        if QUANT:
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            return _codes(v, scale, QMAX).to(tl.int32)
+        else:
+            return tl.load(x_row + offs, mask=offs < K, other=0).to(tl.int32)
+
+    @triton.jit
+    def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2, scale, QUANT: tl.constexpr, QMAX: tl.constexpr):
         # acc2 [BLOCK_N, BLOCK_K // 2] (int32) += low nibbles x even activation codes + high nibbles x odd ones
         kb = k0 // 2 + offs_j
         b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
         ke = k0 + 2 * offs_j
-        xe = tl.load(x_row + ke, mask=ke < K, other=0).to(tl.int32)
-        xo = tl.load(x_row + ke + 1, mask=ke + 1 < K, other=0).to(tl.int32)
+        xe = _act_codes(x_row, ke, K, scale, QUANT, QMAX)
+        xo = _act_codes(x_row, ke + 1, K, scale, QUANT, QMAX)
         bi = b.to(tl.int32)
         acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
         return acc2
 
     @triton.jit
+    def _row_scale(x_row, AS, INV_QMAX, K, pid_m, first,
+                   QUANT: tl.constexpr, PER_TOKEN: tl.constexpr, RECIP: tl.constexpr, QMAX: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+        # the token's activation scale: the per-tensor AS, or per token AS[pid_m]; with QUANT and PER_TOKEN the
+        # row's absmax / qmax computed here as ``_quant_act_kernel`` does (every program of the row computes the
+        # same value; the ``first`` one stores it in AS[pid_m], for the split-K reduction and the caller)
+        if PER_TOKEN:
+            if QUANT:
+                offs = tl.arange(0, BLOCK_R)
+                amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+                for r0 in range(0, K, BLOCK_R):
+                    v = tl.load(x_row + r0 + offs, mask=r0 + offs < K, other=0.0).to(tl.float32)
+                    amax = tl.maximum(amax, tl.abs(v))
+                scale = _dynamic_scale(tl.max(amax, axis=0), INV_QMAX, QMAX, RECIP)
+                tl.store(AS + pid_m, scale, mask=first)
+            else:
+                scale = tl.load(AS + pid_m)
+        else:
+            scale = tl.load(AS)
+        return scale
+
+    @triton.jit
     def _w4a8_gemv_kernel(
-        A, B, WS, AS, BIAS, C, P,
+        A, B, WS, AS, BIAS, C, P, INV_QMAX,
         M, N, K, GS, CHUNK, NUNITS,
         stride_am, stride_bn, stride_wsn, stride_cm,
         PER_TOKEN: tl.constexpr,
@@ -155,6 +188,10 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        QUANT: tl.constexpr = False,  # A holds float activations, quantized here (no separate launch)
+        RECIP: tl.constexpr = False,
+        QMAX: tl.constexpr = 127,
+        BLOCK_R: tl.constexpr = 1024,
     ):
         # grid (M, n tiles, splits): the token is the fastest axis, so the programs
         # sharing a weight tile run together (L2 reuse when M > 1)
@@ -168,12 +205,14 @@ if HAS_TRITON:
         b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
         ws_rows = WS + offs_n * stride_wsn
         x_row = A + pid_m.to(tl.int64) * stride_am
+        scale = _row_scale(x_row, AS, INV_QMAX, K, pid_m, (pid_n == 0) & (pid_s == 0),
+                           QUANT, PER_TOKEN, RECIP, QMAX, BLOCK_R)
         u0 = pid_s * CHUNK
         u1 = tl.minimum(u0 + CHUNK, NUNITS)
         if ONE_GROUP:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
             for u in range(u0, u1):
-                acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2)
+                acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2, scale, QUANT, QMAX)
             s = tl.load(ws_rows, mask=mask_n, other=0.0).to(tl.float32)
             acc = tl.sum(acc2, axis=1).to(tl.float32) * s
         else:
@@ -181,16 +220,14 @@ if HAS_TRITON:
             for g in range(u0, u1):
                 acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
-                    acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2)
+                    acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2, scale,
+                                      QUANT, QMAX)
                 s = tl.load(ws_rows + g, mask=mask_n, other=0.0).to(tl.float32)
                 acc += tl.sum(acc2, axis=1).to(tl.float32) * s
         if SPLIT:
             tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
         else:
-            if PER_TOKEN:
-                acc = acc * tl.load(AS + pid_m)
-            else:
-                acc = acc * tl.load(AS)
+            acc = acc * scale
             if HAS_BIAS:
                 acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
@@ -213,10 +250,17 @@ def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size)
     return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
 
 
-def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool):
+def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool,
+            quant: tuple | None = None):
     """Check the arguments, pick the launch configuration and split-K, run the GEMV (``gemv``) or the
-    tensor-core kernel, and reduce the split-K partials."""
+    tensor-core kernel, and reduce the split-K partials.
+
+    ``quant`` (GEMV only): ``(qmax, recip)``: ``xq`` then holds the float activations, quantized inside the
+    kernel; ``x_scale`` is the static per-tensor scale, or per token the ``[M]`` float32 tensor the kernel
+    writes the scales to."""
     require_triton()
+    if quant is not None and not gemv:
+        raise ValueError("in-kernel activation quantization is a GEMV option")
     xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
         xq, x_scale, qweight, w_scales, in_features, group_size)
     m, k = xq.shape
@@ -248,8 +292,17 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
                  TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if gemv:
+        inv_qmax = 1.0
+        if quant is not None:
+            import numpy as np
+
+            qmax, recip = quant
+            inv_qmax = float(np.float32(1.0 / qmax))
+            flags.update(QUANT=True, QMAX=int(qmax), RECIP=bool(per_token and recip),
+                         BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))))
         _w4a8_gemv_kernel[(*grid, splits)](
-            xq, qweight, w_scales, x_scale, bias_arg, c, part, m, n, k, gs, chunk, nunits, *strides, **flags)
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, inv_qmax, m, n, k, gs, chunk, nunits, *strides,
+            **flags)
     else:
         _w4a8_gemm_kernel[(*grid, splits)](
             xq, qweight, w_scales, x_scale, bias_arg, c, part, m, n, k, g, gs, chunk, nunits, *strides,
@@ -280,3 +333,28 @@ def w4a8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_
     CUDA-core GEMV kernel (one token row per program, split-K), meant for M <= 2-4.
     ``config`` overrides :func:`pick_gemv_config` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
     return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True)
+
+
+def w4a8_gemv_quant(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.Tensor, w_scales: torch.Tensor,
+                    in_features: int, group_size: int, qmax: int = 127, bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype = torch.float16, config: dict | None = None,
+                    recip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_activations` then :func:`w4a8_gemv` in one launch (decode): ``x`` is the float ``[M, K]``
+    input, quantized inside the GEMV kernel to the same int8 codes (per token when ``act_scale`` is None,
+    else with the static per-tensor ``act_scale``), so the codes never go through memory and the separate
+    quantization launch is gone. Returns ``(y [M, N], x_scale)`` (``[M]`` per token, the 0-d static scale
+    otherwise); ``y`` is bit-identical to the unfused pair's with the same ``config``."""
+    if x.dim() != 2:
+        raise ValueError("w4a8_gemv_quant expects a 2-D [M, K] input")
+    if not x.is_floating_point():
+        raise ValueError(f"w4a8_gemv_quant expects float activations, got {x.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dynamic = act_scale is None
+    if recip is None:
+        recip = dynamic and _scalar_div_mode(x.device, qmax)
+    x_scale = (torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if dynamic
+               else act_scale.to(device=x.device, dtype=torch.float32).reshape(()))
+    y = _launch(x, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True,
+                quant=(qmax, recip))
+    return y, x_scale

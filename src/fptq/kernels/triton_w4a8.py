@@ -10,7 +10,11 @@ summation order differs).  Reads the packed int4 weights directly (0.5 byte/weig
   owns one token row, ``BLOCK_N`` output channels and a range of groups (split-K);
   nibbles are sign-extended with int32 shifts and multiplied with the even / odd
   activation codes in int32, reduced once per group, scaled by the fp16 group scale
-  in float32.
+  in float32.  With ``QUANT`` (:func:`w4a8_gemv_quant`, what the dispatch uses at decode
+  while ``FUSED_GEMV_QUANT``) it reads the float activations and quantizes them itself:
+  each program takes the row's absmax (per token) and rounds the codes it needs in
+  registers, exactly as ``_quant_act_kernel`` does, so one launch replaces two and the
+  output bits are those of the pair.
 * ``_w4a8_gemm_kernel`` (tensor cores): ``tl.dot(..., out_dtype=int32)`` per group,
   the group scale applied in float32 at the end of each group (``BLOCK_K`` divides
   the group size).  For small M the operands are swapped (``SWAP_AB``: the unpacked
@@ -86,14 +90,14 @@ from .triton_common import (
     require_triton,
     select_path,
 )
-from .triton_grouped import w4a8_gemv, w4a8_matmul
+from .triton_grouped import w4a8_gemv, w4a8_gemv_quant, w4a8_matmul
 from .triton_perchannel import int8_perchannel_matmul, perchannel_weight_device
 from .triton_quant import _scalar_div_mode, quantize_activations
 
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
     *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
-    "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
+    "FUSED_GEMV_QUANT", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
@@ -105,6 +109,9 @@ def is_available() -> bool:
 
 
 # ------------------------------------------------------------------ forward
+#: decode (the GEMV path): quantize the activations inside the GEMV kernel instead of in a launch of their own
+#: (bit-identical results; ``bench/gpu_kernels.py`` times both)
+FUSED_GEMV_QUANT = True
 _warned: set = set()
 _broken: set = set()
 #: the configuration validated on the first GPU run (no split-K, no operand swap)
@@ -122,17 +129,16 @@ def _fallback(module, x: torch.Tensor, why: str) -> torch.Tensor:
     return module.reference_forward(x)
 
 
-def _guarded(name: str, fast, baseline):
+def _guarded(name: str, fast, baseline, instead: str = "the baseline grouped kernel"):
     """Run ``fast()``; if it raises (e.g. a kernel that does not compile on this GPU /
-    triton), warn once, remember it and use ``baseline()`` from then on."""
+    triton), warn once, remember it and use ``baseline()`` (``instead``) from then on."""
     if name in _broken:
         return baseline()
     try:
         return fast()
     except Exception as e:  # noqa: BLE001 - reported, then the validated kernel runs
         _broken.add(name)
-        _warn_once(f"fptq triton backend: the {name!r} kernel failed ({e!r}); falling back to the "
-                   "baseline grouped kernel")
+        _warn_once(f"fptq triton backend: the {name!r} kernel failed ({e!r}); falling back to {instead}")
         return baseline()
 
 
@@ -165,8 +171,17 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
             return _fallback(module, x, f"group_size={module.group_size} is not a multiple of 32")
         kind = "perchannel"  # any grouping works once the weights are int8 per-channel
     static = module.act_mode == "static_tensor"
-    xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
     out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    gemv = kind == "gemv" or (kind == "grouped" and m <= GEMV_MAX_M)
+    if gemv and FUSED_GEMV_QUANT and "gemv_quant" not in _broken:
+        # decode: the activations are quantized inside the GEMV (one launch, the codes never stored)
+        y = _guarded("gemv_quant", lambda: w4a8_gemv_quant(
+            x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
+            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype)[0], lambda: None,
+            instead="a quantization launch before the GEMV")
+        if y is not None:
+            return y.to(x.dtype).reshape(*lead, module.out_features)
+    xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
     args = (xq, sx, module.qweight, module.w_scales, module.in_features, module.group_size)
 
     def baseline():
@@ -177,7 +192,7 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     if kind == "perchannel":
         y = _guarded("perchannel", lambda: int8_perchannel_matmul(
             xq, sx, *perchannel_weight_device(module), bias=module.bias, out_dtype=out_dtype), baseline)
-    elif kind == "gemv" or (kind == "grouped" and m <= GEMV_MAX_M):
+    elif gemv:
         y = _guarded("gemv", lambda: w4a8_gemv(*args, bias=module.bias, out_dtype=out_dtype), baseline)
     else:
         y = _guarded("grouped", lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype), baseline)

@@ -110,7 +110,7 @@ def hessian_group_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
     g = num_groups(k, gs)
     pad = g * gs - k
     hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
-    idx = torch.arange(g)
+    idx = torch.arange(g, device=hp.device)
     return hp.reshape(g, gs, g, gs)[idx, :, idx, :]
 
 
