@@ -229,3 +229,26 @@ def test_heads_rotation_falls_back_to_the_residual_one_without_a_head_pair(caplo
         rot, load = prepare_rotation(model, adapter, "residual+heads", 0, None)
     assert rot is not None and rot.heads is None and load is None
     assert "no v_proj -> o_proj pair" in caplog.text and "only the residual stream is rotated" in caplog.text
+
+
+def test_factored_rotation_turns_the_weights_like_the_dense_one():
+    """``rotation_for`` carries the Hadamard matrix's Kronecker factors, and the weights they turn are those of the
+    dense product up to float64 rounding (one float32 ulp at most after the cast); a size without a Hadamard
+    matrix (a random orthogonal one) multiplies densely."""
+    from fptq.rotation import random_rotation
+
+    model = MODELS["llama"]()
+    adapter = get_adapter(model)
+    rot = rotation_for(model, "residual+heads", seed=2)
+    assert rot.factors is not None
+    dense = Rotation(rot.residual, rot.heads)
+    x = torch.randn(5, model.config.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(rot.turn(x), x @ rot.residual, rtol=0, atol=1e-12)
+    twin = MODELS["llama"]()
+    rotate_model(model, adapter, rot)
+    rotate_model(twin, adapter, dense)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=2 ** -23, atol=1e-7, msg=name)
+    odd = Rotation(random_rotation(10, 0))
+    y = torch.randn(3, 10, dtype=torch.float64)
+    assert odd.factors is None and torch.equal(odd.turn(y), y @ odd.residual)

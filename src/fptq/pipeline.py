@@ -25,6 +25,7 @@ from .calibrate import (
     capture_layer0_inputs,
     collect_input_stats,
     execution_choices,
+    float_pass_dtype,
     rows_per_batch,
     run_layer,
 )
@@ -102,7 +103,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device,
                    perm: torch.Tensor | None, load_layer, release_layer, start_layer: int,
-                   maxima: torch.Tensor | None = None) -> torch.Tensor | None:
+                   maxima: torch.Tensor | None = None, pass_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``config.residual_order``: the order of the residual stream's channels (``perm``, that of a run being
     resumed, or measured on a float pass over a few of the captured ``inputs``: :mod:`fptq.residual`; its
     ``maxima`` when that pass already ran),
@@ -119,7 +120,8 @@ def _sort_residual(model: nn.Module, adapter: Adapter, inputs: LayerInputs, devi
                             "first layers were quantized in it")
         if maxima is None:
             maxima = residual_channel_maxima(model, adapter, residual_inputs(inputs), device,
-                                             load_layer=load_layer, release_layer=release_layer)
+                                             load_layer=load_layer, release_layer=release_layer,
+                                             compute_dtype=pass_dtype)
         perm = residual_order(maxima)
     perm = perm.cpu()
     permute_residual_outside(model, adapter, perm)
@@ -495,18 +497,19 @@ def quantize(
         budget = dynamic_budget(config.dynamic_share,
                                 sum(len(adapter.quantizable_linears(layer)) for layer in layers))
     maxima = None  # one float pass serves the residual order and the budget's prediction
+    pass_dtype = float_pass_dtype(config, next(iter(model.parameters())).dtype)
     if budget is not None and dynamic_prediction is None:
         if start_layer:
             raise FptqError("resuming a run with dynamic_share needs the prediction it made (dynamic_prediction)")
         maxima = float_pass_maxima(model, adapter, residual_inputs(inputs), device, load_layer=load_layer,
-                                   release_layer=release_layer)
+                                   release_layer=release_layer, compute_dtype=pass_dtype)
         dynamic_prediction = [sum(len(g.consumers) for g, v in zip(adapter.groups, row)
                                   if strategy_for(config, v) == Strategy.DYNAMIC) for row in maxima[1]]
         log.info("dynamic budget: %d Linears; the thresholds predicted to take %d", budget, sum(dynamic_prediction))
     perm = None
     if config.residual_order != "none" and not data_free:
         perm = _sort_residual(model, adapter, inputs, device, residual_perm, load_layer, release_layer, start_layer,
-                              maxima[0] if maxima is not None else None)
+                              maxima[0] if maxima is not None else None, pass_dtype)
     if resume_hidden is not None:
         _replace_hidden(inputs, resume_hidden)
     dynamic_used, dynamic_extras = dynamic_spent

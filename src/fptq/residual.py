@@ -15,6 +15,7 @@ largest ``max|x|`` at the output of any norm that feeds Linears.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -78,22 +79,26 @@ def residual_inputs(inputs: LayerInputs, windows: int = RESIDUAL_ORDER_WINDOWS) 
 @torch.no_grad()
 def residual_channel_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device, *,
                             load_layer: Callable[[int, nn.Module], None] | None = None,
-                            release_layer: Callable[[int, nn.Module], None] | None = None) -> torch.Tensor:
+                            release_layer: Callable[[int, nn.Module], None] | None = None,
+                            compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[hidden]``: per channel, the largest ``|x|`` at the output of every norm that feeds Linears
     (the producers of the ``norm`` fold groups): :func:`float_pass_maxima`'s first result."""
-    return float_pass_maxima(model, adapter, inputs, device, load_layer=load_layer, release_layer=release_layer)[0]
+    return float_pass_maxima(model, adapter, inputs, device, load_layer=load_layer, release_layer=release_layer,
+                             compute_dtype=compute_dtype)[0]
 
 
 def float_pass_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device, *,
                       load_layer: Callable[[int, nn.Module], None] | None = None,
-                      release_layer: Callable[[int, nn.Module], None] | None = None
+                      release_layer: Callable[[int, nn.Module], None] | None = None,
+                      compute_dtype: torch.dtype | None = None,
                       ) -> tuple[torch.Tensor, list[list[float]]]:
     """One float pass of ``inputs`` (layer 0's, see :func:`residual_inputs`; replaced as they go) through the
     layers, one at a time on ``device``: ``[hidden]`` per channel, the largest ``|x|`` at the output of every
     norm that feeds Linears (the producers of the ``norm`` fold groups), and per layer, per fold group of the
     adapter, the largest ``|x|`` at the group's input (what FPTQ's thresholds read). A model loaded layer by
     layer passes ``load_layer(i, layer)`` (materialise layer ``i``) and ``release_layer(i, layer)`` (drop it
-    again); otherwise each layer goes back where it was."""
+    again); otherwise each layer goes back where it was. ``compute_dtype``: run the layers under autocast to
+    that dtype (None: in the layers' own dtype)."""
     best = torch.zeros(_hidden(model))
     norms = [g.producer for g in adapter.groups if g.kind == "norm"]
     groups: list[list[float]] = []
@@ -118,7 +123,9 @@ def float_pass_maxima(model: nn.Module, adapter: Adapter, inputs: LayerInputs, d
                     for j, g in enumerate(adapter.groups)]
         try:
             inputs.layer_index = i
-            run_layer(layer, inputs, device, name=f"{adapter.layers_path}.{i}", replace=True)
+            with (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None
+                  else contextlib.nullcontext()):
+                run_layer(layer, inputs, device, name=f"{adapter.layers_path}.{i}", replace=True)
         finally:
             for h in handles:
                 h.remove()

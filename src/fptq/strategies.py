@@ -65,12 +65,15 @@ def scoring_inputs(group: FoldGroup, layer: nn.Module,
                    st: InputStats) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None:
     """What a group is scored on, built once for :func:`search_power` and :func:`budget_candidate`: its first
     ``SEARCH_ROWS`` sampled calibration inputs (float32), its Linears' weights as they are now (before the
-    group's fold) and their float outputs; ``None`` without a sample."""
+    group's fold) and their float outputs; ``None`` without a sample. On the weights' device (the GPU with
+    ``--device cuda``: the searches quantize the group's weights once per candidate, work for the GPU, not
+    for the host's cores; the samples are kept on the CPU)."""
     x = st.sample(SEARCH_ROWS)
     if x.numel() == 0:
         return None
-    x = x.float()
-    weights = [layer.get_submodule(c).weight.detach().float().to(x.device) for c in group.consumers]
+    lins = [layer.get_submodule(c) for c in group.consumers]
+    x = x.to(lins[0].weight.device).float()
+    weights = [lin.weight.detach().float() for lin in lins]
     return x, weights, [x @ w.t() for w in weights]
 
 
