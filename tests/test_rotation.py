@@ -232,16 +232,22 @@ def test_heads_rotation_falls_back_to_the_residual_one_without_a_head_pair(caplo
 
 
 def test_factored_rotation_turns_the_weights_like_the_dense_one():
-    """``rotation_for`` carries the Hadamard matrix's Kronecker factors, and the weights they turn are those of the
-    dense product up to float64 rounding (one float32 ulp at most after the cast); a size without a Hadamard
-    matrix (a random orthogonal one) multiplies densely."""
+    """The Hadamard matrix's Kronecker factors (what ``rotation_for`` uses from ``FACTORED_MIN_HIDDEN`` on) turn the
+    weights as the dense product does up to float64 rounding (one float32 ulp at most after the cast); a size
+    without a Hadamard matrix (a random orthogonal one) multiplies densely."""
     from fptq.rotation import random_rotation
+
+    from fptq.quant.hadamard import random_hadamard_factors
+    from fptq.rotation import FACTORED_MIN_HIDDEN
 
     model = MODELS["llama"]()
     adapter = get_adapter(model)
-    rot = rotation_for(model, "residual+heads", seed=2)
-    assert rot.factors is not None
-    dense = Rotation(rot.residual, rot.heads)
+    h = model.config.hidden_size
+    dense = rotation_for(model, "residual+heads", seed=2)
+    assert h < FACTORED_MIN_HIDDEN and dense.factors is None  # small models keep the dense product
+    rot = Rotation(dense.residual, dense.heads, random_hadamard_factors(h, 2))
+    w = torch.randn(h, 7, dtype=torch.float64)
+    torch.testing.assert_close(rot.turn_t(w), dense.residual.T @ w, rtol=0, atol=1e-12)
     x = torch.randn(5, model.config.hidden_size, dtype=torch.float64)
     torch.testing.assert_close(rot.turn(x), x @ rot.residual, rtol=0, atol=1e-12)
     twin = MODELS["llama"]()
@@ -252,3 +258,16 @@ def test_factored_rotation_turns_the_weights_like_the_dense_one():
     odd = Rotation(random_rotation(10, 0))
     y = torch.randn(3, 10, dtype=torch.float64)
     assert odd.factors is None and torch.equal(odd.turn(y), y @ odd.residual)
+
+
+def test_large_hidden_sizes_get_the_factored_rotation():
+    from types import SimpleNamespace
+
+    from fptq.rotation import FACTORED_MIN_HIDDEN
+
+    big = SimpleNamespace(config=SimpleNamespace(hidden_size=4096, num_attention_heads=32, head_dim=128))
+    rot = rotation_for(big, "residual", seed=0)
+    assert FACTORED_MIN_HIDDEN <= 4096 and rot.factors is not None
+    assert [f.shape[0] for f in rot.factors[1]] == [64, 64]
+    x = torch.randn(3, 4096, dtype=torch.float64)
+    torch.testing.assert_close(rot.turn(x), x @ rot.residual, rtol=0, atol=1e-11)

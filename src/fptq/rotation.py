@@ -27,12 +27,20 @@ from .residual import residual_problem
 from .st import TensorEntry, computed_entry, torch_dtype
 from .stored_head import TRANSFORM_LEAF, head_transform, untie_config
 
-__all__ = ["ROTATIONS", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "rotate_layer",
+__all__ = ["ROTATIONS", "FACTORED_MIN_HIDDEN", "Rotation", "random_rotation", "rotation_for", "rotation_problem", "rotate_layer",
            "rotate_embedding", "rotate_model", "rotated_outside_entries", "prepare_rotation"]
 
 log = logging.getLogger(__name__)
 
 ROTATIONS = ("none", "residual", "residual+heads")  # QuantConfig.rotation
+#: hidden sizes from which the residual rotation multiplies by the Hadamard matrix's Kronecker factors
+#: (:meth:`Rotation.turn`). Below, the dense float64 product costs seconds for a whole model and is kept: the
+#: factored one differs by float64 rounding, which moves a few weights by one ulp and, through GPTQ's rounding
+#: decisions, the results by run-to-run amounts (SmolLM2-135M, hidden 576: WikiText-2 24.045 against 23.964,
+#: C4 37.803 against 38.174, bench/results/fptq_kron14_smol_20.md); the published results of the two real
+#: models (hidden 576 and 896) were measured with the dense one. A 7B model's (4096) dense rotation took 20 s
+#: per layer on 2 cores, the factored one 6.5 s with the layer's loading (bench/results/quantize_time_7b_cpu.md).
+FACTORED_MIN_HIDDEN = 2048
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,12 @@ class Rotation:
             return x @ self.residual.to(torch.float64)
         scale, matrices = self.factors
         return kron_apply(x * scale, matrices)
+
+    def turn_t(self, w: torch.Tensor) -> torch.Tensor:
+        """``residual.T @ w`` for a float64 ``[hidden, c]`` block ``w`` (a writer's output rows)."""
+        if self.factors is None:
+            return self.residual.to(torch.float64).T @ w
+        return self.turn(w.T).T
 
 
 def random_rotation(n: int, seed: int) -> torch.Tensor:
@@ -78,8 +92,8 @@ def rotation_for(model: nn.Module, rotation: str, seed: int = 0) -> Rotation | N
         return None
     heads = random_rotation(_head_dim(model), seed + 1) if rotation == "residual+heads" else None
     h = int(model.config.hidden_size)
-    factors = random_hadamard_factors(h, seed) if hadamard_order_factors(h) is not None else None
-    return Rotation(random_rotation(h, seed), heads, factors)
+    factored = h >= FACTORED_MIN_HIDDEN and hadamard_order_factors(h) is not None
+    return Rotation(random_rotation(h, seed), heads, random_hadamard_factors(h, seed) if factored else None)
 
 
 def _head_pair(adapter: Adapter) -> tuple[str, str] | None:
@@ -189,7 +203,7 @@ def rotate_layer(layer: nn.Module, adapter: Adapter, rot: Rotation) -> None:
         for name in spec.writers:
             lin = layer.get_submodule(name)
             for a in range(0, lin.weight.shape[1], 1024):  # R.T @ W = (W.T @ R).T, a block of columns at a time
-                _set(lin.weight[:, a:a + 1024], rot.turn(_as64(lin.weight[:, a:a + 1024]).T).T)
+                _set(lin.weight[:, a:a + 1024], rot.turn_t(_as64(lin.weight[:, a:a + 1024])))
             if lin.bias is not None:
                 _set(lin.bias, rot.turn(_as64(lin.bias)))
     if rot.heads is not None:
