@@ -2,8 +2,8 @@
 (+14% quantize time for -12% peak on SmolLM2, thirteenth session, docs/results/memory.md). Quantize time and peak
 RSS of the ``fptq`` default on SmolLM2 (64 x 512, group 64), one process per run:
 
-* ``main``: fptq as it is;
-* ``trim``: malloc_trim after every batch (the thirteenth session's main);
+* ``main``: fptq as it is (malloc_trim after every batch);
+* ``trim``: the same, through this script's replacement (for the traces);
 * ``notrim``: no per-batch trim;
 * ``trace-trim`` / ``trace-notrim``: as ``trim`` / ``notrim``, printing the resident set after every batch (and
   after each trim), to see how much a batch leaves in the heap.
@@ -43,14 +43,12 @@ if variant in ("trim", "trace-trim"):
             trace.append((before, rss()))
         return True
     c.trim_heap = always
-    c.HeapTrimmer = lambda *a, **k: always
 elif variant in ("notrim", "trace-notrim"):
     def never():
         if variant.startswith("trace"):
             trace.append((rss(), None))
         return False
     c.trim_heap = never
-    c.HeapTrimmer = lambda *a, **k: never
 model, tok, src = fptq.load_float_model(None)
 calib = fptq.calibration_windows(tok, calibration_text(), 64, 512, seed=0)
 cfg = fptq.method_config("fptq", group_size=64)

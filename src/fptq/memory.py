@@ -22,8 +22,7 @@ import functools
 import ctypes.util
 import sys
 
-__all__ = ["return_freed_memory_to_os", "trim_heap", "M_MMAP_THRESHOLD", "process_memory", "resident_bytes",
-           "HeapTrimmer"]
+__all__ = ["return_freed_memory_to_os", "trim_heap", "M_MMAP_THRESHOLD", "process_memory"]
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -79,47 +78,3 @@ def process_memory() -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         return {}
     return out
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory now (``/proc/self/statm``: one short read, cheap enough to call after every
-    batch), or None where that is unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _page_size()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
-
-
-class HeapTrimmer:
-    """Calls :func:`trim_heap` after a unit of work (a calibration batch) only when the resident set has grown by
-    more than ``allowance_bytes`` since the last trim (or since it was made).
-
-    Trimming after every batch kept the peak down but cost time: the pages handed back are the ones the next batch
-    faults in and zeroes again (+14% quantize time on SmolLM2, docs/results/memory.md). Memory the heap keeps for
-    the next batch to reuse stays under the allowance; growth past it is handed back. Where the resident set
-    cannot be read it trims every time, as before."""
-
-    def __init__(self, allowance_bytes: int) -> None:
-        self.allowance = int(allowance_bytes)
-        self.floor = resident_bytes()
-        self.trims = 0
-
-    def __call__(self) -> bool:
-        """Trim if the resident set grew past the allowance; returns whether it trimmed."""
-        rss = resident_bytes()
-        if rss is not None and self.floor is not None:
-            self.floor = min(self.floor, rss)  # memory handed back otherwise (unmapped blocks) lowers the floor
-            if rss - self.floor <= self.allowance:
-                return False
-        trim_heap()
-        self.trims += 1
-        self.floor = resident_bytes()
-        return True
