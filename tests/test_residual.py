@@ -116,7 +116,7 @@ def test_float_pass_also_gives_each_groups_largest_input():
 
 def test_float_pass_of_a_float16_model_runs_in_the_statistics_passs_bfloat16():
     """A CPU has no fast float16 matrix products: a float16 model's float pass runs under the bfloat16 autocast of
-    the statistics pass (a 7B-shaped layer: 100 s in float16, ~20 s in bfloat16 on 2 cores), with the float32
+    the statistics pass (a 7B-shaped layer: 100 s in float16, ~25 s in bfloat16 on 2 cores), with the float32
     pass's maxima to bfloat16's precision; float32 and bfloat16 models keep their own dtype."""
     from fptq.calibrate import float_pass_dtype
 

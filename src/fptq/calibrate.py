@@ -45,7 +45,7 @@ def float_pass_dtype(config: QuantConfig, model_dtype: torch.dtype) -> torch.dty
     prediction) computes in: the statistics pass's bfloat16 for a float16 model when ``config`` (fitted to the
     device by :func:`execution_choices`) calibrates in bfloat16 -- a CPU has no fast float16 matrix products
     (one 7B-shaped layer's float pass over 16 x 512 tokens took 100 s in float16 on 2 Zen 4 cores, the
-    statistics pass over the same tokens in bfloat16 20 s); ``None`` (the model's own dtype) otherwise, which
+    statistics pass over the same tokens in bfloat16 25 s); ``None`` (the model's own dtype) otherwise, which
     leaves float32 and bfloat16 models' passes as they were."""
     if config.calib_dtype == "bfloat16" and model_dtype == torch.float16:
         return torch.bfloat16
