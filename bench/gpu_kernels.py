@@ -411,35 +411,25 @@ def write_md(results: dict, path: str) -> None:
             "x_best_gemm", "e2e_int8_TOPS"]
     gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
              "x_gemv_quant_graph"]
-    lines += [
-        "",
-        "## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
-        "",
-        "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM); `x_*` = speed-up over "
-        "cuBLAS fp16; the kernel columns exclude the activation quantization.",
-        "",
-        "| M | K | N | path | " + " | ".join(c.replace("_ms", "") for c in cols) + " | errors |",
-        "|" + "---|" * (5 + len(cols)),
-    ]
-    for r in results.get("timing", []):
-        vals = [f(r.get(c), ".2f" if c.startswith(("x_", "e2e")) else ".4f") for c in cols]
-        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r.get('dispatched_path')} | " + " | ".join(vals)
-                     + f" | {r.get('errors', '')} |")
+    def table(title: str, note: str, lead: list[str], value_cols: list[str], rows: list[dict], tail: bool) -> None:
+        lines.extend(["", title, "", note, "",
+                      "| " + " | ".join(lead + [c.replace("_ms", "") for c in value_cols]) + (" | errors |" if tail else " |"),
+                      "|" + "---|" * (len(lead) + len(value_cols) + tail)])
+        for r in rows:
+            vals = [str(r.get(k) if k != "path" else r.get("dispatched_path")) for k in lead]
+            vals += [f(r.get(c), ".2f" if c.startswith(("x_", "e2e")) else ".4f") for c in value_cols]
+            lines.append("| " + " | ".join(vals) + (f" | {r.get('errors', '')} |" if tail else " |"))
+
+    table("## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
+          "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM); `x_*` = speed-up over cuBLAS fp16; "
+          "the kernel columns exclude the activation quantization.",
+          ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     graph_rows = [r for r in results.get("timing", []) if "fp16_cublas_graph_ms" in r]
     if graph_rows:
-        lines += [
-            "",
-            "## Decode sizes replayed from a CUDA graph (median ms, do_bench_cudagraph: no launch overhead)",
-            "",
-            "`unfused` = activation quantization launch + GEMV; `gemv_quant` = the GEMV quantizing the activations "
-            "itself (one launch); `x_*` = speed-up over cuBLAS fp16 in a graph.",
-            "",
-            "| M | K | N | " + " | ".join(c.replace("_ms", "") for c in gcols) + " |",
-            "|" + "---|" * (3 + len(gcols)),
-        ]
-        for r in graph_rows:
-            lines.append(f"| {r['M']} | {r['K']} | {r['N']} | "
-                         + " | ".join(f(r.get(c), ".2f" if c.startswith("x_") else ".4f") for c in gcols) + " |")
+        table("## Decode sizes replayed from a CUDA graph (median ms, do_bench_cudagraph: no launch overhead)",
+              "`unfused` = activation quantization launch + GEMV; `gemv_quant` = the GEMV quantizing the activations "
+              "itself (one launch); `x_*` = speed-up over cuBLAS fp16 in a graph.",
+              ["M", "K", "N"], gcols, graph_rows, False)
     if results.get("config_sweep"):
         lines += ["", "## Config sweep (per-token, fp16 out)", "", "| kernel | M | K | N | config | ms | matches | error |",
                   "|---|---|---|---|---|---|---|---|"]
