@@ -1,5 +1,8 @@
 """The GPU decode path (fptq.runtime.graphs): a static KV cache whose steps replay as CUDA graphs. On the CPU
 the same calls run eagerly; their logits are checked against transformers' own DynamicCache path."""
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -145,3 +148,35 @@ def test_bench_times_gpu_models_on_the_static_graph_runner():
     assert isinstance(r, StaticRunner) and r.what == "transformers forward + fptq kernels"
     plain = _runner(model, "cuda", False, False)
     assert type(plain) is HFRunner and plain.path == "transformers forward"
+
+
+@pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="runs the Triton backend under Triton's CPU interpreter (a GPU runs the gpu-marked tests)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_triton_backend_decodes_on_the_static_cache_like_the_reference_backend(batch):
+    """The GPU decode path's calls with the Triton backend, run on the CPU under Triton's interpreter: a prompt of
+    up to 8 tokens per sequence through the exact grouped kernel, each single-token step through the GEMV that
+    quantizes its own input. Logits equal the reference backend's to float32 rounding, no kernel fell back."""
+    import warnings
+
+    from fptq.kernels import triton_w4a8
+    from fptq.nn import QuantLinear
+
+    model = _quantized()
+    ids = _ids(batch, 8 // batch)
+
+    def use(backend):
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_backend(backend)
+
+    use("reference")
+    ref = _dynamic_reference(model, ids, 3)
+    use("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        dec = StaticDecoder(model, batch=batch, max_len=16)
+        got = [dec.prefill(ids).clone()] + [dec.step(ref[i].argmax(-1)).clone() for i in range(3)]
+    assert triton_w4a8.select_path(batch) == "gemv" and triton_w4a8.FUSED_GEMV_QUANT
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

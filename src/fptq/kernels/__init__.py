@@ -122,6 +122,14 @@ def default_backend(device: torch.device | str | None = None) -> str:
     return "reference"
 
 
+def _triton_interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` before triton was imported): the Triton backends then
+    run on CPU tensors too, slowly -- how the GPU code paths are tested without a GPU."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and _triton_installed()
+
+
 def _check(name: str, device: torch.device) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS + ('auto',)}")
@@ -136,7 +144,7 @@ def _check(name: str, device: torch.device) -> None:
             f"use 'triton' (CUDA), 'reference' or 'auto'"
         )
     if name in _TRITON_BACKENDS:
-        if device.type != "cuda":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
             raise BackendUnavailableError(
                 f"backend {name!r} needs CUDA tensors, got a tensor on {device}; use 'auto' or a CPU backend"
             )
