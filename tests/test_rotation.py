@@ -265,9 +265,15 @@ def test_large_hidden_sizes_get_the_factored_rotation():
 
     from fptq.rotation import FACTORED_MIN_HIDDEN
 
+    from fptq.rotation import random_rotation
+
     big = SimpleNamespace(config=SimpleNamespace(hidden_size=4096, num_attention_heads=32, head_dim=128))
     rot = rotation_for(big, "residual", seed=0)
     assert FACTORED_MIN_HIDDEN <= 4096 and rot.factors is not None
+    assert rot.dense is None and rot.shape == (4096, 4096)  # the 128 MiB matrix is not built to turn weights
     assert [f.shape[0] for f in rot.factors[1]] == [64, 64]
+    assert torch.equal(rot.residual, random_rotation(4096, 0))  # built on demand, the dense draw's bits
+    with pytest.raises(ValueError, match="dense"):
+        Rotation()
     x = torch.randn(3, 4096, dtype=torch.float64)
     torch.testing.assert_close(rot.turn(x), x @ rot.residual, rtol=0, atol=1e-11)

@@ -14,6 +14,7 @@ Only RMS norms (no bias, no mean) can be folded this way; :func:`rotation_proble
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,27 +46,53 @@ FACTORED_MIN_HIDDEN = 2048
 
 @dataclass(frozen=True)
 class Rotation:
-    """The orthogonal matrices of one run (float64): ``residual`` ``[hidden, hidden]``, ``heads``
-    ``[head_dim, head_dim]`` or None. ``factors``: ``residual`` as ``diag(scale) @ kron(*matrices)`` (a
-    randomized Hadamard matrix, :func:`fptq.quant.hadamard.random_hadamard_factors`), with which :meth:`turn`
-    multiplies in ``hidden * sum(orders)`` operations per row instead of ``hidden**2`` (4096: 128 instead of
-    4096); None: dense products."""
+    """The orthogonal matrices of one run (float64): the residual stream's ``[hidden, hidden]`` matrix
+    (:attr:`residual`), given whole (``dense``) or as ``factors``, and ``heads`` ``[head_dim, head_dim]`` or None.
+    ``factors``: the matrix as ``diag(scale) @ kron(*matrices)`` (a randomized Hadamard matrix,
+    :func:`fptq.quant.hadamard.random_hadamard_factors`), with which :meth:`turn` multiplies in
+    ``hidden * sum(orders)`` operations per row instead of ``hidden**2`` (4096: 128 instead of 4096); without
+    them, dense products."""
 
-    residual: torch.Tensor
+    dense: torch.Tensor | None = None
     heads: torch.Tensor | None = None
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dense is None and self.factors is None:
+            raise ValueError("a Rotation needs its residual matrix (dense) or its Hadamard factors")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The residual matrix's shape (without building it)."""
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        n = int(self.factors[0].numel())
+        return n, n
+
+    @functools.cached_property
+    def residual(self) -> torch.Tensor:
+        """The residual stream's matrix: ``dense``, or built from ``factors`` the first time it is asked for (on the
+        factored path only a tied head's stored transform needs it: 128 MiB of float64 at hidden 4096, 512 MiB at
+        8192, not held otherwise)."""
+        if self.dense is not None:
+            return self.dense
+        scale, matrices = self.factors
+        m = matrices[0]
+        for f in matrices[1:]:
+            m = torch.kron(m, f)
+        return scale.view(-1, 1) * m
 
     def turn(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ residual`` for float64 rows ``x`` ``[..., hidden]``."""
         if self.factors is None:
-            return x @ self.residual.to(torch.float64)
+            return x @ self.dense.to(torch.float64)
         scale, matrices = self.factors
         return kron_apply(x * scale, matrices)
 
     def turn_t(self, w: torch.Tensor) -> torch.Tensor:
         """``residual.T @ w`` for a float64 ``[hidden, c]`` block ``w`` (a writer's output rows)."""
         if self.factors is None:
-            return self.residual.to(torch.float64).T @ w
+            return self.dense.to(torch.float64).T @ w
         return self.turn(w.T).T
 
 
@@ -92,8 +119,9 @@ def rotation_for(model: nn.Module, rotation: str, seed: int = 0) -> Rotation | N
         return None
     heads = random_rotation(_head_dim(model), seed + 1) if rotation == "residual+heads" else None
     h = int(model.config.hidden_size)
-    factored = h >= FACTORED_MIN_HIDDEN and hadamard_order_factors(h) is not None
-    return Rotation(random_rotation(h, seed), heads, random_hadamard_factors(h, seed) if factored else None)
+    if h >= FACTORED_MIN_HIDDEN and hadamard_order_factors(h) is not None:
+        return Rotation(None, heads, random_hadamard_factors(h, seed))
+    return Rotation(random_rotation(h, seed), heads)
 
 
 def _head_pair(adapter: Adapter) -> tuple[str, str] | None:
@@ -179,8 +207,8 @@ def _check(model: nn.Module, adapter: Adapter, rot: Rotation) -> None:
     if problem:
         raise ValueError(f"cannot rotate the residual stream: {problem}")
     h = int(model.config.hidden_size)
-    if tuple(rot.residual.shape) != (h, h):
-        raise ValueError(f"the residual rotation must be [{h}, {h}], got {list(rot.residual.shape)}")
+    if tuple(rot.shape) != (h, h):
+        raise ValueError(f"the residual rotation must be [{h}, {h}], got {list(rot.shape)}")
     if rot.heads is not None:
         if _head_pair(adapter) is None:
             raise ValueError(f"{adapter.name}: no v_proj -> o_proj pair to rotate")
@@ -246,7 +274,6 @@ def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, ro
     norm_name = f"{spec.final_norm}.weight"
     if emb_name not in by_name or norm_name not in by_name:
         raise ValueError(f"cannot rotate: {emb_name} or {norm_name} is not among the model's tensors")
-    r = rot.residual.to(torch.float64)
     emb, norm = by_name[emb_name], by_name[norm_name]
     head_src = by_name.get(head_name, emb)
 
@@ -271,7 +298,7 @@ def rotated_outside_entries(entries: Iterable[TensorEntry], adapter: Adapter, ro
     if tied:
         h = emb.shape[1]
         out.append(computed_entry(f"{spec.head}.{TRANSFORM_LEAF}", "F32", (h, h), lambda: head_transform(
-            r, _as64(norm.read()) + norm_weight_offset).to(torch.float32)))
+            rot.residual.to(torch.float64), _as64(norm.read()) + norm_weight_offset).to(torch.float32)))
     else:
         out.append(computed_entry(head_name, head_src.dtype, head_src.shape, turned(head_src, True)))
     return out
