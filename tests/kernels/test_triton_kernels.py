@@ -290,3 +290,23 @@ def test_gpu_backend_dispatch():
     assert layer(x).shape == (3, 64)
     for name in ("triton", "triton_grouped", "triton_perchannel"):
         assert run_backend(name, layer, x).dtype == torch.float16
+
+
+@interpreter
+@pytest.mark.parametrize("mode", ["dynamic_token", "static_tensor"])
+def test_interpreter_quant_in_blocks_matches_quantize_input(mode):
+    """Rows longer than one block (K > 16384 by default) are read a block at a time, for the per-token absmax (the
+    helper the self-quantizing GEMV shares) and for the codes: the same codes and scales as ``quantize_input``."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.nn import QuantLinear
+    from fptq.quant import quantize_weight, weight_scales
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 1000, generator=g) * 4
+    w = torch.randn(8, 1000, generator=g)
+    sw = weight_scales(w, 4, -1)
+    layer = QuantLinear.from_codes(quantize_weight(w, sw, 4, -1), sw, wbits=4, group_size=-1, abits=8, act_mode=mode,
+                                   act_scale=0.05)
+    q, s = tw.quantize_activations(x, layer.act_scale if mode == "static_tensor" else None, block=128)
+    q_ref, s_ref = layer.quantize_input(x)
+    assert torch.equal(q, q_ref) and torch.equal(s.reshape(-1), s_ref.reshape(-1))

@@ -21,7 +21,7 @@ from .triton_common import (
     tl,
     triton,
 )
-from .triton_quant import _codes, _dynamic_scale, _scalar_div_mode
+from .triton_quant import _codes, _inv_qmax, _row_dynamic_scale, _scalar_div_mode
 
 __all__ = ["w4a8_matmul", "w4a8_gemv", "w4a8_gemv_quant"]
 
@@ -163,12 +163,7 @@ if HAS_TRITON:
         # same value; the ``first`` one stores it in AS[pid_m], for the split-K reduction and the caller)
         if PER_TOKEN:
             if QUANT:
-                offs = tl.arange(0, BLOCK_R)
-                amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-                for r0 in range(0, K, BLOCK_R):
-                    v = tl.load(x_row + r0 + offs, mask=r0 + offs < K, other=0.0).to(tl.float32)
-                    amax = tl.maximum(amax, tl.abs(v))
-                scale = _dynamic_scale(tl.max(amax, axis=0), INV_QMAX, QMAX, RECIP)
+                scale = _row_dynamic_scale(x_row, K, INV_QMAX, QMAX, RECIP, BLOCK_R)
                 tl.store(AS + pid_m, scale, mask=first)
             else:
                 scale = tl.load(AS + pid_m)
@@ -292,16 +287,14 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
                  TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if gemv:
-        inv_qmax = 1.0
+        inv = 1.0
         if quant is not None:
-            import numpy as np
-
             qmax, recip = quant
-            inv_qmax = float(np.float32(1.0 / qmax))
+            inv = _inv_qmax(qmax)
             flags.update(QUANT=True, QMAX=int(qmax), RECIP=bool(per_token and recip),
                          BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))))
         _w4a8_gemv_kernel[(*grid, splits)](
-            xq, qweight, w_scales, x_scale, bias_arg, c, part, inv_qmax, m, n, k, gs, chunk, nunits, *strides,
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, inv, m, n, k, gs, chunk, nunits, *strides,
             **flags)
     else:
         _w4a8_gemm_kernel[(*grid, splits)](

@@ -34,6 +34,16 @@ if HAS_TRITON:
         return scale
 
     @triton.jit
+    def _row_dynamic_scale(x_row, K, INV_QMAX, QMAX: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
+        # the per-token scale of the row at x_row (K values), read BLOCK at a time: absmax / qmax
+        offs = tl.arange(0, BLOCK)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        return _dynamic_scale(tl.max(amax, axis=0), INV_QMAX, QMAX, RECIP)
+
+    @triton.jit
     def _quant_act_kernel(
         X, Q, S, SCALE_IN, INV_QMAX,
         K, stride_xm, stride_qm,
@@ -58,11 +68,7 @@ if HAS_TRITON:
             tl.store(q_row + offs, _codes(x, scale, QMAX), mask=mask)
         else:
             if DYNAMIC:
-                amax = tl.zeros([BLOCK], dtype=tl.float32)
-                for k0 in range(0, K, BLOCK):
-                    x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                    amax = tl.maximum(amax, tl.abs(x))
-                scale = _dynamic_scale(tl.max(amax, axis=0), INV_QMAX, QMAX, RECIP)
+                scale = _row_dynamic_scale(x_row, K, INV_QMAX, QMAX, RECIP, BLOCK)
                 tl.store(S + row, scale)
             else:
                 scale = tl.load(SCALE_IN).to(tl.float32)
@@ -102,6 +108,13 @@ def _scalar_div_mode(device, qmax: int) -> bool:
     return _DIV_MODE[key]
 
 
+def _inv_qmax(qmax: int) -> float:
+    """``fp32(1 / qmax)``, the factor torch on CUDA divides by ``qmax`` with (the kernels' ``INV_QMAX``)."""
+    import numpy as np
+
+    return float(np.float32(1.0 / qmax))
+
+
 def quantize_activations(
     x2d: torch.Tensor,
     scale: torch.Tensor | None = None,
@@ -134,10 +147,8 @@ def quantize_activations(
         block = max(128, triton.next_power_of_2(k)) if k <= 16384 else 4096
     single = block >= k
     num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    import numpy as np
-
     _quant_act_kernel[(m,)](
-        x2d, q, s, s, float(np.float32(1.0 / qmax)), k, x2d.stride(0), q.stride(0),
+        x2d, q, s, s, _inv_qmax(qmax), k, x2d.stride(0), q.stride(0),
         QMAX=qmax, DYNAMIC=dynamic, RECIP=bool(recip), SINGLE=single, BLOCK=block, num_warps=num_warps,
     )
     return q, s

@@ -173,8 +173,9 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     static = module.act_mode == "static_tensor"
     out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     gemv = kind == "gemv" or (kind == "grouped" and m <= GEMV_MAX_M)
-    if gemv and FUSED_GEMV_QUANT and "gemv_quant" not in _broken:
-        # decode: the activations are quantized inside the GEMV (one launch, the codes never stored)
+    if gemv and FUSED_GEMV_QUANT:
+        # decode: the activations are quantized inside the GEMV (one launch, the codes never stored); None once
+        # that kernel has failed here: the two launches below
         y = _guarded("gemv_quant", lambda: w4a8_gemv_quant(
             x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
             module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype)[0], lambda: None,
