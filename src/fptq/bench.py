@@ -184,15 +184,22 @@ def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16"
     return r
 
 
-def _api_runner(path, backend: str, head: str = "auto"):
+def _api_runner(path, backend: str, head: str = "auto", device: str = "cpu"):
     """The model ``fptq.load`` returns, called as any transformers model (``model(ids, cache=...)``): fptq's
-    runtime behind transformers' forward where it attaches (:mod:`fptq.runtime.hf_fast`)."""
+    runtime behind transformers' forward where it attaches (:mod:`fptq.runtime.hf_fast` on the CPU,
+    :mod:`fptq.runtime.hf_graph`'s static cache and CUDA graphs on a GPU)."""
     from .runtime.hf_fast import load, uses_runtime
+    from .runtime.hf_graph import uses_graph_runtime
     from .runtime.timing import HFRunner
 
-    model = load(path, backend=backend, head=head)
+    model = load(path, device=device, backend=backend, head=head)
     r = HFRunner(model)
-    r.path = "transformers forward" + (" on fptq's runtime" if uses_runtime(model) else " + fptq kernels")
+    if uses_runtime(model):
+        r.path = "transformers forward on fptq's runtime"
+    elif uses_graph_runtime(model):
+        r.path = "transformers forward + fptq kernels on a static KV cache, decode steps as CUDA graphs"
+    else:
+        r.path = "transformers forward + fptq kernels"
     return r
 
 
@@ -240,8 +247,8 @@ def cmd_bench(args) -> int:
             if label.startswith("W4A8") and args.stored_head_row and args.head != "stored":
                 runners["W4A8 (fptq, stored head)"] = _runner(model, device, not args.no_runtime, True,
                                                               args.kv_cache, "stored")
-            if label.startswith("W4A8") and device == "cpu" and not args.no_api_row:
-                runners["W4A8 (fptq.load, transformers API)"] = _api_runner(path, args.backend, args.head)
+            if label.startswith("W4A8") and not args.no_api_row:
+                runners["W4A8 (fptq.load, transformers API)"] = _api_runner(path, args.backend, args.head, device)
     vocab = fmodel.config.vocab_size
     results = run_bench(runners, vocab, args.prefill, args.decode_batch, args.decode_steps, args.prompt_len,
                         args.repeats)
@@ -295,7 +302,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time the W4A8 checkpoint on the runtime with its stored 16-bit head")
     b.add_argument("--no-api-row", action="store_true",
                    help="skip the row of the W4A8 checkpoint through the transformers API (fptq.load(OUT) called "
-                        "as any transformers model; CPU)")
+                        "as any transformers model; on a GPU its static KV cache and CUDA graphs)")
     b.add_argument("--peer", nargs="*", help="JSON rows measured elsewhere (bench/peer_llamacpp.py) to merge")
     b.add_argument("--backend", default="auto", help="QuantLinear backend where the runtime is not used (default auto)")
     b.add_argument("--prefill", type=_ints, default=[512, 2048], help="prompt lengths (default 512,2048)")

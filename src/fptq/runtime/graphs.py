@@ -24,7 +24,7 @@ from torch import nn
 
 from .engine import decode_loop
 
-__all__ = ["StaticDecoder", "static_generate"]
+__all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -114,32 +114,60 @@ class StaticDecoder:
         self.length += 1
         return out
 
-    def _warm(self) -> None:
-        """Run the step in the input buffers ``warmup`` times without advancing: every run writes the same keys
-        and values at the same position, and the cache's own position counters are put back after each."""
+    def _step_fns(self) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
+        """The step on the input buffers, and what puts back the cache's own position counters (transformers 5)
+        that a step advances."""
         counters = self._counters()
-        for _ in range(self.warmup):
-            self._forward(self._ids, self._pos)
+
+        def reset():
             for c, start in counters:
                 c.copy_(start)
 
+        return (lambda: self._forward(self._ids, self._pos)), reset
+
+    def _warm(self) -> None:
+        """The warm-up runs that precede a capture (:func:`warm_up`)."""
+        warm_up(*self._step_fns(), self.warmup)
+
     def _capture(self) -> None:
-        """Capture the step at the current position, after warm-up runs on a side stream (lazy initialisation
-        and kernel autotuning happen outside the capture); the replay that follows performs the step."""
+        """Capture the step at the current position (:func:`capture_step`); the replay that follows performs
+        the step."""
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._warm()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._logits = self._forward(self._ids, self._pos)
-            self._graph = graph
+            self._graph, self._logits = capture_step(*self._step_fns(), self.device, self.warmup)
         except Exception as e:  # noqa: BLE001 -- any failure to capture falls back to eager steps, with the reason
             self._graph, self._logits = None, None
             self.graph_reason = f"CUDA graph capture failed: {type(e).__name__}: {e}"
             log.warning("decoding without CUDA graphs: %s", self.graph_reason)
+
+
+def warm_up(run: Callable[[], torch.Tensor], reset: Callable[[], None], times: int) -> None:
+    """``run()`` a step ``times`` times, each followed by ``reset()``: every run writes the same keys and values
+    at the same position, and ``reset`` puts back what a run advances (a cache's position counters), so the
+    cache is left as one step would leave it."""
+    for _ in range(times):
+        run()
+        reset()
+
+
+def capture_step(run: Callable[[], torch.Tensor], reset: Callable[[], None], device: torch.device, warmup: int = 2,
+                 pool=None) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+    """A CUDA graph of ``run()`` (a decode step reading fixed input buffers) and the tensor it writes its output
+    to at each replay. ``warmup`` runs go first on a side stream (:func:`warm_up`), so that lazy initialisation
+    and kernel autotuning happen outside the capture; the capture itself executes nothing, and ``reset()`` runs
+    after it too. ``pool``: a memory pool shared with other graphs (:func:`torch.cuda.graph_pool_handle`).
+    Raises what a failing capture raises."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warm_up(run, reset, warmup)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+    finally:
+        reset()
+    return graph, out
 
 
 @torch.inference_mode()

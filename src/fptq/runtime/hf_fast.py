@@ -32,6 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
+from .hf_common import cache_layers, cache_length, call_problem, publish, shows
 from .head import check_head, runtime_head
 from .loading import keep_stored_dtypes
 
@@ -187,30 +188,13 @@ class RuntimeDecoder(nn.Module):
     # ------------------------------------------------------------------ dispatch
     def _unsupported_call(self, input_ids, attention_mask, position_ids, inputs_embeds, cache, kwargs,
                           modes: tuple) -> str | None:
-        if inputs_embeds is not None or input_ids is None:
-            return "inputs_embeds were given instead of token ids"
-        if input_ids.dim() != 2 or input_ids.device.type != "cpu":
+        if input_ids is not None and input_ids.device.type != "cpu":
             return f"token ids on {input_ids.device} (the runtime runs on the CPU)"
-        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            return "attention weights or hidden states were asked for"
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self._causal_lm.parameters()):
-            return "gradients are enabled and the model has parameters that require them"
         for backend, _ in modes:
             if backend not in _NATIVE_BACKENDS:
                 return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self._layer_modules):
-            return "forward hooks are registered on the decoder's modules, which the runtime would not call"
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or not bool(attention_mask.all()):
-                return "the attention mask has padding (or is not 2-D)"
-        if cache is not None and self._cache_layers(cache) is None:
-            return f"the cache ({type(cache).__name__}) is not one of plain full-attention layers"
-        if position_ids is not None:
-            start = self._cache_length(cache)
-            want = torch.arange(start, start + input_ids.shape[1])
-            if position_ids.shape[-1] != input_ids.shape[1] or not bool((position_ids == want).all()):
-                return "position_ids do not continue the cache"
-        return None
+        return call_problem(self._causal_lm, self._layer_modules, input_ids, attention_mask, position_ids,
+                            inputs_embeds, cache, kwargs)
 
     def _fallback(self, reason: str, **kw):
         if reason not in self._logged:
@@ -241,37 +225,22 @@ class RuntimeDecoder(nn.Module):
         engine.grow_cache(kv, kv.length + input_ids.shape[1])
         hidden = engine.forward(input_ids, kv, logits="hidden")
         if cache is not None:
-            self._publish(cache, kv)
+            publish(cache, kv.keys, kv.values, kv.length)
         return _output_class()(last_hidden_state=hidden, **{self._cache_field: cache if use_cache else None})
 
     # --------------------------------------------------------------------- cache
-    @staticmethod
-    def _cache_layers(cache) -> list | None:
-        """The cache's per-layer objects if they are plain full-attention key/value layers, else ``None``."""
-        layers = getattr(cache, "layers", None)
-        if not isinstance(layers, list):
-            return None
-        for layer in layers:
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") or not hasattr(layer, "values"):
-                return None
-        return layers
-
-    @staticmethod
-    def _cache_length(cache) -> int:
-        return 0 if cache is None else int(cache.get_seq_length())
-
     def _sync(self, cache, batch: int) -> KVCache:
         """The runtime cache holding what ``cache`` holds: the one made for it if ``cache`` still shows its
         buffers (shortened: continued from there), else a new one (``cache``'s keys and values copied in)."""
         engine = self.engine
-        n = self._cache_length(cache)
+        n = cache_length(cache)
         kv = self._kv.get(cache) if cache is not None else None
-        if kv is not None and kv.batch == batch and self._shows(cache, kv, n):
+        if kv is not None and kv.batch == batch and shows(cache, kv.keys, kv.values, n, kv.length):
             kv.length = n
             return kv
         kv = engine.new_cache(batch, n + _SLACK)
         if n:
-            for li, layer in enumerate(self._cache_layers(cache)):
+            for li, layer in enumerate(cache_layers(cache)):
                 kv.keys[li][:, :, :n].copy_(layer.keys)
                 kv.values[li][:, :, :n].copy_(layer.values)
             kv.length = n
@@ -279,42 +248,22 @@ class RuntimeDecoder(nn.Module):
             self._kv[cache] = kv
         return kv
 
-    def _shows(self, cache, kv: KVCache, n: int) -> bool:
-        """Whether every layer of ``cache`` is still a view of ``kv``'s buffers holding ``n <= kv.length``
-        positions."""
-        if n > kv.length:
-            return False
-        layers = self._cache_layers(cache)
-        if layers is None or len(layers) != len(kv.keys):
-            return False
-        for layer, k, v in zip(layers, kv.keys, kv.values):
-            if n == 0:
-                continue
-            if layer.keys is None or layer.keys.data_ptr() != k.data_ptr() or layer.keys.stride() != k.stride() \
-                    or layer.values.data_ptr() != v.data_ptr():
-                return False
-        return True
-
-    def _publish(self, cache, kv: KVCache) -> None:
-        """Set ``cache``'s layers to views of ``kv``'s filled positions."""
-        from transformers.cache_utils import DynamicLayer
-
-        layers = cache.layers
-        while len(layers) < len(kv.keys):
-            layers.append(DynamicLayer())
-        n = kv.length
-        for layer, k, v in zip(layers, kv.keys, kv.values):
-            layer.keys = k[:, :, :n]
-            layer.values = v[:, :, :n]
-            layer.device = k.device
-            layer.is_initialized = True
-
 
 def use_runtime(model: nn.Module, out: str | Path | None = None, head: str = "auto") -> str | None:
-    """Put fptq's runtime behind ``model``'s forward and ``generate`` (:func:`fptq.runtime.hf_fast.attach_runtime`):
-    the model becomes inference-only (``requires_grad`` off) and, given its checkpoint ``out``, keeps the
-    unquantized tensors in the 16-bit dtype they are stored in, as the runtime computes with them. Returns
-    ``None`` when attached, else the reason it could not be (the model is then unchanged)."""
+    """Put fptq's runtime behind ``model``'s forward and ``generate``: on the CPU
+    :func:`fptq.runtime.hf_fast.attach_runtime` (the model's unquantized tensors, given its checkpoint ``out``,
+    kept in the 16-bit dtype they are stored in, as the runtime computes with them), on a CUDA device the
+    static-cache runtime with CUDA graphs (:func:`fptq.runtime.hf_graph.attach_graph_runtime`). The model becomes
+    inference-only (``requires_grad`` off). Returns ``None`` when attached, else the reason it could not be (the
+    model is then unchanged)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "cuda":
+        from .hf_graph import attach_graph_runtime
+
+        reason = attach_graph_runtime(model)
+        if reason is None:
+            model.requires_grad_(False)
+        return reason
     reason = attach_runtime(model, head=head)
     if reason is not None:
         return reason
@@ -337,8 +286,9 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     kernels in each Linear (:func:`fptq.io.load`: the checkpoint's numerics module by module, as ``fptq eval``
     measures them). ``head``: the runtime's output head (``"auto"``: requantized to int8 for up to 64 rows,
     perplexity within 0.2 % of the stored head's, half its bytes per decoded token; ``"int8"`` for every call;
-    ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). The other arguments are
-    :func:`fptq.io.load`'s."""
+    ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). On a CUDA device (``device="cuda"``)
+    it decodes on a static KV cache, each one-token step replayed as a CUDA graph of the modules' own kernels
+    (:mod:`fptq.runtime.hf_graph`; any ``backend``). The other arguments are :func:`fptq.io.load`'s."""
     from ..errors import FptqError
     from ..io import load as load_modules
 
@@ -348,7 +298,7 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     model = load_modules(out, device=device, backend=backend, verify=verify, dtype=dtype)
     if runtime == "off":
         return model
-    if backend not in ("auto", "native"):
+    if torch.device(device).type != "cuda" and backend not in ("auto", "native"):
         log.info("fptq.load: transformers' forward with the %r backend (the runtime runs the native kernels)", backend)
         return model
     reason = use_runtime(model, out if dtype is None else None, head=head)
