@@ -131,6 +131,22 @@ def calib_file(tmp_path):
     return p
 
 
+def token_ids(b: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
+    """``[b, t]`` random token ids below the tiny models' vocabulary (300)."""
+    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_w4a8():
+    """:func:`tiny_llama` quantized in place by fptq's default method (group 32, thresholds at which every
+    strategy occurs), calibrated on random tokens: the quantized model of the runtime tests."""
+    import fptq
+
+    model = tiny_llama()
+    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0))
+    fptq.quantize(model, cfg, token_ids(8, 32, seed=0), device="cpu", progress=False)
+    return model
+
+
 def hf_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """transformers' own greedy ``generate`` of ``new_tokens`` after ``ids``: the reference for fptq's decoders."""
     with torch.inference_mode():

@@ -6,24 +6,16 @@ import os
 import pytest
 import torch
 
-import fptq
 from fptq.runtime.graphs import StaticDecoder, static_generate
 from fptq.runtime.timing import StaticRunner
 
-from ..conftest import hf_greedy, tiny_llama
+from ..conftest import hf_greedy, tiny_llama, tiny_w4a8, token_ids
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _ids(b=2, t=9, seed=1):
-    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _quantized():
-    model = tiny_llama()
-    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0))
-    fptq.quantize(model, cfg, _ids(8, 32, seed=0), device="cpu", progress=False)
-    return model
+_ids = token_ids
+_quantized = tiny_w4a8
 
 
 def _dynamic_reference(model, ids, steps):

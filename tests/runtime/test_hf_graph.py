@@ -14,20 +14,13 @@ import fptq
 from fptq.nn import QuantLinear
 from fptq.runtime.hf_graph import GraphDecoder, attach_graph_runtime, detach_graph_runtime, uses_graph_runtime
 
-from ..conftest import hf_greedy, make_tokenizer, tiny_llama
+from ..conftest import hf_greedy, make_tokenizer, tiny_llama, tiny_w4a8, token_ids
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _ids(b=2, t=9, seed=1):
-    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _quantized():
-    model = tiny_llama()
-    cfg = fptq.method_config("fptq", group_size=32, thresholds=(2.0, 20.0))
-    fptq.quantize(model, cfg, _ids(8, 32, seed=0), device="cpu", progress=False)
-    return model
+_ids = token_ids
+_quantized = tiny_w4a8
 
 
 def _pair(make, **kw):
@@ -139,7 +132,7 @@ def test_activation_modes_set_after_attaching_are_what_it_computes():
     with torch.no_grad():
         close(model(ids).logits, ref(ids).logits)
     modes = {m.act_mode for m in model.modules() if isinstance(m, QuantLinear)}
-    assert modes == {"dynamic_token"} and model.model._modes == model.model._current_modes()
+    assert modes == {"dynamic_token"} and model.model._graph_modes == model.model._modes()
 
 
 def test_attach_refuses_what_it_cannot_run_and_graphs_need_cuda():

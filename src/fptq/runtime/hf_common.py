@@ -1,4 +1,5 @@
-"""A transformers cache whose layers are views of a runtime's own key/value buffers.
+"""What fptq's runtimes behind the transformers interface share: the module that stands in for the decoder
+stack, the checks of a call, and a transformers cache whose layers are views of a runtime's own buffers.
 
 fptq's runtimes behind the transformers interface (:mod:`fptq.runtime.hf_fast` on the CPU,
 :mod:`fptq.runtime.hf_graph` on a GPU) keep keys and values in preallocated buffers ``[B, H, capacity, D]``
@@ -9,9 +10,14 @@ cache still shows those buffers (continue in place, also after a crop) or was ch
 """
 from __future__ import annotations
 
-import torch
+import logging
 
-__all__ = ["cache_layers", "cache_length", "shows", "publish"]
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+
+__all__ = ["StandInDecoder", "cache_layers", "cache_length", "call_problem", "shows", "publish"]
 
 
 def cache_layers(cache) -> list | None:
@@ -98,3 +104,44 @@ def call_problem(causal_lm, modules: list, input_ids, attention_mask, position_i
         if not ok[-1]:
             return "position_ids do not continue the cache"
     return None
+
+
+class StandInDecoder(nn.Module):
+    """A module standing in for a causal LM's decoder stack (``model.model``): it holds the same submodules under
+    the same names (state dict, tied weights and parameter counts unchanged); ``transformers_module`` is the
+    module it replaced, which answers the attributes this one lacks and runs the calls a runtime cannot
+    (:meth:`_fallback`, the reason logged once on ``_log``)."""
+
+    _log = logging.getLogger(__name__)
+    _who = "fptq runtime"
+
+    def __init__(self, causal_lm: nn.Module, inner: nn.Module):
+        super().__init__()
+        for name, child in inner.named_children():  # same objects, same names
+            self.add_module(name, child)
+        self.config = inner.config
+        # not registered as submodules: the parent is not a child, and the inner module's children are ours
+        object.__setattr__(self, "transformers_module", inner)
+        object.__setattr__(self, "_causal_lm", causal_lm)
+        self._layer_modules = list(self.layers.modules())  # looked at on every call: listed once
+        self._qlinears = [m for m in self._layer_modules if isinstance(m, QuantLinear)]
+        self._logged: set[str] = set()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("transformers_module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def _modes(self) -> tuple:
+        """The QuantLinears' ``(backend, act_mode)``: what a runtime built from them computes with."""
+        return tuple((getattr(m, "backend", "auto"), m.act_mode) for m in self._qlinears)
+
+    def _fallback(self, reason: str, **kw):
+        if reason not in self._logged:
+            self._logged.add(reason)
+            self._log.warning("%s: this call runs on transformers' forward instead (%s)", self._who, reason)
+        return self.transformers_module(**kw)

@@ -32,7 +32,7 @@ from torch import nn
 from ..kernels import native
 from ..nn import QuantLinear
 from .engine import Engine, KVCache, engine_unsupported_reason
-from .hf_common import cache_layers, cache_length, call_problem, publish, shows
+from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 from .head import check_head, runtime_head
 from .loading import keep_stored_dtypes
 
@@ -145,39 +145,20 @@ def _output_class():
     return BaseModelOutputWithPast
 
 
-class RuntimeDecoder(nn.Module):
+class RuntimeDecoder(StandInDecoder):
     """The decoder stack of a LLaMA-shaped causal LM, run by :class:`~fptq.runtime.Engine` (see the module
     docstring); ``transformers_module`` is the module it stands in for, which runs what the runtime cannot."""
 
+    _log = log
+
     def __init__(self, causal_lm: nn.Module, inner: nn.Module, prefill_attention: str = "auto"):
-        super().__init__()
+        super().__init__(causal_lm, inner)
         self.prefill_attention = prefill_attention
-        for name, child in inner.named_children():  # same objects, same names
-            self.add_module(name, child)
-        self.config = inner.config
-        # not registered as submodules: the parent is not a child, and the inner module's children are ours
-        object.__setattr__(self, "transformers_module", inner)
-        object.__setattr__(self, "_causal_lm", causal_lm)
         self._engine: Engine | None = None
         self._engine_modes: tuple | None = None  # the Linears' (backend, act_mode) the engine was built from
-        self._layer_modules = list(self.layers.modules())  # looked at on every call: listed once
-        self._qlinears = [m for m in self._layer_modules if isinstance(m, QuantLinear)]
         self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers cache -> KVCache
-        self._logged: set[str] = set()
         fields = getattr(_output_class(), "__dataclass_fields__", {})
         self._cache_field = "cache" if "cache" in fields else "past_key_values"
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("transformers_module")
-            if inner is None:
-                raise
-            return getattr(inner, name)
-
-    def _modes(self) -> tuple:
-        return tuple((getattr(m, "backend", "auto"), m.act_mode) for m in self._qlinears)
 
     @property
     def engine(self) -> Engine:
@@ -195,12 +176,6 @@ class RuntimeDecoder(nn.Module):
                 return f"the QuantLinear backend is {backend!r} (the runtime runs the native kernels)"
         return call_problem(self._causal_lm, self._layer_modules, input_ids, attention_mask, position_ids,
                             inputs_embeds, cache, kwargs)
-
-    def _fallback(self, reason: str, **kw):
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.warning("fptq runtime: this call runs on transformers' forward instead (%s)", reason)
-        return self.transformers_module(**kw)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, **kwargs):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .graphs import capture_step
-from .hf_common import cache_layers, cache_length, call_problem, publish, shows
+from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,17 @@ class _Slot:
         self.set_length(n)
 
 
-class GraphDecoder(nn.Module):
+class GraphDecoder(StandInDecoder):
     """The decoder stack of a causal LM, decoding on a static cache with CUDA graphs (see the module docstring);
     ``transformers_module`` is the module it stands in for, which also runs what the static cache cannot.
     ``uses_graph`` / ``graph_reason``: whether the current static cache's steps replay a graph, and why not."""
 
+    _log = log
+    _who = "fptq GPU runtime"
+
     def __init__(self, causal_lm: nn.Module, inner: nn.Module, graph: bool | None = None, slack: int = SLACK,
                  warmup: int = 2):
-        super().__init__()
-        for name, child in inner.named_children():  # same objects, same names
-            self.add_module(name, child)
-        self.config = inner.config
-        object.__setattr__(self, "transformers_module", inner)
-        object.__setattr__(self, "_causal_lm", causal_lm)
+        super().__init__(causal_lm, inner)
         device = next(causal_lm.parameters()).device
         if graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device} (graph=False or None)")
@@ -160,37 +158,16 @@ class GraphDecoder(nn.Module):
         self.slack, self.warmup = slack, warmup
         params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._layer_modules = list(self.layers.modules())
         self._slot: _Slot | None = None
-        self._modes: tuple | None = None  # the QuantLinears' (backend, act_mode) the graph was captured with
+        self._graph_modes: tuple | None = None  # the QuantLinears' (backend, act_mode) the graph was captured with
         self._pool = None
-        self._logged: set[str] = set()
         self.graph_reason: str | None = None if self.graph_wanted else "not asked for (no CUDA device, or graph=False)"
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("transformers_module")
-            if inner is None:
-                raise
-            return getattr(inner, name)
 
     @property
     def uses_graph(self) -> bool:
         return self._slot is not None and self._slot.graph is not None
 
-    def _current_modes(self) -> tuple:
-        return tuple((getattr(m, "backend", None), getattr(m, "act_mode", None)) for m in self._layer_modules
-                     if hasattr(m, "act_mode"))
-
     # ------------------------------------------------------------------ dispatch
-    def _fallback(self, reason: str, **kw):
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.warning("fptq GPU runtime: this call runs on transformers' forward instead (%s)", reason)
-        return self.transformers_module(**kw)
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, **kwargs):
         from transformers import DynamicCache
@@ -213,10 +190,10 @@ class GraphDecoder(nn.Module):
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             kw[self._cache_kw] = cache
             return self._fallback(reason, **kw)
-        modes = self._current_modes()
-        if modes != self._modes and self._slot is not None:  # set_act_mode / set_backend since the capture
+        modes = self._modes()
+        if modes != self._graph_modes and self._slot is not None:  # set_act_mode / set_backend since the capture
             self._slot.graph = self._slot.hidden = None
-        self._modes = modes
+        self._graph_modes = modes
         if cache is None:
             cache = DynamicCache(config=self.config)
         b, t = input_ids.shape
