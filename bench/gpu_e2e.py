@@ -10,7 +10,9 @@ Steps, each writing its results as soon as it ends (so a run cut short still lea
    rows, ``smoothquant-w8a8`` and ``rtn-w4a16``; wall time, time per layer and the strategy counts (the
    float16 failure of issue 28 shows here);
 3. ``bench``: ``fptq bench --device cuda`` (fp16 transformers, W4A8, W8A8, W4A16; prefill and decode);
-4. ``tests``: ``pytest -m gpu`` and the Triton kernel tests on CUDA.
+4. ``tests``: ``pytest -m gpu`` and the Triton kernel tests on CUDA;
+5. ``target``: issue 28's quantize target, one such layer (a model of its own) at 128 x 2048 calibration
+   tokens with the default method, if the budget leaves a minute for it.
 
 Results: ``OUT/gpu_e2e.json`` and ``.md`` (default ``bench/results/gpu``); the logs of each step beside them.
 On the CPU the whole chain runs on a tiny model (``--tiny``), which is how this script is tested::
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--budget-s", type=float, default=330, help="skip the steps that would start after this")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip (model, quantize, bench, tests)")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip (model, quantize, bench, tests, target)")
     return p.parse_args(argv)
 
 
@@ -183,6 +185,23 @@ def main(argv=None) -> int:
         res["steps"]["tests"] = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
                                     out / "pytest_gpu_e2e.log", left())
         save()
+    if "target" not in skip and left() > 60:  # issue 28's quantize target: one layer at 128 x 2048 tokens
+        one, ck = work / "model_1layer", work / "w4a8_1layer"
+        t = time.perf_counter()
+        built = build_model(argparse.Namespace(**{**vars(a), "layers": 1}), one)
+        ns, sl = (8, 256) if a.tiny else (128, 2048)
+        long_calib = work / "calib_long.txt"
+        long_calib.write_text(TEXT * (400 if a.tiny else 8000))
+        r = run([py, "-m", "fptq.cli", "quantize", str(one), "-o", str(ck), "--calib", str(long_calib), "--nsamples",
+                 str(ns), "--seqlen", str(sl), "--group-size", "128", "--device", a.device, "--force"],
+                out / "quantize_target.log", left())
+        rep = ck / "quantize_report.json"
+        if rep.is_file():
+            q = json.loads(rep.read_text())
+            r.update(counts=q.get("counts"), timings_s=q.get("timings_s"), memory=q.get("memory"))
+        res["steps"]["target"] = {**r, "nsamples": ns, "seqlen": sl, "build_s": time.perf_counter() - t - r["seconds"],
+                                  "model_bytes": built["bytes"]}
+        save()
     res["seconds"] = time.perf_counter() - t0
     save()
     print(markdown(res))
@@ -202,6 +221,13 @@ def markdown(res: dict) -> str:
         md.append(f"- quantize `{method}`: rc {r['rc']}, {r['seconds']:.0f} s, {per}, counts {r.get('counts')}")
     if "bench" in st:
         md.append(f"- bench: rc {st['bench']['rc']}, {st['bench']['seconds']:.0f} s (table: gpu_e2e_speed.md)")
+    if "target" in st:
+        r = st["target"]
+        layers = [x for x in (r.get("timings_s") or {}).get("layers", []) if x is not None]
+        md.append(f"- quantize one layer at {r['nsamples']} x {r['seqlen']} tokens (issue 28's target: <= 8 s on an "
+                  f"H200): rc {r['rc']}, {r['seconds']:.0f} s, layer {layers[0] if layers else float('nan'):.1f} s, "
+                  "phases " + ", ".join(f"{k} {v:.1f} s" for k, v in
+                                        ((r.get('timings_s') or {}).get('layer_phases') or {}).items()))
     if "tests" in st:
         md.append(f"- tests: rc {st['tests']['rc']}, {st['tests']['seconds']:.0f} s: "
                   f"{st['tests']['log_tail'].strip().splitlines()[-1] if st['tests']['log_tail'].strip() else ''}")
