@@ -202,3 +202,16 @@ def test_warm_up_runs_before_a_capture_leave_the_static_cache_as_one_step_would(
         assert slot.length == 9 and all(int(la.cumulative_length) == 9 for la in slot.cache.layers)
         for i in range(4):
             close(model(nxt[:, i:i + 1], cache=cache).logits, ref(nxt[:, i:i + 1], cache=cache_ref).logits)
+
+
+def test_a_static_cache_far_longer_than_a_new_sequence_needs_is_not_reused():
+    """A step reads the whole static cache, so a short sequence after a long prompt gets one of its size."""
+    model, _ = _pair(tiny_llama, slack=3)
+    with torch.no_grad():
+        model(_ids(1, 40), cache=DynamicCache(config=model.config))
+        long_slot = model.model._slot
+        assert long_slot.capacity == 43
+        model(_ids(1, 30, seed=2), cache=DynamicCache(config=model.config))  # needs 30 (+3): 43 is at most twice
+        assert model.model._slot is long_slot
+        model(_ids(1, 5, seed=3), cache=DynamicCache(config=model.config))
+        assert model.model._slot is not long_slot and model.model._slot.capacity == 8

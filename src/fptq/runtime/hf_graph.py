@@ -18,9 +18,11 @@ As on the CPU (:mod:`fptq.runtime.hf_fast`), after each call the layers of the t
 passed (``generate``'s ``DynamicCache``) are set to views of the static cache's filled positions
 (:mod:`fptq.runtime.hf_common`): ``get_seq_length()``, cropping, beam reordering and a call that falls back to
 the transformers decoder see a normal cache. A cache changed outside (reordered) is copied back in; one only
-cropped is continued in place (the static cache's mask hides the positions beyond). The static cache is reused
-by the next sequence of the same batch size while it fits, so that its graph is captured once: a cache that
-still shows it then gets copies of its keys and values first, so nothing it holds is lost.
+cropped is continued in place (the static cache's mask hides the positions beyond); one that outgrows its static
+cache continues in one twice as long. The static cache is reused by the next sequence of the same batch size
+while it fits and is at most twice the length that sequence needs (a step's attention reads all of it), so
+that its graph is captured once: a cache that still shows it then gets copies of its keys and values first,
+so nothing it holds is lost.
 
 Calls the static cache cannot compute exactly as transformers would (padding in the attention mask,
 ``inputs_embeds``, attention weights or hidden states asked for, gradients, hooks, a ``StaticCache`` passed by
@@ -45,7 +47,11 @@ log = logging.getLogger(__name__)
 __all__ = ["GraphDecoder", "attach_graph_runtime", "graph_runtime_unsupported_reason", "uses_graph_runtime",
            "SLACK"]
 
-SLACK = 256  # positions a new static cache holds beyond its first call (a generation's new tokens, typically)
+# Positions a new static cache holds beyond its first call. Small, because a step's attention reads the whole
+# static cache (the positions not yet filled are masked, not skipped): a LLaMA-7B-shaped layer caches 16 KiB
+# per position and sequence, so at batch 64 a slack of 256 would read ~9 GB per step over 32 layers, more than
+# the 4-bit weights. A sequence that outgrows its cache gets one twice as long (a copy and a new capture).
+SLACK = 64
 
 
 def graph_runtime_unsupported_reason(model: nn.Module) -> str | None:
@@ -224,27 +230,28 @@ class GraphDecoder(StandInDecoder):
         slot.owner = None
 
     def _slot_for(self, cache, batch: int, t: int) -> _Slot:
-        """The static cache holding what ``cache`` holds, with room for ``t`` more positions: the current one
-        if ``cache`` still shows it (continued from ``cache``'s length), else the current one reused or a new
-        one (larger), ``cache``'s keys and values copied in."""
-        n = cache_length(cache)
-        slot = self._slot
-        if slot is not None and slot.batch == batch and slot.owner is not None and slot.owner() is cache \
-                and slot.initialized and shows(cache, slot.keys, slot.values, n, slot.length):
-            if n + t <= slot.capacity:
-                slot.set_length(n)
-                return slot
-            src_k, src_v = slot.keys, slot.values  # grown: a new static cache, this one's positions copied in
+        """The static cache holding what ``cache`` holds, with room for ``t`` more positions: the current one if
+        ``cache`` still shows it (continued from ``cache``'s length; grown to twice its length when full), else
+        the current one reused if its batch matches and its length is at most twice what the call needs (a step
+        reads all of it), else a new one; ``cache``'s keys and values are copied in."""
+        n, slot = cache_length(cache), self._slot
+        need = n + t
+        continuing = (slot is not None and slot.batch == batch and slot.owner is not None and slot.owner() is cache
+                      and slot.initialized and shows(cache, slot.keys, slot.values, n, slot.length))
+        if continuing and need <= slot.capacity:
+            slot.set_length(n)
+            return slot
+        if continuing:  # full: a static cache twice as long, this one's positions copied in
+            src_k, src_v, capacity = slot.keys, slot.values, max(need + self.slack, 2 * slot.capacity)
         else:
             layers = cache_layers(cache) if n else []
-            src_k, src_v = [la.keys for la in layers], [la.values for la in layers]
-        if slot is None or slot.batch != batch or n + t > slot.capacity:
-            capacity = max(n + t + self.slack, 2 * slot.capacity if slot is not None and slot.batch == batch else 0)
-            if slot is not None:
-                self._release(slot, keep_for=cache if src_k and src_k[0] is slot.keys[0] else None)
-            slot = self._slot = _Slot(self.config, batch, capacity, slot_device(self))
+            src_k, src_v, capacity = [la.keys for la in layers], [la.values for la in layers], need + self.slack
+        if not continuing and slot is not None and slot.batch == batch and need <= slot.capacity <= 2 * capacity:
+            self._release(slot, keep_for=cache)  # reused: its graph too
         else:
-            self._release(slot, keep_for=cache)
+            if slot is not None:
+                self._release(slot, keep_for=cache if continuing else None)
+            slot = self._slot = _Slot(self.config, batch, capacity, slot_device(self))
         if n:
             slot.load(src_k, src_v, n)
         else:
