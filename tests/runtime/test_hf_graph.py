@@ -182,7 +182,7 @@ def test_fptq_load_on_cuda_decodes_with_cuda_graphs(tmp_path):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     g = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert g.shape == (2, 25) and fast.model.uses_graph
+    assert g.shape[0] == 2 and 9 < g.shape[1] <= 25 and fast.model.uses_graph  # (an end-of-sequence token may stop it)
 
 
 def test_warm_up_runs_before_a_capture_leave_the_static_cache_as_one_step_would():
