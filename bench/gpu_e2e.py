@@ -11,6 +11,9 @@ Steps, each writing its results as soon as it ends (so a run cut short still lea
    float16 failure of issue 28 shows here);
 3. ``bench``: ``fptq bench --device cuda`` (fp16 transformers, W4A8, W8A8, W4A16; prefill and decode);
 4. ``tests``: ``pytest -m gpu`` and the Triton kernel tests on CUDA;
+4b. ``compile``: the W4A8 checkpoint through ``fptq.load`` (static cache, CUDA graphs) with and without
+   ``compile=True`` (torch.compile of the decode step): decode tokens/s at batch 1 and 16, and the first
+   step's time (capture, compilation);
 5. ``target``: issue 28's quantize target, one such layer (a model of its own) at 128 x 2048 calibration
    tokens with the default method, if the budget leaves a minute for it.
 
@@ -47,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--budget-s", type=float, default=330, help="skip the steps that would start after this")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip (model, quantize, bench, tests, target)")
+    p.add_argument("--compile-probe", default=None, metavar="CKPT",
+                   help="(the compile step, run in a process of its own) time fptq.load(CKPT) with and without compile")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip (model, quantize, bench, tests, compile, target)")
     return p.parse_args(argv)
 
 
@@ -127,8 +132,40 @@ def run(cmd: list[str], log: Path, timeout: float) -> dict:
             "log_tail": log.read_text(errors="replace")[-1500:]}
 
 
+def compile_probe(a) -> int:
+    """Decode through fptq.load(CKPT) on the device, uncompiled and compiled: tokens/s per batch and the first
+    step's seconds (static cache set-up, graph capture, compilation), written to OUT/compile_probe.json."""
+    import fptq
+    from fptq.runtime.timing import HFRunner
+
+    rows = {}
+    steps, prompt_len = (4, 8) if a.tiny else (32, 16)
+    for label, comp in (("fptq.load", False), ("fptq.load, compile=True", True)):
+        model = fptq.load(a.compile_probe, device=a.device, compile=comp)
+        r, row = HFRunner(model), {}
+        for b in (1, 16):
+            prompt = torch.randint(0, model.config.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(b))
+            t = time.perf_counter()
+            r.decode(prompt, 1)  # the first steps of this batch size: set-up, capture, compilation
+            row[f"first_decode_b{b}_s"] = time.perf_counter() - t
+            secs = sorted(r.decode(prompt, steps) for _ in range(3))
+            row[f"decode_b{b}_tokens_per_s"] = b * steps / secs[1]
+        dec = model.model
+        row["path"] = {"graph": getattr(dec, "uses_graph", None), "graph_reason": getattr(dec, "graph_reason", None),
+                       "compile_reason": getattr(dec, "compile_reason", None)}
+        rows[label] = row
+        (Path(a.out) / "compile_probe.json").write_text(json.dumps(rows, indent=2, default=str))
+        del model, r
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.compile_probe:
+        return compile_probe(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else out / "work"
@@ -185,6 +222,14 @@ def main(argv=None) -> int:
         res["steps"]["tests"] = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
                                     out / "pytest_gpu_e2e.log", left())
         save()
+    if "compile" not in skip and (ckpts["fptq"] / "fptq_plan.json").is_file() and left() > 60:
+        r = run([py, str(Path(__file__).resolve()), "--compile-probe", str(ckpts["fptq"]), "--out", str(out),
+                 "--device", a.device, *(["--tiny"] if a.tiny else [])], out / "compile_probe.log", left())
+        probe = out / "compile_probe.json"
+        if probe.is_file():
+            r["rows"] = json.loads(probe.read_text())
+        res["steps"]["compile"] = r
+        save()
     if "target" not in skip and left() > 60:  # issue 28's quantize target: one layer at 128 x 2048 tokens
         one, ck = work / "model_1layer", work / "w4a8_1layer"
         t = time.perf_counter()
@@ -228,6 +273,12 @@ def markdown(res: dict) -> str:
                   f"H200): rc {r['rc']}, {r['seconds']:.0f} s, layer {layers[0] if layers else float('nan'):.1f} s, "
                   "phases " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                         ((r.get('timings_s') or {}).get('layer_phases') or {}).items()))
+    if "compile" in st:
+        c = st["compile"]
+        md.append(f"- compile probe: rc {c['rc']}, {c['seconds']:.0f} s")
+        for label, row in (c.get("rows") or {}).items():
+            md.append(f"  - {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float))
+                      + f"; {row.get('path')}")
     if "tests" in st:
         md.append(f"- tests: rc {st['tests']['rc']}, {st['tests']['seconds']:.0f} s: "
                   f"{st['tests']['log_tail'].strip().splitlines()[-1] if st['tests']['log_tail'].strip() else ''}")

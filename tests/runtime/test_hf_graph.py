@@ -71,36 +71,42 @@ def test_a_cropped_cache_continues_in_place_and_a_longer_sequence_grows_the_stat
     ids, nxt = _ids(1, 6), _ids(1, 12, seed=3)
     with torch.no_grad():
         cache, cache_ref = DynamicCache(config=model.config), DynamicCache(config=ref.config)
-        _steps(model, ids, cache, nxt[:, :2])
+        _steps(model, ids, cache, nxt[:, :2])  # the prompt on the DynamicCache, the steps on a static one
         _steps(ref, ids, cache_ref, nxt[:, :2])
-        slot = model.model._slot
+        [slot] = model.model._slots
+        assert slot.capacity == 10 and cache.layers[0].keys.data_ptr() == slot.keys[0].data_ptr()
         cache.crop(-3)  # transformers 5: the number of positions to drop
         cache_ref.crop(-3)
-        assert model.model._slot is slot and cache.get_seq_length() == 5
-        got = [model(nxt[:, i:i + 1], cache=cache).logits[:, -1] for i in range(2, 12)]  # past the capacity 9
+        assert cache.get_seq_length() == 5
+        got = [model(nxt[:, i:i + 1], cache=cache).logits[:, -1] for i in range(2, 12)]  # past the capacity 10
         want = [ref(nxt[:, i:i + 1], cache=cache_ref).logits[:, -1] for i in range(2, 12)]
+        more = _ids(1, 4, seed=10)  # a next turn: several tokens appended where the sequence is
+        close(model(more, cache=cache).logits, ref(more, cache=cache_ref).logits)
     for a, b in zip(got, want):
         close(a, b)
-    assert model.model._slot is not slot and model.model._slot.capacity >= 15 and cache.get_seq_length() == 15
+    [grown] = model.model._slots
+    assert grown is not slot and grown.capacity == 20 and cache.get_seq_length() == 19
 
 
 def test_the_next_sequence_reuses_the_static_cache_and_the_earlier_cache_keeps_what_it_holds():
     model, ref = _pair(tiny_llama)
     a_ids, b_ids, tok = _ids(2, 7, seed=4), _ids(2, 5, seed=5), _ids(2, 1, seed=6)
     with torch.no_grad():
-        first = DynamicCache(config=model.config)
+        first, second = DynamicCache(config=model.config), DynamicCache(config=model.config)
         model(a_ids, cache=first)
-        slot = model.model._slot
+        model(tok, cache=first)
+        [slot] = model.model._slots
         held = first.layers[1].keys.clone()
-        second = DynamicCache(config=model.config)
         model(b_ids, cache=second)
-        assert model.model._slot is slot  # same batch, fits: the static cache (and a GPU's graph) is reused
+        model(tok, cache=second)
+        assert model.model._slots == [slot]  # same batch, fits: the static cache (and a GPU's graph) is reused
         assert torch.equal(first.layers[1].keys, held)  # the earlier cache got copies before the reuse
         later = model(tok, cache=first).logits  # and continues (copied back in)
         want_cache = DynamicCache(config=ref.config)
         ref(a_ids, cache=want_cache)
+        ref(tok, cache=want_cache)
         close(later, ref(tok, cache=want_cache).logits)
-        assert model.model._slot is slot and first.get_seq_length() == 8
+        assert model.model._slots == [slot] and first.get_seq_length() == 9
 
 
 def test_what_the_static_cache_cannot_do_runs_on_transformers_logged_once(caplog):
@@ -119,7 +125,7 @@ def test_what_the_static_cache_cannot_do_runs_on_transformers_logged_once(caplog
     messages = [r.message for r in caplog.records]
     assert sum("attention mask has padding" in m for m in messages) == 1
     assert sum("StaticCache, not a DynamicCache" in m for m in messages) == 1
-    assert model.model._slot is None  # nothing ran on the static cache
+    assert model.model._slots == []  # nothing ran on a static cache
     got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(got, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
@@ -142,6 +148,33 @@ def test_attach_refuses_what_it_cannot_run_and_graphs_need_cuda():
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
             attach_graph_runtime(tiny_llama(), graph=True)
+
+
+def test_compiled_decode_steps_match_the_uncompiled_ones_and_a_failing_compile_falls_back(caplog):
+    """torch.compile of the decode step (Inductor on the CPU here; the QuantLinears are graph breaks): the same
+    logits as the eager steps, prompts stay uncompiled; a compile that fails leaves the step where it was."""
+    model, ref = _pair(tiny_w4a8, compile=True)
+    ids, nxt = _ids(1, 6), _ids(1, 3, seed=9)
+    with torch.no_grad():
+        got = _steps(model, ids, DynamicCache(config=model.config), nxt)
+        want = _steps(ref, ids, DynamicCache(config=ref.config), nxt)
+    for a, b in zip(got, want):
+        close(a, b)
+    dec = model.model
+    assert dec._compiled is not None and dec.compile_reason is None
+    assert model.state_dict().keys() == ref.state_dict().keys()
+
+    def broken(**kw):
+        dec.transformers_module(**kw)  # runs (advancing the static cache's counters), then fails
+        raise RuntimeError("inductor says no")
+
+    dec._compiled = broken
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fptq.runtime.hf_graph"):
+        cache, cache_ref = DynamicCache(config=model.config), DynamicCache(config=ref.config)
+        for a, b in zip(_steps(model, ids, cache, nxt), _steps(ref, ids, cache_ref, nxt)):
+            close(a, b)
+    assert dec._compiled is None and "inductor says no" in dec.compile_reason
+    assert sum("decoding uncompiled" in r.message for r in caplog.records) == 1 and cache.get_seq_length() == 9
 
 
 @pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
@@ -192,26 +225,36 @@ def test_warm_up_runs_before_a_capture_leave_the_static_cache_as_one_step_would(
     ids, nxt = _ids(), _ids(2, 4, seed=8)
     with torch.no_grad():
         cache, cache_ref = DynamicCache(config=model.config), DynamicCache(config=ref.config)
-        model(ids, cache=cache)
-        ref(ids, cache=cache_ref)
+        for m, c in ((model, cache), (ref, cache_ref)):
+            m(ids, cache=c)
+            m(nxt[:, :1], cache=c)
         dec = model.model
-        slot = dec._slot
-        slot.ids.copy_(nxt[:, :1])
+        [slot] = dec._slots
+        slot.ids.copy_(nxt[:, 1:2])
         slot.pos.fill_(slot.length)
-        warm_up(*dec._step_fns(slot), 3)  # what precedes a capture: three runs of the step at position 9
-        assert slot.length == 9 and all(int(la.cumulative_length) == 9 for la in slot.cache.layers)
-        for i in range(4):
+        warm_up(*dec._step_fns(slot), 3)  # what precedes a capture: three runs of the step at position 10
+        assert slot.length == 10 and all(int(la.cumulative_length) == 10 for la in slot.cache.layers)
+        for i in range(1, 4):
             close(model(nxt[:, i:i + 1], cache=cache).logits, ref(nxt[:, i:i + 1], cache=cache_ref).logits)
 
 
 def test_a_static_cache_far_longer_than_a_new_sequence_needs_is_not_reused():
     """A step reads the whole static cache, so a short sequence after a long prompt gets one of its size."""
     model, _ = _pair(tiny_llama, slack=3)
+    tok = _ids(1, 1, seed=4)
+
+    def sequence(prompt_len, seed):
+        cache = DynamicCache(config=model.config)
+        model(_ids(1, prompt_len, seed=seed), cache=cache)
+        model(tok, cache=cache)
+        return model.model._slots[-1]
+
     with torch.no_grad():
-        model(_ids(1, 40), cache=DynamicCache(config=model.config))
-        long_slot = model.model._slot
-        assert long_slot.capacity == 43
-        model(_ids(1, 30, seed=2), cache=DynamicCache(config=model.config))  # needs 30 (+3): 43 is at most twice
-        assert model.model._slot is long_slot
-        model(_ids(1, 5, seed=3), cache=DynamicCache(config=model.config))
-        assert model.model._slot is not long_slot and model.model._slot.capacity == 8
+        long_slot = sequence(40, 1)
+        assert long_slot.capacity == 44
+        assert sequence(30, 2) is long_slot  # needs 31 (+3): 44 is at most twice that
+        short = sequence(5, 3)
+        assert short is not long_slot and short.capacity == 9 and model.model._slots == [long_slot, short]
+        for seed in range(4, 8):  # more static caches than are kept: the least recently used go
+            sequence(5 + 20 * seed, seed)
+    assert len(model.model._slots) == 4 and long_slot not in model.model._slots

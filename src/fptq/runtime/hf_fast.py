@@ -224,18 +224,19 @@ class RuntimeDecoder(StandInDecoder):
         return kv
 
 
-def use_runtime(model: nn.Module, out: str | Path | None = None, head: str = "auto") -> str | None:
+def use_runtime(model: nn.Module, out: str | Path | None = None, head: str = "auto", compile: bool = False) -> str | None:
     """Put fptq's runtime behind ``model``'s forward and ``generate``: on the CPU
     :func:`fptq.runtime.hf_fast.attach_runtime` (the model's unquantized tensors, given its checkpoint ``out``,
     kept in the 16-bit dtype they are stored in, as the runtime computes with them), on a CUDA device the
     static-cache runtime with CUDA graphs (:func:`fptq.runtime.hf_graph.attach_graph_runtime`). The model becomes
-    inference-only (``requires_grad`` off). Returns ``None`` when attached, else the reason it could not be (the
-    model is then unchanged)."""
+    inference-only (``requires_grad`` off). ``compile``: on a GPU, decode steps through ``torch.compile``
+    (:class:`~fptq.runtime.hf_graph.GraphDecoder`). Returns ``None`` when attached, else the reason it could not
+    be (the model is then unchanged)."""
     p = next(model.parameters(), None)
     if p is not None and p.device.type == "cuda":
         from .hf_graph import attach_graph_runtime
 
-        reason = attach_graph_runtime(model)
+        reason = attach_graph_runtime(model, compile=compile)
         if reason is None:
             model.requires_grad_(False)
         return reason
@@ -249,7 +250,7 @@ def use_runtime(model: nn.Module, out: str | Path | None = None, head: str = "au
 
 
 def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True,
-         dtype: torch.dtype | None = None, runtime: str = "auto", head: str = "auto"):
+         dtype: torch.dtype | None = None, runtime: str = "auto", head: str = "auto", compile: bool = False):
     """Load an fptq checkpoint as a Hugging Face causal LM (``fptq.load``).
 
     ``runtime="auto"`` (default): on the CPU, for the architectures fptq's runtime covers (LLaMA-shaped, see
@@ -263,7 +264,9 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     perplexity within 0.2 % of the stored head's, half its bytes per decoded token; ``"int8"`` for every call;
     ``"stored"``: the checkpoint's own; see :class:`~fptq.runtime.Engine`). On a CUDA device (``device="cuda"``)
     it decodes on a static KV cache, each one-token step replayed as a CUDA graph of the modules' own kernels
-    (:mod:`fptq.runtime.hf_graph`; any ``backend``). The other arguments are :func:`fptq.io.load`'s."""
+    (:mod:`fptq.runtime.hf_graph`; any ``backend``); ``compile=True`` also runs those steps through
+    ``torch.compile``, which fuses the operations between the Linears (the first step of each batch size
+    compiles). The other arguments are :func:`fptq.io.load`'s."""
     from ..errors import FptqError
     from ..io import load as load_modules
 
@@ -276,7 +279,7 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     if torch.device(device).type != "cuda" and backend not in ("auto", "native"):
         log.info("fptq.load: transformers' forward with the %r backend (the runtime runs the native kernels)", backend)
         return model
-    reason = use_runtime(model, out if dtype is None else None, head=head)
+    reason = use_runtime(model, out if dtype is None else None, head=head, compile=compile)
     if reason is not None:
         log.info("fptq.load: transformers' forward with fptq's kernels (fptq's runtime: %s)", reason)
     return model

@@ -7,22 +7,25 @@ kernels per step (per Linear a GEMV that quantizes its own input, plus norms, ro
 cache writes), each a few microseconds of host time for microseconds of GPU work. :mod:`fptq.runtime.graphs`
 replays such a step as one CUDA graph for ``fptq generate`` and ``fptq bench``; :class:`GraphDecoder` does it
 behind the transformers API. It stands in for the model's decoder stack (``model.model``), holding the same
-submodules under the same names, and runs a call on a transformers ``StaticCache`` of its own:
+submodules under the same names:
 
-* a call of several tokens (a prompt) runs the transformers decoder eagerly on the static cache;
-* a one-token call (a decode step) writes the token ids and the position into fixed input buffers and replays
-  the step's graph, captured at the first such call on that cache (where a capture fails, the reason is in
-  ``graph_reason`` and the steps run eagerly on the static cache).
+* a prompt (several tokens) on a new cache runs the transformers decoder on the caller's ``DynamicCache``, as
+  transformers would;
+* a one-token call (a decode step) runs on a transformers ``StaticCache`` of its own (the prompt's keys and
+  values copied in at the first step): the token ids and the position go into fixed input buffers and the
+  step's graph, captured at the first step on that static cache, is replayed (where a capture fails, the reason
+  is in ``graph_reason`` and the steps run eagerly on the static cache); more tokens appended to a cache that
+  is on a static cache (a chat's next turn) run eagerly there.
 
-As on the CPU (:mod:`fptq.runtime.hf_fast`), after each call the layers of the transformers cache the caller
-passed (``generate``'s ``DynamicCache``) are set to views of the static cache's filled positions
-(:mod:`fptq.runtime.hf_common`): ``get_seq_length()``, cropping, beam reordering and a call that falls back to
-the transformers decoder see a normal cache. A cache changed outside (reordered) is copied back in; one only
-cropped is continued in place (the static cache's mask hides the positions beyond); one that outgrows its static
-cache continues in one twice as long. The static cache is reused by the next sequence of the same batch size
-while it fits and is at most twice the length that sequence needs (a step's attention reads all of it), so
-that its graph is captured once: a cache that still shows it then gets copies of its keys and values first,
-so nothing it holds is lost.
+As on the CPU (:mod:`fptq.runtime.hf_fast`), after each call on a static cache the layers of the caller's
+cache are set to views of its filled positions (:mod:`fptq.runtime.hf_common`): ``get_seq_length()``,
+cropping, beam reordering and a call that falls back to the transformers decoder see a normal cache. A cache
+changed outside (reordered) is copied back in; one only cropped is continued in place (the static cache's mask
+hides the positions beyond); one that outgrows its static cache continues in one twice as long. Up to
+:data:`MAX_SLOTS` static caches are kept, each with its graph: the next sequence of the same batch size reuses
+one that fits and is at most twice the length it needs (a step's attention reads all of it), so a graph is
+captured once per batch size and length class; a cache that still shows a reused static cache gets copies of
+its keys and values first, so nothing it holds is lost.
 
 Calls the static cache cannot compute exactly as transformers would (padding in the attention mask,
 ``inputs_embeds``, attention weights or hidden states asked for, gradients, hooks, a ``StaticCache`` passed by
@@ -52,6 +55,7 @@ __all__ = ["GraphDecoder", "attach_graph_runtime", "graph_runtime_unsupported_re
 # per position and sequence, so at batch 64 a slack of 256 would read ~9 GB per step over 32 layers, more than
 # the 4-bit weights. A sequence that outgrows its cache gets one twice as long (a copy and a new capture).
 SLACK = 64
+MAX_SLOTS = 4  # static caches kept (each with its graph) for the batch sizes and lengths in use
 
 
 def graph_runtime_unsupported_reason(model: nn.Module) -> str | None:
@@ -80,17 +84,19 @@ def uses_graph_runtime(model: nn.Module) -> bool:
     return isinstance(getattr(model, "model", None), GraphDecoder)
 
 
-def attach_graph_runtime(model: nn.Module, graph: bool | None = None, slack: int = SLACK) -> str | None:
+def attach_graph_runtime(model: nn.Module, graph: bool | None = None, slack: int = SLACK,
+                         compile: bool = False) -> str | None:
     """Run ``model``'s forward (and ``generate``) on :class:`GraphDecoder` where it can (see the module
     docstring). ``graph``: capture decode steps as CUDA graphs (default: when the model is on a CUDA device;
-    ``False`` runs them eagerly on the static cache, which is how the CPU tests check it). Returns ``None`` when
-    attached (or already attached), else the reason it cannot be, and changes nothing."""
+    ``False`` runs them eagerly on the static cache, which is how the CPU tests check it). ``compile``: run the
+    decode step through ``torch.compile`` (see :class:`GraphDecoder`). Returns ``None`` when attached (or already
+    attached), else the reason it cannot be, and changes nothing."""
     if uses_graph_runtime(model):
         return None
     reason = graph_runtime_unsupported_reason(model)
     if reason is not None:
         return reason
-    model.model = GraphDecoder(model, model.model, graph=graph, slack=slack)
+    model.model = GraphDecoder(model, model.model, graph=graph, slack=slack, compile=compile)
     return None
 
 
@@ -149,14 +155,25 @@ class _Slot:
 class GraphDecoder(StandInDecoder):
     """The decoder stack of a causal LM, decoding on a static cache with CUDA graphs (see the module docstring);
     ``transformers_module`` is the module it stands in for, which also runs what the static cache cannot.
-    ``uses_graph`` / ``graph_reason``: whether the current static cache's steps replay a graph, and why not."""
+    ``uses_graph`` / ``graph_reason``: whether the current static cache's steps replay a graph, and why not.
+
+    ``compile``: the decode step runs the decoder through ``torch.compile`` (Inductor), which fuses the
+    elementwise operations between the Linears (RMSNorm, rotary embedding, residual adds, SiLU times up) into a
+    few kernels; the Linears' own kernels stay as they are (graph breaks, which a CUDA graph replays at no cost).
+    A LLaMA layer's eager decode step is about 50 kernels (counted on the CPU: 52 non-view aten operations), each
+    at least a microsecond or two of GPU time even when replayed from a graph: ~1600 per step of a 32-layer
+    model, as long as reading the 4-bit weights of a 7B model. The first step of each batch size compiles
+    (seconds to a minute); a failure to compile is logged and the steps run uncompiled (``compile_reason``)."""
 
     _log = log
     _who = "fptq GPU runtime"
 
     def __init__(self, causal_lm: nn.Module, inner: nn.Module, graph: bool | None = None, slack: int = SLACK,
-                 warmup: int = 2):
+                 warmup: int = 2, compile: bool = False):
         super().__init__(causal_lm, inner)
+        # not a submodule (its parameters are the decoder's own, and the state dict stays the model's)
+        object.__setattr__(self, "_compiled", torch.compile(inner, dynamic=False) if compile else None)
+        self.compile_reason: str | None = None if compile else "not asked for"
         device = next(causal_lm.parameters()).device
         if graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device} (graph=False or None)")
@@ -164,14 +181,15 @@ class GraphDecoder(StandInDecoder):
         self.slack, self.warmup = slack, warmup
         params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._slot: _Slot | None = None
+        self._slots: list[_Slot] = []  # least recently used first
         self._graph_modes: tuple | None = None  # the QuantLinears' (backend, act_mode) the graph was captured with
         self._pool = None
         self.graph_reason: str | None = None if self.graph_wanted else "not asked for (no CUDA device, or graph=False)"
 
     @property
     def uses_graph(self) -> bool:
-        return self._slot is not None and self._slot.graph is not None
+        """Whether the static cache used last replays its decode steps as a CUDA graph."""
+        return bool(self._slots) and self._slots[-1].graph is not None
 
     # ------------------------------------------------------------------ dispatch
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -197,12 +215,17 @@ class GraphDecoder(StandInDecoder):
             kw[self._cache_kw] = cache
             return self._fallback(reason, **kw)
         modes = self._modes()
-        if modes != self._graph_modes and self._slot is not None:  # set_act_mode / set_backend since the capture
-            self._slot.graph = self._slot.hidden = None
+        if modes != self._graph_modes:  # set_act_mode / set_backend since the captures
+            for slot in self._slots:
+                slot.graph = slot.hidden = None
         self._graph_modes = modes
         if cache is None:
             cache = DynamicCache(config=self.config)
         b, t = input_ids.shape
+        n = cache_length(cache)
+        if t > 1 and self._continued(cache, b, n) is None:  # a prompt: on the DynamicCache, as transformers runs it
+            return self.transformers_module(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                                            **{self._cache_kw: cache}, **kwargs)
         slot = self._slot_for(cache, b, t)
         n = slot.length
         if t == 1:
@@ -214,9 +237,21 @@ class GraphDecoder(StandInDecoder):
         publish(cache, slot.keys, slot.values, slot.length)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{self._cache_kw: cache})
 
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, static) -> torch.Tensor:
-        return self.transformers_module(input_ids=ids, position_ids=pos, use_cache=True,
-                                        **{self._cache_kw: static}).last_hidden_state
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, static, step: bool = False) -> torch.Tensor:
+        """The transformers decoder on the static cache; a decode ``step`` through ``torch.compile`` if asked."""
+        kw = dict(input_ids=ids, position_ids=pos, use_cache=True, **{self._cache_kw: static})
+        if step and self._compiled is not None:
+            try:
+                return self._compiled(**kw).last_hidden_state
+            except Exception as e:  # noqa: BLE001 -- a decoder torch.compile cannot handle runs uncompiled
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise  # inside a capture: the capture fails and says why
+                self._compiled = None
+                self.compile_reason = f"torch.compile failed: {type(e).__name__}: {e}"
+                log.warning("fptq GPU runtime: decoding uncompiled: %s", self.compile_reason)
+                for layer in static.layers:  # layers the failed run reached have advanced: back to the step's
+                    layer.cumulative_length.copy_(pos.view(-1)[0])
+        return self.transformers_module(**kw).last_hidden_state
 
     # --------------------------------------------------------------------- cache
     def _release(self, slot: _Slot, keep_for=None) -> None:
@@ -229,34 +264,55 @@ class GraphDecoder(StandInDecoder):
                 layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
         slot.owner = None
 
+    def _continued(self, cache, batch: int, n: int) -> _Slot | None:
+        """The static cache that ``cache`` (``n`` positions) still shows, if any."""
+        for slot in self._slots:
+            if slot.batch == batch and slot.owner is not None and slot.owner() is cache and slot.initialized \
+                    and shows(cache, slot.keys, slot.values, n, slot.length):
+                return slot
+        return None
+
     def _slot_for(self, cache, batch: int, t: int) -> _Slot:
-        """The static cache holding what ``cache`` holds, with room for ``t`` more positions: the current one if
-        ``cache`` still shows it (continued from ``cache``'s length; grown to twice its length when full), else
-        the current one reused if its batch matches and its length is at most twice what the call needs (a step
-        reads all of it), else a new one; ``cache``'s keys and values are copied in."""
-        n, slot = cache_length(cache), self._slot
+        """The static cache holding what ``cache`` holds, with room for ``t`` more positions: the one ``cache``
+        still shows (continued from ``cache``'s length; twice as long when full), else a kept one of the same
+        batch size at most twice the length the call needs (a step reads all of it), else a new one (the least
+        recently used beyond :data:`MAX_SLOTS` dropped); ``cache``'s keys and values are copied in."""
+        n = cache_length(cache)
         need = n + t
-        continuing = (slot is not None and slot.batch == batch and slot.owner is not None and slot.owner() is cache
-                      and slot.initialized and shows(cache, slot.keys, slot.values, n, slot.length))
-        if continuing and need <= slot.capacity:
+        slot = self._continued(cache, batch, n)
+        if slot is not None and need <= slot.capacity:
             slot.set_length(n)
-            return slot
-        if continuing:  # full: a static cache twice as long, this one's positions copied in
-            src_k, src_v, capacity = slot.keys, slot.values, max(need + self.slack, 2 * slot.capacity)
+            return self._touch(slot)
+        if slot is not None:  # full: a static cache twice as long, this one's positions copied in
+            capacity = max(need + self.slack, 2 * slot.capacity)
+            src_k, src_v = slot.keys, slot.values
+            self._slots.remove(slot)
+            slot = self._add(_Slot(self.config, batch, capacity, slot_device(self)))
         else:
             layers = cache_layers(cache) if n else []
             src_k, src_v, capacity = [la.keys for la in layers], [la.values for la in layers], need + self.slack
-        if not continuing and slot is not None and slot.batch == batch and need <= slot.capacity <= 2 * capacity:
-            self._release(slot, keep_for=cache)  # reused: its graph too
-        else:
-            if slot is not None:
-                self._release(slot, keep_for=cache if continuing else None)
-            slot = self._slot = _Slot(self.config, batch, capacity, slot_device(self))
+            fits = [s for s in self._slots if s.batch == batch and need <= s.capacity <= 2 * capacity]
+            if fits:
+                slot = min(fits, key=lambda s: s.capacity)
+                self._release(slot, keep_for=cache)  # reused, its graph too
+            else:
+                slot = self._add(_Slot(self.config, batch, capacity, slot_device(self)))
         if n:
             slot.load(src_k, src_v, n)
         else:
             slot.set_length(0)
         slot.owner = weakref.ref(cache)
+        return self._touch(slot)
+
+    def _touch(self, slot: _Slot) -> _Slot:
+        self._slots.remove(slot)
+        self._slots.append(slot)
+        return slot
+
+    def _add(self, slot: _Slot) -> _Slot:
+        self._slots.append(slot)
+        while len(self._slots) > MAX_SLOTS:
+            self._release(self._slots.pop(0))
         return slot
 
     # ---------------------------------------------------------------------- step
@@ -269,14 +325,14 @@ class GraphDecoder(StandInDecoder):
             slot.graph.replay()  # advances the static cache's counters by one, as an eager step does
             out = slot.hidden.clone()
         else:
-            out = self._run(slot.ids, slot.pos, slot.cache)
+            out = self._run(slot.ids, slot.pos, slot.cache, step=True)
         slot.length = n + 1
         return out
 
     def _step_fns(self, slot: _Slot):
         """The step on ``slot``'s input buffers, and what points its counters back at the current position."""
         n = slot.length
-        return (lambda: self._run(slot.ids, slot.pos, slot.cache)), (lambda: slot.set_length(n, force=True))
+        return (lambda: self._run(slot.ids, slot.pos, slot.cache, step=True)), (lambda: slot.set_length(n, force=True))
 
     def _capture(self, slot: _Slot) -> None:
         """Capture the step at the current position (:func:`~fptq.runtime.graphs.capture_step`: warm-up runs
