@@ -276,6 +276,9 @@ def load(out: str | Path, device: str | torch.device = "cpu", backend: str = "au
     model = load_modules(out, device=device, backend=backend, verify=verify, dtype=dtype)
     if runtime == "off":
         return model
+    if compile and torch.device(device).type != "cuda":
+        log.info("fptq.load: compile=True applies to the GPU runtime; on %s fptq's runtime runs its native kernels",
+                 device)
     if torch.device(device).type != "cuda" and backend not in ("auto", "native"):
         log.info("fptq.load: transformers' forward with the %r backend (the runtime runs the native kernels)", backend)
         return model
