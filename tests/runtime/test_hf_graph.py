@@ -179,12 +179,14 @@ def test_compiled_decode_steps_match_the_uncompiled_ones_and_a_failing_compile_f
 
 @pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
                     reason="runs the Triton backend under Triton's CPU interpreter (a GPU runs the gpu-marked tests)")
-def test_triton_backend_through_the_transformers_interface_matches_the_reference_backend():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_triton_backend_through_the_transformers_interface_matches_the_reference_backend(compile):
     """The calls a GPU makes (a prompt through the grouped kernel, steps through the GEMV that quantizes its own
-    input), run on the CPU under Triton's interpreter, behind model(...) and generate()."""
+    input), run on the CPU under Triton's interpreter, behind model(...). Compiled, the kernels are graph breaks
+    (traced by Dynamo, their launch code failed and the backend fell back to two launches for good)."""
     import warnings
 
-    model, ref = _pair(_quantized)
+    model, ref = _pair(_quantized, compile=compile)
     fptq.hf.set_backend(model, "triton")
     fptq.hf.set_backend(ref, "reference")
     ids, nxt = _ids(1, 6), _ids(1, 3, seed=7)
@@ -194,6 +196,7 @@ def test_triton_backend_through_the_transformers_interface_matches_the_reference
     want = _steps(ref, ids, DynamicCache(config=ref.config), nxt)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert model.model.compile_reason == (None if compile else "not asked for")
 
 
 @pytest.mark.gpu

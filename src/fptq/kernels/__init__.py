@@ -191,6 +191,11 @@ def _get_impl(name: str) -> Callable:
     raise ValueError(f"unknown kernel backend {name!r}")
 
 
+@torch.compiler.disable
 def run_backend(name: str, module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``module`` (a QuantLinear) on ``x`` (``[..., K]``) with backend ``name``."""
+    """Run ``module`` (a QuantLinear) on ``x`` (``[..., K]``) with backend ``name``.
+
+    Never traced by ``torch.compile`` (a graph break: the kernels run as they do eagerly). Traced, the Triton
+    backend's launch code failed under Dynamo's fake tensors, which its guard took for a broken kernel and
+    answered by falling back to a slower path for the rest of the process."""
     return _get_impl(resolve_backend(name, x.device))(module, x)
