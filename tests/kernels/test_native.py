@@ -203,7 +203,9 @@ def test_native_kernels_build_where_the_cpu_supports_them():
         pytest.skip("not an x86-64 machine with a C compiler")
     if os.environ.get("FPTQ_NATIVE", "1") != "1":
         pytest.skip("FPTQ_NATIVE is set")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"} <= flags:
+        want = "avx512_amx"
+    elif {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         want = "avx512_vnni"
     elif {"avx2", "fma", "f16c"} <= flags:
         want = "avx2"
@@ -249,6 +251,44 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
     native._load.cache_clear()
     native.has_bf16.cache_clear()
     for a, b in zip(outs["avx512_vnni"], outs["avx2"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("m,k,gs,mode", [
+    (16, 576, 64, "dynamic_token"),     # one tile of tokens, SmolLM2's K and groups
+    (100, 576, 128, "static_tensor"),   # tail rows (AVX-512) after 6 tiles; a ragged last group of 64
+    (300, 128, 128, "dynamic_token"),   # past the 256-row chunk: tiles on both sides of it
+    (64, 192, 32, "dynamic_token"),     # 32-deep tile products
+    (48, 200, 64, "dynamic_token"),     # a last group of 8: no tile depth fits, AVX-512 only
+    (33, 256, -1, "static_tensor"),     # per channel: one group over all of K
+])
+def test_the_amx_and_avx512_builds_give_the_same_bits(monkeypatch, m, k, gs, mode):
+    """The W4A8 product of 16 tokens or more runs on AMX int8 tiles in the avx512_amx build: exact int32 group
+    sums and the AVX-512 kernel's float steps, so every output bit equals the avx512_vnni build's (several
+    matrices in one call, bias, accumulation, float32 and bfloat16 outputs)."""
+    ns = (200, 48, 16)
+    kp = vnni_padded_shape(16, k)[1]
+    gsz = kp if gs < 0 else gs
+    mats = []
+    for i, n in enumerate(ns):
+        q, s, p, ws = _weights(n, k, gsz, seed=i)
+        mats.append((p, ws, torch.randn(n) if i != 1 else None, n))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 4
+    groups = mats[0][1].shape[0]
+    outs = {}
+    for isa in ("avx512_amx", "avx512_vnni"):
+        _use_build(monkeypatch, isa)
+        xq, xs, sx = native.quantize(x, kp, mode, torch.tensor(0.05), 127, gsz, groups)
+        gemm = native.W4A8Gemm(mats, gsz)
+        y32 = torch.ones(m, sum(ns))
+        gemm(xq, xs, sx, [y32[:, :200], y32[:, 200:248], y32[:, 248:]], accumulate=True)
+        y16 = [torch.empty(m, n, dtype=torch.bfloat16) for n in ns]
+        gemm(xq, xs, sx, y16)
+        outs[isa] = (y32, *y16)
+    monkeypatch.undo()
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    for a, b in zip(outs["avx512_amx"], outs["avx512_vnni"]):
         assert torch.equal(a, b)
 
 

@@ -13,9 +13,10 @@ call (:mod:`fptq.runtime.linear`), the output projections adding straight into t
 Keys and values are cached in bfloat16 by default (``kv_dtype``; what a bf16 model caches too): decoding a
 batch reads the whole cache every step, so its size sets the speed of large batches. ``kv_dtype=torch.int8``
 halves that again: int8 codes with a float32 scale per (sequence, head, position), dynamic (``absmax / 127``). A new token's attention
-is fptq's native kernel (float32 arithmetic on the bfloat16 cache); a prompt's (causal) attention is fptq's
-flash-attention kernel with bfloat16 dot products and float32 softmax and accumulation where the CPU has
-AVX512-BF16 (``prefill_attention="auto"``), else (or with ``"sdpa"``) PyTorch's scaled_dot_product_attention in
+is fptq's native kernel (float32 arithmetic on the bfloat16 cache); a prompt's (causal) attention
+(``prefill_attention``, :func:`fptq.runtime.attention.prefill_attention_path`) is, by default, PyTorch's
+scaled_dot_product_attention in bfloat16 where the CPU has AMX (oneDNN's tiles), else fptq's flash-attention kernel
+with bfloat16 dot products and float32 softmax and accumulation where it has AVX512-BF16, else PyTorch's in
 float32. The weights stay those of the model (nothing is copied). Numerics: the same quantizers as :class:`~fptq.nn.QuantLinear`'s reference path, so logits match the
 transformers model up to float rounding (tests/runtime).
 """
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..errors import FptqError
 from ..kernels import native
+from .attention import prefill_attention_path
 from .decode import DecodeProgram, program_problem
 from .head import check_head, runtime_head
 from .linear import ModuleGroup, linear_group
@@ -171,9 +173,10 @@ class Engine:
         self._native = native.available()
         self._workspaces: dict[tuple[int, int], dict] = {}  # (batch, tokens) -> reused buffers (see _workspace)
         self._attn_work: torch.Tensor | None = None
-        # prompts: fptq's flash-attention kernel (bfloat16 dot products) where the CPU has AVX512-BF16
-        self._native_prefill = (self._native and native.has_bf16() and self.head_dim in (64, 128)
-                                and prefill_attention != "sdpa")
+        self.prefill_path = prefill_attention_path(prefill_attention, self._native and native.has_bf16(),
+                                                   self.head_dim, "amx_bf16" in native.cpu_flags(),
+                                                   float32_cache=kv_dtype == torch.float32)
+        self._native_prefill = self.prefill_path == "native"
         # decode steps as one bound program of native calls (fptq.runtime.decode) where it covers the model;
         # False runs them through the same loop as a prompt (same numerics, ~10 us of Python per call more)
         self.decode_program = program_problem(self) is None
@@ -267,14 +270,20 @@ class Engine:
         if cache.key_scales is not None:
             k = k.float() * cache.key_scales[li][:, :, :end, None]
             v = v.float() * cache.value_scales[li][:, :, :end, None]
+        if t > 1 and self.prefill_path == "sdpa_bf16":
+            y = self._sdpa(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), start, t)
+            return y.float() if out is None else out.copy_(y)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
+        return self._sdpa(q, k, v, start, t)
+
+    def _sdpa(self, q, k, v, start: int, t: int) -> torch.Tensor:
         gqa = self.n_kv != self.n_heads
         if t == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=gqa)
         if start == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=gqa)
-        mask = (torch.arange(t)[:, None] + start) >= torch.arange(end)[None, :]
+        mask = (torch.arange(t)[:, None] + start) >= torch.arange(start + t)[None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
 
     def _workspace(self, b: int, t: int) -> dict:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..kernels import native
 from ..nn import QuantLinear
+from .attention import prefill_attention_path
 from .engine import Engine, KVCache, engine_unsupported_reason
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 from .head import check_head, runtime_head
@@ -68,15 +69,18 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto", head: str 
     """Run ``model``'s forward (and ``generate``) on fptq's runtime where it can (see the module docstring).
     Returns ``None`` when attached (or already attached), else the reason it cannot be, and changes nothing.
 
-    ``prefill_attention``: the Engine's attention over a prompt: ``"auto"`` (default), fptq's flash-attention
-    kernel with bfloat16 dot products where the CPU has AVX512-BF16; ``"sdpa"``, PyTorch's in float32, which
-    made the attention of a 512-token prompt 2.2x slower. Perplexity against ``fptq eval`` (the modules path,
-    float32 attention) on the default model, 8 + 8 windows: +0.22 % / +0.01 % (WikiText-2 / C4) with
-    ``"auto"``, -0.01 % / -0.32 % with ``"sdpa"`` (bench/transformers_api.py, docs/results/speed.md).
+    ``prefill_attention``: the Engine's attention over a prompt (:func:`fptq.runtime.attention.prefill_attention_path`):
+    ``"auto"`` (default): PyTorch's in bfloat16 where the CPU has AMX, else fptq's flash-attention kernel with
+    bfloat16 dot products where it has AVX512-BF16; ``"native"``, ``"sdpa_bf16"``, or ``"sdpa"`` (PyTorch's in
+    float32, which made the attention of a 512-token prompt 2.2x slower than the native kernel on an AVX-512
+    CPU). Perplexity against ``fptq eval`` (the modules path, float32 attention) on the default model, 8 + 8
+    windows: +0.22 % / +0.01 % (WikiText-2 / C4) with the native kernel, -0.01 % / -0.32 % with ``"sdpa"``
+    (bench/transformers_api.py, docs/results/speed.md).
 
     ``head``: the output head's product (:class:`~fptq.runtime.Engine`'s ``head``; ``"auto"``: int8 for up to
     64 rows of a quantized model)."""
     check_head(head)
+    prefill_attention_path(prefill_attention, False, 0, False)  # an unknown choice: the error now, not at first use
     if uses_runtime(model):
         return None
     reason = runtime_unsupported_reason(model)

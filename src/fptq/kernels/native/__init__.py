@@ -1,9 +1,11 @@
-"""fptq's native CPU kernels (AVX-512 VNNI, or AVX2), compiled on first use and called through ctypes.
+"""fptq's native CPU kernels (AVX-512 VNNI with or without AMX, or AVX2), compiled on first use and called
+through ctypes.
 
-Two builds of one interface (:data:`BUILDS`): ``w4a8.c`` for CPUs with AVX-512 VNNI and ``w4a8_avx2.c`` for
-x86-64 CPUs with AVX2, FMA and F16C only (both include ``w4a8_common.h``); the first build this CPU supports is
-used, :func:`isa` says which. The AVX2 build gives the same results; it lacks only the bfloat16 prompt attention
-(:func:`has_bf16` is false there and the runtime uses PyTorch's attention). A source is compiled once per source
+Three builds of one interface (:data:`BUILDS`): ``w4a8.c`` with AMX (``avx512_amx``: the W4A8 product of 16
+tokens or more on AMX int8 tiles, ``w4a8_amx.h``) and without (``avx512_vnni``) for CPUs with AVX-512 VNNI, and
+``w4a8_avx2.c`` for x86-64 CPUs with AVX2, FMA and F16C only (all include ``w4a8_common.h``); the first build
+this CPU supports is used, :func:`isa` says which. The builds give the same bits; the AVX2 build lacks only
+the bfloat16 prompt attention (:func:`has_bf16` is false there and the runtime uses PyTorch's attention). A source is compiled once per source
 version and compiler by the system C compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (:func:`fptq.paths.kernels_cache_dir`; the
 cache is ``$FPTQ_CACHE``, else ``~/.cache/fptq``), then loaded with :mod:`ctypes`. Nothing is built at install time and nothing else is
 needed: no torch headers, no ninja. The OpenMP runtime is the one torch already loaded (same soname), so the
@@ -11,7 +13,8 @@ kernels and torch share one thread pool.
 
 :func:`library` returns the loaded library, or ``None`` when this machine cannot use it (neither AVX-512 VNNI
 nor AVX2, no C compiler, or the build failed); :func:`unavailable_reason` says why. Callers then use the pure-torch backends.
-Set ``FPTQ_NATIVE=0`` to disable the native kernels, ``FPTQ_NATIVE=avx2`` to use the AVX2 build on an AVX-512 CPU.
+Set ``FPTQ_NATIVE=0`` to disable the native kernels, ``FPTQ_NATIVE=avx512_vnni`` (or ``avx2``) to use that build
+on a CPU that supports a better one.
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ import functools
 import torch
 
 from .build import (BUILDS, Build, _c_float, _c_i64, _c_int, _compiler, _load, _p, _ptr, available,  # noqa: F401
-                    isa, library, source_path, unavailable_reason)
+                    cpu_flags, isa, library, source_path, unavailable_reason)
 
 __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm", "W4A16Gemm", "dequantize_w4",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention", "quantize_call", "rmsnorm_call",
            "silu_mul_call", "rope_cache_call", "decode_attention_call", "ROPE_COS", "ROPE_SIN", "ROPE_START",
            "ATTENTION_LENGTH",
-           "prefill_attention", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
+           "prefill_attention", "cpu_flags", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
 class QuantOut(ctypes.Structure):
     """``fptq_qparams`` of w4a8.c: where a fused stage writes its output quantized for the next Linear:
     int8 codes ``[M, Kp]``, group sums ``[M, G]`` (4-bit consumers), per-token scales ``[M]``."""

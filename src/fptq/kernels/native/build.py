@@ -21,27 +21,31 @@ from ...paths import kernels_cache_dir
 
 log = logging.getLogger("fptq.kernels.native")
 
-__all__ = ["BUILDS", "Build", "library", "available", "unavailable_reason", "isa", "source_path"]
+__all__ = ["BUILDS", "Build", "library", "available", "unavailable_reason", "isa", "source_path", "cpu_flags"]
 
 _DIR = Path(__file__).parent
 _COMMON = ("-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")  # float steps in written order: both builds agree
 
 
 class Build(NamedTuple):
-    """One build of the kernels: its instruction set, C source and compiler flags."""
+    """One build of the kernels: its instruction set, C source, compiler flags, and the ``/proc/cpuinfo`` flags
+    without which it is not even compiled (its library still checks the CPU itself)."""
 
     isa: str
     source: str
     flags: tuple[str, ...]
+    requires: tuple[str, ...] = ()
 
 
-# In order of preference: the first whose library says the CPU supports it is used.
+_AVX512 = _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512dq", "-mfma", "-mf16c")
+# In order of preference: the first whose library says the CPU supports it is used. avx512_amx is the AVX-512
+# build with the W4A8 product of 16 tokens or more on AMX int8 tiles (w4a8_amx.h): the same bits.
 BUILDS = (
-    Build("avx512_vnni", "w4a8.c", _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512dq",
-                                               "-mfma", "-mf16c")),
+    Build("avx512_amx", "w4a8.c", _AVX512 + ("-mamx-tile", "-mamx-int8", "-DFPTQ_AMX"), ("amx_tile", "amx_int8")),
+    Build("avx512_vnni", "w4a8.c", _AVX512),
     Build("avx2", "w4a8_avx2.c", _COMMON + ("-mavx2", "-mfma", "-mf16c")),
 )
-_HEADER = "w4a8_common.h"
+_HEADERS = ("w4a8_common.h", "w4a8_amx.h")
 
 
 def source_path() -> Path:
@@ -57,7 +61,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, build: Build) -> Path:
-    src = (_DIR / build.source).read_bytes() + (_DIR / _HEADER).read_bytes()
+    src = (_DIR / build.source).read_bytes() + b"".join((_DIR / h).read_bytes() for h in _HEADERS)
     key = hashlib.sha256(src + " ".join(build.flags).encode() + cc.encode()).hexdigest()[:16]
     out = kernels_cache_dir() / f"fptq_w4a8_{build.isa}-{key}.so"
     if out.is_file():
@@ -114,6 +118,19 @@ def _declare(lib) -> None:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
 def _load() -> tuple[object | None, str, str]:
     """``(library, isa, why not)``: the first of :data:`BUILDS` that builds and that this CPU supports."""
     choice = os.environ.get("FPTQ_NATIVE", "1")
@@ -131,7 +148,12 @@ def _load() -> tuple[object | None, str, str]:
     if cc is None:
         return None, "", "no C compiler found (install gcc, or set CC)"
     failures = []
+    have = cpu_flags()
     for build in builds:
+        missing = [f for f in build.requires if f not in have]
+        if missing:
+            failures.append(f"this CPU lacks {', '.join(missing)} (the {build.isa} build)")
+            continue
         try:
             lib = ctypes.CDLL(str(_build(cc, build)))
             _declare(lib)
@@ -158,7 +180,8 @@ def unavailable_reason() -> str:
 
 
 def isa() -> str:
-    """The instruction set of the loaded build (``"avx512_vnni"`` or ``"avx2"``), or ``""`` when unavailable."""
+    """The instruction set of the loaded build (``"avx512_amx"``, ``"avx512_vnni"`` or ``"avx2"``), or ``""`` when
+    unavailable."""
     return _load()[1]
 
 

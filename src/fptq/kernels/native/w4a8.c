@@ -23,10 +23,19 @@
 
 int fptq_native_version(void) { return 5; }
 
+#ifdef FPTQ_AMX
+static int amx_usable(void);
+#endif
+
 int fptq_cpu_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#ifdef FPTQ_AMX
+    return avx512 && amx_usable();
+#else
+    return avx512;
+#endif
 }
 
 /* round-to-nearest-even fp32 -> bf16, as torch's .to(torch.bfloat16) */
@@ -175,6 +184,10 @@ static void tile_w4_dispatch(int mt, const int8_t* xq, const int32_t* xsum, cons
 #undef TILE_CASE
 }
 
+#ifdef FPTQ_AMX
+#include "w4a8_amx.h"
+#endif
+
 /* The W4A8 products of one quantized input with nmat weight matrices (q, k and v, say) in one parallel region:
  * mats[i].y[m, n] (+)= the product of the header, for every m < M and n < mats[i].N. */
 void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
@@ -184,8 +197,46 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
     const int total = fptq_task_starts(mats, nmat, 16, starts);
     /* M is cut into chunks so that a chunk of activation rows stays in L2 while the n-blocks stream past */
     const int mchunk = 256;
+#ifdef FPTQ_AMX
+    /* 16 tokens or more on AMX tiles (w4a8_amx.h), in tasks of two 16-channel blocks that share each activation
+     * tile; each thread unpacks its blocks' codes into its part of bufs */
+    int kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0; /* 0: AVX-512 only */
+    int8_t* bufs = kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
+    if (!bufs) kstep = 0;
+    int starts2[17];
+    int total2 = 0;
+    for (int i = 0; i < nmat; i++) { starts2[i] = total2; total2 += (mats[i].Np / 16 + 1) / 2; }
+    starts2[nmat] = total2;
+#endif
 #pragma omp parallel num_threads(nthreads)
     {
+#ifdef FPTQ_AMX
+        if (kstep) {
+            int8_t* bbuf = bufs + (size_t)omp_get_thread_num() * Kp * 32;
+            amx_configure(kstep);
+            for (int mc = 0; mc < M; mc += mchunk) {
+                const int me = mc + mchunk < M ? mc + mchunk : M;
+#pragma omp for schedule(static) nowait
+                for (int j = 0; j < total2; j++) {
+                    const int i = fptq_task_matrix(starts2, j);
+                    const fptq_mat* mat = &mats[i];
+                    const int nb = 2 * (j - starts2[i]);
+                    if (nb * 16 >= mat->N) continue;
+                    const int two = (nb + 1) * 16 < mat->N;
+                    const int m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, mat, nb, two, bbuf);
+                    for (int b = 0; b <= two; b++)
+                        for (int m = m1; m < me; m += MT_MAX) {
+                            const int mt = me - m < MT_MAX ? me - m : MT_MAX;
+                            fptq_mat sub = *mat;
+                            sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
+                            tile_w4_dispatch(mt, xq + (int64_t)m * Kp, xsum + (int64_t)m * G, sx + m, Kp, G, gs, &sub,
+                                             nb + b);
+                        }
+                }
+            }
+            _tile_release();
+        } else
+#endif
         for (int mc = 0; mc < M; mc += mchunk) {
             const int me = mc + mchunk < M ? mc + mchunk : M;
 #pragma omp for schedule(static) nowait
@@ -203,6 +254,9 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
             }
         }
     }
+#ifdef FPTQ_AMX
+    free(bufs);
+#endif
 }
 
 /* ------------------------------------------------------------------ 4-bit weights, float activations (W4A16)

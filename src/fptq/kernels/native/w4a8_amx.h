@@ -1,0 +1,152 @@
+/* fptq native CPU kernels: the W4A8 GEMM of many tokens on AMX int8 tiles (the "avx512_amx" build: w4a8.c
+ * compiled with -DFPTQ_AMX -mamx-tile -mamx-int8; included by w4a8.c, which it extends).
+ *
+ * A task is two 16-channel blocks (n-blocks of the vnni layout). Their 4-bit codes are unpacked once per task into
+ * signed int8 in AMX's B layout: the low nibbles of vnni block kb are the B row of k = 8kb .. 8kb+3 (byte 4n + j
+ * is q[n, 8kb + j]), the high nibbles the row of k = 8kb+4 .. 8kb+7, so unpacking is a mask, a shift and a
+ * subtract per 64 bytes and the B tile of k0 .. k0+63 is 1 KB at bbuf + 16 k0. The activation codes xq [M, Kp]
+ * are A tiles as they are (16 rows, stride Kp). For each group, two A tiles (32 tokens) times the two B tiles:
+ * C = sum_k A B (TDPBSSD, exact int32), then facc += float(C) * ws[g, n] in group order, and at the end
+ * y = facc * sx (+ bias): the same float steps as the AVX-512 tile_w4, so both give the same bits. Rows that do
+ * not fill a 16-row tile go through tile_w4.
+ */
+#ifndef FPTQ_W4A8_AMX_H
+#define FPTQ_W4A8_AMX_H
+
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_ROWS 16     /* token rows of an A (and C) tile */
+#define AMX_MIN_M 16    /* fewer tokens than one tile: the AVX-512 kernel */
+
+typedef struct __attribute__((packed, aligned(64))) {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Whether this CPU has AMX int8 and Linux lets this process use the tile registers (it must ask once:
+ * arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the grant is for the whole process). */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+/* The K depth of one tile product for this layout: every group (the last one may be shorter) must be a whole
+ * number of them; 0 when none of 64, 32, 16 fits (the AVX-512 kernel runs it). */
+static int amx_kstep(int Kp, int G, int gs) {
+    const int last = Kp - (G - 1) * gs;
+    for (int s = 64; s >= 16; s /= 2)
+        if (gs % s == 0 && last > 0 && last % s == 0) return s;
+    return 0;
+}
+
+/* Tiles 0-3: C (16 x 16 int32); 4: B (kstep/4 rows of 16 x 4 codes); 5-7: A (16 tokens x kstep codes). */
+static void amx_configure(int kstep) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 4; t++) { cfg.rows[t] = AMX_ROWS; cfg.colsb[t] = 64; }
+    for (int t = 4; t < 6; t++) { cfg.rows[t] = AMX_ROWS; cfg.colsb[t] = (uint16_t)kstep; }
+    for (int t = 6; t < 8; t++) { cfg.rows[t] = (uint8_t)(kstep / 4); cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* The codes of n-block nb as signed int8 B rows: bbuf [Kp/4][64]. */
+static void amx_unpack(const uint8_t* wblk, int Kp, int8_t* bbuf) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int kb = 0; kb < Kp / 8; kb++) {
+        const __m512i wp = _mm512_loadu_si512((const void*)(wblk + (int64_t)kb * 64));
+        _mm512_store_si512((void*)(bbuf + (int64_t)kb * 128), _mm512_sub_epi8(_mm512_and_si512(wp, m0f), eight));
+        _mm512_store_si512((void*)(bbuf + (int64_t)kb * 128 + 64),
+                           _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(wp, 4), m0f), eight));
+    }
+}
+
+/* NA (1-2) tiles of 16 tokens (rows of xq from its first) times NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride):
+ * facc [NB][32][16]. C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from
+ * the activations is used twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
+static inline __attribute__((always_inline)) void amx_block(const int NA, const int NB, const int8_t* xq, int Kp,
+                                                           int G, int gs, int kstep, const int8_t* bbuf,
+                                                           int64_t bstride, const uint16_t* ws, int64_t Np,
+                                                           float* facc) {
+    int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
+    const int64_t lda = Kp;
+    for (int r = 0; r < 2 * 32; r++) _mm512_store_ps(facc + r * 16, _mm512_setzero_ps());
+    for (int g = 0; g < G; g++) {
+        const int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
+        _tile_zero(0);
+        if (NB > 1) _tile_zero(1);
+        if (NA > 1) _tile_zero(2);
+        if (NA > 1 && NB > 1) _tile_zero(3);
+        for (int k = k0; k < k1; k += kstep) {
+            _tile_loadd(6, bbuf + (int64_t)k * 16, 64);
+            if (NB > 1) _tile_loadd(7, bbuf + bstride + (int64_t)k * 16, 64);
+            _tile_loadd(4, xq + k, lda);
+            _tile_dpbssd(0, 4, 6);
+            if (NB > 1) _tile_dpbssd(1, 4, 7);
+            if (NA > 1) {
+                _tile_loadd(5, xq + 16 * lda + k, lda);
+                _tile_dpbssd(2, 5, 6);
+                if (NB > 1) _tile_dpbssd(3, 5, 7);
+            }
+        }
+        _tile_stored(0, cbuf, 64);
+        if (NB > 1) _tile_stored(1, cbuf + 256, 64);
+        if (NA > 1) _tile_stored(2, cbuf + 512, 64);
+        if (NA > 1 && NB > 1) _tile_stored(3, cbuf + 768, 64);
+        for (int b = 0; b < NB; b++) {
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + (int64_t)g * Np + 16 * b)));
+            for (int a = 0; a < NA; a++) {
+                const int32_t* c = cbuf + (2 * a + b) * 256;
+                float* f = facc + (b * 32 + a * 16) * 16;
+                for (int r = 0; r < AMX_ROWS; r++) {
+                    const __m512 cv = _mm512_cvtepi32_ps(_mm512_load_si512((const void*)(c + r * 16)));
+                    _mm512_store_ps(f + r * 16, _mm512_fmadd_ps(cv, sv, _mm512_load_ps(f + r * 16)));
+                }
+            }
+        }
+    }
+}
+
+/* Rows m0 .. of the products with n-blocks nb and (nb2 = nb + 1 >= 0) of mat, in whole 16-row tiles while at
+ * least 16 rows are left before me; returns the first row it did not compute. bbuf: this thread's
+ * [2][Kp/4][64] buffer. */
+static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
+                    const fptq_mat* mat, int nb, int two, int8_t* bbuf) {
+    float facc[2 * 32 * 16] __attribute__((aligned(64)));
+    if (me - m0 < AMX_ROWS) return m0;
+    const int64_t bstride = (int64_t)Kp * 16;
+    for (int b = 0; b <= two; b++) amx_unpack(mat->w + (int64_t)(nb + b) * (Kp / 8) * 64, Kp, bbuf + b * bstride);
+    const uint16_t* ws = mat->ws + nb * 16;
+    const size_t esz = mat->out_bf16 ? 2 : 4;
+    int m = m0;
+    while (me - m >= AMX_ROWS) {
+        const int na = me - m >= 2 * AMX_ROWS ? 2 : 1;
+        const int8_t* xa = xq + (int64_t)m * Kp;
+        if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
+        else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
+        else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
+        else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
+        for (int b = 0; b <= two; b++) {
+            const int n0 = (nb + b) * 16;
+            const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
+            const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+            const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
+            for (int r = 0; r < na * AMX_ROWS; r++) {
+                __m512 v = _mm512_mul_ps(_mm512_load_ps(facc + (b * 32 + r) * 16), _mm512_set1_ps(sx[m + r]));
+                if (mat->bias) v = _mm512_add_ps(v, bv);
+                store_out((char*)mat->y + (size_t)(m + r) * mat->ldy * esz, mat->out_bf16, n0, v, mk,
+                          mat->accumulate);
+            }
+        }
+        m += na * AMX_ROWS;
+    }
+    return m;
+}
+
+#endif
