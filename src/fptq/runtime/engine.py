@@ -253,7 +253,7 @@ class Engine:
 
     def _attention(self, q, cache: KVCache, li: int, start: int, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """q ``[B, H, T, D]`` float32 at positions ``start .. start+T-1`` over the cached keys ``0 .. start+T-1``;
-        returns ``[B, H, T, D]``."""
+        returns ``[B, H, T, D]`` (float32, or bfloat16 from the ``sdpa_bf16`` path)."""
         end = start + t
         if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
@@ -270,9 +270,8 @@ class Engine:
         if cache.key_scales is not None:
             k = k.float() * cache.key_scales[li][:, :, :end, None]
             v = v.float() * cache.value_scales[li][:, :, :end, None]
-        if t > 1 and self.prefill_path == "sdpa_bf16":
-            y = self._sdpa(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), start, t)
-            return y.float() if out is None else out.copy_(y)
+        if t > 1 and self.prefill_path == "sdpa_bf16":  # bfloat16 out: the caller's copy converts it
+            return self._sdpa(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), start, t)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         return self._sdpa(q, k, v, start, t)
