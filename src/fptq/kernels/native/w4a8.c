@@ -184,6 +184,17 @@ static void tile_w4_dispatch(int mt, const int8_t* xq, const int32_t* xsum, cons
 #undef TILE_CASE
 }
 
+/* Rows m0 .. me-1 of the product with n-block nb of mat, MT_MAX tokens at a time. */
+static void rows_w4(const int8_t* xq, const int32_t* xsum, const float* sx, int m0, int me, int Kp, int G, int gs,
+                    const fptq_mat* mat, int nb) {
+    for (int m = m0; m < me; m += MT_MAX) {
+        const int mt = me - m < MT_MAX ? me - m : MT_MAX;
+        fptq_mat sub = *mat;
+        sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
+        tile_w4_dispatch(mt, xq + (int64_t)m * Kp, xsum + (int64_t)m * G, sx + m, Kp, G, gs, &sub, nb);
+    }
+}
+
 #ifdef FPTQ_AMX
 #include "w4a8_amx.h"
 #endif
@@ -224,14 +235,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
                     if (nb * 16 >= mat->N) continue;
                     const int two = (nb + 1) * 16 < mat->N;
                     const int m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, mat, nb, two, bbuf);
-                    for (int b = 0; b <= two; b++)
-                        for (int m = m1; m < me; m += MT_MAX) {
-                            const int mt = me - m < MT_MAX ? me - m : MT_MAX;
-                            fptq_mat sub = *mat;
-                            sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
-                            tile_w4_dispatch(mt, xq + (int64_t)m * Kp, xsum + (int64_t)m * G, sx + m, Kp, G, gs, &sub,
-                                             nb + b);
-                        }
+                    for (int b = 0; b <= two; b++) rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, mat, nb + b);
                 }
             }
             _tile_release();
@@ -245,12 +249,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
                 const fptq_mat* mat = &mats[i];
                 const int nb = j - starts[i];
                 if (nb * 16 >= mat->N) continue;
-                for (int m = mc; m < me; m += MT_MAX) {
-                    const int mt = me - m < MT_MAX ? me - m : MT_MAX;
-                    fptq_mat sub = *mat;
-                    sub.y = (char*)mat->y + (int64_t)m * mat->ldy * (mat->out_bf16 ? 2 : 4);
-                    tile_w4_dispatch(mt, xq + (int64_t)m * Kp, xsum + (int64_t)m * G, sx + m, Kp, G, gs, &sub, nb);
-                }
+                rows_w4(xq, xsum, sx, mc, me, Kp, G, gs, mat, nb);
             }
         }
     }
