@@ -215,9 +215,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
     int8_t* bufs = kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
     if (!bufs) kstep = 0;
     int starts2[17];
-    int total2 = 0;
-    for (int i = 0; i < nmat; i++) { starts2[i] = total2; total2 += (mats[i].Np / 16 + 1) / 2; }
-    starts2[nmat] = total2;
+    const int total2 = fptq_task_starts(mats, nmat, 32, starts2);
 #endif
 #pragma omp parallel num_threads(nthreads)
     {

@@ -31,11 +31,12 @@ typedef struct {
     int Np, N, accumulate, out_bf16;
 } fptq_mat;
 
-/* A (multi-)GEMM's parallel tasks: the padded output rows of its nmat (<= 16) matrices cut into blocks of `rows`,
- * numbered across the matrices. Writes starts[i], matrix i's first task, and starts[nmat]; returns the total. */
+/* A (multi-)GEMM's parallel tasks: the padded output rows of its nmat (<= 16) matrices cut into blocks of `rows`
+ * (the last block of a matrix may be shorter), numbered across the matrices. Writes starts[i], matrix i's first
+ * task, and starts[nmat]; returns the total. */
 static inline int fptq_task_starts(const fptq_mat* mats, int nmat, int rows, int* starts) {
     int total = 0;
-    for (int i = 0; i < nmat; i++) { starts[i] = total; total += mats[i].Np / rows; }
+    for (int i = 0; i < nmat; i++) { starts[i] = total; total += (mats[i].Np + rows - 1) / rows; }
     starts[nmat] = total;
     return total;
 }
