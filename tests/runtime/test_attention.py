@@ -6,6 +6,7 @@ from fptq.errors import FptqError
 from fptq.kernels import native
 from fptq.runtime import Engine
 from fptq.runtime.attention import prefill_attention_path
+from fptq.runtime.hf_fast import attach_runtime
 
 from ..conftest import sqnr_db, tiny_llama
 
@@ -36,6 +37,8 @@ def test_an_unknown_prefill_attention_is_refused_with_the_choices():
         prefill_attention_path("flash", True, 64, True)
     with pytest.raises(FptqError, match="not a choice"):
         Engine(tiny_llama(), prefill_attention="flash")
+    with pytest.raises(FptqError, match="not a choice"):  # at attach time, not at the model's first call
+        attach_runtime(tiny_llama(), prefill_attention="flash")
 
 
 @pytest.mark.parametrize("choice", ["sdpa_bf16", "native", "sdpa"])

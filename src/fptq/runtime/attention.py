@@ -3,9 +3,16 @@ from __future__ import annotations
 
 from ..errors import FptqError
 
-__all__ = ["PREFILL_ATTENTION", "prefill_attention_path"]
+__all__ = ["PREFILL_ATTENTION", "check_prefill_attention", "prefill_attention_path"]
 
 PREFILL_ATTENTION = ("auto", "native", "sdpa_bf16", "sdpa")
+
+
+def check_prefill_attention(choice: str) -> str:
+    """``choice`` if it is one of :data:`PREFILL_ATTENTION`, else an error naming them."""
+    if choice not in PREFILL_ATTENTION:
+        raise FptqError(f"prefill_attention={choice!r} is not a choice: {', '.join(PREFILL_ATTENTION)}")
+    return choice
 
 
 def prefill_attention_path(choice: str, native_bf16: bool, head_dim: int, amx_bf16: bool,
@@ -18,8 +25,7 @@ def prefill_attention_path(choice: str, native_bf16: bool, head_dim: int, amx_bf
     ``"auto"``: ``sdpa_bf16`` where the CPU has AMX-BF16 and the KV cache is not float32 (a float32 cache asks
     for float32 attention), else ``native`` where it runs, else ``sdpa``. A choice that cannot run here falls
     back the same way (``native`` without AVX512-BF16 runs ``sdpa``)."""
-    if choice not in PREFILL_ATTENTION:
-        raise FptqError(f"prefill_attention={choice!r} is not a choice: {', '.join(PREFILL_ATTENTION)}")
+    check_prefill_attention(choice)
     native_ok = native_bf16 and head_dim in (64, 128)
     if choice == "auto":
         return "sdpa_bf16" if amx_bf16 and not float32_cache else ("native" if native_ok else "sdpa")

@@ -176,7 +176,6 @@ class Engine:
         self.prefill_path = prefill_attention_path(prefill_attention, self._native and native.has_bf16(),
                                                    self.head_dim, "amx_bf16" in native.cpu_flags(),
                                                    float32_cache=kv_dtype == torch.float32)
-        self._native_prefill = self.prefill_path == "native"
         # decode steps as one bound program of native calls (fptq.runtime.decode) where it covers the model;
         # False runs them through the same loop as a prompt (same numerics, ~10 us of Python per call more)
         self.decode_program = program_problem(self) is None
@@ -259,7 +258,7 @@ class Engine:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
                                            end, self.scaling, out=None if out is None else out.view(q.shape[0], q.shape[1], -1),
                                            **cache.scales(li)).view(q.shape)
-        if self._native_prefill:
+        if self.prefill_path == "native":
             need = native.prefill_attention_work_bytes(q.shape[0], self.n_kv, self.head_dim, end)
             if self._attn_work is None or self._attn_work.numel() < need:
                 self._attn_work = torch.empty(need, dtype=torch.uint8)

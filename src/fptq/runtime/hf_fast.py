@@ -31,7 +31,7 @@ from torch import nn
 
 from ..kernels import native
 from ..nn import QuantLinear
-from .attention import prefill_attention_path
+from .attention import check_prefill_attention
 from .engine import Engine, KVCache, engine_unsupported_reason
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 from .head import check_head, runtime_head
@@ -80,7 +80,7 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto", head: str 
     ``head``: the output head's product (:class:`~fptq.runtime.Engine`'s ``head``; ``"auto"``: int8 for up to
     64 rows of a quantized model)."""
     check_head(head)
-    prefill_attention_path(prefill_attention, False, 0, False)  # an unknown choice: the error now, not at first use
+    check_prefill_attention(prefill_attention)  # an unknown choice: the error now, not at the first call
     if uses_runtime(model):
         return None
     reason = runtime_unsupported_reason(model)
