@@ -263,9 +263,7 @@ def test_factored_rotation_turns_the_weights_like_the_dense_one():
 def test_large_hidden_sizes_get_the_factored_rotation():
     from types import SimpleNamespace
 
-    from fptq.rotation import FACTORED_MIN_HIDDEN
-
-    from fptq.rotation import random_rotation
+    from fptq.rotation import FACTORED_MIN_HIDDEN, random_rotation
 
     big = SimpleNamespace(config=SimpleNamespace(hidden_size=4096, num_attention_heads=32, head_dim=128))
     rot = rotation_for(big, "residual", seed=0)

@@ -76,11 +76,7 @@ class Rotation:
         8192, not held otherwise)."""
         if self.dense is not None:
             return self.dense
-        scale, matrices = self.factors
-        m = matrices[0]
-        for f in matrices[1:]:
-            m = torch.kron(m, f)
-        return scale.view(-1, 1) * m
+        return self.turn(torch.eye(self.shape[0], dtype=torch.float64))  # I @ residual
 
     def turn(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ residual`` for float64 rows ``x`` ``[..., hidden]``."""
