@@ -8,7 +8,7 @@ from fptq.runtime import Engine
 from fptq.runtime.attention import prefill_attention_path
 from fptq.runtime.hf_fast import attach_runtime
 
-from ..conftest import sqnr_db, tiny_llama
+from ..conftest import sqnr_db, tiny_llama, token_ids
 
 
 @pytest.mark.parametrize("choice,native_bf16,head_dim,amx,want", [
@@ -46,7 +46,7 @@ def test_every_prompt_attention_tracks_transformers(choice):
     """A model with 64-wide heads (the flash kernel's size) on a bfloat16 cache: the prompt's logits against the
     float32 transformers forward, in one call and in two chunks (the second attends to the cached first)."""
     model = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
-    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids = token_ids(2, 40, seed=3)
     with torch.inference_mode():
         ref = model(ids).logits
     eng = Engine(model, prefill_attention=choice)

@@ -6,7 +6,7 @@ import fptq
 from fptq.errors import FptqError
 from fptq.runtime import Engine, engine_unsupported_reason
 
-from ..conftest import hf_greedy, make_tokenizer, sqnr_db, tiny_llama
+from ..conftest import hf_greedy, make_tokenizer, sqnr_db, tiny_llama, token_ids
 
 
 def _checkpoint(tmp_path, method="fptq", model=None, **kw):
@@ -20,7 +20,7 @@ def _checkpoint(tmp_path, method="fptq", model=None, **kw):
 
 
 def _ids(b=2, t=24, seed=1):
-    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def _tiny_qwen2():

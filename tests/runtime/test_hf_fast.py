@@ -12,7 +12,7 @@ from fptq.kernels import native
 from fptq.runtime import Engine
 from fptq.runtime.hf_fast import RuntimeDecoder, attach_runtime, detach_runtime, uses_runtime
 
-from ..conftest import make_tokenizer, sqnr_db, tiny_llama
+from ..conftest import make_tokenizer, sqnr_db, tiny_llama, token_ids
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="fptq's runtime runs the native kernels")
 
@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 
 
 def _ids(b=2, t=20, seed=1):
-    return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+    return token_ids(b, t, seed)
 
 
 def logits_close(a, b):
