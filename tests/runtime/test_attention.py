@@ -26,6 +26,27 @@ def test_prefill_attention_path(choice, native_bf16, head_dim, amx, want):
     assert prefill_attention_path(choice, native_bf16, head_dim, amx) == want
 
 
+@pytest.mark.parametrize("choice,head_dim,want", [
+    ("auto", 64, "native"),        # fptq's kernel on AMX-BF16 tiles (bf16 cache, avx512_amx build)
+    ("auto", 96, "native"),        # any multiple of 32 there
+    ("auto", 80, "sdpa_bf16"),     # not a multiple of 32: oneDNN's tiles
+    ("native", 160, "native"),
+    ("native", 48, "sdpa"),        # asked for, cannot run
+    ("sdpa_bf16", 64, "sdpa_bf16"),
+])
+def test_prefill_attention_path_with_the_amx_kernel(choice, head_dim, want):
+    assert prefill_attention_path(choice, True, head_dim, True, native_amx=True) == want
+
+
+def test_the_engine_takes_the_amx_kernel_only_for_a_bfloat16_cache():
+    if not (native.available() and native.has_amx_attention()):
+        pytest.skip("needs the avx512_amx build on a CPU with AMX-BF16")
+    model = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    assert Engine(model).prefill_path == "native"
+    assert Engine(model, kv_dtype=torch.int8).prefill_path == "sdpa_bf16"  # the AMX kernel reads bf16 caches only
+    assert Engine(model, kv_dtype=torch.float32).prefill_path == "native"  # float32 asked for: the flash kernel
+
+
 def test_a_float32_cache_keeps_float32_attention_by_default():
     assert prefill_attention_path("auto", True, 64, True, float32_cache=True) == "native"
     assert prefill_attention_path("auto", False, 64, True, float32_cache=True) == "sdpa"

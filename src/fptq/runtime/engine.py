@@ -14,7 +14,8 @@ Keys and values are cached in bfloat16 by default (``kv_dtype``; what a bf16 mod
 batch reads the whole cache every step, so its size sets the speed of large batches. ``kv_dtype=torch.int8``
 halves that again: int8 codes with a float32 scale per (sequence, head, position), dynamic (``absmax / 127``). A new token's attention
 is fptq's native kernel (float32 arithmetic on the bfloat16 cache); a prompt's (causal) attention
-(``prefill_attention``, :func:`fptq.runtime.attention.prefill_attention_path`) is, by default, PyTorch's
+(``prefill_attention``, :func:`fptq.runtime.attention.prefill_attention_path`) is, by default,
+fptq's native kernel on AMX-BF16 tiles where the CPU has them and the cache is bfloat16, else PyTorch's
 scaled_dot_product_attention in bfloat16 where the CPU has AMX (oneDNN's tiles), else fptq's flash-attention kernel
 with bfloat16 dot products and float32 softmax and accumulation where it has AVX512-BF16, else PyTorch's in
 float32. The weights stay those of the model (nothing is copied). Numerics: the same quantizers as :class:`~fptq.nn.QuantLinear`'s reference path, so logits match the
@@ -175,7 +176,9 @@ class Engine:
         self._attn_work: torch.Tensor | None = None
         self.prefill_path = prefill_attention_path(prefill_attention, self._native and native.has_bf16(),
                                                    self.head_dim, "amx_bf16" in native.cpu_flags(),
-                                                   float32_cache=kv_dtype == torch.float32)
+                                                   float32_cache=kv_dtype == torch.float32,
+                                                   native_amx=self._native and kv_dtype == torch.bfloat16
+                                                   and native.has_amx_attention())
         # decode steps as one bound program of native calls (fptq.runtime.decode) where it covers the model;
         # False runs them through the same loop as a prompt (same numerics, ~10 us of Python per call more)
         self.decode_program = program_problem(self) is None

@@ -30,7 +30,7 @@ __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention", "quantize_call", "rmsnorm_call",
            "silu_mul_call", "rope_cache_call", "decode_attention_call", "ROPE_COS", "ROPE_SIN", "ROPE_START",
            "ATTENTION_LENGTH",
-           "prefill_attention", "cpu_flags", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
+           "prefill_attention", "has_amx_attention", "cpu_flags", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
 class QuantOut(ctypes.Structure):
     """``fptq_qparams`` of w4a8.c: where a fused stage writes its output quantized for the next Linear:
     int8 codes ``[M, Kp]``, group sums ``[M, G]`` (4-bit consumers), per-token scales ``[M]``."""
@@ -184,6 +184,13 @@ def has_bf16() -> bool:
     """Whether the CPU has AVX512-BF16 (used by :func:`prefill_attention`)."""
     lib = library()
     return bool(lib is not None and lib.fptq_cpu_has_bf16())
+
+
+def has_amx_attention() -> bool:
+    """Whether :func:`prefill_attention` runs on AMX-BF16 tiles here (the ``avx512_amx`` build on a CPU with
+    AMX-BF16) for a bfloat16 cache and a head size that is a multiple of 32."""
+    lib = library()
+    return bool(lib is not None and hasattr(lib, "fptq_prefill_attention") and lib.fptq_prefill_attention_amx())
 
 
 def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,

@@ -41,11 +41,11 @@ _AVX512 = _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-
 # In order of preference: the first whose library says the CPU supports it is used. avx512_amx is the AVX-512
 # build with the W4A8 product of 16 tokens or more on AMX int8 tiles (w4a8_amx.h): the same bits.
 BUILDS = (
-    Build("avx512_amx", "w4a8.c", _AVX512 + ("-mamx-tile", "-mamx-int8", "-DFPTQ_AMX"), ("amx_tile", "amx_int8")),
+    Build("avx512_amx", "w4a8.c", _AVX512 + ("-mamx-tile", "-mamx-int8", "-mamx-bf16", "-DFPTQ_AMX"), ("amx_tile", "amx_int8")),
     Build("avx512_vnni", "w4a8.c", _AVX512),
     Build("avx2", "w4a8_avx2.c", _COMMON + ("-mavx2", "-mfma", "-mf16c")),
 )
-_HEADERS = ("w4a8_common.h", "w4a8_amx.h")
+_HEADERS = ("w4a8_common.h", "w4a8_amx.h", "w4a8_attn_amx.h")
 
 
 def source_path() -> Path:
@@ -115,6 +115,7 @@ def _declare(lib) -> None:
     lib.fptq_prefill_attention.restype = None
     lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
                                            _c_int, _c_float, _p, _p, _c_int]
+    lib.fptq_prefill_attention_amx.restype = _c_int
 
 
 @functools.cache

@@ -614,10 +614,29 @@ static void attn_block(const uint32_t* qp, int rt, int hd, const uint16_t* kblk,
     }
 }
 
+#ifdef FPTQ_AMX
+#include "w4a8_attn_amx.h"
+#endif
+
+/* Whether fptq_prefill_attention runs on AMX-BF16 tiles for a bfloat16 cache (w4a8_attn_amx.h) on this CPU. */
+int fptq_prefill_attention_amx(void) {
+#ifdef FPTQ_AMX
+    return amx_bf16_usable();
+#else
+    return 0;
+#endif
+}
+
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
 void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
                             const float* vs, int B, int H, int Hkv, int hd, int L, int start, int T, float scale,
                             float* out, void* work, int nthreads) {
+#ifdef FPTQ_AMX
+    if (cache_mode == 1 && hd % 32 == 0 && hd <= 256 && amx_bf16_usable() &&
+        amx_prefill_attention(q, (const uint16_t*)kc, (const uint16_t*)vc, B, H, Hkv, hd, L, start, T, scale, out,
+                              work, nthreads))
+        return;
+#endif
     const int end = start + T, nkb = (end + ABLK - 1) / ABLK, G = H / Hkv;
     uint16_t* kp_all = (uint16_t*)work;
     uint16_t* vp_all = kp_all + (int64_t)B * Hkv * nkb * ABLK * hd;
