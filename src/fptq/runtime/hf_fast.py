@@ -70,8 +70,9 @@ def attach_runtime(model: nn.Module, prefill_attention: str = "auto", head: str 
     Returns ``None`` when attached (or already attached), else the reason it cannot be, and changes nothing.
 
     ``prefill_attention``: the Engine's attention over a prompt (:func:`fptq.runtime.attention.prefill_attention_path`):
-    ``"auto"`` (default): PyTorch's in bfloat16 where the CPU has AMX, else fptq's flash-attention kernel with
-    bfloat16 dot products where it has AVX512-BF16; ``"native"``, ``"sdpa_bf16"``, or ``"sdpa"`` (PyTorch's in
+    ``"auto"`` (default): fptq's kernel on AMX-BF16 tiles where the CPU has AMX (a bfloat16 KV cache; PyTorch's
+    in bfloat16 for an int8 one), else fptq's flash-attention kernel with bfloat16 dot products where it has
+    AVX512-BF16; ``"native"``, ``"sdpa_bf16"``, or ``"sdpa"`` (PyTorch's in
     float32, which made the attention of a 512-token prompt 2.2x slower than the native kernel on an AVX-512
     CPU). Perplexity against ``fptq eval`` (the modules path, float32 attention) on the default model, 8 + 8
     windows: +0.22 % / +0.01 % (WikiText-2 / C4) with the native kernel, -0.01 % / -0.32 % with ``"sdpa"``
