@@ -72,7 +72,7 @@ def main() -> None:
                     continue
                 out = outs[isa] = torch.empty(1, h, t, hd)
                 args = (q.data_ptr(), kc.data_ptr(), vc.data_ptr(), 1, None, None, 1, h, hkv, hd, kc.shape[2], 0, t,
-                        scale, out.data_ptr(), work.data_ptr(), a.threads)
+                        scale, out.data_ptr(), 0, work.data_ptr(), a.threads)
                 name = f"fptq native ({isa})"
                 calls[name] = (lambda lib=lib, args=args: lib.fptq_prefill_attention(*args))
                 calls[name]()

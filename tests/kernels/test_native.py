@@ -360,6 +360,10 @@ def test_prefill_attention_matches_causal_sdpa(monkeypatch, isa, b, h, hkv, hd, 
     # q and the probabilities are rounded to bfloat16 for the dot products: ~2^-8 relative
     assert (out - ref).abs().max() < 2 ** -6 * ref.abs().max()
     assert sqnr_db(ref, out) > 45  # measured 53-59 dB (AMX)
+    # token-major output (the output projection's input rows): the same values, transposed
+    assert torch.equal(native.prefill_attention(q, k, v, start, 0.125, tokens_major=True), out.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"contiguous float32 \[%d, %d, %d, %d\]" % (b, t, h, hd)):
+        native.prefill_attention(q, k, v, start, 0.125, out=torch.empty(b, h, t, hd), tokens_major=True)
 
 
 def test_amx_prefill_attention_keeps_large_score_ranges():

@@ -253,9 +253,11 @@ class Engine:
         rot = torch.cat((-x2, x1), dim=-1)
         return x * cos[:, None, :] + rot * sin[:, None, :]
 
-    def _attention(self, q, cache: KVCache, li: int, start: int, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _attention(self, q, cache: KVCache, li: int, start: int, t: int, out: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """q ``[B, H, T, D]`` float32 at positions ``start .. start+T-1`` over the cached keys ``0 .. start+T-1``;
-        returns ``[B, H, T, D]`` (float32, or bfloat16 from the ``sdpa_bf16`` path)."""
+        returns ``[B, H, T, D]`` (float32, or bfloat16 from the ``sdpa_bf16`` path), or, from the native prompt
+        path when ``rows`` (float32 ``[B*T, H*D]``) is given, ``rows`` filled in token-major order."""
         end = start + t
         if t == 1 and self._native and self.head_dim % 16 == 0 and self.head_dim <= 128:
             return native.decode_attention(q.view(q.shape[0], q.shape[1], -1), cache.keys[li], cache.values[li],
@@ -265,6 +267,11 @@ class Engine:
             need = native.prefill_attention_work_bytes(q.shape[0], self.n_kv, self.head_dim, end)
             if self._attn_work is None or self._attn_work.numel() < need:
                 self._attn_work = torch.empty(need, dtype=torch.uint8)
+            if rows is not None:
+                native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling,
+                                         out=rows.view(q.shape[0], t, q.shape[1], q.shape[3]), work=self._attn_work,
+                                         tokens_major=True, **cache.scales(li))
+                return rows
             return native.prefill_attention(q, cache.keys[li], cache.values[li], start, self.scaling, out=out,
                                             work=self._attn_work, **cache.scales(li))
         k = cache.keys[li][:, :, :end]
@@ -366,11 +373,14 @@ class Engine:
                 cache.values[li][:, :, start:start + t] = v.transpose(1, 2)
             if timer:
                 timer.mark("rope + cache write")
-            a = self._attention(q, cache, li, start, t, out=ws["attn"])
-            if t == 1:
-                a = a.reshape(m, dq)
+            if t > 1 and self.prefill_path == "native":  # written straight as o_proj's input rows
+                a = self._attention(q, cache, li, start, t, rows=ws["a"])
             else:
-                a = ws["a"].view(b, t, nh, hd).copy_(a.transpose(1, 2)).view(m, dq)
+                a = self._attention(q, cache, li, start, t, out=ws["attn"])
+                if t == 1:
+                    a = a.reshape(m, dq)
+                else:
+                    a = ws["a"].view(b, t, nh, hd).copy_(a.transpose(1, 2)).view(m, dq)
             if timer:
                 timer.mark("attention")
             layer.o(a, [h], accumulate=True)

@@ -195,22 +195,29 @@ def has_amx_attention() -> bool:
 
 def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,
                       out: torch.Tensor | None = None, kscale: torch.Tensor | None = None,
-                      vscale: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+                      vscale: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                      tokens_major: bool = False) -> torch.Tensor:
     """Causal attention of the queries ``q`` ``[B, H, T, hd]`` (float32, positions ``start .. start+T-1``) over
     the caches ``[B, Hkv, L, hd]`` holding positions ``0 .. start+T-1``; query ``i`` sees keys ``0 .. start+i``.
-    Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`); ``hd`` 64 or 128.
-    ``work``: an optional uint8 scratch buffer (:func:`prefill_attention_work_bytes`), reused between calls."""
+    Dot products in bfloat16 with float32 accumulation and softmax (needs :func:`has_bf16`): on AMX-BF16 tiles
+    for a bfloat16 cache where :func:`has_amx_attention` (``hd`` a multiple of 32 up to 256), else a flash kernel
+    (``hd`` 64 or 128). The output is float32 ``[B, H, T, hd]``, or ``[B, T, H, hd]`` with ``tokens_major`` (the
+    rows of the output projection's input). ``work``: an optional uint8 scratch buffer
+    (:func:`prefill_attention_work_bytes`), reused between calls."""
     b, h, t, hd = q.shape
     lib = library()
     need = lib.fptq_prefill_attention_work(b, kcache.shape[1], hd, start + t)
     if work is None or work.numel() < need:
         work = torch.empty(need, dtype=torch.uint8)
+    shape = (b, t, h, hd) if tokens_major else (b, h, t, hd)
     if out is None:
-        out = torch.empty(b, h, t, hd, dtype=torch.float32)
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"prefill_attention: out must be a contiguous float32 {list(shape)} tensor")
     mode, ks, vs = _cache_args(kcache, kscale, vscale)
     lib.fptq_prefill_attention(q.data_ptr(), kcache.data_ptr(), vcache.data_ptr(), mode, ks, vs, b, h,
                                kcache.shape[1], hd, kcache.shape[2], start, t, scale, out.data_ptr(),
-                               work.data_ptr(), torch.get_num_threads())
+                               int(tokens_major), work.data_ptr(), torch.get_num_threads())
     return out
 
 

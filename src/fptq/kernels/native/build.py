@@ -114,7 +114,7 @@ def _declare(lib) -> None:
         return
     lib.fptq_prefill_attention.restype = None
     lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
-                                           _c_int, _c_float, _p, _p, _c_int]
+                                           _c_int, _c_float, _p, _c_int, _p, _c_int]
     lib.fptq_prefill_attention_amx.restype = _c_int
 
 

@@ -630,11 +630,11 @@ int fptq_prefill_attention_amx(void) {
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
 void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int cache_mode, const float* ks,
                             const float* vs, int B, int H, int Hkv, int hd, int L, int start, int T, float scale,
-                            float* out, void* work, int nthreads) {
+                            float* out, int out_bthd, void* work, int nthreads) {
 #ifdef FPTQ_AMX
     if (cache_mode == 1 && hd % 32 == 0 && hd <= 256 && amx_bf16_usable() &&
         amx_prefill_attention(q, (const uint16_t*)kc, (const uint16_t*)vc, B, H, Hkv, hd, L, start, T, scale, out,
-                              work, nthreads))
+                              out_bthd, work, nthreads))
         return;
 #endif
     const int end = start + T, nkb = (end + ABLK - 1) / ABLK, G = H / Hkv;
@@ -706,7 +706,7 @@ void fptq_prefill_attention(const float* q, const void* kc, const void* vc, int 
         }
         for (int r = 0; r < cn; r++) {
             const float inv = 1.0f / l[r];
-            float* dst = out + (((int64_t)b * H + h) * T + c0 + r) * hd;
+            float* dst = out + attn_out_offset(out_bthd, b, h, c0 + r, H, T, hd);
             for (int d = 0; d < hd; d++) dst[d] = o[r * hd + d] * inv;
         }
     }

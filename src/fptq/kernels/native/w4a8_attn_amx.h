@@ -1,8 +1,8 @@
 /* fptq native CPU kernels: a prompt's causal attention on AMX bfloat16 tiles (the "avx512_amx" build, with a
  * bfloat16 KV cache; included by w4a8.c, which dispatches fptq_prefill_attention here when the CPU has AMX-BF16).
  *
- * Two passes per task of 16 query rows of one head, with exact (not online) softmax:
- *   S = (q * scale) k^T over every key the rows see (TDPBF16PS, float32 sums), stored as a [16][nk] float block;
+ * Two passes per task of 32 query rows (two A tiles) of one head, with exact (not online) softmax:
+ *   S = (q * scale) k^T over every key the rows see (TDPBF16PS, float32 sums), stored as a [32][nk] float block;
  *   P = exp(S - rowmax) in float32, row sums in float32, P rounded to bfloat16;
  *   O = P v (TDPBF16PS), divided by the row sums.
  * The keys and values of each (batch, kv head) are first packed into AMX's B layout (pairs of bfloat16 along
@@ -16,7 +16,7 @@
 #ifndef FPTQ_W4A8_ATTN_AMX_H
 #define FPTQ_W4A8_ATTN_AMX_H
 
-#define AT_ROWS 16 /* query rows of a task (one A tile) */
+#define AT_ROWS 32 /* query rows of a task (two A tiles) */
 #define AT_KB 32   /* keys per packed value block; key counts are padded to it */
 
 /* Whether this CPU has AMX-BF16 (and AMX usable: amx_usable() asked Linux for the tile state). */
@@ -27,7 +27,7 @@ static int amx_bf16_usable(void) {
     return ((d >> 22) & 1) && amx_usable();
 }
 
-/* Tiles 0-3: C (16 x 16 float32); 4: A (16 rows x 32 bf16); 6, 7: B (16 pairs x 16 columns). */
+/* Tiles 0-3: C (16 x 16 float32); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pairs x 16 columns). */
 static void amx_attn_configure(void) {
     amx_tilecfg cfg;
     memset(&cfg, 0, sizeof(cfg));
@@ -106,16 +106,75 @@ __attribute__((target("avx512bf16"))) static float amx_attn_softmax_row(const fl
     return _mm512_reduce_add_ps(vsum);
 }
 
+/* One 32-key step of S = q k^T for NA (1-2) tiles of 16 query rows: C tile 2a + c = A tile 4 + a (rows 16a ..)
+ * times B tile 6 + c (keys 16 (j + c) ..), stored into the score rows. */
+static inline __attribute__((always_inline)) void amx_attn_qk(const int NA, const uint16_t* qbuf, int hd,
+                                                              const uint32_t* kb, int j, float* sbuf, int lds) {
+    const int tiles = hd / 32;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (NA > 1) { _tile_zero(2); _tile_zero(3); }
+    for (int t = 0; t < tiles; t++) {
+        _tile_loadd(4, qbuf + 32 * t, hd * 2);
+        _tile_loadd(6, kb + ((int64_t)j * tiles + t) * 256, 64);
+        _tile_loadd(7, kb + ((int64_t)(j + 1) * tiles + t) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (NA > 1) {
+            _tile_loadd(5, qbuf + 16 * hd + 32 * t, hd * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float* sj = sbuf + 16 * j;
+    _tile_stored(0, sj, lds * 4);
+    _tile_stored(1, sj + 16, lds * 4);
+    if (NA > 1) {
+        _tile_stored(2, sj + 16 * lds, lds * 4);
+        _tile_stored(3, sj + 16 * lds + 16, lds * 4);
+    }
+}
+
+/* O = P v for NA (1-2) tiles of 16 rows, head dims 16 u0 .. 16 u0 + 31: C tile 2a + c = P rows 16a .. (A tile
+ * 4 + a) times the value block of dims 16 (u0 + c) .. (B tile 6 + c), into obuf [32][32]. */
+static inline __attribute__((always_inline)) void amx_attn_pv(const int NA, const uint16_t* pbuf, int ldp, int n32,
+                                                              const uint32_t* vb, int ut, int u0, float* obuf) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (NA > 1) { _tile_zero(2); _tile_zero(3); }
+    for (int j = 0; j < n32 / AT_KB; j++) {
+        const uint32_t* v = vb + ((int64_t)j * ut + u0) * 256;
+        _tile_loadd(4, pbuf + AT_KB * j, ldp * 2);
+        _tile_loadd(6, v, 64);
+        _tile_loadd(7, v + 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (NA > 1) {
+            _tile_loadd(5, pbuf + 16 * ldp + AT_KB * j, ldp * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, obuf, 128);
+    _tile_stored(1, obuf + 16, 128);
+    if (NA > 1) {
+        _tile_stored(2, obuf + 16 * 32, 128);
+        _tile_stored(3, obuf + 16 * 32 + 16, 128);
+    }
+}
+
 /* The whole prompt attention (fptq_prefill_attention's contract, bf16 cache, hd a multiple of 32 up to 256);
- * returns 0 (having done nothing) when it cannot allocate its per-thread buffers. */
+ * returns 0 (having done nothing) when it cannot allocate its per-thread buffers. A task is AT_ROWS (32) query
+ * rows of one head: two A tiles share every key and value tile. */
 static int amx_prefill_attention(const float* q, const uint16_t* kc, const uint16_t* vc, int B, int H, int Hkv,
-                                  int hd, int L, int start, int T, float scale, float* out, void* work, int nthreads) {
+                                  int hd, int L, int start, int T, float scale, float* out, int out_bthd, void* work,
+                                  int nthreads) {
     const int end = start + T, end32 = (end + AT_KB - 1) / AT_KB * AT_KB, G = H / Hkv;
     const int64_t per = (int64_t)end32 * hd / 2; /* uint32 pairs per (batch, kv head) and per k or v */
     uint32_t* kp_all = (uint32_t*)work;
     uint32_t* vp_all = kp_all + (int64_t)B * Hkv * per;
-    const int qchunks = (T + AT_ROWS - 1) / AT_ROWS, tiles = hd / 32, ut = hd / 16;
-    /* per thread: scores [16][end32 + 16] float32 and probabilities [16][end32 + 32] bf16; the row strides are
+    const int qchunks = (T + AT_ROWS - 1) / AT_ROWS, ut = hd / 16;
+    /* per thread: scores [32][end32 + 16] float32 and probabilities [32][end32 + 32] bf16; the row strides are
      * padded by 64 bytes (a power-of-two stride would put the 16 rows of a tile in one L1 set) */
     const size_t sbytes = (size_t)AT_ROWS * (end32 + 16) * 4, pbytes = (size_t)AT_ROWS * (end32 + 32) * 2;
     char* bufs = (char*)aligned_alloc(64, (size_t)nthreads * (sbytes + pbytes));
@@ -129,18 +188,20 @@ static int amx_prefill_attention(const float* q, const uint16_t* kc, const uint1
         float* sbuf = (float*)(bufs + (size_t)omp_get_thread_num() * (sbytes + pbytes));
         uint16_t* pbuf = (uint16_t*)((char*)sbuf + sbytes);
         uint16_t qbuf[AT_ROWS * 256] __attribute__((aligned(64)));
-        float obuf[AT_ROWS * 64] __attribute__((aligned(64)));
+        float obuf[32 * 32] __attribute__((aligned(64)));
         float rsum[AT_ROWS];
+        __m512 rmax[AT_ROWS]; /* per row: the lanes' running maxima (reduced once, before the softmax) */
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         amx_attn_configure();
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < B * H * qchunks; task++) {
             const int qc = qchunks - 1 - task % qchunks; /* longest rows first */
             const int bh = task / qchunks, b = bh / H, h = bh % H;
             const int64_t kvo = ((int64_t)b * Hkv + h / G) * per;
-            const int c0 = qc * AT_ROWS, cn = T - c0 < AT_ROWS ? T - c0 : AT_ROWS;
+            const int c0 = qc * AT_ROWS, cn = T - c0 < AT_ROWS ? T - c0 : AT_ROWS, na = cn > 16 ? 2 : 1;
             const int nk = start + c0 + cn, n32 = (nk + AT_KB - 1) / AT_KB * AT_KB, lds = n32 + 16, ldp = n32 + 32;
             const float qscale = scale * 1.44269504088896341f; /* scores in log2 units: softmax by 2^x */
-            for (int r = 0; r < AT_ROWS; r++) {
+            for (int r = 0; r < 16 * na; r++) {
                 const float* qr = q + (((int64_t)b * H + h) * T + c0 + r) * hd;
                 for (int d = 0; d < hd; d += 16) {
                     const __m512 v = r < cn ? _mm512_mul_ps(_mm512_loadu_ps(qr + d), _mm512_set1_ps(qscale))
@@ -148,69 +209,42 @@ static int amx_prefill_attention(const float* q, const uint16_t* kc, const uint1
                     _mm256_store_si256((__m256i*)(qbuf + r * hd + d), cvt_ps_bf16(v));
                 }
             }
-            /* S = q k^T, 32 keys (two C tiles) at a time; each row's running maximum over the keys it sees */
-            __m512 mx[AT_ROWS];
-            for (int r = 0; r < AT_ROWS; r++) mx[r] = _mm512_set1_ps(-INFINITY);
+            /* S = q k^T, 32 keys at a time; each row's maximum over the keys it sees, taken from the stored rows
+             * (in L1) as they are written */
             const int seen0 = start + c0 + 1; /* keys every row of the task sees */
-            const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for (int r = 0; r < cn; r++) rmax[r] = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < n32 / 16; j += 2) {
-                _tile_zero(0);
-                _tile_zero(1);
-                for (int t = 0; t < tiles; t++) {
-                    _tile_loadd(4, qbuf + 32 * t, hd * 2);
-                    _tile_loadd(6, kp_all + kvo + ((int64_t)j * tiles + t) * 256, 64);
-                    _tile_loadd(7, kp_all + kvo + ((int64_t)(j + 1) * tiles + t) * 256, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                }
-                float* sj = sbuf + 16 * j;
-                _tile_stored(0, sj, lds * 4);
-                _tile_stored(1, sj + 16, lds * 4);
-                if (16 * j + 32 <= seen0) {
-#pragma GCC unroll 16
-                    for (int r = 0; r < AT_ROWS; r++)
-                        mx[r] = _mm512_max_ps(mx[r], _mm512_max_ps(_mm512_load_ps(sj + r * lds), _mm512_load_ps(sj + r * lds + 16)));
-                } else {
-                    for (int r = 0; r < cn; r++) {
+                if (na > 1) amx_attn_qk(2, qbuf, hd, kp_all + kvo, j, sbuf, lds);
+                else amx_attn_qk(1, qbuf, hd, kp_all + kvo, j, sbuf, lds);
+                const float* sj = sbuf + 16 * j;
+                for (int r = 0; r < cn; r++) {
+                    const __m512 s0 = _mm512_load_ps(sj + r * lds), s1 = _mm512_load_ps(sj + r * lds + 16);
+                    if (16 * j + 32 <= seen0) {
+                        rmax[r] = _mm512_max_ps(rmax[r], _mm512_max_ps(s0, s1));
+                    } else {
                         const __m512i lim = _mm512_set1_epi32(start + c0 + r - 16 * j); /* keys 16 j + i, i <= lim */
-                        mx[r] = _mm512_mask_max_ps(mx[r], _mm512_cmple_epi32_mask(iota, lim), mx[r], _mm512_load_ps(sj + r * lds));
-                        mx[r] = _mm512_mask_max_ps(mx[r], _mm512_cmple_epi32_mask(_mm512_add_epi32(iota, _mm512_set1_epi32(16)), lim),
-                                                   mx[r], _mm512_load_ps(sj + r * lds + 16));
+                        __m512 m = _mm512_mask_max_ps(rmax[r], _mm512_cmple_epi32_mask(iota, lim), rmax[r], s0);
+                        const __m512i iota16 = _mm512_add_epi32(iota, _mm512_set1_epi32(16));
+                        rmax[r] = _mm512_mask_max_ps(m, _mm512_cmple_epi32_mask(iota16, lim), m, s1);
                     }
                 }
             }
-            for (int r = 0; r < AT_ROWS; r++) {
-                if (r < cn) {
-                    rsum[r] = amx_attn_softmax_row(sbuf + (int64_t)r * lds, _mm512_reduce_max_ps(mx[r]), start + c0 + r + 1,
-                                                   n32, pbuf + (int64_t)r * ldp);
-                } else {
+            for (int r = 0; r < 16 * na; r++) {
+                if (r < cn)
+                    rsum[r] = amx_attn_softmax_row(sbuf + (int64_t)r * lds, _mm512_reduce_max_ps(rmax[r]),
+                                                   start + c0 + r + 1, n32, pbuf + (int64_t)r * ldp);
+                else
                     memset(pbuf + (int64_t)r * ldp, 0, (size_t)n32 * 2);
-                }
             }
-            /* O = P v, 64 head dims (four C tiles) at a time */
-            for (int u0 = 0; u0 < ut; u0 += 4) {
-                const int nu = ut - u0 < 4 ? ut - u0 : 4;
-                _tile_zero(0);
-                if (nu > 1) _tile_zero(1);
-                if (nu > 2) _tile_zero(2);
-                if (nu > 3) _tile_zero(3);
-                for (int j = 0; j < n32 / AT_KB; j++) {
-                    _tile_loadd(4, pbuf + AT_KB * j, ldp * 2);
-                    const uint32_t* vb = vp_all + kvo + ((int64_t)j * ut + u0) * 256;
-                    _tile_loadd(6, vb, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    if (nu > 1) { _tile_loadd(7, vb + 256, 64); _tile_dpbf16ps(1, 4, 7); }
-                    if (nu > 2) { _tile_loadd(6, vb + 512, 64); _tile_dpbf16ps(2, 4, 6); }
-                    if (nu > 3) { _tile_loadd(7, vb + 768, 64); _tile_dpbf16ps(3, 4, 7); }
-                }
-                _tile_stored(0, obuf, 256);
-                if (nu > 1) _tile_stored(1, obuf + 16, 256);
-                if (nu > 2) _tile_stored(2, obuf + 32, 256);
-                if (nu > 3) _tile_stored(3, obuf + 48, 256);
+            /* O = P v, 32 head dims at a time */
+            for (int u0 = 0; u0 < ut; u0 += 2) {
+                if (na > 1) amx_attn_pv(2, pbuf, ldp, n32, vp_all + kvo, ut, u0, obuf);
+                else amx_attn_pv(1, pbuf, ldp, n32, vp_all + kvo, ut, u0, obuf);
                 for (int r = 0; r < cn; r++) {
                     const __m512 inv = _mm512_set1_ps(1.0f / rsum[r]);
-                    float* dst = out + (((int64_t)b * H + h) * T + c0 + r) * hd + 16 * u0;
-                    for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_mul_ps(_mm512_load_ps(obuf + r * 64 + 16 * u), inv));
+                    float* dst = out + attn_out_offset(out_bthd, b, h, c0 + r, H, T, hd) + 16 * u0;
+                    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_load_ps(obuf + r * 32), inv));
+                    _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_load_ps(obuf + r * 32 + 16), inv));
                 }
             }
         }

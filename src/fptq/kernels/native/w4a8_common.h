@@ -161,6 +161,12 @@ int64_t fptq_prefill_attention_work(int B, int Hkv, int hd, int end) {
     return (int64_t)B * Hkv * nb * ABLK * hd * 2 /* bf16 */ * 2 /* k and v */;
 }
 
+/* Where a prompt attention's output row (batch b, head h, token t) goes: [B][H][T][hd], or [B][T][H][hd] (the
+ * next Linear's input rows) when out_bthd. */
+static inline int64_t attn_out_offset(int out_bthd, int b, int h, int t, int H, int T, int hd) {
+    return (out_bthd ? ((int64_t)b * T + t) * H + h : ((int64_t)b * H + h) * T + t) * hd;
+}
+
 static inline uint16_t f2bf(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
