@@ -257,7 +257,7 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
 @pytest.mark.parametrize("m,k,gs,mode", [
     (16, 576, 64, "dynamic_token"),     # one tile of tokens, SmolLM2's K and groups
     (100, 576, 128, "static_tensor"),   # tail rows (AVX-512) after 6 tiles; a ragged last group of 64
-    (300, 128, 128, "dynamic_token"),   # past the 256-row chunk: tiles on both sides of it
+    (600, 128, 128, "dynamic_token"),   # past the AMX path's 512-row chunk: tiles on both sides of it
     (64, 192, 32, "dynamic_token"),     # 32-deep tile products
     (48, 200, 64, "dynamic_token"),     # a last group of 8: no tile depth fits, AVX-512 only
     (33, 256, -1, "static_tensor"),     # per channel: one group over all of K

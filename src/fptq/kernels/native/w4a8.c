@@ -223,8 +223,9 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
         if (kstep) {
             int8_t* bbuf = bufs + (size_t)omp_get_thread_num() * Kp * 32;
             amx_configure(kstep);
-            for (int mc = 0; mc < M; mc += mchunk) {
-                const int me = mc + mchunk < M ? mc + mchunk : M;
+            /* AMX tiles: chunks of 512 rows (5-15 % over 256 at 2048 tokens; 295 KB of codes at K = 576) */
+            for (int mc = 0; mc < M; mc += 2 * mchunk) {
+                const int me = mc + 2 * mchunk < M ? mc + 2 * mchunk : M;
 #pragma omp for schedule(static) nowait
                 for (int j = 0; j < total2; j++) {
                     const int i = fptq_task_matrix(starts2, j);
