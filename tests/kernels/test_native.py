@@ -146,6 +146,38 @@ def test_fused_stages_match_torch(build):
     assert torch.allclose(act, torch.nn.functional.silu(gu[:, :70]) * gu[:, 70:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,k,n,gs,mode", [
+    (100, 576, 70, 64, "static_tensor"),   # AMX tiles (6) then 4 tail rows; a partial last channel block
+    (37, 256, 96, 32, "dynamic_token"),    # 32-deep tiles, 5 tail rows
+    (5, 128, 48, 64, "dynamic_token"),     # fewer rows than a tile
+    (40, 200, 64, 64, "static_tensor"),    # a last group of 8: no tile depth fits, every row through the buffer
+])
+def test_fused_gate_up_silu_gives_the_unfused_bits(m, k, n, gs, mode, build):
+    """W4A8Gemm.glu (silu(gate) * up as the products leave the kernel) against the gate/up products written out
+    and native.silu_mul: the same bits, in every build that has it; the buffer rows it does not need are left
+    alone."""
+    _, _, p1, w1 = _weights(n, k, gs, seed=1)
+    _, _, p2, w2 = _weights(n, k, gs, seed=2)
+    gemm = native.W4A8Gemm([(p1, w1, torch.randn(n), n), (p2, w2, torch.randn(n), n)], gs)
+    if not gemm.has_glu:
+        assert build == "avx2"
+        with pytest.raises(ValueError, match="AVX-512 build"):
+            gemm.glu(*native.quantize(torch.randn(m, k), p1.shape[1] * 8, "dynamic_token", None, 127, gs,
+                                      w1.shape[0]), [torch.empty(m, n)] * 2, torch.empty(m, n))
+        return
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    xq, xs, sx = native.quantize(x, p1.shape[1] * 8, mode, torch.tensor(0.05) if mode == "static_tensor" else None,
+                                 127, gs, w1.shape[0])
+    gu = torch.empty(m, 2 * n)
+    gemm(xq, xs, sx, [gu[:, :n], gu[:, n:]])
+    ref = native.silu_mul(gu, n)
+    buf, act = torch.empty(m, 2 * n), torch.full((m, n), float("nan"))
+    assert gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], act) is act
+    assert torch.equal(act, ref)
+    with pytest.raises(ValueError, match="act must be"):
+        gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], torch.empty(m, n + 1))
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_rope_and_cache_write(cache_dtype, build):
     b, t, h, hkv, hd, start, length = 2, 3, 4, 2, 16, 5, 12

@@ -229,3 +229,22 @@ def test_the_bound_decode_program_gives_the_loops_bits(tmp_path, kv):
         assert torch.equal(prog.forward(x[:, 1:], c1), loop.forward(x[:, 1:], c2))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_fused_gate_up_silu_gives_the_unfused_bits(tmp_path):
+    """A prompt with gate/up's products fed straight into SiLU-and-multiply (W4A8Gemm.glu) and with them written
+    out first: the same logits and caches, bit for bit (64 tokens: AMX tiles where the CPU has them)."""
+    from fptq.kernels import native
+
+    if not native.available() or native.isa() == "avx2":
+        pytest.skip("the fused product is in the AVX-512 builds")
+    model = fptq.load(_checkpoint(tmp_path))
+    fused, plain = Engine(model), Engine(model)
+    assert all(layer.glu for layer in fused.layers)
+    for layer in plain.layers:
+        layer.glu = False
+    ids = _ids(2, 64)
+    caches = [e.new_cache(2, 70) for e in (fused, plain)]
+    outs = [e.forward(ids, c, logits="all") for e, c in zip((fused, plain), caches)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0].values[1], caches[1].values[1])

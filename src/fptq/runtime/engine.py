@@ -36,7 +36,7 @@ from ..kernels import native
 from .attention import prefill_attention_path
 from .decode import DecodeProgram, program_problem
 from .head import check_head, runtime_head
-from .linear import ModuleGroup, linear_group
+from .linear import ModuleGroup, W4A8Group, linear_group
 
 __all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason", "pick_tokens", "decode_loop"]
 
@@ -120,6 +120,10 @@ class _Layer:
         self.k_norm = _norm_weight(at.k_norm) if getattr(at, "k_norm", None) is not None else None
         self.dq, self.dkv = at.q_proj.out_features, at.k_proj.out_features
         self.ffn = mlp.gate_proj.out_features
+        # gate/up's products go straight into SiLU-and-multiply (W4A8Gemm.glu) where the build has it; down_proj
+        # then takes the float product, quantized by its own group when it is W4A8
+        self.glu = (isinstance(self.gate_up, W4A8Group) and self.gate_up.has_glu
+                    and (isinstance(self.down, W4A8Group) or self.down.quant_shape() is None))
 
     def groups(self) -> list[ModuleGroup]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -390,16 +394,26 @@ class Engine:
             if timer:
                 timer.mark("rmsnorm (+quantize)")
             gu = ws["gu"]
-            self._run(layer.gate_up, x, q8, [gu[:, :ffn], gu[:, ffn:]])
-            if timer:
-                timer.mark(f"gate/up {layer.gate_up.kind}")
-            if self._native:
+            if q8 is not None and layer.glu:  # silu(gate) * up as the products leave the kernel (same bits)
+                act = layer.gate_up.run_glu(q8, [gu[:, :ffn], gu[:, ffn:]], ws["act"])
+                if timer:
+                    timer.mark(f"gate/up {layer.gate_up.kind} (+ silu * up)")
                 q8 = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m))
-                act = native.silu_mul(gu, ffn, out=None if q8 is not None else ws["act"], quant=q8)
+                if q8 is not None:
+                    layer.down.quantize_into(act, q8)
+                if timer:
+                    timer.mark("silu * up (+quantize)")
             else:
-                q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])
-            if timer:
-                timer.mark("silu * up (+quantize)")
+                self._run(layer.gate_up, x, q8, [gu[:, :ffn], gu[:, ffn:]])
+                if timer:
+                    timer.mark(f"gate/up {layer.gate_up.kind}")
+                if self._native:
+                    q8 = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m))
+                    act = native.silu_mul(gu, ffn, out=None if q8 is not None else ws["act"], quant=q8)
+                else:
+                    q8, act = None, F.silu(gu[:, :ffn]).mul_(gu[:, ffn:])
+                if timer:
+                    timer.mark("silu * up (+quantize)")
             self._run(layer.down, act, q8, [h], accumulate=True)
             if timer:
                 timer.mark(f"down_proj {layer.down.kind}")

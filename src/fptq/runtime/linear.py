@@ -110,6 +110,24 @@ class W4A8Group(ModuleGroup):
         xq, xs, sx = q.tensors
         self.gemm(xq, xs, sx, outs, accumulate=accumulate)
 
+    @property
+    def has_glu(self) -> bool:
+        """Whether :meth:`run_glu` runs here (gate and up of one width, an AVX-512 build)."""
+        return self.gemm.has_glu
+
+    def run_glu(self, q: "native.QuantOut", outs, act: torch.Tensor) -> torch.Tensor:
+        """``act = silu(gate) * up`` for the input quantized into ``q``, with the bits of :meth:`run_quantized`
+        into ``outs`` followed by :func:`fptq.kernels.native.silu_mul` (:meth:`W4A8Gemm.glu`)."""
+        xq, xs, sx = q.tensors
+        return self.gemm.glu(xq, xs, sx, outs, act)
+
+    def quantize_into(self, x: torch.Tensor, q: "native.QuantOut") -> None:
+        """Quantize float32 ``x`` for this group into ``q``'s buffers (from :meth:`quant_out`)."""
+        w = self.w
+        fn, args = native.quantize_call(x, w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups,
+                                        q.tensors, torch.get_num_threads())
+        fn(*args)
+
 
 class W4A16Group(ModuleGroup):
     kind = "w4a16"

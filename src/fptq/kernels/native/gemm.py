@@ -60,6 +60,31 @@ class W4A8Gemm(_MultiGemm):
         return outs
 
 
+    @property
+    def has_glu(self) -> bool:
+        """Whether :meth:`glu` runs here: two matrices of one width (gate and up) and a build with the fused
+        call (the AVX-512 ones)."""
+        return len(self.ns) == 2 and self.ns[0] == self.ns[1] and hasattr(library(), "fptq_gemm_w4a8_glu")
+
+    def glu(self, xq: torch.Tensor, xsum: torch.Tensor, sx: torch.Tensor, outs: list[torch.Tensor],
+            act: torch.Tensor) -> torch.Tensor:
+        """``act = silu(gate) * up`` for the two products gate, up (float32 ``[M, N]``, unit column stride): the
+        same bits as writing them into ``outs`` and :func:`fptq.kernels.native.silu_mul`, the products of whole
+        16-row AMX tiles never stored. ``outs`` (float32 ``[M, N]`` each, e.g. the halves of a gate/up buffer)
+        still take the rows that do not fill a tile (every row without AMX)."""
+        m = xq.shape[0]
+        if not self.has_glu:
+            raise ValueError("W4A8Gemm.glu: needs two matrices of one width and an AVX-512 build of the kernels")
+        if any(o.dtype != torch.float32 for o in outs) or act.dtype != torch.float32:
+            raise ValueError("W4A8Gemm.glu: float32 outputs only")
+        if act.shape[0] != m or act.shape[1] != self.ns[0] or act.stride(1) != 1:
+            raise ValueError(f"W4A8Gemm.glu: act must be [{m}, {self.ns[0]}] with unit column stride")
+        self._set_outputs(m, outs, False)
+        library().fptq_gemm_w4a8_glu(xq.data_ptr(), xsum.data_ptr(), sx.data_ptr(), m, self.kp, self.groups,
+                                     self.group_size, ctypes.addressof(self._mats), act.data_ptr(), act.stride(0),
+                                     torch.get_num_threads())
+        return act
+
     def call(self, xq: torch.Tensor, xsum: torch.Tensor, sx: torch.Tensor, outs: list[torch.Tensor],
              accumulate: bool, nthreads: int) -> tuple:
         """This product bound to its input and outputs (``(function, [arguments])``, see

@@ -195,6 +195,8 @@ static void rows_w4(const int8_t* xq, const int32_t* xsum, const float* sx, int 
     }
 }
 
+static inline __m512 silu_mul16(__m512 a, __m512 u);
+
 #ifdef FPTQ_AMX
 #include "w4a8_amx.h"
 #endif
@@ -233,7 +235,8 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
                     const int nb = 2 * (j - starts2[i]);
                     if (nb * 16 >= mat->N) continue;
                     const int two = (nb + 1) * 16 < mat->N;
-                    const int m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, mat, nb, two, bbuf);
+                    const int m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, mat, nb, two ? mat : 0, nb + 1, bbuf,
+                                            0, 0);
                     for (int b = 0; b <= two; b++) rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, mat, nb + b);
                 }
             }
@@ -251,6 +254,55 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
                 rows_w4(xq, xsum, sx, mc, me, Kp, G, gs, mat, nb);
             }
         }
+    }
+#ifdef FPTQ_AMX
+    free(bufs);
+#endif
+}
+
+/* act[m, n] = silu(gate[m, n]) * up[m, n] for the W4A8 products gate = mats[0], up = mats[1] (the same N) of one
+ * quantized input: the SiLU-and-multiply of fptq_silu_mul applied to the two products' float32 values as they
+ * leave the AVX-512 or AMX kernel, so act has the same bits as fptq_gemm_w4a8 into a gate/up buffer followed by
+ * fptq_silu_mul, without that buffer's round trip through memory. Rows that do not fill a 16-row AMX tile (and
+ * every row in builds without AMX) go through the buffer: mats[i].y (float32, accumulate 0) must be valid. */
+void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
+                        const fptq_mat* mats, float* act, int64_t ldact, int nthreads) {
+    const fptq_mat *gate = &mats[0], *up = &mats[1];
+    const int nblocks = (gate->N + 15) / 16, mchunk = 512;
+#ifdef FPTQ_AMX
+    int kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0;
+    int8_t* bufs = kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
+    if (!bufs) kstep = 0;
+#endif
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef FPTQ_AMX
+        int8_t* bbuf = kstep ? bufs + (size_t)omp_get_thread_num() * Kp * 32 : 0;
+        if (kstep) amx_configure(kstep);
+#endif
+        for (int mc = 0; mc < M; mc += mchunk) {
+            const int me = mc + mchunk < M ? mc + mchunk : M;
+#pragma omp for schedule(static) nowait
+            for (int nb = 0; nb < nblocks; nb++) {
+                int m1 = mc;
+#ifdef FPTQ_AMX
+                if (kstep) m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, gate, nb, up, nb, bbuf, act, ldact);
+#endif
+                if (m1 == me) continue;
+                rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, gate, nb);
+                rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, up, nb);
+                const int n0 = nb * 16, nv = gate->N - n0 < 16 ? gate->N - n0 : 16;
+                const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+                for (int m = m1; m < me; m++) {
+                    const __m512 g = _mm512_maskz_loadu_ps(mk, (const float*)gate->y + (int64_t)m * gate->ldy + n0);
+                    const __m512 u = _mm512_maskz_loadu_ps(mk, (const float*)up->y + (int64_t)m * up->ldy + n0);
+                    _mm512_mask_storeu_ps(act + (int64_t)m * ldact + n0, mk, silu_mul16(g, u));
+                }
+            }
+        }
+#ifdef FPTQ_AMX
+        if (kstep) _tile_release();
+#endif
     }
 #ifdef FPTQ_AMX
     free(bufs);
@@ -341,6 +393,12 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* silu(a) * u = a / (1 + e^-a) * u (the SiLU-and-multiply of fptq_silu_mul and of the fused gate/up product) */
+static inline __m512 silu_mul16(__m512 a, __m512 u) {
+    const __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+    return _mm512_mul_ps(s, u);
+}
+
 /* out[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w (float32, into out when out != NULL), then quantized for the
  * consumer when q->xq != NULL. rows: M x D, x row stride ldx. */
 void fptq_rmsnorm(const float* x, int64_t ldx, int M, int D, const float* w, float eps, float* out,
@@ -389,9 +447,7 @@ void fptq_silu_mul(const float* gu, int64_t ldg, int M, int F, float* act, const
             if (!o) continue;
             for (int k = 0; k < F; k += 16) {
                 __mmask16 mk = (__mmask16)(F - k >= 16 ? 0xFFFF : ((1u << (F - k)) - 1));
-                __m512 a = _mm512_maskz_loadu_ps(mk, g + k), u = _mm512_maskz_loadu_ps(mk, g + F + k);
-                __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-                _mm512_mask_storeu_ps(o + k, mk, _mm512_mul_ps(s, u));
+                _mm512_mask_storeu_ps(o + k, mk, silu_mul16(_mm512_maskz_loadu_ps(mk, g + k), _mm512_maskz_loadu_ps(mk, g + F + k)));
             }
             if (q && q->xq)
                 quant_row(o, 0, F, q->Kp, q->mode, q->static_scale, q->qmax, q->gs, q->G, q->xq + (int64_t)m * q->Kp,

@@ -67,13 +67,13 @@ static void amx_unpack(const uint8_t* wblk, int Kp, int8_t* bbuf) {
     }
 }
 
-/* NA (1-2) tiles of 16 tokens (rows of xq from its first) times NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride):
- * facc [NB][32][16]. C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from
+/* NA (1-2) tiles of 16 tokens (rows of xq from its first) times NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride;
+ * their group scales ws0, ws1, row stride Np): facc [NB][32][16]. C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from
  * the activations is used twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
 static inline __attribute__((always_inline)) void amx_block(const int NA, const int NB, const int8_t* xq, int Kp,
                                                            int G, int gs, int kstep, const int8_t* bbuf,
-                                                           int64_t bstride, const uint16_t* ws, int64_t Np,
-                                                           float* facc) {
+                                                           int64_t bstride, const uint16_t* ws0, const uint16_t* ws1,
+                                                           int64_t Np, float* facc) {
     int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
     const int64_t lda = Kp;
     for (int r = 0; r < 2 * 32; r++) _mm512_store_ps(facc + r * 16, _mm512_setzero_ps());
@@ -100,7 +100,7 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
         if (NA > 1) _tile_stored(2, cbuf + 512, 64);
         if (NA > 1 && NB > 1) _tile_stored(3, cbuf + 768, 64);
         for (int b = 0; b < NB; b++) {
-            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(ws + (int64_t)g * Np + 16 * b)));
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((b ? ws1 : ws0) + (int64_t)g * Np)));
             for (int a = 0; a < NA; a++) {
                 const int32_t* c = cbuf + (2 * a + b) * 256;
                 float* f = facc + (b * 32 + a * 16) * 16;
@@ -113,35 +113,51 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
     }
 }
 
-/* Rows m0 .. of the products with n-blocks nb and (nb2 = nb + 1 >= 0) of mat, in whole 16-row tiles while at
- * least 16 rows are left before me; returns the first row it did not compute. bbuf: this thread's
- * [2][Kp/4][64] buffer. */
+/* Rows m0 .. of the products with block nb0 of mat0 and (mat1 != NULL) block nb1 of mat1, in whole 16-row tiles
+ * while at least 16 rows are left before me; returns the first row it did not compute. The two blocks are two
+ * channel blocks of one matrix, or (glu != NULL) the same block of gate and up: then the rows go to glu (row
+ * stride ldglu) as silu(gate) * up instead of to the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. */
 static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
-                    const fptq_mat* mat, int nb, int two, int8_t* bbuf) {
+                    const fptq_mat* mat0, int nb0, const fptq_mat* mat1, int nb1, int8_t* bbuf, float* glu,
+                    int64_t ldglu) {
     float facc[2 * 32 * 16] __attribute__((aligned(64)));
     if (me - m0 < AMX_ROWS) return m0;
     const int64_t bstride = (int64_t)Kp * 16;
-    for (int b = 0; b <= two; b++) amx_unpack(mat->w + (int64_t)(nb + b) * (Kp / 8) * 64, Kp, bbuf + b * bstride);
-    const uint16_t* ws = mat->ws + nb * 16;
-    const size_t esz = mat->out_bf16 ? 2 : 4;
+    const int two = mat1 != 0;
+    const fptq_mat* mats[2] = {mat0, two ? mat1 : mat0};
+    const int nbs[2] = {nb0, nb1};
+    for (int b = 0; b <= two; b++) amx_unpack(mats[b]->w + (int64_t)nbs[b] * (Kp / 8) * 64, Kp, bbuf + b * bstride);
+    const uint16_t *ws0 = mat0->ws + nb0 * 16, *ws1 = mats[1]->ws + nb1 * 16;
     int m = m0;
     while (me - m >= AMX_ROWS) {
         const int na = me - m >= 2 * AMX_ROWS ? 2 : 1;
         const int8_t* xa = xq + (int64_t)m * Kp;
-        if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
-        else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
-        else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
-        else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws, mat->Np, facc);
+        if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
+        else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
+        else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
+        else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
+        __m512 bv[2];
+        __mmask16 mk[2];
         for (int b = 0; b <= two; b++) {
-            const int n0 = (nb + b) * 16;
-            const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
-            const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
-            const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
-            for (int r = 0; r < na * AMX_ROWS; r++) {
-                __m512 v = _mm512_mul_ps(_mm512_load_ps(facc + (b * 32 + r) * 16), _mm512_set1_ps(sx[m + r]));
-                if (mat->bias) v = _mm512_add_ps(v, bv);
-                store_out((char*)mat->y + (size_t)(m + r) * mat->ldy * esz, mat->out_bf16, n0, v, mk,
-                          mat->accumulate);
+            const int n0 = nbs[b] * 16;
+            const int nv = mats[b]->N - n0 < 16 ? mats[b]->N - n0 : 16;
+            mk[b] = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+            bv[b] = mats[b]->bias ? _mm512_maskz_loadu_ps(mk[b], mats[b]->bias + n0) : _mm512_setzero_ps();
+        }
+        for (int r = 0; r < na * AMX_ROWS; r++) {
+            __m512 v[2];
+            for (int b = 0; b <= two; b++) {
+                v[b] = _mm512_mul_ps(_mm512_load_ps(facc + (b * 32 + r) * 16), _mm512_set1_ps(sx[m + r]));
+                if (mats[b]->bias) v[b] = _mm512_add_ps(v[b], bv[b]);
+            }
+            if (glu) {
+                _mm512_mask_storeu_ps(glu + (int64_t)(m + r) * ldglu + nb0 * 16, mk[0], silu_mul16(v[0], v[1]));
+                continue;
+            }
+            for (int b = 0; b <= two; b++) {
+                const size_t esz = mats[b]->out_bf16 ? 2 : 4;
+                store_out((char*)mats[b]->y + (size_t)(m + r) * mats[b]->ldy * esz, mats[b]->out_bf16, nbs[b] * 16,
+                          v[b], mk[b], mats[b]->accumulate);
             }
         }
         m += na * AMX_ROWS;
