@@ -176,6 +176,19 @@ def test_fused_gate_up_silu_gives_the_unfused_bits(m, k, n, gs, mode, build):
     assert torch.equal(act, ref)
     with pytest.raises(ValueError, match="act must be"):
         gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], torch.empty(m, n + 1))
+    # down_proj's static quantizer: the codes (zero padded past n), group sums and scales silu_mul writes
+    kp2, g2 = -(-n // 8) * 8, -(-n // 32)
+    want = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
+    native.silu_mul(gu, n, quant=want)
+    got = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
+    for t in got.tensors:
+        t.fill_(7)
+    assert gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], None, quant=got) is None
+    for a, b in zip(got.tensors, want.tensors):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="only a static quantizer"):
+        gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], act,
+                 quant=native.QuantOut.make(m, kp2, "dynamic_token", None, 127, 32, g2))
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])

@@ -395,12 +395,17 @@ class Engine:
                 timer.mark("rmsnorm (+quantize)")
             gu = ws["gu"]
             if q8 is not None and layer.glu:  # silu(gate) * up as the products leave the kernel (same bits)
-                act = layer.gate_up.run_glu(q8, [gu[:, :ffn], gu[:, ffn:]], ws["act"])
+                # down_proj's codes straight from the kernel for a static quantizer (its own buffers where the
+                # shared ones would be gate/up's input, still being read)
+                shared = layer.down.quant_shape() != layer.gate_up.quant_shape()
+                qd = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m) if shared else None)
+                static = qd is not None and qd.mode == 0
+                act = layer.gate_up.run_glu(q8, [gu[:, :ffn], gu[:, ffn:]], ws["act"], quant=qd if static else None)
                 if timer:
                     timer.mark(f"gate/up {layer.gate_up.kind} (+ silu * up)")
-                q8 = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m))
-                if q8 is not None:
-                    layer.down.quantize_into(act, q8)
+                if qd is not None and not static:
+                    layer.down.quantize_into(act, qd)
+                q8 = qd
                 if timer:
                     timer.mark("silu * up (+quantize)")
             else:

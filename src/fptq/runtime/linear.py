@@ -115,11 +115,13 @@ class W4A8Group(ModuleGroup):
         """Whether :meth:`run_glu` runs here (gate and up of one width, an AVX-512 build)."""
         return self.gemm.has_glu
 
-    def run_glu(self, q: "native.QuantOut", outs, act: torch.Tensor) -> torch.Tensor:
+    def run_glu(self, q: "native.QuantOut", outs, act: torch.Tensor | None,
+                quant: "native.QuantOut | None" = None) -> torch.Tensor | None:
         """``act = silu(gate) * up`` for the input quantized into ``q``, with the bits of :meth:`run_quantized`
-        into ``outs`` followed by :func:`fptq.kernels.native.silu_mul` (:meth:`W4A8Gemm.glu`)."""
+        into ``outs`` followed by :func:`fptq.kernels.native.silu_mul`; with a static ``quant``, its codes into
+        ``quant`` instead (:meth:`W4A8Gemm.glu`)."""
         xq, xs, sx = q.tensors
-        return self.gemm.glu(xq, xs, sx, outs, act)
+        return self.gemm.glu(xq, xs, sx, outs, act, quant=quant)
 
     def quantize_into(self, x: torch.Tensor, q: "native.QuantOut") -> None:
         """Quantize float32 ``x`` for this group into ``q``'s buffers (from :meth:`quant_out`)."""

@@ -95,7 +95,7 @@ def _declare(lib) -> None:
     lib.fptq_gemm_w4a8.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _p, _c_int, _c_int]
     if hasattr(lib, "fptq_gemm_w4a8_glu"):  # the AVX-512 builds
         lib.fptq_gemm_w4a8_glu.restype = None
-        lib.fptq_gemm_w4a8_glu.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _p, _p, _c_i64, _c_int]
+        lib.fptq_gemm_w4a8_glu.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int, _p, _p, _c_i64, _p, _c_int]
     lib.fptq_gemm_w4f.restype = None
     lib.fptq_gemm_w4f.argtypes = [_p, _c_i64, _c_int, _c_int, _c_int, _c_int, _p, _c_int, _c_int]
     lib.fptq_rmsnorm.restype = None

@@ -67,23 +67,36 @@ class W4A8Gemm(_MultiGemm):
         return len(self.ns) == 2 and self.ns[0] == self.ns[1] and hasattr(library(), "fptq_gemm_w4a8_glu")
 
     def glu(self, xq: torch.Tensor, xsum: torch.Tensor, sx: torch.Tensor, outs: list[torch.Tensor],
-            act: torch.Tensor) -> torch.Tensor:
+            act: torch.Tensor | None, quant=None) -> torch.Tensor | None:
         """``act = silu(gate) * up`` for the two products gate, up (float32 ``[M, N]``, unit column stride): the
         same bits as writing them into ``outs`` and :func:`fptq.kernels.native.silu_mul`, the products of whole
         16-row AMX tiles never stored. ``outs`` (float32 ``[M, N]`` each, e.g. the halves of a gate/up buffer)
-        still take the rows that do not fill a tile (every row without AMX)."""
+        still take the rows that do not fill a tile (every row without AMX). With ``quant`` (a static
+        :class:`fptq.kernels.native.QuantOut` with buffers for ``M`` rows) the codes go there instead, as
+        ``silu_mul(..., quant=quant)`` writes them, and ``act`` (may be ``None``) is not written; returns ``act``
+        or ``None`` then."""
         m = xq.shape[0]
         if not self.has_glu:
             raise ValueError("W4A8Gemm.glu: needs two matrices of one width and an AVX-512 build of the kernels")
-        if any(o.dtype != torch.float32 for o in outs) or act.dtype != torch.float32:
+        static = quant is not None and quant.mode == 0
+        if quant is not None and not static:
+            raise ValueError("W4A8Gemm.glu: only a static quantizer writes codes from the kernel")
+        if static:
+            xq_out = quant.tensors[0]
+            if xq_out.shape[0] != m or quant.Kp < self.ns[0]:
+                raise ValueError(f"W4A8Gemm.glu: the quantizer's buffers must hold {m} rows of {self.ns[0]} codes")
+        if any(o.dtype != torch.float32 for o in outs) or (act is not None and act.dtype != torch.float32):
             raise ValueError("W4A8Gemm.glu: float32 outputs only")
-        if act.shape[0] != m or act.shape[1] != self.ns[0] or act.stride(1) != 1:
+        if act is None and not static:
+            raise ValueError("W4A8Gemm.glu: act is needed without a static quantizer")
+        if act is not None and (act.shape[0] != m or act.shape[1] != self.ns[0] or act.stride(1) != 1):
             raise ValueError(f"W4A8Gemm.glu: act must be [{m}, {self.ns[0]}] with unit column stride")
         self._set_outputs(m, outs, False)
         library().fptq_gemm_w4a8_glu(xq.data_ptr(), xsum.data_ptr(), sx.data_ptr(), m, self.kp, self.groups,
-                                     self.group_size, ctypes.addressof(self._mats), act.data_ptr(), act.stride(0),
-                                     torch.get_num_threads())
-        return act
+                                     self.group_size, ctypes.addressof(self._mats), _ptr(act),
+                                     0 if act is None else act.stride(0),
+                                     ctypes.addressof(quant) if static else None, torch.get_num_threads())
+        return None if static else act
 
     def call(self, xq: torch.Tensor, xsum: torch.Tensor, sx: torch.Tensor, outs: list[torch.Tensor],
              accumulate: bool, nthreads: int) -> tuple:

@@ -69,6 +69,27 @@ static inline __m512 load16_mask(const void* p, int bf16, int64_t off, __mmask16
  * (absmax / qmax, at least 1e-8). q = clamp(round_half_even(x / scale), -qmax, qmax), as torch does.
  * Writes xq [M, Kp] (zero padded), sx [M], and xsum [M, G] (group sums of the codes, groups of gs) when xsum != 0.
  */
+/* 16 codes (lanes mk) of v at one scale: clamp(round_half_even(v / scale), -qmax, qmax) */
+static inline void quant16(__m512 v, __m512 vs, __m512 lo, __m512 hi, int8_t* q, __mmask16 mk) {
+    v = _mm512_div_ps(v, vs);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_mask_storeu_epi8(q, mk, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+
+/* The codes' zero padding (K .. Kp-1) and their group sums (groups of gs; xsum may be NULL). */
+static inline void quant_pad_sums(int8_t* q, int K, int Kp, int gs, int G, int32_t* xsum) {
+    for (int k = K; k < Kp; k++) q[k] = 0;
+    if (xsum) {
+        for (int g = 0; g < G; g++) {
+            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
+            int32_t s = 0;
+            for (int kk = k0; kk < k1; kk++) s += q[kk];
+            xsum[g] = s;
+        }
+    }
+}
+
 static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float static_scale, float qmax,
                       int gs, int G, int8_t* q, int32_t* xsum, float* sx) {
     float scale = static_scale;
@@ -83,26 +104,12 @@ static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float
     }
     *sx = scale;
     const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
-    int k = 0;
-    for (; k < K; k += 16) {
+    for (int k = 0; k < K; k += 16) {
         int n = K - k < 16 ? K - k : 16;
         __mmask16 mk = (__mmask16)((n == 16) ? 0xFFFF : ((1u << n) - 1));
-        __m512 v = load16_mask(xrow, bf16, k, mk);
-        v = _mm512_div_ps(v, vs);
-        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
-        _mm_mask_storeu_epi8(q + k, mk, b);
+        quant16(load16_mask(xrow, bf16, k, mk), vs, lo, hi, q + k, mk);
     }
-    for (k = K; k < Kp; k++) q[k] = 0;
-    if (xsum) {
-        for (int g = 0; g < G; g++) {
-            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
-            int32_t s = 0;
-            for (int kk = k0; kk < k1; kk++) s += q[kk];
-            xsum[g] = s;
-        }
-    }
+    quant_pad_sums(q, K, Kp, gs, G, xsum);
 }
 
 void fptq_quantize(const void* x, int bf16, int M, int K, int64_t ldx, int mode, float static_scale, float qmax,
@@ -197,6 +204,17 @@ static void rows_w4(const int8_t* xq, const int32_t* xsum, const float* sx, int 
 
 static inline __m512 silu_mul16(__m512 a, __m512 u);
 
+/* One fused gate/up output segment (row m, channels n0 .., lanes mk): into act, or, for a static quantizer q,
+ * as its codes (what quant_row would write from act). */
+static inline void glu_store(__m512 v, float* act, int64_t ldact, const fptq_qparams* q, int m, int n0,
+                             __mmask16 mk) {
+    if (q)
+        quant16(v, _mm512_set1_ps(q->static_scale), _mm512_set1_ps(-q->qmax), _mm512_set1_ps(q->qmax),
+                q->xq + (int64_t)m * q->Kp + n0, mk);
+    else
+        _mm512_mask_storeu_ps(act + (int64_t)m * ldact + n0, mk, v);
+}
+
 #ifdef FPTQ_AMX
 #include "w4a8_amx.h"
 #endif
@@ -236,7 +254,7 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
                     if (nb * 16 >= mat->N) continue;
                     const int two = (nb + 1) * 16 < mat->N;
                     const int m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, mat, nb, two ? mat : 0, nb + 1, bbuf,
-                                            0, 0);
+                                            0, 0, 0);
                     for (int b = 0; b <= two; b++) rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, mat, nb + b);
                 }
             }
@@ -263,11 +281,14 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
 /* act[m, n] = silu(gate[m, n]) * up[m, n] for the W4A8 products gate = mats[0], up = mats[1] (the same N) of one
  * quantized input: the SiLU-and-multiply of fptq_silu_mul applied to the two products' float32 values as they
  * leave the AVX-512 or AMX kernel, so act has the same bits as fptq_gemm_w4a8 into a gate/up buffer followed by
- * fptq_silu_mul, without that buffer's round trip through memory. Rows that do not fill a 16-row AMX tile (and
- * every row in builds without AMX) go through the buffer: mats[i].y (float32, accumulate 0) must be valid. */
+ * fptq_silu_mul, without that buffer's round trip through memory. With a static quantizer q (q->mode 0) act is
+ * not written: its codes go to q (padding, group sums and scales too), as fptq_silu_mul's quant would write
+ * them; another q is ignored. Rows that do not fill a 16-row AMX tile (and every row in builds without AMX) go
+ * through the buffer: mats[i].y (float32, accumulate 0) must be valid. */
 void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, int M, int Kp, int G, int gs,
-                        const fptq_mat* mats, float* act, int64_t ldact, int nthreads) {
+                        const fptq_mat* mats, float* act, int64_t ldact, const fptq_qparams* q, int nthreads) {
     const fptq_mat *gate = &mats[0], *up = &mats[1];
+    if (q && !(q->xq && q->mode == 0)) q = 0; /* codes straight from the kernel for a static quantizer only */
     const int nblocks = (gate->N + 15) / 16, mchunk = 512;
 #ifdef FPTQ_AMX
     int kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0;
@@ -286,7 +307,7 @@ void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, 
             for (int nb = 0; nb < nblocks; nb++) {
                 int m1 = mc;
 #ifdef FPTQ_AMX
-                if (kstep) m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, gate, nb, up, nb, bbuf, act, ldact);
+                if (kstep) m1 = amx_rows(xq, sx, mc, me, Kp, G, gs, kstep, gate, nb, up, nb, bbuf, act, ldact, q);
 #endif
                 if (m1 == me) continue;
                 rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, gate, nb);
@@ -296,13 +317,22 @@ void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, 
                 for (int m = m1; m < me; m++) {
                     const __m512 g = _mm512_maskz_loadu_ps(mk, (const float*)gate->y + (int64_t)m * gate->ldy + n0);
                     const __m512 u = _mm512_maskz_loadu_ps(mk, (const float*)up->y + (int64_t)m * up->ldy + n0);
-                    _mm512_mask_storeu_ps(act + (int64_t)m * ldact + n0, mk, silu_mul16(g, u));
+                    glu_store(silu_mul16(g, u), act, ldact, q, m, n0, mk);
                 }
             }
         }
 #ifdef FPTQ_AMX
         if (kstep) _tile_release();
 #endif
+        if (q) { /* once every code is written: the rows' padding, group sums and scales */
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) {
+                quant_pad_sums(q->xq + (int64_t)m * q->Kp, gate->N, q->Kp, q->gs, q->G,
+                               q->xsum ? q->xsum + (int64_t)m * q->G : 0);
+                q->sx[m] = q->static_scale;
+            }
+        }
     }
 #ifdef FPTQ_AMX
     free(bufs);

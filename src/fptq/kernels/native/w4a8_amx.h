@@ -115,11 +115,12 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
 
 /* Rows m0 .. of the products with block nb0 of mat0 and (mat1 != NULL) block nb1 of mat1, in whole 16-row tiles
  * while at least 16 rows are left before me; returns the first row it did not compute. The two blocks are two
- * channel blocks of one matrix, or (glu != NULL) the same block of gate and up: then the rows go to glu (row
- * stride ldglu) as silu(gate) * up instead of to the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. */
+ * channel blocks of one matrix, or (glu or gq != NULL) the same block of gate and up: then the rows go to glu
+ * (row stride ldglu) as silu(gate) * up, or as their codes for the static quantizer gq (glu_store), instead of to
+ * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. */
 static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
                     const fptq_mat* mat0, int nb0, const fptq_mat* mat1, int nb1, int8_t* bbuf, float* glu,
-                    int64_t ldglu) {
+                    int64_t ldglu, const fptq_qparams* gq) {
     float facc[2 * 32 * 16] __attribute__((aligned(64)));
     if (me - m0 < AMX_ROWS) return m0;
     const int64_t bstride = (int64_t)Kp * 16;
@@ -150,8 +151,8 @@ static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, i
                 v[b] = _mm512_mul_ps(_mm512_load_ps(facc + (b * 32 + r) * 16), _mm512_set1_ps(sx[m + r]));
                 if (mats[b]->bias) v[b] = _mm512_add_ps(v[b], bv[b]);
             }
-            if (glu) {
-                _mm512_mask_storeu_ps(glu + (int64_t)(m + r) * ldglu + nb0 * 16, mk[0], silu_mul16(v[0], v[1]));
+            if (glu || gq) {
+                glu_store(silu_mul16(v[0], v[1]), glu, ldglu, gq, m + r, nb0 * 16, mk[0]);
                 continue;
             }
             for (int b = 0; b <= two; b++) {
