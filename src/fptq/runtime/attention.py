@@ -26,8 +26,8 @@ def prefill_attention_path(choice: str, native_bf16: bool, head_dim: int, amx_bf
     AMX-BF16, a bfloat16 KV cache); then it takes a head size that is a multiple of 32 up to 256, else 64 or 128
     (and needs AVX512-BF16).
 
-    ``"auto"``: ``native`` where it runs on AMX tiles (per layer 1.8-2.1x PyTorch's bf16 SDPA on SmolLM2's and
-    Qwen2.5's shapes, 1.5-1.6x on LLaMA-2-7B's: bench/prefill_attention.py), else ``sdpa_bf16`` where the CPU
+    ``"auto"``: ``native`` where it runs on AMX tiles (per layer 2.0-2.4x PyTorch's bf16 SDPA on SmolLM2's and
+    Qwen2.5's shapes, 1.6-1.9x on LLaMA-2-7B's: bench/prefill_attention.py), else ``sdpa_bf16`` where the CPU
     has AMX-BF16 and the KV cache is not float32 (a float32 cache asks for float32 attention), else ``native``
     where it runs, else ``sdpa``. A choice that cannot run here falls back the same way (``native`` that cannot
     run runs ``sdpa``)."""
