@@ -231,16 +231,21 @@ def test_the_bound_decode_program_gives_the_loops_bits(tmp_path, kv):
         torch.set_num_threads(threads)
 
 
-def test_the_fused_gate_up_silu_gives_the_unfused_bits(tmp_path):
+@pytest.mark.parametrize("ffn", [96, 64])
+def test_the_fused_gate_up_silu_gives_the_unfused_bits(tmp_path, ffn):
     """A prompt with gate/up's products fed straight into SiLU-and-multiply (W4A8Gemm.glu) and with them written
-    out first: the same logits and caches, bit for bit (64 tokens: AMX tiles where the CPU has them)."""
+    out first: the same logits and caches, bit for bit (64 tokens: AMX tiles where the CPU has them). With
+    ffn == hidden (64) down_proj's codes and gate/up's input have the same shape: the kernel must not write the
+    codes over the input it is reading."""
     from fptq.kernels import native
 
     if not native.available() or native.isa() == "avx2":
         pytest.skip("the fused product is in the AVX-512 builds")
-    model = fptq.load(_checkpoint(tmp_path))
+    model = fptq.load(_checkpoint(tmp_path, model=tiny_llama(intermediate_size=ffn)))
     fused, plain = Engine(model), Engine(model)
     assert all(layer.glu for layer in fused.layers)
+    modes = {layer.down.w.act_mode for layer in fused.layers}
+    assert "static_tensor" in modes  # the codes come from the kernel in at least one layer
     for layer in plain.layers:
         layer.glu = False
     ids = _ids(2, 64)

@@ -121,7 +121,8 @@ class _Layer:
         self.dq, self.dkv = at.q_proj.out_features, at.k_proj.out_features
         self.ffn = mlp.gate_proj.out_features
         # gate/up's products go straight into SiLU-and-multiply (W4A8Gemm.glu) where the build has it; down_proj
-        # then takes the float product, quantized by its own group when it is W4A8
+        # then takes its static codes from the same kernel, or the float product (quantized by its own group
+        # when that is W4A8 with a dynamic quantizer)
         self.glu = (isinstance(self.gate_up, W4A8Group) and self.gate_up.has_glu
                     and (isinstance(self.down, W4A8Group) or self.down.quant_shape() is None))
 
@@ -395,10 +396,10 @@ class Engine:
                 timer.mark("rmsnorm (+quantize)")
             gu = ws["gu"]
             if q8 is not None and layer.glu:  # silu(gate) * up as the products leave the kernel (same bits)
-                # down_proj's codes straight from the kernel for a static quantizer (its own buffers where the
-                # shared ones would be gate/up's input, still being read)
-                shared = layer.down.quant_shape() != layer.gate_up.quant_shape()
-                qd = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m) if shared else None)
+                # down_proj's codes straight from the kernel for a static quantizer (in down_proj's own buffers
+                # where the workspace's would be those of gate/up's input, which the kernel is still reading)
+                distinct = layer.down.quant_shape() != layer.gate_up.quant_shape()
+                qd = layer.down.quant_out(m, self._quant_buffers(ws, layer.down, m) if distinct else None)
                 static = qd is not None and qd.mode == 0
                 act = layer.gate_up.run_glu(q8, [gu[:, :ffn], gu[:, ffn:]], ws["act"], quant=qd if static else None)
                 if timer:
