@@ -71,6 +71,17 @@ def _time(fn, number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
+def interleaved_medians(calls: dict, repeats: int, number: int) -> dict:
+    """Seconds per call of each of ``calls`` (name -> function): ``repeats`` rounds, each timing every call
+    ``number`` times in a rotated order, medians over the rounds."""
+    names = list(calls)
+    times = {v: [] for v in names}
+    for r in range(repeats):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            times[v].append(_time(calls[v], number))
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ms", default="16,64,512,2048", help="token counts")
@@ -102,12 +113,7 @@ def main() -> None:
             same = all(torch.equal(outs[i], next(iter(outs.values()))) for i in outs)
             calls["bf16 F.linear"] = lambda: F.linear(xb, wf)
             number = max(2, min(200, int(3e8 / (m * k * n))))
-            times = {v: [] for v in calls}
-            for r in range(a.repeats):
-                order = list(calls)[r % len(calls):] + list(calls)[:r % len(calls)]
-                for v in order:
-                    times[v].append(_time(calls[v], number))
-            med = {v: statistics.median(t) for v, t in times.items()}
+            med = interleaved_medians(calls, a.repeats, number)
             rows.append({"k": k, "n": n, "group_size": gs, "m": m, "builds_bit_identical": same,
                          "ms": {v: t * 1e3 for v, t in med.items()},
                          "gmac_per_s": {v: m * k * n / t / 1e9 for v, t in med.items()}})

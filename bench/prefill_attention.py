@@ -15,9 +15,7 @@ Writes ``bench/results/NAME.{json,md}``. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,17 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import machine, write_results  # noqa: E402
 from fptq.kernels import native  # noqa: E402
-from native_builds import _cpu_name, _libraries  # noqa: E402
+from native_builds import _cpu_name, _libraries, interleaved_medians  # noqa: E402
 
 # (query heads, kv heads, head size): SmolLM2-135M, Qwen2.5-0.5B, LLaMA-2-7B
 SHAPES = [(9, 3, 64), (14, 2, 64), (32, 32, 128)]
-
-
-def _time(fn, number: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
 
 
 def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -81,12 +72,7 @@ def main() -> None:
                                                                         enable_gqa=True)
             sqnr["bf16 SDPA"] = _sqnr(ref, calls["bf16 SDPA"]())
             number = max(2, min(100, int(2e9 / (h * t * t * hd))))
-            times = {n: [] for n in calls}
-            for r in range(a.repeats):
-                order = list(calls)[r % len(calls):] + list(calls)[:r % len(calls)]
-                for n in order:
-                    times[n].append(_time(calls[n], number))
-            med = {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
+            med = {n: t * 1e3 for n, t in interleaved_medians(calls, a.repeats, number).items()}
             rows.append({"heads": h, "kv_heads": hkv, "head_dim": hd, "tokens": t, "ms": med, "sqnr_db": sqnr})
             print(f"H={h} Hkv={hkv} hd={hd} T={t}: " + ", ".join(f"{n} {m:.3f} ms ({sqnr[n]:.1f} dB)"
                                                                  for n, m in med.items()), flush=True)

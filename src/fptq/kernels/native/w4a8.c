@@ -77,19 +77,6 @@ static inline void quant16(__m512 v, __m512 vs, __m512 lo, __m512 hi, int8_t* q,
     _mm_mask_storeu_epi8(q, mk, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
 }
 
-/* The codes' zero padding (K .. Kp-1) and their group sums (groups of gs; xsum may be NULL). */
-static inline void quant_pad_sums(int8_t* q, int K, int Kp, int gs, int G, int32_t* xsum) {
-    for (int k = K; k < Kp; k++) q[k] = 0;
-    if (xsum) {
-        for (int g = 0; g < G; g++) {
-            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
-            int32_t s = 0;
-            for (int kk = k0; kk < k1; kk++) s += q[kk];
-            xsum[g] = s;
-        }
-    }
-}
-
 static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float static_scale, float qmax,
                       int gs, int G, int8_t* q, int32_t* xsum, float* sx) {
     float scale = static_scale;
@@ -122,6 +109,12 @@ void fptq_quantize(const void* x, int bf16, int M, int K, int64_t ldx, int mode,
 }
 
 /* ------------------------------------------------------------------ GEMM, 4-bit weights */
+/* The lanes of the 16-channel block at n0 of an N-channel output that exist */
+static inline __mmask16 block_mask(int N, int n0) {
+    const int nv = N - n0 < 16 ? N - n0 : 16;
+    return (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+}
+
 static inline void store_out(void* y, int out_bf16, int64_t off, __m512 v, __mmask16 mk, int accumulate) {
     if (out_bf16) {
         uint16_t* p = (uint16_t*)y + off;
@@ -171,8 +164,7 @@ static inline __attribute__((always_inline)) void tile_w4(
 #pragma GCC unroll 8
         for (int t = 0; t < MT; t++) facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), sv, facc[t]);
     }
-    const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
-    const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+    const __mmask16 mk = block_mask(mat->N, n0);
     const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int t = 0; t < MT; t++) {
@@ -231,9 +223,8 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
 #ifdef FPTQ_AMX
     /* 16 tokens or more on AMX tiles (w4a8_amx.h), in tasks of two 16-channel blocks that share each activation
      * tile; each thread unpacks its blocks' codes into its part of bufs */
-    int kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0; /* 0: AVX-512 only */
-    int8_t* bufs = kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
-    if (!bufs) kstep = 0;
+    int kstep;
+    int8_t* bufs = amx_buffers(M, Kp, G, gs, nthreads, &kstep);
     int starts2[17];
     const int total2 = fptq_task_starts(mats, nmat, 32, starts2);
 #endif
@@ -291,9 +282,8 @@ void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, 
     if (q && !(q->xq && q->mode == 0)) q = 0; /* codes straight from the kernel for a static quantizer only */
     const int nblocks = (gate->N + 15) / 16, mchunk = 512;
 #ifdef FPTQ_AMX
-    int kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0;
-    int8_t* bufs = kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
-    if (!bufs) kstep = 0;
+    int kstep;
+    int8_t* bufs = amx_buffers(M, Kp, G, gs, nthreads, &kstep);
 #endif
 #pragma omp parallel num_threads(nthreads)
     {
@@ -312,8 +302,8 @@ void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, 
                 if (m1 == me) continue;
                 rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, gate, nb);
                 rows_w4(xq, xsum, sx, m1, me, Kp, G, gs, up, nb);
-                const int n0 = nb * 16, nv = gate->N - n0 < 16 ? gate->N - n0 : 16;
-                const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+                const int n0 = nb * 16;
+                const __mmask16 mk = block_mask(gate->N, n0);
                 for (int m = m1; m < me; m++) {
                     const __m512 g = _mm512_maskz_loadu_ps(mk, (const float*)gate->y + (int64_t)m * gate->ldy + n0);
                     const __m512 u = _mm512_maskz_loadu_ps(mk, (const float*)up->y + (int64_t)m * up->ldy + n0);
@@ -368,8 +358,7 @@ static inline __attribute__((always_inline)) void tile_w4f(
         const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mat->ws + n0 + (int64_t)g * mat->Np)));
         for (int t = 0; t < MT; t++) facc[t] = _mm512_fmadd_ps(gacc[t], sv, facc[t]);
     }
-    const int nv = mat->N - n0 < 16 ? mat->N - n0 : 16;
-    const __mmask16 mk = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+    const __mmask16 mk = block_mask(mat->N, n0);
     const __m512 bv = mat->bias ? _mm512_maskz_loadu_ps(mk, mat->bias + n0) : _mm512_setzero_ps();
     for (int t = 0; t < MT; t++) {
         __m512 v = facc[t];

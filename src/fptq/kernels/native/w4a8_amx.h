@@ -56,6 +56,15 @@ static void amx_configure(int kstep) {
     _tile_loadconfig(&cfg);
 }
 
+/* The tile depth of an M-row product (*kstep; 0: the AVX-512 kernel only) and the per-thread buffers of unpacked
+ * codes it needs ([nthreads][2][Kp/4][64]; NULL, with depth 0, when it cannot allocate them). */
+static int8_t* amx_buffers(int M, int Kp, int G, int gs, int nthreads, int* kstep) {
+    *kstep = M >= AMX_MIN_M ? amx_kstep(Kp, G, gs) : 0;
+    int8_t* bufs = *kstep ? (int8_t*)aligned_alloc(64, (size_t)nthreads * Kp * 32) : 0;
+    if (!bufs) *kstep = 0;
+    return bufs;
+}
+
 /* The codes of n-block nb as signed int8 B rows: bbuf [Kp/4][64]. */
 static void amx_unpack(const uint8_t* wblk, int Kp, int8_t* bbuf) {
     const __m512i m0f = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
@@ -141,8 +150,7 @@ static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, i
         __mmask16 mk[2];
         for (int b = 0; b <= two; b++) {
             const int n0 = nbs[b] * 16;
-            const int nv = mats[b]->N - n0 < 16 ? mats[b]->N - n0 : 16;
-            mk[b] = (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+            mk[b] = block_mask(mats[b]->N, n0);
             bv[b] = mats[b]->bias ? _mm512_maskz_loadu_ps(mk[b], mats[b]->bias + n0) : _mm512_setzero_ps();
         }
         for (int r = 0; r < na * AMX_ROWS; r++) {

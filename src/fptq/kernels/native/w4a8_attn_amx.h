@@ -27,15 +27,6 @@ static int amx_bf16_usable(void) {
     return ((d >> 22) & 1) && amx_usable();
 }
 
-/* Tiles 0-3: C (16 x 16 float32); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pairs x 16 columns). */
-static void amx_attn_configure(void) {
-    amx_tilecfg cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-    _tile_loadconfig(&cfg);
-}
-
 /* Pack keys 0 .. end-1 of one (batch, kv head) of a bf16 cache [L][hd] into kp (B tiles of q.k) and vp (B tiles
  * of p.v); keys end .. end32-1 are zeros. */
 static void amx_attn_pack(const uint16_t* kc, const uint16_t* vc, int hd, int end, int end32, uint32_t* kp,
@@ -192,7 +183,7 @@ static int amx_prefill_attention(const float* q, const uint16_t* kc, const uint1
         float rsum[AT_ROWS];
         __m512 rmax[AT_ROWS]; /* per row: the lanes' running maxima (reduced once, before the softmax) */
         const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        amx_attn_configure();
+        amx_configure(64); /* 0-3: C (16 x 16 float32); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pairs x 16) */
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < B * H * qchunks; task++) {
             const int qc = qchunks - 1 - task % qchunks; /* longest rows first */

@@ -84,15 +84,7 @@ static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float
         v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
         q[k] = (int8_t)v;
     }
-    for (k = K; k < Kp; k++) q[k] = 0;
-    if (xsum) {
-        for (int g = 0; g < G; g++) {
-            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
-            int32_t s = 0;
-            for (int kk = k0; kk < k1; kk++) s += q[kk];
-            xsum[g] = s;
-        }
-    }
+    quant_pad_sums(q, K, Kp, gs, G, xsum);
 }
 
 void fptq_quantize(const void* x, int bf16, int M, int K, int64_t ldx, int mode, float static_scale, float qmax,

@@ -161,6 +161,19 @@ int64_t fptq_prefill_attention_work(int B, int Hkv, int hd, int end) {
     return (int64_t)B * Hkv * nb * ABLK * hd * 2 /* bf16 */ * 2 /* k and v */;
 }
 
+/* The codes' zero padding (K .. Kp-1) and their group sums (groups of gs; xsum may be NULL). */
+static inline void quant_pad_sums(int8_t* q, int K, int Kp, int gs, int G, int32_t* xsum) {
+    for (int k = K; k < Kp; k++) q[k] = 0;
+    if (xsum) {
+        for (int g = 0; g < G; g++) {
+            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
+            int32_t s = 0;
+            for (int kk = k0; kk < k1; kk++) s += q[kk];
+            xsum[g] = s;
+        }
+    }
+}
+
 /* Where a prompt attention's output row (batch b, head h, token t) goes: [B][H][T][hd], or [B][T][H][hd] (the
  * next Linear's input rows) when out_bthd. */
 static inline int64_t attn_out_offset(int out_bthd, int b, int h, int t, int H, int T, int hd) {
