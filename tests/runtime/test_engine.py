@@ -219,7 +219,8 @@ def test_the_bound_decode_program_gives_the_loops_bits(tmp_path, kv):
             steps = [e.forward(ids[:, i:i + 1], c) for e, c in zip((prog, loop), caches)]
             assert torch.equal(steps[0], steps[1]), (b, i)
         assert caches[0].program is not None and caches[1].program is None
-        assert torch.equal(caches[0].keys[1], caches[1].keys[1])
+        n = caches[0].length  # past it the buffers hold whatever memory held (Engine.new_cache)
+        assert torch.equal(caches[0].keys[1][:, :, :n], caches[1].keys[1][:, :, :n])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -252,4 +253,35 @@ def test_the_fused_gate_up_silu_gives_the_unfused_bits(tmp_path, ffn):
     caches = [e.new_cache(2, 70) for e in (fused, plain)]
     outs = [e.forward(ids, c, logits="all") for e, c in zip((fused, plain), caches)]
     assert torch.equal(outs[0], outs[1])
-    assert torch.equal(caches[0].values[1], caches[1].values[1])
+    assert torch.equal(caches[0].values[1][:, :, :64], caches[1].values[1][:, :, :64])
+
+
+def _poison(cache):
+    """Every buffer of ``cache`` filled with what a recycled allocation may hold: NaN, or int8 codes of 127."""
+    for group in (cache.keys, cache.values, cache.key_scales or [], cache.value_scales or []):
+        for t in group:
+            t.fill_(127 if t.dtype == torch.int8 else float("nan"))
+    return cache
+
+
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8, torch.float32])
+@pytest.mark.parametrize("prefill", ["native", "sdpa_bf16", "sdpa"])
+def test_cache_positions_past_the_sequence_are_never_read(tmp_path, kv, prefill):
+    """Engine.new_cache does not clear its buffers: a cache full of NaN (or int8 codes of 127) past what was
+    written gives the bits of a zeroed one, through a prompt, a second chunk, decode steps and a grown cache."""
+    eng = Engine(fptq.load(_checkpoint(tmp_path)), kv_dtype=kv, prefill_attention=prefill)
+    ids = _ids(2, 14)
+    outs = []
+    for prep in (_poison, lambda c: c):
+        cache = prep(eng.new_cache(2, 40))
+        if prep is not _poison:
+            for group in (cache.keys, cache.values, cache.key_scales or [], cache.value_scales or []):
+                for t in group:
+                    t.zero_()
+        got = [eng.forward(ids[:, :7], cache, logits="all"), eng.forward(ids[:, 7:10], cache, logits="all")]
+        got += [eng.forward(ids[:, i:i + 1], cache) for i in range(10, 12)]
+        eng.grow_cache(cache, 100)  # the grown buffers are new, unwritten memory too
+        got += [eng.forward(ids[:, i:i + 1], cache) for i in range(12, 14)]
+        outs.append(got)
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

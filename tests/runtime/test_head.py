@@ -107,6 +107,9 @@ def test_the_runtime_int8_head_hands_many_rows_to_the_stored_head():
     with torch.no_grad():
         many = torch.randn(INT8_MAX_ROWS + 1, 64)
         assert torch.equal(head(many), stored(many).float())
+        own = head(many, None)  # the transformers interface: the stored head's own dtype, not a float32 copy
+        assert own.dtype == torch.bfloat16 and torch.equal(own, stored(many))
+        assert head(many[:2], None).dtype == torch.float32  # the int8 product's own
         assert torch.equal(int8(many), head.int8_logits(many))
         few = many[:INT8_MAX_ROWS]
         assert torch.equal(head(few), head.int8_logits(few)) and not torch.equal(head(few), stored(few).float())

@@ -252,6 +252,22 @@ def test_the_default_head_is_int8_within_the_stored_heads_logits(ckpt):
         fptq.load(ckpt, head="int4")
 
 
+def test_a_long_prompts_logits_keep_the_stored_heads_dtype(ckpt):
+    """Beyond INT8_MAX_ROWS rows the default head hands the rows to the stored head: the model returns its
+    bfloat16 logits as they are (as transformers' bfloat16 model does), equal to head="stored"'s; a few rows
+    (decoding) keep the int8 product's float32."""
+    from fptq.runtime.head import INT8_MAX_ROWS
+
+    if not native.available():
+        pytest.skip("the int8 head runs the native kernels")
+    fast, stored = fptq.load(ckpt), fptq.load(ckpt, head="stored")
+    ids = token_ids(1, INT8_MAX_ROWS + 6, 3)
+    with torch.no_grad():
+        a, b = fast(ids).logits, stored(ids).logits
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+        assert fast(ids, logits_to_keep=1).logits.dtype == torch.float32
+
+
 def test_the_runtime_head_off_the_cpu_is_a_plain_linear():
     """A model moved off the CPU after loading: its head multiplies as nn.Linear does, the int8 head (a CPU
     kernel) is never built."""

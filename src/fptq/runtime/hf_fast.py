@@ -111,7 +111,10 @@ class RuntimeHead(nn.Linear):
     batch 1, 870 ms at batch 16, against 4 and 6 ms for the same rows made contiguous). The copy of the rows
     costs nothing next to that. The product is :func:`~fptq.runtime.head.runtime_head`'s (``choice``; built
     at the first call): the int8 head, or :func:`~fptq.runtime.head.head_logits` of the stored weight (float32
-    blocks for many rows where bfloat16 is emulated)."""
+    blocks for many rows where bfloat16 is emulated). Its logits keep the dtype of the product that made them:
+    float32 from the int8 head (decoding: greedy tokens are the Engine's), the stored weight's dtype from the
+    stored head (a prompt's logits at every position, bfloat16 as transformers' own bfloat16 model gives them:
+    no float32 copy, which cost SmolLM2's 512 positions 100 MB and about 25 ms on the AMX Xeon)."""
 
     @classmethod
     def of(cls, linear: nn.Linear, choice: str = "auto", quantized: bool = True) -> "RuntimeHead":
@@ -140,7 +143,7 @@ class RuntimeHead(nn.Linear):
         lead = x.shape[:-1]
         if x.device.type != "cpu" or self.weight.device.type != "cpu":  # moved off the CPU: no runtime head
             return nn.functional.linear(x, self.weight, self.bias)
-        y = self.product(x.reshape(-1, x.shape[-1]).contiguous())
+        y = self.product(x.reshape(-1, x.shape[-1]).contiguous(), None)
         return y.view(*lead, self.out_features)
 
 
@@ -200,7 +203,7 @@ class RuntimeDecoder(StandInDecoder):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.config)
-        kv = self._sync(cache, input_ids.shape[0])
+        kv = self._sync(cache, input_ids.shape[0], input_ids.shape[1])
         engine = self.engine
         engine.grow_cache(kv, kv.length + input_ids.shape[1])
         hidden = engine.forward(input_ids, kv, logits="hidden")
@@ -209,16 +212,17 @@ class RuntimeDecoder(StandInDecoder):
         return _output_class()(last_hidden_state=hidden, **{self._cache_field: cache if use_cache else None})
 
     # --------------------------------------------------------------------- cache
-    def _sync(self, cache, batch: int) -> KVCache:
+    def _sync(self, cache, batch: int, new: int) -> KVCache:
         """The runtime cache holding what ``cache`` holds: the one made for it if ``cache`` still shows its
-        buffers (shortened: continued from there), else a new one (``cache``'s keys and values copied in)."""
+        buffers (shortened: continued from there), else a new one (``cache``'s keys and values copied in) with
+        room for the ``new`` positions of this call and :data:`_SLACK` more."""
         engine = self.engine
         n = cache_length(cache)
         kv = self._kv.get(cache) if cache is not None else None
         if kv is not None and kv.batch == batch and shows(cache, kv.keys, kv.values, n, kv.length):
             kv.length = n
             return kv
-        kv = engine.new_cache(batch, n + _SLACK)
+        kv = engine.new_cache(batch, n + new + _SLACK)
         if n:
             for li, layer in enumerate(cache_layers(cache)):
                 kv.keys[li][:, :, :n].copy_(layer.keys)
