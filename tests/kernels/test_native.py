@@ -14,6 +14,16 @@ from fptq.quant import (dequantize_weight, pack_int4, pack_int4_vnni, quantize_p
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True)
+def _default_build_after():
+    """After each test (and after its monkeypatch has restored ``FPTQ_NATIVE``), forget the loaded build, so
+    that a test that loaded another one does not leave it to every later test of the session (the AMX paths of
+    tests/runtime ran on the avx512_vnni build after this file until this fixture existed)."""
+    yield
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+
+
 def _use_build(monkeypatch, isa: str) -> None:
     """Load ``isa``'s build (``FPTQ_NATIVE=isa``), skipping the test where this CPU cannot run it."""
     monkeypatch.setenv("FPTQ_NATIVE", isa)
