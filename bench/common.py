@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts (data paths, the standard windows)."""
+"""Shared helpers for the benchmark scripts (data paths, the standard windows, results, SQNR)."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,12 @@ def c4_eval_path() -> Path:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB, in float32."""
+    ref, x = ref.float(), x.float()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-30)))
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:

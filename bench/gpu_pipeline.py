@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine
+from common import RESULTS, machine, sqnr_db
 
 
 def build_model(hidden: int, layers: int, vocab: int, seed: int = 0):
@@ -42,10 +42,6 @@ def build_model(hidden: int, layers: int, vocab: int, seed: int = 0):
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
             layer.post_attention_layernorm.weight[4:8] *= 300
     return model
-
-
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-30)))
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from fptq.eval.perplexity import evaluate_perplexity, load_eval_text, token_wind
 from fptq.hf import set_backend
 from fptq.runtime import Engine, EngineLM, load_for_runtime
 
-from common import machine, wikitext_path, write_results
+from common import machine, sqnr_db, wikitext_path, write_results
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
             lm = set_backend(model, name)
         with torch.inference_mode():
             logits = lm(probe).logits.float()
-        sqnr = float(20 * torch.log10(ref_logits.norm() / (ref_logits - logits).norm().clamp_min(1e-30)))
+        sqnr = sqnr_db(ref_logits, logits)
         t = time.perf_counter()
         with torch.inference_mode():
             if not ref_logp:

@@ -23,16 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import machine, write_results  # noqa: E402
+from common import machine, sqnr_db, write_results  # noqa: E402
 from fptq.kernels import native  # noqa: E402
 from native_builds import _cpu_name, _libraries, interleaved_medians  # noqa: E402
 
 # (query heads, kv heads, head size): SmolLM2-135M, Qwen2.5-0.5B, LLaMA-2-7B
 SHAPES = [(9, 3, 64), (14, 2, 64), (32, 32, 128)]
-
-
-def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).sum() / (x.float() - ref).pow(2).sum()))
 
 
 def main() -> None:
@@ -67,10 +63,10 @@ def main() -> None:
                 name = f"fptq native ({isa})"
                 calls[name] = (lambda lib=lib, args=args: lib.fptq_prefill_attention(*args))
                 calls[name]()
-                sqnr[name] = _sqnr(ref, out)
+                sqnr[name] = sqnr_db(ref, out)
             calls["bf16 SDPA"] = lambda: F.scaled_dot_product_attention(q.bfloat16(), k, v, is_causal=True, scale=scale,
                                                                         enable_gqa=True)
-            sqnr["bf16 SDPA"] = _sqnr(ref, calls["bf16 SDPA"]())
+            sqnr["bf16 SDPA"] = sqnr_db(ref, calls["bf16 SDPA"]())
             number = max(2, min(100, int(2e9 / (h * t * t * hd))))
             med = {n: t * 1e3 for n, t in interleaved_medians(calls, a.repeats, number).items()}
             rows.append({"heads": h, "kv_heads": hkv, "head_dim": hd, "tokens": t, "ms": med, "sqnr_db": sqnr})

@@ -143,7 +143,7 @@ class RuntimeHead(nn.Linear):
         lead = x.shape[:-1]
         if x.device.type != "cpu" or self.weight.device.type != "cpu":  # moved off the CPU: no runtime head
             return nn.functional.linear(x, self.weight, self.bias)
-        y = self.product(x.reshape(-1, x.shape[-1]).contiguous(), None)
+        y = self.product(x.reshape(-1, x.shape[-1]).contiguous(), dtype=None)
         return y.view(*lead, self.out_features)
 
 

@@ -78,12 +78,13 @@ class W4A8Group(ModuleGroup):
         self.gemm = native.W4A8Gemm([w.spec() for w in weights], self.w.group_size)
 
         w = self.w
-        self._quant = native.QuantOut.params(w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
+        # the input quantizer's arguments (kp, mode, static scale, qmax, group size, groups), as every call takes them
+        self._qargs = (w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
+        self._quant = native.QuantOut.params(*self._qargs)
         self._own_buffers: dict[int, tuple] = {}
 
     def __call__(self, x, outs, accumulate=False):
-        w = self.w
-        xq, xs, sx = native.quantize(x, w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups)
+        xq, xs, sx = native.quantize(x, *self._qargs)
         self.gemm(xq, xs, sx, outs, accumulate=accumulate)
 
     def quant_out(self, m, buffers: tuple | None = None):
@@ -102,8 +103,7 @@ class W4A8Group(ModuleGroup):
     def new_quant_out(self, buffers: tuple) -> "native.QuantOut":
         """A quantizer of its own for this group's input, writing into ``buffers`` (one that stays bound, unlike
         :meth:`quant_out`'s, which is re-pointed at each call)."""
-        w = self.w
-        return native.QuantOut.params(w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups).attach(*buffers)
+        return native.QuantOut.params(*self._qargs).attach(*buffers)
 
     def run_quantized(self, q: "native.QuantOut", outs, accumulate=False) -> None:
         """The products for the input a fused stage quantized into ``q`` (from :meth:`quant_out`)."""
@@ -125,9 +125,7 @@ class W4A8Group(ModuleGroup):
 
     def quantize_into(self, x: torch.Tensor, q: "native.QuantOut") -> None:
         """Quantize float32 ``x`` for this group into ``q``'s buffers (from :meth:`quant_out`)."""
-        w = self.w
-        fn, args = native.quantize_call(x, w.kp, w.act_mode, w.act_scale, w.qmax, w.group_size, w.groups,
-                                        q.tensors, torch.get_num_threads())
+        fn, args = native.quantize_call(x, *self._qargs, q.tensors, torch.get_num_threads())
         fn(*args)
 
 

@@ -69,6 +69,12 @@ static inline __m512 load16_mask(const void* p, int bf16, int64_t off, __mmask16
  * (absmax / qmax, at least 1e-8). q = clamp(round_half_even(x / scale), -qmax, qmax), as torch does.
  * Writes xq [M, Kp] (zero padded), sx [M], and xsum [M, G] (group sums of the codes, groups of gs) when xsum != 0.
  */
+/* The lanes of the 16-wide block at n0 of an N-long row (of channels, inputs, keys) that exist (n0 < N) */
+static inline __mmask16 block_mask(int N, int n0) {
+    const int nv = N - n0 < 16 ? N - n0 : 16;
+    return (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
+}
+
 /* 16 codes (lanes mk) of v at one scale: clamp(round_half_even(v / scale), -qmax, qmax) */
 static inline void quant16(__m512 v, __m512 vs, __m512 lo, __m512 hi, int8_t* q, __mmask16 mk) {
     v = _mm512_div_ps(v, vs);
@@ -84,7 +90,7 @@ static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float
         __m512 amax = _mm512_setzero_ps();
         int k = 0;
         for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xrow, bf16, k)));
-        if (k < K) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_mask(xrow, bf16, k, (__mmask16)((1u << (K - k)) - 1))));
+        if (k < K) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_mask(xrow, bf16, k, block_mask(K, k))));
         float a = _mm512_reduce_max_ps(amax);
         scale = a / qmax;
         if (!(scale >= 1e-8f)) scale = 1e-8f; /* clamp_min(1e-8) (NaN stays NaN in torch; not reachable for finite x) */
@@ -92,8 +98,7 @@ static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float
     *sx = scale;
     const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
     for (int k = 0; k < K; k += 16) {
-        int n = K - k < 16 ? K - k : 16;
-        __mmask16 mk = (__mmask16)((n == 16) ? 0xFFFF : ((1u << n) - 1));
+        const __mmask16 mk = block_mask(K, k);
         quant16(load16_mask(xrow, bf16, k, mk), vs, lo, hi, q + k, mk);
     }
     quant_pad_sums(q, K, Kp, gs, G, xsum);
@@ -109,12 +114,6 @@ void fptq_quantize(const void* x, int bf16, int M, int K, int64_t ldx, int mode,
 }
 
 /* ------------------------------------------------------------------ GEMM, 4-bit weights */
-/* The lanes of the 16-channel block at n0 of an N-channel output that exist */
-static inline __mmask16 block_mask(int N, int n0) {
-    const int nv = N - n0 < 16 ? N - n0 : 16;
-    return (__mmask16)(nv == 16 ? 0xFFFF : ((1u << nv) - 1));
-}
-
 static inline void store_out(void* y, int out_bf16, int64_t off, __m512 v, __mmask16 mk, int accumulate) {
     if (out_bf16) {
         uint16_t* p = (uint16_t*)y + off;
@@ -435,13 +434,13 @@ void fptq_rmsnorm(const float* x, int64_t ldx, int M, int D, const float* w, flo
             int k = 0;
             for (; k + 16 <= D; k += 16) { __m512 v = _mm512_loadu_ps(xr + k); acc = _mm512_fmadd_ps(v, v, acc); }
             if (k < D) {
-                __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (D - k)) - 1), xr + k);
+                __m512 v = _mm512_maskz_loadu_ps(block_mask(D, k), xr + k);
                 acc = _mm512_fmadd_ps(v, v, acc);
             }
             const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps);
             const __m512 vr = _mm512_set1_ps(r);
             for (k = 0; k < D; k += 16) {
-                __mmask16 mk = (__mmask16)(D - k >= 16 ? 0xFFFF : ((1u << (D - k)) - 1));
+                const __mmask16 mk = block_mask(D, k);
                 __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), vr),
                                          _mm512_maskz_loadu_ps(mk, w + k));
                 _mm512_mask_storeu_ps(o + k, mk, v);
@@ -465,7 +464,7 @@ void fptq_silu_mul(const float* gu, int64_t ldg, int M, int F, float* act, const
             float* o = act ? act + (int64_t)m * F : row;
             if (!o) continue;
             for (int k = 0; k < F; k += 16) {
-                __mmask16 mk = (__mmask16)(F - k >= 16 ? 0xFFFF : ((1u << (F - k)) - 1));
+                const __mmask16 mk = block_mask(F, k);
                 _mm512_mask_storeu_ps(o + k, mk, silu_mul16(_mm512_maskz_loadu_ps(mk, g + k), _mm512_maskz_loadu_ps(mk, g + F + k)));
             }
             if (q && q->xq)
@@ -536,7 +535,7 @@ static inline __attribute__((always_inline)) void decode_task_t(
             vsum = _mm512_add_ps(vsum, e);
         }
         if (t < T) {
-            __mmask16 mk = (__mmask16)((1u << (T - t)) - 1);
+            const __mmask16 mk = block_mask(T, t);
             __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sg + t), vm)));
             _mm512_mask_storeu_ps(sg + t, mk, e);
             vsum = _mm512_add_ps(vsum, e);
