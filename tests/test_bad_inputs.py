@@ -160,6 +160,8 @@ def test_inf_in_activations_names_the_layer():
     (["--wbits", "5"], "--wbits must be one of 2, 3, 4, 8 or 16"),
     (["--abits", "5"], "--abits must be 4, 8 or 16"),
     (["--group-size", "3"], "--group-size must be at least 8"),
+    (["--group-scales", "integer", "--group-size", "-1"], "integer group scales are for 4-bit weights in groups"),
+    (["--group-scales", "integer", "--method", "fptq-qat"], "trains its own float16 scales"),
 ])
 def test_invalid_settings(tiny_model_dir, calib_file, out, capsys, args, message):
     fails(capsys, out, tiny_model_dir, "--calib", calib_file, "--seqlen", "32", *args, message=message)

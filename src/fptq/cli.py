@@ -163,6 +163,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                      help="signed: each weight group's scale is its signed extreme / -8 (llama.cpp's Q4_0 rule: "
                           "the extreme exact, a step of absmax / 8); positive: absmax / 7.5. Same checkpoint "
                           "format and kernels")
+    adv.add_argument("--group-scales", dest="group_scales", default=None, choices=("float", "integer"),
+                     help="integer: each 4-bit weight group's scale is its output channel's base scale times an "
+                          "integer in -15..16 (the one of least squared error; replaces --weight-clip and "
+                          "--weight-scale-sign). Same checkpoint format; on AMX CPUs the runtime sums a prompt's "
+                          "products over all of K in int32 (docs/results/speed.md). Default float")
     adv.add_argument("--equalization", default=None, choices=("lae", "smoothquant", "none"),
                      help="equalization used by the method (fptq ablations: none, smoothquant)")
     adv.add_argument("--lae-scope", dest="lae_scope", default=None, choices=("band", "all"),
@@ -219,7 +224,8 @@ def config_from_args(args) -> "QuantConfig":
         "wbits", "abits", "group_size", "thresholds", "gptq", "gptq_hessian_rows", "gptq_hessian_dtype", "gptq_damp", "gptq_block_size", "gptq_act_order",
         "gptq_static_groups", "static_observer", "weight_clip_search", "weight_clip_objective", "weight_clip_rows", "equalization", "smoothquant_alpha",
         "equalize_into", "lae_scope", "calib_dtype", "propagate_backend", "calib_inputs", "equalization_powers",
-        "channel_order", "weight_scale_sign", "residual_order", "dynamic_share", "rotation", "rotation_seed")}
+        "channel_order", "weight_scale_sign", "group_scales", "residual_order", "dynamic_share", "rotation",
+        "rotation_seed")}
     try:
         return method_config(args.method, **overrides)
     except (ValueError, TypeError) as e:

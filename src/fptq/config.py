@@ -101,6 +101,12 @@ class QuantConfig:
     # the sign of the weight scales: "positive" (absmax / 7.5) or "signed" (llama.cpp's Q4_0 rule: the group's
     # signed extreme / -8, so the extreme is code -8 exactly and the step is absmax / 8; quant/weights.py)
     weight_scale_sign: str = "positive"
+    # the 4-bit group scales: "float" (any float16 value per group) or "integer": per output channel a base
+    # scale times an integer -15 .. -1 or 1 .. 16 per group, each group's integer the one of least squared
+    # weight error (it replaces the clip search and the sign rule; with GPTQ the scales come from the weights
+    # before it, as static groups). The checkpoint format is the same; on AMX CPUs the runtime then sums a
+    # Linear's int8 products over the whole input dimension at once (fptq.quant.intscales)
+    group_scales: str = "float"
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -178,6 +184,12 @@ class QuantConfig:
             raise ValueError(f"equalization_stat must be 'absmax' or 'range', not {self.equalization_stat!r}")
         if self.weight_scale_sign not in WEIGHT_SCALE_SIGNS:
             raise ValueError(f"weight_scale_sign must be one of {WEIGHT_SCALE_SIGNS}, not {self.weight_scale_sign!r}")
+        if self.group_scales not in ("float", "integer"):
+            raise ValueError(f"group_scales must be 'float' or 'integer', not {self.group_scales!r}")
+        if self.group_scales == "integer":
+            if self.wbits != 4 or self.group_size <= 0:
+                raise ValueError("integer group scales are for 4-bit weights in groups (--wbits 4, --group-size > 0), "
+                                 f"not --wbits {self.wbits} --group-size {self.group_size}")
         if self.scale_rounding not in SCALE_ROUNDINGS:
             raise ValueError(f"scale_rounding must be one of {SCALE_ROUNDINGS}, not {self.scale_rounding!r}")
         if self.calib_dtype not in ("float32", "bfloat16"):

@@ -93,4 +93,7 @@ def method_config(name: str, **overrides: Any) -> QuantConfig:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     kwargs = dict(_PRESETS[name])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if name in QAT_BASE and kwargs.get("group_scales", "float") != "float":
+        raise ValueError(f"--group-scales integer is for post-training quantization; {name} trains its own "
+                         "float16 scales")
     return QuantConfig(method=name, **kwargs)

@@ -44,6 +44,7 @@ from .quant import (
     quantize_weight,
     weight_scales,
 )
+from .quant.intscales import integer_group_scales
 from .quant.reorder import permute_square
 from .quant.weights import dequantize_weight, group_gram
 from .residual import (
@@ -264,6 +265,7 @@ def quantize_layer(
                 static_groups=config.gptq_static_groups, clip_search=config.weight_clip_search,
                 scale_rounding=config.rounding_for(gptq=True), clip_objective=config.weight_clip_objective,
                 scale_sign=config.weight_scale_sign, clip_rows=config.weight_clip_rows,
+                group_scales=config.group_scales,
             )
             if not ok:
                 log.warning("GPTQ fell back to round-to-nearest for %s.{%s}", layer_prefix, ",".join(ws))
@@ -343,9 +345,13 @@ def quantize_layer(
 
 def rtn_weight_codes(w: torch.Tensor, config: QuantConfig, gs: int,
                      gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest codes and float16 scales of ``w`` as ``config`` asks (clip search, scale rounding)."""
-    scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
-                           rounding=config.rounding_for(gptq=False), sign=config.weight_scale_sign)
+    """Round-to-nearest codes and float16 scales of ``w`` as ``config`` asks (clip search, scale rounding,
+    integer group scales)."""
+    if config.group_scales == "integer":
+        scales = integer_group_scales(w, gs, config.wbits).to(w.device)
+    else:
+        scales = weight_scales(w, config.wbits, gs, clip_search=config.weight_clip_search, gram=gram,
+                               rounding=config.rounding_for(gptq=False), sign=config.weight_scale_sign)
     return quantize_weight(w, scales, config.wbits, gs), scales
 
 

@@ -161,6 +161,7 @@ def test_fused_stages_match_torch(build):
     (37, 256, 96, 32, "dynamic_token"),    # 32-deep tiles, 5 tail rows
     (5, 128, 48, 64, "dynamic_token"),     # fewer rows than a tile
     (40, 200, 64, 64, "static_tensor"),    # a last group of 8: no tile depth fits, every row through the buffer
+    (500, 2304, 40, 128, "dynamic_token"),  # a large K
 ])
 def test_fused_gate_up_silu_gives_the_unfused_bits(m, k, n, gs, mode, build):
     """W4A8Gemm.glu (silu(gate) * up as the products leave the kernel) against the gate/up products written out
@@ -316,6 +317,9 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
     (64, 192, 32, "dynamic_token"),     # 32-deep tile products
     (48, 200, 64, "dynamic_token"),     # a last group of 8: no tile depth fits, AVX-512 only
     (33, 256, -1, "static_tensor"),     # per channel: one group over all of K
+    (600, 2304, 128, "dynamic_token"),  # a large K (2 x 16 channels of codes: 72 KB) past the 512-row chunk
+    (40, 1600, 32, "static_tensor"),    # a large K of 32-deep tiles
+    (20, 2304, -1, "dynamic_token"),    # per channel with a large K
 ])
 def test_the_amx_and_avx512_builds_give_the_same_bits(monkeypatch, m, k, gs, mode):
     """The W4A8 product of 16 tokens or more runs on AMX int8 tiles in the avx512_amx build: exact int32 group
@@ -444,3 +448,103 @@ def test_amx_prefill_attention_keeps_large_score_ranges():
     assert out.isfinite().all()
     err = (out - ref).abs().amax(-1) / ref.abs().amax(-1)  # per query row: one wrong row must not hide
     assert err.max() < 2 ** -6
+
+
+def _integer_scaled(n, k, gs, seed):
+    """A weight quantized with integer group scales (fptq.quant.intscales): codes, dequantized weight, and the
+    kernels' (codes, scales) layout."""
+    from fptq.quant.intscales import integer_group_scales
+    from fptq.quant.weights import quantize_weight
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[:, 3] *= 10
+    s = integer_group_scales(w, gs if gs > 0 else k)
+    q = quantize_weight(w, s, 4, gs if gs > 0 else k)
+    ws = torch.zeros(s.shape[1], vnni_padded_shape(n, k)[0], dtype=torch.float16)
+    ws[:, :n] = s.t()
+    return dequantize_weight(q, s, gs if gs > 0 else k), pack_int4_vnni(q), ws
+
+
+@pytest.mark.parametrize("m,k,gs", [
+    (100, 576, 64),    # 6 AMX tiles of tokens and 4 tail rows (AVX-512, per-group steps)
+    (48, 256, 32),     # 32-deep tiles
+    (600, 1152, 128),  # past the 512-row chunk
+    (40, 200, 64),     # a last group of 8: no tile depth fits, AVX-512 only
+])
+def test_integer_group_scales_sum_over_all_of_k_on_amx(monkeypatch, m, k, gs):
+    """Group scales that are integer multiples of a channel base: the AMX build multiplies the codes by the
+    integers (int8) and sums each product over the whole of K in int32, one float step per output; the
+    avx512_vnni build keeps a float step per group. Both against the float64 product of the dequantized weights
+    and the activation codes: the same values to float32 rounding (several matrices in one call, bias,
+    accumulation, bfloat16 output)."""
+    ns = (200, 48)
+    deq, mats = [], []
+    for i, n in enumerate(ns):
+        d, p, ws = _integer_scaled(n, k, gs, seed=i)
+        deq.append(d)
+        mats.append((p, ws, torch.randn(n) if i == 0 else None, n))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    kp, groups = vnni_padded_shape(16, k)[1], mats[0][1].shape[0]
+    outs = {}
+    for isa in ("avx512_amx", "avx512_vnni"):
+        _use_build(monkeypatch, isa)
+        xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
+        gemm = native.W4A8Gemm(mats, gs)
+        assert all(f is not None for f in gemm.integer_scales)
+        y32 = [torch.ones(m, n) for n in ns]
+        gemm(xq, xs, sx, y32, accumulate=True)
+        y16 = [torch.empty(m, n, dtype=torch.bfloat16) for n in ns]
+        gemm(xq, xs, sx, y16)
+        outs[isa] = (y32, y16)
+    monkeypatch.undo()
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    xd = xq[:, :k].double() * sx.double()[:, None]
+    for (p, ws, bias, n), d, i in zip(mats, deq, range(2)):
+        ref = xd @ d.double().t() + (bias.double() if bias is not None else 0)
+        tol = 2e-6 * float(ref.abs().max())
+        for isa in outs:
+            y32, y16 = outs[isa][0][i], outs[isa][1][i]
+            assert float((y32.double() - 1 - ref).abs().max()) < tol, isa
+            assert float((y16.double() - ref).abs().max()) < 1e-2 * float(ref.abs().max()), isa
+
+
+def test_one_group_per_channel_gives_the_same_bits_either_way(monkeypatch):
+    """With one scale per output channel the integer path's single float step is the float path's only one:
+    every bit equal between the builds."""
+    d, p, ws = _integer_scaled(64, 256, -1, seed=3)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for isa in ("avx512_amx", "avx512_vnni"):
+        _use_build(monkeypatch, isa)
+        xq, xs, sx = native.quantize(x, 256, "dynamic_token", None, 127, 256, 1)
+        y = torch.empty(40, 64)
+        native.W4A8Gemm([(p, ws, torch.randn(64, generator=torch.Generator().manual_seed(1)), 64)], 256)(xq, xs, sx, [y])
+        outs.append(y)
+    monkeypatch.undo()
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("up_integer", [True, False])
+def test_fused_gate_up_with_integer_group_scales(up_integer, build):
+    """The fused SiLU-and-multiply over integer-scaled gate and up gives the bits of the two products written out
+    and native.silu_mul (the integer path when both are integer-scaled, the per-group one otherwise)."""
+    m, k, n, gs = 70, 256, 80, 64
+    _, p1, w1 = _integer_scaled(n, k, gs, seed=1)
+    if up_integer:
+        _, p2, w2 = _integer_scaled(n, k, gs, seed=2)
+    else:
+        _, _, p2, w2 = _weights(n, k, gs, seed=2)
+    gemm = native.W4A8Gemm([(p1, w1, None, n), (p2, w2, None, n)], gs)
+    if not gemm.has_glu:
+        pytest.skip("no fused gate/up in this build")
+    assert (gemm.integer_scales[1] is not None) == up_integer
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    xq, xs, sx = native.quantize(x, k, "dynamic_token", None, 127, gs, k // gs)
+    gu = torch.empty(m, 2 * n)
+    gemm(xq, xs, sx, [gu[:, :n], gu[:, n:]])
+    act = torch.empty(m, n)
+    gemm.glu(xq, xs, sx, [torch.empty(m, n), torch.empty(m, n)], act)
+    assert torch.equal(act, native.silu_mul(gu, n))

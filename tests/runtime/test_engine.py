@@ -285,3 +285,37 @@ def test_cache_positions_past_the_sequence_are_never_read(tmp_path, kv, prefill)
         outs.append(got)
     for a, b in zip(*outs):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["fptq", "fptq-paper"])  # GPTQ weights (static groups), round-to-nearest ones
+def test_integer_group_scales_reach_the_runtime(tmp_path, method):
+    """A model quantized with --group-scales integer: every Linear's float16 group scales are a channel base
+    times integers 1 .. 16, the runtime's products find that structure (the AMX kernel's one-float-step path),
+    and its logits track the simulated model as the float-scaled checkpoint's do."""
+    from fptq.kernels import native
+    from fptq.quant.intscales import integer_scale_factors
+
+    out = _checkpoint(tmp_path, method, group_scales="integer")
+    model = fptq.load(out, backend="reference")
+    qlinears = [m for m in model.modules() if isinstance(m, fptq.QuantLinear)]
+    assert qlinears and all(integer_scale_factors(m.w_scales.t().contiguous()) is not None for m in qlinears)
+    ids = _ids()
+    with torch.inference_mode():
+        ref = model(ids).logits
+    eng = Engine(fptq.load(out))
+    if native.available():
+        gemms = [g.gemm for layer in eng.layers for g in layer.groups() if hasattr(g, "gemm")]
+        assert gemms and all(f is not None for g in gemms if isinstance(g, native.W4A8Gemm) for f in g.integer_scales)
+    got = eng.forward(ids, eng.new_cache(2, 24), logits="all")
+    assert sqnr_db(ref, got) > 25
+
+
+def test_integer_group_scales_refuse_what_they_cannot_be():
+    with pytest.raises(ValueError, match="4-bit weights in groups"):
+        fptq.method_config("fptq", group_scales="integer", group_size=-1)
+    with pytest.raises(ValueError, match="4-bit weights in groups"):
+        fptq.method_config("fptq", group_scales="integer", wbits=3)
+    with pytest.raises(ValueError, match="group_scales must be"):
+        fptq.method_config("fptq", group_scales="ints")
+    with pytest.raises(ValueError, match="trains its own"):
+        fptq.method_config("fptq-qat", group_scales="integer")

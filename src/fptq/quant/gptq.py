@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from .intscales import integer_group_scales
 from .weights import dequantize_weight, hessian_group_blocks, num_groups, qrange, weight_scales
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def gptq_quantize(
     clip_objective: str = "weight",
     scale_sign: str = "positive",
     clip_rows: str = "all",
+    group_scales: str = "float",
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Quantize ``w`` (``[N, K]``, or a list of matrices with the same input, as if stacked: every output
     row is independent given ``h``) with GPTQ.
@@ -173,6 +175,9 @@ def gptq_quantize(
     ``(w - q) H (w - q)^T``: GPTQ's loss ``sum (w - q)^2 / d^2`` over the row's columns is exactly that error
     for the dampened ``H + lam I``, so the error is the loss less ``lam |w - q|^2``. The clip is kept only
     where it lowers the error GPTQ minimises. Twice the column loop's work and its working copy of the weights.
+
+    ``group_scales="integer"``: every group's scale from :func:`~fptq.quant.intscales.integer_group_scales` of
+    the weights before GPTQ (static groups; the clip search and ``scale_sign`` do not apply).
 
     Memory: one ``K x K`` float32 matrix besides the caller's ``h`` (:func:`_inverse_factor`), one float32
     copy of the weights (transposed, updated in place; two with ``clip_rows="best"``) and their int8 codes;
@@ -201,8 +206,11 @@ def gptq_quantize(
             x[:, dead] = 0
     blocks = hessian_group_blocks(h, gs) if clip_search and clip_objective == "output" else None
 
-    if act_order:
+    integer = group_scales == "integer"
+    if act_order or integer:
         static_groups = True
+    if integer:
+        clip_search = False
     dev = parts[0].device  # every buffer on the weights' device (the caller's choice: CPU or GPU)
     # the clip search of each stack of the rows: "best" runs them twice, rows [0, n) with the search, [n, 2n)
     # without
@@ -210,7 +218,9 @@ def gptq_quantize(
     halves = (clip_search, False) if two else (clip_search,)
     rows = n * len(halves)
     scales = torch.zeros(rows, g, dtype=torch.float16, device=dev)
-    if static_groups:
+    if integer:
+        scales = torch.cat([integer_group_scales(x, gs, bits) for x in parts]).to(dev)
+    elif static_groups:
         scales = torch.cat([weight_scales(x, bits, gs, clip_search=c, gram=blocks, rounding=scale_rounding,
                                           sign=scale_sign)
                             for c in halves for x in parts])
@@ -224,7 +234,8 @@ def gptq_quantize(
     del h
     if hinv is None:
         log.warning("GPTQ: Cholesky factorisation failed; falling back to round-to-nearest")
-        sc = torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, sign=scale_sign) for x in parts])  # rounded down,
+        sc = scales if integer else \
+            torch.cat([weight_scales(x, bits, gs, clip_search=clip_search, sign=scale_sign) for x in parts])  # rounded down,
         return torch.cat([quantize_weight(x, sc_x, bits, gs)  # as round-to-nearest's are
                           for x, sc_x in zip(parts, sc.split([x.shape[0] for x in parts]))]), sc, False
 

@@ -5,16 +5,19 @@ import ctypes
 
 import torch
 
+from ...quant.intscales import integer_scale_factors
 from .build import _c_i64, _c_int, _p, _ptr, library
 
-__all__ = ["W4A8Gemm", "W4A16Gemm", "dequantize_w4"]
+__all__ = ["INT_SUM_MAX_K", "W4A8Gemm", "W4A16Gemm", "dequantize_w4"]
+
+INT_SUM_MAX_K = (2 ** 31 - 1) // (127 * 128)  # inputs whose int8 x (int4 * multiplier) terms an int32 holds
 
 
 class _Mat(ctypes.Structure):
     """``fptq_mat`` of w4a8.c: one weight matrix of a (multi-)GEMM call."""
 
     _fields_ = [("w", _p), ("ws", _p), ("bias", _p), ("y", _p), ("ldy", _c_i64), ("Np", _c_int), ("N", _c_int),
-                ("accumulate", _c_int), ("out_bf16", _c_int)]
+                ("accumulate", _c_int), ("out_bf16", _c_int), ("si", _p), ("base", _p)]
 
 
 class _MultiGemm:
@@ -29,7 +32,13 @@ class _MultiGemm:
         self.ns = [n for _, _, _, n in weights]
         self._keep = weights  # the tensors the pointers below point into
         self._mats = (_Mat * len(weights))()
-        for mat, (w, ws, bias, n) in zip(self._mats, weights):
+        # integer group scales (fptq.quant.intscales): the AMX kernel sums over all of K in int32 (|127 * 128| per
+        # term: up to INT_SUM_MAX_K inputs)
+        self.integer_scales = [integer_scale_factors(ws) if self.kp <= INT_SUM_MAX_K else None
+                               for _, ws, _, _ in weights]
+        for mat, (w, ws, bias, n), isc in zip(self._mats, weights, self.integer_scales):
+            if isc is not None:
+                mat.base, mat.si = isc[0].data_ptr(), isc[1].data_ptr()
             if (w.dtype != torch.uint8 or ws.dtype != torch.float16 or w.dim() != 3 or w.shape[1] * 8 != self.kp
                     or ws.shape[0] != self.groups or ws.shape[1] != w.shape[0] * 16):
                 raise ValueError("native GEMM: weights must share K and the groups (uint8 vnni codes, float16 scales)")

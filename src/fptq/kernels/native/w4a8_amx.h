@@ -76,6 +76,66 @@ static void amx_unpack(const uint8_t* wblk, int Kp, int8_t* bbuf) {
     }
 }
 
+/* The codes of n-block nb times their integer group multipliers si (column nb * 16 of [G][Np], row stride Np) as
+ * signed int8 B rows (q * si in -128 .. 120): bbuf [Kp/4][64], as amx_unpack. A vnni block (8 values of k) lies in one
+ * group (groups are multiples of 16). */
+static void amx_unpack_int(const uint8_t* wblk, int Kp, int gs, const int8_t* si, int64_t Np, int8_t* bbuf) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8), lo8 = _mm512_set1_epi16(0x00FF);
+    __m512i sv = _mm512_setzero_si512();
+    for (int kb = 0; kb < Kp / 8; kb++) {
+        if (kb * 8 % gs == 0) { /* a new group: its 16 multipliers, each in both 16-bit lanes of its channel */
+            const __m512i s32 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(si + (int64_t)(kb * 8 / gs) * Np)));
+            sv = _mm512_or_si512(_mm512_and_si512(s32, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(s32, 16));
+        }
+        const __m512i wp = _mm512_loadu_si512((const void*)(wblk + (int64_t)kb * 64));
+        for (int h = 0; h < 2; h++) {
+            const __m512i c = _mm512_sub_epi8(_mm512_and_si512(h ? _mm512_srli_epi16(wp, 4) : wp, m0f), eight);
+            const __m512i ev = _mm512_mullo_epi16(_mm512_srai_epi16(_mm512_slli_epi16(c, 8), 8), sv);
+            const __m512i od = _mm512_mullo_epi16(_mm512_srai_epi16(c, 8), sv);
+            _mm512_store_si512((void*)(bbuf + (int64_t)kb * 128 + 64 * h),
+                               _mm512_or_si512(_mm512_and_si512(ev, lo8), _mm512_slli_epi16(od, 8)));
+        }
+    }
+}
+
+/* amx_block for integer-scaled codes (amx_unpack_int): every depth step into the same C tiles, stored once;
+ * facc [NB][32][16] = float(C) * base (the per-channel scale, base0 / base1 for the two blocks). */
+static inline __attribute__((always_inline)) void amx_block_int(const int NA, const int NB, const int8_t* xq, int Kp,
+                                                               int kstep, const int8_t* bbuf, int64_t bstride,
+                                                               const float* base0, const float* base1, float* facc) {
+    int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
+    const int64_t lda = Kp;
+    _tile_zero(0);
+    if (NB > 1) _tile_zero(1);
+    if (NA > 1) _tile_zero(2);
+    if (NA > 1 && NB > 1) _tile_zero(3);
+    for (int k = 0; k < Kp; k += kstep) {
+        _tile_loadd(6, bbuf + (int64_t)k * 16, 64);
+        if (NB > 1) _tile_loadd(7, bbuf + bstride + (int64_t)k * 16, 64);
+        _tile_loadd(4, xq + k, lda);
+        _tile_dpbssd(0, 4, 6);
+        if (NB > 1) _tile_dpbssd(1, 4, 7);
+        if (NA > 1) {
+            _tile_loadd(5, xq + 16 * lda + k, lda);
+            _tile_dpbssd(2, 5, 6);
+            if (NB > 1) _tile_dpbssd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, cbuf, 64);
+    if (NB > 1) _tile_stored(1, cbuf + 256, 64);
+    if (NA > 1) _tile_stored(2, cbuf + 512, 64);
+    if (NA > 1 && NB > 1) _tile_stored(3, cbuf + 768, 64);
+    for (int b = 0; b < NB; b++) {
+        const __m512 bv = _mm512_loadu_ps(b ? base1 : base0);
+        for (int a = 0; a < NA; a++) {
+            const int32_t* c = cbuf + (2 * a + b) * 256;
+            float* f = facc + (b * 32 + a * 16) * 16;
+            for (int r = 0; r < AMX_ROWS; r++)
+                _mm512_store_ps(f + r * 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void*)(c + r * 16))), bv));
+        }
+    }
+}
+
 /* NA (1-2) tiles of 16 tokens (rows of xq from its first) times NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride;
  * their group scales ws0, ws1, row stride Np): facc [NB][32][16]. C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from
  * the activations is used twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
@@ -136,13 +196,24 @@ static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, i
     const int two = mat1 != 0;
     const fptq_mat* mats[2] = {mat0, two ? mat1 : mat0};
     const int nbs[2] = {nb0, nb1};
-    for (int b = 0; b <= two; b++) amx_unpack(mats[b]->w + (int64_t)nbs[b] * (Kp / 8) * 64, Kp, bbuf + b * bstride);
+    const int isc = mat0->si && mats[1]->si;  /* integer group scales: one float step per output */
+    for (int b = 0; b <= two; b++) {
+        const uint8_t* wblk = mats[b]->w + (int64_t)nbs[b] * (Kp / 8) * 64;
+        if (isc) amx_unpack_int(wblk, Kp, gs, mats[b]->si + nbs[b] * 16, mats[b]->Np, bbuf + b * bstride);
+        else amx_unpack(wblk, Kp, bbuf + b * bstride);
+    }
     const uint16_t *ws0 = mat0->ws + nb0 * 16, *ws1 = mats[1]->ws + nb1 * 16;
+    const float *base0 = isc ? mat0->base + nb0 * 16 : 0, *base1 = isc ? mats[1]->base + nb1 * 16 : 0;
     int m = m0;
     while (me - m >= AMX_ROWS) {
         const int na = me - m >= 2 * AMX_ROWS ? 2 : 1;
         const int8_t* xa = xq + (int64_t)m * Kp;
-        if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
+        if (isc) {
+            if (na == 2 && two) amx_block_int(2, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
+            else if (na == 2) amx_block_int(2, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
+            else if (two) amx_block_int(1, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
+            else amx_block_int(1, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
+        } else if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
         else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
         else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
         else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);

@@ -29,6 +29,12 @@ typedef struct {
     void* y;             /* output rows of stride ldy (elements), fp32 or bf16 */
     int64_t ldy;
     int Np, N, accumulate, out_bf16;
+    /* Optional (NULL: none): group scales that are integer multiples of one scale per channel, ws[g, n] =
+     * base[n] * si[g, n] exactly with si in -15 .. -1, 1 .. 16, as fptq.quant.intscales finds them. The AMX
+     * kernel then multiplies the codes by si (q * si fits int8) and sums over all of K in int32: one float step
+     * per output instead of one per group. Other kernels use ws. */
+    const int8_t* si;    /* [G][Np] */
+    const float* base;   /* [Np] */
 } fptq_mat;
 
 /* A (multi-)GEMM's parallel tasks: the padded output rows of its nmat (<= 16) matrices cut into blocks of `rows`
