@@ -5,8 +5,10 @@ Every build is loaded side by side in one process (each library compiled as ``fp
 called on the same quantized input and weights (``fptq_gemm_w4a8``: the integer product, its group scales and
 the per-token scales; the input quantization, the same in every build, outside the timing). The builds' outputs
 are compared bit for bit first. Interleaved repeats (each repeat runs every variant once), medians.
+``--integer-scales`` adds the AVX-512/AMX build on the same codes with integer group scales (a channel base
+times 1 .. 16, :mod:`fptq.quant.intscales`), where the AMX kernel sums over all of K in int32.
 
-    python bench/native_builds.py [--ms 16,64,512,2048] [--repeats 5] [--name native_builds]
+    python bench/native_builds.py [--ms 16,64,512,2048] [--repeats 5] [--integer-scales] [--name native_builds]
 
 Writes ``bench/results/NAME.{json,md}``. Run it alone on the machine.
 """
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--ms", default="16,64,512,2048", help="token counts")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--integer-scales", action="store_true",
+                    help="also time the first build on integer group scales (its own column)")
     ap.add_argument("--name", default="native_builds")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -111,6 +115,16 @@ def main() -> None:
                 outs[isa] = y
                 calls[isa]()
             same = all(torch.equal(outs[i], next(iter(outs.values()))) for i in outs)
+            if a.integer_scales:  # the same codes, scales base * (1 .. 16): found by W4A8Gemm, the AMX int32 path
+                isa, lib = next(iter(libs.items()))
+                wsi = ws.clone()
+                wsi[:, :n] = (torch.randint(1, 17, (groups, n), generator=torch.Generator().manual_seed(1))
+                              * 2.0 ** -10).half()
+                gi = native.W4A8Gemm([(p, wsi, None, n)], gs)
+                assert gi.integer_scales[0] is not None
+                yi = torch.empty(m, n)  # kept alive: the call holds a pointer into it
+                _, args = gi.call(xq, xs, sx, [yi], False, a.threads)
+                calls[f"{isa}, integer scales"] = (lambda fn=lib.fptq_gemm_w4a8, args=args, yi=yi: fn(*args))
             calls["bf16 F.linear"] = lambda: F.linear(xb, wf)
             number = max(2, min(200, int(3e8 / (m * k * n))))
             med = interleaved_medians(calls, a.repeats, number)
@@ -130,7 +144,8 @@ def main() -> None:
         cells = [f"{r['ms'][v]:.3f} ({r['ms'][base] / r['ms'][v]:.2f}x)" for v in variants]
         md.append(f"| {r['k']} x {r['n']} ({r['group_size']}) | {r['m']} | " + " | ".join(cells)
                   + f" | {'yes' if r['builds_bit_identical'] else '**no**'} |")
-    md.append(f"\nCommand: `python bench/native_builds.py --ms {a.ms} --repeats {a.repeats} --name {a.name}`")
+    md.append(f"\nCommand: `python bench/native_builds.py --ms {a.ms} --repeats {a.repeats}"
+              f"{' --integer-scales' if a.integer_scales else ''} --name {a.name}`")
     write_results(a.name, {"machine": machine(), "cpu": _cpu_name(), "builds": list(libs), "threads": a.threads, "repeats": a.repeats, "rows": rows},
                   "\n".join(md) + "\n")
 
