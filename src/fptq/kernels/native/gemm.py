@@ -32,13 +32,7 @@ class _MultiGemm:
         self.ns = [n for _, _, _, n in weights]
         self._keep = weights  # the tensors the pointers below point into
         self._mats = (_Mat * len(weights))()
-        # integer group scales (fptq.quant.intscales): the AMX kernel sums over all of K in int32 (|127 * 128| per
-        # term: up to INT_SUM_MAX_K inputs)
-        self.integer_scales = [integer_scale_factors(ws) if self.kp <= INT_SUM_MAX_K else None
-                               for _, ws, _, _ in weights]
-        for mat, (w, ws, bias, n), isc in zip(self._mats, weights, self.integer_scales):
-            if isc is not None:
-                mat.base, mat.si = isc[0].data_ptr(), isc[1].data_ptr()
+        for mat, (w, ws, bias, n) in zip(self._mats, weights):
             if (w.dtype != torch.uint8 or ws.dtype != torch.float16 or w.dim() != 3 or w.shape[1] * 8 != self.kp
                     or ws.shape[0] != self.groups or ws.shape[1] != w.shape[0] * 16):
                 raise ValueError("native GEMM: weights must share K and the groups (uint8 vnni codes, float16 scales)")
@@ -56,7 +50,18 @@ class _MultiGemm:
 
 
 class W4A8Gemm(_MultiGemm):
-    """W4A8: int8 activations from :func:`quantize`, integer dot products per group."""
+    """W4A8: int8 activations from :func:`quantize`, integer dot products per group. Weights whose group scales
+    are integer multiples of a channel base (:mod:`fptq.quant.intscales`; ``integer_scales``, per matrix, the
+    factors or ``None``) are summed over all of K in int32 by the AMX kernel (``|127 * 128|`` per term: up to
+    :data:`INT_SUM_MAX_K` inputs)."""
+
+    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]], group_size: int):
+        super().__init__(weights, group_size)
+        self.integer_scales = [integer_scale_factors(ws) if self.kp <= INT_SUM_MAX_K else None
+                               for _, ws, _, _ in weights]
+        for mat, isc in zip(self._mats, self.integer_scales):
+            if isc is not None:
+                mat.base, mat.si = isc[0].data_ptr(), isc[1].data_ptr()
 
     def __call__(self, xq: torch.Tensor, xsum: torch.Tensor, sx: torch.Tensor, outs: list[torch.Tensor],
                  accumulate: bool = False) -> list[torch.Tensor]:

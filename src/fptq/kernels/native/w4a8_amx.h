@@ -98,18 +98,19 @@ static void amx_unpack_int(const uint8_t* wblk, int Kp, int gs, const int8_t* si
     }
 }
 
-/* amx_block for integer-scaled codes (amx_unpack_int): every depth step into the same C tiles, stored once;
- * facc [NB][32][16] = float(C) * base (the per-channel scale, base0 / base1 for the two blocks). */
-static inline __attribute__((always_inline)) void amx_block_int(const int NA, const int NB, const int8_t* xq, int Kp,
-                                                               int kstep, const int8_t* bbuf, int64_t bstride,
-                                                               const float* base0, const float* base1, float* facc) {
-    int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
+/* The int32 tile products over depth k0 .. k1 (steps of kstep) of NA (1-2) tiles of 16 tokens (rows of xq, stride
+ * Kp) and NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride), stored to cbuf (C tile 2a + b at cbuf + 256 (2a + b)).
+ * C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from the activations is used
+ * twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
+static inline __attribute__((always_inline)) void amx_products(const int NA, const int NB, const int8_t* xq, int Kp,
+                                                              int k0, int k1, int kstep, const int8_t* bbuf,
+                                                              int64_t bstride, int32_t* cbuf) {
     const int64_t lda = Kp;
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
     if (NA > 1) _tile_zero(2);
     if (NA > 1 && NB > 1) _tile_zero(3);
-    for (int k = 0; k < Kp; k += kstep) {
+    for (int k = k0; k < k1; k += kstep) {
         _tile_loadd(6, bbuf + (int64_t)k * 16, 64);
         if (NB > 1) _tile_loadd(7, bbuf + bstride + (int64_t)k * 16, 64);
         _tile_loadd(4, xq + k, lda);
@@ -125,6 +126,15 @@ static inline __attribute__((always_inline)) void amx_block_int(const int NA, co
     if (NB > 1) _tile_stored(1, cbuf + 256, 64);
     if (NA > 1) _tile_stored(2, cbuf + 512, 64);
     if (NA > 1 && NB > 1) _tile_stored(3, cbuf + 768, 64);
+}
+
+/* amx_block for integer-scaled codes (amx_unpack_int): the products over all of K into the same C tiles, stored once;
+ * facc [NB][32][16] = float(C) * base (the per-channel scale, base0 / base1 for the two blocks). */
+static inline __attribute__((always_inline)) void amx_block_int(const int NA, const int NB, const int8_t* xq, int Kp,
+                                                               int kstep, const int8_t* bbuf, int64_t bstride,
+                                                               const float* base0, const float* base1, float* facc) {
+    int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
+    amx_products(NA, NB, xq, Kp, 0, Kp, kstep, bbuf, bstride, cbuf);
     for (int b = 0; b < NB; b++) {
         const __m512 bv = _mm512_loadu_ps(b ? base1 : base0);
         for (int a = 0; a < NA; a++) {
@@ -137,37 +147,16 @@ static inline __attribute__((always_inline)) void amx_block_int(const int NA, co
 }
 
 /* NA (1-2) tiles of 16 tokens (rows of xq from its first) times NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride;
- * their group scales ws0, ws1, row stride Np): facc [NB][32][16]. C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from
- * the activations is used twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
+ * their group scales ws0, ws1, row stride Np): facc [NB][32][16], the products of each group (amx_products) times
+ * its scales, in group order. */
 static inline __attribute__((always_inline)) void amx_block(const int NA, const int NB, const int8_t* xq, int Kp,
                                                            int G, int gs, int kstep, const int8_t* bbuf,
                                                            int64_t bstride, const uint16_t* ws0, const uint16_t* ws1,
                                                            int64_t Np, float* facc) {
     int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
-    const int64_t lda = Kp;
     for (int r = 0; r < 2 * 32; r++) _mm512_store_ps(facc + r * 16, _mm512_setzero_ps());
     for (int g = 0; g < G; g++) {
-        const int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
-        _tile_zero(0);
-        if (NB > 1) _tile_zero(1);
-        if (NA > 1) _tile_zero(2);
-        if (NA > 1 && NB > 1) _tile_zero(3);
-        for (int k = k0; k < k1; k += kstep) {
-            _tile_loadd(6, bbuf + (int64_t)k * 16, 64);
-            if (NB > 1) _tile_loadd(7, bbuf + bstride + (int64_t)k * 16, 64);
-            _tile_loadd(4, xq + k, lda);
-            _tile_dpbssd(0, 4, 6);
-            if (NB > 1) _tile_dpbssd(1, 4, 7);
-            if (NA > 1) {
-                _tile_loadd(5, xq + 16 * lda + k, lda);
-                _tile_dpbssd(2, 5, 6);
-                if (NB > 1) _tile_dpbssd(3, 5, 7);
-            }
-        }
-        _tile_stored(0, cbuf, 64);
-        if (NB > 1) _tile_stored(1, cbuf + 256, 64);
-        if (NA > 1) _tile_stored(2, cbuf + 512, 64);
-        if (NA > 1 && NB > 1) _tile_stored(3, cbuf + 768, 64);
+        amx_products(NA, NB, xq, Kp, g * gs, g * gs + gs < Kp ? g * gs + gs : Kp, kstep, bbuf, bstride, cbuf);
         for (int b = 0; b < NB; b++) {
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((b ? ws1 : ws0) + (int64_t)g * Np)));
             for (int a = 0; a < NA; a++) {
