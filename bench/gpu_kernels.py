@@ -137,12 +137,16 @@ def main() -> int:
         ]
         if args.dry_run:  # small shapes only: the interpreter is slow
             cases = [c for c in cases if c[1] * c[2] <= 20_000][:3]
-        for case in cases:
+        # integer group scales (--group-scales integer): the packed kernels' single-accumulator path
+        runs = [(c, "float") for c in cases] + [(c, "integer") for c in cases
+                                                if c[3] > 0 and -(-c[1] // c[3]) > 1][:4]
+        for case, group_scales in runs:
             if past(0.3):
-                results["errors"].append(f"correctness phase deadline reached before {case}")
+                results["errors"].append(f"correctness phase deadline reached before {case} ({group_scales})")
                 break
             try:
-                r = T.run_case(case, dev)
+                r = T.run_case(case, dev, group_scales=group_scales)
+                r["case"] += "" if group_scales == "float" else " integer scales"
                 for v in T.VARIANTS:
                     rec = {"case": r["case"], "variant": v, **{k_: r.get(k_) for k_ in
                            ("codes_equal", "scales_equal", "w8_matches_cpu")}, **r[v]}
@@ -198,10 +202,16 @@ def main() -> int:
 
         return float(do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
-    def make_layer(k: int, n: int, gs: int):
+    def make_layer(k: int, n: int, gs: int, integer: bool = False):
         layer = QuantLinear(k, n, group_size=gs, act_mode="dynamic_token", dtype=torch.float16, device=dev)
         layer.qweight = torch.randint(0, 256, (n, (k + 1) // 2), dtype=torch.uint8, device=dev)
-        layer.w_scales = (torch.rand(n, -(-k // gs), device=dev) * 0.01 + 0.001).to(torch.float16)
+        if integer:  # integer group scales: a 6-bit channel base times -15 .. 16 (exact in float16)
+            base = torch.randint(32, 64, (n, 1), device=dev).float() * 2.0 ** -14
+            mult = torch.randint(1, 17, (n, -(-k // gs)), device=dev).float()
+            mult[mult == 16] = -3
+            layer.w_scales = (base * mult).to(torch.float16)
+        else:
+            layer.w_scales = (torch.rand(n, -(-k // gs), device=dev) * 0.01 + 0.001).to(torch.float16)
         return layer.set_backend("triton")
 
     shapes = [(4096, 11008), (5120, 13824), (8192, 28672), (11008, 4096)]
@@ -216,6 +226,10 @@ def main() -> int:
             break
         try:
             layer = make_layer(k, n, gs)
+            layer_i = make_layer(k, n, gs, integer=True)
+            ints = tw.integer_scales_device(layer_i)
+            if ints is None:
+                raise RuntimeError("the integer-scale layer has no integer structure")
             w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
             w8, sc = tw.perchannel_weight_device(layer)
         except Exception as e:  # noqa: BLE001
@@ -237,10 +251,16 @@ def main() -> int:
                 "grouped_tc_ms": lambda: tw.w4a8_matmul(xq, sxd, qw, ws, k, gs, out_dtype=torch.float16),
                 "perchannel_triton_ms": lambda: tw.int8_perchannel_matmul(
                     xq, sxd, w8, sc, out_dtype=torch.float16, impl="triton"),
+                # integer group scales: one int32 accumulator over K (layer_i: the same codes, such scales)
+                "triton_e2e_int_ms": lambda: tw.triton_forward(layer_i, x),
+                "grouped_tc_int_ms": lambda: tw.w4a8_matmul(xq, sxd, layer_i.qweight, layer_i.w_scales, k, gs,
+                                                            out_dtype=torch.float16, int_scales=ints),
             }
             if m <= 16:
                 items["gemv_ms"] = lambda: tw.w4a8_gemv(xq, sxd, qw, ws, k, gs, out_dtype=torch.float16)
                 items["gemv_quant_ms"] = lambda: tw.w4a8_gemv_quant(x, None, qw, ws, k, gs, out_dtype=torch.float16)
+                items["gemv_quant_int_ms"] = lambda: tw.w4a8_gemv_quant(
+                    x, None, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=torch.float16, int_scales=ints)
             if m > 16:
                 items["perchannel_int_mm_ms"] = lambda: tw.int8_perchannel_matmul(
                     xq, sxd, w8, sc, out_dtype=torch.float16, impl="int_mm")
@@ -249,6 +269,7 @@ def main() -> int:
                 items["unfused_graph_ms"] = lambda: tw.w4a8_gemv(*tw.quantize_activations(x), qw, ws, k, gs,
                                                                  out_dtype=torch.float16)
                 items["gemv_quant_graph_ms"] = items["gemv_quant_ms"]
+                items["gemv_quant_int_graph_ms"] = items["gemv_quant_int_ms"]
             for name, fn in items.items():
                 try:
                     rec[name] = (bench_graph if name.endswith("_graph_ms") else bench)(fn)
@@ -261,11 +282,7 @@ def main() -> int:
                         continue
                     if name != "fp16_cublas_ms" and name in rec:
                         rec["x_" + name[:-3]] = base / rec[name]
-            gbase = rec.get("fp16_cublas_graph_ms")
-            if gbase:
-                for name in ("unfused_graph_ms", "gemv_quant_graph_ms"):
-                    if name in rec:
-                        rec["x_" + name[:-3]] = gbase / rec[name]
+                # (float-scale kernels: what a default checkpoint runs)
                 gemms = {nm: rec[nm] for nm in ("grouped_tc_ms", "gemv_ms", "perchannel_triton_ms",
                                                 "perchannel_int_mm_ms") if nm in rec}
                 if gemms:
@@ -274,6 +291,11 @@ def main() -> int:
                     rec["x_best_gemm"] = base / gemms[best]
                 if "triton_e2e_ms" in rec:
                     rec["e2e_int8_TOPS"] = 2 * m * k * n / rec["triton_e2e_ms"] / 1e9
+            gbase = rec.get("fp16_cublas_graph_ms")
+            if gbase:
+                for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms"):
+                    if name in rec:
+                        rec["x_" + name[:-3]] = gbase / rec[name]
             results["timing"].append(rec)
             log(f"time M={m:5d} K={k:5d} N={n:5d} [{rec['dispatched_path']}]: "
                 + " ".join(f"{nm[:-3]}={rec[nm]:.4f}" for nm in items if nm in rec)
@@ -281,7 +303,7 @@ def main() -> int:
                 + (f" | best {rec.get('best_gemm')} x{rec['x_best_gemm']:.2f}" if "x_best_gemm" in rec else "")
                 + (f" | errors {rec['errors']}" if "errors" in rec else ""))
             save()
-        del layer, w16, w8, sc, qw, ws
+        del layer, layer_i, ints, w16, w8, sc, qw, ws
         if dev == "cuda":
             torch.cuda.empty_cache()
 
@@ -409,8 +431,10 @@ def write_md(results: dict, path: str) -> None:
     cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "gemv_quant_ms",
             "x_gemv_quant", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
             "x_best_gemm", "e2e_int8_TOPS"]
+    icols = ["fp16_cublas_ms", "triton_e2e_int_ms", "x_triton_e2e_int", "gemv_quant_int_ms", "x_gemv_quant_int",
+             "grouped_tc_int_ms", "x_grouped_tc_int", "grouped_tc_ms", "x_grouped_tc"]
     gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
-             "x_gemv_quant_graph"]
+             "x_gemv_quant_graph", "gemv_quant_int_graph_ms", "x_gemv_quant_int_graph"]
     def table(title: str, note: str, lead: list[str], value_cols: list[str], rows: list[dict], tail: bool) -> None:
         lines.extend(["", title, "", note, "",
                       "| " + " | ".join(lead + [c.replace("_ms", "") for c in value_cols]) + (" | errors |" if tail else " |"),
@@ -424,6 +448,11 @@ def write_md(results: dict, path: str) -> None:
           "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM); `x_*` = speed-up over cuBLAS fp16; "
           "the kernel columns exclude the activation quantization.",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
+    table("## Integer group scales (`--group-scales integer`): median ms, same shapes",
+          "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above M = 8 the int8 "
+          "per-channel cache, exact for such scales); `gemv_quant_int` / `grouped_tc_int` = the packed kernels "
+          "with one int32 accumulator over K; `grouped_tc` = the float-scale kernel, for comparison.",
+          ["M", "K", "N", "path"], icols, results.get("timing", []), False)
     graph_rows = [r for r in results.get("timing", []) if "fp16_cublas_graph_ms" in r]
     if graph_rows:
         table("## Decode sizes replayed from a CUDA graph (median ms, do_bench_cudagraph: no launch overhead)",

@@ -138,6 +138,24 @@ def test_perchannel_weight_requantization(sign):
     assert int(w8.abs().amax(dim=1).min()) >= 100
 
 
+def test_perchannel_is_exact_with_integer_group_scales():
+    """Integer group scales re-express the group-wise weights per channel without a rounding: ``int8_perchannel``
+    then computes the reference's maths (float rounding only), where float scales cost it an extra rounding."""
+    from fptq.quant.intscales import integer_group_scales
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 256, generator=g)
+    x = make_input((9,), 256)
+    for scales, exact in ((integer_group_scales(w, 64), True), (weight_scales(w, 4, 64), False)):
+        layer = QuantLinear.from_codes(quantize_weight(w, scales, 4, 64), scales, wbits=4, group_size=64, abits=8,
+                                       act_mode="dynamic_token")
+        w8, sc = perchannel_weight(layer)
+        assert torch.equal(w8.float() * sc[:, None], layer.dequantized_weight().float()) == exact
+        y, ref = run_backend("int8_perchannel", layer, x), layer.reference_forward(x)
+        tol = 1e-5 * abs_bound(layer, x) + 1e-6
+        assert bool(((y - ref).abs() <= tol).all()) == exact
+
+
 def test_grouped_weight_layout():
     layer = make_layer(200, 5, 64, "static_tensor")
     ranges, blocks, sT = grouped_weight(layer)

@@ -74,8 +74,10 @@ def _tol_ratio(y, ref, qf, w_deq, bias, dtype) -> float:
     return float(((y.float() - ref).abs() / tol).max()) if ref.numel() else 0.0
 
 
-def run_case(case, device, variants=VARIANTS) -> dict:
-    """Run one case with every variant; return a dict of measured errors and booleans."""
+def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> dict:
+    """Run one case with every variant; return a dict of measured errors and booleans. ``group_scales="integer"``:
+    the weights get integer group scales (:mod:`fptq.quant.intscales`), which the packed kernels sum in one int32
+    accumulator and the per-channel paths convert without a rounding."""
     import warnings
 
     from fptq.kernels import cpu as kcpu
@@ -87,7 +89,12 @@ def run_case(case, device, variants=VARIANTS) -> dict:
     dtype = _dtype(dtname)
     g = torch.Generator().manual_seed(k * 31 + n)
     w = torch.randn(n, k, generator=g)
-    s = weight_scales(w, 4, gs, sign="signed")  # scales of either sign: the kernels multiply, whatever the sign
+    if group_scales == "integer":
+        from fptq.quant.intscales import integer_group_scales
+
+        s = integer_group_scales(w, gs)  # multipliers -15 .. 16: either sign
+    else:
+        s = weight_scales(w, 4, gs, sign="signed")  # scales of either sign: the kernels multiply, whatever the sign
     q = quantize_weight(w, s, 4, gs)
     b = torch.randn(n, generator=g) if bias else None
     layer = QuantLinear.from_codes(q, s, wbits=4, group_size=gs, abits=8, act_mode=mode, act_scale=0.05, bias=b)
@@ -108,6 +115,9 @@ def run_case(case, device, variants=VARIANTS) -> dict:
     w8, sc = tw.perchannel_weight_device(layer)
     out["w8_matches_cpu"] = bool(torch.equal(w8.cpu(), w8_cpu) and torch.equal(sc.cpu(), sc_cpu.float()))
     w_pc = w8.float() * sc[:, None]
+    if group_scales == "integer":  # found again at first use; the per-channel weights are the group-wise ones
+        out["int_scales_found"] = tw.integer_scales_device(layer) is not None
+        out["w8_exact"] = bool(torch.equal(w_pc.cpu(), layer.dequantized_weight().float().cpu()))
     ref_pc = qf @ w_pc.t()
     if layer.bias is not None:
         ref_pc = ref_pc + layer.bias.float()
@@ -173,6 +183,7 @@ def _assert_ok(r: dict, variant: str = "auto") -> None:
     assert v["max_err_over_tol"] <= 1.0, (variant, r)
     assert not v["fallback_warnings"], (variant, r)
     assert v.get("same_as_unfused", True), (variant, r)
+    assert r.get("int_scales_found", True) and r.get("w8_exact", True), r
 
 
 def quant_recip_check() -> dict:
@@ -244,6 +255,31 @@ def test_interpreter_kernels_match_reference(interp_case, idx, variant):
     _assert_ok(interp_case(idx), variant)
 
 
+#: cases with integer group scales (several groups per row: the integer path needs more than one)
+INT_CASES = [CASES[i] for i in (0, 1, 2, 6)]
+
+
+@pytest.fixture(scope="module")
+def interp_int_case():
+    done: dict = {}
+
+    def get(idx: int) -> dict:
+        if idx not in done:
+            done[idx] = run_case(INT_CASES[idx], "cpu", group_scales="integer")
+        return done[idx]
+
+    return get
+
+
+@interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("idx", range(len(INT_CASES)))
+def test_interpreter_kernels_match_reference_with_integer_group_scales(interp_int_case, idx, variant):
+    """Integer group scales: the packed kernels' single-accumulator path and the per-channel paths (exact here)
+    against the group-wise reference, every variant."""
+    _assert_ok(interp_int_case(idx), variant)
+
+
 @interpreter
 def test_interpreter_quant_reciprocal_mode():
     r = quant_recip_check()
@@ -273,6 +309,10 @@ def test_gpu_kernels_match_reference(case):
     r = run_case(case, "cuda")
     for v in VARIANTS:
         _assert_ok(r, v)
+    if case[3] > 0 and -(-case[1] // case[3]) > 1:
+        r = run_case(case, "cuda", group_scales="integer")
+        for v in VARIANTS:
+            _assert_ok(r, v)
 
 
 @gpu

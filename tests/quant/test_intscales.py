@@ -3,7 +3,13 @@ scales, and what it costs in weight error."""
 import pytest
 import torch
 
-from fptq.quant.intscales import MAX_MULTIPLIER, MIN_MULTIPLIER, integer_group_scales, integer_scale_factors
+from fptq.quant.intscales import (
+    MAX_MULTIPLIER,
+    MIN_MULTIPLIER,
+    integer_group_scales,
+    integer_scale_factors,
+    integer_weight_codes,
+)
 from fptq.quant.weights import dequantize_weight, quantize_weight, weight_scales
 
 
@@ -76,3 +82,17 @@ def test_large_weights_keep_float_scales():
     s = integer_group_scales(w, 64)
     assert torch.equal(s[0], weight_scales(w[:1], 4, 64, rounding="nearest")[0])
     assert integer_scale_factors(s.t().contiguous()) is None
+
+
+@pytest.mark.parametrize("k,gs,rows", [(200, 64, 1024), (576, 64, 7), (256, 128, 1024)])
+def test_integer_weight_codes_are_the_group_wise_weights_per_channel(k, gs, rows):
+    """``q * m`` over the channel's base: every weight equal to ``q * s`` (no rounding), int8 -128 .. 120, in row
+    blocks or not; float scales have no such form."""
+    w = _weights(k=k)
+    s = integer_group_scales(w, gs)
+    q = quantize_weight(w, s, 4, gs)
+    w8, base = integer_weight_codes(q, s, gs, rows=rows)
+    assert w8.dtype == torch.int8 and w8.shape == q.shape and base.shape == (w.shape[0],)
+    assert int(w8.min()) >= -128 and int(w8.max()) <= 120 and int(w8.min()) < -8 * 8
+    assert torch.equal(w8.float() * base[:, None], dequantize_weight(q, s, gs).float())
+    assert integer_weight_codes(q, weight_scales(w, 4, gs), gs) is None

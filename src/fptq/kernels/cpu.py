@@ -13,7 +13,10 @@ Xeons) is many times faster than an fp32 GEMM on the same shape. Two variants:
     (one more rounding, ``|W8| <= 127``), then ``y = int_mm(x_q, W8^T) * (s_x *
     s_c) + bias`` -- a single integer GEMM over the whole K.  When the layer is
     already per-channel (one group per row) the original codes and scales are
-    used unchanged and the result is exact (same maths as the reference).
+    used unchanged and the result is exact (same maths as the reference); so
+    is it when the group scales are integer multiples of one scale per channel
+    (``--group-scales integer``, :mod:`fptq.quant.intscales`): then
+    ``W8 = q * m`` and ``s_c`` is the channel's base, without a rounding.
     **Memory:** the int8 weight (1 byte per weight, i.e. twice the packed int4
     size) and the ``[N]`` scales are cached on the module (``module._cache``).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.activations import act_qmax
+from ..quant.intscales import integer_weight_codes
 
 __all__ = [
     "quantize_activations",
@@ -125,7 +129,8 @@ def _check_input(module, x: torch.Tensor) -> None:
 
 # ------------------------------------------------------------ per-channel
 def perchannel_weight(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 ``[N, K]`` codes with one float32 scale per output channel ``[N]`` (cached)."""
+    """int8 ``[N, K]`` codes with one float32 scale per output channel ``[N]`` (cached): exact for per-channel
+    scales and integer group scales, one more rounding otherwise."""
 
     def build(m):
         codes = _codes(m)
@@ -134,6 +139,9 @@ def perchannel_weight(module) -> tuple[torch.Tensor, torch.Tensor]:
             return codes, s[:, 0].contiguous()
         n, k = codes.shape
         gs = _group_size(m)
+        exact = integer_weight_codes(codes, m.w_scales, gs, _ROW_BLOCK) if m.wbits == 4 else None
+        if exact is not None:  # integer group scales: q * m over the channel's base, no rounding
+            return exact
         lim = 2 ** (m.wbits - 1)  # largest |code|
         sc = s.abs().amax(dim=1) * (lim / 127.0)  # scales may be negative (signed-extreme rule)
         w8 = torch.empty(n, k, dtype=torch.int8)

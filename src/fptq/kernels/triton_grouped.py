@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ..quant.intscales import INT_SUM_MAX_K
 from .triton_common import (
     HAS_TRITON,
     _epilogue,
@@ -28,28 +29,33 @@ __all__ = ["w4a8_matmul", "w4a8_gemv", "w4a8_gemv_quant"]
 if HAS_TRITON:
 
     @triton.jit
-    def _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # [BLOCK_N, BLOCK_K] int8 codes from packed bytes (low nibble = even column)
+    def _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INT_SCALES: tl.constexpr):
+        # [BLOCK_N, BLOCK_K] int8 codes from packed bytes (low nibble = even column); INT_SCALES: times the rows'
+        # integer group multipliers ``mult`` [BLOCK_N] (int32; q * m stays in int8)
         kb = k0 // 2 + offs_kb
         b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
         bi = b.to(tl.int32)
         lo = (bi << 28) >> 28
         hi = (bi << 24) >> 28
-        return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K]).to(tl.int8)
+        w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+        if INT_SCALES:
+            w = w * mult[:, None]
+        return w.to(tl.int8)
 
     @triton.jit
-    def _dot_tile(acc_i, a_base, b_rows, k0, offs_k, offs_kb, mask_m, mask_n, K, K2,
-                  SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _dot_tile(acc_i, a_base, b_rows, k0, offs_k, offs_kb, mask_m, mask_n, K, K2, mult,
+                  SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_SCALES: tl.constexpr):
         # acc_i (int32) += the activation tile at k0 times the unpacked weight tile at k0;
         # SWAP_AB: acc_i^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
         ka = k0 + offs_k
         if SWAP_AB:
             at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
-            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES)
             acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
         else:
             a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
-            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, BLOCK_N, BLOCK_K)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES)
             acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         return acc_i
 
@@ -75,7 +81,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4a8_gemm_kernel(
-        A, B, WS, AS, BIAS, C, P,
+        A, B, WS, AS, BIAS, C, P, MT, BASE,
         M, N, K, G, GS, CHUNK, NUNITS,
         stride_am, stride_bn, stride_wsn, stride_cm,
         PER_TOKEN: tl.constexpr,
@@ -88,6 +94,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
     ):
         # Work units along K: K tiles (ONE_GROUP) or groups; split s owns units [s*CHUNK, (s+1)*CHUNK).
         pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -116,16 +123,27 @@ if HAS_TRITON:
             # one scale per row: a single int32 accumulator over every K tile, scaled once
             acc_i = tl.zeros(acc.shape, dtype=tl.int32)
             for u in range(u0, u1):
-                acc_i = _dot_tile(acc_i, a_base, b_rows, u * BLOCK_K, offs_k, offs_kb, mask_m, mask_n, K, K2,
-                                  SWAP_AB, BLOCK_N, BLOCK_K)
+                acc_i = _dot_tile(acc_i, a_base, b_rows, u * BLOCK_K, offs_k, offs_kb, mask_m, mask_n, K, K2, 0,
+                                  SWAP_AB, BLOCK_N, BLOCK_K, False)
             acc = _group_scaled(acc_i, ws_rows, mask_n, SWAP_AB)
+        elif INT_SCALES:
+            # integer group scales: the codes times their group's multiplier, one int32 accumulator over every
+            # group, the channel's base applied once
+            mt_rows = MT + offs_n * stride_wsn
+            acc_i = tl.zeros(acc.shape, dtype=tl.int32)
+            for g in range(u0, u1):
+                mult = tl.load(mt_rows + g, mask=mask_n, other=0).to(tl.int32)
+                for t in tl.static_range(TILES_PER_GROUP):
+                    acc_i = _dot_tile(acc_i, a_base, b_rows, g * GS + t * BLOCK_K, offs_k, offs_kb, mask_m, mask_n,
+                                      K, K2, mult, SWAP_AB, BLOCK_N, BLOCK_K, True)
+            acc = _group_scaled(acc_i, BASE + offs_n, mask_n, SWAP_AB)
         else:
             # one int32 accumulator per group, scaled and added in float32 at the end of the group
             for g in range(u0, u1):
                 acc_i = tl.zeros(acc.shape, dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc_i = _dot_tile(acc_i, a_base, b_rows, g * GS + t * BLOCK_K, offs_k, offs_kb, mask_m, mask_n,
-                                      K, K2, SWAP_AB, BLOCK_N, BLOCK_K)
+                                      K, K2, 0, SWAP_AB, BLOCK_N, BLOCK_K, False)
                 acc += _group_scaled(acc_i, ws_rows + g, mask_n, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
@@ -143,15 +161,20 @@ if HAS_TRITON:
             return tl.load(x_row + offs, mask=offs < K, other=0).to(tl.int32)
 
     @triton.jit
-    def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2, scale, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2, scale, mult, QUANT: tl.constexpr,
+                   QMAX: tl.constexpr, INT_SCALES: tl.constexpr):
         # acc2 [BLOCK_N, BLOCK_K // 2] (int32) += low nibbles x even activation codes + high nibbles x odd ones
+        # (INT_SCALES: times the rows' integer group multipliers ``mult`` [BLOCK_N])
         kb = k0 // 2 + offs_j
         b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
         ke = k0 + 2 * offs_j
         xe = _act_codes(x_row, ke, K, scale, QUANT, QMAX)
         xo = _act_codes(x_row, ke + 1, K, scale, QUANT, QMAX)
         bi = b.to(tl.int32)
-        acc2 += ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
+        t = ((bi << 28) >> 28) * xe[None, :] + ((bi << 24) >> 28) * xo[None, :]
+        if INT_SCALES:
+            t = t * mult[:, None]
+        acc2 += t
         return acc2
 
     @triton.jit
@@ -173,7 +196,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4a8_gemv_kernel(
-        A, B, WS, AS, BIAS, C, P, INV_QMAX,
+        A, B, WS, AS, BIAS, C, P, MT, BASE, INV_QMAX,
         M, N, K, GS, CHUNK, NUNITS,
         stride_am, stride_bn, stride_wsn, stride_cm,
         PER_TOKEN: tl.constexpr,
@@ -187,6 +210,7 @@ if HAS_TRITON:
         RECIP: tl.constexpr = False,
         QMAX: tl.constexpr = 127,
         BLOCK_R: tl.constexpr = 1024,
+        INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
     ):
         # grid (M, n tiles, splits): the token is the fastest axis, so the programs
         # sharing a weight tile run together (L2 reuse when M > 1)
@@ -207,8 +231,20 @@ if HAS_TRITON:
         if ONE_GROUP:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
             for u in range(u0, u1):
-                acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2, scale, QUANT, QMAX)
+                acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2, scale, 0, QUANT, QMAX,
+                                  False)
             s = tl.load(ws_rows, mask=mask_n, other=0.0).to(tl.float32)
+            acc = tl.sum(acc2, axis=1).to(tl.float32) * s
+        elif INT_SCALES:
+            # integer group scales: one int32 sum over every group (no reduction per group), the base once
+            mt_rows = MT + offs_n * stride_wsn
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
+            for g in range(u0, u1):
+                mult = tl.load(mt_rows + g, mask=mask_n, other=0).to(tl.int32)
+                for t in tl.static_range(TILES_PER_GROUP):
+                    acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2, scale,
+                                      mult, QUANT, QMAX, True)
+            s = tl.load(BASE + offs_n, mask=mask_n, other=0.0)
             acc = tl.sum(acc2, axis=1).to(tl.float32) * s
         else:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -216,7 +252,7 @@ if HAS_TRITON:
                 acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2, scale,
-                                      QUANT, QMAX)
+                                      0, QUANT, QMAX, False)
                 s = tl.load(ws_rows + g, mask=mask_n, other=0.0).to(tl.float32)
                 acc += tl.sum(acc2, axis=1).to(tl.float32) * s
         if SPLIT:
@@ -245,14 +281,29 @@ def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size)
     return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
 
 
+def _check_int_scales(int_scales, w_scales, k):
+    """``(multipliers int8 [N, G], base float32 [N])`` of :func:`fptq.kernels.triton_w4a8.integer_scales_device`, checked against the
+    group scales; None for one group per row (a single accumulator already)."""
+    if int_scales is None or w_scales.shape[1] == 1:
+        return None
+    base, mult = int_scales
+    if (mult.dtype != torch.int8 or tuple(mult.shape) != tuple(w_scales.shape) or base.dtype != torch.float32
+            or tuple(base.shape) != (w_scales.shape[0],)):
+        raise ValueError("int_scales must be (base float32 [N], multipliers int8 [N, G]) matching w_scales")
+    if k > INT_SUM_MAX_K:
+        raise ValueError(f"integer group scales sum K in int32: K={k} is above {INT_SUM_MAX_K}")
+    return mult.contiguous(), base.contiguous()
+
+
 def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool,
-            quant: tuple | None = None):
+            quant: tuple | None = None, int_scales: tuple | None = None):
     """Check the arguments, pick the launch configuration and split-K, run the GEMV (``gemv``) or the
     tensor-core kernel, and reduce the split-K partials.
 
     ``quant`` (GEMV only): ``(qmax, recip)``: ``xq`` then holds the float activations, quantized inside the
     kernel; ``x_scale`` is the static per-tensor scale, or per token the ``[M]`` float32 tensor the kernel
-    writes the scales to."""
+    writes the scales to. ``int_scales``: ``(base, multipliers)`` of integer group scales
+    (:func:`fptq.kernels.triton_w4a8.integer_scales_device`): one int32 accumulator over all of K, the base applied once."""
     require_triton()
     if quant is not None and not gemv:
         raise ValueError("in-kernel activation quantization is a GEMV option")
@@ -262,6 +313,7 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
     n = qweight.shape[0]
     g = w_scales.shape[1]
     one_group = g == 1
+    ints = _check_int_scales(int_scales, w_scales, k)
     gs = k if group_size <= 0 else group_size
     cfg = dict((pick_gemv_config if gemv else pick_config)(m, n, k, group_size))
     if config:
@@ -285,7 +337,8 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
     strides = (xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0))
     flags = dict(PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=one_group,
                  TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 INT_SCALES=ints is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
     if gemv:
         inv = 1.0
         if quant is not None:
@@ -294,11 +347,11 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
             flags.update(QUANT=True, QMAX=int(qmax), RECIP=bool(per_token and recip),
                          BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))))
         _w4a8_gemv_kernel[(*grid, splits)](
-            xq, qweight, w_scales, x_scale, bias_arg, c, part, inv, m, n, k, gs, chunk, nunits, *strides,
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, inv, m, n, k, gs, chunk, nunits, *strides,
             **flags)
     else:
         _w4a8_gemm_kernel[(*grid, splits)](
-            xq, qweight, w_scales, x_scale, bias_arg, c, part, m, n, k, g, gs, chunk, nunits, *strides,
+            xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, m, n, k, g, gs, chunk, nunits, *strides,
             SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"], **flags)
     if splits > 1:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
@@ -307,7 +360,8 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
 
 def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                 in_features: int, group_size: int, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype = torch.float16, config: dict | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float16, config: dict | None = None,
+                int_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Exact group-wise ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T) (+ bias)`` with
     packed int4 weights, tensor-core kernel (``_w4a8_gemm_kernel``, optional split-K).
 
@@ -315,23 +369,30 @@ def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     (per-token); ``qweight``: uint8 ``[N, ceil(K/2)]``; ``w_scales``: fp16
     ``[N, G]``; returns ``[M, N]`` in ``out_dtype``.  ``config`` overrides
     :func:`pick_config` (keys BLOCK_M/N/K, GROUP_M, SWAP_AB, SPLIT_K, num_warps, num_stages).
+    ``int_scales``: ``(base [N], multipliers [N, G])`` when ``w_scales == base * multipliers``
+    (:func:`fptq.kernels.triton_w4a8.integer_scales_device`): the codes times the multipliers go into one int32 accumulator over
+    all of K (no float step per group), the same values to float32 rounding.
     """
-    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=False)
+    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=False,
+                   int_scales=int_scales)
 
 
 def w4a8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
               in_features: int, group_size: int, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.float16, config: dict | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.float16, config: dict | None = None,
+              int_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same maths and arguments as :func:`w4a8_matmul` (exact group-wise), with the
     CUDA-core GEMV kernel (one token row per program, split-K), meant for M <= 2-4.
     ``config`` overrides :func:`pick_gemv_config` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
-    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True)
+    return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True,
+                   int_scales=int_scales)
 
 
 def w4a8_gemv_quant(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.Tensor, w_scales: torch.Tensor,
                     in_features: int, group_size: int, qmax: int = 127, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype = torch.float16, config: dict | None = None,
-                    recip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    recip: bool | None = None,
+                    int_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_activations` then :func:`w4a8_gemv` in one launch (decode): ``x`` is the float ``[M, K]``
     input, quantized inside the GEMV kernel to the same int8 codes (per token when ``act_scale`` is None,
     else with the static per-tensor ``act_scale``), so the codes never go through memory and the separate
@@ -349,5 +410,5 @@ def w4a8_gemv_quant(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: to
     x_scale = (torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if dynamic
                else act_scale.to(device=x.device, dtype=torch.float32).reshape(()))
     y = _launch(x, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=True,
-                quant=(qmax, recip))
+                quant=(qmax, recip), int_scales=int_scales)
     return y, x_scale

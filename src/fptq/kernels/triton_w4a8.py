@@ -17,7 +17,12 @@ summation order differs).  Reads the packed int4 weights directly (0.5 byte/weig
   output bits are those of the pair.
 * ``_w4a8_gemm_kernel`` (tensor cores): ``tl.dot(..., out_dtype=int32)`` per group,
   the group scale applied in float32 at the end of each group (``BLOCK_K`` divides
-  the group size).  For small M the operands are swapped (``SWAP_AB``: the unpacked
+  the group size).  With **integer group scales** (``fptq quantize --group-scales integer``:
+  each group's scale is a channel base times an integer -15 .. 16, found again at first use by
+  :func:`integer_scales_device`) both kernels multiply the unpacked codes by their group's
+  integer (``q * m`` stays int8), sum all of K in one int32 accumulator and apply the base once:
+  the tensor-core loop has no float step per group (QQQ's / QServe's reason for such scales),
+  the values equal the per-group ones to float32 rounding.  For small M the operands are swapped (``SWAP_AB``: the unpacked
   weight tile is the MMA's M side, the tokens its N side, so M=1..64 does not waste a
   64-row MMA); optional split-K over groups.
 
@@ -37,7 +42,7 @@ so Hopper's wgmma gets shared-memory operands and one int32 accumulator), with t
 per-token / per-tensor x per-channel scales and the bias fused in the epilogue; or
 (``PERCHANNEL_IMPL = 'int_mm'``) ``torch._int_mm`` (cuBLASLt) + the Triton epilogue.
 For per-channel layers (one group per row) the codes and scales are used unchanged and
-this path is exact too.
+this path is exact too; so it is with integer group scales (``W8 = q * m``, the channel's base).
 
 ``triton`` (default on CUDA) -- picks by M: ``triton_grouped`` for ``M <= GROUPED_MAX_M``
 (memory-bound decode: reading 4-bit weights is what makes it fast, and it is exact),
@@ -75,7 +80,9 @@ import warnings
 
 import torch
 
+from ..quant.intscales import INT_SUM_MAX_K, integer_scale_factors
 from . import triton_common, triton_grouped, triton_perchannel, triton_quant
+from .cpu import _weight_key
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -97,7 +104,7 @@ from .triton_quant import _scalar_div_mode, quantize_activations
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
     *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
-    "FUSED_GEMV_QUANT", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
+    "FUSED_GEMV_QUANT", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
@@ -106,6 +113,26 @@ _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
 def is_available() -> bool:
     """True when triton is importable and a CUDA device is present."""
     return HAS_TRITON and torch.cuda.is_available()
+
+
+def integer_scales_device(module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(base float32 [N], multipliers int8 [N, G])`` of a 4-bit module whose group scales are integer multiples
+    of one scale per output channel (``--group-scales integer``; :func:`fptq.quant.intscales.integer_scale_factors`),
+    on the module's device and cached on it; None for other scales, one group per row, or K past
+    :data:`~fptq.quant.intscales.INT_SUM_MAX_K`."""
+    ws = module.w_scales
+    key = _weight_key(module)
+    hit = module._cache.get("triton_int_scales")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = None
+    if module.wbits == 4 and ws.shape[1] > 1 and module.in_features <= INT_SUM_MAX_K:
+        factors = integer_scale_factors(ws.detach().cpu().t())
+        if factors is not None:
+            base, mult = factors
+            value = (base.to(ws.device).contiguous(), mult.t().contiguous().to(ws.device))
+    module._cache["triton_int_scales"] = (key, value)
+    return value
 
 
 # ------------------------------------------------------------------ forward
@@ -149,7 +176,9 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     tokens), ``"grouped"`` (backend ``triton_grouped``: exact, packed int4; GEMV kernel
     for M <= ``GEMV_MAX_M``, tensor-core kernel above) or ``"perchannel"`` (backend
     ``triton_perchannel``: int8 per-channel cache, one extra weight rounding unless the
-    layer is per-channel).
+    layer is per-channel or its group scales are integer multiples of a channel base).
+    Integer group scales (:func:`integer_scales_device`) take the packed kernels' single-accumulator
+    variant.
     """
     require_triton()
     if path not in PATHS:
@@ -173,12 +202,17 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     static = module.act_mode == "static_tensor"
     out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     gemv = kind == "gemv" or (kind == "grouped" and m <= GEMV_MAX_M)
+    # integer group scales: the packed kernels sum all of K in one int32 accumulator (the per-channel cache is
+    # exact for them without this: perchannel_weight)
+    ints = integer_scales_device(module) if kind != "perchannel" else None
+    tag = "" if ints is None else "_int"  # (a failed integer-scale kernel leaves the float-scale one in use)
     if gemv and FUSED_GEMV_QUANT:
         # decode: the activations are quantized inside the GEMV (one launch, the codes never stored); None once
         # that kernel has failed here: the two launches below
-        y = _guarded("gemv_quant", lambda: w4a8_gemv_quant(
+        y = _guarded("gemv_quant" + tag, lambda: w4a8_gemv_quant(
             x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
-            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype)[0], lambda: None,
+            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints)[0],
+            lambda: None,
             instead="a quantization launch before the GEMV")
         if y is not None:
             return y.to(x.dtype).reshape(*lead, module.out_features)
@@ -194,9 +228,11 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
         y = _guarded("perchannel", lambda: int8_perchannel_matmul(
             xq, sx, *perchannel_weight_device(module), bias=module.bias, out_dtype=out_dtype), baseline)
     elif gemv:
-        y = _guarded("gemv", lambda: w4a8_gemv(*args, bias=module.bias, out_dtype=out_dtype), baseline)
+        y = _guarded("gemv" + tag, lambda: w4a8_gemv(*args, bias=module.bias, out_dtype=out_dtype, int_scales=ints),
+                     baseline)
     else:
-        y = _guarded("grouped", lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype), baseline)
+        y = _guarded("grouped" + tag, lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype,
+                                                    int_scales=ints), baseline)
     return y.to(x.dtype).reshape(*lead, module.out_features)
 
 

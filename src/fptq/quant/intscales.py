@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_MULTIPLIER", "MIN_MULTIPLIER", "MULTIPLIERS", "BASE_BITS", "integer_group_scales",
-           "integer_scale_factors"]
+__all__ = ["MAX_MULTIPLIER", "MIN_MULTIPLIER", "MULTIPLIERS", "BASE_BITS", "INT_SUM_MAX_K", "integer_group_scales",
+           "integer_scale_factors", "integer_weight_codes"]
 
 MAX_MULTIPLIER, MIN_MULTIPLIER = 16, -15  # q * m stays in int8 for 4-bit codes -8 .. 7
 MULTIPLIERS = tuple(m for m in range(MIN_MULTIPLIER, MAX_MULTIPLIER + 1) if m)
 BASE_BITS = 6  # significant bits of a channel's base: base * m (|m| < 2**5) is exact in float16's 11
+#: inputs over which int32 holds a sum of int8 activation codes (|x| <= 127) times ``q * m`` (|q * m| <= 128)
+INT_SUM_MAX_K = (2 ** 31 - 1) // (127 * 128)
 SEARCH_ELEMENTS = 1 << 21  # weights per block of rows in integer_group_scales
 
 
@@ -101,3 +103,24 @@ def integer_scale_factors(ws_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return None
     mult[:, pad] = 1
     return base, mult.to(torch.int8)
+
+
+def integer_weight_codes(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+                         rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The group-scaled 4-bit weight ``codes`` ``[N, K]`` (int8 -8 .. 7) with group scales ``scales`` ``[N, G]``
+    re-expressed exactly per output channel: ``(w8 [N, K] int8, base [N] float32)`` with
+    ``w8[n, k] * base[n] == codes[n, k] * scales[n, k // group_size]`` for every weight (``w8 = q * m``, within
+    -128 .. 120), or ``None`` when the scales have no integer structure (:func:`integer_scale_factors`). What
+    lets an int8 x int8 product over the whole input dimension compute the group-wise weights without a further
+    rounding. Computed on the CPU, ``rows`` rows at a time; returned there."""
+    factors = integer_scale_factors(scales.detach().cpu().t())
+    if factors is None:
+        return None
+    base, mult = factors
+    codes = codes.detach().cpu()
+    n, k = codes.shape
+    w8 = torch.empty(n, k, dtype=torch.int8)
+    for r0 in range(0, n, rows):
+        m = mult[:, r0:r0 + rows].t().to(torch.int16).repeat_interleave(group_size, dim=1)[:, :k]
+        w8[r0:r0 + rows] = (codes[r0:r0 + rows].to(torch.int16) * m).to(torch.int8)
+    return w8, base

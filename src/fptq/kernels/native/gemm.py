@@ -5,12 +5,11 @@ import ctypes
 
 import torch
 
-from ...quant.intscales import integer_scale_factors
+from ...quant.intscales import INT_SUM_MAX_K, integer_scale_factors
 from .build import _c_i64, _c_int, _p, _ptr, library
 
 __all__ = ["INT_SUM_MAX_K", "W4A8Gemm", "W4A16Gemm", "dequantize_w4"]
 
-INT_SUM_MAX_K = (2 ** 31 - 1) // (127 * 128)  # inputs whose int8 x (int4 * multiplier) terms an int32 holds
 
 
 class _Mat(ctypes.Structure):
