@@ -93,6 +93,37 @@ def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k, build):
     assert torch.equal(xq[:, :k], quantize_static(x, scale)) and torch.all(sx == 0.04)
 
 
+def _near_code_boundaries(scale: float, n: int, seed: int) -> torch.Tensor:
+    """Values within a few float32 ulps of ``(c + 0.5) * scale`` and ``c * scale`` (c in 0 .. 300, either sign, none
+    zero):
+    where a quotient a hair off IEEE division's would change a code."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(1, 301, (n,), generator=g).float() - 0.5 * torch.randint(0, 2, (n,), generator=g).float()
+    v = (c * scale).float()
+    bits = v.view(torch.int32) + torch.randint(-3, 4, (n,), generator=g, dtype=torch.int32)
+    v = bits.view(torch.float32)
+    return torch.where(torch.rand(n, generator=g) < 0.5, -v, v)
+
+
+@pytest.mark.parametrize("scale", [0.04, 3.0517578e-05, 1.7e-3, 123.456, 1e-30, 1e-36])
+def test_native_quantize_is_ieee_division_near_every_code_boundary(scale, build):
+    """The codes are round(x / scale) with IEEE division's quotient (torch's), also for values a few ulps from a
+    half-integer or integer quotient, past the int8 range and at scales where the kernel divides after all (below
+    2^-100): the AVX-512 builds compute the quotient from the scale's reciprocal with a fused correction, which
+    must give the same bits."""
+    x = _near_code_boundaries(scale, 64 * 1000, seed=int(scale * 1e6) % 1000).reshape(64, 1000)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e30, -1e30, 3e38])
+    gs, kp = 64, vnni_padded_shape(16, 1000)[1]
+    xq, _, _ = native.quantize(x, kp, "static_tensor", torch.tensor(scale), 127, gs, -(-1000 // gs))
+    assert torch.equal(xq[:, :1000], quantize_static(x, torch.tensor(scale)))
+    # per token: each row's scale is its absmax / 127, so the row's largest values sit on the top codes' boundaries
+    xd = x.clone()
+    xd[:, 0] = (127 * scale * (1 + torch.arange(64) / 640)).float()
+    xq, _, sx = native.quantize(xd, kp, "dynamic_token", None, 127, gs, -(-1000 // gs))
+    ref, rs = quantize_per_token(xd)
+    assert torch.equal(xq[:, :1000], ref) and torch.equal(sx, rs[:, 0])
+
+
 @pytest.mark.parametrize("m,k,n,gs", [(1, 576, 1536, 64), (5, 200, 40, 64), (9, 576, 192, 128), (70, 64, 96, 32),
                                       (300, 128, 48, 128)])
 @pytest.mark.parametrize("mode", ["static_tensor", "dynamic_token"])
@@ -197,6 +228,7 @@ def test_fused_gate_up_silu_gives_the_unfused_bits(m, k, n, gs, mode, build):
     assert gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], None, quant=got) is None
     for a, b in zip(got.tensors, want.tensors):
         assert torch.equal(a, b)
+    assert torch.equal(got.tensors[0][:, :n], quantize_static(ref, torch.tensor(0.03)))  # torch's division
     with pytest.raises(ValueError, match="only a static quantizer"):
         gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], act,
                  quant=native.QuantOut.make(m, kp2, "dynamic_token", None, 127, 32, g2))

@@ -174,11 +174,11 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
 /* Rows m0 .. of the products with block nb0 of mat0 and (mat1 != NULL) block nb1 of mat1, in whole 16-row tiles
  * while at least 16 rows are left before me; returns the first row it did not compute. The two blocks are two
  * channel blocks of one matrix, or (glu or gq != NULL) the same block of gate and up: then the rows go to glu
- * (row stride ldglu) as silu(gate) * up, or as their codes for the static quantizer gq (glu_store), instead of to
+ * (row stride ldglu) as silu(gate) * up, or as their codes for the static quantizer gq (scale gqs; glu_store), instead of to
  * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. */
 static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
                     const fptq_mat* mat0, int nb0, const fptq_mat* mat1, int nb1, int8_t* bbuf, float* glu,
-                    int64_t ldglu, const fptq_qparams* gq) {
+                    int64_t ldglu, const fptq_qparams* gq, const qscale16* gqs) {
     float facc[2 * 32 * 16] __attribute__((aligned(64)));
     if (me - m0 < AMX_ROWS) return m0;
     const int64_t bstride = (int64_t)Kp * 16;
@@ -220,7 +220,7 @@ static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, i
                 if (mats[b]->bias) v[b] = _mm512_add_ps(v[b], bv[b]);
             }
             if (glu || gq) {
-                glu_store(silu_mul16(v[0], v[1]), glu, ldglu, gq, m + r, nb0 * 16, mk[0]);
+                glu_store(silu_mul16(v[0], v[1]), glu, ldglu, gq, gqs, m + r, nb0 * 16, mk[0]);
                 continue;
             }
             for (int b = 0; b <= two; b++) {
