@@ -17,7 +17,8 @@
    GEMM) and each kernel alone (GEMV, tensor-core grouped, int8 per-channel Triton,
    ``torch._int_mm`` + epilogue) plus the activation quantization alone.
 3. Config sweep (rest of the budget): the small-M kernels (GEMV / swapped tensor-core,
-   split-K on/off) at M = 1, 16 and the int8 GEMM at M = 256, 2048.
+   split-K on/off) at M = 1, 16 and the int8 GEMM at M = 256, 2048; then the integer-group-scale
+   kernels (tensor-core at M = 16, 256; the self-quantizing GEMV at M = 1).
 
 Everything is wrapped per item: a failure is recorded and the run goes on.  Results are
 rewritten after every step to ``<out>/gpu_kernels.json`` and ``.md``; a global time
@@ -323,11 +324,17 @@ def main() -> int:
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)]
+    # the integer-scale tensor-core kernel at sizes where it may replace the int8 per-channel cache
+    int_cfgs = [dict(SWAP_AB=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1),
+                dict(SWAP_AB=False, BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8),
+                dict(SWAP_AB=False, BLOCK_M=64, BLOCK_N=64, SPLIT_K=None)]
     plan = [(1, "gemv", gemv_cfgs), (1, "gemv_quant", gemv_cfgs), (1, "grouped_tc", tc_cfgs[:2] + tc_cfgs[3:4]),
-            (16, "grouped_tc", tc_cfgs), (16, "gemv", gemv_cfgs[2:4]), (256, "perchannel_triton", i8_cfgs), (2048, "perchannel_triton", i8_cfgs)]
+            (16, "grouped_tc", tc_cfgs), (16, "gemv", gemv_cfgs[2:4]), (256, "perchannel_triton", i8_cfgs), (2048, "perchannel_triton", i8_cfgs),
+            (16, "grouped_tc_int", tc_cfgs[:3]), (256, "grouped_tc_int", int_cfgs), (1, "gemv_quant_int", gemv_cfgs[:3])]
     if args.dry_run:
         plan = [(1, "gemv", gemv_cfgs[:2]), (1, "gemv_quant", gemv_cfgs[:2]), (20, "grouped_tc", tc_cfgs[1:2] + tc_cfgs[3:4]),
-                (70, "perchannel_triton", i8_cfgs[3:])]
+                (70, "perchannel_triton", i8_cfgs[3:]), (20, "grouped_tc_int", tc_cfgs[1:2]),
+                (1, "gemv_quant_int", gemv_cfgs[:1])]
     for k, n in sweep_shapes:
         if past(1.0):
             results["errors"].append("time budget reached in the config sweep")
@@ -336,6 +343,8 @@ def main() -> int:
             layer = make_layer(k, n, gs)
             qw, ws = layer.qweight, layer.w_scales
             w8, sc = tw.perchannel_weight_device(layer)
+            layer_i = make_layer(k, n, gs, integer=True)
+            ints = tw.integer_scales_device(layer_i)
         except Exception as e:  # noqa: BLE001
             results["errors"].append(f"sweep K={k} N={n} setup: {e!r}")
             continue
@@ -351,6 +360,14 @@ def main() -> int:
             elif kernel == "gemv_quant":
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_gemv_quant(x, None, qw, ws, k, gs, out_dtype=dt, config=cfg)[0]
+            elif kernel == "gemv_quant_int":
+                def run(cfg, dt=torch.float16):
+                    return tw.w4a8_gemv_quant(x, None, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=dt,
+                                              config=cfg, int_scales=ints)[0]
+            elif kernel == "grouped_tc_int":
+                def run(cfg, dt=torch.float16):
+                    return tw.w4a8_matmul(xq, sxd, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=dt,
+                                          config=cfg, int_scales=ints)
             else:
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_matmul(xq, sxd, qw, ws, k, gs, out_dtype=dt, config=cfg)
@@ -374,7 +391,7 @@ def main() -> int:
                 log(f"sweep {kernel} M={m} K={k} N={n} {cfg}: {rec.get('ms', rec.get('error'))} "
                     f"match={rec.get('matches_default_config')}")
                 save()
-        del layer
+        del layer, layer_i
     save()
     faulthandler.cancel_dump_traceback_later()
     log(f"done; wrote {json_path} and {md_path}")
