@@ -236,13 +236,14 @@ interpreter = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def interp_case():
-    """``run_case`` on CPU tensors under the interpreter, every variant at once, once per case."""
+    """``run_case`` on CPU tensors under the interpreter, every variant at once, once per case and kind of group
+    scales."""
     done: dict = {}
 
-    def get(idx: int) -> dict:
-        if idx not in done:
-            done[idx] = run_case(CASES[idx], "cpu")
-        return done[idx]
+    def get(idx: int, group_scales: str = "float") -> dict:
+        if (idx, group_scales) not in done:
+            done[idx, group_scales] = run_case(CASES[idx], "cpu", group_scales=group_scales)
+        return done[idx, group_scales]
 
     return get
 
@@ -255,29 +256,17 @@ def test_interpreter_kernels_match_reference(interp_case, idx, variant):
     _assert_ok(interp_case(idx), variant)
 
 
-#: cases with integer group scales (several groups per row: the integer path needs more than one)
-INT_CASES = [CASES[i] for i in (0, 1, 2, 6)]
-
-
-@pytest.fixture(scope="module")
-def interp_int_case():
-    done: dict = {}
-
-    def get(idx: int) -> dict:
-        if idx not in done:
-            done[idx] = run_case(INT_CASES[idx], "cpu", group_scales="integer")
-        return done[idx]
-
-    return get
+#: the cases also run with integer group scales (several groups per row: the integer path needs more than one)
+INT_CASE_INDICES = (0, 1, 2, 6)
 
 
 @interpreter
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("idx", range(len(INT_CASES)))
-def test_interpreter_kernels_match_reference_with_integer_group_scales(interp_int_case, idx, variant):
+@pytest.mark.parametrize("idx", INT_CASE_INDICES)
+def test_interpreter_kernels_match_reference_with_integer_group_scales(interp_case, idx, variant):
     """Integer group scales: the packed kernels' single-accumulator path and the per-channel paths (exact here)
     against the group-wise reference, every variant."""
-    _assert_ok(interp_int_case(idx), variant)
+    _assert_ok(interp_case(idx, "integer"), variant)
 
 
 @interpreter

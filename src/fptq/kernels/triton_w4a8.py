@@ -82,7 +82,7 @@ import torch
 
 from ..quant.intscales import INT_SUM_MAX_K, integer_scale_factors
 from . import triton_common, triton_grouped, triton_perchannel, triton_quant
-from .cpu import _weight_key
+from .cpu import _cached
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -120,19 +120,18 @@ def integer_scales_device(module) -> tuple[torch.Tensor, torch.Tensor] | None:
     of one scale per output channel (``--group-scales integer``; :func:`fptq.quant.intscales.integer_scale_factors`),
     on the module's device and cached on it; None for other scales, one group per row, or K past
     :data:`~fptq.quant.intscales.INT_SUM_MAX_K`."""
-    ws = module.w_scales
-    key = _weight_key(module)
-    hit = module._cache.get("triton_int_scales")
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = None
-    if module.wbits == 4 and ws.shape[1] > 1 and module.in_features <= INT_SUM_MAX_K:
+
+    def build(m):
+        ws = m.w_scales
+        if m.wbits != 4 or ws.shape[1] == 1 or m.in_features > INT_SUM_MAX_K:
+            return None
         factors = integer_scale_factors(ws.detach().cpu().t())
-        if factors is not None:
-            base, mult = factors
-            value = (base.to(ws.device).contiguous(), mult.t().contiguous().to(ws.device))
-    module._cache["triton_int_scales"] = (key, value)
-    return value
+        if factors is None:
+            return None
+        base, mult = factors
+        return base.to(ws.device).contiguous(), mult.t().contiguous().to(ws.device)
+
+    return _cached(module, "triton_int_scales", build)
 
 
 # ------------------------------------------------------------------ forward

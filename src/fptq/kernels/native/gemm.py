@@ -11,7 +11,6 @@ from .build import _c_i64, _c_int, _p, _ptr, library
 __all__ = ["INT_SUM_MAX_K", "W4A8Gemm", "W4A16Gemm", "dequantize_w4"]
 
 
-
 class _Mat(ctypes.Structure):
     """``fptq_mat`` of w4a8.c: one weight matrix of a (multi-)GEMM call."""
 
