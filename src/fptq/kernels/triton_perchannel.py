@@ -86,17 +86,14 @@ def perchannel_weight_device(module) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 ``[N, K]`` codes and float32 ``[N]`` per-channel scales on the module's device,
     computed by :func:`fptq.kernels.cpu.perchannel_weight` (same numerics as the CPU
     ``int8_perchannel`` backend) and cached on the module (1 byte/weight)."""
-    from .cpu import _weight_key, perchannel_weight
+    from .cpu import _cached, perchannel_weight
 
-    key = _weight_key(module)
-    hit = module._cache.get("triton_w8_perchannel")
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    dev = module.qweight.device
-    w8, sc = perchannel_weight(_PerChannelSource(module))
-    value = (w8.to(dev).contiguous(), sc.to(device=dev, dtype=torch.float32).contiguous())
-    module._cache["triton_w8_perchannel"] = (key, value)
-    return value
+    def build(m):
+        dev = m.qweight.device
+        w8, sc = perchannel_weight(_PerChannelSource(m))
+        return w8.to(dev).contiguous(), sc.to(device=dev, dtype=torch.float32).contiguous()
+
+    return _cached(module, "triton_w8_perchannel", build)
 
 
 def int8_perchannel_matmul(
