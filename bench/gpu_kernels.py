@@ -18,7 +18,8 @@
    ``torch._int_mm`` + epilogue) plus the activation quantization alone.
 3. Config sweep (rest of the budget): the small-M kernels (GEMV / swapped tensor-core,
    split-K on/off) at M = 1, 16 and the int8 GEMM at M = 256, 2048; then the integer-group-scale
-   kernels (tensor-core at M = 16, 256; the self-quantizing GEMV at M = 1).
+   kernels (tensor-core at M = 16, 256; the self-quantizing GEMV at M = 1); then the dp4a GEMV
+   (``fptq.kernels.triton_dp4a``, what the dispatch runs at M <= 2) at M = 1.
 
 Everything is wrapped per item: a failure is recorded and the run goes on.  Results are
 rewritten after every step to ``<out>/gpu_kernels.json`` and ``.md``; a global time
@@ -115,6 +116,10 @@ def main() -> int:
             env["scalar_div_reciprocal"] = tw._scalar_div_mode(dev, 127)
         except Exception as e:  # noqa: BLE001
             env["scalar_div_reciprocal"] = f"error: {e!r}"
+    try:  # the PTX dp4a against its shift form on this device (the dispatch uses the dp4a GEMV only if equal)
+        env["dp4a_verified"] = tw.dp4a_verified(dev)
+    except Exception as e:  # noqa: BLE001
+        env["dp4a_verified"] = f"error: {e!r}"
     log(f"env: {env}")
     save()
 
@@ -257,6 +262,10 @@ def main() -> int:
                 "grouped_tc_int_ms": lambda: tw.w4a8_matmul(xq, sxd, layer_i.qweight, layer_i.w_scales, k, gs,
                                                             out_dtype=torch.float16, int_scales=ints),
             }
+            if m <= 2:  # the dp4a GEMV on packed words (the dispatch's choice at decode), quantizing in the kernel
+                items["gemv_dp4a_ms"] = lambda: tw.w4a8_gemv_dp4a(x, None, qw, ws, k, gs, out_dtype=torch.float16)
+                items["gemv_dp4a_int_ms"] = lambda: tw.w4a8_gemv_dp4a(
+                    x, None, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=torch.float16, int_scales=ints)
             if m <= 16:
                 items["gemv_ms"] = lambda: tw.w4a8_gemv(xq, sxd, qw, ws, k, gs, out_dtype=torch.float16)
                 items["gemv_quant_ms"] = lambda: tw.w4a8_gemv_quant(x, None, qw, ws, k, gs, out_dtype=torch.float16)
@@ -271,6 +280,8 @@ def main() -> int:
                                                                  out_dtype=torch.float16)
                 items["gemv_quant_graph_ms"] = items["gemv_quant_ms"]
                 items["gemv_quant_int_graph_ms"] = items["gemv_quant_int_ms"]
+                if "gemv_dp4a_ms" in items:
+                    items["gemv_dp4a_graph_ms"] = items["gemv_dp4a_ms"]
             for name, fn in items.items():
                 try:
                     rec[name] = (bench_graph if name.endswith("_graph_ms") else bench)(fn)
@@ -284,7 +295,7 @@ def main() -> int:
                     if name != "fp16_cublas_ms" and name in rec:
                         rec["x_" + name[:-3]] = base / rec[name]
                 # (float-scale kernels: what a default checkpoint runs)
-                gemms = {nm: rec[nm] for nm in ("grouped_tc_ms", "gemv_ms", "perchannel_triton_ms",
+                gemms = {nm: rec[nm] for nm in ("grouped_tc_ms", "gemv_ms", "gemv_dp4a_ms", "perchannel_triton_ms",
                                                 "perchannel_int_mm_ms") if nm in rec}
                 if gemms:
                     best = min(gemms, key=gemms.get)
@@ -294,7 +305,7 @@ def main() -> int:
                     rec["e2e_int8_TOPS"] = 2 * m * k * n / rec["triton_e2e_ms"] / 1e9
             gbase = rec.get("fp16_cublas_graph_ms")
             if gbase:
-                for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms"):
+                for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms", "gemv_dp4a_graph_ms"):
                     if name in rec:
                         rec["x_" + name[:-3]] = gbase / rec[name]
             results["timing"].append(rec)
@@ -324,17 +335,23 @@ def main() -> int:
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)]
+    # the dp4a GEMV: tile shape, split-K, pipelining (picked from compiled-code counts, never timed before)
+    dp4a_cfgs = [dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=None),
+                 dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
+                 dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_stages=3),
+                 dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_warps=8)]
     # the integer-scale tensor-core kernel at sizes where it may replace the int8 per-channel cache
     int_cfgs = [dict(SWAP_AB=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1),
                 dict(SWAP_AB=False, BLOCK_M=128, BLOCK_N=128, SPLIT_K=1, num_warps=8),
                 dict(SWAP_AB=False, BLOCK_M=64, BLOCK_N=64, SPLIT_K=None)]
     plan = [(1, "gemv", gemv_cfgs), (1, "gemv_quant", gemv_cfgs), (1, "grouped_tc", tc_cfgs[:2] + tc_cfgs[3:4]),
             (16, "grouped_tc", tc_cfgs), (16, "gemv", gemv_cfgs[2:4]), (256, "perchannel_triton", i8_cfgs), (2048, "perchannel_triton", i8_cfgs),
-            (16, "grouped_tc_int", tc_cfgs[:3]), (256, "grouped_tc_int", int_cfgs), (1, "gemv_quant_int", gemv_cfgs[:3])]
+            (16, "grouped_tc_int", tc_cfgs[:3]), (256, "grouped_tc_int", int_cfgs), (1, "gemv_quant_int", gemv_cfgs[:3]),
+            (1, "gemv_dp4a", dp4a_cfgs)]
     if args.dry_run:
         plan = [(1, "gemv", gemv_cfgs[:2]), (1, "gemv_quant", gemv_cfgs[:2]), (20, "grouped_tc", tc_cfgs[1:2] + tc_cfgs[3:4]),
                 (70, "perchannel_triton", i8_cfgs[3:]), (20, "grouped_tc_int", tc_cfgs[1:2]),
-                (1, "gemv_quant_int", gemv_cfgs[:1])]
+                (1, "gemv_quant_int", gemv_cfgs[:1]), (1, "gemv_dp4a", dp4a_cfgs[:2])]
     for k, n in sweep_shapes:
         if past(1.0):
             results["errors"].append("time budget reached in the config sweep")
@@ -364,6 +381,9 @@ def main() -> int:
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_gemv_quant(x, None, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=dt,
                                               config=cfg, int_scales=ints)[0]
+            elif kernel == "gemv_dp4a":
+                def run(cfg, dt=torch.float16):
+                    return tw.w4a8_gemv_dp4a(x, None, qw, ws, k, gs, out_dtype=dt, config=cfg)[0]
             elif kernel == "grouped_tc_int":
                 def run(cfg, dt=torch.float16):
                     return tw.w4a8_matmul(xq, sxd, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=dt,
@@ -443,15 +463,16 @@ def write_md(results: dict, path: str) -> None:
         lines.append(
             f"| {r['case']} | {r.get('variant')} | {r.get('ok')} | {r.get('codes_equal')} | {r.get('scales_equal')} | "
             f"{r.get('w8_matches_cpu', '')} | {f(r.get('max_err_over_tol'), '.3g')} | "
-            f"{f(r.get('max_rel_err'), '.3g')} | {r.get('error', '')}{'; '.join(r.get('fallback_warnings') or [])} |"
+            f"{f(r.get('max_rel_err'), '.3g')} | {r.get('error', '')}{'; '.join(r.get('fallback_warnings') or [])}{'skipped: ' + r['skipped'] if r.get('skipped') else ''} |"
         )
     cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "gemv_quant_ms",
-            "x_gemv_quant", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
+            "x_gemv_quant", "gemv_dp4a_ms", "x_gemv_dp4a", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
             "x_best_gemm", "e2e_int8_TOPS"]
     icols = ["fp16_cublas_ms", "triton_e2e_int_ms", "x_triton_e2e_int", "gemv_quant_int_ms", "x_gemv_quant_int",
-             "grouped_tc_int_ms", "x_grouped_tc_int", "grouped_tc_ms", "x_grouped_tc"]
+             "gemv_dp4a_int_ms", "x_gemv_dp4a_int", "grouped_tc_int_ms", "x_grouped_tc_int", "grouped_tc_ms", "x_grouped_tc"]
     gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
-             "x_gemv_quant_graph", "gemv_quant_int_graph_ms", "x_gemv_quant_int_graph"]
+             "x_gemv_quant_graph", "gemv_quant_int_graph_ms", "x_gemv_quant_int_graph", "gemv_dp4a_graph_ms",
+             "x_gemv_dp4a_graph"]
     def table(title: str, note: str, lead: list[str], value_cols: list[str], rows: list[dict], tail: bool) -> None:
         lines.extend(["", title, "", note, "",
                       "| " + " | ".join(lead + [c.replace("_ms", "") for c in value_cols]) + (" | errors |" if tail else " |"),
@@ -462,8 +483,9 @@ def write_md(results: dict, path: str) -> None:
             lines.append("| " + " | ".join(vals) + (f" | {r.get('errors', '')} |" if tail else " |"))
 
     table("## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
-          "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM); `x_*` = speed-up over cuBLAS fp16; "
-          "the kernel columns exclude the activation quantization.",
+          "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM; the dp4a GEMV at M <= 2 when "
+          "`dp4a_verified`); `x_*` = speed-up over cuBLAS fp16; `gemv` / `grouped_tc` / `perchannel_*` exclude the "
+          "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it.",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     table("## Integer group scales (`--group-scales integer`): median ms, same shapes",
           "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above M = 8 the int8 "

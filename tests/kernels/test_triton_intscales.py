@@ -71,13 +71,13 @@ def test_integer_path_is_the_exact_integer_sum_and_reads_the_multipliers(m, kern
 
 
 def test_forward_hands_the_factors_to_the_packed_kernels(monkeypatch):
-    """``triton_forward`` finds integer scales at first use and passes them to the GEMV and the tensor-core
-    kernel (a spy records the calls); float-scaled layers get none; split-K results stay within float rounding of
-    the reference."""
+    """``triton_forward`` finds integer scales at first use and passes them to the GEMV (the dp4a one at decode, the
+    byte-wise one with it switched off) and the tensor-core kernel (a spy records the calls); float-scaled layers
+    get none; split-K results stay within float rounding of the reference."""
     from fptq.kernels import triton_w4a8 as tw
 
     seen = []
-    for name in ("w4a8_gemv_quant", "w4a8_matmul"):
+    for name in ("w4a8_gemv_dp4a", "w4a8_gemv_quant", "w4a8_matmul"):
         real = getattr(tw, name)
 
         def spy(*a, _real=real, _name=name, **kw):
@@ -90,7 +90,11 @@ def test_forward_hands_the_factors_to_the_packed_kernels(monkeypatch):
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
         y, ref = tw.triton_forward(layer, x, path="grouped"), layer.reference_forward(x)
         assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-    assert seen == [("w4a8_gemv_quant", True), ("w4a8_matmul", True)]
+    assert seen == [("w4a8_gemv_dp4a", True), ("w4a8_matmul", True)]
+    seen.clear()
+    monkeypatch.setattr(tw, "GEMV_DP4A", False)
+    tw.triton_forward(layer, torch.randn(1, 256), path="grouped")
+    assert seen == [("w4a8_gemv_quant", True)]
     from fptq.nn import QuantLinear
 
     plain = QuantLinear.from_codes(layer.codes(), layer.w_scales.float() * 1.001, wbits=4, group_size=64, abits=8,

@@ -62,7 +62,7 @@ def _dtype(name):
 #: reference (the int8 weights times their per-channel scales), the others against
 #: ``reference_forward`` (exact group-wise maths)
 VARIANTS = ("auto", "grouped", "perchannel", "gemv_split3", "gemm_swap_split2", "gemm_split2", "int_mm",
-            "gemv_quant", "gemv_quant_split3")
+            "gemv_quant", "gemv_quant_split3", "gemv_dp4a", "gemv_dp4a_split3")
 
 
 def _tol_ratio(y, ref, qf, w_deq, bias, dtype) -> float:
@@ -136,8 +136,26 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
             qr, args[1], w8, sc, bias=layer.bias, out_dtype=dtype, impl="int_mm"),
         "gemv_quant": lambda: fused(None),
         "gemv_quant_split3": lambda: fused({"SPLIT_K": 3}),
+        "gemv_dp4a": lambda: dp4a(None),
+        "gemv_dp4a_split3": lambda: dp4a({"SPLIT_K": 3}),
     }
     fused_scales = {}
+    dp4a_why = tw.dp4a_problem(layer.qweight, k, gs)
+
+    def dp4a(config):
+        # the dp4a GEMV (PTX on CUDA): its default configuration against the reference; tiled by whole groups as
+        # the byte-wise GEMV (its BLOCK_K) with the same split-K, that GEMV's bits
+        static = layer.act_scale if mode == "static_tensor" else None
+        if config is None:
+            return tw.w4a8_gemv_dp4a(x2, static, layer.qweight, layer.w_scales, k, gs, qmax=layer.act_qmax(),
+                                     bias=layer.bias, out_dtype=dtype)[0]
+        config = dict(config, BLOCK_K=tw.pick_gemv_config(x2.shape[0], n, k, gs)["BLOCK_K"])
+        y = tw.w4a8_gemv_dp4a(x2, static, layer.qweight, layer.w_scales, k, gs, qmax=layer.act_qmax(),
+                              bias=layer.bias, out_dtype=dtype, config=config)[0]
+        fused_scales["dp4a bits"] = bool(torch.equal(y, tw.w4a8_gemv_quant(
+            x2, static, layer.qweight, layer.w_scales, k, gs, qmax=layer.act_qmax(), bias=layer.bias,
+            out_dtype=dtype, config=config)[0]))
+        return y
 
     def fused(config):
         # the activations quantized inside the GEMV: the same scales as quantize_input and, for the same launch
@@ -151,6 +169,9 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
         return y
     m = x2.shape[0]
     for v in variants:
+        if v.startswith("gemv_dp4a") and (dp4a_why or m > tw.GEMV_MAX_M):
+            out[v] = {"skipped": dp4a_why or f"M={m}: the dispatch runs the dp4a GEMV for M <= {tw.GEMV_MAX_M}"}
+            continue
         try:
             with warnings.catch_warnings(record=True) as rec:
                 warnings.simplefilter("always")
@@ -171,6 +192,8 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
         if v.startswith("gemv_quant"):  # scales equal to quantize_input's, output bits equal to the unfused pair's
             out[v]["same_as_unfused"] = all(fused_scales.values()) and len(fused_scales) == 2
             fused_scales.clear()
+        if v == "gemv_dp4a_split3":  # the byte-wise GEMV's bits for the same tiling and split-K
+            out[v]["same_as_unfused"] = fused_scales.pop("dp4a bits", False)
     return out
 
 
@@ -178,6 +201,8 @@ def _assert_ok(r: dict, variant: str = "auto") -> None:
     assert r["codes_equal"] and r["scales_equal"], r
     assert r["w8_matches_cpu"], r
     v = r[variant]
+    if "skipped" in v:  # a kernel that does not cover this layer (the dispatch does not use it there)
+        return
     assert "error" not in v, (variant, v["error"])
     assert v["shape_ok"] and v["dtype_ok"], (variant, r)
     assert v["max_err_over_tol"] <= 1.0, (variant, r)

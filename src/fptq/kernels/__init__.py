@@ -21,7 +21,8 @@ Backends (``QuantLinear.backend`` / ``set_backend(name)``):
     (decode, memory-bound), ``triton_perchannel`` for large M (prefill).
 ``triton_grouped``
     CUDA, exact group-wise W4A8 Triton kernels reading the packed int4 weights
-    (GEMV kernel for M <= 2, tensor-core kernel with per-group int32
+    (GEMV kernel for M <= 2 -- on 32-bit words with ``dp4a`` where it covers the
+    layer, :mod:`fptq.kernels.triton_dp4a` --, tensor-core kernel with per-group int32
     accumulation and split-K above); same maths as the reference.
 ``triton_perchannel``
     CUDA, int8 x int8 GEMM on int8 per-channel weights converted from the

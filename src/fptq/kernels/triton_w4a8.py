@@ -31,6 +31,12 @@ summation order differs).  Reads the packed int4 weights directly (0.5 byte/weig
   in a fixed order (deterministic, no atomics), then applies the activation scale and
   the bias and casts.  With ``SPLIT_K == 1`` the epilogue is fused.
 
+``triton_dp4a`` (:func:`w4a8_gemv_dp4a`, what the dispatch runs at M <= ``GEMV_MAX_M`` while ``GEMV_DP4A``, where
+:func:`dp4a_problem` finds nothing against the layer and :func:`dp4a_verified` passed on the device): the same
+maths as the GEMV above on the packed codes read as 32-bit words, four int8 products per ``dp4a``; each program
+quantizes its share of the activations once into a scratch buffer. Same output bits as ``_w4a8_gemv_kernel`` for
+the same tiling by whole groups and split-K.
+
 ``triton_perchannel`` -- **one extra rounding of the weights** (QQQ / OdysseyLLM approach,
 the same conversion as the CPU ``int8_perchannel`` backend, computed by
 :func:`fptq.kernels.cpu.perchannel_weight`): at first use the group-scaled int4 weights
@@ -81,8 +87,9 @@ import warnings
 import torch
 
 from ..quant.intscales import INT_SUM_MAX_K, integer_scale_factors
-from . import triton_common, triton_grouped, triton_perchannel, triton_quant
+from . import triton_common, triton_dp4a, triton_grouped, triton_perchannel, triton_quant
 from .cpu import _cached
+from .triton_dp4a import dp4a_problem, dp4a_verified, w4a8_gemv_dp4a
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -104,7 +111,7 @@ from .triton_quant import _scalar_div_mode, quantize_activations
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
     *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
-    "FUSED_GEMV_QUANT", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
+    *triton_dp4a.__all__, "FUSED_GEMV_QUANT", "GEMV_DP4A", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
@@ -134,10 +141,19 @@ def integer_scales_device(module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return _cached(module, "triton_int_scales", build)
 
 
+def _dp4a_covers(module) -> bool:
+    """Whether :func:`w4a8_gemv_dp4a` runs this layer's packed weights (cached on the module)."""
+    return _cached(module, "triton_dp4a_ok",
+                   lambda m: dp4a_problem(m.qweight, m.in_features, m.group_size) is None)
+
+
 # ------------------------------------------------------------------ forward
 #: decode (the GEMV path): quantize the activations inside the GEMV kernel instead of in a launch of their own
 #: (bit-identical results; ``bench/gpu_kernels.py`` times both)
 FUSED_GEMV_QUANT = True
+#: decode: the GEMV on packed 32-bit words with dp4a (:mod:`.triton_dp4a`: ~2.6 instructions per weight byte where
+#: the byte-wise GEMV compiles to ~25) where it covers the layer and its PTX checked out on the device
+GEMV_DP4A = True
 _warned: set = set()
 _broken: set = set()
 #: the configuration validated on the first GPU run (no split-K, no operand swap)
@@ -205,6 +221,13 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     # exact for them without this: perchannel_weight)
     ints = integer_scales_device(module) if kind != "perchannel" else None
     tag = "" if ints is None else "_int"  # (a failed integer-scale kernel leaves the float-scale one in use)
+    if gemv and GEMV_DP4A and _dp4a_covers(module) and dp4a_verified(x2.device):
+        y = _guarded("gemv_dp4a" + tag, lambda: w4a8_gemv_dp4a(
+            x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
+            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints)[0],
+            lambda: None, instead="the byte-wise GEMV")
+        if y is not None:
+            return y.to(x.dtype).reshape(*lead, module.out_features)
     if gemv and FUSED_GEMV_QUANT:
         # decode: the activations are quantized inside the GEMV (one launch, the codes never stored); None once
         # that kernel has failed here: the two launches below

@@ -1,0 +1,201 @@
+"""The dp4a decode GEMV (``fptq.kernels.triton_dp4a``) under Triton's interpreter on the CPU, where its four-lane
+products are computed with shifts (the PTX instruction runs only on CUDA, where ``dp4a_verified`` compares the two
+once per device, and ``test_triton_kernels.py``'s GPU cases run it against the reference).
+
+Its group sums are exact integers and it adds the scaled groups in K order, so for the same tiling by whole groups
+and the same split-K plan its output is the byte-wise GEMV's, bit for bit: that is what these tests hold it to.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not INTERPRETED, reason="needs triton under its interpreter (no CUDA device); a GPU runs test_triton_kernels.py's cases")
+
+if INTERPRETED:
+    import triton
+    import triton.language as tl
+
+    from fptq.kernels.triton_dp4a import _dp4a
+
+    @triton.jit
+    def _dp4a_probe(A, B, C, D, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(D + o, _dp4a(tl.load(A + o), tl.load(B + o), tl.load(C + o), False))
+
+
+def _layer(k, n, gs, mode="dynamic_token", bias=False, integer=False, seed=0):
+    from fptq.nn import QuantLinear
+    from fptq.quant import quantize_weight, weight_scales
+    from fptq.quant.intscales import integer_group_scales
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (torch.rand(n, 1, generator=g) + 0.1)
+    s = integer_group_scales(w, gs) if integer else weight_scales(w, 4, gs, sign="signed")
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear.from_codes(quantize_weight(w, s, 4, gs), s, wbits=4, group_size=gs, abits=8, act_mode=mode,
+                                  act_scale=0.05, bias=b)
+
+
+def _x(m, k, seed=1, dtype=torch.float32):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 2
+    x[:, :: max(1, k // 7)] *= 8
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("k,n,gs,bk", [
+    (200, 7, 64, 64),  # ragged last group (8 codes), odd N
+    (512, 40, 128, 128),
+    (1024, 33, 256, 128),  # two tiles per group
+    (512, 40, 64, 128),  # two groups per tile: added one after the other
+    (256, 40, -1, 64),  # one group per row: one int32 accumulator over K
+])
+@pytest.mark.parametrize("m,mode,split", [(1, "dynamic_token", 1), (2, "static_tensor", 1), (1, "dynamic_token", 3)])
+def test_dp4a_gemv_gives_the_byte_wise_gemvs_bits(k, n, gs, bk, m, mode, split):
+    from fptq.kernels import triton_w4a8 as tw
+
+    layer = _layer(k, n, gs, mode, bias=True)
+    static = layer.act_scale if mode == "static_tensor" else None
+    x = _x(m, k)
+    bytewise_k = gs if 0 < gs < k else 64
+    if bk > bytewise_k and split > 1:
+        pytest.skip("split-K chunks differ when a dp4a tile spans several groups")
+    args = (layer.qweight, layer.w_scales, k, gs)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        y, s = tw.w4a8_gemv_dp4a(x, static, *args, bias=layer.bias, out_dtype=dtype,
+                                 config={"BLOCK_K": bk, "SPLIT_K": split})
+        ref, s_ref = tw.w4a8_gemv_quant(x, static, *args, bias=layer.bias, out_dtype=dtype,
+                                        config={"BLOCK_K": bytewise_k, "SPLIT_K": split})
+        assert torch.equal(s, s_ref)
+        assert torch.equal(y, ref), (dtype, float((y.float() - ref.float()).abs().max()))
+    # int8 codes in: the two-launch pair's bits
+    qx, sx = layer.quantize_input(x)
+    sx = sx.reshape(-1) if mode == "dynamic_token" else sx
+    y, _ = tw.w4a8_gemv_dp4a(qx, sx, *args, bias=layer.bias, out_dtype=torch.float32,
+                             config={"BLOCK_K": bk, "SPLIT_K": split})
+    assert torch.equal(y, tw.w4a8_gemv(qx, sx, *args, bias=layer.bias, out_dtype=torch.float32,
+                                       config={"BLOCK_K": bytewise_k, "SPLIT_K": split}))
+
+
+@pytest.mark.parametrize("mode", ["dynamic_token", "static_tensor"])
+def test_dp4a_gemv_with_integer_group_scales_and_default_config(mode):
+    """Integer group scales: the group sums times their multipliers in one int32 accumulator (the byte-wise GEMV's
+    bits); the default configuration (several groups per tile, split-K) within float32 rounding of the reference."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    layer = _layer(320, 72, 64, mode, bias=True, integer=True)
+    ints = tw.integer_scales_device(layer)
+    assert ints is not None
+    static = layer.act_scale if mode == "static_tensor" else None
+    x = _x(2, 320, seed=5)
+    wrong = torch.ones_like(layer.w_scales)  # the integer path reads the multipliers, not the float scales
+    y, _ = tw.w4a8_gemv_dp4a(x, static, layer.qweight, wrong, 320, 64, bias=layer.bias, out_dtype=torch.float32,
+                             config={"BLOCK_K": 64, "SPLIT_K": 1}, int_scales=ints)
+    ref, _ = tw.w4a8_gemv_quant(x, static, layer.qweight, wrong, 320, 64, bias=layer.bias, out_dtype=torch.float32,
+                                config={"BLOCK_K": 64, "SPLIT_K": 1}, int_scales=ints)
+    assert torch.equal(y, ref)
+    for lay, kw in ((layer, {"int_scales": ints}), (_layer(320, 72, 64, mode, bias=True), {})):
+        y, _ = tw.w4a8_gemv_dp4a(x, static, lay.qweight, lay.w_scales, 320, 64, bias=lay.bias,
+                                 out_dtype=torch.float32, **kw)
+        r = lay.reference_forward(x)
+        assert float((y - r).abs().max()) <= 1e-5 * float(r.abs().max())
+
+
+def test_dp4a_lanes_are_signed_bytes():
+    """The shift form of ``dp4a``: c plus the products of the four byte lanes, each a signed int8 (-128 .. 127),
+    against an int64 sum over every lane value."""
+    g = torch.Generator().manual_seed(3)
+    lanes_a = torch.randint(-128, 128, (256, 4), generator=g)
+    lanes_b = torch.randint(-128, 128, (256, 4), generator=g)
+    lanes_a[0], lanes_b[0] = torch.tensor([-128, 127, -1, 0]), torch.tensor([-128, -128, -1, 5])
+
+    a, b = _word(lanes_a), _word(lanes_b)
+    c = torch.randint(-2 ** 20, 2 ** 20, (256,), generator=g, dtype=torch.int32)
+    d = torch.empty(256, dtype=torch.int32)
+    _dp4a_probe[(1,)](a, b, c, d, BLOCK=256)
+    assert torch.equal(d.long(), c.long() + (lanes_a * lanes_b).sum(1))
+
+
+def _word(lanes):
+    """int32 words whose four bytes are ``lanes`` [n, 4] (signed, lane 0 the least significant byte)."""
+    v = (lanes & 255).long() @ torch.tensor([1, 256, 65536, 16777216])
+    return torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32)
+
+
+def test_dp4a_problem_names_what_it_cannot_run():
+    from fptq.kernels.triton_dp4a import dp4a_problem, w4a8_gemv_dp4a
+    from fptq.quant.intscales import INT_SUM_MAX_K
+
+    assert dp4a_problem(torch.zeros(4, 128, dtype=torch.uint8), 256, 64) is None
+    assert "multiple of 8" in dp4a_problem(torch.zeros(4, 101, dtype=torch.uint8), 201, -1)
+    assert "power of two" in dp4a_problem(torch.zeros(4, 96, dtype=torch.uint8), 192, 96)
+    shifted = torch.zeros(4 * 128 + 1, dtype=torch.uint8)[1:].view(4, 128)
+    assert "4-byte aligned" in dp4a_problem(shifted, 256, 64)
+    k = INT_SUM_MAX_K + 8
+    assert "int32" in dp4a_problem(torch.zeros(1, k // 2, dtype=torch.uint8), k, -1)
+    assert dp4a_problem(torch.zeros(1, k // 2, dtype=torch.uint8), k, 128) is None  # int32 sums per group
+    with pytest.raises(ValueError, match="multiple of 8"):
+        w4a8_gemv_dp4a(torch.zeros(1, 201), None, torch.zeros(4, 101, dtype=torch.uint8),
+                       torch.ones(4, 1, dtype=torch.float16), 201, -1)
+    with pytest.raises(ValueError, match="int8 codes with their x_scale"):
+        w4a8_gemv_dp4a(torch.zeros(1, 256, dtype=torch.int8), None, torch.zeros(4, 128, dtype=torch.uint8),
+                       torch.ones(4, 4, dtype=torch.float16), 256, 64)
+
+
+def test_forward_uses_the_dp4a_gemv_at_decode_where_it_covers_the_layer(monkeypatch):
+    """``triton_forward`` runs the dp4a GEMV for M <= 2 (a spy counts its calls), the byte-wise one where it does
+    not cover the layer (K not a multiple of 8) or with ``GEMV_DP4A`` off, with the same output bits (whole groups
+    per tile by default at group 64, the same split-K plan as the byte-wise GEMV); the verification passes off CUDA."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    assert tw.dp4a_verified("cpu")
+    calls = []
+    real = tw.w4a8_gemv_dp4a
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tw, "w4a8_gemv_dp4a", spy)
+    layer = _layer(256, 40, 64, "dynamic_token", bias=True)
+    x = _x(1, 256)
+    y = tw.triton_forward(layer, x)
+    assert calls == [1]
+    monkeypatch.setattr(tw, "GEMV_DP4A", False)
+    y_bytewise = tw.triton_forward(layer, x)
+    assert calls == [1]
+    r = layer.reference_forward(x)
+    assert float((y - r).abs().max()) <= 1e-5 * float(r.abs().max())
+    assert float((y_bytewise - r).abs().max()) <= 1e-5 * float(r.abs().max())
+    monkeypatch.setattr(tw, "GEMV_DP4A", True)
+    odd = _layer(201, 9, -1, "dynamic_token")
+    tw.triton_forward(odd, _x(1, 201))
+    assert calls == [1]
+    tw.triton_forward(layer, _x(6, 256))  # M > 2: the tensor-core kernel
+    assert calls == [1]
+
+
+def test_dp4a_kernel_variants_compile_for_hopper(tmp_path):
+    """Every flag combination the launcher can pass compiles for sm_90 with the PTX ``dp4a`` (Triton compiles for a
+    named target without a GPU, in a process where the interpreter is off): the interpreter runs code the compiler
+    refuses, and a kernel that does not build would only fall back on the device."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton wheel carries no ptxas")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_sass.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, script, "--variants", "--out", str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = json.loads((tmp_path / "gpu_sass_variants.json").read_text())["variants"]
+    assert len(recs) >= 5 and all(x["ok"] for x in recs)
