@@ -116,10 +116,10 @@ def main() -> int:
             env["scalar_div_reciprocal"] = tw._scalar_div_mode(dev, 127)
         except Exception as e:  # noqa: BLE001
             env["scalar_div_reciprocal"] = f"error: {e!r}"
-    try:  # the PTX dp4a against its shift form on this device (the dispatch uses the dp4a GEMV only if equal)
-        env["dp4a_verified"] = tw.dp4a_verified(dev)
+    try:  # the inline PTX (dp4a, the byte split) against the plain forms on this device (used only if equal)
+        env["ptx_verified"] = tw.ptx_verified(dev)
     except Exception as e:  # noqa: BLE001
-        env["dp4a_verified"] = f"error: {e!r}"
+        env["ptx_verified"] = f"error: {e!r}"
     log(f"env: {env}")
     save()
 
@@ -484,7 +484,7 @@ def write_md(results: dict, path: str) -> None:
 
     table("## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
           "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM; the dp4a GEMV at M <= 2 when "
-          "`dp4a_verified`); `x_*` = speed-up over cuBLAS fp16; `gemv` / `grouped_tc` / `perchannel_*` exclude the "
+          "`ptx_verified`); `x_*` = speed-up over cuBLAS fp16; `gemv` / `grouped_tc` / `perchannel_*` exclude the "
           "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it.",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     table("## Integer group scales (`--group-scales integer`): median ms, same shapes",

@@ -1,19 +1,21 @@
-"""What the decode GEMVs compile to for a GPU, without a GPU: instructions per weight byte of their main loop.
+"""What the W4A8 Triton kernels compile to for a GPU, without a GPU: instructions per weight byte of their main loop.
 
     python bench/gpu_sass.py [--out bench/results/gpu_sass] [--arch 90]
-    python bench/gpu_sass.py --variants --out DIR   # only: does every dp4a variant the dispatch can launch compile?
+    python bench/gpu_sass.py --variants --out DIR   # only: does every PTX kernel variant the launchers pass compile?
 
 Triton compiles a kernel for a named target without a device (``triton.compile`` with a ``GPUTarget``; the
 triton wheel carries ``ptxas`` and ``nvdisasm``). For each decode GEMV -- the byte-wise one of
 ``fptq.kernels.triton_grouped`` (activations quantized in the kernel) and the dp4a one of
-``fptq.kernels.triton_dp4a`` -- at LLaMA layer shapes, group sizes 128 and 64, with the launch configuration and
-split-K plan their launchers pick and the integer arguments' divisibility a launch specializes on, this compiles
-the kernel, disassembles it and finds its main loop (the one with the most integer multiply instructions: ``IDP``,
-``IMAD``, ``SGXT``), and writes per kernel: the loop's instruction mix, instructions per weight byte per thread
-(all, and those of the integer pipe), registers and spills, and a **model** of the layer's time at M = 1 on an
-H200 (132 SMs at 1.98 GHz issuing 4 warp instructions per cycle, 2 on the integer pipe; 4.8 TB/s): the largest of
-issue, integer and memory time. A model, not a measurement: it ignores latency, occupancy, the split-K reduction
-and the launch; it says whether a kernel can be memory-bound at all. Writes ``gpu_sass.json`` and ``gpu_sass.md``.
+``fptq.kernels.triton_dp4a`` -- at LLaMA layer shapes, group sizes 128 and 64, and for the tensor-core grouped
+kernel at M = 16 and 256 (its earlier forms beside it: loads masked along K, codes unpacked), with the launch
+configuration and split-K plan their launchers pick and the integer arguments' divisibility a launch specializes
+on, this compiles the kernel, disassembles it and finds its main loop (the one with the most integer multiply
+instructions: ``IDP``, ``IMAD``, ``SGXT``; for the tensor-core kernel the loop over groups), and writes per kernel:
+the loop's instruction mix, instructions per weight byte per thread (all, and those of the integer pipe),
+registers, and for the GEMVs a **model** of the layer's time at M = 1 on an H200 (132 SMs at 1.98 GHz issuing 4
+warp instructions per cycle, 2 on the integer pipe; 4.8 TB/s): the largest of issue, integer and memory time. A
+model, not a measurement: it ignores latency, occupancy, the split-K reduction and the launch; it says whether a
+kernel can be memory-bound at all. Writes ``gpu_sass.json`` and ``gpu_sass.md``.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def bytewise_case(k: int, n: int, gs: int, arch: int) -> dict:
                  BASE="*fp32", INV_QMAX="fp32", **{a: "i32" for a in ints})
     const = dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, TILES_PER_GROUP=gs // bk, SPLIT=splits > 1,
                  BLOCK_N=bn, BLOCK_K=bk, QUANT=True, RECIP=True, QMAX=127, BLOCK_R=min(4096, 1 << (k - 1).bit_length()),
-                 INT_SCALES=False)
+                 INT_SCALES=False, EVEN_K=k % gs == 0)
     kern = _compile(tg._w4a8_gemv_kernel, types, const,
                     ["A", "B", "WS", "AS", "C", "P", "MT", "BASE"] + _divisible(ints), arch, cfg["num_warps"],
                     cfg["num_stages"])
@@ -186,6 +188,61 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
     return out
 
 
+#: tensor-core kernel variants (NIBBLE with the PTX byte split; the unpacking path for integer scales)
+TC_VARIANTS = [
+    dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, SPLIT=False, SWAP_AB=False, INT_SCALES=False, EVEN_K=True,
+         NIBBLE=True),
+    dict(PER_TOKEN=False, HAS_BIAS=True, ONE_GROUP=False, SPLIT=True, SWAP_AB=True, INT_SCALES=False, EVEN_K=False,
+         NIBBLE=True),
+    dict(PER_TOKEN=True, HAS_BIAS=True, ONE_GROUP=True, SPLIT=False, SWAP_AB=True, INT_SCALES=False, EVEN_K=True,
+         NIBBLE=True),
+    dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, SPLIT=True, SWAP_AB=False, INT_SCALES=True, EVEN_K=True,
+         NIBBLE=False),
+]
+
+
+def compile_tc_variants(arch: int) -> list[dict]:
+    """Compile :data:`TC_VARIANTS` of the tensor-core grouped kernel for ``sm_<arch>``."""
+    from fptq.kernels import triton_grouped as tg
+
+    out = []
+    for v in TC_VARIANTS:
+        types = dict(A="*i8", B="*u8", WS="*fp16", AS="*fp32", BIAS="*fp16", C="*fp16", P="*fp32", MT="*i8",
+                     BASE="*fp32", **{a: "i32" for a in ("M", "N", "K", "G", "GS", "CHUNK", "NUNITS", "stride_am",
+                                                          "stride_bn", "stride_wsn", "stride_cm")})
+        const = dict(v, TILES_PER_GROUP=1, BLOCK_M=32 if v["SWAP_AB"] else 16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
+                     ASM=v["NIBBLE"])
+        rec = {"kernel": "tensor-core", "variant": v}
+        try:
+            _compile(tg._w4a8_gemm_kernel, types, const, ["A", "B", "WS", "AS", "C", "P"], arch, 4, 3)
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            rec.update(ok=False, error=f"{e!r}"[:2000])
+        out.append(rec)
+    return out
+
+
+def tc_case(m: int, k: int, n: int, gs: int, arch: int, nibble: bool, even_k: bool = True) -> dict:
+    from fptq.kernels import triton_grouped as tg
+    from fptq.kernels.triton_common import _split_plan, pick_config
+
+    cfg = pick_config(m, n, k, gs)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    g = k // gs
+    splits, chunk = _split_plan(math.ceil(m / bm) * math.ceil(n / bn), m, k, g, gs, "cpu", cfg.get("SPLIT_K"))
+    ints = dict(M=m, N=n, K=k, G=g, GS=gs, CHUNK=chunk, NUNITS=g, stride_am=k, stride_bn=k // 2, stride_wsn=g,
+                stride_cm=n)
+    types = dict(A="*i8", B="*u8", WS="*fp16", AS="*fp32", BIAS="*fp16", C="*fp16", P="*fp32", MT="*i8",
+                 BASE="*fp32", **{a: "i32" for a in ints})
+    const = dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, TILES_PER_GROUP=gs // bk, SPLIT=splits > 1,
+                 SWAP_AB=cfg["SWAP_AB"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], INT_SCALES=False,
+                 EVEN_K=even_k and k % gs == 0, NIBBLE=nibble, ASM=nibble)
+    kern = _compile(tg._w4a8_gemm_kernel, types, const, ["A", "B", "WS", "AS", "C", "P", "MT", "BASE"]
+                    + _divisible(ints), arch, cfg["num_warps"], cfg["num_stages"])
+    return dict(kernel=kern, bytes_per_iteration=bn * gs // 2, threads=32 * cfg["num_warps"],
+                config=dict(cfg, SPLIT_K=splits))
+
+
 def model_us(inst_per_byte: float, int_per_byte: float, layer_bytes: int) -> dict:
     """The issue-, integer- and memory-bound times (us) of reading ``layer_bytes`` of weights on an H200."""
     per_s = H200["sms"] * H200["clock_ghz"] * 1e9
@@ -206,11 +263,11 @@ def main() -> int:
     import triton
 
     if args.variants:
-        recs = compile_dp4a_variants(args.arch)
+        recs = [dict(r, kernel="dp4a") for r in compile_dp4a_variants(args.arch)] + compile_tc_variants(args.arch)
         with open(os.path.join(args.out, "gpu_sass_variants.json"), "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "variants": recs}, f, indent=1)
         for r in recs:
-            print(("ok    " if r["ok"] else "FAIL  ") + json.dumps(r["variant"]) + ("" if r["ok"] else " " + r["error"]))
+            print(("ok    " if r["ok"] else "FAIL  ") + r["kernel"] + " " + json.dumps(r["variant"]) + ("" if r["ok"] else " " + r["error"]))
         return 0 if all(r["ok"] for r in recs) else 1
 
     results = {"triton": triton.__version__, "arch": args.arch, "model": H200, "rows": []}
@@ -239,6 +296,27 @@ def main() -> int:
                     f"{row['inst_per_byte']:.2f} inst/B ({row['int_inst_per_byte']:.2f} int), "
                     f"{row['registers']} regs, model {row['model_bound_us']:.1f} us "
                     f"(memory {row['memory_us']:.1f})" if "error" not in row else row["error"]), flush=True)
+    for m in (16, 256):  # the tensor-core kernel, unpacking the codes (before) or splitting the bytes (now)
+        k, n, gs = 4096, 11008, 128
+        for nibble, even_k, name in ((False, False, "unpacked codes, K-masked loads (before)"),
+                                     (False, True, "unpacked codes, unmasked loads"),
+                                     (True, True, "byte split, unmasked loads (now)")):
+            row = {"kernel": name, "M": m, "K": k, "N": n, "group_size": gs}
+            try:
+                case = tc_case(m, k, n, gs, args.arch, nibble, even_k)
+                sass, res = _sass(case["kernel"], os.path.join(args.out, f"tc_{m}_{int(nibble)}{int(even_k)}.cubin"))
+                loop = _main_loop(sass)
+                per_thread = case["bytes_per_iteration"] / case["threads"]
+                regs = re.search(r"REG:(\d+)", res)
+                row.update(config=case["config"], loop=loop, bytes_per_thread_iteration=per_thread,
+                           inst_per_byte=loop["instructions"] / per_thread,
+                           int_inst_per_byte=loop["integer_pipe"] / per_thread,
+                           registers=int(regs.group(1)) if regs else None)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{e!r}"[:1000]
+            results["tensor_core"] = results.get("tensor_core", []) + [row]
+            print(f"tensor-core, {name} M={m}: " + (f"{row['inst_per_byte']:.2f} inst/B, {row['registers']} regs"
+                                       if "error" not in row else row["error"]), flush=True)
     results["elapsed_s"] = time.time() - t0
     with open(os.path.join(args.out, "gpu_sass.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -246,7 +324,7 @@ def main() -> int:
     for p in os.listdir(args.out):  # the binaries are not results
         if p.endswith(".cubin"):
             os.remove(os.path.join(args.out, p))
-    return 1 if any("error" in r for r in results["rows"]) else 0
+    return 1 if any("error" in r for r in results["rows"] + results.get("tensor_core", [])) else 0
 
 
 def write_md(results: dict, path: str) -> None:
@@ -266,6 +344,19 @@ def write_md(results: dict, path: str) -> None:
                      f"N{c['BLOCK_N']} K{c['BLOCK_K']} w{c['num_warps']} split {c['SPLIT_K']} | "
                      f"{r['inst_per_byte']:.2f} | {r['int_inst_per_byte']:.2f} | {r['registers']} | "
                      f"{r['issue_us']:.1f} / {r['int_us']:.1f} / {r['memory_us']:.1f} |")
+    if results.get("tensor_core"):
+        lines += ["", "The tensor-core grouped kernel (`_w4a8_gemm_kernel`, M > 2), 4096 x 11008, group 128, its launcher's "
+                  "configuration: main loop per group.", "",
+                  "| kernel | M | config | inst/B | int inst/B | regs | loop mix (top) |", "|---|---|---|---|---|---|---|"]
+        for r in results["tensor_core"]:
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | {r['M']} | error: {r['error'][:80]} | | | | |")
+                continue
+            c = r["config"]
+            top = ", ".join(f"{k} {v}" for k, v in list(r["loop"]["mix"].items())[:5])
+            lines.append(f"| {r['kernel']} | {r['M']} | M{c['BLOCK_M']} N{c['BLOCK_N']} K{c['BLOCK_K']} "
+                         f"swap {c['SWAP_AB']} | {r['inst_per_byte']:.2f} | {r['int_inst_per_byte']:.2f} | "
+                         f"{r['registers']} | {top} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

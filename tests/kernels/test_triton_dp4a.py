@@ -1,5 +1,5 @@
 """The dp4a decode GEMV (``fptq.kernels.triton_dp4a``) under Triton's interpreter on the CPU, where its four-lane
-products are computed with shifts (the PTX instruction runs only on CUDA, where ``dp4a_verified`` compares the two
+products are computed with shifts (the PTX instruction runs only on CUDA, where ``ptx_verified`` compares the two
 once per device, and ``test_triton_kernels.py``'s GPU cases run it against the reference).
 
 Its group sums are exact integers and it adds the scaled groups in K order, so for the same tiling by whole groups
@@ -153,7 +153,7 @@ def test_forward_uses_the_dp4a_gemv_at_decode_where_it_covers_the_layer(monkeypa
     per tile by default at group 64, the same split-K plan as the byte-wise GEMV); the verification passes off CUDA."""
     from fptq.kernels import triton_w4a8 as tw
 
-    assert tw.dp4a_verified("cpu")
+    assert tw.ptx_verified("cpu")
     calls = []
     real = tw.w4a8_gemv_dp4a
 
@@ -180,10 +180,11 @@ def test_forward_uses_the_dp4a_gemv_at_decode_where_it_covers_the_layer(monkeypa
     assert calls == [1]
 
 
-def test_dp4a_kernel_variants_compile_for_hopper(tmp_path):
-    """Every flag combination the launcher can pass compiles for sm_90 with the PTX ``dp4a`` (Triton compiles for a
-    named target without a GPU, in a process where the interpreter is off): the interpreter runs code the compiler
-    refuses, and a kernel that does not build would only fall back on the device."""
+def test_ptx_kernel_variants_compile_for_hopper(tmp_path):
+    """Every flag combination the launchers can pass to the dp4a GEMV and the tensor-core kernel compiles for sm_90
+    with the inline PTX (Triton compiles for a named target without a GPU, in a process where the interpreter is
+    off): the interpreter runs code the compiler refuses, and a kernel that does not build would only fall back on
+    the device."""
     import json
     import subprocess
     import sys
@@ -198,4 +199,24 @@ def test_dp4a_kernel_variants_compile_for_hopper(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     recs = json.loads((tmp_path / "gpu_sass_variants.json").read_text())["variants"]
-    assert len(recs) >= 5 and all(x["ok"] for x in recs)
+    assert {x["kernel"] for x in recs} == {"dp4a", "tensor-core"} and len(recs) >= 9 and all(x["ok"] for x in recs)
+
+
+@pytest.mark.parametrize("k,n,gs", [(512, 40, 128), (200, 9, 64), (256, 40, -1), (384, 24, 128)])
+@pytest.mark.parametrize("m,swap,split", [(5, False, 1), (19, True, 1), (33, False, 2), (20, True, 2)])
+def test_tensor_core_byte_split_gives_the_unpacked_codes_bits(k, n, gs, m, swap, split):
+    """The tensor-core kernel with float scales multiplies 16 x the codes taken from the bytes by a shift and a mask
+    (two dots per tile over the even and odd columns) and scales by s / 16: the bits of the unpacked codes' single
+    dot, per token and static, ragged last group, one group per row, swapped operands, split-K."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    layer = _layer(k, n, gs, bias=True)
+    g = torch.Generator().manual_seed(m)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    for sx in (torch.rand(m, generator=g) * 0.1 + 0.01, torch.tensor(0.05)):
+        cfg = {"SWAP_AB": swap, "SPLIT_K": split}
+        y = tw.w4a8_matmul(xq, sx, layer.qweight, layer.w_scales, k, gs, bias=layer.bias, out_dtype=torch.float32,
+                           config=cfg)
+        ref = tw.w4a8_matmul(xq, sx, layer.qweight, layer.w_scales, k, gs, bias=layer.bias,
+                             out_dtype=torch.float32, config=dict(cfg, NIBBLE=False))
+        assert torch.equal(y, ref), float((y - ref).abs().max())

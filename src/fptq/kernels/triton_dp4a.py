@@ -19,8 +19,8 @@ row, where a single accumulator spans K.
 
 ``dp4a`` is inline PTX on CUDA; elsewhere (Triton's interpreter, where the tests run) the same four-lane
 product is computed with shifts (``_dp4a``'s ``ASM=False``), so everything but that one instruction is tested
-on the CPU. Before the PTX variant is used on a device, :func:`dp4a_verified` compares it once with the
-shift variant compiled for the same device, bit for bit.
+on the CPU. Before the PTX variant is used on a device, :func:`fptq.kernels.triton_w4a8.ptx_verified` compares
+it once with the shift variant compiled for the same device, bit for bit.
 
 Covers: 4-bit weights, K a multiple of 8, group sizes that are powers of two >= 32 (or one group per row), the
 packed rows 4-byte aligned; :func:`dp4a_problem` says why not otherwise (the dispatch then uses the byte-wise
@@ -36,7 +36,7 @@ from .triton_common import HAS_TRITON, _reduce, _split_plan, require_triton, tl,
 from .triton_grouped import _act_codes, _check_grouped_args, _check_int_scales, _row_scale
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
-__all__ = ["dp4a_problem", "dp4a_verified", "pick_dp4a_config", "w4a8_gemv_dp4a"]
+__all__ = ["dp4a_problem", "pick_dp4a_config", "w4a8_gemv_dp4a"]
 
 if HAS_TRITON:
 
@@ -285,34 +285,3 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
     if splits > 1:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
     return c, x_scale
-
-
-_VERIFIED: dict = {}
-
-
-def dp4a_verified(device) -> bool:
-    """Whether the PTX ``dp4a`` variant gives, on ``device``, the bits of the shift variant compiled for the same
-    device (checked once per device on a small random layer, per token and static, float and integer scales;
-    True off CUDA, where only the shift variant runs). A failure to compile counts as False."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return True
-    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
-    if key not in _VERIFIED:
-        try:
-            gen = torch.Generator().manual_seed(2024)
-            k, n, gs = 512, 96, 64
-            qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
-            ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
-            base = torch.rand(n, generator=gen).to(dev) * 0.01
-            mult = torch.randint(-15, 17, (n, k // gs), generator=gen, dtype=torch.int8).to(dev)
-            x = (torch.randn(2, k, generator=gen) * 3).to(torch.float16).to(dev)
-            same = True
-            for static in (None, torch.tensor(0.05, device=dev)):
-                for ints in (None, (base, mult)):
-                    ys = [w4a8_gemv_dp4a(x, static, qw, ws, k, gs, int_scales=ints, asm=a)[0] for a in (True, False)]
-                    same = same and bool(torch.equal(ys[0], ys[1]))
-            _VERIFIED[key] = same
-        except Exception:  # noqa: BLE001 - a PTX that does not build here means: not verified
-            _VERIFIED[key] = False
-    return _VERIFIED[key]

@@ -29,12 +29,32 @@ __all__ = ["w4a8_matmul", "w4a8_gemv", "w4a8_gemv_quant"]
 if HAS_TRITON:
 
     @triton.jit
+    def _packed_tile(b_rows, kb, mask_n, K2, EVEN_K: tl.constexpr):
+        # the packed bytes kb of each row; EVEN_K (K a multiple of the tiles): no mask along K, which is what lets
+        # the compiler vectorize the loads (and pipeline them into shared memory): with it, one load per byte
+        if EVEN_K:
+            return tl.load(b_rows + kb[None, :], mask=mask_n[:, None], other=0)
+        else:
+            return tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+
+    @triton.jit
+    def _nibbles16(b, ASM: tl.constexpr):
+        # (16 x low nibbles, 16 x high nibbles) of the int8 bytes b, as int8: b << 4 and b & 0xF0 (the nibbles are
+        # two's complement); ASM: four bytes per PTX instruction pair (Triton's own int8 ops widen each byte)
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+                "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            return b << 4, b & -16
+
+    @triton.jit
     def _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         INT_SCALES: tl.constexpr):
+                         INT_SCALES: tl.constexpr, EVEN_K: tl.constexpr):
         # [BLOCK_N, BLOCK_K] int8 codes from packed bytes (low nibble = even column); INT_SCALES: times the rows'
         # integer group multipliers ``mult`` [BLOCK_N] (int32; q * m stays in int8)
         kb = k0 // 2 + offs_kb
-        b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+        b = _packed_tile(b_rows, kb, mask_n, K2, EVEN_K)
         bi = b.to(tl.int32)
         lo = (bi << 28) >> 28
         hi = (bi << 24) >> 28
@@ -45,24 +65,44 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot_tile(acc_i, a_base, b_rows, k0, offs_k, offs_kb, mask_m, mask_n, K, K2, mult,
-                  SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_SCALES: tl.constexpr):
+                  SWAP_AB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_SCALES: tl.constexpr,
+                  EVEN_K: tl.constexpr, NIBBLE: tl.constexpr = False, ASM: tl.constexpr = False):
         # acc_i (int32) += the activation tile at k0 times the unpacked weight tile at k0;
         # SWAP_AB: acc_i^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
         ka = k0 + offs_k
-        if SWAP_AB:
+        if NIBBLE:
+            # no unpacking: a byte b holds (even code, odd code) in its (low, high) nibble; read as int8, b << 4 is
+            # 16 x the even code and b & 0xF0 16 x the odd one, exactly; the activation tile splits into its even
+            # and odd columns; two dots of BLOCK_K / 2 give 16 x the tile's sum (the caller shifts it back)
+            lo, hi = _nibbles16(_packed_tile(b_rows, k0 // 2 + offs_kb, mask_n, K2, EVEN_K).to(tl.int8, bitcast=True),
+                                ASM)
+            if SWAP_AB:
+                at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
+                ae, ao = tl.split(tl.permute(tl.reshape(at, [BLOCK_K // 2, 2, at.shape[1]]), (0, 2, 1)))
+                acc_i = tl.dot(lo, ae, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(hi, ao, acc_i, out_dtype=tl.int32)
+            else:
+                a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
+                ae, ao = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
+                acc_i = tl.dot(ae, tl.trans(lo), acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(ao, tl.trans(hi), acc_i, out_dtype=tl.int32)
+        elif SWAP_AB:
             at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
-            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES, EVEN_K)
             acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
         else:
             a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
-            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES)
+            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES, EVEN_K)
             acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         return acc_i
 
     @triton.jit
-    def _group_scaled(acc_i, ws_ptrs, mask_n, SWAP_AB: tl.constexpr):
-        # float32 acc_i times the fp16 group scales at ws_ptrs (one per output channel)
+    def _group_scaled(acc_i, ws_ptrs, mask_n, SWAP_AB: tl.constexpr, SIXTEENTH: tl.constexpr = False):
+        # float32 acc_i times the fp16 group scales at ws_ptrs (one per output channel); SIXTEENTH: acc_i is 16 x the
+        # sum, and float32(16 S) * (s / 16) rounds as float32(S) * s does (powers of two): the same bits
         s = tl.load(ws_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        if SIXTEENTH:
+            s = s * 0.0625
         if SWAP_AB:
             out = acc_i.to(tl.float32) * s[:, None]
         else:
@@ -95,6 +135,9 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
+        EVEN_K: tl.constexpr = False,  # every tile lies inside K: no mask along K
+        NIBBLE: tl.constexpr = False,  # float scales: 16 x the codes straight from the bytes, two dots per tile
+        ASM: tl.constexpr = False,  # NIBBLE's byte split in PTX (CUDA)
     ):
         # Work units along K: K tiles (ONE_GROUP) or groups; split s owns units [s*CHUNK, (s+1)*CHUNK).
         pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -124,8 +167,8 @@ if HAS_TRITON:
             acc_i = tl.zeros(acc.shape, dtype=tl.int32)
             for u in range(u0, u1):
                 acc_i = _dot_tile(acc_i, a_base, b_rows, u * BLOCK_K, offs_k, offs_kb, mask_m, mask_n, K, K2, 0,
-                                  SWAP_AB, BLOCK_N, BLOCK_K, False)
-            acc = _group_scaled(acc_i, ws_rows, mask_n, SWAP_AB)
+                                  SWAP_AB, BLOCK_N, BLOCK_K, False, EVEN_K, NIBBLE, ASM)
+            acc = _group_scaled(acc_i, ws_rows, mask_n, SWAP_AB, NIBBLE)
         elif INT_SCALES:
             # integer group scales: the codes times their group's multiplier, one int32 accumulator over every
             # group, the channel's base applied once
@@ -135,7 +178,7 @@ if HAS_TRITON:
                 mult = tl.load(mt_rows + g, mask=mask_n, other=0).to(tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc_i = _dot_tile(acc_i, a_base, b_rows, g * GS + t * BLOCK_K, offs_k, offs_kb, mask_m, mask_n,
-                                      K, K2, mult, SWAP_AB, BLOCK_N, BLOCK_K, True)
+                                      K, K2, mult, SWAP_AB, BLOCK_N, BLOCK_K, True, EVEN_K)
             acc = _group_scaled(acc_i, BASE + offs_n, mask_n, SWAP_AB)
         else:
             # one int32 accumulator per group, scaled and added in float32 at the end of the group
@@ -143,8 +186,8 @@ if HAS_TRITON:
                 acc_i = tl.zeros(acc.shape, dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc_i = _dot_tile(acc_i, a_base, b_rows, g * GS + t * BLOCK_K, offs_k, offs_kb, mask_m, mask_n,
-                                      K, K2, 0, SWAP_AB, BLOCK_N, BLOCK_K, False)
-                acc += _group_scaled(acc_i, ws_rows + g, mask_n, SWAP_AB)
+                                      K, K2, 0, SWAP_AB, BLOCK_N, BLOCK_K, False, EVEN_K, NIBBLE, ASM)
+                acc += _group_scaled(acc_i, ws_rows + g, mask_n, SWAP_AB, NIBBLE)
         if SWAP_AB:
             acc = tl.trans(acc)
         _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
@@ -162,11 +205,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_tile(acc2, b_rows, x_row, k0, offs_j, mask_n, K, K2, scale, mult, QUANT: tl.constexpr,
-                   QMAX: tl.constexpr, INT_SCALES: tl.constexpr):
+                   QMAX: tl.constexpr, INT_SCALES: tl.constexpr, EVEN_K: tl.constexpr):
         # acc2 [BLOCK_N, BLOCK_K // 2] (int32) += low nibbles x even activation codes + high nibbles x odd ones
         # (INT_SCALES: times the rows' integer group multipliers ``mult`` [BLOCK_N])
         kb = k0 // 2 + offs_j
-        b = tl.load(b_rows + kb[None, :], mask=mask_n[:, None] & (kb[None, :] < K2), other=0)
+        b = _packed_tile(b_rows, kb, mask_n, K2, EVEN_K)
         ke = k0 + 2 * offs_j
         xe = _act_codes(x_row, ke, K, scale, QUANT, QMAX)
         xo = _act_codes(x_row, ke + 1, K, scale, QUANT, QMAX)
@@ -211,6 +254,7 @@ if HAS_TRITON:
         QMAX: tl.constexpr = 127,
         BLOCK_R: tl.constexpr = 1024,
         INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
+        EVEN_K: tl.constexpr = False,  # every tile lies inside K: no mask along K
     ):
         # grid (M, n tiles, splits): the token is the fastest axis, so the programs
         # sharing a weight tile run together (L2 reuse when M > 1)
@@ -232,7 +276,7 @@ if HAS_TRITON:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
             for u in range(u0, u1):
                 acc2 = _gemv_tile(acc2, b_rows, x_row, u * BLOCK_K, offs_j, mask_n, K, K2, scale, 0, QUANT, QMAX,
-                                  False)
+                                  False, EVEN_K)
             s = tl.load(ws_rows, mask=mask_n, other=0.0).to(tl.float32)
             acc = tl.sum(acc2, axis=1).to(tl.float32) * s
         elif INT_SCALES:
@@ -243,7 +287,7 @@ if HAS_TRITON:
                 mult = tl.load(mt_rows + g, mask=mask_n, other=0).to(tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2, scale,
-                                      mult, QUANT, QMAX, True)
+                                      mult, QUANT, QMAX, True, EVEN_K)
             s = tl.load(BASE + offs_n, mask=mask_n, other=0.0)
             acc = tl.sum(acc2, axis=1).to(tl.float32) * s
         else:
@@ -252,7 +296,7 @@ if HAS_TRITON:
                 acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.int32)
                 for t in tl.static_range(TILES_PER_GROUP):
                     acc2 = _gemv_tile(acc2, b_rows, x_row, g * GS + t * BLOCK_K, offs_j, mask_n, K, K2, scale,
-                                      0, QUANT, QMAX, False)
+                                      0, QUANT, QMAX, False, EVEN_K)
                 s = tl.load(ws_rows + g, mask=mask_n, other=0.0).to(tl.float32)
                 acc += tl.sum(acc2, axis=1).to(tl.float32) * s
         if SPLIT:
@@ -296,7 +340,7 @@ def _check_int_scales(int_scales, w_scales, k):
 
 
 def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool,
-            quant: tuple | None = None, int_scales: tuple | None = None):
+            quant: tuple | None = None, int_scales: tuple | None = None, asm: bool | None = None):
     """Check the arguments, pick the launch configuration and split-K, run the GEMV (``gemv``) or the
     tensor-core kernel, and reduce the split-K partials.
 
@@ -337,7 +381,8 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
     strides = (xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0))
     flags = dict(PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=one_group,
                  TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
-                 INT_SCALES=ints is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 INT_SCALES=ints is not None, EVEN_K=k % (bk if one_group else gs) == 0,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
     if gemv:
         inv = 1.0
@@ -350,9 +395,13 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
             xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, inv, m, n, k, gs, chunk, nunits, *strides,
             **flags)
     else:
+        # float scales: 16 x the codes taken from the bytes by a shift and a mask, two dots per tile (the int32
+        # sums are 16 x the exact ones: one group per row needs K <= INT_SUM_MAX_K)
+        nibble = bool(cfg.get("NIBBLE", True)) and ints is None and (not one_group or k <= INT_SUM_MAX_K)
         _w4a8_gemm_kernel[(*grid, splits)](
             xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, m, n, k, g, gs, chunk, nunits, *strides,
-            SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"], **flags)
+            SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"], NIBBLE=nibble,
+            ASM=nibble and (xq.device.type == "cuda" if asm is None else bool(asm)), **flags)
     if splits > 1:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
     return c
@@ -361,7 +410,7 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
 def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                 in_features: int, group_size: int, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float16, config: dict | None = None,
-                int_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                int_scales: tuple[torch.Tensor, torch.Tensor] | None = None, asm: bool | None = None) -> torch.Tensor:
     """Exact group-wise ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T) (+ bias)`` with
     packed int4 weights, tensor-core kernel (``_w4a8_gemm_kernel``, optional split-K).
 
@@ -372,9 +421,12 @@ def w4a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     ``int_scales``: ``(base [N], multipliers [N, G])`` when ``w_scales == base * multipliers``
     (:func:`fptq.kernels.triton_w4a8.integer_scales_device`): the codes times the multipliers go into one int32 accumulator over
     all of K (no float step per group), the same values to float32 rounding.
+    With float scales the bytes are not unpacked: ``b << 4`` and ``b & 0xF0`` are 16 x the even and odd codes as
+    int8, multiplied with the activation tile's even and odd columns by two dots (``config["NIBBLE"]=False``: the
+    unpacked codes, one dot; the same bits either way); ``asm`` splits the bytes in PTX (default: on CUDA).
     """
     return _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv=False,
-                   int_scales=int_scales)
+                   int_scales=int_scales, asm=asm)
 
 
 def w4a8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,

@@ -17,7 +17,11 @@ summation order differs).  Reads the packed int4 weights directly (0.5 byte/weig
   output bits are those of the pair.
 * ``_w4a8_gemm_kernel`` (tensor cores): ``tl.dot(..., out_dtype=int32)`` per group,
   the group scale applied in float32 at the end of each group (``BLOCK_K`` divides
-  the group size).  With **integer group scales** (``fptq quantize --group-scales integer``:
+  the group size). With float scales (``NIBBLE``) the packed bytes are not unpacked: read as int8,
+  ``b << 4`` and ``b & 0xF0`` are 16 x the even and odd codes, multiplied with the activation tile's
+  even and odd columns by two dots, the sum scaled by ``s / 16`` (the same bits; the byte split in PTX
+  on CUDA once :func:`ptx_verified`). Weight tiles load unmasked along K when every tile lies inside
+  K (``EVEN_K``), which lets them vectorize and pipeline.  With **integer group scales** (``fptq quantize --group-scales integer``:
   each group's scale is a channel base times an integer -15 .. 16, found again at first use by
   :func:`integer_scales_device`) both kernels multiply the unpacked codes by their group's
   integer (``q * m`` stays int8), sum all of K in one int32 accumulator and apply the base once:
@@ -32,7 +36,7 @@ summation order differs).  Reads the packed int4 weights directly (0.5 byte/weig
   the bias and casts.  With ``SPLIT_K == 1`` the epilogue is fused.
 
 ``triton_dp4a`` (:func:`w4a8_gemv_dp4a`, what the dispatch runs at M <= ``GEMV_MAX_M`` while ``GEMV_DP4A``, where
-:func:`dp4a_problem` finds nothing against the layer and :func:`dp4a_verified` passed on the device): the same
+:func:`dp4a_problem` finds nothing against the layer and :func:`ptx_verified` passed on the device): the same
 maths as the GEMV above on the packed codes read as 32-bit words, four int8 products per ``dp4a``; each program
 quantizes its share of the activations once into a scratch buffer. Same output bits as ``_w4a8_gemv_kernel`` for
 the same tiling by whole groups and split-K.
@@ -89,7 +93,7 @@ import torch
 from ..quant.intscales import INT_SUM_MAX_K, integer_scale_factors
 from . import triton_common, triton_dp4a, triton_grouped, triton_perchannel, triton_quant
 from .cpu import _cached
-from .triton_dp4a import dp4a_problem, dp4a_verified, w4a8_gemv_dp4a
+from .triton_dp4a import dp4a_problem, w4a8_gemv_dp4a
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -111,7 +115,7 @@ from .triton_quant import _scalar_div_mode, quantize_activations
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
     *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
-    *triton_dp4a.__all__, "FUSED_GEMV_QUANT", "GEMV_DP4A", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
+    *triton_dp4a.__all__, "FUSED_GEMV_QUANT", "GEMV_DP4A", "ptx_verified", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
@@ -139,6 +143,46 @@ def integer_scales_device(module) -> tuple[torch.Tensor, torch.Tensor] | None:
         return base.to(ws.device).contiguous(), mult.t().contiguous().to(ws.device)
 
     return _cached(module, "triton_int_scales", build)
+
+
+_VERIFIED: dict = {}
+
+
+def ptx_verified(device) -> bool:
+    """Whether the kernels' inline PTX (the dp4a GEMV's ``dp4a``, the tensor-core kernel's byte split) gives, on
+    ``device``, the bits of their plain-Triton forms compiled for the same device: checked once per device on a
+    small random layer (per token and static, float and integer scales); True off CUDA, where only the plain forms
+    run. A kernel that does not build counts as False; the dispatch then uses the plain forms."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    if key not in _VERIFIED:
+        try:
+            gen = torch.Generator().manual_seed(2024)
+            k, n, gs = 512, 96, 64
+            qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
+            ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
+            ints = (torch.rand(n, generator=gen).to(dev) * 0.01,
+                    torch.randint(-15, 17, (n, k // gs), generator=gen, dtype=torch.int8).to(dev))
+            x = (torch.randn(2, k, generator=gen) * 3).to(torch.float16).to(dev)
+            xq = torch.randint(-127, 128, (24, k), generator=gen, dtype=torch.int8).to(dev)
+            same = True
+            for static in (None, torch.tensor(0.05, device=dev)):
+                for i in (None, ints):
+                    ys = [w4a8_gemv_dp4a(x, static, qw, ws, k, gs, int_scales=i, asm=a)[0] for a in (True, False)]
+                    same = same and bool(torch.equal(*ys))
+            for swap in (False, True):
+                ys = [w4a8_matmul(xq, torch.tensor(0.02, device=dev), qw, ws, k, gs, config={"SWAP_AB": swap},
+                                  asm=a) for a in (True, False)]
+                same = same and bool(torch.equal(*ys))
+            _VERIFIED[key] = same
+        except Exception:  # noqa: BLE001 - PTX that does not build here means: not verified
+            _VERIFIED[key] = False
+        if not _VERIFIED[key]:
+            _warn_once(f"fptq triton backend: the inline PTX kernels disagree with their plain forms on {dev} (or "
+                       "do not build); using the plain forms")
+    return _VERIFIED[key]
 
 
 def _dp4a_covers(module) -> bool:
@@ -221,7 +265,7 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     # exact for them without this: perchannel_weight)
     ints = integer_scales_device(module) if kind != "perchannel" else None
     tag = "" if ints is None else "_int"  # (a failed integer-scale kernel leaves the float-scale one in use)
-    if gemv and GEMV_DP4A and _dp4a_covers(module) and dp4a_verified(x2.device):
+    if gemv and GEMV_DP4A and _dp4a_covers(module) and ptx_verified(x2.device):
         y = _guarded("gemv_dp4a" + tag, lambda: w4a8_gemv_dp4a(
             x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
             module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints)[0],
@@ -241,10 +285,12 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
     args = (xq, sx, module.qweight, module.w_scales, module.in_features, module.group_size)
 
+    asm = None if ptx_verified(x2.device) else False  # the byte split in PTX (on CUDA) only where it checked out
+
     def baseline():
         if not _supported(module.group_size, module.in_features):
             raise RuntimeError("no Triton kernel covers this layer")
-        return w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype, config=_BASELINE_CONFIG)
+        return w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype, config=_BASELINE_CONFIG, asm=asm)
 
     if kind == "perchannel":
         y = _guarded("perchannel", lambda: int8_perchannel_matmul(
@@ -254,7 +300,7 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
                      baseline)
     else:
         y = _guarded("grouped" + tag, lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype,
-                                                    int_scales=ints), baseline)
+                                                    int_scales=ints, asm=asm), baseline)
     return y.to(x.dtype).reshape(*lead, module.out_features)
 
 
