@@ -488,7 +488,7 @@ def write_md(results: dict, path: str) -> None:
           "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it.",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     table("## Integer group scales (`--group-scales integer`): median ms, same shapes",
-          "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above M = 8 the int8 "
+          "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above GROUPED_MAX_M the int8 "
           "per-channel cache, exact for such scales); `gemv_quant_int` / `grouped_tc_int` = the packed kernels "
           "with one int32 accumulator over K; `grouped_tc` = the float-scale kernel, for comparison.",
           ["M", "K", "N", "path"], icols, results.get("timing", []), False)
