@@ -243,6 +243,17 @@ def tc_case(m: int, k: int, n: int, gs: int, arch: int, nibble: bool, even_k: bo
                 config=dict(cfg, SPLIT_K=splits))
 
 
+def _measure(case: dict, cubin: str) -> dict:
+    """The main loop of a compiled case (``*_case``): its mix, instructions per weight byte per thread, registers."""
+    sass, res = _sass(case["kernel"], cubin)
+    loop = _main_loop(sass)
+    per_thread = case["bytes_per_iteration"] / case["threads"]
+    regs = re.search(r"REG:(\d+)", res)
+    return dict(config=case["config"], loop=loop, bytes_per_thread_iteration=per_thread,
+                inst_per_byte=loop["instructions"] / per_thread, int_inst_per_byte=loop["integer_pipe"] / per_thread,
+                registers=int(regs.group(1)) if regs else None, spills="LOCAL:0" not in res)
+
+
 def model_us(inst_per_byte: float, int_per_byte: float, layer_bytes: int) -> dict:
     """The issue-, integer- and memory-bound times (us) of reading ``layer_bytes`` of weights on an H200."""
     per_s = H200["sms"] * H200["clock_ghz"] * 1e9
@@ -277,16 +288,7 @@ def main() -> int:
             for name, build in (("bytewise", bytewise_case), ("dp4a", dp4a_case)):
                 row = {"kernel": name, "K": k, "N": n, "group_size": gs}
                 try:
-                    case = build(k, n, gs, args.arch)
-                    sass, res = _sass(case["kernel"], os.path.join(args.out, f"{name}_{k}x{n}_g{gs}.cubin"))
-                    loop = _main_loop(sass)
-                    per_thread = case["bytes_per_iteration"] / case["threads"]
-                    regs = re.search(r"REG:(\d+)", res)
-                    row.update(config=case["config"], loop=loop, bytes_per_thread_iteration=per_thread,
-                               inst_per_byte=loop["instructions"] / per_thread,
-                               int_inst_per_byte=loop["integer_pipe"] / per_thread,
-                               registers=int(regs.group(1)) if regs else None,
-                               spills="LOCAL:0" not in res)
+                    row.update(_measure(build(k, n, gs, args.arch), os.path.join(args.out, f"{name}_{k}x{n}_g{gs}.cubin")))
                     row.update(model_us(row["inst_per_byte"], row["int_inst_per_byte"], n * k // 2))
                     row["model_bound_us"] = max(row["issue_us"], row["int_us"], row["memory_us"])
                 except Exception as e:  # noqa: BLE001 - recorded, the other kernels still compile
@@ -303,15 +305,8 @@ def main() -> int:
                                      (True, True, "byte split, unmasked loads (now)")):
             row = {"kernel": name, "M": m, "K": k, "N": n, "group_size": gs}
             try:
-                case = tc_case(m, k, n, gs, args.arch, nibble, even_k)
-                sass, res = _sass(case["kernel"], os.path.join(args.out, f"tc_{m}_{int(nibble)}{int(even_k)}.cubin"))
-                loop = _main_loop(sass)
-                per_thread = case["bytes_per_iteration"] / case["threads"]
-                regs = re.search(r"REG:(\d+)", res)
-                row.update(config=case["config"], loop=loop, bytes_per_thread_iteration=per_thread,
-                           inst_per_byte=loop["instructions"] / per_thread,
-                           int_inst_per_byte=loop["integer_pipe"] / per_thread,
-                           registers=int(regs.group(1)) if regs else None)
+                row.update(_measure(tc_case(m, k, n, gs, args.arch, nibble, even_k),
+                                    os.path.join(args.out, f"tc_{m}_{int(nibble)}{int(even_k)}.cubin")))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{e!r}"[:1000]
             results["tensor_core"] = results.get("tensor_core", []) + [row]

@@ -33,7 +33,7 @@ import torch
 
 from ..quant.intscales import INT_SUM_MAX_K
 from .triton_common import HAS_TRITON, _reduce, _split_plan, require_triton, tl, triton
-from .triton_grouped import _act_codes, _check_grouped_args, _check_int_scales, _row_scale
+from .triton_grouped import _act_codes, _check_grouped_args, _check_int_scales, _gemv_store, _row_scale
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
 __all__ = ["dp4a_problem", "pick_dp4a_config", "w4a8_gemv_dp4a"]
@@ -163,14 +163,8 @@ if HAS_TRITON:
                                                              other=0.0).to(tl.float32)
             if INT_SCALES:
                 acc = acc_i.to(tl.float32) * tl.load(BASE + rows, mask=rmask, other=0.0)
-        acc = tl.reshape(acc, [BLOCK_N])
-        if SPLIT:
-            tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
-        else:
-            acc = acc * scale
-            if HAS_BIAS:
-                acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
+        _gemv_store(tl.reshape(acc, [BLOCK_N]), P, C, BIAS, scale, pid_m, pid_s, offs_n, mask_n, M, N, stride_cm,
+                    SPLIT, HAS_BIAS)
 
 
 def dp4a_problem(qweight: torch.Tensor, in_features: int, group_size: int) -> str | None:

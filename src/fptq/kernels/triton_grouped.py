@@ -299,6 +299,13 @@ if HAS_TRITON:
                                       0, QUANT, QMAX, False, EVEN_K)
                 s = tl.load(ws_rows + g, mask=mask_n, other=0.0).to(tl.float32)
                 acc += tl.sum(acc2, axis=1).to(tl.float32) * s
+        _gemv_store(acc, P, C, BIAS, scale, pid_m, pid_s, offs_n, mask_n, M, N, stride_cm, SPLIT, HAS_BIAS)
+
+    @triton.jit
+    def _gemv_store(acc, P, C, BIAS, scale, pid_m, pid_s, offs_n, mask_n, M, N, stride_cm, SPLIT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+        # a GEMV program's float32 row acc [BLOCK_N] (group scales applied): the split-K partial, or scaled by the
+        # activation scale (+ bias) and cast into C
         if SPLIT:
             tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
         else:
