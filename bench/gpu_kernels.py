@@ -336,9 +336,10 @@ def main() -> int:
                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)]
     # the dp4a GEMV: tile shape, split-K, pipelining (picked from compiled-code counts, never timed before)
-    dp4a_cfgs = [dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=None),
-                 dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
-                 dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_stages=3),
+    # (SPLIT_K=1 with narrow tiles: one launch, no split-K reduction, each program quantizing all of K)
+    dp4a_cfgs = [dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=1),
+                 dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1), dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=None),
+                 dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=None), dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_stages=3),
                  dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=None, num_warps=8)]
     # the integer-scale tensor-core kernel at sizes where it may replace the int8 per-channel cache
     int_cfgs = [dict(SWAP_AB=False, BLOCK_M=64, BLOCK_N=128, SPLIT_K=1),
