@@ -3,14 +3,17 @@
 
 Why: the byte-wise GEMV of :mod:`.triton_grouped` compiles (Triton 3.7, sm_90, its default decode
 configuration, the activations quantized in the kernel) to about 25 instructions per weight byte in its group
-loop, with single-byte loads (``LDG.E.U8``); a 4096 x 11008 layer's 22.5 MB then cost ~18 M warp instructions,
-about three times what the H200's memory needs to deliver those bytes. Counted from the compiled code
-(``python bench/gpu_sass.py``), not timed: no GPU was at hand.
+loop, with single-byte loads (``LDG.E.U8``) and every thread re-quantizing its activations in every group; a
+4096 x 11008 layer's 22.5 MB then cost ~18 M warp instructions, about four times the time the H200's memory needs
+to deliver those bytes. This kernel compiles to 2.6. Counted from the compiled code (``python bench/gpu_sass.py``),
+not timed: no GPU was at hand.
 
 How: a word holds 8 codes (bytes b = 0..3, low nibble = code 2b, high = code 2b + 1, two's complement).
 ``w & 0xF0F0F0F0`` is, read as four signed bytes, 16 x the high (odd) codes, exactly; ``(w << 4) & 0xF0F0F0F0``
 16 x the low (even) ones. The activation codes of the same 8 positions go in two words (even, odd), so two
-``dp4a`` give 16 x the word's 8 products. Each group's int32 sum is shifted right by 4 (exact: a multiple of 16),
+``dp4a`` give 16 x the word's 8 products. Each program first quantizes its share of the activations once (as
+``quantize_activations`` does) into even/odd words in a scratch buffer and reads them back per tile, instead of
+every thread re-quantizing the codes it multiplies. Each group's int32 sum is shifted right by 4 (exact: a multiple of 16),
 converted and scaled by the group's float scale, group after group in K order: **the same float operations in
 the same order as the byte-wise GEMV** (``_w4a8_gemv_kernel``), hence the same output bits for the same split-K
 plan; with integer group scales (``int_scales``) the group sums times their multipliers go into one int32
