@@ -39,7 +39,7 @@ GEMV_MAX_M = 2
 #: auto path: exact grouped kernels for M <= this, the int8 per-channel GEMM above
 # The H200 run had the int8 per-channel GEMM ahead of the grouped kernel at M = 16 on 3 of 4 shapes (and set 8 here),
 # as the compiled code predicts for that kernel (>= 18 us of integer-pipe issue for 4096 x 11008, per-channel >= 9.4 us
-# of reading its int8 weights); since the grouped kernel's unmasked loads and byte split (7.3 instructions per weight
+# of reading its int8 weights); since the grouped kernel's unmasked loads and byte split (7.2 instructions per weight
 # byte, >= 5.7 us: bench/gpu_sass.py) the packed kernel should win at 16 as well. Not timed: bench/gpu_kernels.py's
 # M = 16 row (grouped_tc against perchannel_*) is what to set this by
 GROUPED_MAX_M = 16

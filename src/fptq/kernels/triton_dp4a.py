@@ -79,7 +79,7 @@ if HAS_TRITON:
         tl.debug_barrier()  # the words are read below by other threads of this program
 
     @triton.jit
-    def _dp4a_tile(acc, b_rows, XW, w_start, w_end, w0, offs_w, mask_n):
+    def _dp4a_tile(acc, b_rows, XW, w_start, w_end, w0, offs_w, mask_n, ASM: tl.constexpr):
         # acc [BLOCK_N, BLOCK_W] (int32) += 16 x the products of the words w0 + offs_w of each row with the staged
         # activation words (0 past w_end)
         ow = w0 + offs_w
@@ -87,10 +87,6 @@ if HAS_TRITON:
         wd = tl.load(b_rows + ow[None, :], mask=mask_n[:, None] & ok[None, :], other=0)
         xe = tl.load(XW + (ow - w_start), mask=ok, other=0)
         xo = tl.load(XW + (w_end - w_start) + (ow - w_start), mask=ok, other=0)
-        return acc, wd, xe, xo
-
-    @triton.jit
-    def _dp4a_acc(acc, wd, xe, xo, ASM: tl.constexpr):
         acc = _dp4a((wd << 4) & -252645136, xe[None, :], acc, ASM)  # -252645136 = 0xF0F0F0F0: 16 x even codes
         return _dp4a(wd & -252645136, xo[None, :], acc, ASM)  # 16 x odd codes
 
@@ -135,14 +131,13 @@ if HAS_TRITON:
         prog = (pid_m * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_s
         xw = XW + prog.to(tl.int64) * (2 * CHUNK * UW)
         _stage_act_words(xw, x_row, w_start, w_end, K, scale, QUANT, QMAX, QW)
-        # the sums are kept [BLOCK_N, 1] (keep_dims): the layout of the tiles, no conversion through shared memory
+        # the sums are kept [BLOCK_N, 1] (keep_dims), in the tiles' layout, as are the scales loaded beside them
         rows = offs_n[:, None]
         rmask = mask_n[:, None]
         if ONE_GROUP:
             acc_i = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
             for u in range(u0, u1):
-                acc_i, wd, xe, xo = _dp4a_tile(acc_i, b_rows, xw, w_start, w_end, u * BLOCK_W, offs_w, mask_n)
-                acc_i = _dp4a_acc(acc_i, wd, xe, xo, ASM)
+                acc_i = _dp4a_tile(acc_i, b_rows, xw, w_start, w_end, u * BLOCK_W, offs_w, mask_n, ASM)
             s = tl.load(WS + rows * stride_wsn, mask=rmask, other=0.0).to(tl.float32)
             acc = (tl.sum(acc_i, axis=1, keep_dims=True) >> 4).to(tl.float32) * s
         else:
@@ -152,8 +147,7 @@ if HAS_TRITON:
             for u in range(u0, u1):
                 d = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.int32)
                 for t in tl.static_range(TPG):
-                    d, wd, xe, xo = _dp4a_tile(d, b_rows, xw, w_start, w_end, (u * TPG + t) * BLOCK_W, offs_w, mask_n)
-                    d = _dp4a_acc(d, wd, xe, xo, ASM)
+                    d = _dp4a_tile(d, b_rows, xw, w_start, w_end, (u * TPG + t) * BLOCK_W, offs_w, mask_n, ASM)
                 for j in tl.static_range(GPT):  # group after group, as the byte-wise GEMV adds them
                     g = u * GPT + j
                     gsum = d if GPT == 1 else tl.where(wgroup == j, d, 0)

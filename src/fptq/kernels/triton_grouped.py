@@ -70,30 +70,30 @@ if HAS_TRITON:
         # acc_i (int32) += the activation tile at k0 times the unpacked weight tile at k0;
         # SWAP_AB: acc_i^T [BLOCK_N, BLOCK_M] = W [BLOCK_N, BLOCK_K] @ X^T [BLOCK_K, BLOCK_M]
         ka = k0 + offs_k
+        if SWAP_AB:
+            at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
+        else:
+            a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
         if NIBBLE:
             # no unpacking: a byte b holds (even code, odd code) in its (low, high) nibble; read as int8, b << 4 is
             # 16 x the even code and b & 0xF0 16 x the odd one, exactly; the activation tile splits into its even
-            # and odd columns; two dots of BLOCK_K / 2 give 16 x the tile's sum (the caller shifts it back)
+            # and odd columns; two dots of BLOCK_K / 2 give 16 x the tile's sum (the caller scales by s / 16)
             lo, hi = _nibbles16(_packed_tile(b_rows, k0 // 2 + offs_kb, mask_n, K2, EVEN_K).to(tl.int8, bitcast=True),
                                 ASM)
             if SWAP_AB:
-                at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
                 ae, ao = tl.split(tl.permute(tl.reshape(at, [BLOCK_K // 2, 2, at.shape[1]]), (0, 2, 1)))
                 acc_i = tl.dot(lo, ae, acc_i, out_dtype=tl.int32)
                 acc_i = tl.dot(hi, ao, acc_i, out_dtype=tl.int32)
             else:
-                a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
                 ae, ao = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
                 acc_i = tl.dot(ae, tl.trans(lo), acc_i, out_dtype=tl.int32)
                 acc_i = tl.dot(ao, tl.trans(hi), acc_i, out_dtype=tl.int32)
-        elif SWAP_AB:
-            at = tl.load(a_base + ka[:, None], mask=(ka[:, None] < K) & mask_m[None, :], other=0)
-            w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES, EVEN_K)
-            acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
         else:
-            a = tl.load(a_base + ka[None, :], mask=mask_m[:, None] & (ka[None, :] < K), other=0)
             w = _unpacked_w_tile(b_rows, k0, offs_kb, mask_n, K2, mult, BLOCK_N, BLOCK_K, INT_SCALES, EVEN_K)
-            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+            if SWAP_AB:
+                acc_i = tl.dot(w, at, acc_i, out_dtype=tl.int32)
+            else:
+                acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         return acc_i
 
     @triton.jit
