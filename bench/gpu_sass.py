@@ -222,6 +222,43 @@ def compile_tc_variants(arch: int) -> list[dict]:
     return out
 
 
+def compile_decode_variants(arch: int) -> list[dict]:
+    """Compile the fused decode step's kernels (:mod:`fptq.kernels.triton_decode`) for ``sm_<arch>``, fp16 and
+    bf16, every flag their launchers pass."""
+    from fptq.kernels import triton_decode as td
+
+    i32 = lambda *names: {a: "i32" for a in names}  # noqa: E731
+    out = []
+    for dt in ("fp16", "bf16"):
+        p = "*" + dt
+        cases = [
+            ("add_rmsnorm", td._add_rmsnorm_kernel, dict(h_ptr=p, d_ptr=p, w_ptr=p, out_ptr=p, K="i32", eps="fp32"),
+             [dict(HAS_DELTA=True, BLOCK=4096), dict(HAS_DELTA=False, BLOCK=8192)], 8),
+            ("rope_write_kv", td._rope_kv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, cos_ptr=p, sin_ptr=p, pos_ptr="*i64",
+                                                       qo_ptr=p, kc_ptr=p, vc_ptr=p, **i32("HQ", "HKV", "L", "D")),
+             [dict(HALF_BLOCK=64)], 1),
+            ("decode_attention", td._attention_kernel,
+             dict(q_ptr=p, k_ptr=p, v_ptr=p, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p,
+                  scaling="fp32", **i32("HQ", "GROUP", "L", "D", "CHUNK")),
+             [dict(SINGLE=True, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N),
+              dict(SINGLE=False, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N)], 4),
+            ("attention_combine", td._attention_combine_kernel,
+             dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p, **i32("NSPLIT", "D")),
+             [dict(S_BLOCK=8, D_BLOCK=128)], 1),
+            ("silu_mul", td._silu_mul_kernel, dict(g_ptr=p, u_ptr=p, out_ptr=p, N="i32"), [dict(BLOCK=1024)], 4),
+        ]
+        for name, fn, types, consts, warps in cases:
+            for const in consts:
+                rec = {"kernel": "decode", "variant": dict(const, op=name, dtype=dt)}
+                try:
+                    _compile(fn, types, const, [a for a, t in types.items() if t.startswith("*")], arch, warps, 1)
+                    rec["ok"] = True
+                except Exception as e:  # noqa: BLE001
+                    rec.update(ok=False, error=f"{e!r}"[:2000])
+                out.append(rec)
+    return out
+
+
 def tc_case(m: int, k: int, n: int, gs: int, arch: int, nibble: bool, even_k: bool = True) -> dict:
     from fptq.kernels import triton_grouped as tg
     from fptq.kernels.triton_common import _split_plan, pick_config
@@ -268,13 +305,15 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu_sass"))
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = Hopper)")
     ap.add_argument("--variants", action="store_true",
-                    help="only compile every dp4a kernel variant (gpu_sass_variants.json); exit 1 if one fails")
+                    help="only compile every variant of the dp4a GEMV, the tensor-core kernel and the decode step's "
+                         "kernels (gpu_sass_variants.json); exit 1 if one fails")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
 
     if args.variants:
-        recs = [dict(r, kernel="dp4a") for r in compile_dp4a_variants(args.arch)] + compile_tc_variants(args.arch)
+        recs = ([dict(r, kernel="dp4a") for r in compile_dp4a_variants(args.arch)] + compile_tc_variants(args.arch)
+                + compile_decode_variants(args.arch))
         with open(os.path.join(args.out, "gpu_sass_variants.json"), "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "variants": recs}, f, indent=1)
         for r in recs:

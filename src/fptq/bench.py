@@ -197,7 +197,8 @@ def _api_runner(path, backend: str, head: str = "auto", device: str = "cpu"):
     if uses_runtime(model):
         r.path = "transformers forward on fptq's runtime"
     elif uses_graph_runtime(model):
-        r.path = "transformers forward + fptq kernels on a static KV cache, decode steps as CUDA graphs"
+        r.path = ("transformers forward + fptq kernels on a static KV cache, decode steps through fptq's fused step "
+                  "(where the model allows it) as CUDA graphs")
     else:
         r.path = "transformers forward + fptq kernels"
     return r

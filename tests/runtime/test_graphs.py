@@ -107,7 +107,8 @@ def test_static_runner_times_decoding_and_says_how():
     assert r.decode(_ids(2, 8), 4) > 0
     assert r.decode(_ids(2, 8), 4) > 0  # the decoder of that size is reused
     assert len(r._decoders) == 1
-    assert r.path.startswith("transformers forward, static KV cache, eager decode steps (not asked for")
+    assert r.path == ("transformers forward (prompts); decode steps on a static KV cache: fptq fused decode step "
+                      "(PyTorch norms, rotary, attention), eager (not asked for (no CUDA device, or graph=False))")
 
 
 @pytest.mark.gpu

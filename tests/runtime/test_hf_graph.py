@@ -57,6 +57,7 @@ def test_calls_and_generate_match_transformers(make):
         for a, b in zip(_steps(model, ids, cache, nxt), _steps(ref, ids, cache_ref, nxt)):
             close(a, b)
     assert cache.get_seq_length() == 14 and cache.layers[0].keys.shape == cache_ref.layers[0].keys.shape
+    assert model.model.step_path.startswith("fptq fused decode step (PyTorch")  # the steps were fptq's fused ones
     assert torch.equal(hf_greedy(model, ids, 12), hf_greedy(ref, ids, 12))
     beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)  # reorders the cache every step
     with torch.no_grad():

@@ -12,6 +12,10 @@ transformers' ``StaticCache`` (keys and values preallocated for ``max_len`` posi
 is how the CPU tests check its logits against transformers' own ``DynamicCache`` path. Where a capture
 fails (an operation that synchronizes with the host inside the step), it says why in ``graph_reason`` and
 goes on eagerly on the static cache.
+
+A prompt is prefilled by transformers' forward; each decode step runs, where the model allows it,
+:class:`~fptq.runtime.fused_step.FusedStep` on the same cache tensors (five launches between the Linears of a
+layer instead of transformers' ~50), else transformers' forward (``step_reason`` says why).
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import FptqError
 from .engine import decode_loop
+from .fused_step import FusedStep, cache_tensors, fused_step_problem
 
 __all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
@@ -33,9 +39,12 @@ class StaticDecoder:
     """Prefill and single-token decode steps of ``model`` (a transformers causal LM) for ``batch`` sequences of
     up to ``max_len`` tokens, on a static KV cache. ``graph``: capture the decode step in a CUDA graph (default:
     when the model is on a CUDA device; True elsewhere is refused). The logits returned by :meth:`step` live in
-    a buffer the next step overwrites (clone them to keep them)."""
+    a buffer the next step overwrites (clone them to keep them). ``fused``: decode steps through
+    :class:`~fptq.runtime.fused_step.FusedStep` (default: where the model allows it; True refuses a model it
+    cannot run, False keeps transformers' forward); ``kernels``: its kernels (``"auto"``: Triton on CUDA)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None, warmup: int = 2):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None, warmup: int = 2,
+                 fused: bool | None = None, kernels: str = "auto"):
         from transformers import StaticCache
 
         if batch < 1 or max_len < 2:
@@ -57,10 +66,36 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None
         self.graph_reason: str | None = None if self.graph_wanted else "not asked for (no CUDA device, or graph=False)"
         self.length = 0
+        self.kernels = kernels
+        self._fused: FusedStep | None = None
+        if fused is False:
+            self.step_reason: str | None = "not asked for (fused=False)"
+        else:
+            self.step_reason = fused_step_problem(model)
+            if fused and self.step_reason is not None:
+                raise FptqError(f"the fused decode step cannot run this model: {self.step_reason}")
 
     @property
     def uses_graph(self) -> bool:
         return self._graph is not None
+
+    @property
+    def step_path(self) -> str:
+        """What runs a decode step: the fused step, or transformers' forward (with the reason)."""
+        if self._fused is not None:
+            return self._fused.label
+        return "transformers forward" + (f" ({self.step_reason})" if self.step_reason else "")
+
+    def _decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._fused is None and self.step_reason is None:
+            kv = cache_tensors(self.cache)
+            if kv is None:
+                self.step_reason = "the static cache holds no key/value tensors after the prompt"
+            else:
+                self._fused = FusedStep(self.model, kv, self.kernels)
+        if self._fused is not None:
+            return self._fused(ids, pos)
+        return self._forward(ids, pos)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         kw = {self._cache_kw: self.cache, "position_ids": pos.view(1, -1)}
@@ -110,7 +145,7 @@ class StaticDecoder:
             self._graph.replay()
             out = self._logits
         else:
-            out = self._forward(self._ids, self._pos)
+            out = self._decode(self._ids, self._pos)
         self.length += 1
         return out
 
@@ -123,7 +158,7 @@ class StaticDecoder:
             for c, start in counters:
                 c.copy_(start)
 
-        return (lambda: self._forward(self._ids, self._pos)), reset
+        return (lambda: self._decode(self._ids, self._pos)), reset
 
     def _warm(self) -> None:
         """The warm-up runs that precede a capture (:func:`warm_up`)."""

@@ -42,6 +42,8 @@ import weakref
 import torch
 from torch import nn
 
+from ..errors import FptqError
+from .fused_step import FusedStep, cache_tensors, fused_step_problem
 from .graphs import capture_step
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 
@@ -85,18 +87,19 @@ def uses_graph_runtime(model: nn.Module) -> bool:
 
 
 def attach_graph_runtime(model: nn.Module, graph: bool | None = None, slack: int = SLACK,
-                         compile: bool = False) -> str | None:
+                         compile: bool = False, fused: bool | None = None) -> str | None:
     """Run ``model``'s forward (and ``generate``) on :class:`GraphDecoder` where it can (see the module
     docstring). ``graph``: capture decode steps as CUDA graphs (default: when the model is on a CUDA device;
     ``False`` runs them eagerly on the static cache, which is how the CPU tests check it). ``compile``: run the
-    decode step through ``torch.compile`` (see :class:`GraphDecoder`). Returns ``None`` when attached (or already
+    decode step through ``torch.compile`` (see :class:`GraphDecoder`); ``fused``: through fptq's fused decode step
+    (default: where the model allows it). Returns ``None`` when attached (or already
     attached), else the reason it cannot be, and changes nothing."""
     if uses_graph_runtime(model):
         return None
     reason = graph_runtime_unsupported_reason(model)
     if reason is not None:
         return reason
-    model.model = GraphDecoder(model, model.model, graph=graph, slack=slack, compile=compile)
+    model.model = GraphDecoder(model, model.model, graph=graph, slack=slack, compile=compile, fused=fused)
     return None
 
 
@@ -120,6 +123,7 @@ class _Slot:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None  # the graph's output buffer
+        self.fused: FusedStep | None = None  # the fused decode step on this cache, built at its first step
         self.length = 0
         self.owner: weakref.ref | None = None  # the transformers cache whose layers show this one
 
@@ -134,6 +138,10 @@ class _Slot:
     @property
     def values(self) -> list[torch.Tensor]:
         return [layer.values for layer in self.cache.layers]
+
+    @property
+    def counters(self) -> list[torch.Tensor]:
+        return [layer.cumulative_length for layer in self.cache.layers]
 
     def set_length(self, n: int, force: bool = False) -> None:
         """Point the counters (where the next keys and values are written) at position ``n``."""
@@ -163,14 +171,26 @@ class GraphDecoder(StandInDecoder):
     A LLaMA layer's eager decode step is about 50 kernels (counted on the CPU: 52 non-view aten operations), each
     at least a microsecond or two of GPU time even when replayed from a graph: ~1600 per step of a 32-layer
     model, as long as reading the 4-bit weights of a 7B model. The first step of each batch size compiles
-    (seconds to a minute); a failure to compile is logged and the steps run uncompiled (``compile_reason``)."""
+    (seconds to a minute); a failure to compile is logged and the steps run uncompiled (``compile_reason``).
+
+    ``fused`` (default: where :func:`~fptq.runtime.fused_step.fused_step_problem` allows it, unless ``compile``
+    asks for Inductor's fusion instead): a decode step is
+    :class:`~fptq.runtime.fused_step.FusedStep` on the static cache's tensors instead (five launches between the
+    Linears of a layer, no compiling); ``step_reason`` says why not where it is not used."""
 
     _log = log
     _who = "fptq GPU runtime"
 
     def __init__(self, causal_lm: nn.Module, inner: nn.Module, graph: bool | None = None, slack: int = SLACK,
-                 warmup: int = 2, compile: bool = False):
+                 warmup: int = 2, compile: bool = False, fused: bool | None = None, kernels: str = "auto"):
         super().__init__(causal_lm, inner)
+        if fused is False or (fused is None and compile):
+            self.step_reason = "not asked for (" + ("compile=True" if compile else "fused=False") + ")"
+        else:
+            self.step_reason = fused_step_problem(causal_lm)
+        if fused and self.step_reason is not None:
+            raise FptqError(f"the fused decode step cannot run this model: {self.step_reason}")
+        self.kernels = kernels
         # not a submodule (its parameters are the decoder's own, and the state dict stays the model's)
         object.__setattr__(self, "_compiled", torch.compile(inner, dynamic=False) if compile else None)
         self.compile_reason: str | None = None if compile else "not asked for"
@@ -325,14 +345,32 @@ class GraphDecoder(StandInDecoder):
             slot.graph.replay()  # advances the static cache's counters by one, as an eager step does
             out = slot.hidden.clone()
         else:
-            out = self._run(slot.ids, slot.pos, slot.cache, step=True)
+            out = self._decode(slot)
         slot.length = n + 1
         return out
+
+    def _decode(self, slot: _Slot) -> torch.Tensor:
+        """One step on ``slot``'s input buffers: the fused step where it runs (advancing the counters as a
+        transformers step does), else the transformers decoder."""
+        if self.step_reason is None and slot.fused is None and slot.initialized:
+            slot.fused = FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels)
+        if slot.fused is None:
+            return self._run(slot.ids, slot.pos, slot.cache, step=True)
+        hidden = slot.fused.hidden(slot.ids, slot.pos.view(-1))
+        torch._foreach_add_(slot.counters, 1)
+        return hidden.unsqueeze(1)
+
+    @property
+    def step_path(self) -> str:
+        """What runs the decode steps of the static cache used last."""
+        if self._slots and self._slots[-1].fused is not None:
+            return self._slots[-1].fused.label
+        return "transformers decoder" + (f" ({self.step_reason})" if self.step_reason else "")
 
     def _step_fns(self, slot: _Slot):
         """The step on ``slot``'s input buffers, and what points its counters back at the current position."""
         n = slot.length
-        return (lambda: self._run(slot.ids, slot.pos, slot.cache, step=True)), (lambda: slot.set_length(n, force=True))
+        return (lambda: self._decode(slot)), (lambda: slot.set_length(n, force=True))
 
     def _capture(self, slot: _Slot) -> None:
         """Capture the step at the current position (:func:`~fptq.runtime.graphs.capture_step`: warm-up runs

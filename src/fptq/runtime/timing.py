@@ -131,12 +131,16 @@ class StaticRunner(HFRunner):
 
     @property
     def path(self) -> str:
-        """What ran, for the table: the decode steps as graphs, or eager with the reason."""
+        """What ran, for the table: the prompt's forward; what ran the decode steps (the fused step, or
+        transformers' forward with the reason), as graphs or eager with the reason."""
         decs = list(self._decoders.values())
+        steps = "; ".join(sorted({d.step_path for d in decs})) or "none run"
         if decs and all(d.uses_graph for d in decs):
-            return f"{self.what}, static KV cache, decode steps replayed as CUDA graphs"
-        reasons = sorted({d.graph_reason for d in decs if d.graph_reason})
-        return f"{self.what}, static KV cache, eager decode steps" + (f" ({'; '.join(reasons)})" if reasons else "")
+            how = "replayed as CUDA graphs"
+        else:
+            reasons = sorted({d.graph_reason for d in decs if d.graph_reason})
+            how = "eager" + (f" ({'; '.join(reasons)})" if reasons else "")
+        return f"{self.what} (prompts); decode steps on a static KV cache: {steps}, {how}"
 
     def decoder(self, batch: int, max_len: int):
         from .graphs import StaticDecoder

@@ -1,0 +1,226 @@
+"""Triton kernels of :mod:`fptq.kernels.decode_ops`: what lies between the Linears of a decode step, one launch
+each (attention: one, or two when its positions are split among programs).
+
+Every rounding step of transformers' modules is kept in the model's dtype (the residual add, the normalized rows
+before the norm's weight, each rotary product, SiLU before the multiply), with float32 arithmetic in between as
+PyTorch's half-precision operations do; sums (the mean square, the attention's dot products and softmax) run in
+float32 in another order than PyTorch's, so results agree to float rounding, not bit for bit. The position of the
+new token is read from a device tensor, so a CUDA graph of a step replays at any position. Runs on CUDA, and on
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), where the tests run it. Needs triton.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .triton_common import require_triton, triton, tl
+
+__all__ = ["ATTN_BLOCK_N", "add_rmsnorm_triton", "attention_splits", "decode_attention_triton",
+           "rope_write_kv_triton", "silu_mul_triton"]
+
+ATTN_BLOCK_N = 32  # cached positions per attention tile
+_MIN_SPLIT_TILES = 4  # a split of the positions covers at least this many tiles
+_SILU_BLOCK = 1024
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, K, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        h = tl.load(h_ptr + row * K + offs, mask=mask, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + row * K + offs, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + d.to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * K + offs, h, mask=mask)
+        x = h.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+        y = (x * inv).to(h_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * K + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate(src, dst, c1, c2, s1, s2, offs, mask, HALF):
+        # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model's dtype
+        dt = dst.dtype.element_ty
+        x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        lo = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+        hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        tl.store(dst + offs, lo.to(dt), mask=mask)
+        tl.store(dst + HALF + offs, hi.to(dt), mask=mask)
+
+    @triton.jit
+    def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, HQ, HKV, L, D,
+                        HALF_BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # query heads, then key/value heads
+        pos = tl.load(pos_ptr)
+        half = D // 2
+        offs = tl.arange(0, HALF_BLOCK)
+        mask = offs < half
+        c1 = tl.load(cos_ptr + pos * D + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * D + half + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * D + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * D + half + offs, mask=mask, other=0.0).to(tl.float32)
+        if h < HQ:
+            row = b * HQ + h
+            _rotate(q_ptr + row * D, qo_ptr + row * D, c1, c2, s1, s2, offs, mask, half)
+        else:
+            j = h - HQ
+            row = b * HKV + j
+            at = ((b * HKV + j) * L + pos) * D
+            _rotate(k_ptr + row * D, kc_ptr + at, c1, c2, s1, s2, offs, mask, half)
+            for part in tl.static_range(2):
+                o = part * half + offs
+                tl.store(vc_ptr + at + o, tl.load(v_ptr + row * D + o, mask=mask, other=0.0), mask=mask)
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scaling, HQ, GROUP, L, D,
+                          CHUNK, SINGLE: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(0)  # b * HQ + query head
+        s = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        b = bh // HQ
+        kvh = (bh % HQ) // GROUP
+        hkv = HQ // GROUP
+        n = tl.load(pos_ptr) + 1  # positions 0..pos
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, n)
+        offs_d = tl.arange(0, D_BLOCK)
+        mask_d = offs_d < D
+        q = tl.load(q_ptr + bh * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        base = (b * hkv + kvh) * L * D
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+        den = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+        acc = tl.zeros([D_BLOCK], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            tile = base + offs_n[:, None] * D + offs_d[None, :]
+            mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            sc = tl.where(mask_n, tl.sum(k * q[None, :], axis=1) * scaling, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new)
+            v = tl.load(v_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            den = den * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        if SINGLE:
+            tl.store(out_ptr + bh * D + offs_d, (acc / den).to(out_ptr.dtype.element_ty), mask=mask_d)
+        else:
+            at = bh * nsplit + s
+            tl.store(m_ptr + at, m)
+            tl.store(l_ptr + at, den)
+            tl.store(acc_ptr + at * D + offs_d, acc, mask=mask_d)
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NSPLIT, D, S_BLOCK: tl.constexpr,
+                                  D_BLOCK: tl.constexpr):
+        bh = tl.program_id(0)
+        offs_s = tl.arange(0, S_BLOCK)
+        mask_s = offs_s < NSPLIT
+        offs_d = tl.arange(0, D_BLOCK)
+        mask_d = offs_d < D
+        m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=float("-inf"))
+        den = tl.load(l_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))  # a split with no position: m = -inf, weight 0
+        rows = (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :]
+        acc = tl.load(acc_ptr + rows, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(den * w, axis=0)
+        tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(out_ptr + offs, (act * u).to(dt), mask=mask)
+
+
+def add_rmsnorm_triton(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`fptq.kernels.decode_ops.add_rmsnorm` in one launch (one program per row)."""
+    require_triton()
+    k = h.shape[-1]
+    if not h.is_contiguous() or (delta is not None and (not delta.is_contiguous() or delta.numel() != h.numel())):
+        raise ValueError("add_rmsnorm_triton needs contiguous h and delta of the same size")
+    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
+    block = _pow2(k)
+    _add_rmsnorm_kernel[(h.numel() // k,)](h, h if delta is None else delta, weight, out, k, float(eps),
+                                           HAS_DELTA=delta is not None, BLOCK=block,
+                                           num_warps=max(1, min(8, block // 256)))
+    return out
+
+
+def rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
+    """:func:`fptq.kernels.decode_ops.rope_write_kv` in one launch (one program per sequence and head)."""
+    require_triton()
+    b, hkv, length, d = k_cache.shape
+    hq = q.numel() // (b * d)
+    if d % 2 or not all(t.is_contiguous() for t in (q, k, v, cos, sin, k_cache, v_cache)):
+        raise ValueError("rope_write_kv_triton needs contiguous tensors and an even head size")
+    qo = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    _rope_kv_kernel[(b, hq + hkv)](q, k, v, cos, sin, pos, qo, k_cache, v_cache, hq, hkv, length, d,
+                                   HALF_BLOCK=_pow2(d // 2), num_warps=1)
+    return qo
+
+
+def attention_splits(batch: int, heads: int, length: int, device: torch.device) -> int:
+    """How many programs share one head's positions: on a GPU enough programs for about two per SM (a batch of
+    one has only as many heads as programs otherwise), each split at least a few tiles long; one elsewhere."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(1, batch * heads))
+    return max(1, min(want, length // (ATTN_BLOCK_N * _MIN_SPLIT_TILES)))
+
+
+def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: int | None = None) -> torch.Tensor:
+    """:func:`fptq.kernels.decode_attention` in one launch (two when ``splits`` > 1: partial softmax sums per
+    split, then their combination)."""
+    require_triton()
+    b, hq, d = q.shape
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    if hq % hkv or not all(t.is_contiguous() for t in (q, k_cache, v_cache)):
+        raise ValueError("decode_attention_triton needs contiguous tensors and query heads a multiple of kv heads")
+    splits = attention_splits(b, hq, length, q.device) if splits is None else max(1, int(splits))
+    chunk = math.ceil(math.ceil(length / splits) / ATTN_BLOCK_N) * ATTN_BLOCK_N
+    splits = math.ceil(length / chunk)
+    out = torch.empty(b, hq * d, dtype=q.dtype, device=q.device)
+    d_block = _pow2(d)
+    if splits == 1:
+        part = (out, out, out)  # not written
+    else:
+        part = (torch.empty(b * hq * splits, dtype=torch.float32, device=q.device),
+                torch.empty(b * hq * splits, dtype=torch.float32, device=q.device),
+                torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device))
+    _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, float(scaling), hq, hq // hkv, length,
+                                        d, chunk, SINGLE=splits == 1, D_BLOCK=d_block, BLOCK_N=ATTN_BLOCK_N,
+                                        num_warps=4)
+    if splits > 1:
+        _attention_combine_kernel[(b * hq,)](*part, out, splits, d, S_BLOCK=_pow2(splits), D_BLOCK=d_block,
+                                             num_warps=1)
+    return out
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`fptq.kernels.decode_ops.silu_mul` in one launch."""
+    require_triton()
+    if gate.shape != up.shape or not (gate.is_contiguous() and up.is_contiguous()):
+        raise ValueError("silu_mul_triton needs contiguous gate and up of one shape")
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _silu_mul_kernel[(triton.cdiv(n, _SILU_BLOCK),)](gate, up, out, n, BLOCK=_SILU_BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,181 @@
+"""fptq's fused decode step on a static KV cache: a LLaMA-shaped model's single-token step as a short, fixed
+sequence of launches, what :class:`~fptq.runtime.graphs.StaticDecoder` captures in a CUDA graph (issue 28).
+
+transformers' eager forward of a decode step issues about 50 kernels per layer (the norm alone is five: ``pow``,
+``mean``, ``add``, ``rsqrt``, two ``mul``; the rotary embedding a dozen; the cache write, the mask, attention,
+the residual adds), each a microsecond or two of GPU time even when replayed from a graph: for a 32-layer model
+~1600 kernels per step, 2-3 ms, more than reading its 4-bit weights (~0.75 ms on an H200). This step issues, per
+layer, the seven Linears (each one launch at decode sizes with fptq's Triton backend, which quantizes its own
+input: one or two more with split-K) and five launches for what lies between them
+(:mod:`fptq.kernels.decode_ops`)::
+
+    x = add_rmsnorm(h, delta, ln1)        h += delta (the previous layer's down_proj output); RMSNorm
+    q, k, v = q_proj(x), k_proj(x), v_proj(x)
+    q = rope_write_kv(q, k, v, pos)       rotary on q and k; k, v written into the static cache at pos
+    a = decode_attention(q, cache, pos)   over positions 0..pos only (1 launch, 2 when split)
+    x = add_rmsnorm(h, o_proj(a), ln2)
+    delta = down_proj(silu_mul(gate_proj(x), up_proj(x)))
+
+then the final norm and ``lm_head``. The Linears are the model's own modules (a float model's run cuBLAS: the
+fp16 row of ``fptq bench --device cuda`` runs the same step), the keys and values the transformers
+``StaticCache``'s tensors (its prompt is prefilled by transformers). Numerics: the operations of transformers'
+modules in the model's dtype (:mod:`fptq.kernels.decode_ops`); with the PyTorch forms the same bits as the
+transformers step on a static cache up to the attention's summation order, with the Triton forms float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels import decode_ops as ops
+from .engine import engine_unsupported_reason
+
+__all__ = ["FusedStep", "KERNELS", "cache_tensors", "fused_step_problem"]
+
+KERNELS = ("auto", "triton", "torch")  # FusedStep's ``kernels`` choices
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def fused_step_problem(model: nn.Module) -> str | None:
+    """Why :class:`FusedStep` cannot run ``model``'s decode steps (``None`` if it can)."""
+    reason = engine_unsupported_reason(model)
+    if reason is not None:
+        return reason
+    inner = model.model
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        return "the model has no shared rotary embedding (model.model.rotary_emb)"
+    if "dynamic" in str(getattr(rotary, "rope_type", "default")):
+        return f"its rotary embedding ({rotary.rope_type}) changes with the sequence length"
+    widths = set()
+    for layer in inner.layers:
+        at = layer.self_attn
+        if getattr(at, "q_norm", None) is not None or getattr(at, "k_norm", None) is not None:
+            return "per-head query/key norms (Qwen3) are not in the fused step"
+        for mod in (layer, at, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            if _hooked(mod):
+                return f"a forward hook on {type(mod).__name__}"
+        widths.add((at.q_proj.out_features, at.k_proj.out_features, at.v_proj.out_features))
+    if len(widths) != 1:
+        return "its decoder layers differ in width"
+    if any(_hooked(m) for m in (model, inner, inner.norm, inner.embed_tokens)):
+        return "a forward hook on the model"
+    d = _head_dim(model)
+    if d % 2:
+        return f"an odd head size ({d})"
+    return None
+
+
+def _head_dim(model: nn.Module) -> int:
+    cfg, at = model.config, model.model.layers[0].self_attn
+    return int(getattr(at, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The keys and values ``[B, Hkv, L, D]`` of each layer of a prefilled transformers ``StaticCache``
+    (transformers 5: ``cache.layers[i].keys``; 4: ``cache.key_cache[i]``); ``None`` if it has none."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        if not all(getattr(l, "is_initialized", False) and isinstance(getattr(l, "keys", None), torch.Tensor)
+                   for l in layers):
+            return None
+        return [(l.keys, l.values) for l in layers]
+    keys, values = getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)
+    if keys is None or values is None:
+        return None
+    return list(zip(keys, values))
+
+
+@dataclass
+class _Layer:
+    ln1: nn.Module
+    ln2: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(getattr(norm, "eps", 1e-6) if eps is None else eps)
+
+
+class FusedStep:
+    """``step = FusedStep(model, kv)``; ``step(ids, pos)``: the logits ``[B, vocab]`` of one new token per sequence (``ids`` ``[B, 1]``) at position
+    ``pos`` (a one-element int64 tensor on the model's device, read there: a CUDA graph of the call replays at
+    any position), its keys and values written into ``kv`` (:func:`cache_tensors` of the static cache the prompt
+    was prefilled into). ``kernels``: ``"triton"`` (one launch per operation; CUDA, or Triton's interpreter on
+    the CPU), ``"torch"`` (transformers' own operations), ``"auto"`` (Triton on CUDA where installed). Refuses,
+    with the reason, a model :func:`fused_step_problem` names."""
+
+    def __init__(self, model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], kernels: str = "auto"):
+        from ..errors import FptqError
+
+        reason = fused_step_problem(model)
+        if reason is not None:
+            raise FptqError(f"the fused decode step cannot run this model: {reason}")
+        if kernels not in KERNELS:
+            raise FptqError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+        inner = model.model
+        if len(kv) != len(inner.layers):
+            raise FptqError(f"the cache has {len(kv)} layers, the model {len(inner.layers)}")
+        self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.use_triton = (self.device.type == "cuda" and _triton_installed()) if kernels == "auto" else \
+            kernels == "triton"
+        at0 = inner.layers[0].self_attn
+        self.head_dim = _head_dim(model)
+        self.scaling = float(getattr(at0, "scaling", self.head_dim ** -0.5))
+        self.layers = [
+            _Layer(l.input_layernorm, l.post_attention_layernorm, l.self_attn.q_proj, l.self_attn.k_proj,
+                   l.self_attn.v_proj, l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj, k, v)
+            for l, (k, v) in zip(inner.layers, kv)]
+        length = kv[0][0].shape[2]
+        with torch.no_grad():  # the rotary tables of every cache position, as the model computes them per step
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = inner.rotary_emb(probe, torch.arange(length, device=self.device)[None])
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+
+    @property
+    def label(self) -> str:
+        return "fptq fused decode step (" + ("Triton" if self.use_triton else "PyTorch") + " norms, rotary, attention)"
+
+    def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module) -> torch.Tensor:
+        return ops.add_rmsnorm(h, delta, norm.weight, _eps(norm), self.use_triton)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids, pos))
+
+    def hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[B, hidden]`` (after the model's final norm) of the step: what the decoder
+        stack returns to the head."""
+        tri = self.use_triton
+        b = ids.shape[0]
+        h = self.embed(ids.reshape(b))  # [B, hidden], the residual stream (the model's dtype)
+        delta = None
+        for layer in self.layers:
+            x = self._norm(h, delta, layer.ln1)
+            q = ops.rope_write_kv(layer.q(x), layer.k(x), layer.v(x), self.cos, self.sin, pos, layer.keys,
+                                  layer.values, tri)
+            x = self._norm(h, layer.o(ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri)),
+                           layer.ln2)
+            delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x), tri))
+        return self._norm(h, delta, self.norm)
+
+
+def _triton_installed() -> bool:
+    from ..kernels.triton_common import HAS_TRITON
+
+    return HAS_TRITON

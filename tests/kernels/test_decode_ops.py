@@ -1,0 +1,143 @@
+"""The decode step's operations between the Linears (fptq.kernels.decode_ops): the PyTorch forms against
+transformers' LLaMA modules (the same bits), the Triton forms (under Triton's interpreter on the CPU) against the
+PyTorch forms (the same rounding steps; float32 sums in another order)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fptq.kernels import decode_ops as ops
+
+INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs the Triton kernels under Triton's interpreter")
+DTYPES = [torch.float32, torch.float16]
+
+
+def _rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _ulp(dtype):
+    return 2e-6 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rmsnorm_is_transformers_residual_add_and_rmsnorm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    h, d = _rand(3, 96, dtype=dtype, scale=4), _rand(3, 96, dtype=dtype, seed=1)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_rand(96, dtype=dtype, seed=2).abs() + 0.5)
+        ref_h = h + d
+        ref = norm(ref_h)
+        got_h = h.clone()
+        got = ops.add_rmsnorm(got_h, d, norm.weight, norm.variance_epsilon)
+    assert torch.equal(got_h, ref_h) and torch.equal(got, ref)
+    assert torch.equal(ops.add_rmsnorm(h.clone(), None, norm.weight, 1e-5), norm(h))  # no residual add: h as is
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_is_transformers_rotary_and_cache_write(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, hq, hkv, d, length, p = 2, 4, 2, 16, 12, 5
+    q, k, v = _rand(b, hq * d, dtype=dtype), _rand(b, hkv * d, dtype=dtype, seed=1), _rand(b, hkv * d, dtype=dtype, seed=2)
+    cos, sin = _rand(length, d, dtype=dtype, seed=3), _rand(length, d, dtype=dtype, seed=4)
+    kc, vc = _rand(b, hkv, length, d, dtype=dtype, seed=5), _rand(b, hkv, length, d, dtype=dtype, seed=6)
+    want_q, want_k = apply_rotary_pos_emb(q.view(b, hq, 1, d), k.view(b, hkv, 1, d), cos[p: p + 1][None],
+                                          sin[p: p + 1][None])
+    want_kc, want_vc = kc.clone(), vc.clone()
+    want_kc[:, :, p], want_vc[:, :, p] = want_k[:, :, 0], v.view(b, hkv, d)
+    got_q = ops.rope_write_kv(q, k, v, cos, sin, torch.tensor([p]), kc, vc)
+    assert torch.equal(got_q, want_q[:, :, 0]) and torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_reads_positions_up_to_pos_only(dtype):
+    import torch.nn.functional as F
+
+    b, hq, hkv, d, length, p = 2, 4, 2, 16, 20, 9
+    q = _rand(b, hq, d, dtype=dtype)
+    kc, vc = _rand(b, hkv, length, d, dtype=dtype, seed=1), _rand(b, hkv, length, d, dtype=dtype, seed=2)
+    kc[:, :, p + 1:], vc[:, :, p + 1:] = 1e4, -1e4  # positions not yet written must not matter
+    got = ops.decode_attention(q, kc, vc, torch.tensor([p]), 0.3)
+    want = F.scaled_dot_product_attention(q.float()[:, :, None], kc[:, :, : p + 1].float(), vc[:, :, : p + 1].float(),
+                                          scale=0.3, enable_gqa=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.reshape(b, hq * d), atol=_ulp(dtype), rtol=_ulp(dtype))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [64, 96])
+def test_triton_add_rmsnorm_matches_the_pytorch_form(dtype, k):
+    h, d = _rand(3, k, dtype=dtype, scale=3), _rand(3, k, dtype=dtype, seed=1)
+    w = _rand(k, dtype=dtype, seed=2).abs() + 0.5
+    for delta in (d, None):
+        a, b = h.clone(), h.clone()
+        ref = ops.add_rmsnorm(a, delta, w, 1e-6)
+        got = ops.add_rmsnorm(b, delta, w, 1e-6, use_triton=True)
+        assert torch.equal(a, b)  # the residual add: one rounding of the same float32 sum
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, atol=_ulp(dtype), rtol=_ulp(dtype))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rope_write_kv_gives_the_same_bits(dtype):
+    b, hq, hkv, d, length = 3, 6, 2, 32, 10
+    q, k, v = _rand(b, hq * d, dtype=dtype), _rand(b, hkv * d, dtype=dtype, seed=1), _rand(b, hkv * d, dtype=dtype, seed=2)
+    cos, sin = _rand(length, d, dtype=dtype, seed=3), _rand(length, d, dtype=dtype, seed=4)
+    for p in (0, 4, length - 1):
+        kc, vc = _rand(b, hkv, length, d, dtype=dtype, seed=5), _rand(b, hkv, length, d, dtype=dtype, seed=6)
+        kc2, vc2 = kc.clone(), vc.clone()
+        pos = torch.tensor([p])
+        ref = ops.rope_write_kv(q, k, v, cos, sin, pos, kc, vc)
+        got = ops.rope_write_kv(q, k, v, cos, sin, pos, kc2, vc2, use_triton=True)
+        assert torch.equal(got, ref) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_triton_decode_attention_matches_the_pytorch_form(dtype, splits):
+    from fptq.kernels.triton_decode import ATTN_BLOCK_N
+
+    b, hq, hkv, d, length = 2, 4, 1, 16, 3 * ATTN_BLOCK_N + 5
+    q = _rand(b, hq, d, dtype=dtype, scale=2)
+    kc, vc = _rand(b, hkv, length, d, dtype=dtype, seed=1), _rand(b, hkv, length, d, dtype=dtype, seed=2)
+    for p in (0, ATTN_BLOCK_N - 1, ATTN_BLOCK_N, length - 1):  # one position, a whole tile, a split's edge, all
+        pos = torch.tensor([p])
+        ref = ops.decode_attention(q, kc, vc, pos, 0.25)
+        unread_k, unread_v = kc.clone(), vc.clone()
+        unread_k[:, :, p + 1:], unread_v[:, :, p + 1:] = float("nan"), float("nan")  # the kernel never reads them
+        got = ops.decode_attention(q, unread_k, unread_v, pos, 0.25, use_triton=True, splits=splits)
+        torch.testing.assert_close(got, ref, atol=2 * _ulp(dtype), rtol=2 * _ulp(dtype))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_silu_mul_matches_the_pytorch_form(dtype):
+    g, u = _rand(3, 1500, dtype=dtype, scale=4), _rand(3, 1500, dtype=dtype, seed=1)
+    torch.testing.assert_close(ops.silu_mul(g, u, use_triton=True), ops.silu_mul(g, u), atol=_ulp(dtype),
+                               rtol=_ulp(dtype))
+
+
+@needs_interpreter
+def test_triton_forms_refuse_strided_inputs_with_a_clear_error():
+    h = _rand(4, 64).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.add_rmsnorm(h, None, torch.ones(4), 1e-6, use_triton=True)
+    with pytest.raises(ValueError, match="contiguous gate and up"):
+        ops.silu_mul(h, h.contiguous(), use_triton=True)
+
+
+def test_attention_splits_are_one_off_the_gpu():
+    from fptq.kernels.triton_decode import attention_splits
+
+    assert attention_splits(1, 32, 4096, torch.device("cpu")) == 1

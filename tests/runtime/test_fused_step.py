@@ -1,0 +1,146 @@
+"""fptq's fused decode step (fptq.runtime.fused_step) behind the static decoder: logits against transformers' own
+forward on the same static cache, with PyTorch's operations and with the Triton kernels under Triton's
+interpreter; what it refuses, and why."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fptq.errors import FptqError
+from fptq.kernels import decode_ops
+from fptq.runtime.fused_step import FusedStep, cache_tensors, fused_step_problem
+from fptq.runtime.graphs import StaticDecoder
+
+from ..conftest import tiny_llama, tiny_w4a8, token_ids
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tiny_qwen2(dtype=torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval().to(dtype)
+
+
+def _steps(model, ids, n, follow=None, **kw):
+    """The prompt's last logits and ``n`` steps' on a static decoder (clones: the decoder reuses buffers), each step
+    fed the greedy token of ``follow``'s logits at that point (default: its own)."""
+    dec = StaticDecoder(model, ids.shape[0], ids.shape[1] + n + 1, **kw)
+    out = [dec.prefill(ids).clone()]
+    for i in range(n):
+        out.append(dec.step((out if follow is None else follow)[i].argmax(-1)).clone())
+    return out, dec
+
+
+def _agree(a_steps, b_steps, atol, rtol):
+    for a, b in zip(a_steps, b_steps):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_w4a8, _tiny_qwen2], ids=["llama", "w4a8", "qwen2-bias"])
+def test_fused_steps_give_transformers_logits_on_the_static_cache(make):
+    model = make()
+    ids = token_ids(2, 7)
+    ref, plain = _steps(model, ids, 6, fused=False)
+    got, dec = _steps(model, ids, 6)  # its own greedy tokens: the same as transformers'
+    assert [t.argmax(-1).tolist() for t in got] == [t.argmax(-1).tolist() for t in ref]
+    assert dec.step_path.startswith("fptq fused decode step (PyTorch") and plain.step_path.startswith(
+        "transformers forward (not asked for")
+    _agree(got, ref, 2e-5, 1e-5)
+
+
+def test_float16_fused_steps_agree_with_transformers():
+    model = _tiny_qwen2(torch.float16)
+    ids = token_ids(2, 5)
+    ref, _ = _steps(model, ids, 5, fused=False)
+    got, _ = _steps(model, ids, 5, follow=ref)
+    _agree(got, ref, 2e-2, 1e-2)
+
+
+def test_each_layer_takes_five_operations_between_its_linears(monkeypatch):
+    model = tiny_llama()
+    calls = []
+    for name in ("add_rmsnorm", "rope_write_kv", "decode_attention", "silu_mul"):
+        fn = getattr(decode_ops, name)
+        monkeypatch.setattr(decode_ops, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    dec = StaticDecoder(model, 1, 8)
+    dec.step(dec.prefill(token_ids(1, 4)).argmax(-1))
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 5 * layers + 1  # and the final norm
+    assert calls.count("add_rmsnorm") == 2 * layers + 1 and calls.count("decode_attention") == layers
+
+
+@pytest.mark.skipif(HAS_CUDA or not INTERPRETED, reason="runs the Triton kernels under Triton's CPU interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fused_steps_with_the_triton_backend_match_transformers(dtype):
+    """The GPU configuration on the CPU: every Linear through the Triton backend (the dp4a GEMV), every operation
+    between them through decode_ops' Triton kernels."""
+    from fptq.nn import QuantLinear
+
+    model = tiny_w4a8().to(dtype)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_backend("triton")
+    ids = token_ids(2, 4)
+    ref, _ = _steps(model, ids, 2, fused=False)
+    got, dec = _steps(model, ids, 2, follow=ref, kernels="triton")
+    assert dec.step_path.startswith("fptq fused decode step (Triton")
+    tol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2)
+    _agree(got, ref, *tol)
+
+
+def test_what_the_fused_step_refuses():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    assert fused_step_problem(tiny_llama()) is None
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    assert "query/key norms" in fused_step_problem(qwen3)
+    dec = StaticDecoder(qwen3, 1, 8)  # falls back to transformers' forward, saying why
+    dec.step(dec.prefill(token_ids(1, 3)).argmax(-1))
+    assert "query/key norms" in dec.step_path
+    with pytest.raises(FptqError, match="fused decode step cannot run this model: per-head query/key norms"):
+        StaticDecoder(qwen3, 1, 8, fused=True)
+    hooked = tiny_llama()
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert fused_step_problem(hooked) == "a forward hook on LlamaMLP"
+    model = tiny_llama()
+    with pytest.raises(FptqError, match="kernels must be one of auto, triton, torch"):
+        FusedStep(model, [], kernels="cuda")
+
+
+def test_cache_tensors_of_a_static_cache_exist_after_its_prompt():
+    import inspect
+
+    from transformers import StaticCache
+
+    model = tiny_llama()
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    assert cache_tensors(cache) is None  # allocated by the first update
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        model(token_ids(1, 3), use_cache=True, **{kw: cache})
+    kv = cache_tensors(cache)
+    assert len(kv) == 2 and kv[0][0].shape == (1, 2, 12, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_of_the_fused_step_matches_transformers_eager_steps():
+    model = tiny_w4a8().half().cuda()
+    for m in model.modules():
+        if hasattr(m, "set_backend"):
+            m.set_backend("triton")
+    ids = token_ids(2, 6).cuda()
+    ref, _ = _steps(model, ids, 6, fused=False, graph=False)
+    got, dec = _steps(model, ids, 6, follow=ref)
+    assert dec.uses_graph, dec.graph_reason
+    assert dec.step_path.startswith("fptq fused decode step (Triton")
+    _agree(got, ref, 2e-2, 1e-2)
