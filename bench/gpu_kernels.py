@@ -264,6 +264,10 @@ def main() -> int:
             }
             if m <= 2:  # the dp4a GEMV on packed words (the dispatch's choice at decode), quantizing in the kernel
                 items["gemv_dp4a_ms"] = lambda: tw.w4a8_gemv_dp4a(x, None, qw, ws, k, gs, out_dtype=torch.float16)
+                # ... with its split-K reduced in the same launch (the dispatch's default: SERIAL_SPLIT_K)
+                cnt = torch.zeros(tw.counters_needed(2, n, k, gs), dtype=torch.int32, device=dev)
+                items["gemv_dp4a_1l_ms"] = lambda: tw.w4a8_gemv_dp4a(x, None, qw, ws, k, gs, out_dtype=torch.float16,
+                                                                     counters=cnt)
                 items["gemv_dp4a_int_ms"] = lambda: tw.w4a8_gemv_dp4a(
                     x, None, layer_i.qweight, layer_i.w_scales, k, gs, out_dtype=torch.float16, int_scales=ints)
             if m <= 16:
@@ -282,6 +286,7 @@ def main() -> int:
                 items["gemv_quant_int_graph_ms"] = items["gemv_quant_int_ms"]
                 if "gemv_dp4a_ms" in items:
                     items["gemv_dp4a_graph_ms"] = items["gemv_dp4a_ms"]
+                    items["gemv_dp4a_1l_graph_ms"] = items["gemv_dp4a_1l_ms"]
             for name, fn in items.items():
                 try:
                     rec[name] = (bench_graph if name.endswith("_graph_ms") else bench)(fn)
@@ -305,7 +310,8 @@ def main() -> int:
                     rec["e2e_int8_TOPS"] = 2 * m * k * n / rec["triton_e2e_ms"] / 1e9
             gbase = rec.get("fp16_cublas_graph_ms")
             if gbase:
-                for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms", "gemv_dp4a_graph_ms"):
+                for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms", "gemv_dp4a_graph_ms",
+                             "gemv_dp4a_1l_graph_ms"):
                     if name in rec:
                         rec["x_" + name[:-3]] = gbase / rec[name]
             results["timing"].append(rec)
@@ -467,13 +473,13 @@ def write_md(results: dict, path: str) -> None:
             f"{f(r.get('max_rel_err'), '.3g')} | {r.get('error', '')}{'; '.join(r.get('fallback_warnings') or [])}{'skipped: ' + r['skipped'] if r.get('skipped') else ''} |"
         )
     cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "gemv_quant_ms",
-            "x_gemv_quant", "gemv_dp4a_ms", "x_gemv_dp4a", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
+            "x_gemv_quant", "gemv_dp4a_ms", "x_gemv_dp4a", "gemv_dp4a_1l_ms", "x_gemv_dp4a_1l", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
             "x_best_gemm", "e2e_int8_TOPS"]
     icols = ["fp16_cublas_ms", "triton_e2e_int_ms", "x_triton_e2e_int", "gemv_quant_int_ms", "x_gemv_quant_int",
              "gemv_dp4a_int_ms", "x_gemv_dp4a_int", "grouped_tc_int_ms", "x_grouped_tc_int", "grouped_tc_ms", "x_grouped_tc"]
     gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
              "x_gemv_quant_graph", "gemv_quant_int_graph_ms", "x_gemv_quant_int_graph", "gemv_dp4a_graph_ms",
-             "x_gemv_dp4a_graph"]
+             "x_gemv_dp4a_graph", "gemv_dp4a_1l_graph_ms", "x_gemv_dp4a_1l_graph"]
     def table(title: str, note: str, lead: list[str], value_cols: list[str], rows: list[dict], tail: bool) -> None:
         lines.extend(["", title, "", note, "",
                       "| " + " | ".join(lead + [c.replace("_ms", "") for c in value_cols]) + (" | errors |" if tail else " |"),
@@ -486,7 +492,8 @@ def write_md(results: dict, path: str) -> None:
     table("## Timing (median ms, do_bench, L2 flushed), group size 128, per-token activations, fp16",
           "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM; the dp4a GEMV at M <= 2 when "
           "`ptx_verified`); `x_*` = speed-up over cuBLAS fp16; `gemv` / `grouped_tc` / `perchannel_*` exclude the "
-          "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it.",
+          "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it; "
+          "`gemv_dp4a_1l`: its split-K reduced in the same launch (the dispatch's default).",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     table("## Integer group scales (`--group-scales integer`): median ms, same shapes",
           "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above GROUPED_MAX_M the int8 "

@@ -145,10 +145,10 @@ def dp4a_case(k: int, n: int, gs: int, arch: int) -> dict:
     ints = dict(M=1, N=n, K=k, W=k // 8, G=g, CHUNK=chunk, NUNITS=nunits, stride_xm=k, stride_bn=k // 8,
                 stride_wsn=g, stride_cm=n)
     types = dict(X="*fp16", B="*i32", WS="*fp16", AS="*fp32", BIAS="*fp16", C="*fp16", P="*fp32", MT="*i8",
-                 BASE="*fp32", XW="*i32", INV_QMAX="fp32", **{a: "i32" for a in ints})
+                 BASE="*fp32", XW="*i32", INV_QMAX="fp32", CNT="*i32", **{a: "i32" for a in ints})
     const = dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=False, SPLIT=splits > 1, QUANT=True,
                  RECIP=True, QMAX=127, BLOCK_R=min(4096, 1 << (k - 1).bit_length()), GPT=gpt, TPG=tpg, BLOCK_N=bn,
-                 BLOCK_W=bk // 8, ASM=True, QW=128)
+                 BLOCK_W=bk // 8, ASM=True, QW=128, SERIAL=splits > 1)
     kern = _compile(td._w4a8_gemv_dp4a_kernel, types, const,
                     ["X", "B", "WS", "AS", "C", "P", "MT", "BASE", "XW"] + _divisible(ints), arch,
                     cfg["num_warps"], cfg["num_stages"])
@@ -163,6 +163,11 @@ DP4A_VARIANTS = [
     dict(PER_TOKEN=True, HAS_BIAS=True, ONE_GROUP=False, INT_SCALES=True, SPLIT=False, QUANT=True, GPT=1, TPG=2),
     dict(PER_TOKEN=False, HAS_BIAS=False, ONE_GROUP=True, INT_SCALES=False, SPLIT=True, QUANT=False, GPT=1, TPG=1),
     dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=True, SPLIT=True, QUANT=False, GPT=2, TPG=1),
+    # split-K reduced in the same launch (the dispatch's default at decode)
+    dict(PER_TOKEN=True, HAS_BIAS=True, ONE_GROUP=False, INT_SCALES=False, SPLIT=True, QUANT=True, GPT=1, TPG=1,
+         SERIAL=True),
+    dict(PER_TOKEN=False, HAS_BIAS=False, ONE_GROUP=True, INT_SCALES=False, SPLIT=True, QUANT=True, GPT=1, TPG=1,
+         SERIAL=True),
 ]
 
 
@@ -174,10 +179,11 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
     out = []
     for v in DP4A_VARIANTS:
         types = dict(X="*bf16" if v["QUANT"] else "*i8", B="*i32", WS="*fp16", AS="*fp32", BIAS="*fp16", C="*fp16",
-                     P="*fp32", MT="*i8", BASE="*fp32", XW="*i32", INV_QMAX="fp32",
+                     P="*fp32", MT="*i8", BASE="*fp32", XW="*i32", INV_QMAX="fp32", CNT="*i32",
                      **{a: "i32" for a in ("M", "N", "K", "W", "G", "CHUNK", "NUNITS", "stride_xm", "stride_bn",
                                            "stride_wsn", "stride_cm")})
-        const = dict(v, RECIP=True, QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128)
+        const = dict(v, RECIP=True, QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128,
+                     SERIAL=v.get("SERIAL", False))
         rec = {"variant": v}
         try:
             _compile(td._w4a8_gemv_dp4a_kernel, types, const, ["X", "B", "WS", "AS", "C", "P", "XW"], arch, 4, 2)

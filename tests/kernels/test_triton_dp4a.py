@@ -222,3 +222,53 @@ def test_tensor_core_byte_split_gives_the_unpacked_codes_bits(k, n, gs, m, swap,
         ref = tw.w4a8_matmul(xq, sx, layer.qweight, layer.w_scales, k, gs, bias=layer.bias,
                              out_dtype=torch.float32, config=dict(cfg, NIBBLE=False))
         assert torch.equal(y, ref), float((y - ref).abs().max())
+
+
+@pytest.mark.parametrize("k,n,gs,integer", [(512, 300, 64, False), (1024, 40, 128, True), (256, 129, -1, False)])
+@pytest.mark.parametrize("m,mode", [(1, "dynamic_token"), (2, "static_tensor")])
+def test_one_launch_split_k_gives_the_reduce_kernels_bits_and_resets_its_counters(k, n, gs, integer, m, mode):
+    """With ``counters`` a split-K launch reduces its own partials (the last program of each tile adds them in
+    split order): the two-launch result bit for bit, every counter back at zero for the next launch (a CUDA graph
+    replays the same buffer), launch after launch."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_dp4a import counters_needed
+
+    layer = _layer(k, n, gs, mode, bias=n % 2 == 0, integer=integer)
+    static = layer.act_scale if mode == "static_tensor" else None
+    ints = tw.integer_scales_device(layer) if integer else None
+    assert integer == (ints is not None)
+    args = (layer.qweight, layer.w_scales, k, gs)
+    cfg = {"SPLIT_K": 3}
+    counters = torch.zeros(counters_needed(m, n, k, gs, cfg), dtype=torch.int32)
+    for seed in (1, 2):
+        x = _x(m, k, seed=seed)
+        two, s2 = tw.w4a8_gemv_dp4a(x, static, *args, bias=layer.bias, out_dtype=torch.float16, config=cfg,
+                                    int_scales=ints)
+        one, s1 = tw.w4a8_gemv_dp4a(x, static, *args, bias=layer.bias, out_dtype=torch.float16, config=cfg,
+                                    int_scales=ints, counters=counters)
+        assert torch.equal(one, two) and torch.equal(s1, s2)
+        assert not counters.any()
+    with pytest.raises(ValueError, match="counters must be int32"):
+        tw.w4a8_gemv_dp4a(_x(m, k), static, *args, config=cfg, counters=counters.long())
+
+
+def test_forward_reduces_split_k_in_the_same_launch_with_counters_kept_on_the_layer(monkeypatch):
+    """At decode the dispatch hands the dp4a GEMV the layer's own counters (``SERIAL_SPLIT_K``): the same output
+    bits as the two-launch reduction it replaces, the counters zero after every call and reused."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    assert tw.serial_split_verified("cpu")
+    seen = []
+    real = tw.w4a8_gemv_dp4a
+    monkeypatch.setattr(tw, "w4a8_gemv_dp4a", lambda *a, **kw: seen.append(kw.get("counters")) or real(*a, **kw))
+    from fptq.kernels.triton_common import _split_plan
+
+    layer = _layer(2048, 72, 128, "dynamic_token", bias=True)  # one output tile: split along K
+    assert _split_plan(2, 2, 2048, 2048 // 128, 128, "cpu")[0] > 1
+    x = _x(2, 2048)
+    one = tw.triton_forward(layer, x)
+    again = tw.triton_forward(layer, x)
+    monkeypatch.setattr(tw, "SERIAL_SPLIT_K", False)
+    two = tw.triton_forward(layer, x)
+    assert seen[0] is not None and seen[1] is seen[0] and seen[2] is None
+    assert not seen[0].any() and torch.equal(one, two) and torch.equal(again, two)

@@ -62,7 +62,7 @@ def _dtype(name):
 #: reference (the int8 weights times their per-channel scales), the others against
 #: ``reference_forward`` (exact group-wise maths)
 VARIANTS = ("auto", "grouped", "perchannel", "gemv_split3", "gemm_swap_split2", "gemm_split2", "int_mm",
-            "gemv_quant", "gemv_quant_split3", "gemv_dp4a", "gemv_dp4a_split3")
+            "gemv_quant", "gemv_quant_split3", "gemv_dp4a", "gemv_dp4a_split3", "gemv_dp4a_1l")
 
 
 def _tol_ratio(y, ref, qf, w_deq, bias, dtype) -> float:
@@ -138,6 +138,7 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
         "gemv_quant_split3": lambda: fused({"SPLIT_K": 3}),
         "gemv_dp4a": lambda: dp4a(None),
         "gemv_dp4a_split3": lambda: dp4a({"SPLIT_K": 3}),
+        "gemv_dp4a_1l": lambda: dp4a_one_launch(),
     }
     fused_scales = {}
     dp4a_why = tw.dp4a_problem(layer.qweight, k, gs)
@@ -155,6 +156,17 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
         fused_scales["dp4a bits"] = bool(torch.equal(y, tw.w4a8_gemv_quant(
             x2, static, layer.qweight, layer.w_scales, k, gs, qmax=layer.act_qmax(), bias=layer.bias,
             out_dtype=dtype, config=config)[0]))
+        return y
+
+    def dp4a_one_launch():
+        # split-K reduced in the same launch (counters): the two-launch reduction's bits, the counters back at zero
+        static = layer.act_scale if mode == "static_tensor" else None
+        cfg = {"SPLIT_K": 3}
+        cnt = torch.zeros(tw.counters_needed(x2.shape[0], n, k, gs, cfg), dtype=torch.int32, device=x2.device)
+        kw = dict(qmax=layer.act_qmax(), bias=layer.bias, out_dtype=dtype, config=cfg)
+        y = tw.w4a8_gemv_dp4a(x2, static, layer.qweight, layer.w_scales, k, gs, counters=cnt, **kw)[0]
+        two = tw.w4a8_gemv_dp4a(x2, static, layer.qweight, layer.w_scales, k, gs, **kw)[0]
+        fused_scales["dp4a one-launch bits"] = bool(torch.equal(y, two)) and not bool(cnt.any())
         return y
 
     def fused(config):
@@ -194,6 +206,8 @@ def run_case(case, device, variants=VARIANTS, group_scales: str = "float") -> di
             fused_scales.clear()
         if v == "gemv_dp4a_split3":  # the byte-wise GEMV's bits for the same tiling and split-K
             out[v]["same_as_unfused"] = fused_scales.pop("dp4a bits", False)
+        if v == "gemv_dp4a_1l":  # the two-launch split-K's bits
+            out[v]["same_as_unfused"] = fused_scales.pop("dp4a one-launch bits", False)
     return out
 
 

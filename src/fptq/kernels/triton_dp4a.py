@@ -39,7 +39,7 @@ from .triton_common import HAS_TRITON, _reduce, _split_plan, require_triton, tl,
 from .triton_grouped import _act_codes, _check_grouped_args, _check_int_scales, _gemv_store, _row_scale
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
-__all__ = ["dp4a_problem", "pick_dp4a_config", "w4a8_gemv_dp4a"]
+__all__ = ["counters_needed", "dp4a_problem", "pick_dp4a_config", "w4a8_gemv_dp4a"]
 
 if HAS_TRITON:
 
@@ -91,8 +91,24 @@ if HAS_TRITON:
         return _dp4a(wd & -252645136, xo[None, :], acc, ASM)  # 16 x odd codes
 
     @triton.jit
+    def _serial_reduce(P, C, BIAS, CNT, scale, pid_m, pid_n, offs_n, mask_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
+        # split-K in the same launch: the last program of a tile to store its partials (counted in CNT, which it
+        # puts back to 0) adds the tile's partials in split order and stores the output, as the reduce kernel does
+        tl.debug_barrier()  # every thread's partials are stored before the count
+        tile = pid_m * tl.num_programs(1) + pid_n
+        splits = tl.num_programs(2)
+        seen = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if seen == splits - 1:
+            acc = tl.zeros_like(offs_n).to(tl.float32)
+            for s in range(0, splits):  # .cg: from L2, where the other programs' stores are
+                acc += tl.load(P + (s * M + pid_m) * N + offs_n, mask=mask_n, other=0.0,
+                               cache_modifier=".cg")
+            _gemv_store(acc, P, C, BIAS, scale, pid_m, 0, offs_n, mask_n, M, N, stride_cm, False, HAS_BIAS)
+            tl.atomic_xchg(CNT + tile, 0)
+
+    @triton.jit
     def _w4a8_gemv_dp4a_kernel(
-        X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX,
+        X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT,
         M, N, K, W, G, CHUNK, NUNITS,
         stride_xm, stride_bn, stride_wsn, stride_cm,
         PER_TOKEN: tl.constexpr,
@@ -110,6 +126,7 @@ if HAS_TRITON:
         BLOCK_W: tl.constexpr,  # words (8 codes) per row and tile
         ASM: tl.constexpr,
         QW: tl.constexpr = 128,  # activation words staged per step
+        SERIAL: tl.constexpr = False,  # SPLIT: the last program of each tile reduces (one launch; CNT zeros)
     ):
         # grid (M, n tiles, splits); a unit of K is a tile (one group per row) or GPT groups (TPG tiles); program
         # (m, n, s) stages its activation words in XW[((m * n tiles + n) * splits + s) * 2 * CHUNK * TPG * BLOCK_W:]
@@ -162,6 +179,8 @@ if HAS_TRITON:
                 acc = acc_i.to(tl.float32) * tl.load(BASE + rows, mask=rmask, other=0.0)
         _gemv_store(tl.reshape(acc, [BLOCK_N]), P, C, BIAS, scale, pid_m, pid_s, offs_n, mask_n, M, N, stride_cm,
                     SPLIT, HAS_BIAS)
+        if SPLIT and SERIAL:
+            _serial_reduce(P, C, BIAS, CNT, scale, pid_m, pid_n, offs_n, mask_n, M, N, stride_cm, HAS_BIAS)
 
 
 def dp4a_problem(qweight: torch.Tensor, in_features: int, group_size: int) -> str | None:
@@ -212,7 +231,7 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
                    in_features: int, group_size: int, qmax: int = 127, bias: torch.Tensor | None = None,
                    out_dtype: torch.dtype = torch.float16, config: dict | None = None, recip: bool | None = None,
                    int_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   asm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   asm: bool | None = None, counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact group-wise W4A8 GEMV for decode (M <= 2): ``y = x_scale * sum_g w_scales[:, g] * (xq_g @ q_g^T)
     (+ bias)``, the products four at a time (``dp4a``).
 
@@ -222,7 +241,12 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
     on CUDA); False computes the same products with shifts. ``config`` overrides :func:`pick_dp4a_config`;
     ``int_scales`` as for :func:`~fptq.kernels.triton_grouped.w4a8_gemv`. The output bits equal
     :func:`~fptq.kernels.triton_grouped.w4a8_gemv_quant`'s (float input) or ``w4a8_gemv``'s (codes) when both
-    tile K by whole groups the same way (``BLOCK_K`` = group size) with the same split-K."""
+    tile K by whole groups the same way (``BLOCK_K`` = group size) with the same split-K.
+
+    ``counters``: int32 zeros, at least :func:`counters_needed` of them, owned by the caller and not shared with a
+    concurrent launch: a split-K launch then reduces its partials itself (the last program of each output tile to
+    finish adds them in split order, the reduce kernel's operations: the same bits) instead of in a second launch,
+    and leaves the counters at zero again."""
     require_triton()
     if x.dim() != 2:
         raise ValueError("w4a8_gemv_dp4a expects a 2-D [M, K] input")
@@ -265,14 +289,26 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
         asm = x.device.type == "cuda"
     # each program's staged activation words (int32, 2 per 8 codes of its share of K)
     staged = torch.empty(math.prod(grid) * splits * 2 * chunk * (unit_k // 8), dtype=torch.int32, device=x.device)
+    serial = splits > 1 and counters is not None
+    if serial and (counters.dtype != torch.int32 or counters.numel() < math.prod(grid)
+                   or counters.device != x.device):
+        raise ValueError(f"counters must be int32 on {x.device} with at least {math.prod(grid)} elements")
     _w4a8_gemv_dp4a_kernel[(*grid, splits)](
         x, qweight.view(torch.int32), w_scales, x_scale, bias.contiguous() if has_bias else c, c, part, mt, base,
-        staged, _inv_qmax(qmax), m, n, k, k // 8, g, chunk, nunits,
+        staged, _inv_qmax(qmax), counters if serial else staged, m, n, k, k // 8, g, chunk, nunits,
         x.stride(0), qweight.stride(0) // 4, w_scales.stride(0), c.stride(0),
         PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=g == 1, INT_SCALES=ints is not None, SPLIT=splits > 1,
         QUANT=quant, RECIP=bool(quant and per_token and recip), QMAX=int(qmax),
         BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))), GPT=gpt, TPG=tpg, BLOCK_N=bn, BLOCK_W=bk // 8,
-        ASM=bool(asm), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits > 1:
+        ASM=bool(asm), SERIAL=serial, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1 and not serial:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
     return c, x_scale
+
+
+def counters_needed(m: int, n: int, k: int, group_size: int, config: dict | None = None) -> int:
+    """How many ``counters`` :func:`w4a8_gemv_dp4a` needs for ``m`` rows of ``k`` inputs, ``n`` outputs (one per
+    output tile)."""
+    cfg = pick_dp4a_config(m, n, k, group_size)
+    cfg.update(config or {})
+    return m * -(-n // cfg["BLOCK_N"])

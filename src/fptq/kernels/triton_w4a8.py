@@ -93,7 +93,7 @@ import torch
 from ..quant.intscales import INT_SUM_MAX_K, integer_scale_factors
 from . import triton_common, triton_dp4a, triton_grouped, triton_perchannel, triton_quant
 from .cpu import _cached
-from .triton_dp4a import dp4a_problem, w4a8_gemv_dp4a
+from .triton_dp4a import counters_needed, dp4a_problem, w4a8_gemv_dp4a
 from .triton_common import (
     GEMV_MAX_M,
     GROUPED_MAX_M,
@@ -115,7 +115,7 @@ from .triton_quant import _scalar_div_mode, quantize_activations
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
     *triton_common.__all__, *triton_quant.__all__, *triton_grouped.__all__, *triton_perchannel.__all__,
-    *triton_dp4a.__all__, "FUSED_GEMV_QUANT", "GEMV_DP4A", "ptx_verified", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
+    *triton_dp4a.__all__, "FUSED_GEMV_QUANT", "GEMV_DP4A", "SERIAL_SPLIT_K", "serial_split_verified", "ptx_verified", "integer_scales_device", "is_available", "triton_forward", "triton_grouped_forward", "triton_perchannel_forward",
 ]
 # private helpers that the tests and bench/gpu_kernels.py reach through this module
 _PRIVATE_REEXPORTS = (_split_plan, _scalar_div_mode)
@@ -185,6 +185,50 @@ def ptx_verified(device) -> bool:
     return _VERIFIED[key]
 
 
+_SERIAL_OK: dict = {}
+
+
+def serial_split_verified(device) -> bool:
+    """Whether the dp4a GEMV's one-launch split-K (each output tile reduced by its last program, counted with
+    atomics) gives, on ``device``, the two-launch reduction's bits: checked once per device, several launches of
+    a layer with many tiles and splits; True off CUDA (Triton's interpreter runs programs one after another)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    if key not in _SERIAL_OK:
+        try:
+            gen = torch.Generator().manual_seed(7)
+            k, n, gs = 4096, 2048, 128
+            qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
+            ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
+            cfg = {"SPLIT_K": 16}
+            counters = torch.zeros(counters_needed(2, n, k, gs, cfg), dtype=torch.int32, device=dev)
+            same = True
+            for rep in range(4):
+                x = (torch.randn(1 + rep % 2, k, generator=gen) * 3).to(torch.float16).to(dev)
+                two = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg)[0]
+                one = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg, counters=counters)[0]
+                same = same and bool(torch.equal(one, two)) and not bool(counters.any())
+            _SERIAL_OK[key] = same
+        except Exception:  # noqa: BLE001 - a kernel that does not build here means: not verified
+            _SERIAL_OK[key] = False
+        if not _SERIAL_OK[key]:
+            _warn_once(f"fptq triton backend: the one-launch split-K GEMV disagrees with the two-launch one on {dev} "
+                       "(or does not build); reducing in a second launch")
+    return _SERIAL_OK[key]
+
+
+def _dp4a_counters(module, device) -> torch.Tensor | None:
+    """The split-K counters of ``module``'s one-launch dp4a GEMV (int32 zeros, cached on the module: one launch at
+    a time uses them), or None where that is off (:data:`SERIAL_SPLIT_K`) or did not check out on ``device``."""
+    if not SERIAL_SPLIT_K or not serial_split_verified(device):
+        return None
+    return _cached(module, "triton_dp4a_counters", lambda m: torch.zeros(
+        counters_needed(GEMV_MAX_M, m.out_features, m.in_features, m.group_size), dtype=torch.int32,
+        device=m.qweight.device))
+
+
 def _dp4a_covers(module) -> bool:
     """Whether :func:`w4a8_gemv_dp4a` runs this layer's packed weights (cached on the module)."""
     return _cached(module, "triton_dp4a_ok",
@@ -198,6 +242,10 @@ FUSED_GEMV_QUANT = True
 #: decode: the GEMV on packed 32-bit words with dp4a (:mod:`.triton_dp4a`: ~2.6 instructions per weight byte where
 #: the byte-wise GEMV compiles to ~25) where it covers the layer and its PTX checked out on the device
 GEMV_DP4A = True
+#: decode: a split-K dp4a GEMV reduces its partials in the same launch (the last program of each output tile adds
+#: them in split order: the same bits) where that checked out on the device (:func:`serial_split_verified`): one
+#: launch per Linear where split-K took two
+SERIAL_SPLIT_K = True
 _warned: set = set()
 _broken: set = set()
 #: the configuration validated on the first GPU run (no split-K, no operand swap)
@@ -268,7 +316,8 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     if gemv and GEMV_DP4A and _dp4a_covers(module) and ptx_verified(x2.device):
         y = _guarded("gemv_dp4a" + tag, lambda: w4a8_gemv_dp4a(
             x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
-            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints)[0],
+            module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints,
+            counters=_dp4a_counters(module, x2.device))[0],
             lambda: None, instead="the byte-wise GEMV")
         if y is not None:
             return y.to(x.dtype).reshape(*lead, module.out_features)
