@@ -152,6 +152,7 @@ def compile_probe(a) -> int:
             row[f"decode_b{b}_tokens_per_s"] = b * steps / secs[1]
         dec = model.model
         row["path"] = {"graph": getattr(dec, "uses_graph", None), "graph_reason": getattr(dec, "graph_reason", None),
+                       "step_path": getattr(dec, "step_path", None),
                        "compile_reason": getattr(dec, "compile_reason", None)}
         rows[label] = row
         (Path(a.out) / "compile_probe.json").write_text(json.dumps(rows, indent=2, default=str))

@@ -60,7 +60,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
                                    top_p=top_p, eos_token_id=eos, generator=gen, on_token=on_token)
         if streamer is not None:
             streamer.end()
-        path = "static KV cache, " + ("CUDA graphs" if dec.uses_graph else f"eager steps ({dec.graph_reason})")
+        path = (f"static KV cache, {dec.step_path}, "
+                + ("CUDA graphs" if dec.uses_graph else f"eager steps ({dec.graph_reason})"))
     else:
         torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, streamer=streamer,

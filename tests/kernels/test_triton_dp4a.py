@@ -258,9 +258,12 @@ def test_forward_reduces_split_k_in_the_same_launch_with_counters_kept_on_the_la
     from fptq.kernels import triton_w4a8 as tw
 
     assert tw.serial_split_verified("cpu")
-    seen = []
-    real = tw.w4a8_gemv_dp4a
+    from fptq.kernels import triton_dp4a as td
+
+    seen, reduces = [], []
+    real, real_reduce = tw.w4a8_gemv_dp4a, td._reduce
     monkeypatch.setattr(tw, "w4a8_gemv_dp4a", lambda *a, **kw: seen.append(kw.get("counters")) or real(*a, **kw))
+    monkeypatch.setattr(td, "_reduce", lambda *a, **kw: reduces.append(1) or real_reduce(*a, **kw))
     from fptq.kernels.triton_common import _split_plan
 
     layer = _layer(2048, 72, 128, "dynamic_token", bias=True)  # one output tile: split along K
@@ -268,7 +271,9 @@ def test_forward_reduces_split_k_in_the_same_launch_with_counters_kept_on_the_la
     x = _x(2, 2048)
     one = tw.triton_forward(layer, x)
     again = tw.triton_forward(layer, x)
+    assert reduces == []  # no second launch
     monkeypatch.setattr(tw, "SERIAL_SPLIT_K", False)
     two = tw.triton_forward(layer, x)
+    assert reduces == [1]
     assert seen[0] is not None and seen[1] is seen[0] and seen[2] is None
     assert not seen[0].any() and torch.equal(one, two) and torch.equal(again, two)

@@ -144,3 +144,49 @@ def test_cuda_graph_of_the_fused_step_matches_transformers_eager_steps():
     assert dec.uses_graph, dec.graph_reason
     assert dec.step_path.startswith("fptq fused decode step (Triton")
     _agree(got, ref, 2e-2, 1e-2)
+
+
+@pytest.mark.parametrize("where", ["static", "transformers-api"])
+def test_a_fused_step_that_fails_hands_over_to_transformers_mid_sequence(where, monkeypatch, caplog):
+    """A kernel that raises (say, one the GPU's Triton cannot build): the decoder says why, once, and goes on with
+    transformers' forward from that step; the logits stay transformers' because the fused steps before it moved the
+    static cache's position counters as transformers' own steps do."""
+    import copy
+    import logging
+
+    from transformers import DynamicCache
+
+    from fptq.runtime.hf_graph import attach_graph_runtime
+
+    model = tiny_llama()
+    ids = token_ids(2, 5)
+    real, calls = FusedStep.hidden, []
+
+    def flaky(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("no kernel image for this device")
+        return real(self, *a)
+
+    monkeypatch.setattr(FusedStep, "hidden", flaky)
+    with caplog.at_level(logging.WARNING, logger="fptq.runtime.fused_step"):
+        if where == "static":
+            ref, _ = _steps(model, ids, 5, fused=False)
+            got, dec = _steps(model, ids, 5, follow=ref)
+            path = dec.step_path
+            assert int(dec.cache.layers[0].cumulative_length) == ids.shape[1] + 5
+        else:
+            plain = copy.deepcopy(model)
+            assert attach_graph_runtime(model) is None
+            nxt = token_ids(2, 5, seed=4)
+            with torch.no_grad():
+                got, ref = [], []
+                for m, out in ((model, got), (plain, ref)):
+                    cache = DynamicCache(config=m.config)
+                    out.append(m(ids, cache=cache).logits[:, -1])
+                    for i in range(5):
+                        out.append(m(nxt[:, i:i + 1], cache=cache).logits[:, -1])
+            path = model.model.step_path
+    _agree(got, ref, 2e-5, 1e-5)
+    assert len(calls) == 3 and "the fused step failed (RuntimeError: no kernel image" in path
+    assert sum("fused step failed" in r.message for r in caplog.records) == 1

@@ -24,6 +24,7 @@ transformers step on a static cache up to the attention's summation order, with 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,9 @@ from torch import nn
 from ..kernels import decode_ops as ops
 from .engine import engine_unsupported_reason
 
-__all__ = ["FusedStep", "KERNELS", "cache_tensors", "fused_step_problem"]
+__all__ = ["FusedStep", "KERNELS", "advance", "cache_tensors", "fused_failed", "fused_step_problem"]
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "triton", "torch")  # FusedStep's ``kernels`` choices
 
@@ -173,6 +176,20 @@ class FusedStep:
                            layer.ln2)
             delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x), tri))
         return self._norm(h, delta, self.norm)
+
+
+def fused_failed(e: Exception) -> str:
+    """The reason a decoder gives up the fused step after it raised ``e`` (logged once per decoder)."""
+    why = f"the fused step failed ({type(e).__name__}: {e})"
+    log.warning("fptq decode steps: %s; using transformers' forward", why)
+    return why
+
+
+def advance(counters: list[torch.Tensor]) -> None:
+    """Move a transformers ``StaticCache``'s position counters (transformers 5: one device tensor per layer) one
+    position on, as a transformers step's cache update does (one launch)."""
+    if counters:
+        torch._foreach_add_(counters, 1)
 
 
 def _triton_installed() -> bool:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import FptqError
 from .engine import decode_loop
-from .fused_step import FusedStep, cache_tensors, fused_step_problem
+from .fused_step import FusedStep, advance, cache_tensors, fused_failed, fused_step_problem
 
 __all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
@@ -68,6 +68,7 @@ class StaticDecoder:
         self.length = 0
         self.kernels = kernels
         self._fused: FusedStep | None = None
+        self._counts: list[torch.Tensor] = []  # the static cache's position counters (transformers 5)
         if fused is False:
             self.step_reason: str | None = "not asked for (fused=False)"
         else:
@@ -93,8 +94,17 @@ class StaticDecoder:
                 self.step_reason = "the static cache holds no key/value tensors after the prompt"
             else:
                 self._fused = FusedStep(self.model, kv, self.kernels)
+                self._counts = [c for c, _ in self._counters()]
         if self._fused is not None:
-            return self._fused(ids, pos)
+            try:
+                out = self._fused(ids, pos)
+            except Exception as e:  # noqa: BLE001 -- a kernel that fails here: transformers' forward, with the reason
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise  # inside a capture: the capture fails and says why
+                self._fused, self.step_reason = None, fused_failed(e)
+            else:
+                advance(self._counts)  # as a transformers step does: the two can follow each other
+                return out
         return self._forward(ids, pos)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

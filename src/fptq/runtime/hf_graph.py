@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import FptqError
-from .fused_step import FusedStep, cache_tensors, fused_step_problem
+from .fused_step import FusedStep, advance, cache_tensors, fused_failed, fused_step_problem
 from .graphs import capture_step
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 
@@ -354,11 +354,19 @@ class GraphDecoder(StandInDecoder):
         transformers step does), else the transformers decoder."""
         if self.step_reason is None and slot.fused is None and slot.initialized:
             slot.fused = FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels)
-        if slot.fused is None:
-            return self._run(slot.ids, slot.pos, slot.cache, step=True)
-        hidden = slot.fused.hidden(slot.ids, slot.pos.view(-1))
-        torch._foreach_add_(slot.counters, 1)
-        return hidden.unsqueeze(1)
+        if slot.fused is not None:
+            try:
+                hidden = slot.fused.hidden(slot.ids, slot.pos.view(-1))
+            except Exception as e:  # noqa: BLE001 -- a kernel that fails here: the transformers decoder, with why
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise  # inside a capture: the capture fails and says why
+                self.step_reason = fused_failed(e)
+                for s in self._slots:
+                    s.fused = None
+            else:
+                advance(slot.counters)
+                return hidden.unsqueeze(1)
+        return self._run(slot.ids, slot.pos, slot.cache, step=True)
 
     @property
     def step_path(self) -> str:
