@@ -141,3 +141,30 @@ def test_attention_splits_are_one_off_the_gpu():
     from fptq.kernels.triton_decode import attention_splits
 
     assert attention_splits(1, 32, 4096, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_with_per_head_norms_is_qwen3s_q_norm_k_norm_then_rotary(dtype):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    b, hq, hkv, d, length, p = 2, 4, 2, 16, 8, 3
+    q, k, v = (_rand(b, hq * d, dtype=dtype, scale=3), _rand(b, hkv * d, dtype=dtype, seed=1, scale=3),
+               _rand(b, hkv * d, dtype=dtype, seed=2))
+    cos, sin = _rand(length, d, dtype=dtype, seed=3), _rand(length, d, dtype=dtype, seed=4)
+    qn, kn = Qwen3RMSNorm(d, eps=1e-6).to(dtype), Qwen3RMSNorm(d, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        qn.weight.copy_(_rand(d, dtype=dtype, seed=7).abs() + 0.5)
+        kn.weight.copy_(_rand(d, dtype=dtype, seed=8).abs() + 0.5)
+        want_q, want_k = apply_rotary_pos_emb(qn(q.view(b, hq, 1, d)), kn(k.view(b, hkv, 1, d)), cos[p: p + 1][None],
+                                              sin[p: p + 1][None])
+    norms = ((qn.weight.detach(), 1e-6), (kn.weight.detach(), 1e-5))
+    kc, vc = torch.zeros(b, hkv, length, d, dtype=dtype), torch.zeros(b, hkv, length, d, dtype=dtype)
+    got = ops.rope_write_kv(q, k, v, cos, sin, torch.tensor([p]), kc, vc, qk_norm=norms)
+    assert torch.equal(got, want_q[:, :, 0]) and torch.equal(kc[:, :, p], want_k[:, :, 0])
+    if INTERPRETED:
+        kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+        tri = ops.rope_write_kv(q, k, v, cos, sin, torch.tensor([p]), kc2, vc2, use_triton=True, qk_norm=norms)
+        tol = 4 * _ulp(dtype)
+        torch.testing.assert_close(tri, got, atol=tol, rtol=tol)
+        torch.testing.assert_close(kc2, kc, atol=tol, rtol=tol)
+        assert torch.equal(vc2, vc)

@@ -96,18 +96,43 @@ def test_triton_fused_steps_with_the_triton_backend_match_transformers(dtype):
     _agree(got, ref, *tol)
 
 
-def test_what_the_fused_step_refuses():
+def _tiny_qwen3(dtype=torch.float32):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # per-head norms that do something
+            layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
+    return model.to(dtype)
+
+
+def test_qwen3s_per_head_query_and_key_norms_are_in_the_fused_step():
+    model = _tiny_qwen3()
+    assert fused_step_problem(model) is None
+    ids = token_ids(2, 5)
+    ref, _ = _steps(model, ids, 5, fused=False)
+    got, dec = _steps(model, ids, 5, follow=ref)
+    assert dec.step_path.startswith("fptq fused decode step")
+    _agree(got, ref, 2e-5, 1e-5)
+    if INTERPRETED and not HAS_CUDA:
+        half = _tiny_qwen3(torch.float16)
+        ref, _ = _steps(half, ids, 3, fused=False)
+        got, _ = _steps(half, ids, 3, follow=ref, kernels="triton")
+        _agree(got, ref, 2e-2, 1e-2)
+
+
+def test_what_the_fused_step_refuses():
     assert fused_step_problem(tiny_llama()) is None
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    assert "query/key norms" in fused_step_problem(qwen3)
-    dec = StaticDecoder(qwen3, 1, 8)  # falls back to transformers' forward, saying why
+    dyn = tiny_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert "changes with the sequence length" in fused_step_problem(dyn)
+    dec = StaticDecoder(dyn, 1, 8)  # falls back to transformers' forward, saying why
     dec.step(dec.prefill(token_ids(1, 3)).argmax(-1))
-    assert "query/key norms" in dec.step_path
-    with pytest.raises(FptqError, match="fused decode step cannot run this model: per-head query/key norms"):
-        StaticDecoder(qwen3, 1, 8, fused=True)
+    assert "changes with the sequence length" in dec.step_path
+    with pytest.raises(FptqError, match="fused decode step cannot run this model: its rotary embedding"):
+        StaticDecoder(dyn, 1, 8, fused=True)
     hooked = tiny_llama()
     hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
     assert fused_step_problem(hooked) == "a forward hook on LlamaMLP"

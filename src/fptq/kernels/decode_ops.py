@@ -46,20 +46,25 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, use_triton: bool = False
-                  ) -> torch.Tensor:
+                  pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, use_triton: bool = False,
+                  qk_norm: tuple | None = None) -> torch.Tensor:
     """One new token per sequence: queries ``q`` ``[B, Hq * D]``, keys and values ``k``, ``v`` ``[B, Hkv * D]``
     (the projections' outputs); ``cos``, ``sin`` ``[L, D]`` the rotary tables of every cache position (the
     model's dtype); ``pos`` a one-element int64 tensor, the position. Writes the rotated keys and the values into
     ``k_cache``, ``v_cache`` ``[B, Hkv, L, D]`` at ``pos`` and returns the rotated queries ``[B, Hq, D]``
-    (``x * cos + rotate_half(x) * sin``, each product rounded to the model's dtype, as transformers does)."""
+    (``x * cos + rotate_half(x) * sin``, each product rounded to the model's dtype, as transformers does).
+    ``qk_norm``: ``((q_weight, q_eps), (k_weight, k_eps))``, per-head RMSNorms of the queries and keys before the
+    rotation (Qwen3's ``q_norm`` / ``k_norm``)."""
     b, hkv, _, d = k_cache.shape
     if use_triton:
         from .triton_decode import rope_write_kv_triton
 
-        return rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache)
+        return rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache, qk_norm)
     c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # [1, D]: no host read of pos
     qh, kh = q.view(b, -1, d), k.view(b, hkv, d)
+    if qk_norm is not None:
+        (qw, q_eps), (kw, k_eps) = qk_norm
+        qh, kh = add_rmsnorm(qh, None, qw, q_eps), add_rmsnorm(kh, None, kw, k_eps)
     k_cache.index_copy_(2, pos, (kh * c + rotate_half(kh) * s).unsqueeze(2))
     v_cache.index_copy_(2, pos, v.view(b, hkv, 1, d))
     return qh * c + rotate_half(qh) * s

@@ -47,19 +47,26 @@ if triton is not None:
         tl.store(out_ptr + row * K + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotate(src, dst, c1, c2, s1, s2, offs, mask, HALF):
-        # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model's dtype
+    def _rotate(src, dst, c1, c2, s1, s2, offs, mask, HALF, nw, eps, NORM: tl.constexpr):
+        # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model's dtype; NORM: x is first
+        # RMS-normalized over the head (rounded to the dtype) and multiplied by the norm's weight nw (Qwen3)
         dt = dst.dtype.element_ty
         x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(nw + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(nw + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            x1 = (w1 * (x1 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            x2 = (w2 * (x2 * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         lo = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
         hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
         tl.store(dst + offs, lo.to(dt), mask=mask)
         tl.store(dst + HALF + offs, hi.to(dt), mask=mask)
 
     @triton.jit
-    def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, HQ, HKV, L, D,
-                        HALF_BLOCK: tl.constexpr):
+    def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, qn_ptr, kn_ptr,
+                        q_eps, k_eps, HQ, HKV, L, D, NORM: tl.constexpr, HALF_BLOCK: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)  # query heads, then key/value heads
         pos = tl.load(pos_ptr)
@@ -72,12 +79,12 @@ if triton is not None:
         s2 = tl.load(sin_ptr + pos * D + half + offs, mask=mask, other=0.0).to(tl.float32)
         if h < HQ:
             row = b * HQ + h
-            _rotate(q_ptr + row * D, qo_ptr + row * D, c1, c2, s1, s2, offs, mask, half)
+            _rotate(q_ptr + row * D, qo_ptr + row * D, c1, c2, s1, s2, offs, mask, half, qn_ptr, q_eps, NORM)
         else:
             j = h - HQ
             row = b * HKV + j
             at = ((b * HKV + j) * L + pos) * D
-            _rotate(k_ptr + row * D, kc_ptr + at, c1, c2, s1, s2, offs, mask, half)
+            _rotate(k_ptr + row * D, kc_ptr + at, c1, c2, s1, s2, offs, mask, half, kn_ptr, k_eps, NORM)
             for part in tl.static_range(2):
                 o = part * half + offs
                 tl.store(vc_ptr + at + o, tl.load(v_ptr + row * D + o, mask=mask, other=0.0), mask=mask)
@@ -164,7 +171,7 @@ def add_rmsnorm_triton(h: torch.Tensor, delta: torch.Tensor | None, weight: torc
     return out
 
 
-def rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
+def rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache, qk_norm=None) -> torch.Tensor:
     """:func:`fptq.kernels.decode_ops.rope_write_kv` in one launch (one program per sequence and head)."""
     require_triton()
     b, hkv, length, d = k_cache.shape
@@ -172,8 +179,10 @@ def rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tens
     if d % 2 or not all(t.is_contiguous() for t in (q, k, v, cos, sin, k_cache, v_cache)):
         raise ValueError("rope_write_kv_triton needs contiguous tensors and an even head size")
     qo = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    _rope_kv_kernel[(b, hq + hkv)](q, k, v, cos, sin, pos, qo, k_cache, v_cache, hq, hkv, length, d,
-                                   HALF_BLOCK=_pow2(d // 2), num_warps=1)
+    (qn, q_eps), (kn, k_eps) = qk_norm if qk_norm is not None else ((cos, 0.0), (cos, 0.0))
+    _rope_kv_kernel[(b, hq + hkv)](q, k, v, cos, sin, pos, qo, k_cache, v_cache, qn, kn, float(q_eps), float(k_eps),
+                                   hq, hkv, length, d, NORM=qk_norm is not None, HALF_BLOCK=_pow2(d // 2),
+                                   num_warps=1)
     return qo
 
 

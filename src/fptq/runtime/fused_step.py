@@ -58,9 +58,12 @@ def fused_step_problem(model: nn.Module) -> str | None:
     widths = set()
     for layer in inner.layers:
         at = layer.self_attn
-        if getattr(at, "q_norm", None) is not None or getattr(at, "k_norm", None) is not None:
-            return "per-head query/key norms (Qwen3) are not in the fused step"
-        for mod in (layer, at, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+        if (getattr(at, "q_norm", None) is None) != (getattr(at, "k_norm", None) is None):
+            return "a query norm without a key norm (or the reverse)"
+        for mod in (layer, at, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                    getattr(at, "q_norm", None), getattr(at, "k_norm", None)):
+            if mod is None:
+                continue
             if _hooked(mod):
                 return f"a forward hook on {type(mod).__name__}"
         widths.add((at.q_proj.out_features, at.k_proj.out_features, at.v_proj.out_features))
@@ -107,6 +110,12 @@ class _Layer:
     down: nn.Module
     keys: torch.Tensor
     values: torch.Tensor
+    qk_norm: tuple | None  # ((q weight, eps), (k weight, eps)): Qwen3's per-head norms
+
+
+def _qk_norm(attention: nn.Module) -> tuple | None:
+    qn, kn = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    return None if qn is None else ((qn.weight, _eps(qn)), (kn.weight, _eps(kn)))
 
 
 def _eps(norm: nn.Module) -> float:
@@ -143,7 +152,8 @@ class FusedStep:
         self.scaling = float(getattr(at0, "scaling", self.head_dim ** -0.5))
         self.layers = [
             _Layer(l.input_layernorm, l.post_attention_layernorm, l.self_attn.q_proj, l.self_attn.k_proj,
-                   l.self_attn.v_proj, l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj, k, v)
+                   l.self_attn.v_proj, l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj, k, v,
+                   _qk_norm(l.self_attn))
             for l, (k, v) in zip(inner.layers, kv)]
         length = kv[0][0].shape[2]
         with torch.no_grad():  # the rotary tables of every cache position, as the model computes them per step
@@ -171,7 +181,7 @@ class FusedStep:
         for layer in self.layers:
             x = self._norm(h, delta, layer.ln1)
             q = ops.rope_write_kv(layer.q(x), layer.k(x), layer.v(x), self.cos, self.sin, pos, layer.keys,
-                                  layer.values, tri)
+                                  layer.values, tri, layer.qk_norm)
             x = self._norm(h, layer.o(ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri)),
                            layer.ln2)
             delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x), tri))
