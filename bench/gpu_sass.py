@@ -238,8 +238,17 @@ def compile_decode_variants(arch: int) -> list[dict]:
     for dt in ("fp16", "bf16"):
         p = "*" + dt
         cases = [
-            ("add_rmsnorm", td._add_rmsnorm_kernel, dict(h_ptr=p, d_ptr=p, w_ptr=p, out_ptr=p, K="i32", eps="fp32"),
-             [dict(HAS_DELTA=True, BLOCK=4096), dict(HAS_DELTA=False, BLOCK=8192)], 8),
+            ("add_rmsnorm", td._add_rmsnorm_kernel,
+             dict(h_ptr=p, d_ptr=p, w_ptr=p, out_ptr=p, q_ptr="*i8", s_ptr="*fp32", scale_in="*fp32", INV_QMAX="fp32",
+                  K="i32", eps="fp32"),
+             [dict(HAS_DELTA=True, QUANT=False, DYNAMIC=False, RECIP=False, QMAX=127, BLOCK=4096),
+              dict(HAS_DELTA=False, QUANT=False, DYNAMIC=False, RECIP=False, QMAX=127, BLOCK=8192),
+              dict(HAS_DELTA=True, QUANT=True, DYNAMIC=True, RECIP=True, QMAX=127, BLOCK=4096),
+              dict(HAS_DELTA=True, QUANT=True, DYNAMIC=False, RECIP=False, QMAX=127, BLOCK=8192)], 8),
+            ("silu_mul_quant", td._silu_mul_quant_kernel,
+             dict(g_ptr=p, u_ptr=p, out_ptr=p, q_ptr="*i8", s_ptr="*fp32", scale_in="*fp32", INV_QMAX="fp32", N="i32"),
+             [dict(DYNAMIC=True, RECIP=True, QMAX=127, BLOCK=16384), dict(DYNAMIC=False, RECIP=False, QMAX=127,
+                                                                          BLOCK=16384)], 16),
             ("rope_write_kv", td._rope_kv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, cos_ptr=p, sin_ptr=p, pos_ptr="*i64",
                                                        qo_ptr=p, kc_ptr=p, vc_ptr=p, qn_ptr=p, kn_ptr=p, q_eps="fp32",
                                                        k_eps="fp32", **i32("HQ", "HKV", "L", "D")),

@@ -168,3 +168,37 @@ def test_rope_with_per_head_norms_is_qwen3s_q_norm_k_norm_then_rotary(dtype):
         torch.testing.assert_close(tri, got, atol=tol, rtol=tol)
         torch.testing.assert_close(kc2, kc, atol=tol, rtol=tol)
         assert torch.equal(vc2, vc)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_quantize_rows_is_quantlinears_quantizer(static):
+    from fptq.nn import QuantLinear
+
+    x = _rand(5, 96, scale=3)
+    layer = QuantLinear(96, 8, wbits=4, group_size=32, abits=8, act_mode="static_tensor" if static else "dynamic_token")
+    layer.act_scale = torch.tensor(0.04)
+    q, s = ops.quantize_rows(x, (layer.act_scale if static else None, layer.act_qmax()))
+    q_ref, s_ref = layer.quantize_input(x)
+    assert torch.equal(q, q_ref) and torch.equal(s.reshape(-1), s_ref.reshape(-1))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_triton_norm_and_silu_quantize_their_output_as_quantize_activations_does(dtype, static):
+    """The codes made in the launch that makes a Linear's input are quantize_activations' codes of that input, bit
+    for bit, so a W4A8 Linear given them computes what it would from the float input."""
+    from fptq.kernels.triton_quant import quantize_activations
+
+    scale = torch.tensor(0.02) if static else None
+    h, d = _rand(3, 96, dtype=dtype, scale=3), _rand(3, 96, dtype=dtype, seed=1)
+    w = _rand(96, dtype=dtype, seed=2).abs() + 0.5
+    out, q, s = ops.add_rmsnorm(h.clone(), d, w, 1e-6, use_triton=True, quant=(scale, 127))
+    assert torch.equal(out, ops.add_rmsnorm(h.clone(), d, w, 1e-6, use_triton=True))
+    q_ref, s_ref = quantize_activations(out, scale)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    g, u = _rand(2, 1500, dtype=dtype, scale=4), _rand(2, 1500, dtype=dtype, seed=1)
+    out, q, s = ops.silu_mul(g, u, use_triton=True, quant=(scale, 127))
+    assert torch.equal(out, ops.silu_mul(g, u, use_triton=True))
+    q_ref, s_ref = quantize_activations(out, scale)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)

@@ -277,3 +277,19 @@ def test_forward_reduces_split_k_in_the_same_launch_with_counters_kept_on_the_la
     assert reduces == [1]
     assert seen[0] is not None and seen[1] is seen[0] and seen[2] is None
     assert not seen[0].any() and torch.equal(one, two) and torch.equal(again, two)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 24])
+@pytest.mark.parametrize("mode", ["dynamic_token", "static_tensor"])
+def test_forward_with_the_callers_codes_gives_the_forwards_bits(m, mode):
+    """``triton_forward(codes=...)``: the codes quantize_activations makes of x, handed in by the launch that made
+    x (the fused decode step's norm), give the output bits of the forward that quantizes x itself, on every path
+    (the dp4a GEMV at M <= 2, the tensor-core kernel, the per-channel cache above GROUPED_MAX_M)."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    layer = _layer(256, 40, 64, mode, bias=True)
+    x = _x(m, 256)
+    codes = tw.quantize_activations(x, layer.act_scale if mode == "static_tensor" else None)
+    assert torch.equal(tw.triton_forward(layer, x, codes=codes), tw.triton_forward(layer, x))
+    with pytest.raises(ValueError, match="codes must be int8"):
+        tw.triton_forward(layer, x, codes=(codes[0].float(), codes[1]))

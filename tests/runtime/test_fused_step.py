@@ -92,6 +92,8 @@ def test_triton_fused_steps_with_the_triton_backend_match_transformers(dtype):
     ref, _ = _steps(model, ids, 2, fused=False)
     got, dec = _steps(model, ids, 2, follow=ref, kernels="triton")
     assert dec.step_path.startswith("fptq fused decode step (Triton")
+    shared = [spec for spec in dec._fused._specs.values() if spec is not None]
+    assert shared  # some Linears took their codes from the launch that made their input
     tol = (2e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2)
     _agree(got, ref, *tol)
 
@@ -215,3 +217,27 @@ def test_a_fused_step_that_fails_hands_over_to_transformers_mid_sequence(where, 
     _agree(got, ref, 2e-5, 1e-5)
     assert len(calls) == 3 and "the fused step failed (RuntimeError: no kernel image" in path
     assert sum("fused step failed" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not INTERPRETED and not HAS_CUDA, reason="the Triton backend runs on CUDA or the interpreter")
+def test_linears_share_one_quantization_only_where_their_quantizers_agree():
+    from fptq.nn import QuantLinear
+    from fptq.runtime.fused_step import shared_quantizer
+
+    def ql(mode="static_tensor", scale=0.05, backend="triton"):
+        m = QuantLinear(64, 8, wbits=4, group_size=32, abits=8, act_mode=mode)
+        m.act_scale = torch.tensor(scale)
+        return m.set_backend(backend)
+
+    cpu = torch.device("cpu")
+    a, b = ql(), ql()
+    spec = shared_quantizer((a, b), cpu)
+    assert spec[0] is a.act_scale and spec[1] == 127
+    assert shared_quantizer((ql("dynamic_token"), ql("dynamic_token")), cpu) == (None, 127)
+    assert shared_quantizer((a, ql(scale=0.06)), cpu) is None  # two static scales
+    assert shared_quantizer((a, ql("dynamic_token")), cpu) is None
+    assert shared_quantizer((a, ql(backend="reference")), cpu) is None
+    assert shared_quantizer((a, torch.nn.Linear(64, 8)), cpu) is None
+    hooked = ql()
+    hooked.register_forward_hook(lambda *x: None)  # the step would call its kernels, not the module
+    assert shared_quantizer((a, hooked), cpu) is None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_rmsnorm", "decode_attention", "rope_write_kv", "rotate_half", "silu_mul"]
+__all__ = ["add_rmsnorm", "decode_attention", "quantize_rows", "rope_write_kv", "rotate_half", "silu_mul"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -29,20 +29,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def quantize_rows(x: torch.Tensor, quant: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes ``[M, K]`` of the rows of ``x`` and their scale for ``quant`` = ``(static scale or None, qmax)``:
+    a 0-d static scale as given, or per-token scales ``[M]`` (absmax / qmax) -- QuantLinear's quantizers."""
+    scale, qmax = quant
+    xf = x.float()
+    if scale is None:
+        scale = (xf.abs().amax(dim=-1) / qmax).clamp_min(1e-8)
+        return torch.clamp(torch.round(xf / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+    return torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8), scale
+
+
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                use_triton: bool = False) -> torch.Tensor:
+                use_triton: bool = False, quant: tuple | None = None):
     """RMSNorm of the residual stream ``h`` ``[M, K]`` after ``h += delta`` (in place, ``h``'s dtype; no add
     when ``delta`` is None): ``weight * (h * rsqrt(mean(h^2) + eps))``, the mean in float32 and the normalized
-    rows rounded to ``h``'s dtype before the weight, as transformers' ``LlamaRMSNorm``. Returns a new tensor."""
+    rows rounded to ``h``'s dtype before the weight, as transformers' ``LlamaRMSNorm``. Returns a new tensor;
+    with ``quant`` (:func:`quantize_rows`'s) ``(out, codes, scale)``: the int8 input of the W4A8 Linears that read
+    it, quantized in the same launch."""
     if use_triton:
         from .triton_decode import add_rmsnorm_triton
 
-        return add_rmsnorm_triton(h, delta, weight, eps)
+        return add_rmsnorm_triton(h, delta, weight, eps, quant)
     if delta is not None:
         h.add_(delta.view_as(h))
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
+    out = weight * x.to(h.dtype)
+    return out if quant is None else (out, *quantize_rows(out, quant))
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -92,10 +106,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.matmul(probs, values).reshape(b, hq * d)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
-    """``silu(gate) * up`` (each step rounded to the inputs' dtype, as PyTorch's two operations are)."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool = False, quant: tuple | None = None):
+    """``silu(gate) * up`` (each step rounded to the inputs' dtype, as PyTorch's two operations are); with
+    ``quant`` ``(out, codes, scale)`` as :func:`add_rmsnorm`."""
     if use_triton:
         from .triton_decode import silu_mul_triton
 
-        return silu_mul_triton(gate, up)
-    return F.silu(gate) * up
+        return silu_mul_triton(gate, up, quant)
+    out = F.silu(gate) * up
+    return out if quant is None else (out, *quantize_rows(out, quant))

@@ -15,6 +15,10 @@ import math
 import torch
 
 from .triton_common import require_triton, triton, tl
+from .triton_quant import _inv_qmax, _scalar_div_mode
+
+if triton is not None:
+    from .triton_quant import _codes, _dynamic_scale
 
 __all__ = ["ATTN_BLOCK_N", "add_rmsnorm_triton", "attention_splits", "decode_attention_triton",
            "rope_write_kv_triton", "silu_mul_triton"]
@@ -31,7 +35,21 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, K, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    def _quantize_row(o, q_ptr, s_ptr, scale_in, offs, mask, row, K, INV_QMAX, DYNAMIC: tl.constexpr,
+                      RECIP: tl.constexpr, QMAX: tl.constexpr):
+        # int8 codes of the row o (float32 values of the stored outputs, 0 where masked) into q_ptr, as
+        # quantize_activations gives them: per token (scale into s_ptr) or with the static scale_in
+        if DYNAMIC:
+            scale = _dynamic_scale(tl.max(tl.abs(o), axis=0), INV_QMAX, QMAX, RECIP)
+            tl.store(s_ptr + row, scale)
+        else:
+            scale = tl.load(scale_in).to(tl.float32)
+        tl.store(q_ptr + row * K + offs, _codes(o, scale, QMAX), mask=mask)
+
+    @triton.jit
+    def _add_rmsnorm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, q_ptr, s_ptr, scale_in, INV_QMAX, K, eps,
+                            HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, DYNAMIC: tl.constexpr,
+                            RECIP: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -44,7 +62,11 @@ if triton is not None:
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
         y = (x * inv).to(h_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * K + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        o = (w * y).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * K + offs, o, mask=mask)
+        if QUANT:
+            _quantize_row(o.to(tl.float32), q_ptr, s_ptr, scale_in, offs, mask, row, K, INV_QMAX, DYNAMIC, RECIP,
+                          QMAX)
 
     @triton.jit
     def _rotate(src, dst, c1, c2, s1, s2, offs, mask, HALF, nw, eps, NORM: tl.constexpr):
@@ -147,6 +169,20 @@ if triton is not None:
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
     @triton.jit
+    def _silu_mul_quant_kernel(g_ptr, u_ptr, out_ptr, q_ptr, s_ptr, scale_in, INV_QMAX, N, DYNAMIC: tl.constexpr,
+                               RECIP: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        # one row per program, in registers: silu(g) * u (rounded as silu_mul) and its int8 codes
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(g_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        o = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt)
+        tl.store(out_ptr + row * N + offs, o, mask=mask)
+        _quantize_row(o.to(tl.float32), q_ptr, s_ptr, scale_in, offs, mask, row, N, INV_QMAX, DYNAMIC, RECIP, QMAX)
+
+    @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -157,18 +193,35 @@ if triton is not None:
         tl.store(out_ptr + offs, (act * u).to(dt), mask=mask)
 
 
-def add_rmsnorm_triton(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`fptq.kernels.decode_ops.add_rmsnorm` in one launch (one program per row)."""
+def _quant_args(rows: int, n: int, quant, device) -> tuple:
+    """The codes and scale buffers and the launch arguments of an in-kernel quantization ``quant`` =
+    ``(static scale or None, qmax)``: ``(codes, scales, kernel args, constexprs)``."""
+    scale, qmax = quant
+    dynamic = scale is None
+    q = torch.empty(rows, n, dtype=torch.int8, device=device)
+    s = torch.empty(rows, dtype=torch.float32, device=device) if dynamic else scale.to(torch.float32).reshape(())
+    recip = dynamic and _scalar_div_mode(device, qmax)
+    return q, s, (q, s, s, _inv_qmax(qmax)), dict(DYNAMIC=dynamic, RECIP=bool(recip), QMAX=int(qmax))
+
+
+def add_rmsnorm_triton(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       quant: tuple | None = None):
+    """:func:`fptq.kernels.decode_ops.add_rmsnorm` in one launch (one program per row); with ``quant``, also the
+    rows' int8 codes and scale(s) (``(out, codes, scale)``)."""
     require_triton()
     k = h.shape[-1]
     if not h.is_contiguous() or (delta is not None and (not delta.is_contiguous() or delta.numel() != h.numel())):
         raise ValueError("add_rmsnorm_triton needs contiguous h and delta of the same size")
     out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
-    block = _pow2(k)
-    _add_rmsnorm_kernel[(h.numel() // k,)](h, h if delta is None else delta, weight, out, k, float(eps),
-                                           HAS_DELTA=delta is not None, BLOCK=block,
-                                           num_warps=max(1, min(8, block // 256)))
-    return out
+    rows, block = h.numel() // k, _pow2(k)
+    if quant is not None:
+        q, s, qargs, qconst = _quant_args(rows, k, quant, h.device)
+    else:
+        qargs, qconst = (out, out, out, 1.0), dict(DYNAMIC=False, RECIP=False, QMAX=127)  # (unused)
+    _add_rmsnorm_kernel[(rows,)](h, h if delta is None else delta, weight, out, *qargs, k, float(eps),
+                                 HAS_DELTA=delta is not None, QUANT=quant is not None, BLOCK=block,
+                                 num_warps=max(1, min(8, block // 256)), **qconst)
+    return out if quant is None else (out, q, s)
 
 
 def rope_write_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache, qk_norm=None) -> torch.Tensor:
@@ -224,12 +277,20 @@ def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: in
     return out
 
 
-def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """:func:`fptq.kernels.decode_ops.silu_mul` in one launch."""
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, quant: tuple | None = None):
+    """:func:`fptq.kernels.decode_ops.silu_mul` in one launch; with ``quant``, also the rows' int8 codes and
+    scale(s) (``(out, codes, scale)``; one program per row)."""
     require_triton()
     if gate.shape != up.shape or not (gate.is_contiguous() and up.is_contiguous()):
         raise ValueError("silu_mul_triton needs contiguous gate and up of one shape")
     out = torch.empty_like(gate)
+    if quant is not None:
+        n = gate.shape[-1]
+        rows, block = gate.numel() // n, _pow2(n)
+        q, s, qargs, qconst = _quant_args(rows, n, quant, gate.device)
+        _silu_mul_quant_kernel[(rows,)](gate, up, out, *qargs, n, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+                                        **qconst)
+        return out, q, s
     n = gate.numel()
     _silu_mul_kernel[(triton.cdiv(n, _SILU_BLOCK),)](gate, up, out, n, BLOCK=_SILU_BLOCK, num_warps=4)
     return out

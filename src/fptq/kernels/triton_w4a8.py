@@ -276,8 +276,12 @@ def _guarded(name: str, fast, baseline, instead: str = "the baseline grouped ker
         return baseline()
 
 
-def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | None = None) -> torch.Tensor:
     """QuantLinear forward with the Triton kernels.
+
+    ``codes``: ``(xq [M, K] int8, x_scale)``, the codes of ``x`` under the module's own quantizer (what
+    :func:`quantize_activations` gives: a per-token ``[M]`` or its static 0-d scale), made by the caller, e.g. in
+    the launch that normalized ``x`` for all the Linears that read it: used instead of quantizing here.
 
     ``path``: ``"auto"`` (backend ``triton``: :func:`select_path` by the number of
     tokens), ``"grouped"`` (backend ``triton_grouped``: exact, packed int4; GEMV kernel
@@ -313,15 +317,20 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
     # exact for them without this: perchannel_weight)
     ints = integer_scales_device(module) if kind != "perchannel" else None
     tag = "" if ints is None else "_int"  # (a failed integer-scale kernel leaves the float-scale one in use)
+    if codes is not None:
+        xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
+        if xq.shape[0] != m or xq.dtype != torch.int8:
+            raise ValueError(f"codes must be int8 [{m}, {module.in_features}], got {xq.dtype} {tuple(xq.shape)}")
     if gemv and GEMV_DP4A and _dp4a_covers(module) and ptx_verified(x2.device):
         y = _guarded("gemv_dp4a" + tag, lambda: w4a8_gemv_dp4a(
-            x2, module.act_scale if static else None, module.qweight, module.w_scales, module.in_features,
+            x2 if codes is None else xq, (module.act_scale if static else None) if codes is None else sx,
+            module.qweight, module.w_scales, module.in_features,
             module.group_size, qmax=module.act_qmax(), bias=module.bias, out_dtype=out_dtype, int_scales=ints,
             counters=_dp4a_counters(module, x2.device))[0],
             lambda: None, instead="the byte-wise GEMV")
         if y is not None:
             return y.to(x.dtype).reshape(*lead, module.out_features)
-    if gemv and FUSED_GEMV_QUANT:
+    if gemv and FUSED_GEMV_QUANT and codes is None:
         # decode: the activations are quantized inside the GEMV (one launch, the codes never stored); None once
         # that kernel has failed here: the two launches below
         y = _guarded("gemv_quant" + tag, lambda: w4a8_gemv_quant(
@@ -331,7 +340,8 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
             instead="a quantization launch before the GEMV")
         if y is not None:
             return y.to(x.dtype).reshape(*lead, module.out_features)
-    xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
+    if codes is None:
+        xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
     args = (xq, sx, module.qweight, module.w_scales, module.in_features, module.group_size)
 
     asm = None if ptx_verified(x2.device) else False  # the byte split in PTX (on CUDA) only where it checked out

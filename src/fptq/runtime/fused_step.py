@@ -33,7 +33,8 @@ from torch import nn
 from ..kernels import decode_ops as ops
 from .engine import engine_unsupported_reason
 
-__all__ = ["FusedStep", "KERNELS", "advance", "cache_tensors", "fused_failed", "fused_step_problem"]
+__all__ = ["FusedStep", "KERNELS", "advance", "cache_tensors", "fused_failed", "fused_step_problem",
+           "shared_quantizer"]
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,35 @@ class FusedStep:
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, torch.arange(length, device=self.device)[None])
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self._specs: dict = {}  # modes of a set of Linears -> their shared quantizer (see _quant)
 
     @property
     def label(self) -> str:
         return "fptq fused decode step (" + ("Triton" if self.use_triton else "PyTorch") + " norms, rotary, attention)"
 
-    def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module) -> torch.Tensor:
-        return ops.add_rmsnorm(h, delta, norm.weight, _eps(norm), self.use_triton)
+    def _quant(self, readers: tuple) -> tuple | None:
+        """The activation quantizer the Linears ``readers`` share (:func:`shared_quantizer`), for the launch that
+        makes their input to quantize it too; None: each quantizes its own (the PyTorch forms always)."""
+        if not self.use_triton:
+            return None
+        key = tuple(_mode_key(m) for m in readers)
+        if key not in self._specs:  # compared once per set of modes (a static scale's comparison reads the device)
+            self._specs[key] = shared_quantizer(readers, self.device)
+        return self._specs[key]
+
+    def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module, readers: tuple = ()) -> tuple:
+        """``(rmsnorm(h += delta), codes or None)``; the codes for ``readers``."""
+        spec = self._quant(readers) if readers else None
+        out = ops.add_rmsnorm(h, delta, norm.weight, _eps(norm), self.use_triton, spec)
+        return (out, None) if spec is None else (out[0], out[1:])
+
+    @staticmethod
+    def _run(linear: nn.Module, x: torch.Tensor, codes: tuple | None) -> torch.Tensor:
+        if codes is None:
+            return linear(x)
+        from ..kernels.triton_w4a8 import triton_forward
+
+        return triton_forward(linear, x, codes=codes)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids, pos))
@@ -178,14 +201,50 @@ class FusedStep:
         b = ids.shape[0]
         h = self.embed(ids.reshape(b))  # [B, hidden], the residual stream (the model's dtype)
         delta = None
+        run = self._run
         for layer in self.layers:
-            x = self._norm(h, delta, layer.ln1)
-            q = ops.rope_write_kv(layer.q(x), layer.k(x), layer.v(x), self.cos, self.sin, pos, layer.keys,
-                                  layer.values, tri, layer.qk_norm)
-            x = self._norm(h, layer.o(ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri)),
-                           layer.ln2)
-            delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x), tri))
-        return self._norm(h, delta, self.norm)
+            x, c = self._norm(h, delta, layer.ln1, (layer.q, layer.k, layer.v))
+            q = ops.rope_write_kv(run(layer.q, x, c), run(layer.k, x, c), run(layer.v, x, c), self.cos, self.sin,
+                                  pos, layer.keys, layer.values, tri, layer.qk_norm)
+            a = ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri)
+            x, c = self._norm(h, layer.o(a), layer.ln2, (layer.gate, layer.up))
+            g, u = run(layer.gate, x, c), run(layer.up, x, c)
+            spec = self._quant((layer.down,))
+            act = ops.silu_mul(g, u, tri, spec)
+            delta = layer.down(act) if spec is None else run(layer.down, act[0], act[1:])
+        return self._norm(h, delta, self.norm)[0]
+
+
+def _mode_key(m: nn.Module) -> tuple:
+    """What :func:`shared_quantizer`'s answer for ``m`` depends on, read without touching the device."""
+    scale = getattr(m, "act_scale", None)
+    return (id(m), type(m), getattr(m, "backend", None), getattr(m, "act_mode", None), getattr(m, "wbits", None),
+            getattr(m, "abits", None), None if scale is None else (scale.data_ptr(), scale._version), _hooked(m))
+
+
+def shared_quantizer(linears: tuple, device: torch.device) -> tuple | None:
+    """``(static scale or None, qmax)`` where every module of ``linears`` is a W4A8 QuantLinear on the Triton
+    backend (no hooks: the step calls its kernels, not the module) and all quantize their input alike (both per
+    token, or both with equal static scales): the launch that makes their input can quantize it for all of them,
+    as :func:`~fptq.kernels.triton_quant.quantize_activations` would. Else None."""
+    from ..kernels import resolve_backend
+    from ..nn import QuantLinear
+
+    first = linears[0]
+    for m in linears:
+        if not isinstance(m, QuantLinear) or _hooked(m) or m.wbits != 4 or m.abits != 8:
+            return None
+        if m.act_mode not in ("static_tensor", "dynamic_token") or m.act_mode != first.act_mode:
+            return None
+        try:
+            if resolve_backend(m.backend, device) != "triton":
+                return None
+        except Exception:  # noqa: BLE001 -- a backend that cannot run here: the module's own call says so
+            return None
+        if m.act_mode == "static_tensor" and not torch.equal(m.act_scale, first.act_scale):
+            return None
+    static = first.act_mode == "static_tensor"
+    return (first.act_scale if static else None, first.act_qmax())
 
 
 def fused_failed(e: Exception) -> str:
