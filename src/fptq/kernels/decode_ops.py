@@ -14,6 +14,9 @@ CPU tensors under Triton's interpreter, how the tests run it); otherwise PyTorch
 * :func:`decode_attention`: each query head over its key/value head's cached positions ``0..pos`` (the Triton
   form reads only those; the PyTorch form masks the rest of the static cache, as transformers does);
 * :func:`silu_mul`: ``silu(gate) * up``.
+
+:func:`add_rmsnorm` and :func:`silu_mul` also quantize their output when asked (``quant``, :func:`quantize_rows`):
+the int8 input of the W4A8 Linears that read it, made in the same launch.
 """
 from __future__ import annotations
 

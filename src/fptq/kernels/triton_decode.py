@@ -5,8 +5,11 @@ Every rounding step of transformers' modules is kept in the model's dtype (the r
 before the norm's weight, each rotary product, SiLU before the multiply), with float32 arithmetic in between as
 PyTorch's half-precision operations do; sums (the mean square, the attention's dot products and softmax) run in
 float32 in another order than PyTorch's, so results agree to float rounding, not bit for bit. The position of the
-new token is read from a device tensor, so a CUDA graph of a step replays at any position. Runs on CUDA, and on
-CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), where the tests run it. Needs triton.
+new token is read from a device tensor, so a CUDA graph of a step replays at any position. The norm and SiLU x up
+can also write their output's int8 codes for the W4A8 Linears that read it, with
+:mod:`~fptq.kernels.triton_quant`'s rounding helpers (the codes ``quantize_activations`` gives, bit for bit). Runs
+on CUDA, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), where the tests run it. Needs
+triton.
 """
 from __future__ import annotations
 

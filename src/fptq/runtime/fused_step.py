@@ -5,9 +5,8 @@ transformers' eager forward of a decode step issues about 50 kernels per layer (
 ``mean``, ``add``, ``rsqrt``, two ``mul``; the rotary embedding a dozen; the cache write, the mask, attention,
 the residual adds), each a microsecond or two of GPU time even when replayed from a graph: for a 32-layer model
 ~1600 kernels per step, 2-3 ms, more than reading its 4-bit weights (~0.75 ms on an H200). This step issues, per
-layer, the seven Linears (each one launch at decode sizes with fptq's Triton backend, which quantizes its own
-input: one or two more with split-K) and five launches for what lies between them
-(:mod:`fptq.kernels.decode_ops`)::
+layer, the seven Linears (one launch each at decode sizes with fptq's Triton backend: its GEMV reduces a split K
+itself) and five launches for what lies between them (:mod:`fptq.kernels.decode_ops`)::
 
     x = add_rmsnorm(h, delta, ln1)        h += delta (the previous layer's down_proj output); RMSNorm
     q, k, v = q_proj(x), k_proj(x), v_proj(x)
@@ -16,7 +15,10 @@ input: one or two more with split-K) and five launches for what lies between the
     x = add_rmsnorm(h, o_proj(a), ln2)
     delta = down_proj(silu_mul(gate_proj(x), up_proj(x)))
 
-then the final norm and ``lm_head``. The Linears are the model's own modules (a float model's run cuBLAS: the
+then the final norm and ``lm_head``. Where the W4A8 Linears reading a norm's (or SiLU x up's) output share one
+activation quantizer (:func:`shared_quantizer`), that launch also writes their int8 codes, which their kernels take
+(``triton_forward(codes=...)``) instead of quantizing in a launch of their own above M = 2. The Linears are the
+model's own modules (a float model's run cuBLAS: the
 fp16 row of ``fptq bench --device cuda`` runs the same step), the keys and values the transformers
 ``StaticCache``'s tensors (its prompt is prefilled by transformers). Numerics: the operations of transformers'
 modules in the model's dtype (:mod:`fptq.kernels.decode_ops`); with the PyTorch forms the same bits as the
