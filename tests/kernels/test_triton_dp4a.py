@@ -293,3 +293,30 @@ def test_forward_with_the_callers_codes_gives_the_forwards_bits(m, mode):
     assert torch.equal(tw.triton_forward(layer, x, codes=codes), tw.triton_forward(layer, x))
     with pytest.raises(ValueError, match="codes must be int8"):
         tw.triton_forward(layer, x, codes=(codes[0].float(), codes[1]))
+
+
+def test_device_checks_run_once_and_a_kernel_that_fails_to_build_counts_as_a_disagreement():
+    """What guards the PTX forms and the one-launch split-K on a GPU (the checks themselves need one): the check
+    runs once per device, its answer is kept, a False warns once, and a kernel that raises is a False."""
+    import warnings
+
+    from fptq.kernels import triton_w4a8 as tw
+
+    runs, results = [], {}
+
+    def disagree(dev):
+        runs.append(dev)
+        return False
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tw._checked_once(results, "cuda:3", disagree, "forms differ on {dev} (test)") is False
+        assert tw._checked_once(results, "cuda:3", disagree, "forms differ on {dev} (test)") is False
+    assert len(runs) == 1 and sum("forms differ on cuda:3 (test)" in str(w.message) for w in caught) == 1
+
+    def broken(dev):
+        raise RuntimeError("PassManager::run failed")
+
+    with pytest.warns(UserWarning, match="cuda:1 broken"):
+        assert tw._checked_once({}, "cuda:1", broken, "{dev} broken (test)") is False
+    assert tw._checked_once({}, "cpu", broken, "never") is True  # off CUDA nothing is checked

@@ -148,75 +148,84 @@ def integer_scales_device(module) -> tuple[torch.Tensor, torch.Tensor] | None:
 _VERIFIED: dict = {}
 
 
+def _checked_once(results: dict, device, check, warning: str) -> bool:
+    """``check(device)`` (a comparison of two kernel forms' bits), run once per CUDA device and remembered in
+    ``results``; True off CUDA. A kernel that raises (does not build) counts as False, and False warns once."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    if key not in results:
+        try:
+            results[key] = bool(check(dev))
+        except Exception:  # noqa: BLE001 - a kernel that does not build here means: not verified
+            results[key] = False
+        if not results[key]:
+            _warn_once(warning.format(dev=dev))
+    return results[key]
+
+
+def _random_packed(dev, k: int, n: int, gs: int, seed: int) -> tuple:
+    """Random packed 4-bit weights ``[n, k / 2]``, float16 group scales and the generator that made them."""
+    gen = torch.Generator().manual_seed(seed)
+    qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
+    ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
+    return qw, ws, gen
+
+
+def _ptx_forms_agree(dev) -> bool:
+    k, n, gs = 512, 96, 64
+    qw, ws, gen = _random_packed(dev, k, n, gs, 2024)
+    ints = (torch.rand(n, generator=gen).to(dev) * 0.01,
+            torch.randint(-15, 17, (n, k // gs), generator=gen, dtype=torch.int8).to(dev))
+    x = (torch.randn(2, k, generator=gen) * 3).to(torch.float16).to(dev)
+    xq = torch.randint(-127, 128, (24, k), generator=gen, dtype=torch.int8).to(dev)
+    same = True
+    for static in (None, torch.tensor(0.05, device=dev)):
+        for i in (None, ints):
+            ys = [w4a8_gemv_dp4a(x, static, qw, ws, k, gs, int_scales=i, asm=a)[0] for a in (True, False)]
+            same = same and bool(torch.equal(*ys))
+    for swap in (False, True):
+        ys = [w4a8_matmul(xq, torch.tensor(0.02, device=dev), qw, ws, k, gs, config={"SWAP_AB": swap}, asm=a)
+              for a in (True, False)]
+        same = same and bool(torch.equal(*ys))
+    return same
+
+
 def ptx_verified(device) -> bool:
     """Whether the kernels' inline PTX (the dp4a GEMV's ``dp4a``, the tensor-core kernel's byte split) gives, on
     ``device``, the bits of their plain-Triton forms compiled for the same device: checked once per device on a
     small random layer (per token and static, float and integer scales); True off CUDA, where only the plain forms
     run. A kernel that does not build counts as False; the dispatch then uses the plain forms."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return True
-    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
-    if key not in _VERIFIED:
-        try:
-            gen = torch.Generator().manual_seed(2024)
-            k, n, gs = 512, 96, 64
-            qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
-            ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
-            ints = (torch.rand(n, generator=gen).to(dev) * 0.01,
-                    torch.randint(-15, 17, (n, k // gs), generator=gen, dtype=torch.int8).to(dev))
-            x = (torch.randn(2, k, generator=gen) * 3).to(torch.float16).to(dev)
-            xq = torch.randint(-127, 128, (24, k), generator=gen, dtype=torch.int8).to(dev)
-            same = True
-            for static in (None, torch.tensor(0.05, device=dev)):
-                for i in (None, ints):
-                    ys = [w4a8_gemv_dp4a(x, static, qw, ws, k, gs, int_scales=i, asm=a)[0] for a in (True, False)]
-                    same = same and bool(torch.equal(*ys))
-            for swap in (False, True):
-                ys = [w4a8_matmul(xq, torch.tensor(0.02, device=dev), qw, ws, k, gs, config={"SWAP_AB": swap},
-                                  asm=a) for a in (True, False)]
-                same = same and bool(torch.equal(*ys))
-            _VERIFIED[key] = same
-        except Exception:  # noqa: BLE001 - PTX that does not build here means: not verified
-            _VERIFIED[key] = False
-        if not _VERIFIED[key]:
-            _warn_once(f"fptq triton backend: the inline PTX kernels disagree with their plain forms on {dev} (or "
-                       "do not build); using the plain forms")
-    return _VERIFIED[key]
+    return _checked_once(_VERIFIED, device, _ptx_forms_agree,
+                         "fptq triton backend: the inline PTX kernels disagree with their plain forms on {dev} (or "
+                         "do not build); using the plain forms")
 
 
 _SERIAL_OK: dict = {}
+
+
+def _serial_split_agrees(dev) -> bool:
+    k, n, gs = 4096, 2048, 128
+    qw, ws, gen = _random_packed(dev, k, n, gs, 7)
+    cfg = {"SPLIT_K": 16}
+    counters = torch.zeros(counters_needed(2, n, k, gs, cfg), dtype=torch.int32, device=dev)
+    same = True
+    for rep in range(4):
+        x = (torch.randn(1 + rep % 2, k, generator=gen) * 3).to(torch.float16).to(dev)
+        two = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg)[0]
+        one = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg, counters=counters)[0]
+        same = same and bool(torch.equal(one, two)) and not bool(counters.any())
+    return same
 
 
 def serial_split_verified(device) -> bool:
     """Whether the dp4a GEMV's one-launch split-K (each output tile reduced by its last program, counted with
     atomics) gives, on ``device``, the two-launch reduction's bits: checked once per device, several launches of
     a layer with many tiles and splits; True off CUDA (Triton's interpreter runs programs one after another)."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return True
-    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
-    if key not in _SERIAL_OK:
-        try:
-            gen = torch.Generator().manual_seed(7)
-            k, n, gs = 4096, 2048, 128
-            qw = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).to(dev)
-            ws = (torch.rand(n, k // gs, generator=gen) * 0.02 - 0.01).to(torch.float16).to(dev)
-            cfg = {"SPLIT_K": 16}
-            counters = torch.zeros(counters_needed(2, n, k, gs, cfg), dtype=torch.int32, device=dev)
-            same = True
-            for rep in range(4):
-                x = (torch.randn(1 + rep % 2, k, generator=gen) * 3).to(torch.float16).to(dev)
-                two = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg)[0]
-                one = w4a8_gemv_dp4a(x, None, qw, ws, k, gs, config=cfg, counters=counters)[0]
-                same = same and bool(torch.equal(one, two)) and not bool(counters.any())
-            _SERIAL_OK[key] = same
-        except Exception:  # noqa: BLE001 - a kernel that does not build here means: not verified
-            _SERIAL_OK[key] = False
-        if not _SERIAL_OK[key]:
-            _warn_once(f"fptq triton backend: the one-launch split-K GEMV disagrees with the two-launch one on {dev} "
-                       "(or does not build); reducing in a second launch")
-    return _SERIAL_OK[key]
+    return _checked_once(_SERIAL_OK, device, _serial_split_agrees,
+                         "fptq triton backend: the one-launch split-K GEMV disagrees with the two-launch one on {dev} "
+                         "(or does not build); reducing in a second launch")
 
 
 def _dp4a_counters(module, device) -> torch.Tensor | None:
