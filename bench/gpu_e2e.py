@@ -132,9 +132,25 @@ def run(cmd: list[str], log: Path, timeout: float) -> dict:
             "log_tail": log.read_text(errors="replace")[-1500:]}
 
 
+def kernels_per_step(r, prompt) -> float | None:
+    """GPU kernels per decode step of runner ``r`` (CUDA kernel events of torch.profiler, graph replays included:
+    9 steps minus 1, over 8); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(steps: int) -> int:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            r.decode(prompt, steps)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    return (count(9) - count(1)) / 8
+
+
 def compile_probe(a) -> int:
-    """Decode through fptq.load(CKPT) on the device, uncompiled and compiled: tokens/s per batch and the first
-    step's seconds (static cache set-up, graph capture, compilation), written to OUT/compile_probe.json."""
+    """Decode through fptq.load(CKPT) on the device, uncompiled (the fused step) and compiled: tokens/s per batch,
+    the first step's seconds (static cache set-up, graph capture, compilation) and the GPU kernels per step,
+    written to OUT/compile_probe.json."""
     import fptq
     from fptq.runtime.timing import HFRunner
 
@@ -150,6 +166,10 @@ def compile_probe(a) -> int:
             row[f"first_decode_b{b}_s"] = time.perf_counter() - t
             secs = sorted(r.decode(prompt, steps) for _ in range(3))
             row[f"decode_b{b}_tokens_per_s"] = b * steps / secs[1]
+            try:
+                row[f"kernels_per_step_b{b}"] = kernels_per_step(r, prompt)
+            except Exception as e:  # noqa: BLE001 -- a profiler that cannot count here does not stop the probe
+                row[f"kernels_per_step_b{b}"] = f"{e!r}"[:300]
         dec = model.model
         row["path"] = {"graph": getattr(dec, "uses_graph", None), "graph_reason": getattr(dec, "graph_reason", None),
                        "step_path": getattr(dec, "step_path", None),
