@@ -166,12 +166,30 @@ def chart(results: dict[str, Any], tasks: list[str], path: Path, title: str) -> 
 _KV = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}
 
 
+def _gpu_linears(model) -> str:
+    """What multiplies a quantized model's Linears off the CPU (the Triton backend's paths), for the table."""
+    from .nn import QuantLinear
+
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if m.act_mode == "none":
+                kinds.add("float activations on the reference path (float32 weights dequantized once, float32 "
+                          "matmuls: fptq has no W4A16 GPU kernel, so this row is no W4A16 kernel baseline)")
+            elif m.wbits == 8 and m.w_scales.shape[1] == 1:
+                kinds.add("int8 per-channel GEMM")
+            else:
+                kinds.add("Triton W4A8 kernels")
+    return " + ".join(sorted(kinds)) or "no quantized Linears"
+
+
 def _runner(model, device: str, runtime: bool, quantized: bool, kv: str = "bf16", head: str = "auto"):
     """fptq's runtime where asked and possible, else the transformers forward."""
     from .runtime import engine_unsupported_reason
     from .runtime.timing import EngineRunner, HFRunner, StaticRunner
 
-    what = "transformers forward" + (" + fptq kernels" if quantized else "")
+    kernels = ("fptq kernels" if device == "cpu" else _gpu_linears(model)) if quantized else ""
+    what = "transformers forward" + (f" + {kernels}" if kernels else "")
     if runtime and device == "cpu" and engine_unsupported_reason(model) is None:
         r = EngineRunner(model, kv_dtype=_KV[kv], head=head)
         kinds = ", ".join(f"{k} x{v}" for k, v in r.engine.linear_kinds().items())

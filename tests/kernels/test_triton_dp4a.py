@@ -320,3 +320,38 @@ def test_device_checks_run_once_and_a_kernel_that_fails_to_build_counts_as_a_dis
     with pytest.warns(UserWarning, match="cuda:1 broken"):
         assert tw._checked_once({}, "cuda:1", broken, "{dev} broken (test)") is False
     assert tw._checked_once({}, "cpu", broken, "never") is True  # off CUDA nothing is checked
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("mode", ["dynamic_token", "static_tensor"])
+def test_w8a8_layers_run_the_int8_per_channel_kernel_not_the_reference(m, mode, monkeypatch):
+    """SmoothQuant's W8A8 layers (8-bit per-channel weights) on the Triton backend: the int8 per-channel GEMM on
+    their codes as stored (so a GPU's W8A8 row is a W8A8 kernel, not the float simulation), the reference's
+    result to float32 rounding, with the caller's codes too; 8-bit weights with group scales keep the reference."""
+    import warnings
+
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.nn import QuantLinear
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 256, generator=g)
+    s = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8)
+    codes = torch.clamp(torch.round(w / s), -127, 127).to(torch.int8)
+    layer = QuantLinear.from_codes(codes, s, wbits=8, group_size=-1, abits=8, act_mode=mode, act_scale=0.05,
+                                   bias=torch.randn(48, generator=g))
+    x = _x(m, 256)
+    calls = []
+    real = tw.int8_perchannel_matmul
+    monkeypatch.setattr(tw, "int8_perchannel_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y = tw.triton_forward(layer, x)
+    ref = layer.reference_forward(x)
+    assert calls == [1]
+    assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    q = tw.quantize_activations(x, layer.act_scale if mode == "static_tensor" else None)
+    assert torch.equal(tw.triton_forward(layer, x, codes=q), y)
+    grouped = QuantLinear.from_codes(codes, s.repeat(1, 4), wbits=8, group_size=64, abits=8, act_mode=mode,
+                                     act_scale=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (warned once per process)
+        assert torch.equal(tw.triton_forward(grouped, x), grouped.reference_forward(x))
+    assert calls == [1, 1]

@@ -238,6 +238,9 @@ def test_linears_share_one_quantization_only_where_their_quantizers_agree():
     assert shared_quantizer((a, ql("dynamic_token")), cpu) is None
     assert shared_quantizer((a, ql(backend="reference")), cpu) is None
     assert shared_quantizer((a, torch.nn.Linear(64, 8)), cpu) is None
+    w8 = QuantLinear(64, 8, wbits=8, group_size=-1, abits=8, act_mode="static_tensor").set_backend("triton")
+    w8.act_scale = torch.tensor(0.05)
+    assert shared_quantizer((w8, a), cpu) is not None  # W8A8 per channel: the int8 GEMM takes codes too
     hooked = ql()
     hooked.register_forward_hook(lambda *x: None)  # the step would call its kernels, not the module
     assert shared_quantizer((a, hooked), cpu) is None

@@ -136,10 +136,14 @@ def test_bench_times_gpu_models_on_the_static_graph_runner():
     from fptq.bench import _runner
     from fptq.runtime.timing import HFRunner
 
-    model = tiny_llama()
+    from fptq.nn import set_act_mode
+
+    model = _quantized()
     r = _runner(model, "cuda", True, True)
-    assert isinstance(r, StaticRunner) and r.what == "transformers forward + fptq kernels"
-    plain = _runner(model, "cuda", False, False)
+    assert isinstance(r, StaticRunner) and r.what == "transformers forward + Triton W4A8 kernels"
+    set_act_mode(model, "none")  # a W4A16 row: the table says it is no W4A16 kernel
+    assert "fptq has no W4A16 GPU kernel" in _runner(model, "cuda", True, True).what
+    plain = _runner(tiny_llama(), "cuda", False, False)
     assert type(plain) is HFRunner and plain.path == "transformers forward"
 
 

@@ -305,8 +305,11 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
         raise ValueError(f"unknown triton path {path!r}; choose one of {PATHS}")
     if x.shape[-1] != module.in_features:
         raise ValueError(f"expected input [..., {module.in_features}], got {tuple(x.shape)}")
+    if module.wbits == 8 and module.abits == 8 and module.act_mode != "none" and module.w_scales.shape[1] == 1:
+        return _w8a8_forward(module, x, codes)
     if module.wbits != 4:
-        return _fallback(module, x, f"{module.wbits}-bit weights are not covered by the W4A8 kernel")
+        detail = " with group scales or float activations" if module.wbits == 8 else ""
+        return _fallback(module, x, f"{module.wbits}-bit weights{detail} are not covered by the Triton kernels")
     if module.act_mode == "none":
         return _fallback(module, x, "float activations (act_mode='none') are not covered")
     if module.abits != 8:
@@ -369,6 +372,24 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
     else:
         y = _guarded("grouped" + tag, lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype,
                                                     int_scales=ints, asm=asm), baseline)
+    return y.to(x.dtype).reshape(*lead, module.out_features)
+
+
+def _w8a8_forward(module, x: torch.Tensor, codes: tuple | None) -> torch.Tensor:
+    """8-bit per-channel weights (SmoothQuant W8A8): the int8 per-channel GEMM on the codes as stored (exact: one
+    int32 accumulator, the channel and activation scales after it), at every M; the reference path if it fails."""
+    if module.abits != 8:
+        return _fallback(module, x, f"{module.abits}-bit activations are not covered")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, module.in_features)
+    static = module.act_mode == "static_tensor"
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if codes is None:
+        codes = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
+    xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
+    y = _guarded("w8a8", lambda: int8_perchannel_matmul(xq, sx, *perchannel_weight_device(module), bias=module.bias,
+                                                         out_dtype=out_dtype),
+                 lambda: module.reference_forward(x2), instead="the reference path")
     return y.to(x.dtype).reshape(*lead, module.out_features)
 
 

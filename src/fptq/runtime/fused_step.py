@@ -225,16 +225,19 @@ def _mode_key(m: nn.Module) -> tuple:
 
 
 def shared_quantizer(linears: tuple, device: torch.device) -> tuple | None:
-    """``(static scale or None, qmax)`` where every module of ``linears`` is a W4A8 QuantLinear on the Triton
-    backend (no hooks: the step calls its kernels, not the module) and all quantize their input alike (both per
-    token, or both with equal static scales): the launch that makes their input can quantize it for all of them,
-    as :func:`~fptq.kernels.triton_quant.quantize_activations` would. Else None."""
+    """``(static scale or None, qmax)`` where every module of ``linears`` is a QuantLinear with 8-bit activations
+    the Triton backend multiplies as integers (4-bit weights, or 8-bit per-channel ones: W8A8), on that backend
+    (no hooks: the step calls its kernels, not the module), and all quantize their input alike (both per token, or
+    both with equal static scales): the launch that makes their input can quantize it for all of them, as
+    :func:`~fptq.kernels.triton_quant.quantize_activations` would. Else None."""
     from ..kernels import resolve_backend
     from ..nn import QuantLinear
 
     first = linears[0]
     for m in linears:
-        if not isinstance(m, QuantLinear) or _hooked(m) or m.wbits != 4 or m.abits != 8:
+        if not isinstance(m, QuantLinear) or _hooked(m) or m.abits != 8:
+            return None
+        if not (m.wbits == 4 or (m.wbits == 8 and m.w_scales.shape[1] == 1)):
             return None
         if m.act_mode not in ("static_tensor", "dynamic_token") or m.act_mode != first.act_mode:
             return None
