@@ -244,3 +244,20 @@ def test_linears_share_one_quantization_only_where_their_quantizers_agree():
     hooked = ql()
     hooked.register_forward_hook(lambda *x: None)  # the step would call its kernels, not the module
     assert shared_quantizer((a, hooked), cpu) is None
+
+
+def test_a_fused_step_that_cannot_be_set_up_leaves_the_steps_to_transformers(monkeypatch, caplog):
+    import logging
+
+    model = tiny_llama()
+    ids = token_ids(1, 4)
+    ref, _ = _steps(model, ids, 3, fused=False)
+
+    def broken(self, *a, **kw):
+        raise TypeError("rotary_emb() got an unexpected keyword argument")
+
+    monkeypatch.setattr(FusedStep, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="fptq.runtime.fused_step"):
+        got, dec = _steps(model, ids, 3)
+    _agree(got, ref, 0, 0)  # transformers' own steps, bit for bit
+    assert "the fused step failed (TypeError: rotary_emb()" in dec.step_path

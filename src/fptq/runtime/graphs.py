@@ -93,7 +93,10 @@ class StaticDecoder:
             if kv is None:
                 self.step_reason = "the static cache holds no key/value tensors after the prompt"
             else:
-                self._fused = FusedStep(self.model, kv, self.kernels)
+                try:
+                    self._fused = FusedStep(self.model, kv, self.kernels)
+                except Exception as e:  # noqa: BLE001 -- what it cannot set up: transformers' forward, with why
+                    self.step_reason = fused_failed(e)
                 self._counts = [c for c, _ in self._counters()]
         if self._fused is not None:
             try:

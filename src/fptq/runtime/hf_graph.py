@@ -353,7 +353,10 @@ class GraphDecoder(StandInDecoder):
         """One step on ``slot``'s input buffers: the fused step where it runs (advancing the counters as a
         transformers step does), else the transformers decoder."""
         if self.step_reason is None and slot.fused is None and slot.initialized:
-            slot.fused = FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels)
+            try:
+                slot.fused = FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels)
+            except Exception as e:  # noqa: BLE001 -- what it cannot set up: the transformers decoder, with why
+                self.step_reason = fused_failed(e)
         if slot.fused is not None:
             try:
                 hidden = slot.fused.hidden(slot.ids, slot.pos.view(-1))
