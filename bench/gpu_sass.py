@@ -255,12 +255,13 @@ def compile_decode_variants(arch: int) -> list[dict]:
              [dict(NORM=False, HALF_BLOCK=64), dict(NORM=True, HALF_BLOCK=64)], 1),
             ("decode_attention", td._attention_kernel,
              dict(q_ptr=p, k_ptr=p, v_ptr=p, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p,
-                  scaling="fp32", **i32("HQ", "GROUP", "L", "D", "CHUNK")),
-             [dict(SINGLE=True, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N),
-              dict(SINGLE=False, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N)], 4),
+                  codes_ptr="*i8", scale_in="*fp32", scaling="fp32", **i32("HQ", "GROUP", "L", "D", "CHUNK")),
+             [dict(SINGLE=single, QUANT=quant, QMAX=127, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N)
+              for single in (True, False) for quant in (False, True)], 4),
             ("attention_combine", td._attention_combine_kernel,
-             dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p, **i32("NSPLIT", "D")),
-             [dict(S_BLOCK=8, D_BLOCK=128)], 1),
+             dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p, codes_ptr="*i8", scale_in="*fp32",
+                  **i32("NSPLIT", "D")),
+             [dict(QUANT=quant, QMAX=127, S_BLOCK=8, D_BLOCK=128) for quant in (False, True)], 1),
             ("silu_mul", td._silu_mul_kernel, dict(g_ptr=p, u_ptr=p, out_ptr=p, N="i32"), [dict(BLOCK=1024)], 4),
         ]
         for name, fn, types, consts, warps in cases:

@@ -202,3 +202,23 @@ def test_triton_norm_and_silu_quantize_their_output_as_quantize_activations_does
     assert torch.equal(out, ops.silu_mul(g, u, use_triton=True))
     q_ref, s_ref = quantize_activations(out, scale)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_attention_quantizes_its_output_with_a_static_scale(splits):
+    """The output projection's input codes made by the attention launch itself (each head's slice with the static
+    scale): quantize_activations' codes of the same output, bit for bit; per-token scales are refused (they need
+    every head's output)."""
+    from fptq.kernels.triton_quant import quantize_activations
+
+    b, hq, hkv, d, length = 2, 4, 2, 16, 70
+    q = _rand(b, hq, d, dtype=torch.float16, scale=2)
+    kc, vc = _rand(b, hkv, length, d, dtype=torch.float16, seed=1), _rand(b, hkv, length, d, dtype=torch.float16, seed=2)
+    pos, scale = torch.tensor([length - 3]), torch.tensor(0.01)
+    out, codes, s = ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=splits, quant=(scale, 127))
+    assert torch.equal(out, ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=splits))
+    q_ref, _ = quantize_activations(out, scale)
+    assert torch.equal(codes, q_ref) and float(s) == float(scale)
+    with pytest.raises(ValueError, match="static scale only"):
+        ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, quant=(None, 127))

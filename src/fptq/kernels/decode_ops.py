@@ -88,16 +88,19 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scaling: float, use_triton: bool = False, splits: int | None = None) -> torch.Tensor:
+                     scaling: float, use_triton: bool = False, splits: int | None = None, quant: tuple | None = None):
     """Softmax attention of one query per sequence and head, ``q`` ``[B, Hq, D]``, over the cached positions
     ``0..pos`` of ``k_cache``, ``v_cache`` ``[B, Hkv, L, D]`` (query head ``h`` reads key/value head
     ``h // (Hq / Hkv)``); scores scaled by ``scaling``, softmax in float32. Returns ``[B, Hq * D]`` in ``q``'s
     dtype (what the output projection takes). ``splits``: the Triton form's split of the positions among
-    programs (default: :func:`fptq.kernels.triton_decode.attention_splits`)."""
+    programs (default: :func:`fptq.kernels.triton_decode.attention_splits`). ``quant`` (a static scale only):
+    ``(out, codes, scale)`` as :func:`add_rmsnorm`."""
+    if quant is not None and quant[0] is None:
+        raise ValueError("decode_attention quantizes its output with a static scale only")
     if use_triton:
         from .triton_decode import decode_attention_triton
 
-        return decode_attention_triton(q, k_cache, v_cache, pos, scaling, splits)
+        return decode_attention_triton(q, k_cache, v_cache, pos, scaling, splits, quant)
     b, hq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     keys = k_cache.repeat_interleave(hq // hkv, dim=1)
@@ -106,7 +109,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     hidden = torch.arange(length, device=q.device) > pos  # positions not yet written
     scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).reshape(b, hq * d)
+    out = torch.matmul(probs, values).reshape(b, hq * d)
+    return out if quant is None else (out, *quantize_rows(out, quant))
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, use_triton: bool = False, quant: tuple | None = None):

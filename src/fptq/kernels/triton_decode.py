@@ -115,8 +115,9 @@ if triton is not None:
                 tl.store(vc_ptr + at + o, tl.load(v_ptr + row * D + o, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scaling, HQ, GROUP, L, D,
-                          CHUNK, SINGLE: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, scaling,
+                          HQ, GROUP, L, D, CHUNK, SINGLE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                          D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(0)  # b * HQ + query head
         s = tl.program_id(1)
         nsplit = tl.num_programs(1)
@@ -148,7 +149,7 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m = m_new
         if SINGLE:
-            tl.store(out_ptr + bh * D + offs_d, (acc / den).to(out_ptr.dtype.element_ty), mask=mask_d)
+            _store_head(acc / den, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT, QMAX)
         else:
             at = bh * nsplit + s
             tl.store(m_ptr + at, m)
@@ -156,7 +157,18 @@ if triton is not None:
             tl.store(acc_ptr + at * D + offs_d, acc, mask=mask_d)
 
     @triton.jit
-    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NSPLIT, D, S_BLOCK: tl.constexpr,
+    def _store_head(o, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT: tl.constexpr, QMAX: tl.constexpr):
+        # one head's output (float32), rounded to the output's dtype; QUANT: also its int8 codes with the static
+        # scale_in (the output projection's input quantizer, per tensor: each head's slice quantizes alone)
+        o = o.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + bh * D + offs_d, o, mask=mask_d)
+        if QUANT:
+            scale = tl.load(scale_in).to(tl.float32)
+            tl.store(codes_ptr + bh * D + offs_d, _codes(o.to(tl.float32), scale, QMAX), mask=mask_d)
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, NSPLIT, D,
+                                  QUANT: tl.constexpr, QMAX: tl.constexpr, S_BLOCK: tl.constexpr,
                                   D_BLOCK: tl.constexpr):
         bh = tl.program_id(0)
         offs_s = tl.arange(0, S_BLOCK)
@@ -169,7 +181,7 @@ if triton is not None:
         rows = (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :]
         acc = tl.load(acc_ptr + rows, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(den * w, axis=0)
-        tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+        _store_head(out, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT, QMAX)
 
     @triton.jit
     def _silu_mul_quant_kernel(g_ptr, u_ptr, out_ptr, q_ptr, s_ptr, scale_in, INV_QMAX, N, DYNAMIC: tl.constexpr,
@@ -252,10 +264,15 @@ def attention_splits(batch: int, heads: int, length: int, device: torch.device) 
     return max(1, min(want, length // (ATTN_BLOCK_N * _MIN_SPLIT_TILES)))
 
 
-def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: int | None = None) -> torch.Tensor:
+def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: int | None = None,
+                            quant: tuple | None = None):
     """:func:`fptq.kernels.decode_attention` in one launch (two when ``splits`` > 1: partial softmax sums per
-    split, then their combination)."""
+    split, then their combination); with ``quant`` (a static scale only: heads are quantized apart) also the
+    output's int8 codes (``(out, codes, scale)``)."""
     require_triton()
+    if quant is not None and quant[0] is None:
+        raise ValueError("decode_attention_triton quantizes its output with a static scale only (per-token scales "
+                         "need every head's output)")
     b, hq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     if hq % hkv or not all(t.is_contiguous() for t in (q, k_cache, v_cache)):
@@ -271,13 +288,20 @@ def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: in
         part = (torch.empty(b * hq * splits, dtype=torch.float32, device=q.device),
                 torch.empty(b * hq * splits, dtype=torch.float32, device=q.device),
                 torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device))
-    _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, float(scaling), hq, hq // hkv, length,
-                                        d, chunk, SINGLE=splits == 1, D_BLOCK=d_block, BLOCK_N=ATTN_BLOCK_N,
-                                        num_warps=4)
+    if quant is not None:
+        codes = torch.empty(b, hq * d, dtype=torch.int8, device=q.device)
+        scale = quant[0].to(torch.float32).reshape(())
+        qargs = (codes, scale)
+    else:
+        qargs = (out, out)  # (unused)
+    qmax = int(quant[1]) if quant is not None else 127
+    _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, *qargs, float(scaling), hq, hq // hkv,
+                                        length, d, chunk, SINGLE=splits == 1, QUANT=quant is not None, QMAX=qmax,
+                                        D_BLOCK=d_block, BLOCK_N=ATTN_BLOCK_N, num_warps=4)
     if splits > 1:
-        _attention_combine_kernel[(b * hq,)](*part, out, splits, d, S_BLOCK=_pow2(splits), D_BLOCK=d_block,
-                                             num_warps=1)
-    return out
+        _attention_combine_kernel[(b * hq,)](*part, out, *qargs, splits, d, QUANT=quant is not None, QMAX=qmax,
+                                             S_BLOCK=_pow2(splits), D_BLOCK=d_block, num_warps=1)
+    return out if quant is None else (out, codes, scale)
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, quant: tuple | None = None):

@@ -15,9 +15,10 @@ itself) and five launches for what lies between them (:mod:`fptq.kernels.decode_
     x = add_rmsnorm(h, o_proj(a), ln2)
     delta = down_proj(silu_mul(gate_proj(x), up_proj(x)))
 
-then the final norm and ``lm_head``. Where the W4A8 Linears reading a norm's (or SiLU x up's) output share one
-activation quantizer (:func:`shared_quantizer`), that launch also writes their int8 codes, which their kernels take
-(``triton_forward(codes=...)``) instead of quantizing in a launch of their own above M = 2. The Linears are the
+then the final norm and ``lm_head``. Where the W4A8 Linears reading a norm's (SiLU x up's, or, with a static
+scale, the attention's) output share one activation quantizer (:func:`shared_quantizer`), that launch also writes
+their int8 codes, which their kernels take (``triton_forward(codes=...)``) instead of quantizing in a launch of
+their own above M = 2. The Linears are the
 model's own modules (a float model's run cuBLAS: the
 fp16 row of ``fptq bench --device cuda`` runs the same step), the keys and values the transformers
 ``StaticCache``'s tensors (its prompt is prefilled by transformers). Numerics: the operations of transformers'
@@ -208,8 +209,11 @@ class FusedStep:
             x, c = self._norm(h, delta, layer.ln1, (layer.q, layer.k, layer.v))
             q = ops.rope_write_kv(run(layer.q, x, c), run(layer.k, x, c), run(layer.v, x, c), self.cos, self.sin,
                                   pos, layer.keys, layer.values, tri, layer.qk_norm)
-            a = ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri)
-            x, c = self._norm(h, layer.o(a), layer.ln2, (layer.gate, layer.up))
+            spec = self._quant((layer.o,))
+            spec = spec if spec is not None and spec[0] is not None else None  # static only: heads quantize apart
+            a = ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri, quant=spec)
+            o = layer.o(a) if spec is None else run(layer.o, a[0], a[1:])
+            x, c = self._norm(h, o, layer.ln2, (layer.gate, layer.up))
             g, u = run(layer.gate, x, c), run(layer.up, x, c)
             spec = self._quant((layer.down,))
             act = ops.silu_mul(g, u, tri, spec)
