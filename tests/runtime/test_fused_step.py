@@ -268,3 +268,31 @@ def test_a_fused_step_that_cannot_be_set_up_leaves_the_steps_to_transformers(mon
         got, dec = _steps(model, ids, 3)
     _agree(got, ref, 0, 0)  # transformers' own steps, bit for bit
     assert "the fused step failed (TypeError: rotary_emb()" in dec.step_path
+
+
+@pytest.mark.skipif(HAS_CUDA or not INTERPRETED, reason="counts the Triton launches under Triton's CPU interpreter")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_w4a8_layers_decode_step_is_twelve_triton_launches(batch, monkeypatch):
+    """The launch count the GPU run is planned around, counted: per layer five launches between the Linears and
+    one per Linear (the GEMV reduces a split K itself; above M = 2 the codes come from the launch that made the
+    input), here where every Linear group shares its quantizer and o_proj's is static; then the final norm."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fptq.nn import QuantLinear
+
+    model = tiny_w4a8()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_backend("triton")
+    dec = StaticDecoder(model, batch, 8, kernels="triton")
+    nxt = dec.prefill(token_ids(batch, 4)).argmax(-1)
+    dec.step(nxt)  # sets up (device checks, shared quantizers)
+    launched = []
+    real = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **kw: launched.append(self.fn.__name__)
+                        or real(self, *a, **kw))
+    dec.step(nxt)
+    layers = model.config.num_hidden_layers
+    assert all(s is not None for s in dec._fused._specs.values())  # (what this count assumes)
+    assert len(launched) == 12 * layers + 1, sorted(set(launched))
+    assert "_quant_act_kernel" not in launched and "_splitk_reduce_kernel" not in launched
