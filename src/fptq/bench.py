@@ -168,6 +168,7 @@ _KV = {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}
 
 def _gpu_linears(model) -> str:
     """What multiplies a quantized model's Linears off the CPU (the Triton backend's paths), for the table."""
+    from .kernels.triton_perchannel import w8a8_perchannel
     from .nn import QuantLinear
 
     kinds = set()
@@ -176,7 +177,7 @@ def _gpu_linears(model) -> str:
             if m.act_mode == "none":
                 kinds.add("float activations on the reference path (float32 weights dequantized once, float32 "
                           "matmuls: fptq has no W4A16 GPU kernel, so this row is no W4A16 kernel baseline)")
-            elif m.wbits == 8 and m.w_scales.shape[1] == 1:
+            elif w8a8_perchannel(m):
                 kinds.add("int8 per-channel GEMM")
             else:
                 kinds.add("Triton W4A8 kernels")

@@ -177,7 +177,7 @@ def test_quantize_rows_is_quantlinears_quantizer(static):
     x = _rand(5, 96, scale=3)
     layer = QuantLinear(96, 8, wbits=4, group_size=32, abits=8, act_mode="static_tensor" if static else "dynamic_token")
     layer.act_scale = torch.tensor(0.04)
-    q, s = ops.quantize_rows(x, (layer.act_scale if static else None, layer.act_qmax()))
+    q, s = ops.quantize_rows(x, (layer.act_scale if static else None, layer.abits))
     q_ref, s_ref = layer.quantize_input(x)
     assert torch.equal(q, q_ref) and torch.equal(s.reshape(-1), s_ref.reshape(-1))
 
@@ -193,12 +193,12 @@ def test_triton_norm_and_silu_quantize_their_output_as_quantize_activations_does
     scale = torch.tensor(0.02) if static else None
     h, d = _rand(3, 96, dtype=dtype, scale=3), _rand(3, 96, dtype=dtype, seed=1)
     w = _rand(96, dtype=dtype, seed=2).abs() + 0.5
-    out, q, s = ops.add_rmsnorm(h.clone(), d, w, 1e-6, use_triton=True, quant=(scale, 127))
+    out, q, s = ops.add_rmsnorm(h.clone(), d, w, 1e-6, use_triton=True, quant=(scale, 8))
     assert torch.equal(out, ops.add_rmsnorm(h.clone(), d, w, 1e-6, use_triton=True))
     q_ref, s_ref = quantize_activations(out, scale)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     g, u = _rand(2, 1500, dtype=dtype, scale=4), _rand(2, 1500, dtype=dtype, seed=1)
-    out, q, s = ops.silu_mul(g, u, use_triton=True, quant=(scale, 127))
+    out, q, s = ops.silu_mul(g, u, use_triton=True, quant=(scale, 8))
     assert torch.equal(out, ops.silu_mul(g, u, use_triton=True))
     q_ref, s_ref = quantize_activations(out, scale)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
@@ -216,9 +216,9 @@ def test_triton_attention_quantizes_its_output_with_a_static_scale(splits):
     q = _rand(b, hq, d, dtype=torch.float16, scale=2)
     kc, vc = _rand(b, hkv, length, d, dtype=torch.float16, seed=1), _rand(b, hkv, length, d, dtype=torch.float16, seed=2)
     pos, scale = torch.tensor([length - 3]), torch.tensor(0.01)
-    out, codes, s = ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=splits, quant=(scale, 127))
+    out, codes, s = ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=splits, quant=(scale, 8))
     assert torch.equal(out, ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=splits))
     q_ref, _ = quantize_activations(out, scale)
     assert torch.equal(codes, q_ref) and float(s) == float(scale)
     with pytest.raises(ValueError, match="static scale only"):
-        ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, quant=(None, 127))
+        ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, quant=(None, 8))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fptq.errors import FptqError
+from fptq.hf import set_backend
 from fptq.kernels import decode_ops
 from fptq.runtime.fused_step import FusedStep, cache_tensors, fused_step_problem
 from fptq.runtime.graphs import StaticDecoder
@@ -89,12 +90,7 @@ def test_each_layer_takes_five_operations_between_its_linears(monkeypatch):
 def test_triton_fused_steps_with_the_triton_backend_match_transformers(dtype):
     """The GPU configuration on the CPU: every Linear through the Triton backend (the dp4a GEMV), every operation
     between them through decode_ops' Triton kernels."""
-    from fptq.nn import QuantLinear
-
-    model = tiny_w4a8().to(dtype)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.set_backend("triton")
+    model = set_backend(tiny_w4a8().to(dtype), "triton")
     ids = token_ids(2, 4)
     ref, _ = _steps(model, ids, 2, fused=False)
     got, dec = _steps(model, ids, 2, follow=ref, kernels="triton")
@@ -168,10 +164,7 @@ def test_cache_tensors_of_a_static_cache_exist_after_its_prompt():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_graph_of_the_fused_step_matches_transformers_eager_steps():
-    model = tiny_w4a8().half().cuda()
-    for m in model.modules():
-        if hasattr(m, "set_backend"):
-            m.set_backend("triton")
+    model = set_backend(tiny_w4a8().half().cuda(), "triton")
     ids = token_ids(2, 6).cuda()
     ref, _ = _steps(model, ids, 6, fused=False, graph=False)
     got, dec = _steps(model, ids, 6, follow=ref)
@@ -239,8 +232,8 @@ def test_linears_share_one_quantization_only_where_their_quantizers_agree():
     cpu = torch.device("cpu")
     a, b = ql(), ql()
     spec = shared_quantizer((a, b), cpu)
-    assert spec[0] is a.act_scale and spec[1] == 127
-    assert shared_quantizer((ql("dynamic_token"), ql("dynamic_token")), cpu) == (None, 127)
+    assert spec[0] is a.act_scale and spec[1] == 8
+    assert shared_quantizer((ql("dynamic_token"), ql("dynamic_token")), cpu) == (None, 8)
     assert shared_quantizer((a, ql(scale=0.06)), cpu) is None  # two static scales
     assert shared_quantizer((a, ql("dynamic_token")), cpu) is None
     assert shared_quantizer((a, ql(backend="reference")), cpu) is None
@@ -278,12 +271,7 @@ def test_a_w4a8_layers_decode_step_is_twelve_triton_launches(batch, monkeypatch)
     input), here where every Linear group shares its quantizer and o_proj's is static; then the final norm."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from fptq.nn import QuantLinear
-
-    model = tiny_w4a8()
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.set_backend("triton")
+    model = set_backend(tiny_w4a8(), "triton")
     dec = StaticDecoder(model, batch, 8, kernels="triton")
     nxt = dec.prefill(token_ids(batch, 4)).argmax(-1)
     dec.step(nxt)  # sets up (device checks, shared quantizers)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant import quantize_per_token, quantize_static
+
 __all__ = ["add_rmsnorm", "decode_attention", "quantize_rows", "rope_write_kv", "rotate_half", "silu_mul"]
 
 
@@ -33,14 +35,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(x: torch.Tensor, quant: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes ``[M, K]`` of the rows of ``x`` and their scale for ``quant`` = ``(static scale or None, qmax)``:
-    a 0-d static scale as given, or per-token scales ``[M]`` (absmax / qmax) -- QuantLinear's quantizers."""
-    scale, qmax = quant
-    xf = x.float()
+    """int8 codes ``[M, K]`` of the rows of ``x`` and their scale for ``quant`` = ``(static scale or None, activation
+    bits)``: a 0-d static scale as given, or per-token scales ``[M]`` -- QuantLinear's quantizers
+    (:func:`fptq.quant.quantize_static`, :func:`fptq.quant.quantize_per_token`)."""
+    scale, bits = quant
     if scale is None:
-        scale = (xf.abs().amax(dim=-1) / qmax).clamp_min(1e-8)
-        return torch.clamp(torch.round(xf / scale[:, None]), -qmax, qmax).to(torch.int8), scale
-    return torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8), scale
+        q, s = quantize_per_token(x, bits)
+        return q, s.reshape(-1)
+    return quantize_static(x, scale, bits), scale
 
 
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -95,12 +97,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     dtype (what the output projection takes). ``splits``: the Triton form's split of the positions among
     programs (default: :func:`fptq.kernels.triton_decode.attention_splits`). ``quant`` (a static scale only):
     ``(out, codes, scale)`` as :func:`add_rmsnorm`."""
-    if quant is not None and quant[0] is None:
-        raise ValueError("decode_attention quantizes its output with a static scale only")
     if use_triton:
         from .triton_decode import decode_attention_triton
 
         return decode_attention_triton(q, k_cache, v_cache, pos, scaling, splits, quant)
+    if quant is not None and quant[0] is None:
+        raise ValueError("decode_attention quantizes its output with a static scale only")
     b, hq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     keys = k_cache.repeat_interleave(hq // hkv, dim=1)

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..quant import act_qmax
 from .triton_common import require_triton, triton, tl
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
@@ -163,8 +164,8 @@ if triton is not None:
         o = o.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + bh * D + offs_d, o, mask=mask_d)
         if QUANT:
-            scale = tl.load(scale_in).to(tl.float32)
-            tl.store(codes_ptr + bh * D + offs_d, _codes(o.to(tl.float32), scale, QMAX), mask=mask_d)
+            _quantize_row(o.to(tl.float32), codes_ptr, scale_in, scale_in, offs_d, mask_d, bh, D, 1.0, False, False,
+                          QMAX)
 
     @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, NSPLIT, D,
@@ -184,6 +185,11 @@ if triton is not None:
         _store_head(out, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT, QMAX)
 
     @triton.jit
+    def _silu_times(g, u, dt):
+        # silu(g) * u rounded as PyTorch's two half-precision operations are (g, u float32), in the dtype dt
+        return ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt)
+
+    @triton.jit
     def _silu_mul_quant_kernel(g_ptr, u_ptr, out_ptr, q_ptr, s_ptr, scale_in, INV_QMAX, N, DYNAMIC: tl.constexpr,
                                RECIP: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
         # one row per program, in registers: silu(g) * u (rounded as silu_mul) and its int8 codes
@@ -192,8 +198,7 @@ if triton is not None:
         mask = offs < N
         g = tl.load(g_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-        dt = out_ptr.dtype.element_ty
-        o = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt)
+        o = _silu_times(g, u, out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * N + offs, o, mask=mask)
         _quantize_row(o.to(tl.float32), q_ptr, s_ptr, scale_in, offs, mask, row, N, INV_QMAX, DYNAMIC, RECIP, QMAX)
 
@@ -203,15 +208,14 @@ if triton is not None:
         mask = offs < N
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dt = out_ptr.dtype.element_ty
-        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(out_ptr + offs, (act * u).to(dt), mask=mask)
+        tl.store(out_ptr + offs, _silu_times(g, u, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _quant_args(rows: int, n: int, quant, device) -> tuple:
     """The codes and scale buffers and the launch arguments of an in-kernel quantization ``quant`` =
-    ``(static scale or None, qmax)``: ``(codes, scales, kernel args, constexprs)``."""
-    scale, qmax = quant
+    ``(static scale or None, activation bits)``: ``(codes, scales, kernel args, constexprs)``."""
+    scale, bits = quant
+    qmax = act_qmax(bits)
     dynamic = scale is None
     q = torch.empty(rows, n, dtype=torch.int8, device=device)
     s = torch.empty(rows, dtype=torch.float32, device=device) if dynamic else scale.to(torch.float32).reshape(())
@@ -294,7 +298,7 @@ def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: in
         qargs = (codes, scale)
     else:
         qargs = (out, out)  # (unused)
-    qmax = int(quant[1]) if quant is not None else 127
+    qmax = act_qmax(quant[1]) if quant is not None else 127
     _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, *qargs, float(scaling), hq, hq // hkv,
                                         length, d, chunk, SINGLE=splits == 1, QUANT=quant is not None, QMAX=qmax,
                                         D_BLOCK=d_block, BLOCK_N=ATTN_BLOCK_N, num_warps=4)

@@ -18,7 +18,7 @@ from .triton_common import (
     triton,
 )
 
-__all__ = ["int8_perchannel_matmul", "perchannel_weight_device"]
+__all__ = ["int8_perchannel_matmul", "perchannel_weight_device", "w8a8_perchannel"]
 
 if HAS_TRITON:
 
@@ -80,6 +80,12 @@ class _PerChannelSource:
 
     def codes(self) -> torch.Tensor:
         return self._module.codes()
+
+
+def w8a8_perchannel(module) -> bool:
+    """Whether a QuantLinear is W8A8 with one weight scale per output channel (SmoothQuant's layers): the int8
+    per-channel GEMM multiplies its codes as stored, exactly."""
+    return module.wbits == 8 and module.abits == 8 and module.act_mode != "none" and module.w_scales.shape[1] == 1
 
 
 def perchannel_weight_device(module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,7 +109,7 @@ from .triton_common import (
     select_path,
 )
 from .triton_grouped import w4a8_gemv, w4a8_gemv_quant, w4a8_matmul
-from .triton_perchannel import int8_perchannel_matmul, perchannel_weight_device
+from .triton_perchannel import int8_perchannel_matmul, perchannel_weight_device, w8a8_perchannel
 from .triton_quant import _scalar_div_mode, quantize_activations
 
 # the public names of the four kernel modules, and this module's entry points
@@ -305,9 +305,8 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
         raise ValueError(f"unknown triton path {path!r}; choose one of {PATHS}")
     if x.shape[-1] != module.in_features:
         raise ValueError(f"expected input [..., {module.in_features}], got {tuple(x.shape)}")
-    if module.wbits == 8 and module.abits == 8 and module.act_mode != "none" and module.w_scales.shape[1] == 1:
-        return _w8a8_forward(module, x, codes)
-    if module.wbits != 4:
+    w8a8 = w8a8_perchannel(module)  # SmoothQuant's layers: the int8 per-channel GEMM on their codes, at every M
+    if module.wbits != 4 and not w8a8:
         detail = " with group scales or float activations" if module.wbits == 8 else ""
         return _fallback(module, x, f"{module.wbits}-bit weights{detail} are not covered by the Triton kernels")
     if module.act_mode == "none":
@@ -317,22 +316,29 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
     lead = x.shape[:-1]
     x2 = x.reshape(-1, module.in_features)
     m = x2.shape[0]
+    static = module.act_mode == "static_tensor"
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if codes is not None:
+        xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
+        if xq.shape[0] != m or xq.dtype != torch.int8:
+            raise ValueError(f"codes must be int8 [{m}, {module.in_features}], got {xq.dtype} {tuple(xq.shape)}")
+    if w8a8:  # exact: one int32 accumulator, the channel and activation scales after it
+        if codes is None:
+            xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
+        y = _guarded("w8a8", lambda: int8_perchannel_matmul(xq, sx, *perchannel_weight_device(module),
+                                                             bias=module.bias, out_dtype=out_dtype),
+                     lambda: module.reference_forward(x2), instead="the reference path")
+        return y.to(x.dtype).reshape(*lead, module.out_features)
     kind = select_path(m) if path == "auto" else path
     if kind != "perchannel" and not _supported(module.group_size, module.in_features):
         if path == "grouped":
             return _fallback(module, x, f"group_size={module.group_size} is not a multiple of 32")
         kind = "perchannel"  # any grouping works once the weights are int8 per-channel
-    static = module.act_mode == "static_tensor"
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     gemv = kind == "gemv" or (kind == "grouped" and m <= GEMV_MAX_M)
     # integer group scales: the packed kernels sum all of K in one int32 accumulator (the per-channel cache is
     # exact for them without this: perchannel_weight)
     ints = integer_scales_device(module) if kind != "perchannel" else None
     tag = "" if ints is None else "_int"  # (a failed integer-scale kernel leaves the float-scale one in use)
-    if codes is not None:
-        xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
-        if xq.shape[0] != m or xq.dtype != torch.int8:
-            raise ValueError(f"codes must be int8 [{m}, {module.in_features}], got {xq.dtype} {tuple(xq.shape)}")
     if gemv and GEMV_DP4A and _dp4a_covers(module) and ptx_verified(x2.device):
         y = _guarded("gemv_dp4a" + tag, lambda: w4a8_gemv_dp4a(
             x2 if codes is None else xq, (module.act_scale if static else None) if codes is None else sx,
@@ -372,24 +378,6 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
     else:
         y = _guarded("grouped" + tag, lambda: w4a8_matmul(*args, bias=module.bias, out_dtype=out_dtype,
                                                     int_scales=ints, asm=asm), baseline)
-    return y.to(x.dtype).reshape(*lead, module.out_features)
-
-
-def _w8a8_forward(module, x: torch.Tensor, codes: tuple | None) -> torch.Tensor:
-    """8-bit per-channel weights (SmoothQuant W8A8): the int8 per-channel GEMM on the codes as stored (exact: one
-    int32 accumulator, the channel and activation scales after it), at every M; the reference path if it fails."""
-    if module.abits != 8:
-        return _fallback(module, x, f"{module.abits}-bit activations are not covered")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, module.in_features)
-    static = module.act_mode == "static_tensor"
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    if codes is None:
-        codes = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
-    xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
-    y = _guarded("w8a8", lambda: int8_perchannel_matmul(xq, sx, *perchannel_weight_device(module), bias=module.bias,
-                                                         out_dtype=out_dtype),
-                 lambda: module.reference_forward(x2), instead="the reference path")
     return y.to(x.dtype).reshape(*lead, module.out_features)
 
 

@@ -36,8 +36,7 @@ from torch import nn
 from ..kernels import decode_ops as ops
 from .engine import engine_unsupported_reason
 
-__all__ = ["FusedStep", "KERNELS", "advance", "cache_tensors", "fused_failed", "fused_step_problem",
-           "shared_quantizer"]
+__all__ = ["FusedStep", "KERNELS", "advance", "attempt", "cache_tensors", "fused_step_problem", "shared_quantizer"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +164,10 @@ class FusedStep:
             cos, sin = inner.rotary_emb(probe, torch.arange(length, device=self.device)[None])
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._specs: dict = {}  # modes of a set of Linears -> their shared quantizer (see _quant)
+        if self.use_triton:
+            from ..kernels.triton_w4a8 import triton_forward
+
+            self._triton_forward = triton_forward
 
     @property
     def label(self) -> str:
@@ -186,13 +189,10 @@ class FusedStep:
         out = ops.add_rmsnorm(h, delta, norm.weight, _eps(norm), self.use_triton, spec)
         return (out, None) if spec is None else (out[0], out[1:])
 
-    @staticmethod
-    def _run(linear: nn.Module, x: torch.Tensor, codes: tuple | None) -> torch.Tensor:
-        if codes is None:
-            return linear(x)
-        from ..kernels.triton_w4a8 import triton_forward
-
-        return triton_forward(linear, x, codes=codes)
+    def _run(self, linear: nn.Module, x: torch.Tensor, codes: tuple | None) -> torch.Tensor:
+        """``linear(x)``, or its Triton kernels on ``codes`` (only given where :meth:`_quant` found a shared
+        quantizer, so only with the Triton kernels)."""
+        return linear(x) if codes is None else self._triton_forward(linear, x, codes=codes)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids, pos))
@@ -229,19 +229,20 @@ def _mode_key(m: nn.Module) -> tuple:
 
 
 def shared_quantizer(linears: tuple, device: torch.device) -> tuple | None:
-    """``(static scale or None, qmax)`` where every module of ``linears`` is a QuantLinear with 8-bit activations
-    the Triton backend multiplies as integers (4-bit weights, or 8-bit per-channel ones: W8A8), on that backend
-    (no hooks: the step calls its kernels, not the module), and all quantize their input alike (both per token, or
-    both with equal static scales): the launch that makes their input can quantize it for all of them, as
+    """``(static scale or None, activation bits)`` where every module of ``linears`` is a QuantLinear with 8-bit
+    activations the Triton backend multiplies as integers (4-bit weights, or 8-bit per-channel ones: W8A8), on that
+    backend (no hooks: the step calls its kernels, not the module), and all quantize their input alike (both per
+    token, or both with equal static scales): the launch that makes their input can quantize it for all of them, as
     :func:`~fptq.kernels.triton_quant.quantize_activations` would. Else None."""
     from ..kernels import resolve_backend
+    from ..kernels.triton_perchannel import w8a8_perchannel
     from ..nn import QuantLinear
 
     first = linears[0]
     for m in linears:
         if not isinstance(m, QuantLinear) or _hooked(m) or m.abits != 8:
             return None
-        if not (m.wbits == 4 or (m.wbits == 8 and m.w_scales.shape[1] == 1)):
+        if not (m.wbits == 4 or w8a8_perchannel(m)):
             return None
         if m.act_mode not in ("static_tensor", "dynamic_token") or m.act_mode != first.act_mode:
             return None
@@ -253,14 +254,21 @@ def shared_quantizer(linears: tuple, device: torch.device) -> tuple | None:
         if m.act_mode == "static_tensor" and not torch.equal(m.act_scale, first.act_scale):
             return None
     static = first.act_mode == "static_tensor"
-    return (first.act_scale if static else None, first.act_qmax())
+    return (first.act_scale if static else None, first.abits)
 
 
-def fused_failed(e: Exception) -> str:
-    """The reason a decoder gives up the fused step after it raised ``e`` (logged once per decoder)."""
-    why = f"the fused step failed ({type(e).__name__}: {e})"
-    log.warning("fptq decode steps: %s; using transformers' forward", why)
-    return why
+def attempt(fn):
+    """``(fn(), None)``, or ``(None, reason)`` when setting up or running the fused step raised: the decoder then
+    gives it up for transformers' forward, the reason logged (once per decoder: it does not try again). Inside a
+    CUDA graph capture the exception propagates: the capture fails and says why."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 -- any failure hands the steps to transformers, with the reason
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        why = f"the fused step failed ({type(e).__name__}: {e})"
+        log.warning("fptq decode steps: %s; using transformers' forward", why)
+        return None, why
 
 
 def advance(counters: list[torch.Tensor]) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import FptqError
 from .engine import decode_loop
-from .fused_step import FusedStep, advance, cache_tensors, fused_failed, fused_step_problem
+from .fused_step import FusedStep, advance, attempt, cache_tensors, fused_step_problem
 
 __all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
@@ -93,21 +93,14 @@ class StaticDecoder:
             if kv is None:
                 self.step_reason = "the static cache holds no key/value tensors after the prompt"
             else:
-                try:
-                    self._fused = FusedStep(self.model, kv, self.kernels)
-                except Exception as e:  # noqa: BLE001 -- what it cannot set up: transformers' forward, with why
-                    self.step_reason = fused_failed(e)
+                self._fused, self.step_reason = attempt(lambda: FusedStep(self.model, kv, self.kernels))
                 self._counts = [c for c, _ in self._counters()]
         if self._fused is not None:
-            try:
-                out = self._fused(ids, pos)
-            except Exception as e:  # noqa: BLE001 -- a kernel that fails here: transformers' forward, with the reason
-                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                    raise  # inside a capture: the capture fails and says why
-                self._fused, self.step_reason = None, fused_failed(e)
-            else:
+            out, self.step_reason = attempt(lambda: self._fused(ids, pos))
+            if out is not None:
                 advance(self._counts)  # as a transformers step does: the two can follow each other
                 return out
+            self._fused = None
         return self._forward(ids, pos)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import FptqError
-from .fused_step import FusedStep, advance, cache_tensors, fused_failed, fused_step_problem
+from .fused_step import FusedStep, advance, attempt, cache_tensors, fused_step_problem
 from .graphs import capture_step
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 
@@ -353,22 +353,15 @@ class GraphDecoder(StandInDecoder):
         """One step on ``slot``'s input buffers: the fused step where it runs (advancing the counters as a
         transformers step does), else the transformers decoder."""
         if self.step_reason is None and slot.fused is None and slot.initialized:
-            try:
-                slot.fused = FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels)
-            except Exception as e:  # noqa: BLE001 -- what it cannot set up: the transformers decoder, with why
-                self.step_reason = fused_failed(e)
+            slot.fused, self.step_reason = attempt(
+                lambda: FusedStep(self._causal_lm, cache_tensors(slot.cache), self.kernels))
         if slot.fused is not None:
-            try:
-                hidden = slot.fused.hidden(slot.ids, slot.pos.view(-1))
-            except Exception as e:  # noqa: BLE001 -- a kernel that fails here: the transformers decoder, with why
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise  # inside a capture: the capture fails and says why
-                self.step_reason = fused_failed(e)
-                for s in self._slots:
-                    s.fused = None
-            else:
+            hidden, self.step_reason = attempt(lambda: slot.fused.hidden(slot.ids, slot.pos.view(-1)))
+            if hidden is not None:
                 advance(slot.counters)
                 return hidden.unsqueeze(1)
+            for s in self._slots:
+                s.fused = None
         return self._run(slot.ids, slot.pos, slot.cache, step=True)
 
     @property
