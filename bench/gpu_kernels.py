@@ -325,6 +325,14 @@ def main() -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
 
+    # ------------------------------------------- Linears on one input: one launch against one each
+    from _gpu_shared_input import time_shared_input
+
+    results["shared_input"] = time_shared_input(make_layer, bench_graph, dev, args.dry_run, past)
+    for r in results["shared_input"]:
+        log(f"shared input {r}")
+    save()
+
     # ------------------------------------------------------- config sweep
     sweep_shapes = [(4096, 11008), (11008, 4096)]
     if args.dry_run:
@@ -448,7 +456,8 @@ def write_md(results: dict, path: str) -> None:
     env = results.get("env", {})
 
     def f(v, spec=".4f"):
-        return "" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
+        return "" if v is None else (format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     else str(v))
 
     lines = [
         "# Triton W4A8 kernels on GPU",
@@ -506,6 +515,16 @@ def write_md(results: dict, path: str) -> None:
               "`unfused` = activation quantization launch + GEMV; `gemv_quant` = the GEMV quantizing the activations "
               "itself (one launch); `x_*` = speed-up over cuBLAS fp16 in a graph.",
               ["M", "K", "N"], gcols, graph_rows, False)
+    if results.get("shared_input"):
+        from _gpu_shared_input import COLUMNS
+
+        table("## Decode Linears that read one input (M = 1, group 128, from a CUDA graph)",
+              "`separate` = one dp4a launch per layer (split-K reduced in the launch: the per-layer dispatch), for "
+              "gate/up then SiLU x up; `shared` = one launch (`w4a8_gemv_dp4a_layers` for q/k/v, `w4a8_gemv_dp4a_glu` "
+              "for gate/up with SiLU x up: the fused decode step's); `fp16_cublas` = one cuBLAS call per layer (and "
+              "`silu(g) * u`); `same_bits`: the one launch gave the separate launches' bits (it may split K otherwise: "
+              "then `max_abs_diff` is float32 rounding of the partial sums).",
+              ["set"], COLUMNS, results["shared_input"], True)
     if results.get("config_sweep"):
         lines += ["", "## Config sweep (per-token, fp16 out)", "", "| kernel | M | K | N | config | ms | matches | error |",
                   "|---|---|---|---|---|---|---|---|"]

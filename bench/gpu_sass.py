@@ -171,10 +171,29 @@ DP4A_VARIANTS = [
 ]
 
 
+#: the several-layers kernel's variants (the fused decode step's q/k/v and gate/up launches)
+DP4A_LAYERS_VARIANTS = [
+    dict(LAYERS=3, PER_TOKEN=True, HAS_BIAS=True, ONE_GROUP=False, INT_SCALES=False, SPLIT=True, QUANT=False, GPT=1,
+         TPG=1, SERIAL=True),
+    dict(LAYERS=2, PER_TOKEN=False, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=True, SPLIT=True, QUANT=True, GPT=1,
+         TPG=1, SERIAL=True),
+    dict(LAYERS=2, PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=True, INT_SCALES=False, SPLIT=False, QUANT=True, GPT=1,
+         TPG=1, SERIAL=False),
+]
+
+
+#: gate/up with SiLU x up in one launch (the fused decode step's MLP at batch 1-2)
+DP4A_GLU_VARIANTS = [
+    dict(PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=False, GPT=1, TPG=1, dtype="fp16"),
+    dict(PER_TOKEN=False, HAS_BIAS=True, ONE_GROUP=False, INT_SCALES=True, GPT=1, TPG=1, dtype="bf16"),
+]
+
+
 def compile_dp4a_variants(arch: int) -> list[dict]:
     """Compile :data:`DP4A_VARIANTS` for ``sm_<arch>`` (bf16 activations, fp16 output); the interpreter, where the
     tests run the kernel, accepts code the compiler refuses."""
     from fptq.kernels import triton_dp4a as td
+    from fptq.kernels import triton_shared_input as tsi
 
     out = []
     for v in DP4A_VARIANTS:
@@ -187,6 +206,38 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
         rec = {"variant": v}
         try:
             _compile(td._w4a8_gemv_dp4a_kernel, types, const, ["X", "B", "WS", "AS", "C", "P", "XW"], arch, 4, 2)
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            rec.update(ok=False, error=f"{e!r}"[:2000])
+        out.append(rec)
+    for v in DP4A_LAYERS_VARIANTS:  # several layers on one input in one launch (q/k/v, gate/up)
+        types = dict(X="*bf16" if v["QUANT"] else "*i8", AS="*fp32", XW="*i32", INV_QMAX="fp32", CNT="*i32",
+                     **{f"{a}{i}": t for i in range(3) for a, t in (("B", "*i32"), ("WS", "*fp16"), ("BIAS", "*fp16"),
+                                                                     ("C", "*fp16"), ("P", "*fp32"), ("MT", "*i8"),
+                                                                     ("BASE", "*fp32"), ("N", "i32"))},
+                     T0="i32", T1="i32", **{a: "i32" for a in ("M", "K", "W", "G", "CHUNK", "NUNITS", "stride_xm",
+                                                               "stride_bn", "stride_wsn")})
+        const = dict(v, RECIP=True, QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128)
+        rec = {"variant": v}
+        try:
+            _compile(tsi._w4a8_gemv_dp4a_layers_kernel, types, const, ["X", "AS", "XW", "B0", "B1", "B2", "C0", "C1",
+                                                                      "C2", "P0", "P1", "P2"], arch, 4, 2)
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            rec.update(ok=False, error=f"{e!r}"[:2000])
+        out.append(rec)
+    for v in DP4A_GLU_VARIANTS:  # gate/up with SiLU x up in one launch
+        types = dict(X="*i8", AS="*fp32", XW="*i32", CNT="*i32",
+                     **{f"{a}{w}": t for w in "GU" for a, t in (("B", "*i32"), ("WS", "*fp16"), ("BIAS", "*fp16"),
+                                                                ("P", "*fp32"), ("MT", "*i8"), ("BASE", "*fp32"))},
+                     ACT="*" + v["dtype"], **{a: "i32" for a in ("N", "T", "M", "K", "W", "G", "CHUNK", "NUNITS",
+                                                                 "stride_xm", "stride_bn", "stride_wsn")})
+        const = {c: x for c, x in v.items() if c != "dtype"}
+        const.update(QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128)
+        rec = {"variant": dict(v, op="glu")}
+        try:
+            _compile(tsi._w4a8_gemv_dp4a_glu_kernel, types, const, ["X", "AS", "XW", "BG", "BU", "PG", "PU", "ACT"],
+                     arch, 4, 2)
             rec["ok"] = True
         except Exception as e:  # noqa: BLE001
             rec.update(ok=False, error=f"{e!r}"[:2000])
@@ -255,9 +306,12 @@ def compile_decode_variants(arch: int) -> list[dict]:
              [dict(NORM=False, HALF_BLOCK=64), dict(NORM=True, HALF_BLOCK=64)], 1),
             ("decode_attention", td._attention_kernel,
              dict(q_ptr=p, k_ptr=p, v_ptr=p, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p,
-                  codes_ptr="*i8", scale_in="*fp32", scaling="fp32", **i32("HQ", "GROUP", "L", "D", "CHUNK")),
-             [dict(SINGLE=single, QUANT=quant, QMAX=127, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N)
-              for single in (True, False) for quant in (False, True)], 4),
+                  codes_ptr="*i8", scale_in="*fp32", scaling="fp32", cnt_ptr="*i32",
+                  **i32("HQ", "GROUP", "L", "D", "CHUNK")),
+             [dict(SINGLE=single, QUANT=quant, QMAX=127, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N, SERIAL=False,
+                   S_BLOCK=1) for single in (True, False) for quant in (False, True)]
+             + [dict(SINGLE=False, QUANT=quant, QMAX=127, D_BLOCK=128, BLOCK_N=td.ATTN_BLOCK_N, SERIAL=True,
+                     S_BLOCK=8) for quant in (False, True)], 4),
             ("attention_combine", td._attention_combine_kernel,
              dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=p, codes_ptr="*i8", scale_in="*fp32",
                   **i32("NSPLIT", "D")),

@@ -222,3 +222,28 @@ def test_triton_attention_quantizes_its_output_with_a_static_scale(splits):
     assert torch.equal(codes, q_ref) and float(s) == float(scale)
     with pytest.raises(ValueError, match="static scale only"):
         ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, quant=(None, 8))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("quant", [False, True])
+def test_triton_attention_combines_its_splits_in_the_same_launch_with_counters(quant):
+    """With counters (one per query head) the last split of each head to finish combines the splits: the
+    two-launch output (and static codes) bit for bit, at every position, the counters back at zero each time (a
+    CUDA graph replays the same buffer); the device check that gates it passes off CUDA."""
+    from fptq.kernels.triton_decode import ATTN_BLOCK_N, serial_attention_verified
+
+    assert serial_attention_verified(torch.device("cpu"))
+    b, hq, hkv, d, length = 2, 4, 2, 16, 4 * ATTN_BLOCK_N
+    q = _rand(b, hq, d, dtype=torch.float16, scale=2)
+    kc, vc = _rand(b, hkv, length, d, dtype=torch.float16, seed=1), _rand(b, hkv, length, d, dtype=torch.float16, seed=2)
+    counters = torch.zeros(b * hq + 3, dtype=torch.int32)  # more than needed is fine
+    spec = (torch.tensor(0.01), 8) if quant else None
+    for p in (0, ATTN_BLOCK_N + 3, length - 1):  # splits with no position too
+        pos = torch.tensor([p])
+        two = ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=4, quant=spec)
+        one = ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=4, quant=spec, counters=counters)
+        for a, c in zip((one,) if not quant else one, (two,) if not quant else two):
+            assert torch.equal(a, c)
+        assert not counters.any()
+    with pytest.raises(ValueError, match="counters must be int32"):
+        ops.decode_attention(q, kc, vc, pos, 0.25, use_triton=True, splits=4, counters=counters[:3])

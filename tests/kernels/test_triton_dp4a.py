@@ -355,3 +355,123 @@ def test_w8a8_layers_run_the_int8_per_channel_kernel_not_the_reference(m, mode, 
         warnings.simplefilter("ignore")  # (warned once per process)
         assert torch.equal(tw.triton_forward(grouped, x), grouped.reference_forward(x))
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("ns,k,gs,integer,bias", [
+    ((96, 40, 40), 512, 64, False, True),  # q, k, v of a grouped-query layer, Qwen2's biases
+    ((72, 72), 1024, 128, True, False),  # gate, up with integer group scales
+    ((129, 7, 33), 256, -1, False, False),  # one group per row, ragged tiles
+])
+@pytest.mark.parametrize("m,mode,split", [(1, "dynamic_token", 3), (2, "static_tensor", 2)])
+def test_layers_reading_one_input_in_one_launch_give_each_layers_own_bits(ns, k, gs, integer, bias, m, mode, split):
+    """Two or three layers that read the same input, their output tiles side by side in one launch: each output
+    the bits of that layer's own dp4a GEMV with the same split-K (float activations quantized in the launch, or
+    int8 codes in), with the split reduced in the launch (counters back at zero) or in reduce launches."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_dp4a import counters_needed
+    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_layers
+
+    layers = [_layer(k, n, gs, mode, bias=bias, integer=integer, seed=3 + i) for i, n in enumerate(ns)]
+    ints = [tw.integer_scales_device(l) if integer else None for l in layers]
+    assert all((i is not None) == integer for i in ints)
+    static = layers[0].act_scale if mode == "static_tensor" else None
+    cfg = {"BLOCK_N": 32, "SPLIT_K": split}
+    spec = [(l.qweight, l.w_scales, l.bias, i) for l, i in zip(layers, ints)]
+    counters = torch.zeros(sum(counters_needed(m, n, k, gs, cfg) for n in ns), dtype=torch.int32)
+    x = _x(m, k, seed=4)
+    qx, sx = layers[0].quantize_input(x)
+    sx = sx.reshape(-1) if mode == "dynamic_token" else sx
+    for inp, s_in in ((x, static), (qx, sx)):
+        alone = [tw.w4a8_gemv_dp4a(inp, s_in, l.qweight, l.w_scales, k, gs, bias=l.bias, out_dtype=torch.float16,
+                                   config=cfg, int_scales=i) for l, i in zip(layers, ints)]
+        for cnt in (None, counters):
+            ys, s = w4a8_gemv_dp4a_layers(inp, s_in, spec, k, gs, out_dtype=torch.float16, config=cfg, counters=cnt)
+            assert [tuple(y.shape) for y in ys] == [(m, n) for n in ns]
+            for y, (ref, s_ref) in zip(ys, alone):
+                assert torch.equal(y, ref)
+                assert torch.equal(s, s_ref)
+            assert not counters.any()
+
+
+def test_layers_in_one_launch_refuse_what_they_cannot_share():
+    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_layers
+
+    a, b = _layer(256, 16, 64, bias=True), _layer(256, 16, 64, bias=False)
+    c = _layer(256, 16, 128)
+    x = _x(1, 256)
+    with pytest.raises(ValueError, match="all have a bias or none"):
+        w4a8_gemv_dp4a_layers(x, None, [(a.qweight, a.w_scales, a.bias, None), (b.qweight, b.w_scales, None, None)],
+                              256, 64)
+    with pytest.raises(ValueError, match="differ in their number of group scales"):
+        w4a8_gemv_dp4a_layers(x, None, [(b.qweight, b.w_scales, None, None), (c.qweight, c.w_scales, None, None)],
+                              256, 64)
+    with pytest.raises(ValueError, match="1 to 3 layers"):
+        w4a8_gemv_dp4a_layers(x, None, [(b.qweight, b.w_scales, None, None)] * 4, 256, 64)
+
+
+def test_shared_input_forward_gives_each_layers_triton_forward_and_says_when_it_cannot():
+    """What the fused decode step calls for q/k/v and gate/up: from the codes of the shared input, each output that
+    layer's ``triton_forward`` (bit for bit here, where neither splits K); None, so that each layer runs alone,
+    above the GEMV's batch or for layers that cannot share a launch."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_shared_input import shared_input_forward, shared_input_problem
+
+    layers = [_layer(256, n, 64, "static_tensor", bias=True, seed=n) for n in (64, 16, 16)]
+    for mode_x in (torch.float32, torch.float16):
+        x = _x(2, 256, seed=9, dtype=mode_x)
+        codes = tw.quantize_activations(x, layers[0].act_scale, qmax=layers[0].act_qmax())
+        ys = shared_input_forward(layers, x[None], codes)  # [1, 2, K]: the outputs keep x's shape
+        assert [tuple(y.shape) for y in ys] == [(1, 2, 64), (1, 2, 16), (1, 2, 16)]
+        for y, lay in zip(ys, layers):
+            assert y.dtype == mode_x
+            assert torch.equal(y[0], tw.triton_forward(lay, x, codes=codes))
+    x3 = _x(3, 256)
+    assert shared_input_forward(layers, x3, tw.quantize_activations(x3, layers[0].act_scale)) is None
+    assert "another kernel" in shared_input_problem(layers, 3)
+    assert "bias on some" in shared_input_problem([layers[0], _layer(256, 16, 64, "static_tensor")], 1)
+    assert "group sizes differ" in shared_input_problem([layers[0], _layer(256, 16, 128, "static_tensor")], 1)
+    assert "integer group scales on some" in shared_input_problem(
+        [_layer(256, 16, 64, bias=True, integer=True), layers[1]], 1)
+    assert "one launch runs 2 to 3" in shared_input_problem(layers[:1], 1)
+
+
+@pytest.mark.parametrize("k,n,gs,integer,bias,split", [
+    (512, 96, 64, False, True, 3), (1024, 72, 128, True, False, 1), (256, 40, -1, False, False, 2)])
+@pytest.mark.parametrize("m,mode", [(1, "dynamic_token"), (2, "static_tensor")])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # SiLU of large negative sums, under numpy
+def test_gate_and_up_with_silu_in_one_launch_give_the_three_launches_bits(k, n, gs, integer, bias, split, m, mode):
+    """silu(gate(x)) * up(x) from x's codes in one launch (the last program of each output tile rounds both sums and
+    applies SiLU x up): the bits of the gate/up GEMVs followed by the SiLU x up kernel, on the same split; the
+    counters back at zero."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_decode import silu_mul_triton
+    from fptq.kernels.triton_dp4a import counters_needed
+    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
+
+    gate, up = (_layer(k, n, gs, mode, bias=bias, integer=integer, seed=s) for s in (11, 12))
+    spec = [(l.qweight, l.w_scales, l.bias, tw.integer_scales_device(l) if integer else None) for l in (gate, up)]
+    cfg = {"BLOCK_N": 32, "SPLIT_K": split}
+    counters = torch.zeros(counters_needed(m, n, k, gs, cfg) + 2, dtype=torch.int32)
+    for seed in (1, 2):
+        xq, sx = gate.quantize_input(_x(m, k, seed=seed))
+        sx = sx.reshape(-1) if mode == "dynamic_token" else sx
+        for dtype in (torch.float16, torch.bfloat16):
+            g, u = w4a8_gemv_dp4a_layers(xq, sx, spec, k, gs, out_dtype=dtype, config=cfg)[0]
+            got = w4a8_gemv_dp4a_glu(xq, sx, *spec, k, gs, counters, out_dtype=dtype, config=cfg)
+            assert got.dtype == dtype and torch.equal(got, silu_mul_triton(g, u))
+            assert not counters.any()
+    with pytest.raises(ValueError, match="same shape"):
+        w4a8_gemv_dp4a_glu(xq, sx, spec[0], (up.qweight[:8], up.w_scales[:8], None, None), k, gs, counters)
+    with pytest.raises(ValueError, match="int8 codes"):
+        w4a8_gemv_dp4a_glu(_x(m, k), sx, *spec, k, gs, counters)
+
+
+def test_the_device_checks_of_the_one_launch_forms_pass_where_programs_run_in_order():
+    """The comparisons a GPU runs once before using the gate/up-with-SiLU launch and the attention that combines its
+    own splits: run here under the interpreter, where they must hold (a check that failed here would switch the
+    forms off on every GPU)."""
+    from fptq.kernels.triton_decode import _serial_combine_agrees
+    from fptq.kernels.triton_shared_input import _glu_agrees
+
+    assert _glu_agrees(torch.device("cpu"), k=512, n=64)  # (smaller than the GPU's check: interpreted)
+    assert _serial_combine_agrees(torch.device("cpu"), length=320)

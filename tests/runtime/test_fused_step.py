@@ -264,11 +264,13 @@ def test_a_fused_step_that_cannot_be_set_up_leaves_the_steps_to_transformers(mon
 
 
 @pytest.mark.skipif(HAS_CUDA or not INTERPRETED, reason="counts the Triton launches under Triton's CPU interpreter")
-@pytest.mark.parametrize("batch", [1, 3])
-def test_a_w4a8_layers_decode_step_is_twelve_triton_launches(batch, monkeypatch):
-    """The launch count the GPU run is planned around, counted: per layer five launches between the Linears and
-    one per Linear (the GEMV reduces a split K itself; above M = 2 the codes come from the launch that made the
-    input), here where every Linear group shares its quantizer and o_proj's is static; then the final norm."""
+@pytest.mark.parametrize("batch,per_layer", [(1, 8), (3, 12)])
+def test_a_w4a8_layers_decode_step_is_eight_triton_launches(batch, per_layer, monkeypatch):
+    """The launch count the GPU run is planned around, counted: at batch 1-2 eight per layer (the norm, q/k/v in one
+    dp4a launch, rotary, attention, o_proj, the norm, gate/up with SiLU x up in one launch, down_proj; the GEMVs
+    reduce a split K themselves), above five launches between the Linears and one per Linear (the codes come from
+    the launch that made the input); here where every Linear group shares its quantizer and o_proj's is static;
+    then the final norm."""
     from triton.runtime.interpreter import InterpretedFunction
 
     model = set_backend(tiny_w4a8(), "triton")
@@ -282,5 +284,7 @@ def test_a_w4a8_layers_decode_step_is_twelve_triton_launches(batch, monkeypatch)
     dec.step(nxt)
     layers = model.config.num_hidden_layers
     assert all(s is not None for s in dec._fused._specs.values())  # (what this count assumes)
-    assert len(launched) == 12 * layers + 1, sorted(set(launched))
+    assert len(launched) == per_layer * layers + 1, sorted(set(launched))
     assert "_quant_act_kernel" not in launched and "_splitk_reduce_kernel" not in launched
+    assert launched.count("_w4a8_gemv_dp4a_layers_kernel") == (layers if batch <= 2 else 0)
+    assert launched.count("_w4a8_gemv_dp4a_glu_kernel") == (layers if batch <= 2 else 0)

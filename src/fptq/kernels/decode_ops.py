@@ -90,17 +90,19 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scaling: float, use_triton: bool = False, splits: int | None = None, quant: tuple | None = None):
+                     scaling: float, use_triton: bool = False, splits: int | None = None, quant: tuple | None = None,
+                     counters: torch.Tensor | None = None):
     """Softmax attention of one query per sequence and head, ``q`` ``[B, Hq, D]``, over the cached positions
     ``0..pos`` of ``k_cache``, ``v_cache`` ``[B, Hkv, L, D]`` (query head ``h`` reads key/value head
     ``h // (Hq / Hkv)``); scores scaled by ``scaling``, softmax in float32. Returns ``[B, Hq * D]`` in ``q``'s
     dtype (what the output projection takes). ``splits``: the Triton form's split of the positions among
     programs (default: :func:`fptq.kernels.triton_decode.attention_splits`). ``quant`` (a static scale only):
-    ``(out, codes, scale)`` as :func:`add_rmsnorm`."""
+    ``(out, codes, scale)`` as :func:`add_rmsnorm`. ``counters``: the Triton form's, to combine the splits in
+    the same launch (:func:`~fptq.kernels.triton_decode.decode_attention_triton`)."""
     if use_triton:
         from .triton_decode import decode_attention_triton
 
-        return decode_attention_triton(q, k_cache, v_cache, pos, scaling, splits, quant)
+        return decode_attention_triton(q, k_cache, v_cache, pos, scaling, splits, quant, counters)
     if quant is not None and quant[0] is None:
         raise ValueError("decode_attention quantizes its output with a static scale only")
     b, hq, d = q.shape

@@ -25,7 +25,7 @@ if triton is not None:
     from .triton_quant import _codes, _dynamic_scale
 
 __all__ = ["ATTN_BLOCK_N", "add_rmsnorm_triton", "attention_splits", "decode_attention_triton",
-           "rope_write_kv_triton", "silu_mul_triton"]
+           "rope_write_kv_triton", "serial_attention_verified", "silu_mul_triton"]
 
 ATTN_BLOCK_N = 32  # cached positions per attention tile
 _MIN_SPLIT_TILES = 4  # a split of the positions covers at least this many tiles
@@ -117,8 +117,9 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, scaling,
-                          HQ, GROUP, L, D, CHUNK, SINGLE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                          D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+                          cnt_ptr, HQ, GROUP, L, D, CHUNK, SINGLE: tl.constexpr, QUANT: tl.constexpr,
+                          QMAX: tl.constexpr, D_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SERIAL: tl.constexpr = False, S_BLOCK: tl.constexpr = 1):
         bh = tl.program_id(0)  # b * HQ + query head
         s = tl.program_id(1)
         nsplit = tl.num_programs(1)
@@ -156,6 +157,13 @@ if triton is not None:
             tl.store(m_ptr + at, m)
             tl.store(l_ptr + at, den)
             tl.store(acc_ptr + at * D + offs_d, acc, mask=mask_d)
+            if SERIAL:  # the last split of the head to finish (counted in cnt_ptr, put back to 0) combines them
+                tl.debug_barrier()  # every thread's partials are stored before the count
+                seen = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+                if seen == nsplit - 1:
+                    _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, bh, nsplit, D, QUANT, QMAX,
+                                  S_BLOCK, D_BLOCK)
+                    tl.atomic_xchg(cnt_ptr + bh, 0)
 
     @triton.jit
     def _store_head(o, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT: tl.constexpr, QMAX: tl.constexpr):
@@ -168,21 +176,27 @@ if triton is not None:
                           QMAX)
 
     @triton.jit
-    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, NSPLIT, D,
-                                  QUANT: tl.constexpr, QMAX: tl.constexpr, S_BLOCK: tl.constexpr,
-                                  D_BLOCK: tl.constexpr):
-        bh = tl.program_id(0)
+    def _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, bh, NSPLIT, D, QUANT: tl.constexpr,
+                      QMAX: tl.constexpr, S_BLOCK: tl.constexpr, D_BLOCK: tl.constexpr):
+        # head bh's output from its splits' partial softmax sums (.cg: from L2, where other programs stored them)
         offs_s = tl.arange(0, S_BLOCK)
         mask_s = offs_s < NSPLIT
         offs_d = tl.arange(0, D_BLOCK)
         mask_d = offs_d < D
-        m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=float("-inf"))
-        den = tl.load(l_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=0.0)
+        m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+        den = tl.load(l_ptr + bh * NSPLIT + offs_s, mask=mask_s, other=0.0, cache_modifier=".cg")
         w = tl.exp(m - tl.max(m, axis=0))  # a split with no position: m = -inf, weight 0
         rows = (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :]
-        acc = tl.load(acc_ptr + rows, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.load(acc_ptr + rows, mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(den * w, axis=0)
         _store_head(out, out_ptr, codes_ptr, scale_in, bh, D, offs_d, mask_d, QUANT, QMAX)
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, NSPLIT, D,
+                                  QUANT: tl.constexpr, QMAX: tl.constexpr, S_BLOCK: tl.constexpr,
+                                  D_BLOCK: tl.constexpr):
+        _combine_head(m_ptr, l_ptr, acc_ptr, out_ptr, codes_ptr, scale_in, tl.program_id(0), NSPLIT, D, QUANT, QMAX,
+                      S_BLOCK, D_BLOCK)
 
     @triton.jit
     def _silu_times(g, u, dt):
@@ -269,10 +283,13 @@ def attention_splits(batch: int, heads: int, length: int, device: torch.device) 
 
 
 def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: int | None = None,
-                            quant: tuple | None = None):
+                            quant: tuple | None = None, counters: torch.Tensor | None = None):
     """:func:`fptq.kernels.decode_attention` in one launch (two when ``splits`` > 1: partial softmax sums per
-    split, then their combination); with ``quant`` (a static scale only: heads are quantized apart) also the
-    output's int8 codes (``(out, codes, scale)``)."""
+    split, then their combination, unless ``counters`` are given); with ``quant`` (a static scale only: heads are
+    quantized apart) also the output's int8 codes (``(out, codes, scale)``). ``counters``: int32 zeros, one per
+    query head of the batch (``B * Hq``), not shared with a concurrent launch: the last split of each head to
+    finish combines them in the same launch (the combining launch's operations: the same bits) and puts its
+    counter back to zero."""
     require_triton()
     if quant is not None and quant[0] is None:
         raise ValueError("decode_attention_triton quantizes its output with a static scale only (per-token scales "
@@ -299,13 +316,46 @@ def decode_attention_triton(q, k_cache, v_cache, pos, scaling: float, splits: in
     else:
         qargs = (out, out)  # (unused)
     qmax = act_qmax(quant[1]) if quant is not None else 127
-    _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, *qargs, float(scaling), hq, hq // hkv,
-                                        length, d, chunk, SINGLE=splits == 1, QUANT=quant is not None, QMAX=qmax,
-                                        D_BLOCK=d_block, BLOCK_N=ATTN_BLOCK_N, num_warps=4)
-    if splits > 1:
+    serial = splits > 1 and counters is not None
+    if serial and (counters.dtype != torch.int32 or counters.numel() < b * hq or counters.device != q.device):
+        raise ValueError(f"counters must be int32 on {q.device} with at least {b * hq} elements")
+    _attention_kernel[(b * hq, splits)](q, k_cache, v_cache, pos, *part, out, *qargs, float(scaling),
+                                        counters if serial else pos, hq, hq // hkv, length, d, chunk,
+                                        SINGLE=splits == 1, QUANT=quant is not None, QMAX=qmax, D_BLOCK=d_block,
+                                        BLOCK_N=ATTN_BLOCK_N, SERIAL=serial, S_BLOCK=_pow2(splits), num_warps=4)
+    if splits > 1 and not serial:
         _attention_combine_kernel[(b * hq,)](*part, out, *qargs, splits, d, QUANT=quant is not None, QMAX=qmax,
                                              S_BLOCK=_pow2(splits), D_BLOCK=d_block, num_warps=1)
     return out if quant is None else (out, codes, scale)
+
+
+_SERIAL_OK: dict = {}
+
+
+def _serial_combine_agrees(dev, length: int = 1024) -> bool:
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = torch.randn(b, hq, d, generator=gen).to(torch.float16).to(dev)
+    k, v = (torch.randn(b, hkv, length, d, generator=gen).to(torch.float16).to(dev) for _ in range(2))
+    counters = torch.zeros(b * hq, dtype=torch.int32, device=dev)
+    same = True
+    for at in (length - 24, length // 2 + 5, 40):
+        pos = torch.tensor([at], device=dev)
+        two = decode_attention_triton(q, k, v, pos, d ** -0.5, splits=8)
+        one = decode_attention_triton(q, k, v, pos, d ** -0.5, splits=8, counters=counters)
+        same = same and bool(torch.equal(one, two)) and not bool(counters.any())
+    return same
+
+
+def serial_attention_verified(device) -> bool:
+    """Whether the decode attention's one-launch combination (``counters``) gives, on ``device``, the two-launch
+    bits: checked once per device at a few positions; True off CUDA (Triton's interpreter runs programs one after
+    another)."""
+    from .triton_w4a8 import _checked_once
+
+    return _checked_once(_SERIAL_OK, device, _serial_combine_agrees,
+                         "fptq decode step: the one-launch attention combination disagrees with the two-launch one "
+                         "on {dev} (or does not build); combining in a second launch")
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, quant: tuple | None = None):

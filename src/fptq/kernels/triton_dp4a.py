@@ -30,7 +30,7 @@ packed rows 4-byte aligned; :func:`dp4a_problem` says why not otherwise (the dis
 GEMV)."""
 from __future__ import annotations
 
-import math
+from types import SimpleNamespace
 
 import torch
 
@@ -91,11 +91,11 @@ if HAS_TRITON:
         return _dp4a(wd & -252645136, xo[None, :], acc, ASM)  # 16 x odd codes
 
     @triton.jit
-    def _serial_reduce(P, C, BIAS, CNT, scale, pid_m, pid_n, offs_n, mask_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
-        # split-K in the same launch: the last program of a tile to store its partials (counted in CNT, which it
-        # puts back to 0) adds the tile's partials in split order and stores the output, as the reduce kernel does
+    def _serial_reduce(P, C, BIAS, CNT, scale, pid_m, tile, offs_n, mask_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
+        # split-K in the same launch: the last program of output tile ``tile`` (its counter) to store its partials
+        # (counted in CNT, which it puts back to 0) adds the tile's partials in split order and stores the output,
+        # as the reduce kernel does
         tl.debug_barrier()  # every thread's partials are stored before the count
-        tile = pid_m * tl.num_programs(1) + pid_n
         splits = tl.num_programs(2)
         seen = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
         if seen == splits - 1:
@@ -107,45 +107,30 @@ if HAS_TRITON:
             tl.atomic_xchg(CNT + tile, 0)
 
     @triton.jit
-    def _w4a8_gemv_dp4a_kernel(
-        X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT,
-        M, N, K, W, G, CHUNK, NUNITS,
-        stride_xm, stride_bn, stride_wsn, stride_cm,
-        PER_TOKEN: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        ONE_GROUP: tl.constexpr,
-        INT_SCALES: tl.constexpr,
-        SPLIT: tl.constexpr,
-        QUANT: tl.constexpr,  # X holds float activations, quantized here; else int8 codes
-        RECIP: tl.constexpr,
-        QMAX: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        GPT: tl.constexpr,  # groups per tile (the tile spans whole groups) ...
-        TPG: tl.constexpr,  # ... or tiles per group (GPT == 1)
-        BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr,  # words (8 codes) per row and tile
-        ASM: tl.constexpr,
-        QW: tl.constexpr = 128,  # activation words staged per step
-        SERIAL: tl.constexpr = False,  # SPLIT: the last program of each tile reduces (one launch; CNT zeros)
-    ):
-        # grid (M, n tiles, splits); a unit of K is a tile (one group per row) or GPT groups (TPG tiles); program
-        # (m, n, s) stages its activation words in XW[((m * n tiles + n) * splits + s) * 2 * CHUNK * TPG * BLOCK_W:]
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
+    def _dp4a_program(X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT, pid_m, pid_n, tile, ntiles, pid_s, first,
+                      M, N, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, stride_cm,
+                      PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
+                      INT_SCALES: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
+                      QMAX: tl.constexpr, BLOCK_R: tl.constexpr, GPT: tl.constexpr, TPG: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr, QW: tl.constexpr,
+                      SERIAL: tl.constexpr):
+        # program (pid_m, pid_n, pid_s) of one layer's GEMV (pid_n its output tile); ``tile`` of ``ntiles``: the
+        # tile's index among all the launch's tiles (several layers' in one launch: triton_fused_linears), which
+        # places its staged words and its split-K counter; ``first``: the program that stores a per-token scale.
+        # A unit of K is a tile (one group per row) or GPT groups (TPG tiles); the program stages its activation
+        # words in XW[((m * ntiles + tile) * splits + s) * 2 * CHUNK * TPG * BLOCK_W:]
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, BLOCK_W)
         mask_n = offs_n < N
         b_rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
         x_row = X + pid_m.to(tl.int64) * stride_xm
-        scale = _row_scale(x_row, AS, INV_QMAX, K, pid_m, (pid_n == 0) & (pid_s == 0),
-                           QUANT, PER_TOKEN, RECIP, QMAX, BLOCK_R)
+        scale = _row_scale(x_row, AS, INV_QMAX, K, pid_m, first, QUANT, PER_TOKEN, RECIP, QMAX, BLOCK_R)
         u0 = pid_s * CHUNK
         u1 = tl.minimum(u0 + CHUNK, NUNITS)
         UW = BLOCK_W * TPG  # words per unit
         w_start = u0 * UW
         w_end = tl.minimum(u1 * UW, W)
-        prog = (pid_m * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_s
+        prog = (pid_m * ntiles + tile) * tl.num_programs(2) + pid_s
         xw = XW + prog.to(tl.int64) * (2 * CHUNK * UW)
         _stage_act_words(xw, x_row, w_start, w_end, K, scale, QUANT, QMAX, QW)
         # the sums are kept [BLOCK_N, 1] (keep_dims), in the tiles' layout, as are the scales loaded beside them
@@ -180,7 +165,38 @@ if HAS_TRITON:
         _gemv_store(tl.reshape(acc, [BLOCK_N]), P, C, BIAS, scale, pid_m, pid_s, offs_n, mask_n, M, N, stride_cm,
                     SPLIT, HAS_BIAS)
         if SPLIT and SERIAL:
-            _serial_reduce(P, C, BIAS, CNT, scale, pid_m, pid_n, offs_n, mask_n, M, N, stride_cm, HAS_BIAS)
+            _serial_reduce(P, C, BIAS, CNT, scale, pid_m, pid_m * ntiles + tile, offs_n, mask_n, M, N, stride_cm,
+                           HAS_BIAS)
+
+    @triton.jit
+    def _w4a8_gemv_dp4a_kernel(
+        X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT,
+        M, N, K, W, G, CHUNK, NUNITS,
+        stride_xm, stride_bn, stride_wsn, stride_cm,
+        PER_TOKEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ONE_GROUP: tl.constexpr,
+        INT_SCALES: tl.constexpr,
+        SPLIT: tl.constexpr,
+        QUANT: tl.constexpr,  # X holds float activations, quantized here; else int8 codes
+        RECIP: tl.constexpr,
+        QMAX: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        GPT: tl.constexpr,  # groups per tile (the tile spans whole groups) ...
+        TPG: tl.constexpr,  # ... or tiles per group (GPT == 1)
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,  # words (8 codes) per row and tile
+        ASM: tl.constexpr,
+        QW: tl.constexpr = 128,  # activation words staged per step
+        SERIAL: tl.constexpr = False,  # SPLIT: the last program of each tile reduces (one launch; CNT zeros)
+    ):
+        # grid (M, n tiles, splits): one layer, program (m, n, s) = _dp4a_program's
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        _dp4a_program(X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT, tl.program_id(0), pid_n, pid_n,
+                      tl.num_programs(1), pid_s, (pid_n == 0) & (pid_s == 0), M, N, K, W, G, CHUNK, NUNITS,
+                      stride_xm, stride_bn, stride_wsn, stride_cm, PER_TOKEN, HAS_BIAS, ONE_GROUP, INT_SCALES, SPLIT,
+                      QUANT, RECIP, QMAX, BLOCK_R, GPT, TPG, BLOCK_N, BLOCK_W, ASM, QW, SERIAL)
 
 
 def dp4a_problem(qweight: torch.Tensor, in_features: int, group_size: int) -> str | None:
@@ -247,12 +263,49 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
     concurrent launch: a split-K launch then reduces its partials itself (the last program of each output tile to
     finish adds them in split order, the reduce kernel's operations: the same bits) instead of in a second launch,
     and leaves the counters at zero again."""
+    L = _prepare(x, x_scale, [(qweight, w_scales, bias, int_scales)], in_features, group_size, qmax, config, recip,
+                 asm)
+    x, x_scale, (qweight, w_scales, bias, ints) = L.x, L.x_scale, L.lays[0]
+    m, n, k, g = x.shape[0], L.ns[0], in_features, L.g
+    c = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return c, x_scale
+    part = torch.empty(L.splits, m, n, dtype=torch.float32, device=x.device) if L.splits > 1 else c
+    serial = L.splits > 1 and counters is not None
+    _check_counters(counters if serial else None, m * L.tiles[0], x.device)
+    mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
+    _w4a8_gemv_dp4a_kernel[L.grid](
+        x, qweight.view(torch.int32), w_scales, x_scale, c if bias is None else bias, c, part, mt, base, L.staged,
+        _inv_qmax(qmax), counters if serial else L.staged, m, n, k, k // 8, g, L.chunk, L.nunits, x.stride(0), k // 8,
+        g, n, SPLIT=L.splits > 1, SERIAL=serial, **L.const)
+    if L.splits > 1 and not serial:
+        _reduce(part, x_scale, L.per_token, bias, c)
+    return c, x_scale
+
+
+def _check_counters(counters: torch.Tensor | None, need: int, device) -> None:
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < need
+                                 or counters.device != device):
+        raise ValueError(f"counters must be int32 on {device} with at least {need} elements")
+
+
+def _prepare(x, x_scale, layers, in_features: int, group_size: int, qmax: int, config, recip, asm,
+             max_layers: int = 1) -> SimpleNamespace:
+    """What a launch of the dp4a kernels on ``layers`` (``(qweight, w_scales, bias, int_scales)`` each) that read
+    ``x`` needs: the checked, contiguous input and layers (``lays``), the per-token scale buffer, the tiling, the
+    split-K plan over all the layers' tiles, each program's scratch for its staged activation words (``staged``)
+    and the kernel's constexprs (``const``, less ``SPLIT`` / ``SERIAL``)."""
     require_triton()
     if x.dim() != 2:
         raise ValueError("w4a8_gemv_dp4a expects a 2-D [M, K] input")
-    why = dp4a_problem(qweight, in_features, group_size)
-    if why:
-        raise ValueError(f"w4a8_gemv_dp4a: {why}")
+    if not 1 <= len(layers) <= max_layers:
+        raise ValueError(f"one launch runs 1 to {max_layers} layers, not {len(layers)}")
+    for qweight, *_ in layers:
+        why = dp4a_problem(qweight, in_features, group_size)
+        if why:
+            raise ValueError(f"w4a8_gemv_dp4a: {why}")
+    if len({b is None for _, _, b, _ in layers}) > 1 or len({i is None for *_, i in layers}) > 1:
+        raise ValueError("the layers of one launch must all have a bias or none, integer scales or none")
     quant = x.is_floating_point()
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -265,45 +318,39 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
                    else x_scale.to(device=x.device, dtype=torch.float32).reshape(()))
     elif x.dtype != torch.int8 or x_scale is None:
         raise ValueError("w4a8_gemv_dp4a expects float activations, or int8 codes with their x_scale")
-    x, x_scale, per_token, qweight, w_scales = _check_grouped_args(
-        x, x_scale, qweight, w_scales, in_features, group_size)
     k = in_features
-    n, g = qweight.shape[0], w_scales.shape[1]
-    ints = _check_int_scales(int_scales, w_scales, k)
-    cfg = pick_dp4a_config(m, n, k, group_size)
+    lays = []  # (qweight, w_scales, bias, ints) checked and contiguous
+    for qweight, w_scales, bias, int_scales in layers:
+        x, x_scale, per_token, qweight, w_scales = _check_grouped_args(
+            x, x_scale, qweight, w_scales, in_features, group_size)
+        lays.append((qweight, w_scales, None if bias is None else bias.contiguous(),
+                     _check_int_scales(int_scales, w_scales, k)))
+    g = lays[0][1].shape[1]
+    if any(ws.shape[1] != g for _, ws, _, _ in lays):
+        raise ValueError("the layers of one launch differ in their number of group scales")
+    ns = [qw.shape[0] for qw, *_ in lays]
+    cfg = pick_dp4a_config(m, sum(ns), k, group_size)
     if config:
         cfg.update(config)
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     if bk < 8 or bk & (bk - 1):
         raise ValueError(f"BLOCK_K={bk} must be a power of two >= 8")
     nunits, unit_k, gpt, tpg = _plan(k, group_size, g, bk)
-    c = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    if m == 0 or n == 0:
-        return c, x_scale
-    grid = (m, triton.cdiv(n, bn))
-    splits, chunk = _split_plan(math.prod(grid), m, k, nunits, unit_k, x.device, cfg.get("SPLIT_K"))
-    has_bias = bias is not None
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else c
-    mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
+    tiles = [triton.cdiv(n, bn) for n in ns]
+    splits, chunk = (_split_plan(m * sum(tiles), m, k, nunits, unit_k, x.device, cfg.get("SPLIT_K"))
+                     if m * sum(tiles) else (1, nunits))
     if asm is None:
         asm = x.device.type == "cuda"
     # each program's staged activation words (int32, 2 per 8 codes of its share of K)
-    staged = torch.empty(math.prod(grid) * splits * 2 * chunk * (unit_k // 8), dtype=torch.int32, device=x.device)
-    serial = splits > 1 and counters is not None
-    if serial and (counters.dtype != torch.int32 or counters.numel() < math.prod(grid)
-                   or counters.device != x.device):
-        raise ValueError(f"counters must be int32 on {x.device} with at least {math.prod(grid)} elements")
-    _w4a8_gemv_dp4a_kernel[(*grid, splits)](
-        x, qweight.view(torch.int32), w_scales, x_scale, bias.contiguous() if has_bias else c, c, part, mt, base,
-        staged, _inv_qmax(qmax), counters if serial else staged, m, n, k, k // 8, g, chunk, nunits,
-        x.stride(0), qweight.stride(0) // 4, w_scales.stride(0), c.stride(0),
-        PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=g == 1, INT_SCALES=ints is not None, SPLIT=splits > 1,
-        QUANT=quant, RECIP=bool(quant and per_token and recip), QMAX=int(qmax),
-        BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))), GPT=gpt, TPG=tpg, BLOCK_N=bn, BLOCK_W=bk // 8,
-        ASM=bool(asm), SERIAL=serial, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits > 1 and not serial:
-        _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
-    return c, x_scale
+    staged = torch.empty(m * sum(tiles) * splits * 2 * chunk * (unit_k // 8), dtype=torch.int32, device=x.device)
+    const = dict(PER_TOKEN=per_token, HAS_BIAS=lays[0][2] is not None, ONE_GROUP=g == 1,
+                 INT_SCALES=lays[0][3] is not None, QUANT=quant, RECIP=bool(quant and per_token and recip),
+                 QMAX=int(qmax), BLOCK_R=min(4096, max(128, triton.next_power_of_2(k))), GPT=gpt, TPG=tpg,
+                 BLOCK_N=bn, BLOCK_W=bk // 8, ASM=bool(asm), num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
+    return SimpleNamespace(x=x, x_scale=x_scale, per_token=per_token, lays=lays, g=g, ns=ns, tiles=tiles,
+                           grid=(m, sum(tiles), splits), splits=splits, chunk=chunk, nunits=nunits, staged=staged,
+                           has_bias=const["HAS_BIAS"], ints=const["INT_SCALES"], const=const)
 
 
 def counters_needed(m: int, n: int, k: int, group_size: int, config: dict | None = None) -> int:

@@ -11,14 +11,17 @@ itself) and five launches for what lies between them (:mod:`fptq.kernels.decode_
     x = add_rmsnorm(h, delta, ln1)        h += delta (the previous layer's down_proj output); RMSNorm
     q, k, v = q_proj(x), k_proj(x), v_proj(x)
     q = rope_write_kv(q, k, v, pos)       rotary on q and k; k, v written into the static cache at pos
-    a = decode_attention(q, cache, pos)   over positions 0..pos only (1 launch, 2 when split)
+    a = decode_attention(q, cache, pos)   over positions 0..pos only (its splits combined in the same launch)
     x = add_rmsnorm(h, o_proj(a), ln2)
     delta = down_proj(silu_mul(gate_proj(x), up_proj(x)))
 
 then the final norm and ``lm_head``. Where the W4A8 Linears reading a norm's (SiLU x up's, or, with a static
 scale, the attention's) output share one activation quantizer (:func:`shared_quantizer`), that launch also writes
 their int8 codes, which their kernels take (``triton_forward(codes=...)``) instead of quantizing in a launch of
-their own above M = 2. The Linears are the
+their own above M = 2. At M <= 2 q, k and v then run in one dp4a GEMV launch
+(:func:`~fptq.kernels.triton_shared_input.shared_input_forward`), and gate, up and SiLU x up in another
+(:func:`~fptq.kernels.triton_shared_input.glu_forward`; down_proj quantizes its input in its own GEMV): 8 launches
+per layer. The Linears are the
 model's own modules (a float model's run cuBLAS: the
 fp16 row of ``fptq bench --device cuda`` runs the same step), the keys and values the transformers
 ``StaticCache``'s tensors (its prompt is prefilled by transformers). Numerics: the operations of transformers'
@@ -165,9 +168,12 @@ class FusedStep:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._specs: dict = {}  # modes of a set of Linears -> their shared quantizer (see _quant)
         if self.use_triton:
+            from ..kernels.triton_shared_input import glu_forward, shared_input_forward
             from ..kernels.triton_w4a8 import triton_forward
 
-            self._triton_forward = triton_forward
+            self._triton_forward, self._shared_input_forward = triton_forward, shared_input_forward
+            self._glu_forward = glu_forward
+        self._attention_counters: torch.Tensor | None = None
 
     @property
     def label(self) -> str:
@@ -194,6 +200,28 @@ class FusedStep:
         quantizer, so only with the Triton kernels)."""
         return linear(x) if codes is None else self._triton_forward(linear, x, codes=codes)
 
+    def _run_all(self, linears: tuple, x: torch.Tensor, codes: tuple | None) -> list:
+        """``[linear(x) for linear in linears]``: one launch for all where they share ``codes`` and
+        :func:`~fptq.kernels.triton_shared_input.shared_input_forward` runs them (decode batches of 1-2: q, k and v;
+        gate and up where their launch with SiLU x up could not run), else one :meth:`_run` each."""
+        if codes is not None:
+            ys = self._shared_input_forward(linears, x, codes)
+            if ys is not None:
+                return ys
+        return [self._run(linear, x, codes) for linear in linears]
+
+    def _counters(self, heads: int) -> torch.Tensor | None:
+        """The Triton attention's counters (one per query head of the batch: its splits combined in the same
+        launch), where that checked out on the device; one buffer for every layer (their launches follow each
+        other, each leaves it at zero)."""
+        from ..kernels.triton_decode import serial_attention_verified
+
+        if not self.use_triton or not serial_attention_verified(self.device):
+            return None
+        if self._attention_counters is None or self._attention_counters.numel() < heads:
+            self._attention_counters = torch.zeros(heads, dtype=torch.int32, device=self.device)
+        return self._attention_counters
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(ids, pos))
 
@@ -207,16 +235,20 @@ class FusedStep:
         run = self._run
         for layer in self.layers:
             x, c = self._norm(h, delta, layer.ln1, (layer.q, layer.k, layer.v))
-            q = ops.rope_write_kv(run(layer.q, x, c), run(layer.k, x, c), run(layer.v, x, c), self.cos, self.sin,
-                                  pos, layer.keys, layer.values, tri, layer.qk_norm)
+            q = ops.rope_write_kv(*self._run_all((layer.q, layer.k, layer.v), x, c), self.cos, self.sin, pos,
+                                  layer.keys, layer.values, tri, layer.qk_norm)
             spec = self._quant((layer.o,))
             spec = spec if spec is not None and spec[0] is not None else None  # static only: heads quantize apart
-            a = ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri, quant=spec)
+            a = ops.decode_attention(q, layer.keys, layer.values, pos, self.scaling, tri, quant=spec,
+                                     counters=self._counters(q.shape[0] * q.shape[1]) if tri else None)
             o = layer.o(a) if spec is None else run(layer.o, a[0], a[1:])
             x, c = self._norm(h, o, layer.ln2, (layer.gate, layer.up))
-            g, u = run(layer.gate, x, c), run(layer.up, x, c)
+            act = None if c is None else self._glu_forward(layer.gate, layer.up, x, c)
+            if act is not None:  # SiLU x up in the gate/up launch; down_proj quantizes its input in its GEMV
+                delta = layer.down(act)
+                continue
             spec = self._quant((layer.down,))
-            act = ops.silu_mul(g, u, tri, spec)
+            act = ops.silu_mul(*self._run_all((layer.gate, layer.up), x, c), tri, spec)
             delta = layer.down(act) if spec is None else run(layer.down, act[0], act[1:])
         return self._norm(h, delta, self.norm)[0]
 
