@@ -518,13 +518,14 @@ def write_md(results: dict, path: str) -> None:
     if results.get("shared_input"):
         from _gpu_shared_input import COLUMNS
 
-        table("## Decode Linears that read one input (M = 1, group 128, from a CUDA graph)",
-              "`separate` = one dp4a launch per layer (split-K reduced in the launch: the per-layer dispatch), for "
-              "gate/up then SiLU x up; `shared` = one launch (`w4a8_gemv_dp4a_layers` for q/k/v, `w4a8_gemv_dp4a_glu` "
-              "for gate/up with SiLU x up: the fused decode step's); `fp16_cublas` = one cuBLAS call per layer (and "
-              "`silu(g) * u`); `same_bits`: the one launch gave the separate launches' bits (it may split K otherwise: "
-              "then `max_abs_diff` is float32 rounding of the partial sums).",
-              ["set"], COLUMNS, results["shared_input"], True)
+        table("## Decode Linears that read one input (M = 1 and 16, group 128, from a CUDA graph)",
+              "`separate` = one launch per layer as the dispatch runs it (M = 1: dp4a GEMV, split-K reduced in the "
+              "launch; M = 16: tensor-core kernel), for gate/up then SiLU x up (at M = 16 writing a static-scale "
+              "reader's codes); `shared` = the fused decode step's one launch (`w4a8_gemv_dp4a_layers` / "
+              "`w4a8_gemv_dp4a_glu`, `w4a8_matmul_layers` / `w4a8_matmul_glu`); `fp16_cublas` = one cuBLAS call per "
+              "layer (and `silu(g) * u`); `same_bits`: the one launch gave the separate launches' bits (at M = 1 it "
+              "may split K otherwise: then `max_abs_diff` is float32 rounding of the partial sums).",
+              ["set", "M"], COLUMNS, results["shared_input"], True)
     if results.get("config_sweep"):
         lines += ["", "## Config sweep (per-token, fp16 out)", "", "| kernel | M | K | N | config | ms | matches | error |",
                   "|---|---|---|---|---|---|---|---|"]

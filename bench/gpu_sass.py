@@ -193,7 +193,7 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
     """Compile :data:`DP4A_VARIANTS` for ``sm_<arch>`` (bf16 activations, fp16 output); the interpreter, where the
     tests run the kernel, accepts code the compiler refuses."""
     from fptq.kernels import triton_dp4a as td
-    from fptq.kernels import triton_shared_input as tsi
+    from fptq.kernels import triton_dp4a_layers as tsi
 
     out = []
     for v in DP4A_VARIANTS:
@@ -272,6 +272,48 @@ def compile_tc_variants(arch: int) -> list[dict]:
         rec = {"kernel": "tensor-core", "variant": v}
         try:
             _compile(tg._w4a8_gemm_kernel, types, const, ["A", "B", "WS", "AS", "C", "P"], arch, 4, 3)
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            rec.update(ok=False, error=f"{e!r}"[:2000])
+        out.append(rec)
+    return out + compile_tc_layers_variants(arch)
+
+
+#: the tensor-core kernel on several layers of one input (decode batches 3-16: q/k/v; gate/up with SiLU x up)
+TC_LAYERS_VARIANTS = [
+    dict(op="layers", LAYERS=3, PER_TOKEN=False, HAS_BIAS=True, ONE_GROUP=False, INT_SCALES=False, NIBBLE=True),
+    dict(op="layers", LAYERS=2, PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=True, NIBBLE=False),
+    dict(op="glu", PER_TOKEN=True, HAS_BIAS=False, ONE_GROUP=False, INT_SCALES=False, NIBBLE=True, CODES=True),
+    dict(op="glu", PER_TOKEN=False, HAS_BIAS=True, ONE_GROUP=True, INT_SCALES=False, NIBBLE=True, CODES=False),
+]
+
+
+def compile_tc_layers_variants(arch: int) -> list[dict]:
+    """Compile :data:`TC_LAYERS_VARIANTS` (``fptq.kernels.triton_grouped_layers``) for ``sm_<arch>``, bf16 outputs."""
+    from fptq.kernels import triton_grouped_layers as tgl
+
+    i32 = {a: "i32" for a in ("M", "K", "GS", "NUNITS", "stride_am", "stride_bn", "stride_wsn")}
+    out = []
+    for v in TC_LAYERS_VARIANTS:
+        const = {c: x for c, x in v.items() if c != "op"}
+        const.update(TILES_PER_GROUP=1, SWAP_AB=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, EVEN_K=True,
+                     ASM=v["NIBBLE"])
+        if v["op"] == "layers":
+            fn = tgl._w4a8_gemm_layers_kernel
+            types = dict(A="*i8", AS="*fp32", **{f"{a}{i}": t for i in range(3) for a, t in (
+                ("B", "*u8"), ("WS", "*fp16"), ("BIAS", "*bf16"), ("C", "*bf16"), ("MT", "*i8"), ("BASE", "*fp32"),
+                ("N", "i32"))}, T0="i32", T1="i32", NT="i32", **i32)
+            ptrs = ["A", "AS", "B0", "B1", "B2", "C0", "C1", "C2"]
+        else:
+            fn = tgl._w4a8_gemm_glu_kernel
+            const.update(QMAX=127)
+            types = dict(A="*i8", AS="*fp32", **{f"{a}{w}": t for w in "GU" for a, t in (
+                ("B", "*u8"), ("WS", "*fp16"), ("BIAS", "*bf16"), ("MT", "*i8"), ("BASE", "*fp32"))},
+                ACT="*bf16", Q="*i8", QS="*fp32", T="i32", N="i32", **i32)
+            ptrs = ["A", "AS", "BG", "BU", "ACT", "Q"]
+        rec = {"kernel": "tensor-core", "variant": v}
+        try:
+            _compile(fn, types, const, ptrs, arch, 4, 4)
             rec["ok"] = True
         except Exception as e:  # noqa: BLE001
             rec.update(ok=False, error=f"{e!r}"[:2000])

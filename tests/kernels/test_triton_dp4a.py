@@ -369,7 +369,7 @@ def test_layers_reading_one_input_in_one_launch_give_each_layers_own_bits(ns, k,
     int8 codes in), with the split reduced in the launch (counters back at zero) or in reduce launches."""
     from fptq.kernels import triton_w4a8 as tw
     from fptq.kernels.triton_dp4a import counters_needed
-    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_layers
+    from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_layers
 
     layers = [_layer(k, n, gs, mode, bias=bias, integer=integer, seed=3 + i) for i, n in enumerate(ns)]
     ints = [tw.integer_scales_device(l) if integer else None for l in layers]
@@ -394,7 +394,7 @@ def test_layers_reading_one_input_in_one_launch_give_each_layers_own_bits(ns, k,
 
 
 def test_layers_in_one_launch_refuse_what_they_cannot_share():
-    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_layers
+    from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_layers
 
     a, b = _layer(256, 16, 64, bias=True), _layer(256, 16, 64, bias=False)
     c = _layer(256, 16, 128)
@@ -409,25 +409,27 @@ def test_layers_in_one_launch_refuse_what_they_cannot_share():
         w4a8_gemv_dp4a_layers(x, None, [(b.qweight, b.w_scales, None, None)] * 4, 256, 64)
 
 
-def test_shared_input_forward_gives_each_layers_triton_forward_and_says_when_it_cannot():
-    """What the fused decode step calls for q/k/v and gate/up: from the codes of the shared input, each output that
-    layer's ``triton_forward`` (bit for bit here, where neither splits K); None, so that each layer runs alone,
-    above the GEMV's batch or for layers that cannot share a launch."""
+@pytest.mark.parametrize("m", [2, 5])
+def test_shared_input_forward_gives_each_layers_triton_forward_and_says_when_it_cannot(m):
+    """What the fused decode step calls for q/k/v: from the codes of the shared input, each output that layer's
+    ``triton_forward`` (bit for bit here, where neither splits K), with the dp4a GEMV (M <= 2) or the tensor-core
+    kernel (M = 3..16); None, so that each layer runs alone, above those batches or for layers that cannot share
+    a launch."""
     from fptq.kernels import triton_w4a8 as tw
     from fptq.kernels.triton_shared_input import shared_input_forward, shared_input_problem
 
     layers = [_layer(256, n, 64, "static_tensor", bias=True, seed=n) for n in (64, 16, 16)]
     for mode_x in (torch.float32, torch.float16):
-        x = _x(2, 256, seed=9, dtype=mode_x)
+        x = _x(m, 256, seed=9, dtype=mode_x)
         codes = tw.quantize_activations(x, layers[0].act_scale, qmax=layers[0].act_qmax())
-        ys = shared_input_forward(layers, x[None], codes)  # [1, 2, K]: the outputs keep x's shape
-        assert [tuple(y.shape) for y in ys] == [(1, 2, 64), (1, 2, 16), (1, 2, 16)]
+        ys = shared_input_forward(layers, x[None], codes)  # [1, M, K]: the outputs keep x's shape
+        assert [tuple(y.shape) for y in ys] == [(1, m, 64), (1, m, 16), (1, m, 16)]
         for y, lay in zip(ys, layers):
             assert y.dtype == mode_x
             assert torch.equal(y[0], tw.triton_forward(lay, x, codes=codes))
-    x3 = _x(3, 256)
-    assert shared_input_forward(layers, x3, tw.quantize_activations(x3, layers[0].act_scale)) is None
-    assert "another kernel" in shared_input_problem(layers, 3)
+    x20 = _x(20, 256)
+    assert shared_input_forward(layers, x20, tw.quantize_activations(x20, layers[0].act_scale)) is None
+    assert "one layer per launch" in shared_input_problem(layers, 20)
     assert "bias on some" in shared_input_problem([layers[0], _layer(256, 16, 64, "static_tensor")], 1)
     assert "group sizes differ" in shared_input_problem([layers[0], _layer(256, 16, 128, "static_tensor")], 1)
     assert "integer group scales on some" in shared_input_problem(
@@ -446,7 +448,7 @@ def test_gate_and_up_with_silu_in_one_launch_give_the_three_launches_bits(k, n, 
     from fptq.kernels import triton_w4a8 as tw
     from fptq.kernels.triton_decode import silu_mul_triton
     from fptq.kernels.triton_dp4a import counters_needed
-    from fptq.kernels.triton_shared_input import w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
+    from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
 
     gate, up = (_layer(k, n, gs, mode, bias=bias, integer=integer, seed=s) for s in (11, 12))
     spec = [(l.qweight, l.w_scales, l.bias, tw.integer_scales_device(l) if integer else None) for l in (gate, up)]

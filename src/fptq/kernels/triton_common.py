@@ -179,9 +179,8 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm,
-                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # C = acc * AS (per token [M] or per tensor) (+ bias [N]), cast to C's dtype; acc: float32 [BLOCK_M, BLOCK_N]
+    def _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # acc * AS (per token [M] or per tensor) (+ bias [N]) in float32; acc: float32 [BLOCK_M, BLOCK_N]
         if PER_TOKEN:
             sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
             acc = acc * sx[:, None]
@@ -190,6 +189,13 @@ if HAS_TRITON:
         if HAS_BIAS:
             bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
+        return acc
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm,
+                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # C = _scaled(acc), cast to C's dtype
+        acc = _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN, HAS_BIAS)
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

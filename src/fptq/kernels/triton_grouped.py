@@ -120,29 +120,12 @@ if HAS_TRITON:
             _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS)
 
     @triton.jit
-    def _w4a8_gemm_kernel(
-        A, B, WS, AS, BIAS, C, P, MT, BASE,
-        M, N, K, G, GS, CHUNK, NUNITS,
-        stride_am, stride_bn, stride_wsn, stride_cm,
-        PER_TOKEN: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        ONE_GROUP: tl.constexpr,
-        TILES_PER_GROUP: tl.constexpr,
-        SPLIT: tl.constexpr,
-        SWAP_AB: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-        INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
-        EVEN_K: tl.constexpr = False,  # every tile lies inside K: no mask along K
-        NIBBLE: tl.constexpr = False,  # float scales: 16 x the codes straight from the bytes, two dots per tile
-        ASM: tl.constexpr = False,  # NIBBLE's byte split in PTX (CUDA)
-    ):
-        # Work units along K: K tiles (ONE_GROUP) or groups; split s owns units [s*CHUNK, (s+1)*CHUNK).
-        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        pid_s = tl.program_id(1)
-
+    def _gemm_acc(A, B, WS, MT, BASE, pid_m, pid_n, pid_s, M, N, K, GS, CHUNK, NUNITS, stride_am, stride_bn,
+                  stride_wsn, ONE_GROUP: tl.constexpr, TILES_PER_GROUP: tl.constexpr, SWAP_AB: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT_SCALES: tl.constexpr,
+                  EVEN_K: tl.constexpr, NIBBLE: tl.constexpr, ASM: tl.constexpr):
+        # output tile (pid_m, pid_n)'s float32 sums [BLOCK_M, BLOCK_N] (group scales applied, not the activation
+        # scale) over split pid_s's units of K: K tiles (ONE_GROUP) or groups, units [s*CHUNK, (s+1)*CHUNK)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -190,7 +173,36 @@ if HAS_TRITON:
                 acc += _group_scaled(acc_i, ws_rows + g, mask_n, SWAP_AB, NIBBLE)
         if SWAP_AB:
             acc = tl.trans(acc)
-        _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
+        return acc
+
+    @triton.jit
+    def _w4a8_gemm_kernel(
+        A, B, WS, AS, BIAS, C, P, MT, BASE,
+        M, N, K, G, GS, CHUNK, NUNITS,
+        stride_am, stride_bn, stride_wsn, stride_cm,
+        PER_TOKEN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ONE_GROUP: tl.constexpr,
+        TILES_PER_GROUP: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        INT_SCALES: tl.constexpr = False,  # WS = BASE[n] * MT[n, g] (int8 multipliers [N, G], stride stride_wsn)
+        EVEN_K: tl.constexpr = False,  # every tile lies inside K: no mask along K
+        NIBBLE: tl.constexpr = False,  # float scales: 16 x the codes straight from the bytes, two dots per tile
+        ASM: tl.constexpr = False,  # NIBBLE's byte split in PTX (CUDA)
+    ):
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_s = tl.program_id(1)
+        acc = _gemm_acc(A, B, WS, MT, BASE, pid_m, pid_n, pid_s, M, N, K, GS, CHUNK, NUNITS, stride_am, stride_bn,
+                        stride_wsn, ONE_GROUP, TILES_PER_GROUP, SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K, INT_SCALES,
+                        EVEN_K, NIBBLE, ASM)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_out(acc, offs_m, offs_n, offs_m < M, offs_n < N, AS, BIAS, C, P, pid_s, M, N, stride_cm,
                    PER_TOKEN, HAS_BIAS, SPLIT)
 
     @triton.jit

@@ -1,23 +1,17 @@
-"""Several W4A8 Linears that read the same input, at decode (M <= 2), in one launch.
+"""Which Linears of a decode step share one launch, and running them: :func:`shared_input_forward` (q, k and v) and
+:func:`glu_forward` (gate, up and SiLU x up), what :class:`fptq.runtime.fused_step.FusedStep` calls with the int8
+codes its norm launch wrote for all of them.
 
-A LLaMA layer's decode step multiplies one normalized row by q, k and v, and another by gate and up, whose outputs
-go through SiLU x up. Run one at a time, each is a dp4a GEMV launch of its own (:mod:`.triton_dp4a`), and the
-small ones (a grouped-query layer's k and v: 1024 outputs in a 7B-shaped model, 8 tiles of 128) need many splits
-of K to give the GPU's SMs work.
-
-* :func:`w4a8_gemv_dp4a_layers`: two or three layers' output tiles side by side in one grid (each program the
-  GEMV's body, ``_dp4a_program``, on its layer's weights), split-K planned for all the tiles together: one launch
-  instead of three (two), each output the bits of its layer's own GEMV with that split (a layer alone may split
-  K otherwise: the two then agree to float32 rounding, the partial sums grouped otherwise).
-* :func:`w4a8_gemv_dp4a_glu`: gate and up in one grid, every program storing its partial sums; the last of a
-  tile's gate and up programs (one atomic counter) adds them, rounds both as the GEMVs' outputs and stores
-  SiLU(gate) x up: the bits of the three launches it replaces (on the same split).
-
-:func:`shared_input_forward` and :func:`glu_forward` are what the fused decode step
-(:class:`fptq.runtime.fused_step.FusedStep`) calls with the int8 codes its norm launch wrote; where the layers
-cannot share a launch (:func:`shared_input_problem`: another path than the dp4a GEMV at this batch, different
-group sizes, bias or integer group scales on some only), where the one-launch reduction did not check out on the
-device, or where the kernel failed once, they return None and the step runs each layer's own forward.
+At M <= 2 (the dp4a GEMV): :func:`~fptq.kernels.triton_dp4a_layers.w4a8_gemv_dp4a_layers` and
+:func:`~fptq.kernels.triton_dp4a_layers.w4a8_gemv_dp4a_glu` (split-K reduced in the launch: their one-launch
+reductions are checked once per device against the launches they replace before use). At 3 <= M <=
+``GROUPED_MAX_M`` (the tensor-core kernel): :func:`~fptq.kernels.triton_grouped_layers.w4a8_matmul_layers` and
+:func:`~fptq.kernels.triton_grouped_layers.w4a8_matmul_glu`, the latter only where the Linear that reads SiLU x up
+has a static scale (it then also writes that Linear's codes; per token, SiLU x up's own launch quantizes, and
+the gate/up launch without SiLU is as short). Where the layers cannot share a launch
+(:func:`shared_input_problem`: another path at this batch, group sizes, bias or integer group scales on some only),
+where a check failed, or where the kernel failed once on this device, they return None and the step runs each
+layer's own forward.
 """
 from __future__ import annotations
 
@@ -25,193 +19,34 @@ import torch
 
 from . import triton_w4a8 as tw
 from .cpu import _cached
-from .triton_common import HAS_TRITON, _reduce, tl, triton
-from .triton_dp4a import _check_counters, _prepare, counters_needed, w4a8_gemv_dp4a
-from .triton_quant import _inv_qmax
+from .triton_dp4a import counters_needed
+from .triton_dp4a_layers import MAX_LAYERS, w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
+from .triton_grouped_layers import w4a8_matmul_glu, w4a8_matmul_layers
 
-__all__ = ["MAX_LAYERS", "glu_forward", "shared_input_forward", "shared_input_problem", "w4a8_gemv_dp4a_glu",
-           "w4a8_gemv_dp4a_layers"]
-
-MAX_LAYERS = 3  # layers one launch of w4a8_gemv_dp4a_layers runs (q, k, v)
-
-if HAS_TRITON:
-    from .triton_decode import _silu_times
-    from .triton_dp4a import _dp4a_program
-
-    @triton.jit
-    def _w4a8_gemv_dp4a_layers_kernel(
-        X, AS, XW, INV_QMAX, CNT,
-        B0, WS0, BIAS0, C0, P0, MT0, BASE0, N0, T0,
-        B1, WS1, BIAS1, C1, P1, MT1, BASE1, N1, T1,
-        B2, WS2, BIAS2, C2, P2, MT2, BASE2, N2,
-        M, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn,
-        LAYERS: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
-        INT_SCALES: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
-        QMAX: tl.constexpr, BLOCK_R: tl.constexpr, GPT: tl.constexpr, TPG: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr, ASM: tl.constexpr, QW: tl.constexpr = 128, SERIAL: tl.constexpr = False,
-    ):
-        # grid (M, the layers' n tiles side by side, splits): 2 or 3 layers (LAYERS) that read the same input X,
-        # layer i's T_i tiles after those of the layers before it; each program is one layer's _dp4a_program
-        pid_m = tl.program_id(0)
-        tile = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        nt = tl.num_programs(1)
-        first = (tile == 0) & (pid_s == 0)
-        if tile < T0:
-            _dp4a_program(X, B0, WS0, AS, BIAS0, C0, P0, MT0, BASE0, XW, INV_QMAX, CNT, pid_m, tile, tile, nt, pid_s,
-                          first, M, N0, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, N0, PER_TOKEN,
-                          HAS_BIAS, ONE_GROUP, INT_SCALES, SPLIT, QUANT, RECIP, QMAX, BLOCK_R, GPT, TPG, BLOCK_N,
-                          BLOCK_W, ASM, QW, SERIAL)
-        elif tile < T0 + T1:
-            _dp4a_program(X, B1, WS1, AS, BIAS1, C1, P1, MT1, BASE1, XW, INV_QMAX, CNT, pid_m, tile - T0, tile, nt,
-                          pid_s, first, M, N1, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, N1,
-                          PER_TOKEN, HAS_BIAS, ONE_GROUP, INT_SCALES, SPLIT, QUANT, RECIP, QMAX, BLOCK_R, GPT, TPG,
-                          BLOCK_N, BLOCK_W, ASM, QW, SERIAL)
-        else:
-            if LAYERS == 3:
-                _dp4a_program(X, B2, WS2, AS, BIAS2, C2, P2, MT2, BASE2, XW, INV_QMAX, CNT, pid_m, tile - T0 - T1,
-                              tile, nt, pid_s, first, M, N2, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn,
-                              N2, PER_TOKEN, HAS_BIAS, ONE_GROUP, INT_SCALES, SPLIT, QUANT, RECIP, QMAX, BLOCK_R, GPT,
-                              TPG, BLOCK_N, BLOCK_W, ASM, QW, SERIAL)
-
-    @triton.jit
-    def _w4a8_gemv_dp4a_glu_kernel(
-        X, AS, XW, CNT, BG, WSG, BIASG, PG, MTG, BASEG, BU, WSU, BIASU, PU, MTU, BASEU, ACT,
-        N, T, M, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn,
-        PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr, INT_SCALES: tl.constexpr,
-        QMAX: tl.constexpr, BLOCK_R: tl.constexpr, GPT: tl.constexpr, TPG: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr, ASM: tl.constexpr, QW: tl.constexpr = 128,
-    ):
-        # grid (M, 2 T, splits): gate's T tiles, then up's; every program stores its float32 partial, then the last
-        # of the 2 x splits programs of output tile j (gate's and up's, one counter) adds each one's partials in
-        # split order, scales and rounds them as the GEMV's output (g, u), and stores silu(g) * u (_silu_times)
-        pid_m = tl.program_id(0)
-        tile = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        nt = tl.num_programs(1)
-        if tile < T:
-            _dp4a_program(X, BG, WSG, AS, BIASG, ACT, PG, MTG, BASEG, XW, 1.0, CNT, pid_m, tile, tile, nt, pid_s,
-                          False, M, N, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, N, PER_TOKEN,
-                          HAS_BIAS, ONE_GROUP, INT_SCALES, True, False, False, QMAX, BLOCK_R, GPT, TPG, BLOCK_N,
-                          BLOCK_W, ASM, QW, False)
-        else:
-            _dp4a_program(X, BU, WSU, AS, BIASU, ACT, PU, MTU, BASEU, XW, 1.0, CNT, pid_m, tile - T, tile, nt, pid_s,
-                          False, M, N, K, W, G, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, N, PER_TOKEN,
-                          HAS_BIAS, ONE_GROUP, INT_SCALES, True, False, False, QMAX, BLOCK_R, GPT, TPG, BLOCK_N,
-                          BLOCK_W, ASM, QW, False)
-        j = tile % T
-        tl.debug_barrier()  # every thread's partials are stored before the count
-        splits = tl.num_programs(2)
-        seen = tl.atomic_add(CNT + pid_m * T + j, 1, sem="acq_rel", scope="gpu")
-        if seen == 2 * splits - 1:
-            offs = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = offs < N
-            scale = tl.load(AS + pid_m) if PER_TOKEN else tl.load(AS)
-            g = tl.zeros([BLOCK_N], dtype=tl.float32)
-            u = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s in range(0, splits):  # .cg: from L2, where the other programs' stores are
-                at = (s * M + pid_m) * N + offs
-                g += tl.load(PG + at, mask=mask, other=0.0, cache_modifier=".cg")
-                u += tl.load(PU + at, mask=mask, other=0.0, cache_modifier=".cg")
-            g = g * scale
-            u = u * scale
-            if HAS_BIAS:
-                g = g + tl.load(BIASG + offs, mask=mask, other=0.0).to(tl.float32)
-                u = u + tl.load(BIASU + offs, mask=mask, other=0.0).to(tl.float32)
-            dt = ACT.dtype.element_ty
-            act = _silu_times(g.to(dt).to(tl.float32), u.to(dt).to(tl.float32), dt)
-            tl.store(ACT + pid_m.to(tl.int64) * N + offs, act, mask=mask)
-            tl.atomic_xchg(CNT + pid_m * T + j, 0)
-
-
-def w4a8_gemv_dp4a_layers(x: torch.Tensor, x_scale: torch.Tensor | None, layers: list, in_features: int,
-                          group_size: int, qmax: int = 127, out_dtype: torch.dtype = torch.float16,
-                          config: dict | None = None, recip: bool | None = None, asm: bool | None = None,
-                          counters: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`~fptq.kernels.triton_dp4a.w4a8_gemv_dp4a` of one to :data:`MAX_LAYERS` layers that read the same
-    input ``x``, in one launch: ``layers`` holds each one's ``(qweight, w_scales, bias or None, int_scales or
-    None)`` (the same group size; all with a bias or none, all with integer scales or none). Their output tiles lie
-    side by side in one grid and split-K is planned for all of them together (a decode step's q, k and v: one
-    launch instead of three, and enough tiles to fill the GPU with fewer splits). Returns ``([y_i [M, N_i]],
-    x_scale)``: each ``y_i`` the bits of ``w4a8_gemv_dp4a`` of that layer alone with the same ``config`` (same
-    split-K); ``counters``: the sum of :func:`~fptq.kernels.triton_dp4a.counters_needed` over the layers."""
-    if len(layers) == 1:  # the one-layer kernel
-        (qweight, w_scales, bias, int_scales), = layers
-        y, x_scale = w4a8_gemv_dp4a(x, x_scale, qweight, w_scales, in_features, group_size, qmax, bias, out_dtype,
-                                    config, recip, int_scales, asm, counters)
-        return [y], x_scale
-    L = _prepare(x, x_scale, layers, in_features, group_size, qmax, config, recip, asm, MAX_LAYERS)
-    x, x_scale = L.x, L.x_scale
-    m, k, g = x.shape[0], in_features, L.g
-    outs = [torch.empty(m, n, dtype=out_dtype, device=x.device) for n in L.ns]
-    if m == 0 or sum(L.ns) == 0:
-        return outs, x_scale
-    splits = L.splits
-    parts = [torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else c
-             for n, c in zip(L.ns, outs)]
-    serial = splits > 1 and counters is not None
-    _check_counters(counters if serial else None, m * sum(L.tiles), x.device)
-    # per layer: packed words, scales, bias, output, partials, integer multipliers, base (unread where unused)
-    ptrs = [(qw.view(torch.int32), ws, b if L.has_bias else c, c, p, *(i if L.ints else (ws, x_scale)))
-            for (qw, ws, b, i), c, p in zip(L.lays, outs, parts)]
-    common = dict(L.const, SPLIT=splits > 1, SERIAL=serial)
-    per = [(*ptrs[i], L.ns[i], L.tiles[i]) for i in range(len(L.lays))]
-    per += [per[-1]] * (MAX_LAYERS - len(per))  # (unread: LAYERS says how many there are)
-    args = [a for layer in per for a in layer][:-1]  # the last layer's tile count is not an argument
-    _w4a8_gemv_dp4a_layers_kernel[L.grid](
-        x, x_scale, L.staged, _inv_qmax(qmax), counters if serial else L.staged, *args, m, k, k // 8, g, L.chunk,
-        L.nunits, x.stride(0), k // 8, g, LAYERS=len(L.lays), **common)
-    if splits > 1 and not serial:
-        for p, (_, _, b, _), c in zip(parts, L.lays, outs):
-            _reduce(p, x_scale, L.per_token, b, c)
-    return outs, x_scale
-
-
-def w4a8_gemv_dp4a_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tuple, in_features: int,
-                       group_size: int, counters: torch.Tensor, qmax: int = 127,
-                       out_dtype: torch.dtype = torch.float16, config: dict | None = None,
-                       asm: bool | None = None) -> torch.Tensor:
-    """``silu(gate(x)) * up(x)`` in one launch from the int8 codes ``xq`` ``[M, K]`` of ``x`` and their
-    ``x_scale``: ``gate`` and ``up`` are ``(qweight, w_scales, bias or None, int_scales or None)`` of the same
-    shape, multiplied by the dp4a GEMV (:func:`w4a8_gemv_dp4a_layers`, its tiles and
-    split-K), and the last program of each output tile rounds gate's and up's sums as those GEMVs' outputs and
-    applies SiLU x up as :func:`~fptq.kernels.triton_decode.silu_mul_triton` does: the bits of that pair of
-    launches (on the same split). ``counters``: int32 zeros, one per row and output tile (``counters_needed`` of
-    one layer), put back to zero; owned by the caller, not shared with a concurrent launch."""
-    if tuple(gate[0].shape) != tuple(up[0].shape):
-        raise ValueError("w4a8_gemv_dp4a_glu: gate and up must have the same shape")
-    if xq.dtype != torch.int8:
-        raise ValueError("w4a8_gemv_dp4a_glu takes the int8 codes of its input (and their x_scale)")
-    L = _prepare(xq, x_scale, [gate, up], in_features, group_size, qmax, config, None, asm, 2)
-    m, n, k = L.x.shape[0], L.ns[0], in_features
-    act = torch.empty(m, n, dtype=out_dtype, device=L.x.device)
-    if m == 0 or n == 0:
-        return act
-    _check_counters(counters, m * L.tiles[0], L.x.device)
-    parts = [torch.empty(L.splits, m, n, dtype=torch.float32, device=L.x.device) for _ in range(2)]
-    ptrs = [(qw.view(torch.int32), ws, b if L.has_bias else act, p, *(i if L.ints else (ws, L.x_scale)))
-            for (qw, ws, b, i), p in zip(L.lays, parts)]
-    const = {c: v for c, v in L.const.items() if c not in ("QUANT", "RECIP")}
-    _w4a8_gemv_dp4a_glu_kernel[L.grid](L.x, L.x_scale, L.staged, counters, *ptrs[0], *ptrs[1], act, n, L.tiles[0],
-                                       m, k, k // 8, L.g, L.chunk, L.nunits, L.x.stride(0), k // 8, L.g, **const)
-    return act
+__all__ = ["glu_forward", "glu_verified", "shared_input_forward", "shared_input_problem"]
 
 
 def shared_input_problem(modules, m: int) -> str | None:
     """Why ``modules`` (QuantLinears on the Triton backend whose inputs quantize alike) cannot run in one launch on
     ``m`` rows (None where they can)."""
+    from .triton_common import _supported
     from .triton_perchannel import w8a8_perchannel
 
     if not 2 <= len(modules) <= MAX_LAYERS:
         return f"{len(modules)} layers (one launch runs 2 to {MAX_LAYERS})"
-    if not tw.GEMV_DP4A or tw.select_path(m) != "gemv":
-        return f"{m} rows take another kernel than the dp4a GEMV"
+    path = tw.select_path(m)
+    if path == "perchannel" or (path == "gemv" and not tw.GEMV_DP4A):
+        return f"{m} rows take a kernel that runs one layer per launch"
     first = modules[0]
     for mod in modules:
-        if mod.wbits != 4 or w8a8_perchannel(mod) or not tw._dp4a_covers(mod):
-            return "a layer the dp4a GEMV does not cover"
+        if mod.wbits != 4 or w8a8_perchannel(mod):
+            return "a layer without 4-bit weights"
         if (mod.in_features, mod.group_size) != (first.in_features, first.group_size):
             return "the layers' inputs or group sizes differ"
+        if path == "gemv" and not tw._dp4a_covers(mod):
+            return "a layer the dp4a GEMV does not cover"
+        if path == "grouped" and not _supported(mod.group_size, mod.in_features):
+            return "a grouping the tensor-core kernel does not cover"
         if (mod.bias is None) != (first.bias is None):
             return "a bias on some layers only"
     ints = [tw.integer_scales_device(mod) is None for mod in modules]
@@ -220,13 +55,25 @@ def shared_input_problem(modules, m: int) -> str | None:
     return None
 
 
-def _counters(modules, device) -> torch.Tensor | None:
-    """The one-launch split-K counters of these layers' shared launch (cached on the first: one launch at a time)."""
+def _counters(modules, device, name: str, layers: int) -> torch.Tensor | None:
+    """The one-launch split-K counters of a dp4a launch over ``modules``' first ``layers`` (cached on the first
+    module under ``name``: one launch at a time), or None where that reduction is off or did not check out."""
     if not tw.SERIAL_SPLIT_K or not tw.serial_split_verified(device):
         return None
-    return _cached(modules[0], f"triton_dp4a_shared_counters_{len(modules)}", lambda _: torch.zeros(
-        sum(counters_needed(tw.GEMV_MAX_M, mod.out_features, mod.in_features, mod.group_size) for mod in modules),
-        dtype=torch.int32, device=modules[0].qweight.device))
+    return _cached(modules[0], name, lambda _: torch.zeros(
+        sum(counters_needed(tw.GEMV_MAX_M, mod.out_features, mod.in_features, mod.group_size)
+            for mod in modules[:layers]), dtype=torch.int32, device=modules[0].qweight.device))
+
+
+def _inputs(modules, x: torch.Tensor, codes: tuple) -> tuple:
+    """(rows [M, K], codes [M, K], their scale, output dtype, the layers' kernel arguments)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = codes[0].reshape(x2.shape), codes[1]
+    if xq.dtype != torch.int8:
+        raise ValueError(f"codes must be int8 [{x2.shape[0]}, {x2.shape[1]}], got {xq.dtype}")
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    layers = [(mod.qweight, mod.w_scales, mod.bias, tw.integer_scales_device(mod)) for mod in modules]
+    return x2, xq, sx, out_dtype, layers
 
 
 def shared_input_forward(modules, x: torch.Tensor, codes: tuple) -> list[torch.Tensor] | None:
@@ -235,22 +82,26 @@ def shared_input_forward(modules, x: torch.Tensor, codes: tuple) -> list[torch.T
     :func:`~fptq.kernels.triton_w4a8.triton_forward` of that module gives (its bits where both split K alike), in
     ``x``'s dtype and shape. None where :func:`shared_input_problem` names a reason or the launch failed (the
     caller then runs each module)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if shared_input_problem(modules, x2.shape[0]) is not None or not tw.ptx_verified(x2.device):
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    if shared_input_problem(modules, m) is not None:
         return None
+    x2, xq, sx, out_dtype, layers = _inputs(modules, x, codes)
     first = modules[0]
-    xq, sx = codes[0].reshape(x2.shape), codes[1]
-    if xq.dtype != torch.int8:
-        raise ValueError(f"codes must be int8 [{x2.shape[0]}, {first.in_features}], got {xq.dtype}")
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    layers = [(mod.qweight, mod.w_scales, mod.bias, tw.integer_scales_device(mod)) for mod in modules]
-    ys = tw._guarded("gemv_dp4a_layers", lambda: w4a8_gemv_dp4a_layers(
-        xq, sx, layers, first.in_features, first.group_size, qmax=first.act_qmax(), out_dtype=out_dtype,
-        counters=_counters(modules, x2.device))[0], lambda: None, instead="one launch per layer")
+    if tw.select_path(m) == "gemv":
+        if not tw.ptx_verified(x2.device):
+            return None
+        ys = tw._guarded("gemv_dp4a_layers", lambda: w4a8_gemv_dp4a_layers(
+            xq, sx, layers, first.in_features, first.group_size, qmax=first.act_qmax(), out_dtype=out_dtype,
+            counters=_counters(modules, x2.device, f"triton_dp4a_shared_counters_{len(modules)}",
+                               len(modules)))[0], lambda: None, instead="one launch per layer")
+    else:
+        asm = None if tw.ptx_verified(x2.device) else False
+        ys = tw._guarded("grouped_layers", lambda: w4a8_matmul_layers(
+            xq, sx, layers, first.in_features, first.group_size, out_dtype=out_dtype, asm=asm),
+            lambda: None, instead="one launch per layer")
     if ys is None:
         return None
-    lead = x.shape[:-1]
-    return [y.to(x.dtype).reshape(*lead, mod.out_features) for y, mod in zip(ys, modules)]
+    return [y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features) for y, mod in zip(ys, modules)]
 
 
 _GLU_OK: dict = {}
@@ -275,29 +126,45 @@ def _glu_agrees(dev, k: int = 2048, n: int = 1024) -> bool:
 
 
 def glu_verified(device) -> bool:
-    """Whether :func:`w4a8_gemv_dp4a_glu` gives, on ``device``, the bits of the three launches it replaces (checked
-    once per device, batches of 1 and 2, K split 8 ways); True off CUDA."""
+    """Whether :func:`~fptq.kernels.triton_dp4a_layers.w4a8_gemv_dp4a_glu` gives, on ``device``, the bits of the three
+    launches it replaces (checked once per device, batches of 1 and 2, K split 8 ways); True off CUDA."""
     return tw._checked_once(_GLU_OK, device, _glu_agrees,
                             "fptq decode step: gate/up with SiLU in one launch disagrees with three launches on {dev} "
                             "(or does not build); using gate/up in one launch, then SiLU x up")
 
 
-def glu_forward(gate, up, x: torch.Tensor, codes: tuple) -> torch.Tensor | None:
-    """``silu(gate(x)) * up(x)`` in one launch (:func:`w4a8_gemv_dp4a_glu`) from ``codes`` (those of ``x`` under the
-    quantizer gate and up share), in ``x``'s dtype and shape; None where the pair cannot share a launch
-    (:func:`shared_input_problem`, or shapes that differ), where the one-launch reduction did not check out on the
-    device, or where the launch failed (the caller then runs the two Linears and SiLU x up)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if (shared_input_problem((gate, up), x2.shape[0]) is not None or gate.out_features != up.out_features
-            or not tw.SERIAL_SPLIT_K or not tw.ptx_verified(x2.device) or not glu_verified(x2.device)):
+def glu_forward(gate, up, x: torch.Tensor, codes: tuple, quant: tuple | None = None) -> tuple | None:
+    """``(silu(gate(x)) * up(x), its codes or None)`` in one launch from ``codes`` (those of ``x`` under the
+    quantizer gate and up share), in ``x``'s dtype and shape. ``quant``: the quantizer of the Linear that reads the
+    result (``(static scale or None, activation bits)``, :func:`fptq.runtime.fused_step.shared_quantizer`'s), whose
+    codes ``(codes, scale)`` come with it above M = 2 (at M <= 2 that Linear's GEMV quantizes its input itself: None).
+    None where the pair cannot share such a launch (:func:`shared_input_problem`, shapes that differ, above M = 2 a
+    reader without a static scale), where the one-launch reduction did not check out on the device, or where the
+    launch failed: the caller then runs the two Linears and SiLU x up."""
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    if shared_input_problem((gate, up), m) is not None or gate.out_features != up.out_features:
         return None
-    xq, sx = codes[0].reshape(x2.shape), codes[1]
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    layers = [(mod.qweight, mod.w_scales, mod.bias, tw.integer_scales_device(mod)) for mod in (gate, up)]
-    counters = _cached(gate, "triton_dp4a_glu_counters", lambda m: torch.zeros(
-        counters_needed(tw.GEMV_MAX_M, m.out_features, m.in_features, m.group_size), dtype=torch.int32,
-        device=m.qweight.device))
-    act = tw._guarded("gemv_dp4a_glu", lambda: w4a8_gemv_dp4a_glu(
-        xq, sx, *layers, gate.in_features, gate.group_size, counters, qmax=gate.act_qmax(), out_dtype=out_dtype),
-        lambda: None, instead="gate/up in one launch, then SiLU x up")
-    return None if act is None else act.to(x.dtype).reshape(*x.shape[:-1], gate.out_features)
+    gemv = tw.select_path(m) == "gemv"
+    if gemv and not (tw.SERIAL_SPLIT_K and tw.ptx_verified(x.device) and glu_verified(x.device)):
+        return None
+    if not gemv and (quant is None or quant[0] is None):
+        return None
+    x2, xq, sx, out_dtype, (lg, lu) = _inputs((gate, up), x, codes)
+    k, gs = gate.in_features, gate.group_size
+    if gemv:
+        counters = _counters((gate, up), x2.device, "triton_dp4a_glu_counters", 1)
+        if counters is None:
+            return None
+        got = tw._guarded("gemv_dp4a_glu", lambda: (w4a8_gemv_dp4a_glu(
+            xq, sx, lg, lu, k, gs, counters, qmax=gate.act_qmax(), out_dtype=out_dtype), None),
+            lambda: None, instead="gate/up in one launch, then SiLU x up")
+    else:
+        asm = None if tw.ptx_verified(x2.device) else False
+        got = tw._guarded("grouped_glu", lambda: w4a8_matmul_glu(
+            xq, sx, lg, lu, k, gs, out_dtype=out_dtype, quant=quant, asm=asm), lambda: None,
+            instead="gate/up in one launch, then SiLU x up")
+        got = None if got is None else (got[0], got[1:])
+    if got is None:
+        return None
+    act, act_codes = got
+    return act.to(x.dtype).reshape(*x.shape[:-1], gate.out_features), act_codes

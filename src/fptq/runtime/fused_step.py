@@ -18,10 +18,12 @@ itself) and five launches for what lies between them (:mod:`fptq.kernels.decode_
 then the final norm and ``lm_head``. Where the W4A8 Linears reading a norm's (SiLU x up's, or, with a static
 scale, the attention's) output share one activation quantizer (:func:`shared_quantizer`), that launch also writes
 their int8 codes, which their kernels take (``triton_forward(codes=...)``) instead of quantizing in a launch of
-their own above M = 2. At M <= 2 q, k and v then run in one dp4a GEMV launch
-(:func:`~fptq.kernels.triton_shared_input.shared_input_forward`), and gate, up and SiLU x up in another
-(:func:`~fptq.kernels.triton_shared_input.glu_forward`; down_proj quantizes its input in its own GEMV): 8 launches
-per layer. The Linears are the
+their own above M = 2. q, k and v then run in one launch
+(:func:`~fptq.kernels.triton_shared_input.shared_input_forward`: the dp4a GEMV at M <= 2, the tensor-core kernel
+at 3..16), and gate, up and SiLU x up in another (:func:`~fptq.kernels.triton_shared_input.glu_forward`; at M <= 2
+down_proj quantizes its input in its own GEMV, above the launch writes down_proj's codes where its scale is static;
+with a per-token one gate and up share a launch and SiLU x up quantizes in its own): 8 launches per layer (9 at
+batch 3-16 before a per-token down_proj). The Linears are the
 model's own modules (a float model's run cuBLAS: the
 fp16 row of ``fptq bench --device cuda`` runs the same step), the keys and values the transformers
 ``StaticCache``'s tensors (its prompt is prefilled by transformers). Numerics: the operations of transformers'
@@ -202,8 +204,8 @@ class FusedStep:
 
     def _run_all(self, linears: tuple, x: torch.Tensor, codes: tuple | None) -> list:
         """``[linear(x) for linear in linears]``: one launch for all where they share ``codes`` and
-        :func:`~fptq.kernels.triton_shared_input.shared_input_forward` runs them (decode batches of 1-2: q, k and v;
-        gate and up where their launch with SiLU x up could not run), else one :meth:`_run` each."""
+        :func:`~fptq.kernels.triton_shared_input.shared_input_forward` runs them (decode batches of 1-16: q, k and
+        v; gate and up where their launch with SiLU x up could not run), else one :meth:`_run` each."""
         if codes is not None:
             ys = self._shared_input_forward(linears, x, codes)
             if ys is not None:
@@ -243,11 +245,12 @@ class FusedStep:
                                      counters=self._counters(q.shape[0] * q.shape[1]) if tri else None)
             o = layer.o(a) if spec is None else run(layer.o, a[0], a[1:])
             x, c = self._norm(h, o, layer.ln2, (layer.gate, layer.up))
-            act = None if c is None else self._glu_forward(layer.gate, layer.up, x, c)
-            if act is not None:  # SiLU x up in the gate/up launch; down_proj quantizes its input in its GEMV
-                delta = layer.down(act)
-                continue
             spec = self._quant((layer.down,))
+            glu = None if c is None else self._glu_forward(layer.gate, layer.up, x, c, spec)
+            if glu is not None:  # SiLU x up in the gate/up launch (with down_proj's codes, or down_proj makes them)
+                act, codes = glu
+                delta = layer.down(act) if codes is None else run(layer.down, act, codes)
+                continue
             act = ops.silu_mul(*self._run_all((layer.gate, layer.up), x, c), tri, spec)
             delta = layer.down(act) if spec is None else run(layer.down, act[0], act[1:])
         return self._norm(h, delta, self.norm)[0]
