@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.intscales import INT_SUM_MAX_K
+
 try:  # optional dependency
     import triton
     import triton.language as tl
@@ -239,3 +241,53 @@ def _reduce(partials, x_scale, per_token, bias, c, col_scale=None) -> torch.Tens
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
     )
     return c
+
+
+# ------------------------------------------------ the packed kernels' argument checks
+def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size):
+    m, k = xq.shape
+    if k != in_features:
+        raise ValueError(f"xq has K={k}, expected {in_features}")
+    if qweight.dtype != torch.uint8 or qweight.shape[1] != (k + 1) // 2:
+        raise ValueError("qweight must be packed uint8 [N, ceil(K/2)]")
+    if not _supported(group_size, k):
+        raise ValueError(f"triton kernel needs group_size % 32 == 0 (or one group per row), got {group_size}")
+    per_token = x_scale.dim() > 0
+    x_scale = x_scale.to(torch.float32).contiguous()
+    if per_token:
+        if x_scale.numel() != m:
+            raise ValueError(f"per-token x_scale must have M={m} elements, got {x_scale.numel()}")
+        x_scale = x_scale.reshape(m)
+    return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
+
+
+def _check_layers(x, x_scale, layers, in_features: int, group_size: int) -> tuple:
+    """:func:`_check_grouped_args` of every layer (``(qweight, w_scales, bias or None, int_scales or None)``) of one
+    launch on the same input: ``(x, x_scale, per_token, [(qweight, w_scales, bias, ints)] contiguous and checked,
+    number of groups)``; the layers must all have a bias or none, integer scales or none, one number of groups."""
+    if len({b is None for _, _, b, _ in layers}) > 1 or len({i is None for *_, i in layers}) > 1:
+        raise ValueError("the layers of one launch must all have a bias or none, integer scales or none")
+    lays = []
+    for qweight, w_scales, bias, int_scales in layers:
+        x, x_scale, per_token, qweight, w_scales = _check_grouped_args(
+            x, x_scale, qweight, w_scales, in_features, group_size)
+        lays.append((qweight, w_scales, None if bias is None else bias.contiguous(),
+                     _check_int_scales(int_scales, w_scales, in_features)))
+    g = lays[0][1].shape[1]
+    if any(ws.shape[1] != g for _, ws, _, _ in lays):
+        raise ValueError("the layers of one launch differ in their number of group scales")
+    return x, x_scale, per_token, lays, g
+
+
+def _check_int_scales(int_scales, w_scales, k):
+    """``(multipliers int8 [N, G], base float32 [N])`` of :func:`fptq.kernels.triton_w4a8.integer_scales_device`, checked against the
+    group scales; None for one group per row (a single accumulator already)."""
+    if int_scales is None or w_scales.shape[1] == 1:
+        return None
+    base, mult = int_scales
+    if (mult.dtype != torch.int8 or tuple(mult.shape) != tuple(w_scales.shape) or base.dtype != torch.float32
+            or tuple(base.shape) != (w_scales.shape[0],)):
+        raise ValueError("int_scales must be (base float32 [N], multipliers int8 [N, G]) matching w_scales")
+    if k > INT_SUM_MAX_K:
+        raise ValueError(f"integer group scales sum K in int32: K={k} is above {INT_SUM_MAX_K}")
+    return mult.contiguous(), base.contiguous()

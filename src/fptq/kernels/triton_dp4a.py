@@ -35,8 +35,8 @@ from types import SimpleNamespace
 import torch
 
 from ..quant.intscales import INT_SUM_MAX_K
-from .triton_common import HAS_TRITON, _reduce, _split_plan, require_triton, tl, triton
-from .triton_grouped import _act_codes, _check_grouped_args, _check_int_scales, _gemv_store, _row_scale
+from .triton_common import HAS_TRITON, _check_layers, _reduce, _split_plan, require_triton, tl, triton
+from .triton_grouped import _act_codes, _gemv_store, _row_scale
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
 __all__ = ["counters_needed", "dp4a_problem", "pick_dp4a_config", "w4a8_gemv_dp4a"]
@@ -304,8 +304,6 @@ def _prepare(x, x_scale, layers, in_features: int, group_size: int, qmax: int, c
         why = dp4a_problem(qweight, in_features, group_size)
         if why:
             raise ValueError(f"w4a8_gemv_dp4a: {why}")
-    if len({b is None for _, _, b, _ in layers}) > 1 or len({i is None for *_, i in layers}) > 1:
-        raise ValueError("the layers of one launch must all have a bias or none, integer scales or none")
     quant = x.is_floating_point()
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -319,15 +317,7 @@ def _prepare(x, x_scale, layers, in_features: int, group_size: int, qmax: int, c
     elif x.dtype != torch.int8 or x_scale is None:
         raise ValueError("w4a8_gemv_dp4a expects float activations, or int8 codes with their x_scale")
     k = in_features
-    lays = []  # (qweight, w_scales, bias, ints) checked and contiguous
-    for qweight, w_scales, bias, int_scales in layers:
-        x, x_scale, per_token, qweight, w_scales = _check_grouped_args(
-            x, x_scale, qweight, w_scales, in_features, group_size)
-        lays.append((qweight, w_scales, None if bias is None else bias.contiguous(),
-                     _check_int_scales(int_scales, w_scales, k)))
-    g = lays[0][1].shape[1]
-    if any(ws.shape[1] != g for _, ws, _, _ in lays):
-        raise ValueError("the layers of one launch differ in their number of group scales")
+    x, x_scale, per_token, lays, g = _check_layers(x, x_scale, layers, in_features, group_size)
     ns = [qw.shape[0] for qw, *_ in lays]
     cfg = pick_dp4a_config(m, sum(ns), k, group_size)
     if config:

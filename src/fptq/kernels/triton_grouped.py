@@ -11,6 +11,8 @@ import torch
 from ..quant.intscales import INT_SUM_MAX_K
 from .triton_common import (
     HAS_TRITON,
+    _check_grouped_args,
+    _check_int_scales,
     _epilogue,
     _reduce,
     _split_plan,
@@ -325,37 +327,6 @@ if HAS_TRITON:
             if HAS_BIAS:
                 acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
-
-
-def _check_grouped_args(xq, x_scale, qweight, w_scales, in_features, group_size):
-    m, k = xq.shape
-    if k != in_features:
-        raise ValueError(f"xq has K={k}, expected {in_features}")
-    if qweight.dtype != torch.uint8 or qweight.shape[1] != (k + 1) // 2:
-        raise ValueError("qweight must be packed uint8 [N, ceil(K/2)]")
-    if not _supported(group_size, k):
-        raise ValueError(f"triton kernel needs group_size % 32 == 0 (or one group per row), got {group_size}")
-    per_token = x_scale.dim() > 0
-    x_scale = x_scale.to(torch.float32).contiguous()
-    if per_token:
-        if x_scale.numel() != m:
-            raise ValueError(f"per-token x_scale must have M={m} elements, got {x_scale.numel()}")
-        x_scale = x_scale.reshape(m)
-    return xq.contiguous(), x_scale, per_token, qweight.contiguous(), w_scales.contiguous()
-
-
-def _check_int_scales(int_scales, w_scales, k):
-    """``(multipliers int8 [N, G], base float32 [N])`` of :func:`fptq.kernels.triton_w4a8.integer_scales_device`, checked against the
-    group scales; None for one group per row (a single accumulator already)."""
-    if int_scales is None or w_scales.shape[1] == 1:
-        return None
-    base, mult = int_scales
-    if (mult.dtype != torch.int8 or tuple(mult.shape) != tuple(w_scales.shape) or base.dtype != torch.float32
-            or tuple(base.shape) != (w_scales.shape[0],)):
-        raise ValueError("int_scales must be (base float32 [N], multipliers int8 [N, G]) matching w_scales")
-    if k > INT_SUM_MAX_K:
-        raise ValueError(f"integer group scales sum K in int32: K={k} is above {INT_SUM_MAX_K}")
-    return mult.contiguous(), base.contiguous()
 
 
 def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool,

@@ -21,8 +21,7 @@ import torch
 
 from ..quant import act_qmax
 from ..quant.intscales import INT_SUM_MAX_K
-from .triton_common import HAS_TRITON, pick_config, require_triton, tl, triton
-from .triton_grouped import _check_grouped_args, _check_int_scales
+from .triton_common import HAS_TRITON, _check_layers, pick_config, require_triton, tl, triton
 
 __all__ = ["w4a8_matmul_glu", "w4a8_matmul_layers"]
 
@@ -118,18 +117,8 @@ def _prepare(xq, x_scale, layers, in_features: int, group_size: int, config, asm
         raise ValueError("the tensor-core layers kernels take int8 codes [M, K] and their x_scale")
     if not 2 <= len(layers) <= max_layers:
         raise ValueError(f"one launch runs 2 to {max_layers} layers, not {len(layers)}")
-    if len({b is None for _, _, b, _ in layers}) > 1 or len({i is None for *_, i in layers}) > 1:
-        raise ValueError("the layers of one launch must all have a bias or none, integer scales or none")
     k = in_features
-    lays = []
-    for qweight, w_scales, bias, int_scales in layers:
-        xq, x_scale, per_token, qweight, w_scales = _check_grouped_args(
-            xq, x_scale, qweight, w_scales, in_features, group_size)
-        lays.append((qweight, w_scales, None if bias is None else bias.contiguous(),
-                     _check_int_scales(int_scales, w_scales, k)))
-    g = lays[0][1].shape[1]
-    if any(ws.shape[1] != g for _, ws, _, _ in lays):
-        raise ValueError("the layers of one launch differ in their number of group scales")
+    xq, x_scale, per_token, lays, g = _check_layers(xq, x_scale, layers, in_features, group_size)
     m = xq.shape[0]
     ns = [qw.shape[0] for qw, *_ in lays]
     cfg = dict(pick_config(m, ns[0], k, group_size))
