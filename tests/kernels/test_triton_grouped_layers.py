@@ -110,3 +110,46 @@ def test_glu_forward_picks_the_kernel_by_batch_and_says_when_it_cannot(m, static
         assert act_codes is None and torch.equal(act, want)
     else:
         assert torch.equal(act, want[0]) and torch.equal(act_codes[0], want[1]) and float(act_codes[1]) == float(reader[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device (Triton compiled)")
+def test_gpu_one_launch_forms_give_the_separate_launches_bits():
+    """On the GPU (PTX, atomics, several programs at once): every one-launch form against the launches it replaces,
+    bit for bit, at 7B-like sizes with split-K, the counters back at zero; and the device checks that gate them
+    pass (they switch the forms off where they do not)."""
+    from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_decode import serial_attention_verified, silu_mul_triton
+    from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
+    from fptq.kernels.triton_grouped_layers import w4a8_matmul_glu, w4a8_matmul_layers
+    from fptq.kernels.triton_shared_input import glu_verified
+
+    dev = torch.device("cuda")
+    assert tw.ptx_verified(dev) and tw.serial_split_verified(dev)
+    assert glu_verified(dev) and serial_attention_verified(dev)
+    k, gs = 4096, 128
+    for integer in (False, True):
+        layers = [_layer(k, n, gs, "dynamic_token", bias=integer, integer=integer, seed=50 + i).to(dev)
+                  for i, n in enumerate((4096, 1024, 1024))]
+        spec = _spec(layers, integer)
+        for m in (1, 2, 16):
+            x = _x(m, k, seed=m).to(dev).half()
+            xq, sx = tw.quantize_activations(x)
+            if m <= 2:
+                cfg = {"SPLIT_K": 8}
+                cnt = torch.zeros(sum(tw.counters_needed(m, l.out_features, k, gs, cfg) for l in layers),
+                                  dtype=torch.int32, device=dev)
+                alone = [tw.w4a8_gemv_dp4a(xq, sx, *s[:2], k, gs, bias=s[2], int_scales=s[3], config=cfg)[0]
+                         for s in spec]
+                ys = w4a8_gemv_dp4a_layers(xq, sx, spec, k, gs, config=cfg, counters=cnt)[0]
+                pair = spec[1:]  # k and v: the same shape, as gate and up
+                act = w4a8_gemv_dp4a_glu(xq, sx, *pair, k, gs, cnt, config=cfg)
+                assert torch.equal(act, silu_mul_triton(alone[1], alone[2])) and not cnt.any()
+            else:
+                alone = [tw.w4a8_matmul(xq, sx, *s[:2], k, gs, bias=s[2], int_scales=s[3]) for s in spec]
+                ys = w4a8_matmul_layers(xq, sx, spec, k, gs)
+                down = (torch.tensor(0.02, device=dev), 8)
+                act, codes, _ = w4a8_matmul_glu(xq, sx, *spec[1:], k, gs, quant=down)
+                ref = silu_mul_triton(alone[1], alone[2], down)
+                assert torch.equal(act, ref[0]) and torch.equal(codes, ref[1])
+            assert all(torch.equal(a, b) for a, b in zip(ys, alone)), (integer, m)

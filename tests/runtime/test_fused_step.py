@@ -164,14 +164,20 @@ def test_cache_tensors_of_a_static_cache_exist_after_its_prompt():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_cuda_graph_of_the_fused_step_matches_transformers_eager_steps():
+@pytest.mark.parametrize("batch", [2, 3])
+def test_cuda_graph_of_the_fused_step_matches_transformers_eager_steps(batch):
+    """On the GPU, replayed from a CUDA graph: the dp4a launches (batch 2) and the tensor-core ones (batch 3), q/k/v
+    and gate/up sharing launches without any of them falling back."""
+    from fptq.kernels import triton_w4a8 as tw
+
     model = set_backend(tiny_w4a8().half().cuda(), "triton")
-    ids = token_ids(2, 6).cuda()
+    ids = token_ids(batch, 6).cuda()
     ref, _ = _steps(model, ids, 6, fused=False, graph=False)
     got, dec = _steps(model, ids, 6, follow=ref)
     assert dec.uses_graph, dec.graph_reason
     assert dec.step_path.startswith("fptq fused decode step (Triton")
     _agree(got, ref, 2e-2, 1e-2)
+    assert not {"gemv_dp4a_layers", "gemv_dp4a_glu", "grouped_layers", "grouped_glu"} & tw._broken
 
 
 @pytest.mark.parametrize("where", ["static", "transformers-api"])
