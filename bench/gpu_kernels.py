@@ -106,6 +106,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     from fptq.kernels import triton_w4a8 as tw
+    from fptq.kernels.triton_w4a16 import w4a16_matmul
     from fptq.nn import QuantLinear
 
     dev = "cpu" if args.dry_run else "cuda"
@@ -261,6 +262,8 @@ def main() -> int:
                 "triton_e2e_int_ms": lambda: tw.triton_forward(layer_i, x),
                 "grouped_tc_int_ms": lambda: tw.w4a8_matmul(xq, sxd, layer_i.qweight, layer_i.w_scales, k, gs,
                                                             out_dtype=torch.float16, int_scales=ints),
+                # W4A16 on the same packed codes (Table 2's W4A16 row): fp16 activations on tensor cores
+                "w4a16_ms": lambda: w4a16_matmul(x, qw, ws, k, gs),
             }
             if m <= 2:  # the dp4a GEMV on packed words (the dispatch's choice at decode), quantizing in the kernel
                 items["gemv_dp4a_ms"] = lambda: tw.w4a8_gemv_dp4a(x, None, qw, ws, k, gs, out_dtype=torch.float16)
@@ -280,6 +283,7 @@ def main() -> int:
                     xq, sxd, w8, sc, out_dtype=torch.float16, impl="int_mm")
             if m <= 16:  # decode sizes: also timed from a CUDA graph (what a graph-captured decode step pays)
                 items["fp16_cublas_graph_ms"] = items["fp16_cublas_ms"]
+                items["w4a16_graph_ms"] = items["w4a16_ms"]
                 items["unfused_graph_ms"] = lambda: tw.w4a8_gemv(*tw.quantize_activations(x), qw, ws, k, gs,
                                                                  out_dtype=torch.float16)
                 items["gemv_quant_graph_ms"] = items["gemv_quant_ms"]
@@ -311,7 +315,7 @@ def main() -> int:
             gbase = rec.get("fp16_cublas_graph_ms")
             if gbase:
                 for name in ("unfused_graph_ms", "gemv_quant_graph_ms", "gemv_quant_int_graph_ms", "gemv_dp4a_graph_ms",
-                             "gemv_dp4a_1l_graph_ms"):
+                             "gemv_dp4a_1l_graph_ms", "w4a16_graph_ms"):
                     if name in rec:
                         rec["x_" + name[:-3]] = gbase / rec[name]
             results["timing"].append(rec)
@@ -483,12 +487,12 @@ def write_md(results: dict, path: str) -> None:
         )
     cols = ["fp16_cublas_ms", "triton_e2e_ms", "x_triton_e2e", "act_quant_ms", "gemv_ms", "gemv_quant_ms",
             "x_gemv_quant", "gemv_dp4a_ms", "x_gemv_dp4a", "gemv_dp4a_1l_ms", "x_gemv_dp4a_1l", "grouped_tc_ms", "perchannel_triton_ms", "perchannel_int_mm_ms", "best_gemm",
-            "x_best_gemm", "e2e_int8_TOPS"]
+            "x_best_gemm", "e2e_int8_TOPS", "w4a16_ms", "x_w4a16"]
     icols = ["fp16_cublas_ms", "triton_e2e_int_ms", "x_triton_e2e_int", "gemv_quant_int_ms", "x_gemv_quant_int",
              "gemv_dp4a_int_ms", "x_gemv_dp4a_int", "grouped_tc_int_ms", "x_grouped_tc_int", "grouped_tc_ms", "x_grouped_tc"]
     gcols = ["fp16_cublas_graph_ms", "unfused_graph_ms", "x_unfused_graph", "gemv_quant_graph_ms",
              "x_gemv_quant_graph", "gemv_quant_int_graph_ms", "x_gemv_quant_int_graph", "gemv_dp4a_graph_ms",
-             "x_gemv_dp4a_graph", "gemv_dp4a_1l_graph_ms", "x_gemv_dp4a_1l_graph"]
+             "x_gemv_dp4a_graph", "gemv_dp4a_1l_graph_ms", "x_gemv_dp4a_1l_graph", "w4a16_graph_ms", "x_w4a16_graph"]
     def table(title: str, note: str, lead: list[str], value_cols: list[str], rows: list[dict], tail: bool) -> None:
         lines.extend(["", title, "", note, "",
                       "| " + " | ".join(lead + [c.replace("_ms", "") for c in value_cols]) + (" | errors |" if tail else " |"),
@@ -502,7 +506,8 @@ def write_md(results: dict, path: str) -> None:
           "`triton_e2e` = dispatched backend `triton` (activation quant + GEMM; the dp4a GEMV at M <= 2 when "
           "`ptx_verified`); `x_*` = speed-up over cuBLAS fp16; `gemv` / `grouped_tc` / `perchannel_*` exclude the "
           "activation quantization, `gemv_quant` (byte-wise) and `gemv_dp4a` (packed words, dp4a) include it; "
-          "`gemv_dp4a_1l`: its split-K reduced in the same launch (the dispatch's default).",
+          "`gemv_dp4a_1l`: its split-K reduced in the same launch (the dispatch's default); `w4a16` = the W4A16 kernel "
+          "(fp16 activations, the same packed codes: Table 2's W4A16 row).",
           ["M", "K", "N", "path"], cols, results.get("timing", []), True)
     table("## Integer group scales (`--group-scales integer`): median ms, same shapes",
           "`triton_e2e_int` = the dispatched backend on a layer with integer group scales (above GROUPED_MAX_M the int8 "

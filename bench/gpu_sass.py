@@ -276,7 +276,39 @@ def compile_tc_variants(arch: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             rec.update(ok=False, error=f"{e!r}"[:2000])
         out.append(rec)
-    return out + compile_tc_layers_variants(arch)
+    return out + compile_tc_layers_variants(arch) + compile_w4a16_variants(arch)
+
+
+#: the W4A16 kernel (float activations): 16-bit inputs on tensor cores, float32 in IEEE maths; split and not
+W4A16_VARIANTS = [
+    dict(dtype="fp16", HAS_BIAS=False, SPLIT=True, ONE_GROUP=False, TILES_PER_GROUP=1, BLOCK_M=16, BLOCK_N=64,
+         BLOCK_K=128, IEEE=False),
+    dict(dtype="bf16", HAS_BIAS=True, SPLIT=False, ONE_GROUP=False, TILES_PER_GROUP=2, BLOCK_M=128, BLOCK_N=128,
+         BLOCK_K=64, IEEE=False),
+    dict(dtype="fp32", HAS_BIAS=True, SPLIT=False, ONE_GROUP=True, TILES_PER_GROUP=1, BLOCK_M=16, BLOCK_N=64,
+         BLOCK_K=128, IEEE=True),
+]
+
+
+def compile_w4a16_variants(arch: int) -> list[dict]:
+    """Compile :data:`W4A16_VARIANTS` (``fptq.kernels.triton_w4a16``) for ``sm_<arch>``."""
+    from fptq.kernels import triton_w4a16 as tw16
+
+    out = []
+    for v in W4A16_VARIANTS:
+        p = "*" + v["dtype"]
+        types = dict(X=p, B="*u8", WS="*fp16", BIAS=p, C=p, P="*fp32",
+                     **{a: "i32" for a in ("M", "N", "K", "GS", "CHUNK", "NUNITS", "stride_xm", "stride_bn",
+                                           "stride_wsn", "stride_cm")})
+        const = dict({c: x for c, x in v.items() if c != "dtype"}, EVEN_K=True)
+        rec = {"kernel": "w4a16", "variant": v}
+        try:
+            _compile(tw16._w4a16_kernel, types, const, ["X", "B", "WS", "C", "P"], arch, 4, 3)
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            rec.update(ok=False, error=f"{e!r}"[:2000])
+        out.append(rec)
+    return out
 
 
 #: the tensor-core kernel on several layers of one input (decode batches 3-16: q/k/v; gate/up with SiLU x up)

@@ -175,8 +175,7 @@ def _gpu_linears(model) -> str:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             if m.act_mode == "none":
-                kinds.add("float activations on the reference path (float32 weights dequantized once, float32 "
-                          "matmuls: fptq has no W4A16 GPU kernel, so this row is no W4A16 kernel baseline)")
+                kinds.add("Triton W4A16 kernel (16-bit activations, the packed codes on tensor cores)")
             elif w8a8_perchannel(m):
                 kinds.add("int8 per-channel GEMM")
             else:

@@ -181,8 +181,9 @@ def test_forward_uses_the_dp4a_gemv_at_decode_where_it_covers_the_layer(monkeypa
 
 
 def test_ptx_kernel_variants_compile_for_hopper(tmp_path):
-    """Every flag combination the launchers can pass to the dp4a GEMV, the tensor-core kernel and the fused decode
-    step's kernels (fptq.kernels.triton_decode) compiles for sm_90
+    """Every flag combination the launchers can pass to the dp4a GEMV, the tensor-core kernel (one layer or several
+    on one input), the W4A16 kernel and the fused decode step's kernels (fptq.kernels.triton_decode) compiles for
+    sm_90
     with the inline PTX (Triton compiles for a named target without a GPU, in a process where the interpreter is
     off): the interpreter runs code the compiler refuses, and a kernel that does not build would only fall back on
     the device."""
@@ -200,7 +201,7 @@ def test_ptx_kernel_variants_compile_for_hopper(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     recs = json.loads((tmp_path / "gpu_sass_variants.json").read_text())["variants"]
-    assert {x["kernel"] for x in recs} == {"dp4a", "tensor-core", "decode"} and len(recs) >= 21
+    assert {x["kernel"] for x in recs} == {"dp4a", "tensor-core", "decode", "w4a16"} and len(recs) >= 57
     assert all(x["ok"] for x in recs)
 
 

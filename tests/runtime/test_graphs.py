@@ -141,8 +141,9 @@ def test_bench_times_gpu_models_on_the_static_graph_runner():
     model = _quantized()
     r = _runner(model, "cuda", True, True)
     assert isinstance(r, StaticRunner) and r.what == "transformers forward + Triton W4A8 kernels"
-    set_act_mode(model, "none")  # a W4A16 row: the table says it is no W4A16 kernel
-    assert "fptq has no W4A16 GPU kernel" in _runner(model, "cuda", True, True).what
+    set_act_mode(model, "none")  # a W4A16 row: the table names its kernel
+    assert _runner(model, "cuda", True, True).what == "transformers forward + Triton W4A16 kernel (16-bit " \
+        "activations, the packed codes on tensor cores)"
     plain = _runner(tiny_llama(), "cuda", False, False)
     assert type(plain) is HFRunner and plain.path == "transformers forward"
 

@@ -73,9 +73,10 @@ If a fast path fails to compile on some GPU / triton version, :func:`triton_forw
 warns once and falls back to the baseline grouped kernel.
 
 This module imports without triton or CUDA (``HAS_TRITON`` is then False and the entry
-points raise a clear error).  Layers the kernels do not cover (weights other than
-4-bit, float activations, group sizes that are not a multiple of 32 with more than one
-group) fall back to the reference maths.
+points raise a clear error).  4-bit layers with float activations (W4A16) run
+:func:`~fptq.kernels.triton_w4a16.w4a16_matmul`.  Layers the kernels do not cover (weights
+other than 4-bit, except W8A8 per channel; group sizes that are not a multiple of 32 with
+more than one group) fall back to the reference maths.
 
 Layout: this module is the entry point (``triton_forward`` and the backends' dispatch) and
 re-exports the public names of :mod:`.triton_common` (import guard, thresholds, launch
@@ -111,6 +112,7 @@ from .triton_common import (
 from .triton_grouped import w4a8_gemv, w4a8_gemv_quant, w4a8_matmul
 from .triton_perchannel import int8_perchannel_matmul, perchannel_weight_device, w8a8_perchannel
 from .triton_quant import _scalar_div_mode, quantize_activations
+from .triton_w4a16 import w4a16_matmul, w4a16_problem
 
 # the public names of the four kernel modules, and this module's entry points
 __all__ = [
@@ -309,8 +311,17 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
     if module.wbits != 4 and not w8a8:
         detail = " with group scales or float activations" if module.wbits == 8 else ""
         return _fallback(module, x, f"{module.wbits}-bit weights{detail} are not covered by the Triton kernels")
-    if module.act_mode == "none":
-        return _fallback(module, x, "float activations (act_mode='none') are not covered")
+    if module.act_mode == "none":  # W4A16: the float-activation tensor-core kernel on the packed codes
+        why = w4a16_problem(module.qweight, module.in_features, module.group_size)
+        if why is None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            why = f"{x.dtype} activations"
+        if why is not None:
+            return _fallback(module, x, f"W4A16: {why}")
+        x2 = x.reshape(-1, module.in_features)
+        y = _guarded("w4a16", lambda: w4a16_matmul(x2, module.qweight, module.w_scales, module.in_features,
+                                                   module.group_size, bias=module.bias),
+                     lambda: module.reference_forward(x2), instead="the reference path")
+        return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
     if module.abits != 8:
         return _fallback(module, x, f"{module.abits}-bit activations are not covered")
     lead = x.shape[:-1]
