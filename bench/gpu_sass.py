@@ -106,6 +106,18 @@ def _compile(fn, types: dict, constexprs: dict, divisible: list[str], arch: int,
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def _try_compile(rec: dict, fn, types: dict, constexprs: dict, divisible: list, arch: int, num_warps: int,
+                 num_stages: int) -> dict:
+    """:func:`_compile` one kernel variant into ``rec``: ``ok``, or ``ok=False`` and the error (the variant does not
+    build)."""
+    try:
+        _compile(fn, types, constexprs, divisible, arch, num_warps, num_stages)
+        rec["ok"] = True
+    except Exception as e:  # noqa: BLE001 -- recorded, not raised: the report lists every variant
+        rec.update(ok=False, error=f"{e!r}"[:2000])
+    return rec
+
+
 def _divisible(values: dict) -> list[str]:
     """The integer arguments a launch would specialize as multiples of 16 (pointers always are here)."""
     return [a for a, v in values.items() if isinstance(v, int) and v % 16 == 0 and v != 0]
@@ -204,11 +216,7 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
         const = dict(v, RECIP=True, QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128,
                      SERIAL=v.get("SERIAL", False))
         rec = {"variant": v}
-        try:
-            _compile(td._w4a8_gemv_dp4a_kernel, types, const, ["X", "B", "WS", "AS", "C", "P", "XW"], arch, 4, 2)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
+        _try_compile(rec, td._w4a8_gemv_dp4a_kernel, types, const, ["X", "B", "WS", "AS", "C", "P", "XW"], arch, 4, 2)
         out.append(rec)
     for v in DP4A_LAYERS_VARIANTS:  # several layers on one input in one launch (q/k/v, gate/up)
         types = dict(X="*bf16" if v["QUANT"] else "*i8", AS="*fp32", XW="*i32", INV_QMAX="fp32", CNT="*i32",
@@ -219,13 +227,8 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
                                                                "stride_bn", "stride_wsn")})
         const = dict(v, RECIP=True, QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128)
         rec = {"variant": v}
-        try:
-            _compile(tsi._w4a8_gemv_dp4a_layers_kernel, types, const, ["X", "AS", "XW", "B0", "B1", "B2", "C0", "C1",
-                                                                      "C2", "P0", "P1", "P2"], arch, 4, 2)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
-        out.append(rec)
+        out.append(_try_compile(rec, tsi._w4a8_gemv_dp4a_layers_kernel, types, const,
+                                ["X", "AS", "XW", "B0", "B1", "B2", "C0", "C1", "C2", "P0", "P1", "P2"], arch, 4, 2))
     for v in DP4A_GLU_VARIANTS:  # gate/up with SiLU x up in one launch
         types = dict(X="*i8", AS="*fp32", XW="*i32", CNT="*i32",
                      **{f"{a}{w}": t for w in "GU" for a, t in (("B", "*i32"), ("WS", "*fp16"), ("BIAS", "*fp16"),
@@ -235,13 +238,8 @@ def compile_dp4a_variants(arch: int) -> list[dict]:
         const = {c: x for c, x in v.items() if c != "dtype"}
         const.update(QMAX=127, BLOCK_R=1024, BLOCK_N=128, BLOCK_W=16, ASM=True, QW=128)
         rec = {"variant": dict(v, op="glu")}
-        try:
-            _compile(tsi._w4a8_gemv_dp4a_glu_kernel, types, const, ["X", "AS", "XW", "BG", "BU", "PG", "PU", "ACT"],
-                     arch, 4, 2)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
-        out.append(rec)
+        out.append(_try_compile(rec, tsi._w4a8_gemv_dp4a_glu_kernel, types, const,
+                                ["X", "AS", "XW", "BG", "BU", "PG", "PU", "ACT"], arch, 4, 2))
     return out
 
 
@@ -270,11 +268,7 @@ def compile_tc_variants(arch: int) -> list[dict]:
         const = dict(v, TILES_PER_GROUP=1, BLOCK_M=32 if v["SWAP_AB"] else 16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
                      ASM=v["NIBBLE"])
         rec = {"kernel": "tensor-core", "variant": v}
-        try:
-            _compile(tg._w4a8_gemm_kernel, types, const, ["A", "B", "WS", "AS", "C", "P"], arch, 4, 3)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
+        _try_compile(rec, tg._w4a8_gemm_kernel, types, const, ["A", "B", "WS", "AS", "C", "P"], arch, 4, 3)
         out.append(rec)
     return out + compile_tc_layers_variants(arch) + compile_w4a16_variants(arch)
 
@@ -302,11 +296,7 @@ def compile_w4a16_variants(arch: int) -> list[dict]:
                                            "stride_wsn", "stride_cm")})
         const = dict({c: x for c, x in v.items() if c != "dtype"}, EVEN_K=True)
         rec = {"kernel": "w4a16", "variant": v}
-        try:
-            _compile(tw16._w4a16_kernel, types, const, ["X", "B", "WS", "C", "P"], arch, 4, 3)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
+        _try_compile(rec, tw16._w4a16_kernel, types, const, ["X", "B", "WS", "C", "P"], arch, 4, 3)
         out.append(rec)
     return out
 
@@ -344,11 +334,7 @@ def compile_tc_layers_variants(arch: int) -> list[dict]:
                 ACT="*bf16", Q="*i8", QS="*fp32", T="i32", N="i32", **i32)
             ptrs = ["A", "AS", "BG", "BU", "ACT", "Q"]
         rec = {"kernel": "tensor-core", "variant": v}
-        try:
-            _compile(fn, types, const, ptrs, arch, 4, 4)
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=f"{e!r}"[:2000])
+        _try_compile(rec, fn, types, const, ptrs, arch, 4, 4)
         out.append(rec)
     return out
 
@@ -395,11 +381,7 @@ def compile_decode_variants(arch: int) -> list[dict]:
         for name, fn, types, consts, warps in cases:
             for const in consts:
                 rec = {"kernel": "decode", "variant": dict(const, op=name, dtype=dt)}
-                try:
-                    _compile(fn, types, const, [a for a, t in types.items() if t.startswith("*")], arch, warps, 1)
-                    rec["ok"] = True
-                except Exception as e:  # noqa: BLE001
-                    rec.update(ok=False, error=f"{e!r}"[:2000])
+                _try_compile(rec, fn, types, const, [a for a, t in types.items() if t.startswith("*")], arch, warps, 1)
                 out.append(rec)
     return out
 
