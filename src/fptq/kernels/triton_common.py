@@ -181,9 +181,13 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # acc * AS (per token [M] or per tensor) (+ bias [N]) in float32; acc: float32 [BLOCK_M, BLOCK_N]
-        if PER_TOKEN:
+    def _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_SCALE: tl.constexpr = True):
+        # acc * AS (per token [M] or per tensor; not read without HAS_SCALE: float activations) (+ bias [N]) in
+        # float32; acc: float32 [BLOCK_M, BLOCK_N]
+        if not HAS_SCALE:
+            pass
+        elif PER_TOKEN:
             sx = tl.load(AS + offs_m, mask=mask_m, other=0.0)
             acc = acc * sx[:, None]
         else:
@@ -195,9 +199,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm,
-                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr = True):
         # C = _scaled(acc), cast to C's dtype
-        acc = _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN, HAS_BIAS)
+        acc = _scaled(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, PER_TOKEN, HAS_BIAS, HAS_SCALE)
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -210,8 +214,9 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        HAS_SCALE: tl.constexpr = True,
     ):
-        # C = (sum_s P[s]) (* CS[n]) * AS (+ bias), partials summed in a fixed order
+        # C = (sum_s P[s]) (* CS[n]) (* AS) (+ bias), partials summed in a fixed order
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
@@ -225,20 +230,23 @@ if HAS_TRITON:
         if HAS_COLSCALE:
             cs = tl.load(CS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = acc * cs[None, :]
-        _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS)
+        _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS, HAS_SCALE)
 
 
 def _reduce(partials, x_scale, per_token, bias, c, col_scale=None) -> torch.Tensor:
+    """``c`` = the split-K ``partials`` summed in split order, times ``col_scale`` and ``x_scale`` (None: float
+    activations, no activation scale), plus ``bias``."""
     s, m, n = partials.shape
     bm = min(16, triton.next_power_of_2(m))
     bn = max(128, 2048 // bm)
     has_bias = bias is not None
+    unread = partials  # (pointers the flags say are not read)
     _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        partials, col_scale if col_scale is not None else x_scale, x_scale,
-        bias if has_bias else x_scale, c,
+        partials, col_scale if col_scale is not None else unread, x_scale if x_scale is not None else unread,
+        bias if has_bias else unread, c,
         m, n, s, c.stride(0),
         PER_TOKEN=per_token, HAS_COLSCALE=col_scale is not None, HAS_BIAS=has_bias,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_SCALE=x_scale is not None, num_warps=4,
     )
     return c
 

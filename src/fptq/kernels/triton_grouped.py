@@ -113,13 +113,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_out(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, P, pid_s, M, N, stride_cm,
-                   PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-        # acc: float32 [BLOCK_M, BLOCK_N] (group scales applied)
+                   PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                   HAS_SCALE: tl.constexpr = True):
+        # acc: float32 [BLOCK_M, BLOCK_N] (group scales applied): split s's partial, or C (_epilogue)
         if SPLIT:
             p_ptrs = P + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
         else:
-            _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS)
+            _epilogue(acc, offs_m, offs_n, mask_m, mask_n, AS, BIAS, C, stride_cm, PER_TOKEN, HAS_BIAS, HAS_SCALE)
 
     @triton.jit
     def _gemm_acc(A, B, WS, MT, BASE, pid_m, pid_n, pid_s, M, N, K, GS, CHUNK, NUNITS, stride_am, stride_bn,

@@ -23,7 +23,7 @@ from .triton_common import HAS_TRITON, _block_k_for, _reduce, _split_plan, _supp
 __all__ = ["pick_w4a16_config", "w4a16_matmul", "w4a16_problem"]
 
 if HAS_TRITON:
-    from .triton_grouped import _unpacked_w_tile
+    from .triton_grouped import _store_out, _unpacked_w_tile
 
     @triton.jit
     def _w4a16_kernel(
@@ -65,15 +65,8 @@ if HAS_TRITON:
             g = 0 if ONE_GROUP else u
             s = tl.load(WS + offs_n * stride_wsn + g, mask=mask_n, other=0.0).to(tl.float32)
             acc += accg * s[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:
-            tl.store(P + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc,
-                     mask=mask)
-        else:
-            if HAS_BIAS:
-                acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
-                     mask=mask)
+        _store_out(acc, offs_m, offs_n, mask_m, mask_n, C, BIAS, C, P, pid_s, M, N, stride_cm, False, HAS_BIAS, SPLIT,
+                   False)  # (no activation scale: the activations are floats)
 
 
 def w4a16_problem(qweight: torch.Tensor, in_features: int, group_size: int) -> str | None:
@@ -135,6 +128,5 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
         EVEN_K=k % (bk if one_group else gs) == 0, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if splits > 1:
-        _reduce(part, torch.ones((), dtype=torch.float32, device=x.device), False,
-                bias.contiguous() if has_bias else None, c)
+        _reduce(part, None, False, bias.contiguous() if has_bias else None, c)
     return c
