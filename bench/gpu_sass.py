@@ -292,8 +292,8 @@ def compile_w4a16_variants(arch: int) -> list[dict]:
     for v in W4A16_VARIANTS:
         p = "*" + v["dtype"]
         types = dict(X=p, B="*u8", WS="*fp16", BIAS=p, C=p, P="*fp32",
-                     **{a: "i32" for a in ("M", "N", "K", "GS", "CHUNK", "NUNITS", "stride_xm", "stride_bn",
-                                           "stride_wsn", "stride_cm")})
+                     **{a: "i32" for a in ("M", "N", "K", "CHUNK", "NUNITS", "stride_xm", "stride_bn", "stride_wsn",
+                                           "stride_cm")})
         const = dict({c: x for c, x in v.items() if c != "dtype"}, EVEN_K=True)
         rec = {"kernel": "w4a16", "variant": v}
         _try_compile(rec, tw16._w4a16_kernel, types, const, ["X", "B", "WS", "C", "P"], arch, 4, 3)

@@ -157,6 +157,23 @@ def _split_plan(tiles: int, m: int, k: int, nunits: int, unit_k: int, device, sp
     return -(-nunits // chunk), chunk
 
 
+def _grouping(k: int, g: int, group_size: int, cfg: dict) -> tuple[dict, int, int, int]:
+    """How the packed kernels tile K for ``g`` groups of ``group_size`` (``<= 0``: per channel) with the launch
+    configuration ``cfg``: ``(constexprs, units of K, elements per unit, group size)``: a unit is a group, or with
+    one group per row a ``BLOCK_K`` tile (the split-K plan counts units); the constexprs are ``ONE_GROUP``,
+    ``TILES_PER_GROUP``, ``BLOCK_N``, ``BLOCK_K``, ``EVEN_K`` (every tile inside K: unmasked loads) and the launch's
+    ``num_warps`` / ``num_stages``."""
+    one_group = g == 1
+    gs = k if group_size <= 0 else group_size
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if not one_group and gs % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    flags = dict(ONE_GROUP=one_group, TILES_PER_GROUP=1 if one_group else gs // bk, BLOCK_N=bn, BLOCK_K=bk,
+                 EVEN_K=k % (bk if one_group else gs) == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    nunits, unit_k = (-(-k // bk), bk) if one_group else (g, gs)
+    return flags, nunits, unit_k, gs
+
+
 def _supported(group_size: int, k: int) -> bool:
     """Whether the grouped kernels handle this grouping (tiles must not straddle groups)."""
     if group_size <= 0 or -(-k // group_size) == 1:

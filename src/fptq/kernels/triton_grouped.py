@@ -14,9 +14,9 @@ from .triton_common import (
     _check_grouped_args,
     _check_int_scales,
     _epilogue,
+    _grouping,
     _reduce,
     _split_plan,
-    _supported,
     _tile_ids,
     pick_config,
     pick_gemv_config,
@@ -330,6 +330,15 @@ if HAS_TRITON:
             tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
 
 
+def _tensor_core_flags(cfg: dict, k: int, g: int, ints: bool, device, asm: bool | None) -> dict:
+    """The tensor-core kernel's own constexprs (``SWAP_AB``, ``BLOCK_M``, ``NIBBLE``, ``ASM``): with float scales
+    16 x the codes taken from the bytes by a shift and a mask, two dots per tile (the int32 sums are 16 x the exact
+    ones: one group per row needs K <= INT_SUM_MAX_K), the byte split in PTX on CUDA unless ``asm`` is False."""
+    nibble = bool(cfg.get("NIBBLE", True)) and not ints and (g > 1 or k <= INT_SUM_MAX_K)
+    return dict(SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], NIBBLE=nibble,
+                ASM=nibble and (device.type == "cuda" if asm is None else bool(asm)))
+
+
 def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_dtype, config, gemv: bool,
             quant: tuple | None = None, int_scales: tuple | None = None, asm: bool | None = None):
     """Check the arguments, pick the launch configuration and split-K, run the GEMV (``gemv``) or the
@@ -347,33 +356,23 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
     m, k = xq.shape
     n = qweight.shape[0]
     g = w_scales.shape[1]
-    one_group = g == 1
     ints = _check_int_scales(int_scales, w_scales, k)
-    gs = k if group_size <= 0 else group_size
     cfg = dict((pick_gemv_config if gemv else pick_config)(m, n, k, group_size))
     if config:
         cfg.update(config)
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not one_group and gs % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    flags, nunits, unit_k, gs = _grouping(k, g, group_size, cfg)
     c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return c
     # output tiles: one token row x BLOCK_N channels per GEMV program, BLOCK_M x BLOCK_N per GEMM program
+    bn = cfg["BLOCK_N"]
     grid = (m, triton.cdiv(n, bn)) if gemv else (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, bn),)
-    if one_group:
-        nunits, unit_k = triton.cdiv(k, bk), bk
-    else:
-        nunits, unit_k = g, gs
     splits, chunk = _split_plan(math.prod(grid), m, k, nunits, unit_k, xq.device, cfg.get("SPLIT_K"))
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else c
     part = torch.empty(splits, m, n, dtype=torch.float32, device=xq.device) if splits > 1 else c
     strides = (xq.stride(0), qweight.stride(0), w_scales.stride(0), c.stride(0))
-    flags = dict(PER_TOKEN=per_token, HAS_BIAS=has_bias, ONE_GROUP=one_group,
-                 TILES_PER_GROUP=1 if one_group else gs // bk, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_K=bk,
-                 INT_SCALES=ints is not None, EVEN_K=k % (bk if one_group else gs) == 0,
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    flags.update(PER_TOKEN=per_token, HAS_BIAS=has_bias, SPLIT=splits > 1, INT_SCALES=ints is not None)
     mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
     if gemv:
         inv = 1.0
@@ -386,13 +385,9 @@ def _launch(xq, x_scale, qweight, w_scales, in_features, group_size, bias, out_d
             xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, inv, m, n, k, gs, chunk, nunits, *strides,
             **flags)
     else:
-        # float scales: 16 x the codes taken from the bytes by a shift and a mask, two dots per tile (the int32
-        # sums are 16 x the exact ones: one group per row needs K <= INT_SUM_MAX_K)
-        nibble = bool(cfg.get("NIBBLE", True)) and ints is None and (not one_group or k <= INT_SUM_MAX_K)
         _w4a8_gemm_kernel[(*grid, splits)](
             xq, qweight, w_scales, x_scale, bias_arg, c, part, mt, base, m, n, k, g, gs, chunk, nunits, *strides,
-            SWAP_AB=bool(cfg.get("SWAP_AB", False)), BLOCK_M=cfg["BLOCK_M"], GROUP_M=cfg["GROUP_M"], NIBBLE=nibble,
-            ASM=nibble and (xq.device.type == "cuda" if asm is None else bool(asm)), **flags)
+            GROUP_M=cfg["GROUP_M"], **_tensor_core_flags(cfg, k, g, ints is not None, xq.device, asm), **flags)
     if splits > 1:
         _reduce(part, x_scale, per_token, bias.contiguous() if has_bias else None, c)
     return c

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import torch
 
 from ..quant import act_qmax
-from ..quant.intscales import INT_SUM_MAX_K
-from .triton_common import HAS_TRITON, _check_layers, pick_config, require_triton, tl, triton
+from .triton_common import HAS_TRITON, _check_layers, _grouping, pick_config, require_triton, tl, triton
+from .triton_grouped import _tensor_core_flags
 
 __all__ = ["w4a8_matmul_glu", "w4a8_matmul_layers"]
 
@@ -125,22 +125,12 @@ def _prepare(xq, x_scale, layers, in_features: int, group_size: int, config, asm
     cfg.update(config or {})
     if cfg.get("SPLIT_K") != 1:
         raise ValueError("the tensor-core layers kernels do not split K (SPLIT_K must be 1)")
-    one_group = g == 1
-    gs = k if group_size <= 0 else group_size
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not one_group and gs % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    const, nunits, _, gs = _grouping(k, g, group_size, cfg)
     ints = lays[0][3] is not None
-    nibble = bool(cfg.get("NIBBLE", True)) and not ints and (not one_group or k <= INT_SUM_MAX_K)
-    const = dict(PER_TOKEN=per_token, HAS_BIAS=lays[0][2] is not None, ONE_GROUP=one_group,
-                 TILES_PER_GROUP=1 if one_group else gs // bk, SWAP_AB=bool(cfg.get("SWAP_AB", False)),
-                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_K=bk, INT_SCALES=ints,
-                 EVEN_K=k % (bk if one_group else gs) == 0, NIBBLE=nibble,
-                 ASM=nibble and (xq.device.type == "cuda" if asm is None else bool(asm)),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    const.update(PER_TOKEN=per_token, HAS_BIAS=lays[0][2] is not None, INT_SCALES=ints,
+                 **_tensor_core_flags(cfg, k, g, ints, xq.device, asm))
     return SimpleNamespace(xq=xq, x_scale=x_scale, lays=lays, ns=ns, gs=gs, g=g, m_tiles=triton.cdiv(m, cfg["BLOCK_M"]),
-                           tiles=[triton.cdiv(n, bn) for n in ns],
-                           nunits=triton.cdiv(k, bk) if one_group else g, const=const)
+                           tiles=[triton.cdiv(n, cfg["BLOCK_N"]) for n in ns], nunits=nunits, const=const)
 
 
 def _pointers(lay, out, x_scale) -> tuple:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import HAS_TRITON, _block_k_for, _reduce, _split_plan, _supported, require_triton, tl, triton
+from .triton_common import (HAS_TRITON, _block_k_for, _grouping, _reduce, _split_plan, _supported, require_triton,
+                            tl, triton)
 
 __all__ = ["pick_w4a16_config", "w4a16_matmul", "w4a16_problem"]
 
@@ -27,7 +28,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _w4a16_kernel(
-        X, B, WS, BIAS, C, P, M, N, K, GS, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, stride_cm,
+        X, B, WS, BIAS, C, P, M, N, K, CHUNK, NUNITS, stride_xm, stride_bn, stride_wsn, stride_cm,
         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ONE_GROUP: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
@@ -108,25 +109,18 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     n, g = qweight.shape[0], w_scales.shape[1]
     cfg = pick_w4a16_config(m, n, k, group_size)
     cfg.update(config or {})
-    one_group = g == 1
-    gs = k if one_group else group_size
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not one_group and gs % bk:
-        raise ValueError(f"BLOCK_K={bk} must divide group_size={gs}")
+    flags, nunits, unit_k, _ = _grouping(k, g, group_size, cfg)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return c
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    nunits, unit_k = (triton.cdiv(k, bk), bk) if one_group else (g, gs)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     splits, chunk = _split_plan(tiles, m, k, nunits, unit_k, x.device, cfg.get("SPLIT_K"))
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else c
     has_bias = bias is not None
     _w4a16_kernel[(tiles, splits)](
-        x, qweight, w_scales, bias.contiguous() if has_bias else c, c, part, m, n, k, gs, chunk, nunits, x.stride(0),
-        qweight.stride(0), w_scales.stride(0), c.stride(0), HAS_BIAS=has_bias, SPLIT=splits > 1, ONE_GROUP=one_group,
-        TILES_PER_GROUP=1 if one_group else gs // bk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=k % (bk if one_group else gs) == 0, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        x, qweight, w_scales, bias.contiguous() if has_bias else c, c, part, m, n, k, chunk, nunits, x.stride(0),
+        qweight.stride(0), w_scales.stride(0), c.stride(0), HAS_BIAS=has_bias, SPLIT=splits > 1,
+        BLOCK_M=cfg["BLOCK_M"], IEEE=x.dtype == torch.float32, **flags)
     if splits > 1:
         _reduce(part, None, False, bias.contiguous() if has_bias else None, c)
     return c
