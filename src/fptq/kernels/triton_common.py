@@ -304,6 +304,13 @@ def _check_layers(x, x_scale, layers, in_features: int, group_size: int) -> tupl
     return x, x_scale, per_token, lays, g
 
 
+def _layer_args(lay: tuple, out: torch.Tensor, x_scale: torch.Tensor) -> tuple:
+    """A checked layer's (:func:`_check_layers`) kernel arguments: packed codes, group scales, bias (``out`` where
+    there is none: unread), integer multipliers and base (the scales and ``x_scale`` where there are none: unread)."""
+    qw, ws, b, i = lay
+    return (qw, ws, out if b is None else b, *(i if i is not None else (ws, x_scale)))
+
+
 def _check_int_scales(int_scales, w_scales, k):
     """``(multipliers int8 [N, G], base float32 [N])`` of :func:`fptq.kernels.triton_w4a8.integer_scales_device`, checked against the
     group scales; None for one group per row (a single accumulator already)."""

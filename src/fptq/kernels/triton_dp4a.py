@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 from ..quant.intscales import INT_SUM_MAX_K
-from .triton_common import HAS_TRITON, _check_layers, _reduce, _split_plan, require_triton, tl, triton
+from .triton_common import HAS_TRITON, _check_layers, _layer_args, _reduce, _split_plan, require_triton, tl, triton
 from .triton_grouped import _act_codes, _gemv_store, _row_scale
 from .triton_quant import _inv_qmax, _scalar_div_mode
 
@@ -265,7 +265,7 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
     and leaves the counters at zero again."""
     L = _prepare(x, x_scale, [(qweight, w_scales, bias, int_scales)], in_features, group_size, qmax, config, recip,
                  asm)
-    x, x_scale, (qweight, w_scales, bias, ints) = L.x, L.x_scale, L.lays[0]
+    x, x_scale = L.x, L.x_scale
     m, n, k, g = x.shape[0], L.ns[0], in_features, L.g
     c = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
@@ -273,13 +273,13 @@ def w4a8_gemv_dp4a(x: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch
     part = torch.empty(L.splits, m, n, dtype=torch.float32, device=x.device) if L.splits > 1 else c
     serial = L.splits > 1 and counters is not None
     _check_counters(counters if serial else None, m * L.tiles[0], x.device)
-    mt, base = ints if ints is not None else (w_scales, x_scale)  # (unread without INT_SCALES)
+    qw, ws, b, mt, base = _layer_args(L.lays[0], c, x_scale)
     _w4a8_gemv_dp4a_kernel[L.grid](
-        x, qweight.view(torch.int32), w_scales, x_scale, c if bias is None else bias, c, part, mt, base, L.staged,
-        _inv_qmax(qmax), counters if serial else L.staged, m, n, k, k // 8, g, L.chunk, L.nunits, x.stride(0), k // 8,
-        g, n, SPLIT=L.splits > 1, SERIAL=serial, **L.const)
+        x, qw.view(torch.int32), ws, x_scale, b, c, part, mt, base, L.staged, _inv_qmax(qmax),
+        counters if serial else L.staged, m, n, k, k // 8, g, L.chunk, L.nunits, x.stride(0), k // 8, g, n,
+        SPLIT=L.splits > 1, SERIAL=serial, **L.const)
     if L.splits > 1 and not serial:
-        _reduce(part, x_scale, L.per_token, bias, c)
+        _reduce(part, x_scale, L.per_token, L.lays[0][2], c)
     return c, x_scale
 
 
@@ -340,7 +340,7 @@ def _prepare(x, x_scale, layers, in_features: int, group_size: int, qmax: int, c
                  num_stages=cfg["num_stages"])
     return SimpleNamespace(x=x, x_scale=x_scale, per_token=per_token, lays=lays, g=g, ns=ns, tiles=tiles,
                            grid=(m, sum(tiles), splits), splits=splits, chunk=chunk, nunits=nunits, staged=staged,
-                           has_bias=const["HAS_BIAS"], ints=const["INT_SCALES"], const=const)
+                           const=const)
 
 
 def counters_needed(m: int, n: int, k: int, group_size: int, config: dict | None = None) -> int:

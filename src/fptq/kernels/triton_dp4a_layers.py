@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import HAS_TRITON, _reduce, tl, triton
+from .triton_common import HAS_TRITON, _layer_args, _reduce, tl, triton
 from .triton_dp4a import _check_counters, _prepare, w4a8_gemv_dp4a
 from .triton_quant import _inv_qmax
 
@@ -146,11 +146,11 @@ def w4a8_gemv_dp4a_layers(x: torch.Tensor, x_scale: torch.Tensor | None, layers:
              for n, c in zip(L.ns, outs)]
     serial = splits > 1 and counters is not None
     _check_counters(counters if serial else None, m * sum(L.tiles), x.device)
-    # per layer: packed words, scales, bias, output, partials, integer multipliers, base (unread where unused)
-    ptrs = [(qw.view(torch.int32), ws, b if L.has_bias else c, c, p, *(i if L.ints else (ws, x_scale)))
-            for (qw, ws, b, i), c, p in zip(L.lays, outs, parts)]
+    per = []  # per layer: packed words, scales, bias, output, partials, multipliers, base, outputs, tiles
+    for lay, c, p, n, t in zip(L.lays, outs, parts, L.ns, L.tiles):
+        qw, ws, b, mt, base = _layer_args(lay, c, x_scale)
+        per.append((qw.view(torch.int32), ws, b, c, p, mt, base, n, t))
     common = dict(L.const, SPLIT=splits > 1, SERIAL=serial)
-    per = [(*ptrs[i], L.ns[i], L.tiles[i]) for i in range(len(L.lays))]
     per += [per[-1]] * (MAX_LAYERS - len(per))  # (unread: LAYERS says how many there are)
     args = [a for layer in per for a in layer][:-1]  # the last layer's tile count is not an argument
     _w4a8_gemv_dp4a_layers_kernel[L.grid](
@@ -184,8 +184,10 @@ def w4a8_gemv_dp4a_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up:
         return act
     _check_counters(counters, m * L.tiles[0], L.x.device)
     parts = [torch.empty(L.splits, m, n, dtype=torch.float32, device=L.x.device) for _ in range(2)]
-    ptrs = [(qw.view(torch.int32), ws, b if L.has_bias else act, p, *(i if L.ints else (ws, L.x_scale)))
-            for (qw, ws, b, i), p in zip(L.lays, parts)]
+    ptrs = []  # per layer: packed words, scales, bias, partials, multipliers, base
+    for lay, p in zip(L.lays, parts):
+        qw, ws, b, mt, base = _layer_args(lay, act, L.x_scale)
+        ptrs.append((qw.view(torch.int32), ws, b, p, mt, base))
     const = {c: v for c, v in L.const.items() if c not in ("QUANT", "RECIP")}
     _w4a8_gemv_dp4a_glu_kernel[L.grid](L.x, L.x_scale, L.staged, counters, *ptrs[0], *ptrs[1], act, n, L.tiles[0],
                                        m, k, k // 8, L.g, L.chunk, L.nunits, L.x.stride(0), k // 8, L.g, **const)

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from ..quant import act_qmax
-from .triton_common import HAS_TRITON, _check_layers, _grouping, pick_config, require_triton, tl, triton
+from .triton_common import HAS_TRITON, _check_layers, _grouping, _layer_args, pick_config, require_triton, tl, triton
 from .triton_grouped import _tensor_core_flags
 
 __all__ = ["w4a8_matmul_glu", "w4a8_matmul_layers"]
@@ -133,13 +133,6 @@ def _prepare(xq, x_scale, layers, in_features: int, group_size: int, config, asm
                            tiles=[triton.cdiv(n, cfg["BLOCK_N"]) for n in ns], nunits=nunits, const=const)
 
 
-def _pointers(lay, out, x_scale) -> tuple:
-    """A layer's kernel arguments: packed codes, scales, bias (its output where there is none: unread), integer
-    multipliers and base (the scales and x_scale where there are none: unread)."""
-    qw, ws, b, i = lay
-    return (qw, ws, out if b is None else b, *(i if i is not None else (ws, x_scale)))
-
-
 def w4a8_matmul_layers(xq: torch.Tensor, x_scale: torch.Tensor, layers: list, in_features: int, group_size: int,
                        out_dtype: torch.dtype = torch.float16, config: dict | None = None,
                        asm: bool | None = None) -> list[torch.Tensor]:
@@ -153,7 +146,7 @@ def w4a8_matmul_layers(xq: torch.Tensor, x_scale: torch.Tensor, layers: list, in
         return outs
     per = []
     for lay, c, n, t in zip(L.lays, outs, L.ns, L.tiles):
-        qw, ws, b, mt, base = _pointers(lay, c, L.x_scale)
+        qw, ws, b, mt, base = _layer_args(lay, c, L.x_scale)
         per.append((qw, ws, b, c, mt, base, n, t))
     per += [per[-1]] * (3 - len(per))  # (unread: LAYERS says how many there are)
     args = [a for layer in per for a in layer][:-1]  # the last layer's tile count is not an argument
@@ -184,7 +177,7 @@ def w4a8_matmul_glu(xq: torch.Tensor, x_scale: torch.Tensor, gate: tuple, up: tu
     scale = quant[0].to(device=xq.device, dtype=torch.float32).reshape(()) if quant is not None else L.x_scale
     if m:
         _w4a8_gemm_glu_kernel[(L.m_tiles * L.tiles[0],)](
-            L.xq, L.x_scale, *_pointers(L.lays[0], act, L.x_scale), *_pointers(L.lays[1], act, L.x_scale), act,
+            L.xq, L.x_scale, *_layer_args(L.lays[0], act, L.x_scale), *_layer_args(L.lays[1], act, L.x_scale), act,
             codes, scale, L.tiles[0], m, n, k, L.gs, L.nunits, L.xq.stride(0), L.lays[0][0].stride(0),
             L.lays[0][1].stride(0), CODES=quant is not None, QMAX=act_qmax(quant[1]) if quant is not None else 127,
             **L.const)
