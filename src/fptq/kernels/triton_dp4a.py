@@ -115,7 +115,7 @@ if HAS_TRITON:
                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, ASM: tl.constexpr, QW: tl.constexpr,
                       SERIAL: tl.constexpr):
         # program (pid_m, pid_n, pid_s) of one layer's GEMV (pid_n its output tile); ``tile`` of ``ntiles``: the
-        # tile's index among all the launch's tiles (several layers' in one launch: triton_fused_linears), which
+        # tile's index among all the launch's tiles (several layers' in one launch: triton_dp4a_layers), which
         # places its staged words and its split-K counter; ``first``: the program that stores a per-token scale.
         # A unit of K is a tile (one group per row) or GPT groups (TPG tiles); the program stages its activation
         # words in XW[((m * ntiles + tile) * splits + s) * 2 * CHUNK * TPG * BLOCK_W:]

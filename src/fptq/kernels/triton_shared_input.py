@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from . import triton_w4a8 as tw
-from .cpu import _cached
 from .triton_dp4a import counters_needed
 from .triton_dp4a_layers import MAX_LAYERS, w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
 from .triton_grouped_layers import w4a8_matmul_glu, w4a8_matmul_layers
@@ -55,25 +54,14 @@ def shared_input_problem(modules, m: int) -> str | None:
     return None
 
 
-def _counters(modules, device, name: str, layers: int) -> torch.Tensor | None:
-    """The one-launch split-K counters of a dp4a launch over ``modules``' first ``layers`` (cached on the first
-    module under ``name``: one launch at a time), or None where that reduction is off or did not check out."""
-    if not tw.SERIAL_SPLIT_K or not tw.serial_split_verified(device):
-        return None
-    return _cached(modules[0], name, lambda _: torch.zeros(
-        sum(counters_needed(tw.GEMV_MAX_M, mod.out_features, mod.in_features, mod.group_size)
-            for mod in modules[:layers]), dtype=torch.int32, device=modules[0].qweight.device))
-
-
 def _inputs(modules, x: torch.Tensor, codes: tuple) -> tuple:
     """(rows [M, K], codes [M, K], their scale, output dtype, the layers' kernel arguments)."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, sx = codes[0].reshape(x2.shape), codes[1]
     if xq.dtype != torch.int8:
         raise ValueError(f"codes must be int8 [{x2.shape[0]}, {x2.shape[1]}], got {xq.dtype}")
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     layers = [(mod.qweight, mod.w_scales, mod.bias, tw.integer_scales_device(mod)) for mod in modules]
-    return x2, xq, sx, out_dtype, layers
+    return x2, xq, sx, tw._out_dtype(x), layers
 
 
 def shared_input_forward(modules, x: torch.Tensor, codes: tuple) -> list[torch.Tensor] | None:
@@ -92,12 +80,11 @@ def shared_input_forward(modules, x: torch.Tensor, codes: tuple) -> list[torch.T
             return None
         ys = tw._guarded("gemv_dp4a_layers", lambda: w4a8_gemv_dp4a_layers(
             xq, sx, layers, first.in_features, first.group_size, qmax=first.act_qmax(), out_dtype=out_dtype,
-            counters=_counters(modules, x2.device, f"triton_dp4a_shared_counters_{len(modules)}",
-                               len(modules)))[0], lambda: None, instead="one launch per layer")
+            counters=tw._dp4a_counters(first, x2.device, modules, f"triton_dp4a_shared_counters_{len(modules)}"))[0],
+            lambda: None, instead="one launch per layer")
     else:
-        asm = None if tw.ptx_verified(x2.device) else False
         ys = tw._guarded("grouped_layers", lambda: w4a8_matmul_layers(
-            xq, sx, layers, first.in_features, first.group_size, out_dtype=out_dtype, asm=asm),
+            xq, sx, layers, first.in_features, first.group_size, out_dtype=out_dtype, asm=tw._asm(x2.device)),
             lambda: None, instead="one launch per layer")
     if ys is None:
         return None
@@ -145,23 +132,22 @@ def glu_forward(gate, up, x: torch.Tensor, codes: tuple, quant: tuple | None = N
     if shared_input_problem((gate, up), m) is not None or gate.out_features != up.out_features:
         return None
     gemv = tw.select_path(m) == "gemv"
-    if gemv and not (tw.SERIAL_SPLIT_K and tw.ptx_verified(x.device) and glu_verified(x.device)):
+    if gemv and not (tw.ptx_verified(x.device) and glu_verified(x.device)):
         return None
     if not gemv and (quant is None or quant[0] is None):
         return None
     x2, xq, sx, out_dtype, (lg, lu) = _inputs((gate, up), x, codes)
     k, gs = gate.in_features, gate.group_size
     if gemv:
-        counters = _counters((gate, up), x2.device, "triton_dp4a_glu_counters", 1)
-        if counters is None:
+        counters = tw._dp4a_counters(gate, x2.device, key="triton_dp4a_glu_counters")
+        if counters is None:  # (the one-launch reduction is off or did not check out on the device)
             return None
         got = tw._guarded("gemv_dp4a_glu", lambda: (w4a8_gemv_dp4a_glu(
             xq, sx, lg, lu, k, gs, counters, qmax=gate.act_qmax(), out_dtype=out_dtype), None),
             lambda: None, instead="gate/up in one launch, then SiLU x up")
     else:
-        asm = None if tw.ptx_verified(x2.device) else False
         got = tw._guarded("grouped_glu", lambda: w4a8_matmul_glu(
-            xq, sx, lg, lu, k, gs, out_dtype=out_dtype, quant=quant, asm=asm), lambda: None,
+            xq, sx, lg, lu, k, gs, out_dtype=out_dtype, quant=quant, asm=tw._asm(x2.device)), lambda: None,
             instead="gate/up in one launch, then SiLU x up")
         got = None if got is None else (got[0], got[1:])
     if got is None:

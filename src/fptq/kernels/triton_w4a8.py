@@ -230,14 +230,25 @@ def serial_split_verified(device) -> bool:
                          "(or does not build); reducing in a second launch")
 
 
-def _dp4a_counters(module, device) -> torch.Tensor | None:
-    """The split-K counters of ``module``'s one-launch dp4a GEMV (int32 zeros, cached on the module: one launch at
-    a time uses them), or None where that is off (:data:`SERIAL_SPLIT_K`) or did not check out on ``device``."""
+def _dp4a_counters(module, device, layers: tuple = (), key: str = "triton_dp4a_counters") -> torch.Tensor | None:
+    """The split-K counters of a one-launch dp4a GEMV over ``layers`` (default: ``module`` alone), int32 zeros cached
+    on ``module`` under ``key`` (one launch at a time uses them), or None where that reduction is off
+    (:data:`SERIAL_SPLIT_K`) or did not check out on ``device``."""
     if not SERIAL_SPLIT_K or not serial_split_verified(device):
         return None
-    return _cached(module, "triton_dp4a_counters", lambda m: torch.zeros(
-        counters_needed(GEMV_MAX_M, m.out_features, m.in_features, m.group_size), dtype=torch.int32,
-        device=m.qweight.device))
+    return _cached(module, key, lambda m: torch.zeros(
+        sum(counters_needed(GEMV_MAX_M, l.out_features, l.in_features, l.group_size) for l in layers or (m,)),
+        dtype=torch.int32, device=m.qweight.device))
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The kernels' output dtype for activations ``x``: theirs where the kernels store it, else float32."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def _asm(device) -> bool | None:
+    """The tensor-core kernel's ``asm``: None (the PTX byte split on CUDA) where :func:`ptx_verified`, else False."""
+    return None if ptx_verified(device) else False
 
 
 def _dp4a_covers(module) -> bool:
@@ -328,7 +339,7 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
     x2 = x.reshape(-1, module.in_features)
     m = x2.shape[0]
     static = module.act_mode == "static_tensor"
-    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    out_dtype = _out_dtype(x)
     if codes is not None:
         xq, sx = codes[0].reshape(-1, module.in_features), codes[1]
         if xq.shape[0] != m or xq.dtype != torch.int8:
@@ -373,7 +384,7 @@ def triton_forward(module, x: torch.Tensor, path: str = "auto", codes: tuple | N
         xq, sx = quantize_activations(x2, module.act_scale if static else None, qmax=module.act_qmax())
     args = (xq, sx, module.qweight, module.w_scales, module.in_features, module.group_size)
 
-    asm = None if ptx_verified(x2.device) else False  # the byte split in PTX (on CUDA) only where it checked out
+    asm = _asm(x2.device)
 
     def baseline():
         if not _supported(module.group_size, module.in_features):
