@@ -96,15 +96,20 @@ if HAS_TRITON:
         # (counted in CNT, which it puts back to 0) adds the tile's partials in split order and stores the output,
         # as the reduce kernel does
         tl.debug_barrier()  # every thread's partials are stored before the count
-        splits = tl.num_programs(2)
         seen = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-        if seen == splits - 1:
-            acc = tl.zeros_like(offs_n).to(tl.float32)
-            for s in range(0, splits):  # .cg: from L2, where the other programs' stores are
-                acc += tl.load(P + (s * M + pid_m) * N + offs_n, mask=mask_n, other=0.0,
-                               cache_modifier=".cg")
-            _gemv_store(acc, P, C, BIAS, scale, pid_m, 0, offs_n, mask_n, M, N, stride_cm, False, HAS_BIAS)
+        if seen == tl.num_programs(2) - 1:
+            _gemv_store(_split_sum(P, pid_m, offs_n, mask_n, M, N), P, C, BIAS, scale, pid_m, 0, offs_n, mask_n, M, N,
+                        stride_cm, False, HAS_BIAS)
             tl.atomic_xchg(CNT + tile, 0)
+
+    @triton.jit
+    def _split_sum(P, pid_m, offs_n, mask_n, M, N):
+        # row pid_m's float32 split-K partials [splits, M, N] at columns offs_n, added in split order as the reduce
+        # kernel adds them (.cg: from L2, where the other programs of the launch stored them)
+        acc = tl.zeros_like(offs_n).to(tl.float32)
+        for s in range(0, tl.num_programs(2)):
+            acc += tl.load(P + (s * M + pid_m) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+        return acc
 
     @triton.jit
     def _dp4a_program(X, B, WS, AS, BIAS, C, P, MT, BASE, XW, INV_QMAX, CNT, pid_m, pid_n, tile, ntiles, pid_s, first,

@@ -31,7 +31,8 @@ MAX_LAYERS = 3  # layers one launch of w4a8_gemv_dp4a_layers runs (q, k, v)
 
 if HAS_TRITON:
     from .triton_decode import _silu_times
-    from .triton_dp4a import _dp4a_program
+    from .triton_dp4a import _dp4a_program, _split_sum
+    from .triton_grouped import _gemv_scaled, _row_scale
 
     @triton.jit
     def _w4a8_gemv_dp4a_layers_kernel(
@@ -96,23 +97,13 @@ if HAS_TRITON:
                           BLOCK_W, ASM, QW, False)
         j = tile % T
         tl.debug_barrier()  # every thread's partials are stored before the count
-        splits = tl.num_programs(2)
         seen = tl.atomic_add(CNT + pid_m * T + j, 1, sem="acq_rel", scope="gpu")
-        if seen == 2 * splits - 1:
+        if seen == 2 * tl.num_programs(2) - 1:
             offs = j * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = offs < N
-            scale = tl.load(AS + pid_m) if PER_TOKEN else tl.load(AS)
-            g = tl.zeros([BLOCK_N], dtype=tl.float32)
-            u = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s in range(0, splits):  # .cg: from L2, where the other programs' stores are
-                at = (s * M + pid_m) * N + offs
-                g += tl.load(PG + at, mask=mask, other=0.0, cache_modifier=".cg")
-                u += tl.load(PU + at, mask=mask, other=0.0, cache_modifier=".cg")
-            g = g * scale
-            u = u * scale
-            if HAS_BIAS:
-                g = g + tl.load(BIASG + offs, mask=mask, other=0.0).to(tl.float32)
-                u = u + tl.load(BIASU + offs, mask=mask, other=0.0).to(tl.float32)
+            scale = _row_scale(X, AS, 1.0, K, pid_m, False, False, PER_TOKEN, False, QMAX, BLOCK_R)  # (loaded)
+            g = _gemv_scaled(_split_sum(PG, pid_m, offs, mask, M, N), scale, BIASG, offs, mask, HAS_BIAS)
+            u = _gemv_scaled(_split_sum(PU, pid_m, offs, mask, M, N), scale, BIASU, offs, mask, HAS_BIAS)
             dt = ACT.dtype.element_ty
             act = _silu_times(g.to(dt).to(tl.float32), u.to(dt).to(tl.float32), dt)
             tl.store(ACT + pid_m.to(tl.int64) * N + offs, act, mask=mask)

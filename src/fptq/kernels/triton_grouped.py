@@ -324,10 +324,16 @@ if HAS_TRITON:
         if SPLIT:
             tl.store(P + pid_s.to(tl.int64) * M * N + pid_m.to(tl.int64) * N + offs_n, acc, mask=mask_n)
         else:
-            acc = acc * scale
-            if HAS_BIAS:
-                acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = _gemv_scaled(acc, scale, BIAS, offs_n, mask_n, HAS_BIAS)
             tl.store(C + pid_m.to(tl.int64) * stride_cm + offs_n, acc.to(C.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _gemv_scaled(acc, scale, BIAS, offs_n, mask_n, HAS_BIAS: tl.constexpr):
+        # a GEMV row's float32 sums times the activation scale (+ bias), before the cast to the output's dtype
+        acc = acc * scale
+        if HAS_BIAS:
+            acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        return acc
 
 
 def _tensor_core_flags(cfg: dict, k: int, g: int, ints: bool, device, asm: bool | None) -> dict:
