@@ -41,7 +41,8 @@ from torch import nn
 from ..kernels import decode_ops as ops
 from .engine import engine_unsupported_reason
 
-__all__ = ["FusedStep", "KERNELS", "advance", "attempt", "cache_tensors", "fused_step_problem", "shared_quantizer"]
+__all__ = ["FusedStep", "KERNELS", "advance", "attempt", "cache_tensors", "fused_step_problem", "shared_quantizer",
+           "step_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,22 @@ def fused_step_problem(model: nn.Module) -> str | None:
     if d % 2:
         return f"an odd head size ({d})"
     return None
+
+
+def step_reason(model: nn.Module, fused: bool | None, off: str | None = None) -> str | None:
+    """Why a decoder's steps do not run :class:`FusedStep` (None: they do), for its ``fused`` argument: ``off`` (a
+    reason of the caller's not to, unless ``fused`` is True), "not asked for" with ``fused=False``, else
+    :func:`fused_step_problem`; ``fused=True`` on a model it names raises."""
+    from ..errors import FptqError
+
+    if off is not None and not fused:
+        return off
+    if fused is False:
+        return "not asked for (fused=False)"
+    reason = fused_step_problem(model)
+    if fused and reason is not None:
+        raise FptqError(f"the fused decode step cannot run this model: {reason}")
+    return reason
 
 
 def _head_dim(model: nn.Module) -> int:

@@ -26,9 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import FptqError
 from .engine import decode_loop
-from .fused_step import FusedStep, advance, attempt, cache_tensors, fused_step_problem
+from .fused_step import FusedStep, advance, attempt, cache_tensors, step_reason
 
 __all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
@@ -69,12 +68,7 @@ class StaticDecoder:
         self.kernels = kernels
         self._fused: FusedStep | None = None
         self._counts: list[torch.Tensor] = []  # the static cache's position counters (transformers 5)
-        if fused is False:
-            self.step_reason: str | None = "not asked for (fused=False)"
-        else:
-            self.step_reason = fused_step_problem(model)
-            if fused and self.step_reason is not None:
-                raise FptqError(f"the fused decode step cannot run this model: {self.step_reason}")
+        self.step_reason = step_reason(model, fused)
 
     @property
     def uses_graph(self) -> bool:

@@ -42,8 +42,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..errors import FptqError
-from .fused_step import FusedStep, advance, attempt, cache_tensors, fused_step_problem
+from .fused_step import FusedStep, advance, attempt, cache_tensors, step_reason
 from .graphs import capture_step
 from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
 
@@ -184,12 +183,7 @@ class GraphDecoder(StandInDecoder):
     def __init__(self, causal_lm: nn.Module, inner: nn.Module, graph: bool | None = None, slack: int = SLACK,
                  warmup: int = 2, compile: bool = False, fused: bool | None = None, kernels: str = "auto"):
         super().__init__(causal_lm, inner)
-        if fused is False or (fused is None and compile):
-            self.step_reason = "not asked for (" + ("compile=True" if compile else "fused=False") + ")"
-        else:
-            self.step_reason = fused_step_problem(causal_lm)
-        if fused and self.step_reason is not None:
-            raise FptqError(f"the fused decode step cannot run this model: {self.step_reason}")
+        self.step_reason = step_reason(causal_lm, fused, "not asked for (compile=True)" if compile else None)
         self.kernels = kernels
         # not a submodule (its parameters are the decoder's own, and the state dict stays the model's)
         object.__setattr__(self, "_compiled", torch.compile(inner, dynamic=False) if compile else None)
