@@ -42,6 +42,16 @@ def _layer(k, n, gs, mode="dynamic_token", bias=False, integer=False, seed=0):
                                   act_scale=0.05, bias=b)
 
 
+def _spec(layers, integer):
+    """The layers' ``(qweight, w_scales, bias, integer scales or None)``, as the several-layers launchers take them
+    (asserting that integer-scale layers were found to have them)."""
+    from fptq.kernels import triton_w4a8 as tw
+
+    ints = [tw.integer_scales_device(l) if integer else None for l in layers]
+    assert all((i is not None) == integer for i in ints)
+    return [(l.qweight, l.w_scales, l.bias, i) for l, i in zip(layers, ints)]
+
+
 def _x(m, k, seed=1, dtype=torch.float32):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 2
     x[:, :: max(1, k // 7)] *= 8
@@ -373,18 +383,16 @@ def test_layers_reading_one_input_in_one_launch_give_each_layers_own_bits(ns, k,
     from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_layers
 
     layers = [_layer(k, n, gs, mode, bias=bias, integer=integer, seed=3 + i) for i, n in enumerate(ns)]
-    ints = [tw.integer_scales_device(l) if integer else None for l in layers]
-    assert all((i is not None) == integer for i in ints)
+    spec = _spec(layers, integer)
     static = layers[0].act_scale if mode == "static_tensor" else None
     cfg = {"BLOCK_N": 32, "SPLIT_K": split}
-    spec = [(l.qweight, l.w_scales, l.bias, i) for l, i in zip(layers, ints)]
     counters = torch.zeros(sum(counters_needed(m, n, k, gs, cfg) for n in ns), dtype=torch.int32)
     x = _x(m, k, seed=4)
     qx, sx = layers[0].quantize_input(x)
     sx = sx.reshape(-1) if mode == "dynamic_token" else sx
     for inp, s_in in ((x, static), (qx, sx)):
-        alone = [tw.w4a8_gemv_dp4a(inp, s_in, l.qweight, l.w_scales, k, gs, bias=l.bias, out_dtype=torch.float16,
-                                   config=cfg, int_scales=i) for l, i in zip(layers, ints)]
+        alone = [tw.w4a8_gemv_dp4a(inp, s_in, qw, ws, k, gs, bias=b, out_dtype=torch.float16, config=cfg,
+                                   int_scales=i) for qw, ws, b, i in spec]
         for cnt in (None, counters):
             ys, s = w4a8_gemv_dp4a_layers(inp, s_in, spec, k, gs, out_dtype=torch.float16, config=cfg, counters=cnt)
             assert [tuple(y.shape) for y in ys] == [(m, n) for n in ns]
@@ -446,13 +454,12 @@ def test_gate_and_up_with_silu_in_one_launch_give_the_three_launches_bits(k, n, 
     """silu(gate(x)) * up(x) from x's codes in one launch (the last program of each output tile rounds both sums and
     applies SiLU x up): the bits of the gate/up GEMVs followed by the SiLU x up kernel, on the same split; the
     counters back at zero."""
-    from fptq.kernels import triton_w4a8 as tw
     from fptq.kernels.triton_decode import silu_mul_triton
     from fptq.kernels.triton_dp4a import counters_needed
     from fptq.kernels.triton_dp4a_layers import w4a8_gemv_dp4a_glu, w4a8_gemv_dp4a_layers
 
     gate, up = (_layer(k, n, gs, mode, bias=bias, integer=integer, seed=s) for s in (11, 12))
-    spec = [(l.qweight, l.w_scales, l.bias, tw.integer_scales_device(l) if integer else None) for l in (gate, up)]
+    spec = _spec((gate, up), integer)
     cfg = {"BLOCK_N": 32, "SPLIT_K": split}
     counters = torch.zeros(counters_needed(m, n, k, gs, cfg) + 2, dtype=torch.int32)
     for seed in (1, 2):

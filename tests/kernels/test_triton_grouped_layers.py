@@ -7,18 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_triton_dp4a import INTERPRETED, _layer, _x
+from .test_triton_dp4a import INTERPRETED, _layer, _spec, _x
 
 pytestmark = pytest.mark.skipif(
     not INTERPRETED, reason="needs triton under its interpreter (no CUDA device)")
-
-
-def _spec(layers, integer):
-    from fptq.kernels import triton_w4a8 as tw
-
-    ints = [tw.integer_scales_device(l) if integer else None for l in layers]
-    assert all((i is not None) == integer for i in ints)
-    return [(l.qweight, l.w_scales, l.bias, i) for l, i in zip(layers, ints)]
 
 
 @pytest.mark.parametrize("ns,k,gs,integer,bias", [
