@@ -131,6 +131,22 @@ def calib_file(tmp_path):
     return p
 
 
+def with_cache(cache) -> dict:
+    """A transformers forward's cache argument: ``cache=`` since transformers 5.2x, ``past_key_values=`` before
+    (fptq supports both; the GPU image has 5.17)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    return {kw: cache}
+
+
+def returned_cache(out):
+    """The cache a transformers forward returned (``out.cache``, ``out.past_key_values`` before 5.2x)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def token_ids(b: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
     """``[b, t]`` random token ids below the tiny models' vocabulary (300)."""
     return torch.randint(0, 300, (b, t), generator=torch.Generator().manual_seed(seed))

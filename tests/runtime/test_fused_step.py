@@ -15,7 +15,7 @@ from fptq.kernels import decode_ops
 from fptq.runtime.fused_step import FusedStep, cache_tensors, fused_step_problem
 from fptq.runtime.graphs import StaticDecoder
 
-from ..conftest import tiny_llama, tiny_w4a8, token_ids
+from ..conftest import tiny_llama, tiny_w4a8, token_ids, with_cache
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
@@ -217,9 +217,9 @@ def test_a_fused_step_that_fails_hands_over_to_transformers_mid_sequence(where, 
                 got, ref = [], []
                 for m, out in ((model, got), (plain, ref)):
                     cache = DynamicCache(config=m.config)
-                    out.append(m(ids, cache=cache).logits[:, -1])
+                    out.append(m(ids, **with_cache(cache)).logits[:, -1])
                     for i in range(5):
-                        out.append(m(nxt[:, i:i + 1], cache=cache).logits[:, -1])
+                        out.append(m(nxt[:, i:i + 1], **with_cache(cache)).logits[:, -1])
             path = model.model.step_path
     _agree(got, ref, 2e-5, 1e-5)
     assert len(calls) == 3 and "the fused step failed (RuntimeError: no kernel image" in path

@@ -12,7 +12,7 @@ from fptq.kernels import native
 from fptq.runtime import Engine
 from fptq.runtime.hf_fast import RuntimeDecoder, attach_runtime, detach_runtime, uses_runtime
 
-from ..conftest import make_tokenizer, sqnr_db, tiny_llama, token_ids
+from ..conftest import make_tokenizer, returned_cache, sqnr_db, tiny_llama, token_ids, with_cache
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="fptq's runtime runs the native kernels")
 
@@ -78,13 +78,13 @@ def test_cache_continues_across_calls_as_one_forward(ckpt):
     with torch.no_grad():
         full = fast(ids).logits
         cache = DynamicCache(config=fast.config)  # the user's cache object, passed again and again
-        first = fast(ids[:, :8], cache=cache, logits_to_keep=1).logits
+        first = fast(ids[:, :8], **with_cache(cache), logits_to_keep=1).logits
         assert cache.get_seq_length() == 8
-        steps = [fast(ids[:, i:i + 1], cache=cache).logits[:, -1] for i in range(8, 12)]
+        steps = [fast(ids[:, i:i + 1], **with_cache(cache)).logits[:, -1] for i in range(8, 12)]
         assert cache.get_seq_length() == 12
         assert cache.layers[0].keys.shape[-2] == 12  # transformers sees the runtime's keys as a normal cache
-        returned = fast(ids[:, :8]).cache  # no cache given: a new one is returned, and continues
-        step = fast(ids[:, 8:9], cache=returned).logits[:, -1]
+        returned = returned_cache(fast(ids[:, :8]))  # no cache given: a new one is returned, and continues
+        step = fast(ids[:, 8:9], **with_cache(returned)).logits[:, -1]
     assert torch.equal(first[:, -1], full[:, 7])
     # the prompt's attention runs in bfloat16 on CPUs with AMX (fptq.runtime.attention), the steps' in float32;
     # on this tiny W4A8 model that flips a few activation codes: ~26 dB there, > 40 dB with float32 on both sides
@@ -124,9 +124,9 @@ def test_a_cache_continued_by_the_other_path_stays_consistent(ckpt):
     with torch.no_grad():
         full = fast(ids).logits
         cache = DynamicCache(config=fast.config)
-        fast(ids[:, :8], cache=cache)
-        mid = fast(ids[:, 8:9], cache=cache, output_hidden_states=True).logits  # transformers' forward
-        last = fast(ids[:, 9:10], cache=cache).logits  # the runtime again, on the cache it copies back in
+        fast(ids[:, :8], **with_cache(cache))
+        mid = fast(ids[:, 8:9], **with_cache(cache), output_hidden_states=True).logits  # transformers' forward
+        last = fast(ids[:, 9:10], **with_cache(cache)).logits  # the runtime again, on the cache it copies back in
     assert cache.get_seq_length() == 10
     # the runtime and transformers' forward differ by themselves (17-50 dB per position on this tiny model, in
     # every configuration of the default: 17.6 dB with the rotated default on an AVX-512 BF16 CPU, whose prompt

@@ -14,7 +14,7 @@ import fptq
 from fptq.nn import QuantLinear
 from fptq.runtime.hf_graph import GraphDecoder, attach_graph_runtime, detach_graph_runtime, uses_graph_runtime
 
-from ..conftest import hf_greedy, make_tokenizer, tiny_llama, tiny_w4a8, token_ids
+from ..conftest import hf_greedy, make_tokenizer, tiny_llama, tiny_w4a8, token_ids, with_cache
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -38,9 +38,9 @@ def close(a, b):
 
 def _steps(model, ids, cache, tokens):
     """Logits of the prompt's last position, then of each one-token call for ``tokens`` ``[B, n]``."""
-    out = [model(ids, cache=cache).logits[:, -1]]
+    out = [model(ids, **with_cache(cache)).logits[:, -1]]
     for i in range(tokens.shape[1]):
-        out.append(model(tokens[:, i:i + 1], cache=cache).logits[:, -1])
+        out.append(model(tokens[:, i:i + 1], **with_cache(cache)).logits[:, -1])
     return out
 
 
@@ -79,10 +79,10 @@ def test_a_cropped_cache_continues_in_place_and_a_longer_sequence_grows_the_stat
         cache.crop(-3)  # transformers 5: the number of positions to drop
         cache_ref.crop(-3)
         assert cache.get_seq_length() == 5
-        got = [model(nxt[:, i:i + 1], cache=cache).logits[:, -1] for i in range(2, 12)]  # past the capacity 10
-        want = [ref(nxt[:, i:i + 1], cache=cache_ref).logits[:, -1] for i in range(2, 12)]
+        got = [model(nxt[:, i:i + 1], **with_cache(cache)).logits[:, -1] for i in range(2, 12)]  # past the capacity 10
+        want = [ref(nxt[:, i:i + 1], **with_cache(cache_ref)).logits[:, -1] for i in range(2, 12)]
         more = _ids(1, 4, seed=10)  # a next turn: several tokens appended where the sequence is
-        close(model(more, cache=cache).logits, ref(more, cache=cache_ref).logits)
+        close(model(more, **with_cache(cache)).logits, ref(more, **with_cache(cache_ref)).logits)
     for a, b in zip(got, want):
         close(a, b)
     [grown] = model.model._slots
@@ -94,19 +94,19 @@ def test_the_next_sequence_reuses_the_static_cache_and_the_earlier_cache_keeps_w
     a_ids, b_ids, tok = _ids(2, 7, seed=4), _ids(2, 5, seed=5), _ids(2, 1, seed=6)
     with torch.no_grad():
         first, second = DynamicCache(config=model.config), DynamicCache(config=model.config)
-        model(a_ids, cache=first)
-        model(tok, cache=first)
+        model(a_ids, **with_cache(first))
+        model(tok, **with_cache(first))
         [slot] = model.model._slots
         held = first.layers[1].keys.clone()
-        model(b_ids, cache=second)
-        model(tok, cache=second)
+        model(b_ids, **with_cache(second))
+        model(tok, **with_cache(second))
         assert model.model._slots == [slot]  # same batch, fits: the static cache (and a GPU's graph) is reused
         assert torch.equal(first.layers[1].keys, held)  # the earlier cache got copies before the reuse
-        later = model(tok, cache=first).logits  # and continues (copied back in)
+        later = model(tok, **with_cache(first)).logits  # and continues (copied back in)
         want_cache = DynamicCache(config=ref.config)
-        ref(a_ids, cache=want_cache)
-        ref(tok, cache=want_cache)
-        close(later, ref(tok, cache=want_cache).logits)
+        ref(a_ids, **with_cache(want_cache))
+        ref(tok, **with_cache(want_cache))
+        close(later, ref(tok, **with_cache(want_cache)).logits)
         assert model.model._slots == [slot] and first.get_seq_length() == 9
 
 
@@ -120,7 +120,7 @@ def test_what_the_static_cache_cannot_do_runs_on_transformers_logged_once(caplog
         model(ids, attention_mask=mask)
         assert torch.equal(a, ref(ids, attention_mask=mask).logits)  # transformers' own forward, same modules
         static = StaticCache(config=model.config, max_cache_len=16)
-        assert torch.equal(model(ids, cache=static).logits,
+        assert torch.equal(model(ids, **with_cache(static)).logits,
                            ref(ids, cache=StaticCache(config=ref.config, max_cache_len=16)).logits)
         assert len(model(ids, output_hidden_states=True).hidden_states) == 3
     messages = [r.message for r in caplog.records]
@@ -230,8 +230,8 @@ def test_warm_up_runs_before_a_capture_leave_the_static_cache_as_one_step_would(
     with torch.no_grad():
         cache, cache_ref = DynamicCache(config=model.config), DynamicCache(config=ref.config)
         for m, c in ((model, cache), (ref, cache_ref)):
-            m(ids, cache=c)
-            m(nxt[:, :1], cache=c)
+            m(ids, **with_cache(c))
+            m(nxt[:, :1], **with_cache(c))
         dec = model.model
         [slot] = dec._slots
         slot.ids.copy_(nxt[:, 1:2])
@@ -239,7 +239,7 @@ def test_warm_up_runs_before_a_capture_leave_the_static_cache_as_one_step_would(
         warm_up(*dec._step_fns(slot), 3)  # what precedes a capture: three runs of the step at position 10
         assert slot.length == 10 and all(int(la.cumulative_length) == 10 for la in slot.cache.layers)
         for i in range(1, 4):
-            close(model(nxt[:, i:i + 1], cache=cache).logits, ref(nxt[:, i:i + 1], cache=cache_ref).logits)
+            close(model(nxt[:, i:i + 1], **with_cache(cache)).logits, ref(nxt[:, i:i + 1], **with_cache(cache_ref)).logits)
 
 
 def test_a_static_cache_far_longer_than_a_new_sequence_needs_is_not_reused():
@@ -249,8 +249,8 @@ def test_a_static_cache_far_longer_than_a_new_sequence_needs_is_not_reused():
 
     def sequence(prompt_len, seed):
         cache = DynamicCache(config=model.config)
-        model(_ids(1, prompt_len, seed=seed), cache=cache)
-        model(tok, cache=cache)
+        model(_ids(1, prompt_len, seed=seed), **with_cache(cache))
+        model(tok, **with_cache(cache))
         return model.model._slots[-1]
 
     with torch.no_grad():
