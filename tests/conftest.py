@@ -134,12 +134,11 @@ def calib_file(tmp_path):
 def with_cache(cache) -> dict:
     """A transformers forward's cache argument: ``cache=`` since transformers 5.2x, ``past_key_values=`` before
     (fptq supports both; the GPU image has 5.17)."""
-    import inspect
-
     from transformers import LlamaForCausalLM
 
-    kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-    return {kw: cache}
+    from fptq.runtime.hf_common import cache_kw
+
+    return {cache_kw(LlamaForCausalLM.forward): cache}
 
 
 def returned_cache(out):

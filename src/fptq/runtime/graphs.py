@@ -28,6 +28,7 @@ from torch import nn
 
 from .engine import decode_loop
 from .fused_step import FusedStep, advance, attempt, cache_tensors, step_reason
+from .hf_common import cache_kw
 
 __all__ = ["StaticDecoder", "capture_step", "static_generate", "warm_up"]
 
@@ -56,9 +57,9 @@ class StaticDecoder:
         self.graph_wanted = self.device.type == "cuda" if graph is None else graph
         self.warmup = warmup
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
-        self._takes_cache_position = "cache_position" in params  # transformers 4 writes the cache there
+        self._cache_kw = cache_kw(model.forward)
+        # transformers 4 writes the cache at cache_position
+        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graph = None

@@ -10,6 +10,7 @@ cache still shows those buffers (continue in place, also after a crop) or was ch
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -17,7 +18,13 @@ from torch import nn
 
 from ..nn import QuantLinear
 
-__all__ = ["StandInDecoder", "cache_layers", "cache_length", "call_problem", "shows", "publish"]
+__all__ = ["StandInDecoder", "cache_kw", "cache_layers", "cache_length", "call_problem", "shows", "publish"]
+
+
+def cache_kw(forward) -> str:
+    """The keyword under which a transformers ``forward`` takes its cache: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (fptq supports both)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def cache_layers(cache) -> list | None:

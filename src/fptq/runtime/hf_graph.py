@@ -44,7 +44,7 @@ from torch import nn
 
 from .fused_step import FusedStep, advance, attempt, cache_tensors, step_reason
 from .graphs import capture_step
-from .hf_common import StandInDecoder, cache_layers, cache_length, call_problem, publish, shows
+from .hf_common import StandInDecoder, cache_kw, cache_layers, cache_length, call_problem, publish, shows
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class GraphDecoder(StandInDecoder):
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device} (graph=False or None)")
         self.graph_wanted = device.type == "cuda" if graph is None else graph
         self.slack, self.warmup = slack, warmup
-        params = inspect.signature(inner.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kw(inner.forward)
         self._slots: list[_Slot] = []  # least recently used first
         self._graph_modes: tuple | None = None  # the QuantLinears' (backend, act_mode) the graph was captured with
         self._pool = None

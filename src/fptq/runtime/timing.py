@@ -14,6 +14,7 @@ from torch import nn
 
 from ..nn import QuantLinear
 from .engine import Engine
+from .hf_common import cache_kw
 
 __all__ = ["HFRunner", "StaticRunner", "EngineRunner", "StageTimer", "linear_weight_bytes", "tensor_bytes"]
 
@@ -70,13 +71,10 @@ class HFRunner:
     """A transformers model, its own forward and ``DynamicCache`` (what ``generate`` uses by default)."""
 
     def __init__(self, model: nn.Module):
-        import inspect
-
         self.model = model.eval()
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
-        # transformers 5 renames past_key_values to cache
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = cache_kw(model.forward)
 
     def _call(self, ids, cache):
         return self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}).logits
