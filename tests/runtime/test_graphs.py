@@ -172,7 +172,9 @@ def test_triton_backend_decodes_on_the_static_cache_like_the_reference_backend(b
     ref = _dynamic_reference(model, ids, 3)
     use("triton")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a fallback warns
+        # a kernel that falls back warns ("fptq triton ..."); warnings of others (Dynamo's on Python 3.13.0,
+        # "Guards may run slower") stay warnings
+        warnings.filterwarnings("error", message="fptq triton")
         dec = StaticDecoder(model, batch=batch, max_len=16)
         got = [dec.prefill(ids).clone()] + [dec.step(ref[i].argmax(-1)).clone() for i in range(3)]
     assert triton_w4a8.select_path(batch) == "gemv" and triton_w4a8.FUSED_GEMV_QUANT
