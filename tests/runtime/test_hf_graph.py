@@ -121,7 +121,7 @@ def test_what_the_static_cache_cannot_do_runs_on_transformers_logged_once(caplog
         assert torch.equal(a, ref(ids, attention_mask=mask).logits)  # transformers' own forward, same modules
         static = StaticCache(config=model.config, max_cache_len=16)
         assert torch.equal(model(ids, **with_cache(static)).logits,
-                           ref(ids, cache=StaticCache(config=ref.config, max_cache_len=16)).logits)
+                           ref(ids, **with_cache(StaticCache(config=ref.config, max_cache_len=16))).logits)
         assert len(model(ids, output_hidden_states=True).hidden_states) == 3
     messages = [r.message for r in caplog.records]
     assert sum("attention mask has padding" in m for m in messages) == 1
