@@ -53,12 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 and C4 windows of 2048 for the perplexity check")
+    p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 and C4 windows of 2048 for the perplexity check (0: no perplexity check)")
     p.add_argument("--ppl-only", action="store_true", help="skip the speed rows, measure the perplexities only")
     p.add_argument("--head", default="auto", help="the runtime's output head (auto, int8, stored; default auto)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default="transformers_api")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.ppl_windows < 0 or (a.ppl_only and not a.ppl_windows):
+        p.error("--ppl-windows must be 0 (no perplexity check) or more, and at least 1 with --ppl-only")
+    return a
 
 
 def _generate_hf(model, ids, n):
@@ -131,9 +134,10 @@ def main(argv=None) -> int:
                         for t, v in per.items()} for name, per in raw.items()}
     ppl = {}
     # every position's logits from the int8 head ("auto" hands a window's 2048 rows to the stored head)
-    int8, stored = fptq.load(out, head="int8"), fptq.load(out, head="stored")
-    reference = fptq.load(out, runtime="off", backend="reference")
-    for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())):
+    if a.ppl_windows:
+        int8, stored = fptq.load(out, head="int8"), fptq.load(out, head="stored")
+        reference = fptq.load(out, runtime="off", backend="reference")
+    for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())) if a.ppl_windows else ():
         windows = token_windows(tok, load_eval_text(str(path)), 2048, a.ppl_windows)
         r = {"runtime": evaluate_perplexity(int8, windows, desc=f"{data} int8 head")["ppl"],
              "runtime_stored_head": evaluate_perplexity(stored, windows, desc=f"{data} stored head")["ppl"],
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
                     "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
            "speed": speed, "ppl": ppl, "command": "python bench/transformers_api.py " + " ".join(argv or sys.argv[1:])}
     tasks = list(prompts)
-    md = [f"# {'Speed and perplexity' if speed else 'Perplexity'} through the transformers API "
+    title = "Speed and perplexity" if speed and ppl else "Speed" if speed else "Perplexity"
+    md = [f"# {title} through the transformers API "
           f"({Path(str(src_dir)).name})", ""]
     if speed:
         md += [f"{machine()['threads']} threads, {a.repeats} interleaved repeats; tokens/s, median (ratio to {base}). "
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     for name, per in speed.items():
         md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_baseline']:.2f}x)"
                                               for t in tasks) + " |")
-    md += ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime, int8 head on every "
+    md += [""] if not ppl else ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime, int8 head on every "
            "position) and with the stored head, against fptq.load (modules, what `fptq eval` runs): " + "; ".join(
                f"{d} {p['runtime']:.3f} / {p['runtime_stored_head']:.3f} vs {p['modules']:.3f} "
                f"({100 * p['relative_difference']:+.2f}% / {100 * p['stored_head_relative_difference']:+.2f}%)"
@@ -166,8 +171,8 @@ def main(argv=None) -> int:
            "Against the modules with the reference backend (float32 simulation of the same quantizers), the stored "
            "head's runtime and the modules path (kernels) differ by: " + "; ".join(
                f"{d} {p['modules_reference']:.3f}: runtime {100 * p['reference_relative_difference']:+.2f}%, modules "
-               f"{100 * p['modules_vs_reference']:+.2f}%" for d, p in ppl.items()) + ".", "",
-           f"Command: `{res['command']}`"]
+               f"{100 * p['modules_vs_reference']:+.2f}%" for d, p in ppl.items()) + ".", ""]
+    md += [f"Command: `{res['command']}`"]
     write_results(a.name, res, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -2,10 +2,12 @@
 import math
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fptq.eval.perplexity import evaluate_perplexity
+from fptq.errors import FptqError
+from fptq.eval.perplexity import evaluate_perplexity, token_windows
 
 
 class _Logits(torch.nn.Module):
@@ -64,3 +66,21 @@ def test_runs_without_autograd():
         warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar"
         r = evaluate_perplexity(m, windows, reference=m, progress=False)
     assert r["ppl"] > 1
+
+
+def test_no_windows_is_a_clear_error_not_a_division_by_zero():
+    """Zero windows (or windows of one token: nothing to predict) are refused with the shape and the fix."""
+    m = _Logits(torch.randn(1, 4, 10))
+    for bad in (torch.zeros(0, 8, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long)):
+        with pytest.raises(FptqError, match=r"needs windows of token ids \[N >= 1, seqlen >= 2\]"):
+            evaluate_perplexity(m, bad, progress=False)
+
+
+def test_token_windows_refuses_a_window_count_below_one():
+    class Tok:
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return type("Enc", (), {"input_ids": torch.arange(100)[None]})()
+
+    assert token_windows(Tok(), "text", 10, 3).shape == (3, 10)
+    with pytest.raises(FptqError, match="max_windows must be at least 1, got 0"):
+        token_windows(Tok(), "text", 10, 0)

@@ -350,6 +350,7 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
     (48, 200, 64, "dynamic_token"),     # a last group of 8: no tile depth fits, AVX-512 only
     (33, 256, -1, "static_tensor"),     # per channel: one group over all of K
     (600, 2304, 128, "dynamic_token"),  # a large K (2 x 16 channels of codes: 72 KB) past the 512-row chunk
+    (300, 5120, 128, "dynamic_token"),  # K so long that a chunk is 256 rows (its codes stay in L2): both sides
     (40, 1600, 32, "static_tensor"),    # a large K of 32-deep tiles
     (20, 2304, -1, "dynamic_token"),    # per channel with a large K
 ])
@@ -501,6 +502,7 @@ def _integer_scaled(n, k, gs, seed):
     (100, 576, 64),    # 6 AMX tiles of tokens and 4 tail rows (AVX-512, per-group steps)
     (48, 256, 32),     # 32-deep tiles
     (600, 1152, 128),  # past the 512-row chunk
+    (300, 5120, 128),  # past a 256-row chunk (a long K); each block's epilogue during the next block's products
     (40, 200, 64),     # a last group of 8: no tile depth fits, AVX-512 only
 ])
 def test_integer_group_scales_sum_over_all_of_k_on_amx(monkeypatch, m, k, gs):

@@ -52,6 +52,8 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = N
     if n == 0:
         raise FptqError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
     if max_windows is not None:
+        if max_windows < 1:
+            raise FptqError(f"max_windows must be at least 1, got {max_windows}")
         n = min(n, max_windows)
     return ids[: n * seqlen].view(n, seqlen)
 
@@ -86,6 +88,9 @@ def evaluate_perplexity(
     list as ``keep_logprobs`` when evaluating the reference), which saves one
     forward per window when several models are compared against one reference.
     """
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise FptqError(f"evaluate_perplexity needs windows of token ids [N >= 1, seqlen >= 2], got shape "
+                        f"{tuple(windows.shape)} (token_windows makes them)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll_sum, count = 0.0, 0
     kld_sum, top1_sum = 0.0, 0

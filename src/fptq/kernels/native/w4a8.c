@@ -263,9 +263,10 @@ void fptq_gemm_w4a8(const int8_t* xq, const int32_t* xsum, const float* sx, int 
         if (kstep) {
             int8_t* bbuf = bufs + (size_t)omp_get_thread_num() * Kp * 32;
             amx_configure(kstep);
-            /* AMX tiles: chunks of 512 rows (5-15 % over 256 at 2048 tokens; 295 KB of codes at K = 576) */
-            for (int mc = 0; mc < M; mc += 2 * mchunk) {
-                const int me = mc + 2 * mchunk < M ? mc + 2 * mchunk : M;
+            /* AMX tiles: chunks of up to 512 rows (5-15 % over 256 at 2048 tokens; 295 KB of codes at K = 576) */
+            const int achunk = amx_chunk_rows(Kp);
+            for (int mc = 0; mc < M; mc += achunk) {
+                const int me = mc + achunk < M ? mc + achunk : M;
 #pragma omp for schedule(static) nowait
                 for (int j = 0; j < total2; j++) {
                     const int i = fptq_task_matrix(starts2, j);
@@ -310,10 +311,12 @@ void fptq_gemm_w4a8_glu(const int8_t* xq, const int32_t* xsum, const float* sx, 
     const fptq_mat *gate = &mats[0], *up = &mats[1];
     if (q && !(q->xq && q->mode == 0)) q = 0; /* codes straight from the kernel for a static quantizer only */
     const qscale16 qs = qscale16_of(q ? q->static_scale : 1.0f, q ? q->qmax : 127.0f);
-    const int nblocks = (gate->N + 15) / 16, mchunk = 512;
+    const int nblocks = (gate->N + 15) / 16;
+    int mchunk = 512;
 #ifdef FPTQ_AMX
     int kstep;
     int8_t* bufs = amx_buffers(M, Kp, G, gs, nthreads, &kstep);
+    if (kstep) mchunk = amx_chunk_rows(Kp);
 #endif
 #pragma omp parallel num_threads(nthreads)
     {

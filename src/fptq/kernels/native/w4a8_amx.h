@@ -65,6 +65,17 @@ static int8_t* amx_buffers(int M, int Kp, int G, int gs, int nthreads, int* kste
     return bufs;
 }
 
+/* Token rows per chunk of the AMX products: a chunk's activation codes (rows x Kp bytes) are read again by every task
+ * of two channel blocks, so they must stay in the core's L2 beside the task's unpacked codes (2 x 16 x Kp bytes).
+ * 512 rows where that fits in AMX_CHUNK_BYTES (K up to 2560), fewer, a multiple of 32, for longer K: Qwen2.5-0.5B's
+ * down_proj (K = 4864) at 512 rows streamed its 2.5 MB of codes from L3 for every task and ran at half the speed
+ * of 256-row chunks (2 vCPUs of a Sapphire Rapids Xeon, 2 MB of L2 per core). */
+#define AMX_CHUNK_BYTES (1280 * 1024)
+static int amx_chunk_rows(int Kp) {
+    const int rows = AMX_CHUNK_BYTES / Kp / 32 * 32;
+    return rows > 512 ? 512 : rows < 32 ? 32 : rows;
+}
+
 /* The codes of n-block nb as signed int8 B rows: bbuf [Kp/4][64]. */
 static void amx_unpack(const uint8_t* wblk, int Kp, int8_t* bbuf) {
     const __m512i m0f = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
@@ -98,13 +109,67 @@ static void amx_unpack_int(const uint8_t* wblk, int Kp, int gs, const int8_t* si
     }
 }
 
+/* What a task's outputs need besides the float sums (the same for each of its row blocks): its one or two matrices and
+ * channel blocks, their lane masks and biases, and where the rows go (the matrices' outputs, or glu / gq as
+ * silu(gate) * up). */
+typedef struct {
+    const fptq_mat* mats[2];
+    int nbs[2], two;
+    __mmask16 mk[2];
+    __m512 bv[2];
+    const float* sx;
+    float* glu;
+    int64_t ldglu;
+    const fptq_qparams* gq;
+    const qscale16* gqs;
+} amx_epi;
+
+/* A row block whose float sums facc [NB][32][16] (rows m .. m + rows) wait for their epilogue, done of them
+ * written. On the integer-scale path the epilogue of one block runs in slices between the tile products of the
+ * next (amx_products), so that the vector units scale, activate and store while the tile unit multiplies
+ * (2 vCPUs of a Sapphire Rapids Xeon, 512 tokens: Qwen2.5-0.5B's gate/up product with SiLU and down_proj's static
+ * codes 1.13-1.19x, SmolLM2's 1.10x, SmolLM2's down_proj 1.19x). The per-group path runs it after each block:
+ * there the per-group float steps already keep the load and store ports busy between the tile products, and
+ * slicing the epilogue in made its q/k/v and o_proj products 5-10 % slower. */
+typedef struct {
+    const amx_epi* e;
+    const float* facc;
+    int m, rows, done, per;  /* per: rows to write after each depth step (all of them by the last) */
+} amx_pending;
+
+/* Rows p->done .. upto of a pending block: y = facc * sx (+ bias), stored, or silu(gate) * up into glu / gq. */
+static inline __attribute__((always_inline)) void amx_epilogue(amx_pending* p, int upto) {
+    const amx_epi* e = p->e;
+    for (int r = p->done; r < upto; r++) {
+        const int m = p->m + r;
+        __m512 v[2];
+        for (int b = 0; b <= e->two; b++) {
+            v[b] = _mm512_mul_ps(_mm512_load_ps(p->facc + (b * 32 + r) * 16), _mm512_set1_ps(e->sx[m]));
+            if (e->mats[b]->bias) v[b] = _mm512_add_ps(v[b], e->bv[b]);
+        }
+        if (e->glu || e->gq) {
+            glu_store(silu_mul16(v[0], v[1]), e->glu, e->ldglu, e->gq, e->gqs, m, e->nbs[0] * 16, e->mk[0]);
+            continue;
+        }
+        for (int b = 0; b <= e->two; b++) {
+            const fptq_mat* mat = e->mats[b];
+            const size_t esz = mat->out_bf16 ? 2 : 4;
+            store_out((char*)mat->y + (size_t)m * mat->ldy * esz, mat->out_bf16, e->nbs[b] * 16, v[b], e->mk[b],
+                      mat->accumulate);
+        }
+    }
+    p->done = upto;
+}
+
 /* The int32 tile products over depth k0 .. k1 (steps of kstep) of NA (1-2) tiles of 16 tokens (rows of xq, stride
  * Kp) and NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride), stored to cbuf (C tile 2a + b at cbuf + 256 (2a + b)).
  * C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from the activations is used
- * twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. */
+ * twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. After each depth step the rows of
+ * the pending block (pend, may be NULL), pend->per at a time (no division in the loop: a 64-bit one per step made
+ * SmolLM2's short-K products 10 % slower). */
 static inline __attribute__((always_inline)) void amx_products(const int NA, const int NB, const int8_t* xq, int Kp,
                                                               int k0, int k1, int kstep, const int8_t* bbuf,
-                                                              int64_t bstride, int32_t* cbuf) {
+                                                              int64_t bstride, int32_t* cbuf, amx_pending* pend) {
     const int64_t lda = Kp;
     _tile_zero(0);
     if (NB > 1) _tile_zero(1);
@@ -121,6 +186,7 @@ static inline __attribute__((always_inline)) void amx_products(const int NA, con
             _tile_dpbssd(2, 5, 6);
             if (NB > 1) _tile_dpbssd(3, 5, 7);
         }
+        if (pend) amx_epilogue(pend, pend->done + pend->per < pend->rows ? pend->done + pend->per : pend->rows);
     }
     _tile_stored(0, cbuf, 64);
     if (NB > 1) _tile_stored(1, cbuf + 256, 64);
@@ -132,9 +198,10 @@ static inline __attribute__((always_inline)) void amx_products(const int NA, con
  * facc [NB][32][16] = float(C) * base (the per-channel scale, base0 / base1 for the two blocks). */
 static inline __attribute__((always_inline)) void amx_block_int(const int NA, const int NB, const int8_t* xq, int Kp,
                                                                int kstep, const int8_t* bbuf, int64_t bstride,
-                                                               const float* base0, const float* base1, float* facc) {
+                                                               const float* base0, const float* base1, float* facc,
+                                                               amx_pending* pend) {
     int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
-    amx_products(NA, NB, xq, Kp, 0, Kp, kstep, bbuf, bstride, cbuf);
+    amx_products(NA, NB, xq, Kp, 0, Kp, kstep, bbuf, bstride, cbuf, pend);
     for (int b = 0; b < NB; b++) {
         const __m512 bv = _mm512_loadu_ps(b ? base1 : base0);
         for (int a = 0; a < NA; a++) {
@@ -156,7 +223,7 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
     int32_t cbuf[4 * AMX_ROWS * 16] __attribute__((aligned(64)));
     for (int r = 0; r < 2 * 32; r++) _mm512_store_ps(facc + r * 16, _mm512_setzero_ps());
     for (int g = 0; g < G; g++) {
-        amx_products(NA, NB, xq, Kp, g * gs, g * gs + gs < Kp ? g * gs + gs : Kp, kstep, bbuf, bstride, cbuf);
+        amx_products(NA, NB, xq, Kp, g * gs, g * gs + gs < Kp ? g * gs + gs : Kp, kstep, bbuf, bstride, cbuf, 0);
         for (int b = 0; b < NB; b++) {
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((b ? ws1 : ws0) + (int64_t)g * Np)));
             for (int a = 0; a < NA; a++) {
@@ -175,62 +242,62 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
  * while at least 16 rows are left before me; returns the first row it did not compute. The two blocks are two
  * channel blocks of one matrix, or (glu or gq != NULL) the same block of gate and up: then the rows go to glu
  * (row stride ldglu) as silu(gate) * up, or as their codes for the static quantizer gq (scale gqs; glu_store), instead of to
- * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. */
+ * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. Each block's epilogue runs during the next
+ * block's products (amx_pending); the last one's after them. */
 static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
                     const fptq_mat* mat0, int nb0, const fptq_mat* mat1, int nb1, int8_t* bbuf, float* glu,
                     int64_t ldglu, const fptq_qparams* gq, const qscale16* gqs) {
-    float facc[2 * 32 * 16] __attribute__((aligned(64)));
+    float facc[2][2 * 32 * 16] __attribute__((aligned(64)));
     if (me - m0 < AMX_ROWS) return m0;
     const int64_t bstride = (int64_t)Kp * 16;
-    const int two = mat1 != 0;
-    const fptq_mat* mats[2] = {mat0, two ? mat1 : mat0};
-    const int nbs[2] = {nb0, nb1};
-    const int isc = mat0->si && mats[1]->si;  /* integer group scales: one float step per output */
+    amx_epi e = {.mats = {mat0, mat1 ? mat1 : mat0}, .nbs = {nb0, nb1}, .two = mat1 != 0, .sx = sx, .glu = glu,
+                 .ldglu = ldglu, .gq = gq, .gqs = gqs};
+    const int two = e.two;
+    const int isc = mat0->si && e.mats[1]->si;  /* integer group scales: one float step per output */
+    /* the epilogue during the next block's products (amx_pending): on the integer path, for SiLU-and-multiply (the
+     * heavy epilogue) or a K long enough to hide the stores behind (SmolLM2's q/k/v and o_proj, K = 576: 0.9x) */
+    const int overlap = isc && (glu || gq || Kp >= 1024);
     for (int b = 0; b <= two; b++) {
-        const uint8_t* wblk = mats[b]->w + (int64_t)nbs[b] * (Kp / 8) * 64;
-        if (isc) amx_unpack_int(wblk, Kp, gs, mats[b]->si + nbs[b] * 16, mats[b]->Np, bbuf + b * bstride);
+        const fptq_mat* mat = e.mats[b];
+        const uint8_t* wblk = mat->w + (int64_t)e.nbs[b] * (Kp / 8) * 64;
+        if (isc) amx_unpack_int(wblk, Kp, gs, mat->si + e.nbs[b] * 16, mat->Np, bbuf + b * bstride);
         else amx_unpack(wblk, Kp, bbuf + b * bstride);
+        const int n0 = e.nbs[b] * 16;
+        e.mk[b] = block_mask(mat->N, n0);
+        e.bv[b] = mat->bias ? _mm512_maskz_loadu_ps(e.mk[b], mat->bias + n0) : _mm512_setzero_ps();
     }
-    const uint16_t *ws0 = mat0->ws + nb0 * 16, *ws1 = mats[1]->ws + nb1 * 16;
-    const float *base0 = isc ? mat0->base + nb0 * 16 : 0, *base1 = isc ? mats[1]->base + nb1 * 16 : 0;
-    int m = m0;
+    const uint16_t *ws0 = mat0->ws + nb0 * 16, *ws1 = e.mats[1]->ws + nb1 * 16;
+    const float *base0 = isc ? mat0->base + nb0 * 16 : 0, *base1 = isc ? e.mats[1]->base + nb1 * 16 : 0;
+    amx_pending pending = {.e = &e}, *pend = 0;  /* pend: the block whose epilogue runs during the next products */
+    int m = m0, cur = 0;
     while (me - m >= AMX_ROWS) {
         const int na = me - m >= 2 * AMX_ROWS ? 2 : 1;
         const int8_t* xa = xq + (int64_t)m * Kp;
+        float* f = facc[cur];
         if (isc) {
-            if (na == 2 && two) amx_block_int(2, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
-            else if (na == 2) amx_block_int(2, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
-            else if (two) amx_block_int(1, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
-            else amx_block_int(1, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, facc);
-        } else if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
-        else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
-        else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
-        else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, facc);
-        __m512 bv[2];
-        __mmask16 mk[2];
-        for (int b = 0; b <= two; b++) {
-            const int n0 = nbs[b] * 16;
-            mk[b] = block_mask(mats[b]->N, n0);
-            bv[b] = mats[b]->bias ? _mm512_maskz_loadu_ps(mk[b], mats[b]->bias + n0) : _mm512_setzero_ps();
-        }
-        for (int r = 0; r < na * AMX_ROWS; r++) {
-            __m512 v[2];
-            for (int b = 0; b <= two; b++) {
-                v[b] = _mm512_mul_ps(_mm512_load_ps(facc + (b * 32 + r) * 16), _mm512_set1_ps(sx[m + r]));
-                if (mats[b]->bias) v[b] = _mm512_add_ps(v[b], bv[b]);
-            }
-            if (glu || gq) {
-                glu_store(silu_mul16(v[0], v[1]), glu, ldglu, gq, gqs, m + r, nb0 * 16, mk[0]);
-                continue;
-            }
-            for (int b = 0; b <= two; b++) {
-                const size_t esz = mats[b]->out_bf16 ? 2 : 4;
-                store_out((char*)mats[b]->y + (size_t)(m + r) * mats[b]->ldy * esz, mats[b]->out_bf16, nbs[b] * 16,
-                          v[b], mk[b], mats[b]->accumulate);
-            }
+            if (na == 2 && two) amx_block_int(2, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, f, pend);
+            else if (na == 2) amx_block_int(2, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, f, pend);
+            else if (two) amx_block_int(1, 2, xa, Kp, kstep, bbuf, bstride, base0, base1, f, pend);
+            else amx_block_int(1, 1, xa, Kp, kstep, bbuf, bstride, base0, base1, f, pend);
+        } else if (na == 2 && two) amx_block(2, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, f);
+        else if (na == 2) amx_block(2, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, f);
+        else if (two) amx_block(1, 2, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, f);
+        else amx_block(1, 1, xa, Kp, G, gs, kstep, bbuf, bstride, ws0, ws1, mat0->Np, f);
+        if (pend) amx_epilogue(pend, pend->rows);  /* a no-op: its last rows went with the last depth step */
+        pending.facc = f;
+        pending.m = m;
+        pending.rows = na * AMX_ROWS;
+        pending.done = 0;
+        pending.per = (pending.rows + Kp / kstep - 1) / (Kp / kstep);
+        if (overlap) {
+            pend = &pending;
+            cur ^= 1;
+        } else {
+            amx_epilogue(&pending, pending.rows);
         }
         m += na * AMX_ROWS;
     }
+    if (pend) amx_epilogue(pend, pend->rows);
     return m;
 }
 
