@@ -127,10 +127,10 @@ typedef struct {
 /* A row block whose float sums facc [NB][32][16] (rows m .. m + rows) wait for their epilogue, done of them
  * written. On the integer-scale path the epilogue of one block runs in slices between the tile products of the
  * next (amx_products), so that the vector units scale, activate and store while the tile unit multiplies
- * (2 vCPUs of a Sapphire Rapids Xeon, 512 tokens: Qwen2.5-0.5B's gate/up product with SiLU and down_proj's static
- * codes 1.13-1.19x, SmolLM2's 1.10x, SmolLM2's down_proj 1.19x). The per-group path runs it after each block:
- * there the per-group float steps already keep the load and store ports busy between the tile products, and
- * slicing the epilogue in made its q/k/v and o_proj products 5-10 % slower. */
+ * (2 vCPUs of a Sapphire Rapids Xeon, 512 and 2048 tokens: Qwen2.5-0.5B's gate/up product with SiLU and down_proj's
+ * static codes 1.17-1.21x, SmolLM2's 1.08-1.11x, SmolLM2's down_proj 1.20-1.24x). The per-group path runs it after
+ * each block: there the per-group float steps already keep the load and store ports busy between the tile
+ * products, and slicing the epilogue in made its q/k/v and o_proj products 5-10 % slower. */
 typedef struct {
     const amx_epi* e;
     const float* facc;
@@ -164,9 +164,9 @@ static inline __attribute__((always_inline)) void amx_epilogue(amx_pending* p, i
 /* The int32 tile products over depth k0 .. k1 (steps of kstep) of NA (1-2) tiles of 16 tokens (rows of xq, stride
  * Kp) and NB (1-2) blocks of 16 channels (bbuf, bbuf + bstride), stored to cbuf (C tile 2a + b at cbuf + 256 (2a + b)).
  * C tile 2a + b = A tile a (tiles 4, 5) times B tile b (tiles 6, 7): each A tile loaded from the activations is used
- * twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. After each depth step the rows of
- * the pending block (pend, may be NULL), pend->per at a time (no division in the loop: a 64-bit one per step made
- * SmolLM2's short-K products 10 % slower). */
+ * twice, each B tile (this thread's unpacked codes, in L1 for moderate K) twice. After each depth step pend->per
+ * rows of the pending block's epilogue (pend may be NULL; pend->per is set so that the last step writes the last
+ * rows). */
 static inline __attribute__((always_inline)) void amx_products(const int NA, const int NB, const int8_t* xq, int Kp,
                                                               int k0, int k1, int kstep, const int8_t* bbuf,
                                                               int64_t bstride, int32_t* cbuf, amx_pending* pend) {
