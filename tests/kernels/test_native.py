@@ -582,3 +582,13 @@ def test_fused_gate_up_with_integer_group_scales(up_integer, build):
     act = torch.empty(m, n)
     gemm.glu(xq, xs, sx, [torch.empty(m, n), torch.empty(m, n)], act)
     assert torch.equal(act, native.silu_mul(gu, n))
+    # down_proj's static codes straight from the kernel (on AMX during the next row block's tile products)
+    kp2, g2 = -(-n // 8) * 8, -(-n // 32)
+    want = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
+    native.silu_mul(gu, n, quant=want)
+    got = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
+    for t in got.tensors:
+        t.fill_(7)
+    gemm.glu(xq, xs, sx, [torch.empty(m, n), torch.empty(m, n)], None, quant=got)
+    for a, b in zip(got.tensors, want.tensors):
+        assert torch.equal(a, b)

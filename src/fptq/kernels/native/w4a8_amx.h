@@ -242,8 +242,8 @@ static inline __attribute__((always_inline)) void amx_block(const int NA, const 
  * while at least 16 rows are left before me; returns the first row it did not compute. The two blocks are two
  * channel blocks of one matrix, or (glu or gq != NULL) the same block of gate and up: then the rows go to glu
  * (row stride ldglu) as silu(gate) * up, or as their codes for the static quantizer gq (scale gqs; glu_store), instead of to
- * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. Each block's epilogue runs during the next
- * block's products (amx_pending); the last one's after them. */
+ * the matrices' outputs. bbuf: this thread's [2][Kp/4][64] buffer. Where it pays (overlap) each block's epilogue
+ * runs during the next block's products (amx_pending), the last one's after them; elsewhere after each block. */
 static int amx_rows(const int8_t* xq, const float* sx, int m0, int me, int Kp, int G, int gs, int kstep,
                     const fptq_mat* mat0, int nb0, const fptq_mat* mat1, int nb1, int8_t* bbuf, float* glu,
                     int64_t ldglu, const fptq_qparams* gq, const qscale16* gqs) {
