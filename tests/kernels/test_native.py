@@ -218,20 +218,27 @@ def test_fused_gate_up_silu_gives_the_unfused_bits(m, k, n, gs, mode, build):
     assert torch.equal(act, ref)
     with pytest.raises(ValueError, match="act must be"):
         gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], torch.empty(m, n + 1))
-    # down_proj's static quantizer: the codes (zero padded past n), group sums and scales silu_mul writes
+    got = _glu_static_codes_match_silu_mul(gemm, xq, xs, sx, gu, [buf[:, :n], buf[:, n:]])
+    assert torch.equal(got.tensors[0][:, :n], quantize_static(ref, torch.tensor(0.03)))  # torch's division
+    with pytest.raises(ValueError, match="only a static quantizer"):
+        gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], act,
+                 quant=native.QuantOut.make(m, got.Kp, "dynamic_token", None, 127, 32, got.G))
+
+
+def _glu_static_codes_match_silu_mul(gemm, xq, xs, sx, gu, outs):
+    """down_proj's static quantizer fed by the fused gate/up: the codes (zero padded past n), group sums and
+    scales equal what native.silu_mul writes from the products gu; returns the kernel's QuantOut."""
+    m, n = gu.shape[0], gu.shape[1] // 2
     kp2, g2 = -(-n // 8) * 8, -(-n // 32)
     want = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
     native.silu_mul(gu, n, quant=want)
     got = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
     for t in got.tensors:
         t.fill_(7)
-    assert gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], None, quant=got) is None
+    assert gemm.glu(xq, xs, sx, outs, None, quant=got) is None
     for a, b in zip(got.tensors, want.tensors):
         assert torch.equal(a, b)
-    assert torch.equal(got.tensors[0][:, :n], quantize_static(ref, torch.tensor(0.03)))  # torch's division
-    with pytest.raises(ValueError, match="only a static quantizer"):
-        gemm.glu(xq, xs, sx, [buf[:, :n], buf[:, n:]], act,
-                 quant=native.QuantOut.make(m, kp2, "dynamic_token", None, 127, 32, g2))
+    return got
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
@@ -583,12 +590,4 @@ def test_fused_gate_up_with_integer_group_scales(up_integer, build):
     gemm.glu(xq, xs, sx, [torch.empty(m, n), torch.empty(m, n)], act)
     assert torch.equal(act, native.silu_mul(gu, n))
     # down_proj's static codes straight from the kernel (on AMX during the next row block's tile products)
-    kp2, g2 = -(-n // 8) * 8, -(-n // 32)
-    want = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
-    native.silu_mul(gu, n, quant=want)
-    got = native.QuantOut.make(m, kp2, "static_tensor", 0.03, 127, 32, g2)
-    for t in got.tensors:
-        t.fill_(7)
-    gemm.glu(xq, xs, sx, [torch.empty(m, n), torch.empty(m, n)], None, quant=got)
-    for a, b in zip(got.tensors, want.tensors):
-        assert torch.equal(a, b)
+    _glu_static_codes_match_silu_mul(gemm, xq, xs, sx, gu, [torch.empty(m, n), torch.empty(m, n)])
