@@ -133,20 +133,20 @@ def main(argv=None) -> int:
                             "ratio_vs_baseline": statistics.median(v) / statistics.median(ref[t])}
                         for t, v in per.items()} for name, per in raw.items()}
     ppl = {}
-    # every position's logits from the int8 head ("auto" hands a window's 2048 rows to the stored head)
     if a.ppl_windows:
+        # every position's logits from the int8 head ("auto" hands a window's 2048 rows to the stored head)
         int8, stored = fptq.load(out, head="int8"), fptq.load(out, head="stored")
         reference = fptq.load(out, runtime="off", backend="reference")
-    for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())) if a.ppl_windows else ():
-        windows = token_windows(tok, load_eval_text(str(path)), 2048, a.ppl_windows)
-        r = {"runtime": evaluate_perplexity(int8, windows, desc=f"{data} int8 head")["ppl"],
-             "runtime_stored_head": evaluate_perplexity(stored, windows, desc=f"{data} stored head")["ppl"],
-             "modules": evaluate_perplexity(modules, windows, desc=f"{data} modules")["ppl"],
-             "modules_reference": evaluate_perplexity(reference, windows, desc=f"{data} reference")["ppl"]}
-        ppl[data] = {**r, "relative_difference": r["runtime"] / r["modules"] - 1,
-                     "stored_head_relative_difference": r["runtime_stored_head"] / r["modules"] - 1,
-                     "reference_relative_difference": r["runtime_stored_head"] / r["modules_reference"] - 1,
-                     "modules_vs_reference": r["modules"] / r["modules_reference"] - 1}
+        for data, path in (("wikitext2", wikitext_path()), ("c4", c4_eval_path())):
+            windows = token_windows(tok, load_eval_text(str(path)), 2048, a.ppl_windows)
+            r = {"runtime": evaluate_perplexity(int8, windows, desc=f"{data} int8 head")["ppl"],
+                 "runtime_stored_head": evaluate_perplexity(stored, windows, desc=f"{data} stored head")["ppl"],
+                 "modules": evaluate_perplexity(modules, windows, desc=f"{data} modules")["ppl"],
+                 "modules_reference": evaluate_perplexity(reference, windows, desc=f"{data} reference")["ppl"]}
+            ppl[data] = {**r, "relative_difference": r["runtime"] / r["modules"] - 1,
+                         "stored_head_relative_difference": r["runtime_stored_head"] / r["modules"] - 1,
+                         "reference_relative_difference": r["runtime_stored_head"] / r["modules_reference"] - 1,
+                         "modules_vs_reference": r["modules"] / r["modules_reference"] - 1}
     res = {"meta": {"checkpoint": str(out), "float_model": str(src), "repeats": a.repeats, "baseline": base,
                     "head": fast.lm_head.product.kind,
                     "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, **machine()},
@@ -163,16 +163,18 @@ def main(argv=None) -> int:
     for name, per in speed.items():
         md.append(f"| {name} | " + " | ".join(f"{per[t]['tokens_per_s']:.1f} ({per[t]['ratio_vs_baseline']:.2f}x)"
                                               for t in tasks) + " |")
-    md += [""] if not ppl else ["", f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime, int8 head on every "
-           "position) and with the stored head, against fptq.load (modules, what `fptq eval` runs): " + "; ".join(
-               f"{d} {p['runtime']:.3f} / {p['runtime_stored_head']:.3f} vs {p['modules']:.3f} "
-               f"({100 * p['relative_difference']:+.2f}% / {100 * p['stored_head_relative_difference']:+.2f}%)"
-               for d, p in ppl.items()) + ".", "",
-           "Against the modules with the reference backend (float32 simulation of the same quantizers), the stored "
-           "head's runtime and the modules path (kernels) differ by: " + "; ".join(
-               f"{d} {p['modules_reference']:.3f}: runtime {100 * p['reference_relative_difference']:+.2f}%, modules "
-               f"{100 * p['modules_vs_reference']:+.2f}%" for d, p in ppl.items()) + ".", ""]
-    md += [f"Command: `{res['command']}`"]
+    md.append("")
+    if ppl:
+        md += [f"Perplexity, {a.ppl_windows} windows of 2048 tokens each, fptq.load (runtime, int8 head on every "
+               "position) and with the stored head, against fptq.load (modules, what `fptq eval` runs): " + "; ".join(
+                   f"{d} {p['runtime']:.3f} / {p['runtime_stored_head']:.3f} vs {p['modules']:.3f} "
+                   f"({100 * p['relative_difference']:+.2f}% / {100 * p['stored_head_relative_difference']:+.2f}%)"
+                   for d, p in ppl.items()) + ".", "",
+               "Against the modules with the reference backend (float32 simulation of the same quantizers), the stored "
+               "head's runtime and the modules path (kernels) differ by: " + "; ".join(
+                   f"{d} {p['modules_reference']:.3f}: runtime {100 * p['reference_relative_difference']:+.2f}%, modules "
+                   f"{100 * p['modules_vs_reference']:+.2f}%" for d, p in ppl.items()) + ".", ""]
+    md.append(f"Command: `{res['command']}`")
     write_results(a.name, res, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
