@@ -319,3 +319,53 @@ def test_integer_group_scales_refuse_what_they_cannot_be():
         fptq.method_config("fptq", group_scales="ints")
     with pytest.raises(ValueError, match="trains its own"):
         fptq.method_config("fptq-qat", group_scales="integer")
+
+
+def test_prefill_spans_cut_a_prompt_into_chunks_of_about_the_rows_asked():
+    from fptq.runtime.prefill import MIN_CHUNK_TOKENS, prefill_spans
+
+    assert prefill_spans(1, 512, 512) == [(0, 512)]
+    assert prefill_spans(1, 1300, 512) == [(0, 512), (512, 1024), (1024, 1300)]
+    assert prefill_spans(4, 300, 512) == [(0, 128), (128, 256), (256, 300)]
+    assert prefill_spans(16, 200, 512) == [(0, 64), (64, 128), (128, 192), (192, 200)]  # at least 64 tokens
+    assert prefill_spans(16, 200, 512)[0][1] == MIN_CHUNK_TOKENS
+    assert prefill_spans(2, 5000, 0) == [(0, 5000)]
+    for bad in ((0, 10, 512), (1, 0, 512), (1, 10, -1)):
+        with pytest.raises(ValueError):
+            prefill_spans(*bad)
+
+
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8, torch.float32])
+@pytest.mark.parametrize("prefill", ["native", "sdpa_bf16", "sdpa"])
+def test_a_long_prompt_in_chunks_gives_the_bits_of_the_whole_prompt(tmp_path, kv, prefill):
+    """A prompt of 2 x 150 tokens in chunks of 64 (prefill_chunk=128 rows: three chunks, the last short), after a
+    first part already cached, gives the logits of every position and the cache of the same prompt run whole."""
+    model = fptq.load(_checkpoint(tmp_path))
+    whole = Engine(model, kv_dtype=kv, prefill_attention=prefill, prefill_chunk=0)
+    chunked = Engine(model, kv_dtype=kv, prefill_attention=prefill, prefill_chunk=128)
+    ids = _ids(2, 160)
+    got = []
+    for eng in (whole, chunked):
+        cache = eng.new_cache(2, 170)
+        first = eng.forward(ids[:, :10], cache, logits="all")
+        logits = eng.forward(ids[:, 10:], cache, logits="all")
+        last = eng.forward(ids[:, 10:], eng.new_cache(2, 150), logits="last")
+        got.append((first, logits, last, cache))
+    (f0, l0, s0, c0), (f1, l1, s1, c1) = got
+    assert torch.isfinite(l0).all() and torch.equal(f0, f1) and c0.length == c1.length == 160
+    if prefill == "sdpa_bf16" and kv != torch.int8:
+        # PyTorch's bfloat16 attention of a chunk that continues the cache (an explicit mask) is not its causal
+        # kernel's: the same values up to bfloat16 rounding, not the same bits
+        assert sqnr_db(l0, l1) > 40 and sqnr_db(s0, s1) > 40
+        assert torch.equal(l0.argmax(-1), l1.argmax(-1))
+        return
+    assert torch.equal(l0, l1) and torch.equal(s0, s1)
+    for a, b in zip(c0.keys + c0.values + (c0.key_scales or []), c1.keys + c1.values + (c1.key_scales or [])):
+        assert torch.equal(a[:, :, :160], b[:, :, :160])
+
+
+def test_prefill_chunk_must_be_a_whole_number_of_rows():
+    model = tiny_llama()
+    for bad in (-1, 1.5, True, "512"):
+        with pytest.raises(FptqError, match="prefill_chunk must be a whole number"):
+            Engine(model, prefill_chunk=bad)

@@ -37,6 +37,7 @@ from .attention import prefill_attention_path
 from .decode import DecodeProgram, program_problem
 from .head import check_head, runtime_head
 from .linear import ModuleGroup, W4A8Group, linear_group
+from .prefill import PREFILL_CHUNK_ROWS, prefill_spans
 
 __all__ = ["Engine", "EngineLM", "KVCache", "engine_unsupported_reason", "pick_tokens", "decode_loop"]
 
@@ -142,14 +143,21 @@ class Engine:
     (:class:`~fptq.runtime.head.Int8Head`: half the bytes per decoded token, perplexity within 0.2 % of the
     stored head's), more rows and a float model's with the stored head; ``"int8"`` (every call) or
     ``"stored"`` choose one.
+
+    ``prefill_chunk``: a longer prompt runs in chunks of about this many rows (tokens x sequences), one after
+    the other (:mod:`fptq.runtime.prefill`: faster, smaller buffers, the same logits); 0 runs it whole.
     """
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16, prefill_attention: str = "auto",
-                 head: str = "auto"):
+                 head: str = "auto", prefill_chunk: int = PREFILL_CHUNK_ROWS):
         reason = engine_unsupported_reason(model)
         if reason is not None:
             raise FptqError(f"cannot run this model with fptq's runtime: {reason}; use the transformers model "
                             "(fptq.load(OUT)) instead")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise FptqError(f"prefill_chunk must be a whole number of rows >= 0 (0: a prompt at once), "
+                            f"not {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -429,6 +437,18 @@ class Engine:
                 timer.mark(f"down_proj {layer.down.kind}")
         return h
 
+    def _prefill(self, ids, cache: KVCache, start: int, cos_all, sin_all, timer, keep_all: bool) -> torch.Tensor:
+        """:meth:`_layers` over ``ids`` in the chunks of :func:`~fptq.runtime.prefill.prefill_spans`, each
+        continuing the cache; the residual stream of every position (``keep_all``) or of the last chunk's."""
+        b, t = ids.shape
+        spans = prefill_spans(b, t, self.prefill_chunk)
+        parts = []
+        for a, e in spans:
+            h = self._layers(ids[:, a:e], cache, start + a, cos_all, sin_all, timer)
+            if keep_all or e == t:
+                parts.append(h.view(b, e - a, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, logits: str = "last", timer=None) -> torch.Tensor | None:
         """Run ``ids`` ``[B, T]`` (positions ``cache.length ..``), append their keys/values to ``cache``.
@@ -452,11 +472,11 @@ class Engine:
                 prog = cache.program = DecodeProgram(self, cache, b)
             h = prog.run(ids, start, cos_all, sin_all)  # its buffer: the norm below makes a new tensor
         else:
-            h = self._layers(ids, cache, start, cos_all, sin_all, timer)
+            h = self._prefill(ids, cache, start, cos_all, sin_all, timer, keep_all=logits in ("all", "hidden"))
         cache.length = start + t
         if logits == "none":
             return None
-        h = h.view(b, t, -1)
+        h = h.view(b, -1, h.shape[-1])
         if logits == "last":
             h = h[:, -1]
         h = _rmsnorm(h, self.final_norm, self.final_eps)

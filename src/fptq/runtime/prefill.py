@@ -1,0 +1,26 @@
+"""How the runtime splits a long prompt: into chunks of about :data:`PREFILL_CHUNK_ROWS` rows (tokens times
+sequences), run one after the other through every layer, each continuing the KV cache the ones before wrote.
+
+A chunk's activations, products and caches stay near the cores' caches, where a whole long prompt's do not: on 2
+threads of the AMX Xeon a 2048-token prompt took 547 -> 513 ms (SmolLM2) and 967 -> 925 ms (Qwen2.5-Coder-0.5B)
+in chunks of 512 tokens, 4 x 512 tokens 478 -> 440 ms (SmolLM2) in chunks of 128; smaller chunks were slower
+(256 x 4: 498 ms; one 512-token prompt in two halves: 130 against 116 ms). The logits are the same bits: every
+Linear and norm treats each row on its own, and the attention reads the same cached keys and values in the same
+order. The runtime's buffers are sized by the chunk, not the prompt.
+"""
+from __future__ import annotations
+
+__all__ = ["MIN_CHUNK_TOKENS", "PREFILL_CHUNK_ROWS", "prefill_spans"]
+
+PREFILL_CHUNK_ROWS = 512  # rows (tokens x sequences) per chunk of a prompt
+MIN_CHUNK_TOKENS = 64  # tokens per sequence in a chunk, at least (fewer were slower: see above)
+
+
+def prefill_spans(batch: int, tokens: int, rows: int = PREFILL_CHUNK_ROWS) -> list[tuple[int, int]]:
+    """The ``(start, end)`` token ranges a prompt of ``batch`` sequences of ``tokens`` runs in: ``rows //
+    batch`` tokens each (at least :data:`MIN_CHUNK_TOKENS`), the last one shorter; the whole prompt in one
+    where ``rows`` is 0 or it fits."""
+    if batch < 1 or tokens < 1 or rows < 0:
+        raise ValueError(f"prefill_spans: batch {batch}, tokens {tokens}, rows {rows}")
+    step = tokens if rows == 0 else max(rows // batch, MIN_CHUNK_TOKENS)
+    return [(a, min(a + step, tokens)) for a in range(0, tokens, step)]
