@@ -1,12 +1,12 @@
 """How the runtime splits a long prompt: into chunks of about :data:`PREFILL_CHUNK_ROWS` rows (tokens times
 sequences), run one after the other through every layer, each continuing the KV cache the ones before wrote.
 
-A chunk's activations, products and caches stay near the cores' caches, where a whole long prompt's do not: on 2
-threads of the AMX Xeon a 2048-token prompt took 547 -> 513 ms (SmolLM2) and 967 -> 925 ms (Qwen2.5-Coder-0.5B)
-in chunks of 512 tokens, 4 x 512 tokens 478 -> 440 ms (SmolLM2) in chunks of 128; smaller chunks were slower
-(256 x 4: 498 ms; one 512-token prompt in two halves: 130 against 116 ms). The logits are the same bits: every
-Linear and norm treats each row on its own, and the attention reads the same cached keys and values in the same
-order. The runtime's buffers are sized by the chunk, not the prompt.
+A chunk's activations, products and caches stay nearer the cores, where a whole long prompt's do not: on 2
+threads of the AMX Xeon (``bench/prefill_chunks.py``) SmolLM2's 2048-token prompt took 588 -> 540 ms in chunks of
+512 rows, 16 prompts of 256 tokens 1063 -> 926 ms, Qwen2.5-Coder-0.5B's 2048 tokens 1013 -> 984 ms; chunks of 256
+rows were slower than none (604 ms for SmolLM2's 2048 tokens), 1024 rows about as fast as 512. The logits are
+the same bits: every Linear and norm treats each row on its own, and the attention reads the same cached keys and
+values in the same order. The runtime's buffers are sized by the chunk, not the prompt.
 """
 from __future__ import annotations
 
