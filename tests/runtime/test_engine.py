@@ -353,9 +353,9 @@ def test_a_long_prompt_in_chunks_gives_the_bits_of_the_whole_prompt(tmp_path, kv
         got.append((first, logits, last, cache))
     (f0, l0, s0, c0), (f1, l1, s1, c1) = got
     assert torch.isfinite(l0).all() and torch.equal(f0, f1) and c0.length == c1.length == 160
-    if prefill == "sdpa_bf16" and kv != torch.int8:
+    if prefill == "sdpa_bf16":
         # PyTorch's bfloat16 attention of a chunk that continues the cache (an explicit mask) is not its causal
-        # kernel's: the same values up to bfloat16 rounding, not the same bits
+        # kernel's: the same values up to bfloat16 rounding, not always the same bits
         assert sqnr_db(l0, l1) > 40 and sqnr_db(s0, s1) > 40
         assert torch.equal(l0.argmax(-1), l1.argmax(-1))
         return
