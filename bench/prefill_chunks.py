@@ -1,6 +1,7 @@
 """A prompt through fptq's runtime whole and in chunks (``Engine(prefill_chunk=ROWS)``, see
 :mod:`fptq.runtime.prefill`): time of ``Engine.forward`` on each prompt shape, the same engine weights, every
-chunk size in the same process, interleaved repeats (each repeat runs every chunk size once), medians. Checks
+chunk size in the same process, interleaved repeats (each repeat runs every chunk size once, in a rotated order;
+``native_builds.interleaved_medians``), medians. Checks
 first that every chunk size gives the whole prompt's logits (bit for bit with fptq's native attention).
 
     python bench/prefill_chunks.py --checkpoint OUT [--shapes 1x2048,4x512,16x256] [--chunks 0,512,256]
@@ -11,9 +12,7 @@ Writes ``bench/results/NAME.{json,md}``. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import machine, write_results  # noqa: E402
+from native_builds import interleaved_medians  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,15 +56,9 @@ def main(argv=None) -> int:
 
             ref = run(chunks[0])
             same = {c: bool(torch.equal(ref, run(c))) for c in chunks}
-            times = {c: [] for c in chunks}
-            for _ in range(a.repeats):
-                for c in chunks:
-                    t0 = time.perf_counter()
-                    run(c)
-                    times[c].append(time.perf_counter() - t0)
-            ms = {c: statistics.median(v) * 1e3 for c, v in times.items()}
-            rows.append({"batch": b, "tokens": t, "ms": ms, "all_ms": {c: [x * 1e3 for x in v] for c, v in times.items()},
-                         "same_logits_as_first": same})
+            medians = interleaved_medians({c: (lambda c=c: run(c)) for c in chunks}, a.repeats, 1)
+            ms = {c: s * 1e3 for c, s in medians.items()}
+            rows.append({"batch": b, "tokens": t, "ms": ms, "same_logits_as_first": same})
             print(f"{b}x{t}: " + ", ".join(f"chunk {c}: {ms[c]:.1f} ms" for c in chunks), flush=True)
     label = {c: "whole" if c == 0 else f"{c} rows" for c in chunks}
     md = [f"# A prompt whole and in chunks ({Path(a.checkpoint).name})\n",
