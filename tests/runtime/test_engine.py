@@ -321,14 +321,17 @@ def test_integer_group_scales_refuse_what_they_cannot_be():
         fptq.method_config("fptq-qat", group_scales="integer")
 
 
-def test_prefill_spans_cut_a_prompt_into_chunks_of_about_the_rows_asked():
+def test_prefill_spans_cut_a_prompt_into_equal_chunks_of_the_rows_asked_or_more():
     from fptq.runtime.prefill import MIN_CHUNK_TOKENS, prefill_spans
 
     assert prefill_spans(1, 512, 512) == [(0, 512)]
-    assert prefill_spans(1, 1300, 512) == [(0, 512), (512, 1024), (1024, 1300)]
-    assert prefill_spans(4, 300, 512) == [(0, 128), (128, 256), (256, 300)]
-    assert prefill_spans(16, 200, 512) == [(0, 64), (64, 128), (128, 192), (192, 200)]  # at least 64 tokens
-    assert prefill_spans(16, 200, 512)[0][1] == MIN_CHUNK_TOKENS
+    assert prefill_spans(1, 1000, 512) == [(0, 1000)]  # no short last chunk: whole
+    assert prefill_spans(1, 1024, 512) == [(0, 512), (512, 1024)]
+    assert prefill_spans(1, 1300, 512) == [(0, 650), (650, 1300)]
+    assert prefill_spans(1, 2048, 512) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
+    assert prefill_spans(4, 300, 512) == [(0, 150), (150, 300)]
+    assert prefill_spans(16, 200, 512) == [(0, 66), (66, 133), (133, 200)]  # at least 64 tokens each
+    assert min(e - a for a, e in prefill_spans(16, 200, 512)) >= MIN_CHUNK_TOKENS
     assert prefill_spans(2, 5000, 0) == [(0, 5000)]
     for bad in ((0, 10, 512), (1, 0, 512), (1, 10, -1)):
         with pytest.raises(ValueError):
@@ -338,8 +341,8 @@ def test_prefill_spans_cut_a_prompt_into_chunks_of_about_the_rows_asked():
 @pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8, torch.float32])
 @pytest.mark.parametrize("prefill", ["native", "sdpa_bf16", "sdpa"])
 def test_a_long_prompt_in_chunks_gives_the_bits_of_the_whole_prompt(tmp_path, kv, prefill):
-    """A prompt of 2 x 150 tokens in chunks of 64 (prefill_chunk=128 rows: three chunks, the last short), after a
-    first part already cached, gives the logits of every position and the cache of the same prompt run whole."""
+    """A prompt of 2 x 150 tokens in chunks (prefill_chunk=128 rows: two chunks of 75 tokens), after a first part
+    already cached, gives the logits of every position and the cache of the same prompt run whole."""
     model = fptq.load(_checkpoint(tmp_path))
     whole = Engine(model, kv_dtype=kv, prefill_attention=prefill, prefill_chunk=0)
     chunked = Engine(model, kv_dtype=kv, prefill_attention=prefill, prefill_chunk=128)

@@ -279,16 +279,16 @@ def test_the_runtime_head_off_the_cpu_is_a_plain_linear():
 
 
 def test_a_long_prompt_runs_in_chunks_with_the_whole_prompts_logits(ckpt):
-    """4 prompts of 200 tokens are 800 rows: fptq.load's runtime runs them in two chunks (128 + 72 tokens,
-    fptq.runtime.prefill); every position's logits and greedy generate() equal a runtime that runs them whole."""
+    """4 prompts of 300 tokens are 1200 rows: fptq.load's runtime runs them in two chunks of 150 tokens
+    (fptq.runtime.prefill); every position's logits and greedy generate() equal a runtime that runs them whole."""
     from fptq.runtime.prefill import prefill_spans
 
     chunked, whole = fptq.load(ckpt), fptq.load(ckpt)
-    ids = token_ids(4, 200, 5)
+    ids = token_ids(4, 300, 5)
     with torch.no_grad():
         whole(ids[:1, :4])  # the first call builds the runtime's Engine
     whole.model.engine.prefill_chunk = 0
-    assert len(prefill_spans(4, 200, chunked.model.engine.prefill_chunk)) == 2
+    assert len(prefill_spans(4, 300, chunked.model.engine.prefill_chunk)) == 2
     with torch.no_grad():
         a, b = chunked(ids).logits, whole(ids).logits
     assert torch.isfinite(a.float()).all() and torch.equal(a, b)

@@ -144,8 +144,8 @@ class Engine:
     stored head's), more rows and a float model's with the stored head; ``"int8"`` (every call) or
     ``"stored"`` choose one.
 
-    ``prefill_chunk``: a longer prompt runs in chunks of about this many rows (tokens x sequences), one after
-    the other (:mod:`fptq.runtime.prefill`: faster, smaller buffers, the same logits); 0 runs it whole.
+    ``prefill_chunk``: a prompt of at least twice this many rows (tokens x sequences) runs in equal chunks of
+    this many rows or more (up to twice as many), one after the other (:mod:`fptq.runtime.prefill`: faster, smaller buffers, the same logits); 0 runs it whole.
     """
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype = torch.bfloat16, prefill_attention: str = "auto",
