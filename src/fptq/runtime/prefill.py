@@ -22,8 +22,9 @@ MIN_CHUNK_TOKENS = 64  # tokens per sequence in a chunk, at least (fewer were sl
 def prefill_spans(batch: int, tokens: int, rows: int = PREFILL_CHUNK_ROWS) -> list[tuple[int, int]]:
     """The ``(start, end)`` token ranges a prompt of ``batch`` sequences of ``tokens`` runs in: as many chunks
     of equal length (within a token) as hold ``rows // batch`` tokens each (at least :data:`MIN_CHUNK_TOKENS`),
-    so between ``rows`` and twice as many rows (more where the token floor applies); the whole prompt in one where ``rows`` is 0 or fewer than two
-    chunks fit (no short last chunk: 600 tokens as 512 + 88 ran 0.91x whole)."""
+    so between ``rows`` and twice as many rows (more where the token floor applies); the whole prompt in one
+    where ``rows`` is 0 or fewer than two chunks fit (no short last chunk: 600 tokens as 512 + 88 ran 0.91x
+    whole)."""
     if batch < 1 or tokens < 1 or rows < 0:
         raise ValueError(f"prefill_spans: batch {batch}, tokens {tokens}, rows {rows}")
     n = 1 if rows == 0 else max(tokens // max(rows // batch, MIN_CHUNK_TOKENS), 1)
