@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from fptq.errors import FptqError
 from fptq.kernels import fast_bfloat16, native
 from fptq.quant.planes import int8_group_quantize, two_term_per_token
-from fptq.runtime.head import (BF16_MAX_ROWS, BLOCK_ROWS, BUILD_ROWS, CHUNK_ROWS, HEAD_GROUP, HEADS, INT8_MAX_ROWS,
-                               Int8Head, head_logits, native_16bit, runtime_head)
+from fptq.runtime.head import (AMX_MAX_K, AMX_MIN_ROWS, BF16_MAX_ROWS, BLOCK_ROWS, BUILD_ROWS, CHUNK_ROWS,
+                               HEAD_GROUP, HEADS, INT8_MAX_ROWS, Int8Head, amx_head_logits, head_logits,
+                               native_16bit, runtime_head)
 
 
 def _head(vocab=2 * BLOCK_ROWS + 77, k=96, seed=0):
@@ -135,3 +136,76 @@ def test_without_native_kernels_auto_keeps_the_stored_head_and_int8_says_why():
                        env={**os.environ, "FPTQ_NATIVE": "0"}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "cannot use an int8 output head" in r.stdout and "native kernels are unavailable" in r.stdout
+
+
+# ------------------------------------------------------------------ the AMX-BF16 head kernel
+needs_amx_head = pytest.mark.skipif(not (native.available() and native.has_amx_head()),
+                                    reason="needs fptq's avx512_amx build on a CPU with AMX-BF16")
+
+
+@needs_amx_head
+@pytest.mark.parametrize("m, vocab, k", [
+    (1, 33, 32),       # one row, a ragged block of vocabulary rows
+    (31, 64, 96),      # fewer rows than two tiles
+    (600, 100, 1024),  # two passes over the weight (512 rows of K = 1024 fill its 1 MiB), the second one ragged
+    (77, 4128, 576),   # SmolLM2's hidden size, many vocabulary blocks for each thread
+])
+def test_the_amx_head_kernel_is_the_bfloat16_product(m, vocab, k):
+    """float32 sums of exact bfloat16 products rounded once to bfloat16: within the rounding of the float64
+    product, and PyTorch's bfloat16 F.linear up to the order of its float32 sums."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(vocab, k, generator=g) * 0.05).bfloat16()
+    out = native.head_bf16(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, vocab)
+    ref = x.double() @ w.double().t()
+    float32_sums = k * 2 ** -24 * (x.double().abs() @ w.double().abs().t())
+    assert ((out.double() - ref).abs() <= 2 ** -8 * (ref.abs() + float32_sums) + float32_sums).all()
+    lin = F.linear(x, w)
+    assert ((out.float() - lin.float()).abs() <= 2 ** -7 * lin.float().abs() + 1e-6).all()
+    assert (out != lin).float().mean() < 0.01
+
+
+@needs_amx_head
+def test_the_stored_head_multiplies_many_rows_without_a_bias_on_the_amx_kernel():
+    w, b = _head(vocab=1000, k=64)
+    x = torch.randn(AMX_MIN_ROWS, 64)
+    assert torch.equal(head_logits(x, w, None, native=True), native.head_bf16(x.bfloat16(), w))
+    # a bias, fewer rows, an input size that is not a multiple of 32 or above AMX_MAX_K, a float32 weight:
+    # PyTorch's product
+    assert amx_head_logits(x, w, b) is None
+    assert torch.equal(head_logits(x, w, b, native=True), F.linear(x.bfloat16(), w, b))
+    few = x[:AMX_MIN_ROWS - 1]
+    assert amx_head_logits(few, w, None) is None
+    assert torch.equal(head_logits(few, w, None, native=True), F.linear(few.bfloat16(), w))
+    assert amx_head_logits(x[:, :48], w[:, :48].contiguous(), None) is None
+    assert amx_head_logits(x, w.float(), None) is None
+    big = AMX_MAX_K + 32
+    assert amx_head_logits(torch.randn(AMX_MIN_ROWS, big), torch.randn(50, big).bfloat16(), None) is None
+
+
+@needs_native
+def test_the_head_kernel_refuses_what_it_cannot_multiply():
+    w = torch.randn(100, 64).bfloat16()
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        native.head_bf16(torch.randn(20, 64), w)
+    with pytest.raises(ValueError, match=r"one K \(got \[20, 32\] and \[100, 64\]\)"):
+        native.head_bf16(torch.randn(20, 32).bfloat16(), w)
+    assert native.head_bf16(torch.randn(20, 48).bfloat16(), w[:, :48].contiguous()) is None  # K not a multiple of 32
+
+
+def test_the_head_kernel_is_only_in_the_amx_build(monkeypatch):
+    """The avx512_vnni build (and the AVX2 one) has no AMX head: head_bf16 says so with None, and head_logits
+    multiplies with PyTorch."""
+    monkeypatch.setenv("FPTQ_NATIVE", "avx512_vnni")
+    native._load.cache_clear()
+    try:
+        if not native.available():
+            pytest.skip(native.unavailable_reason())
+        w = torch.randn(100, 64).bfloat16()
+        x = torch.randn(AMX_MIN_ROWS, 64)
+        assert not native.has_amx_head() and native.head_bf16(x.bfloat16(), w) is None
+        assert torch.equal(head_logits(x, w, None, native=True), F.linear(x.bfloat16(), w))
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()

@@ -1,7 +1,11 @@
 """The output head (``lm_head``) of the runtime: logits from the final hidden states.
 
 A checkpoint keeps its head in 16 bits (bf16 by default). Where the CPU multiplies bf16 natively (AVX-512 BF16,
-AMX) PyTorch's bf16 ``linear`` is the fastest way. Where it does not (AVX2 CPUs), PyTorch emulates bf16 products:
+AMX) PyTorch's bf16 ``linear`` is the way, except for a prompt's logits at every position on AMX: from
+:data:`AMX_MIN_ROWS` rows, with a hidden size up to :data:`AMX_MAX_K`, fptq's AMX-BF16 kernel
+(:func:`fptq.kernels.native.head_bf16`, the same product: float32 sums rounded to bf16) is faster -- it keeps a
+block of the weight in L1 while the rows stream past, prefetches the next block, and maps the new logits' pages
+before the products rather than between them. Where it does not (AVX2 CPUs), PyTorch emulates bf16 products:
 a bf16 head is the fastest for one or a few rows (it reads half the bytes of a float32 copy) but several times
 slower than float32 for more (measured on SmolLM2's 49152 x 576 head, 2 threads of an AVX2 EPYC: 46 ms at 16 rows
 against 18 ms for a float32 copy of the weight). There the rows beyond :data:`BF16_MAX_ROWS` are multiplied in
@@ -28,8 +32,9 @@ from ..kernels import fast_bfloat16, native
 from ..quant.pack import pack_int4_vnni, vnni_padded_shape
 from ..quant.planes import int8_group_quantize, split_planes
 
-__all__ = ["BF16_MAX_ROWS", "BLOCK_ROWS", "BUILD_ROWS", "CHUNK_ROWS", "HEADS", "HEAD_GROUP", "INT8_MAX_ROWS",
-           "Int8Head", "StoredHead", "check_head", "head_logits", "int8_head_problem", "native_16bit", "runtime_head"]
+__all__ = ["AMX_MAX_K", "AMX_MIN_ROWS", "BF16_MAX_ROWS", "BLOCK_ROWS", "BUILD_ROWS", "CHUNK_ROWS", "HEADS",
+           "HEAD_GROUP", "INT8_MAX_ROWS", "Int8Head", "StoredHead", "amx_head_logits", "check_head", "head_logits",
+           "int8_head_problem", "native_16bit", "runtime_head"]
 
 HEADS = ("auto", "int8", "stored")  # the runtime's ``head`` choices (see runtime_head)
 HEAD_GROUP = 64  # inputs per int8 scale of :class:`Int8Head`
@@ -44,6 +49,12 @@ BUILD_ROWS = 4096  # vocabulary rows an Int8Head quantizes and packs at a time (
 BF16_MAX_ROWS = 4
 # vocabulary rows widened to float32 at a time (a 1024 x 896 block is 3.5 MiB)
 BLOCK_ROWS = 1024
+# From this many rows, and up to this hidden size, a bfloat16 head runs on fptq's AMX kernel where it can
+# (amx_head_logits). Fewer rows: PyTorch's product is about as fast (bench/results/head_amx.md: 0.9-1.2x at 16-64
+# rows). A larger hidden size: the kernel runs the rows in passes of 1 MiB of them (512 rows at 1024), each reading
+# the whole weight again, and loses (LLaMA-2-7B's 32000 x 4096 head: 0.6-0.7x at 512-2048 rows).
+AMX_MIN_ROWS = 128
+AMX_MAX_K = 1024
 
 
 def native_16bit(weight: torch.Tensor) -> bool:
@@ -54,11 +65,26 @@ def native_16bit(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and fast_bfloat16(weight.device)
 
 
+def amx_head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``x @ weight.T`` ``[M, V]`` in bfloat16 by fptq's AMX-BF16 head kernel (:func:`fptq.kernels.native.head_bf16`)
+    where it applies: a bfloat16 weight on a CPU where :func:`~fptq.kernels.native.has_amx_head`, no bias, at least
+    :data:`AMX_MIN_ROWS` rows and an input size that is a multiple of 32 up to :data:`AMX_MAX_K`; else ``None``."""
+    if not (x.shape[0] >= AMX_MIN_ROWS and bias is None and weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu" and weight.shape[1] % 32 == 0 and weight.shape[1] <= AMX_MAX_K
+            and weight.is_contiguous() and native.available() and native.has_amx_head()):
+        return None
+    return native.head_bf16(x.to(torch.bfloat16).contiguous(), weight)
+
+
 def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
     """``x @ weight.T + bias`` for hidden states ``x`` ``[M, K]`` (any float dtype). ``native``:
     :func:`native_16bit` of ``weight`` (computed once by the caller). Returns ``weight``'s dtype either way: the
     blocked path rounds its float32 sums as a 16-bit product does, so logits do not change type or precision
-    with the number of rows."""
+    with the number of rows. Where :func:`amx_head_logits` applies, fptq's AMX kernel: the same bfloat16 product,
+    faster than PyTorch's on the heads of small models (bench/results/head_amx.md)."""
+    out = amx_head_logits(x, weight, bias)
+    if out is not None:
+        return out
     if native or x.shape[0] <= BF16_MAX_ROWS:
         return F.linear(x.to(weight.dtype), weight, bias)
     xf = x.to(weight.dtype).float()  # the same rounded inputs as the 16-bit product

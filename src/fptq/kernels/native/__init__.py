@@ -30,7 +30,8 @@ __all__ = ["library", "available", "unavailable_reason", "quantize", "W4A8Gemm",
            "QuantOut", "rmsnorm", "silu_mul", "rope_cache", "decode_attention", "quantize_call", "rmsnorm_call",
            "silu_mul_call", "rope_cache_call", "decode_attention_call", "ROPE_COS", "ROPE_SIN", "ROPE_START",
            "ATTENTION_LENGTH",
-           "prefill_attention", "has_amx_attention", "cpu_flags", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS"]
+           "prefill_attention", "has_amx_attention", "cpu_flags", "prefill_attention_work_bytes", "has_bf16", "isa", "source_path", "BUILDS",
+           "has_amx_head", "head_bf16"]
 class QuantOut(ctypes.Structure):
     """``fptq_qparams`` of w4a8.c: where a fused stage writes its output quantized for the next Linear:
     int8 codes ``[M, Kp]``, group sums ``[M, G]`` (4-bit consumers), per-token scales ``[M]``."""
@@ -191,6 +192,31 @@ def has_amx_attention() -> bool:
     AMX-BF16) for a bfloat16 cache and a head size that is a multiple of 32."""
     lib = library()
     return bool(lib is not None and hasattr(lib, "fptq_prefill_attention") and lib.fptq_prefill_attention_amx())
+
+
+def has_amx_head() -> bool:
+    """Whether :func:`head_bf16` multiplies on AMX-BF16 tiles here (the ``avx512_amx`` build on a CPU with
+    AMX-BF16)."""
+    return has_amx_attention()  # the same build and CPU check
+
+
+def head_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` for bfloat16 ``x`` ``[M, K]`` and ``weight`` ``[V, K]`` (both contiguous) on AMX-BF16 tiles:
+    float32 sums in K order rounded to bfloat16, a new ``[M, V]`` bfloat16 tensor (the values of PyTorch's
+    bfloat16 ``F.linear`` up to the order in which its float32 sums are taken). ``None`` where :func:`has_amx_head`
+    is false or ``K`` is not a multiple of 32: the caller multiplies otherwise."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2 or weight.dim() != 2:
+        raise ValueError("head_bf16: x [M, K] and weight [V, K] must be bfloat16 matrices")
+    if not (x.is_contiguous() and weight.is_contiguous()) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"head_bf16: contiguous x [M, K] and weight [V, K] with one K (got {list(x.shape)} and "
+                         f"{list(weight.shape)})")
+    m, k = x.shape
+    if k % 32 or m == 0 or not has_amx_head():
+        return None
+    out = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
+    done = library().fptq_head_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), m, k, weight.shape[0],
+                                    torch.get_num_threads())
+    return out if done else None
 
 
 def prefill_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: int, scale: float,

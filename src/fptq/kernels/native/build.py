@@ -45,7 +45,7 @@ BUILDS = (
     Build("avx512_vnni", "w4a8.c", _AVX512),
     Build("avx2", "w4a8_avx2.c", _COMMON + ("-mavx2", "-mfma", "-mf16c")),
 )
-_HEADERS = ("w4a8_common.h", "w4a8_amx.h", "w4a8_attn_amx.h")
+_HEADERS = ("w4a8_common.h", "w4a8_amx.h", "w4a8_attn_amx.h", "head_amx.h")
 
 
 def source_path() -> Path:
@@ -113,12 +113,14 @@ def _declare(lib) -> None:
     lib.fptq_prefill_attention_work.argtypes = [_c_int, _c_int, _c_int, _c_int]
     lib.fptq_dequant_w4.restype = None
     lib.fptq_dequant_w4.argtypes = [_p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _p, _c_i64, _c_int]
-    if not hasattr(lib, "fptq_prefill_attention"):  # the AVX2 build has no bfloat16 prompt attention
+    if not hasattr(lib, "fptq_prefill_attention"):  # the AVX2 build has no bfloat16 prompt attention or head
         return
     lib.fptq_prefill_attention.restype = None
     lib.fptq_prefill_attention.argtypes = [_p, _p, _p, _c_int, _p, _p, _c_int, _c_int, _c_int, _c_int, _c_int, _c_int,
                                            _c_int, _c_float, _p, _c_int, _p, _c_int]
     lib.fptq_prefill_attention_amx.restype = _c_int
+    lib.fptq_head_bf16.restype = _c_int
+    lib.fptq_head_bf16.argtypes = [_p, _p, _p, _c_int, _c_int, _c_int, _c_int]
 
 
 @functools.cache

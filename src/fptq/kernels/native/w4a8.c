@@ -21,7 +21,7 @@
 
 #define MT_MAX 8
 
-int fptq_native_version(void) { return 5; }
+int fptq_native_version(void) { return 6; }
 
 #ifdef FPTQ_AMX
 static int amx_usable(void);
@@ -725,7 +725,20 @@ static void attn_block(const uint32_t* qp, int rt, int hd, const uint16_t* kblk,
 
 #ifdef FPTQ_AMX
 #include "w4a8_attn_amx.h"
+#include "head_amx.h"
 #endif
+
+/* The output head's logits of M rows on AMX-BF16 tiles (head_amx.h): out[M][V] = x[M][K] . w[V][K]^T in
+ * bfloat16, float32 sums. Returns 0 where this build or CPU has no such kernel or K is not a multiple of 32 (the
+ * caller multiplies otherwise). */
+int fptq_head_bf16(const void* x, const void* w, void* out, int M, int K, int V, int nthreads) {
+#ifdef FPTQ_AMX
+    return amx_head_bf16((const uint16_t*)x, (const uint16_t*)w, (uint16_t*)out, M, K, V, nthreads);
+#else
+    (void)x; (void)w; (void)out; (void)M; (void)K; (void)V; (void)nthreads;
+    return 0;
+#endif
+}
 
 /* Whether fptq_prefill_attention runs on AMX-BF16 tiles for a bfloat16 cache (w4a8_attn_amx.h) on this CPU. */
 int fptq_prefill_attention_amx(void) {

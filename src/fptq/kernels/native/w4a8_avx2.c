@@ -14,7 +14,7 @@
 
 #define MT_MAX 4
 
-int fptq_native_version(void) { return 5; }
+int fptq_native_version(void) { return 6; }
 
 int fptq_cpu_supported(void) {
     __builtin_cpu_init();
