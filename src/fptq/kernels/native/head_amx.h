@@ -5,15 +5,18 @@
  * even), as PyTorch's bfloat16 F.linear gives them. K must be a multiple of 32.
  *
  * A thread takes blocks of 32 vocabulary rows. It packs a block into AMX's B layout (pairs of bfloat16 along K: a
- * 16 x 16 transpose of 32-bit pairs per 1 KB tile, 2 x K/32 tiles), then runs every 32 rows of x (two A tiles,
- * read as they lie, row stride 2K bytes) against it in chunks of HEAD_KC tile depths: the chunk's B tiles (16 KB)
+ * 16 x 16 transpose of 32-bit pairs per 1 KB tile, 2 x K/32 tiles), then runs the rows of x against it 32 at a time
+ * (two A tiles, read as they lie, row stride 2K bytes) in chunks of HEAD_KC tile depths: the chunk's B tiles (16 KB)
  * stay in L1 while the rows stream from L2, and the four C tiles of each 32 x 32 block are kept in a float32
- * buffer between chunks (storing and reloading float32 tiles is exact, so the sums are those of one pass over K in
- * order). The last chunk rounds the block to bfloat16 and stores it, with non-temporal stores where the rows are
- * 64-byte aligned (a head's logits are too large to stay in any cache). While a block runs, the next block's rows
- * of w are prefetched, so reading the weight from memory overlaps the tile products.
- * Rows of x past a multiple of 32 and vocabulary rows past a multiple of 32 are run from zero-padded copies; only
- * the real rows and columns are stored.
+ * buffer between chunks (storing and reloading float32 tiles is exact: the sums of one pass over K). The last chunk
+ * rounds the block to bfloat16 and stores it, with non-temporal stores where the rows are 64-byte aligned (a head's
+ * logits are too large to stay in any cache). While a block runs, the next block's rows of w are prefetched, so
+ * reading the weight from memory overlaps the tile products. The rows go in passes of at most HEAD_X_BYTES, which
+ * stay in L2 from one block to the next; every pass reads the whole weight again, so with a large K (short passes)
+ * oneDNN is faster (bench/head_amx.py: 0.6x at K = 4096; the runtime calls this up to K = 1024). Before the
+ * products the threads map the new output's pages, all of them, rather than one page fault at a time between tile
+ * products. Rows of x past a multiple of 32 and vocabulary rows past a multiple of 32 are run from zero-padded
+ * copies; only the real rows and columns are stored.
  */
 #ifndef FPTQ_HEAD_AMX_H
 #define FPTQ_HEAD_AMX_H
@@ -87,7 +90,7 @@ static int amx_head_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, in
         amx_configure(64); /* 0-3: C (16 x 16 float32); 4, 5: A (16 rows x 32 bf16); 6, 7: B (16 pairs x 16) */
         for (int mc = 0; mc < M; mc += mchunk) {
             const int me = mc + mchunk < M ? mc + mchunk : M, m32 = mc + (me - mc + 31) / 32 * 32;
-            const int mlast = me - mc < 32 || (me - mc) % 32 ? m32 - 32 : M; /* the block run from xlast, if any */
+            const int mlast = (me - mc) % 32 ? m32 - 32 : M; /* the block run from xlast, if any */
             if (mlast < M) {
                 memset(xlast, 0, pbytes);
                 memcpy(xlast, x + (int64_t)mlast * K, (size_t)(me - mlast) * K * 2);
