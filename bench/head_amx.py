@@ -1,14 +1,15 @@
 """The output head of many rows (a prompt's logits at every position): fptq's AMX-BF16 head kernel
 (:func:`fptq.kernels.native.head_bf16`, what the runtime's stored head runs from
-:data:`fptq.runtime.head.AMX_MIN_ROWS` rows on) against PyTorch's bfloat16 ``F.linear`` (oneDNN, AMX tiles) in
-the same run, on the head shapes of SmolLM2-135M, Qwen2.5-Coder-0.5B and LLaMA-2-7B (random bfloat16 weights).
+:data:`fptq.runtime.head.AMX_MIN_ROWS` rows, for hidden sizes up to :data:`~fptq.runtime.head.AMX_MAX_K`) against
+PyTorch's bfloat16 ``F.linear`` (oneDNN, AMX tiles) in the same run, on the head shapes of SmolLM2-135M,
+Qwen2.5-Coder-0.5B and LLaMA-2-7B (random bfloat16 weights; the last one above AMX_MAX_K, run to show why).
 
 Each call returns a new logits tensor, as a model's forward does (the time includes mapping its pages). The
-outputs are compared first: the share of logits that differ and the largest difference in bfloat16 steps (the
-two products take their float32 sums in different orders). Interleaved repeats
+outputs are compared first: the share of logits that differ and the largest difference relative to its row's
+largest logit (the two products take their float32 sums in different orders). Interleaved repeats
 (:func:`native_builds.interleaved_medians`), medians.
 
-    python bench/head_amx.py [--rows 16,64,128,512,2048] [--repeats 7] [--name head_amx]
+    python bench/head_amx.py [--rows 16,64,128,512,2048] [--repeats 7] [--heads NAME,...] [--name head_amx]
 
 Writes ``bench/results/NAME.{json,md}``. Run it alone on the machine.
 """

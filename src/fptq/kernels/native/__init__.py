@@ -5,7 +5,9 @@ Three builds of one interface (:data:`BUILDS`): ``w4a8.c`` with AMX (``avx512_am
 tokens or more on AMX int8 tiles, ``w4a8_amx.h``) and without (``avx512_vnni``) for CPUs with AVX-512 VNNI, and
 ``w4a8_avx2.c`` for x86-64 CPUs with AVX2, FMA and F16C only (all include ``w4a8_common.h``); the first build
 this CPU supports is used, :func:`isa` says which. The builds give the same bits; the AVX2 build lacks only
-the bfloat16 prompt attention (:func:`has_bf16` is false there and the runtime uses PyTorch's attention). A source is compiled once per source
+the bfloat16 prompt attention (:func:`has_bf16` is false there and the runtime uses PyTorch's attention), and only
+the AMX build has the bfloat16 output head of many rows (:func:`head_bf16`; elsewhere PyTorch multiplies it).
+A source is compiled once per source
 version and compiler by the system C compiler (``$CC``, else ``cc``/``gcc``) into ``<fptq cache>/kernels/`` (:func:`fptq.paths.kernels_cache_dir`; the
 cache is ``$FPTQ_CACHE``, else ``~/.cache/fptq``), then loaded with :mod:`ctypes`. Nothing is built at install time and nothing else is
 needed: no torch headers, no ninja. The OpenMP runtime is the one torch already loaded (same soname), so the
@@ -202,7 +204,7 @@ def has_amx_head() -> bool:
 
 def head_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``x @ weight.T`` for bfloat16 ``x`` ``[M, K]`` and ``weight`` ``[V, K]`` (both contiguous) on AMX-BF16 tiles:
-    float32 sums in K order rounded to bfloat16, a new ``[M, V]`` bfloat16 tensor (the values of PyTorch's
+    float32 sums of the exact products rounded to bfloat16, a new ``[M, V]`` bfloat16 tensor (the values of PyTorch's
     bfloat16 ``F.linear`` up to the order in which its float32 sums are taken). ``None`` where :func:`has_amx_head`
     is false or ``K`` is not a multiple of 32: the caller multiplies otherwise."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2 or weight.dim() != 2:
