@@ -169,6 +169,19 @@ def hf_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
                               pad_token_id=0)
 
 
+def use_native_build(monkeypatch, isa: str) -> None:
+    """Load ``isa``'s build of fptq's native kernels (``FPTQ_NATIVE=isa``), skipping the test where this CPU cannot
+    run it. The caller loads the default build again after the test (``native._load.cache_clear()`` once the
+    monkeypatch is undone)."""
+    from fptq.kernels import native
+
+    monkeypatch.setenv("FPTQ_NATIVE", isa)
+    native._load.cache_clear()
+    native.has_bf16.cache_clear()
+    if not native.available():
+        pytest.skip(f"{isa} build: {native.unavailable_reason()}")
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30)))

@@ -6,7 +6,7 @@ import torch
 
 from fptq.kernels import native
 
-from ..conftest import sqnr_db
+from ..conftest import sqnr_db, use_native_build
 from fptq.nn import QuantLinear
 from fptq.quant import (dequantize_weight, pack_int4, pack_int4_vnni, quantize_per_token, quantize_static,
                         unpack_int4_vnni, vnni_padded_shape)
@@ -24,18 +24,9 @@ def _default_build_after():
     native.has_bf16.cache_clear()
 
 
-def _use_build(monkeypatch, isa: str) -> None:
-    """Load ``isa``'s build (``FPTQ_NATIVE=isa``), skipping the test where this CPU cannot run it."""
-    monkeypatch.setenv("FPTQ_NATIVE", isa)
-    native._load.cache_clear()
-    native.has_bf16.cache_clear()
-    if not native.available():
-        pytest.skip(f"{isa} build: {native.unavailable_reason()}")
-
-
 @pytest.fixture(params=[b.isa for b in native.BUILDS])
 def build(request, monkeypatch):
-    _use_build(monkeypatch, request.param)
+    use_native_build(monkeypatch, request.param)
     yield request.param
     monkeypatch.undo()
     native._load.cache_clear()
@@ -333,7 +324,7 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(monkeypatch):
     kp, groups = p.shape[1] * 8, ws.shape[0]
     outs = {}
     for isa in ("avx512_vnni", "avx2"):
-        _use_build(monkeypatch, isa)
+        use_native_build(monkeypatch, isa)
         xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
         y32, y16 = torch.ones(m, n), torch.ones(m, n, dtype=torch.bfloat16)
         gemm = native.W4A8Gemm([(p, ws, bias, n)], gs)
@@ -376,7 +367,7 @@ def test_the_amx_and_avx512_builds_give_the_same_bits(monkeypatch, m, k, gs, mod
     groups = mats[0][1].shape[0]
     outs = {}
     for isa in ("avx512_amx", "avx512_vnni"):
-        _use_build(monkeypatch, isa)
+        use_native_build(monkeypatch, isa)
         xq, xs, sx = native.quantize(x, kp, mode, torch.tensor(0.05), 127, gsz, groups)
         gemm = native.W4A8Gemm(mats, gsz)
         y32 = torch.ones(m, sum(ns))
@@ -440,7 +431,7 @@ def test_prefill_attention_matches_causal_sdpa(monkeypatch, isa, b, h, hkv, hd, 
     """fptq's prompt attention on a bfloat16 cache: AMX-BF16 tiles in the ``avx512_amx`` build (head sizes that
     are multiples of 32), the AVX512-BF16 flash kernel in the ``avx512_vnni`` build (64 and 128); cache rows
     past the prompt hold NaN, which must not reach the output."""
-    _use_build(monkeypatch, isa)
+    use_native_build(monkeypatch, isa)
     if not native.has_bf16():
         pytest.skip("needs AVX512-BF16")
     amx = native.has_amx_attention()
@@ -528,7 +519,7 @@ def test_integer_group_scales_sum_over_all_of_k_on_amx(monkeypatch, m, k, gs):
     kp, groups = vnni_padded_shape(16, k)[1], mats[0][1].shape[0]
     outs = {}
     for isa in ("avx512_amx", "avx512_vnni"):
-        _use_build(monkeypatch, isa)
+        use_native_build(monkeypatch, isa)
         xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
         gemm = native.W4A8Gemm(mats, gs)
         assert all(f is not None for f in gemm.integer_scales)
@@ -557,7 +548,7 @@ def test_one_group_per_channel_gives_the_same_bits_either_way(monkeypatch):
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(0))
     outs = []
     for isa in ("avx512_amx", "avx512_vnni"):
-        _use_build(monkeypatch, isa)
+        use_native_build(monkeypatch, isa)
         xq, xs, sx = native.quantize(x, 256, "dynamic_token", None, 127, 256, 1)
         y = torch.empty(40, 64)
         native.W4A8Gemm([(p, ws, torch.randn(64, generator=torch.Generator().manual_seed(1)), 64)], 256)(xq, xs, sx, [y])

@@ -16,6 +16,8 @@ from fptq.runtime.head import (AMX_MAX_K, AMX_MIN_ROWS, BF16_MAX_ROWS, BLOCK_ROW
                                HEAD_GROUP, HEADS, INT8_MAX_ROWS, Int8Head, amx_head_logits, head_logits,
                                native_16bit, runtime_head)
 
+from ..conftest import use_native_build
+
 
 def _head(vocab=2 * BLOCK_ROWS + 77, k=96, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -197,11 +199,8 @@ def test_the_head_kernel_refuses_what_it_cannot_multiply():
 def test_the_head_kernel_is_only_in_the_amx_build(monkeypatch):
     """The avx512_vnni build (and the AVX2 one) has no AMX head: head_bf16 says so with None, and head_logits
     multiplies with PyTorch."""
-    monkeypatch.setenv("FPTQ_NATIVE", "avx512_vnni")
-    native._load.cache_clear()
     try:
-        if not native.available():
-            pytest.skip(native.unavailable_reason())
+        use_native_build(monkeypatch, "avx512_vnni")
         w = torch.randn(100, 64).bfloat16()
         x = torch.randn(AMX_MIN_ROWS, 64)
         assert not native.has_amx_head() and native.head_bf16(x.bfloat16(), w) is None
@@ -209,3 +208,4 @@ def test_the_head_kernel_is_only_in_the_amx_build(monkeypatch):
     finally:
         monkeypatch.undo()
         native._load.cache_clear()
+        native.has_bf16.cache_clear()
