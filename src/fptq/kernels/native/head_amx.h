@@ -4,8 +4,8 @@
  * out[M][V] (bfloat16) = x[M][K] (bfloat16) . w[V][K]^T, float32 sums rounded to bfloat16 (round to nearest
  * even), as PyTorch's bfloat16 F.linear gives them. K must be a multiple of 32.
  *
- * A thread takes blocks of 32 vocabulary rows. It packs a block into AMX's B layout (pairs of bfloat16 along K: a
- * 16 x 16 transpose of 32-bit pairs per 1 KB tile, 2 x K/32 tiles), then runs the rows of x against it 32 at a time
+ * A thread takes blocks of 32 vocabulary rows. It packs a block into AMX's B layout (pairs of bfloat16 along K:
+ * amx_transpose16 of w4a8_attn_amx.h per 1 KB tile, 2 x K/32 tiles), then runs the rows of x against it 32 at a time
  * (two A tiles, read as they lie, row stride 2K bytes) in chunks of HEAD_KC tile depths: the chunk's B tiles (16 KB)
  * stay in L1 while the rows stream from L2, and the four C tiles of each 32 x 32 block are kept in a float32
  * buffer between chunks (storing and reloading float32 tiles is exact: the sums of one pass over K). The last chunk
@@ -24,32 +24,6 @@
 #define HEAD_KC 8 /* tile depths (of 32 K) per chunk: 2 x 8 B tiles, 16 KB */
 #define HEAD_X_BYTES (1 << 20) /* rows of x per pass over the weight: at most 1 MiB of them (a core has 2 MB of L2) */
 
-/* dst[r][n] = src[n * stride + r] for a 16 x 16 block of 32-bit elements (dst: 1 KB, 64-byte aligned). */
-static inline void head_transpose16(const uint32_t* src, int64_t stride, uint32_t* dst) {
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void*)(src + i * stride));
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* r[4q + j], 128-bit lane L: source rows 4q .. 4q+3 at column 4L + j */
-    for (int j = 0; j < 4; j++) {
-        const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
-        const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
-        const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
-        _mm512_store_si512((void*)(dst + j * 16), _mm512_shuffle_i32x4(a, c, 0x88));
-        _mm512_store_si512((void*)(dst + (4 + j) * 16), _mm512_shuffle_i32x4(a, c, 0xDD));
-        _mm512_store_si512((void*)(dst + (8 + j) * 16), _mm512_shuffle_i32x4(b, d, 0x88));
-        _mm512_store_si512((void*)(dst + (12 + j) * 16), _mm512_shuffle_i32x4(b, d, 0xDD));
-    }
-}
-
 /* The B tiles of 32 vocabulary rows (row stride K bfloat16): bbuf[c][t] = 1 KB for rows 16c .. 16c+15 and
  * K 32t .. 32t+31. */
 static void head_pack(const uint16_t* w, int K, uint32_t* bbuf) {
@@ -57,7 +31,7 @@ static void head_pack(const uint16_t* w, int K, uint32_t* bbuf) {
     const uint32_t* w32 = (const uint32_t*)w;
     for (int c = 0; c < 2; c++)
         for (int t = 0; t < T; t++)
-            head_transpose16(w32 + (int64_t)16 * c * (K / 2) + 16 * t, K / 2, bbuf + (c * T + t) * 256);
+            amx_transpose16(w32 + (int64_t)16 * c * (K / 2) + 16 * t, K / 2, bbuf + (c * T + t) * 256);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))

@@ -27,25 +27,50 @@ static int amx_bf16_usable(void) {
     return ((d >> 22) & 1) && amx_usable();
 }
 
+/* dst[r][n] = src[n * stride + r] for a 16 x 16 block of 32-bit elements (dst: 1 KB): the B tile of 16 rows of
+ * bfloat16 pairs (the prompt attention's keys here, the output head's weight rows in head_amx.h). */
+static inline void amx_transpose16(const uint32_t* src, int64_t stride, uint32_t* dst) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void*)(src + i * stride));
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[4q + j], 128-bit lane L: source rows 4q .. 4q+3 at column 4L + j */
+    for (int j = 0; j < 4; j++) {
+        const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+        const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+        const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+        _mm512_storeu_si512((void*)(dst + j * 16), _mm512_shuffle_i32x4(a, c, 0x88));
+        _mm512_storeu_si512((void*)(dst + (4 + j) * 16), _mm512_shuffle_i32x4(a, c, 0xDD));
+        _mm512_storeu_si512((void*)(dst + (8 + j) * 16), _mm512_shuffle_i32x4(b, d, 0x88));
+        _mm512_storeu_si512((void*)(dst + (12 + j) * 16), _mm512_shuffle_i32x4(b, d, 0xDD));
+    }
+}
+
 /* Pack keys 0 .. end-1 of one (batch, kv head) of a bf16 cache [L][hd] into kp (B tiles of q.k) and vp (B tiles
  * of p.v); keys end .. end32-1 are zeros. */
 static void amx_attn_pack(const uint16_t* kc, const uint16_t* vc, int hd, int end, int end32, uint32_t* kp,
                           uint32_t* vp) {
     const int hp = hd / 2, tiles = hd / 32;
     const uint32_t* k32 = (const uint32_t*)kc; /* [L][hd/2] pairs */
-    for (int j = 0; j < end32 / 16; j++)
-        for (int t = 0; t < tiles; t++) {
-            uint32_t* dst = kp + ((int64_t)j * tiles + t) * 256;
-            for (int n = 0; n < 16; n++) {
-                const int key = 16 * j + n;
-                if (key < end) {
-                    const uint32_t* src = k32 + (int64_t)key * hp + 16 * t;
-                    for (int r = 0; r < 16; r++) dst[r * 16 + n] = src[r];
-                } else {
-                    for (int r = 0; r < 16; r++) dst[r * 16 + n] = 0;
-                }
-            }
+    uint32_t part[16 * 128]; /* a block of 16 keys that ends past the prompt, zero padded (hd <= 256) */
+    for (int j = 0; j < end32 / 16; j++) {
+        const uint32_t* src = k32 + (int64_t)16 * j * hp;
+        if (16 * j + 16 > end) {
+            const int n = end - 16 * j > 0 ? end - 16 * j : 0;
+            memset(part, 0, sizeof(uint32_t) * 16 * hp);
+            memcpy(part, src, sizeof(uint32_t) * n * hp);
+            src = part;
         }
+        for (int t = 0; t < tiles; t++) amx_transpose16(src + 16 * t, hp, kp + ((int64_t)j * tiles + t) * 256);
+    }
     const int ut = hd / 16;
     for (int j = 0; j < end32 / AT_KB; j++)
         for (int r = 0; r < 16; r++) {
