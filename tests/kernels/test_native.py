@@ -69,11 +69,12 @@ def test_vnni_pack_rejects_out_of_range_codes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,k", [(1, 576), (7, 61), (33, 200)])
-def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k, build):
+@pytest.mark.parametrize("m,k,gs", [(1, 576, 64), (7, 61, 64), (33, 200, 64), (5, 1000, 32), (5, 1000, 128)])
+def test_native_quantize_is_bit_identical_to_the_reference(dtype, m, k, gs, build):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 5).to(dtype)
     x[0, 3] = 0.5 * 0.04  # a tie: round half to even, as torch.round
-    gs, kp = 64, vnni_padded_shape(16, k)[1]
+    x[-1, 3 * k // 4] = -40.0  # the last row's extreme, past its first block of 64 values
+    kp = vnni_padded_shape(16, k)[1]
     groups = -(-k // gs)
     xq, xs, sx = native.quantize(x, kp, "dynamic_token", None, 127, gs, groups)
     ref, rs = quantize_per_token(x)
@@ -233,8 +234,11 @@ def _glu_static_codes_match_silu_mul(gemm, xq, xs, sx, gu, outs):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write(cache_dtype, build):
-    b, t, h, hkv, hd, start, length = 2, 3, 4, 2, 16, 5, 12
+@pytest.mark.parametrize("hd", [16, 64, 80])
+def test_rope_and_cache_write(cache_dtype, hd, build):
+    """Rotated queries and keys with torch's float steps (x cos + rotate_half(x) sin, each product rounded: the
+    same bits), the values as they are, each at its place in the caches."""
+    b, t, h, hkv, start, length = 2, 3, 4, 2, 5, 12
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(b * t, (h + 2 * hkv) * hd, generator=g)
     ang = torch.rand(t, hd // 2, generator=g) * 6
@@ -250,9 +254,8 @@ def test_rope_and_cache_write(cache_dtype, build):
     qr = rope(qkv[:, :h * hd].view(b, t, h, hd)).transpose(1, 2)
     kr = rope(qkv[:, h * hd:(h + hkv) * hd].view(b, t, hkv, hd)).transpose(1, 2)
     vr = qkv[:, (h + hkv) * hd:].view(b, t, hkv, hd).transpose(1, 2)
-    assert torch.allclose(q, qr, atol=1e-6)
-    tol = 1e-6 if cache_dtype == torch.float32 else 2 ** -8 * kr.abs().max()
-    assert (kc[:, :, start:start + t].float() - kr).abs().max() <= tol
+    assert torch.equal(q, qr)
+    assert torch.equal(kc[:, :, start:start + t], kr.to(cache_dtype))
     assert torch.equal(vc[:, :, start:start + t], vr.to(cache_dtype))
     assert not kc[:, :, :start].any() and not vc[:, :, start + t:].any()
 

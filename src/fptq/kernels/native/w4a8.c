@@ -101,7 +101,7 @@ static inline qscale16 qscale16_of(float scale, float qmax) {
 /* 16 codes (lanes mk) of v at one scale: clamp(round_half_even(v / scale), -qmax, qmax). The clamp before the
  * rounding (qmax an integer: the same codes) lets the conversion round (embedded round-to-nearest-even); a NaN
  * becomes -qmax, as before. */
-static inline void quant16(__m512 v, const qscale16* qs, int8_t* q, __mmask16 mk) {
+static inline __m512i codes16(__m512 v, const qscale16* qs) {
     if (qs->rcp) {
         v = _mm512_range_ps(v, qs->b, 0x2); /* sign(v) * min(|v|, 256 scale): smaller magnitude, v's sign */
         const __m512 q0 = _mm512_mul_ps(v, qs->y);
@@ -110,25 +110,47 @@ static inline void quant16(__m512 v, const qscale16* qs, int8_t* q, __mmask16 mk
         v = _mm512_div_ps(v, qs->s);
     }
     v = _mm512_min_ps(_mm512_max_ps(v, qs->lo), qs->hi);
-    _mm_mask_storeu_epi8(q, mk, _mm512_cvtepi32_epi8(
-        _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    return _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline void quant16(__m512 v, const qscale16* qs, int8_t* q, __mmask16 mk) {
+    _mm_mask_storeu_epi8(q, mk, _mm512_cvtepi32_epi8(codes16(v, qs)));
+}
+
+/* 64 codes (four full blocks of 16) in one store: the codes are within +-qmax <= 127, so the saturating packs keep
+ * them; the packs interleave the blocks by 128-bit lanes, which the permutation undoes. */
+static inline void quant64(__m512 v0, __m512 v1, __m512 v2, __m512 v3, const qscale16* qs, int8_t* q) {
+    const __m512i a = _mm512_packs_epi32(codes16(v0, qs), codes16(v1, qs));
+    const __m512i b = _mm512_packs_epi32(codes16(v2, qs), codes16(v3, qs));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512((void*)q, _mm512_permutexvar_epi32(order, _mm512_packs_epi16(a, b)));
 }
 
 static void quant_row(const void* xrow, int bf16, int K, int Kp, int mode, float static_scale, float qmax,
                       int gs, int G, int8_t* q, int32_t* xsum, float* sx) {
     float scale = static_scale;
     if (mode == 1) {
-        __m512 amax = _mm512_setzero_ps();
+        __m512 amax = _mm512_setzero_ps(), amax1 = amax, amax2 = amax, amax3 = amax; /* four chains: max's latency */
         int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xrow, bf16, k)));
+            amax1 = _mm512_max_ps(amax1, _mm512_abs_ps(load16(xrow, bf16, k + 16)));
+            amax2 = _mm512_max_ps(amax2, _mm512_abs_ps(load16(xrow, bf16, k + 32)));
+            amax3 = _mm512_max_ps(amax3, _mm512_abs_ps(load16(xrow, bf16, k + 48)));
+        }
         for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xrow, bf16, k)));
         if (k < K) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_mask(xrow, bf16, k, block_mask(K, k))));
-        float a = _mm512_reduce_max_ps(amax);
+        float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(amax, amax1), _mm512_max_ps(amax2, amax3)));
         scale = a / qmax;
         if (!(scale >= 1e-8f)) scale = 1e-8f; /* clamp_min(1e-8) (NaN stays NaN in torch; not reachable for finite x) */
     }
     *sx = scale;
     const qscale16 qs = qscale16_of(scale, qmax);
-    for (int k = 0; k < K; k += 16) {
+    int k0 = 0;
+    for (; k0 + 64 <= K; k0 += 64)
+        quant64(load16(xrow, bf16, k0), load16(xrow, bf16, k0 + 16), load16(xrow, bf16, k0 + 32),
+                load16(xrow, bf16, k0 + 48), &qs, q + k0);
+    for (int k = k0; k < K; k += 16) {
         const __mmask16 mk = block_mask(K, k);
         quant16(load16_mask(xrow, bf16, k, mk), &qs, q + k, mk);
     }
@@ -464,8 +486,14 @@ void fptq_rmsnorm(const float* x, int64_t ldx, int M, int D, const float* w, flo
             const float* xr = x + (int64_t)m * ldx;
             float* o = out ? out + (int64_t)m * D : row;
             if (!o) continue; /* D > 16384 without an output buffer: not supported (the caller checks) */
-            __m512 acc = _mm512_setzero_ps();
+            __m512 acc = _mm512_setzero_ps(), acc1 = acc; /* two chains (an FMA's latency), summed in this order */
             int k = 0;
+            for (; k + 32 <= D; k += 32) {
+                const __m512 v = _mm512_loadu_ps(xr + k), v1 = _mm512_loadu_ps(xr + k + 16);
+                acc = _mm512_fmadd_ps(v, v, acc);
+                acc1 = _mm512_fmadd_ps(v1, v1, acc1);
+            }
+            acc = _mm512_add_ps(acc, acc1);
             for (; k + 16 <= D; k += 16) { __m512 v = _mm512_loadu_ps(xr + k); acc = _mm512_fmadd_ps(v, v, acc); }
             if (k < D) {
                 __m512 v = _mm512_maskz_loadu_ps(block_mask(D, k), xr + k);

@@ -103,7 +103,8 @@ typedef struct {
  * [T, hd]. Writes q_out [B, H, T, hd] (rotated), and the rotated keys and the values into kc/vc
  * [B, Hkv, L, hd] at positions start .. start+T-1 (float32 or bfloat16 caches). rotate_half convention:
  * out[:h] = x[:h] cos[:h] - x[h:] sin[:h], out[h:] = x[h:] cos[h:] + x[:h] sin[h:]. */
-static inline void rope_row(const float* x, const float* c, const float* s, int hd, float* o) {
+static inline void rope_row(const float* restrict x, const float* restrict c, const float* restrict s, int hd,
+                            float* restrict o) {
     const int h = hd / 2;
     for (int i = 0; i < h; i++) {
         o[i] = x[i] * c[i] - x[i + h] * s[i];
@@ -167,15 +168,27 @@ int64_t fptq_prefill_attention_work(int B, int Hkv, int hd, int end) {
     return (int64_t)B * Hkv * nb * ABLK * hd * 2 /* bf16 */ * 2 /* k and v */;
 }
 
+/* The sum of n int8 codes */
+static inline int32_t sum_codes(const int8_t* q, int n) {
+    int kk = 0;
+    int32_t s = 0;
+#ifdef __AVX512VNNI__
+    __m512i acc = _mm512_setzero_si512();
+    for (; kk + 64 <= n; kk += 64) /* (unsigned) 1 x code, four to an int32 lane: exact */
+        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), _mm512_loadu_si512((const void*)(q + kk)));
+    s = _mm512_reduce_add_epi32(acc);
+#endif
+    for (; kk < n; kk++) s += q[kk];
+    return s;
+}
+
 /* The codes' zero padding (K .. Kp-1) and their group sums (groups of gs; xsum may be NULL). */
 static inline void quant_pad_sums(int8_t* q, int K, int Kp, int gs, int G, int32_t* xsum) {
     for (int k = K; k < Kp; k++) q[k] = 0;
     if (xsum) {
         for (int g = 0; g < G; g++) {
-            int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
-            int32_t s = 0;
-            for (int kk = k0; kk < k1; kk++) s += q[kk];
-            xsum[g] = s;
+            const int k0 = g * gs, k1 = k0 + gs < Kp ? k0 + gs : Kp;
+            xsum[g] = sum_codes(q + k0, k1 - k0);
         }
     }
 }
