@@ -14,8 +14,8 @@
  * reading the weight from memory overlaps the tile products. The rows go in passes of at most HEAD_X_BYTES, which
  * stay in L2 from one block to the next; every pass reads the whole weight again, so with a large K (short passes)
  * oneDNN is faster (bench/head_amx.py: 0.6x at K = 4096; the runtime calls this up to K = 1024). Before the
- * products the threads map the new output's pages, all of them (huge pages where the output is large and Linux
- * lets it: head_huge_pages), rather than one page fault at a time between tile products. Rows of x past a multiple of 32 and vocabulary rows past a multiple of 32 are run from zero-padded
+ * products the threads map the new output's pages, all of them, rather than one page fault at a time between tile
+ * products. Rows of x past a multiple of 32 and vocabulary rows past a multiple of 32 are run from zero-padded
  * copies; only the real rows and columns are stored.
  */
 #ifndef FPTQ_HEAD_AMX_H
@@ -23,25 +23,6 @@
 
 #define HEAD_KC 8 /* tile depths (of 32 K) per chunk: 2 x 8 B tiles, 16 KB */
 #define HEAD_X_BYTES (1 << 20) /* rows of x per pass over the weight: at most 1 MiB of them (a core has 2 MB of L2) */
-#define HEAD_HUGE_BYTES (32 << 20) /* outputs from this size ask for transparent huge pages: glibc maps such an
-                                    * allocation on its own (its mmap threshold is at most 32 MB), so the hint
-                                    * reaches nothing but the output */
-
-#include <sys/mman.h>
-
-/* Ask Linux to back the whole 2 MB pages inside a new output of bytes at p with transparent huge pages (where THP is
- * "madvise" or "always"): one page fault per 2 MB instead of 512. Qwen2.5's head at 512 rows (a new 155 MB tensor,
- * 2 vCPUs of a Firecracker guest whose freed memory goes back to the host): 70-74 ms against 94-205 ms with 4 KB
- * pages. Only a hint: without THP the pages are mapped one by one as before. */
-static void head_huge_pages(void* p, int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-    const uintptr_t huge = (uintptr_t)2 << 20, b = ((uintptr_t)p + huge - 1) & ~(huge - 1),
-                    e = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
-    if (bytes >= HEAD_HUGE_BYTES && e > b) madvise((void*)b, e - b, MADV_HUGEPAGE);
-#else
-    (void)p, (void)bytes;
-#endif
-}
 
 /* The B tiles of 32 vocabulary rows (row stride K bfloat16): bbuf[c][t] = 1 KB for rows 16c .. 16c+15 and
  * K 32t .. 32t+31. */
@@ -66,7 +47,6 @@ static int amx_head_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, in
     const size_t per = bbytes + fbytes + 2 * pbytes;
     char* bufs = (char*)aligned_alloc(64, (size_t)nthreads * per);
     if (!bufs) return 0;
-    head_huge_pages(out, (int64_t)M * V * 2);
 #pragma omp parallel num_threads(nthreads)
     {
         char* mine = bufs + (size_t)omp_get_thread_num() * per;
