@@ -5,9 +5,9 @@ AMX) PyTorch's bf16 ``linear`` is the way, except for a prompt's logits at every
 :data:`AMX_MIN_ROWS` rows, with a hidden size up to :data:`AMX_MAX_K`, fptq's AMX-BF16 kernel
 (:func:`fptq.kernels.native.head_bf16`, the same product: float32 sums rounded to bf16) is faster -- it keeps a
 block of the weight in L1 while the rows stream past, prefetches the next block, and maps the new logits' pages
-before the products rather than between them. Where it does not (AVX2 CPUs), PyTorch emulates bf16 products:
-a bf16 head is the fastest for one or a few rows (it reads half the bytes of a float32 copy) but several times
-slower than float32 for more (measured on SmolLM2's 49152 x 576 head, 2 threads of an AVX2 EPYC: 46 ms at 16 rows
+before the products rather than between them. Where the CPU has no native bf16 (AVX2 CPUs), PyTorch emulates bf16
+products: a bf16 head is the fastest for one or a few rows (it reads half the bytes of a float32 copy) but several
+times slower than float32 for more (measured on SmolLM2's 49152 x 576 head, 2 threads of an AVX2 EPYC: 46 ms at 16 rows
 against 18 ms for a float32 copy of the weight). There the rows beyond :data:`BF16_MAX_ROWS` are multiplied in
 float32 by blocks of :data:`BLOCK_ROWS` vocabulary rows, each block of the weight widened to float32 on the fly:
 15 ms at 16 rows, with no float32 copy of the head kept (it would double the head's memory).
